@@ -1,0 +1,31 @@
+# The two commands of the README: `make quickstart` (the main job) and `make test`. Both set up a fresh
+# machine first: Debian's Fashion-MNIST, a virtualenv with the pinned requirements, the FID Inception weights.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mage_jax_setup
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: setup test quickstart bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "note: /usr/share/datasets/fashion-mnist missing; run 'sudo apt-get install -y dataset-fashion-mnist' or let TFDS download fashion_mnist"; fi; fi
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m mage_jax.fid.weights setup || echo "note: FID Inception weights unavailable; FID will be skipped"
+	touch $(STAMP)
+
+test: setup
+	MAGE_JAX_REQUIRE_FID=1 $(PY) -m pytest -q tests
+
+quickstart: setup
+	$(PY) -m mage_jax.quickstart --workdir=runs/quickstart
+
+bench: setup
+	$(PY) bench/benchmark.py --size=tiny

@@ -1,0 +1,310 @@
+"""MAGE-C contrastive co-training: pooling, projection head and NT-Xent loss.
+
+The MAGE-C code was never released (spec/MAGE.md §4, §9.1). What is known: a
+SimCLR-style InfoNCE loss on the encoder output, a 2-layer MLP projection head
+on the global average pool, total loss `L_rec + lambda * L_con`, two augmented
+views per image, no momentum encoder. Every default below that the sources do
+not state is marked ASSUMED and is configurable.
+
+Two ways to get "negatives gathered across all devices and hosts":
+
+* `nt_xent` on GLOBAL arrays inside `jax.jit`: the batch may be sharded over
+  any mesh axes; XLA's SPMD partitioner inserts the all-gathers the (2N, 2N)
+  similarity matrix needs. This is what the train step uses.
+* `nt_xent_sharded` inside `jax.shard_map`: the collective written out by hand
+  (all_gather the keys, local anchors against the global set, psum), as a
+  cross-check of the above and for code that already lives in shard_map.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# ASSUMED defaults: SimCLR v1 values (Chen et al. 2020), not MAGE-C's.
+DEFAULT_TEMPERATURE = 0.1
+DEFAULT_HIDDEN_DIM = 2048
+DEFAULT_OUT_DIM = 128
+
+_NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps, applied to the norm.
+
+AxisName = str | tuple[str, ...]
+
+
+def _check_pair(z1: jax.Array, z2: jax.Array) -> None:
+  if z1.ndim != 2 or z2.ndim != 2:
+    raise ValueError(
+        f"nt_xent expects 2-D embeddings [n, d]; got z1 {z1.shape}, z2 {z2.shape}.")
+  if z1.shape != z2.shape:
+    raise ValueError(
+        f"nt_xent needs the two views to have the same shape; got z1 {z1.shape}, "
+        f"z2 {z2.shape}.")
+
+
+def _check_temperature(temperature) -> None:
+  # A traced temperature cannot be checked; a Python number can.
+  if isinstance(temperature, numbers.Real) and not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """Row-wise L2 normalisation in float32 (zero rows stay zero, no NaN)."""
+  x = x.astype(jnp.float32)
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS * _NORM_EPS))
+
+
+def _anchor_losses(
+    anchors: jax.Array,
+    keys: jax.Array,
+    self_idx: jax.Array,
+    pos_idx: jax.Array,
+    temperature,
+) -> jax.Array:
+  """Per-anchor InfoNCE: -log softmax(anchor . keys / T)[pos], self excluded.
+
+  Args:
+    anchors: unit-norm float32 [a, d].
+    keys: unit-norm float32 [k, d], the anchors themselves included.
+    self_idx: int [a], column of each anchor in `keys` (dropped from the softmax).
+    pos_idx: int [a], column of each anchor's positive in `keys`.
+    temperature: scalar > 0.
+
+  Returns:
+    float32 [a] losses.
+  """
+  logits = anchors @ keys.T / jnp.asarray(temperature, jnp.float32)
+  cols = jnp.arange(keys.shape[0])
+  is_self = cols[None, :] == self_idx[:, None]
+  logits = jnp.where(is_self, -jnp.inf, logits)
+  pos = jnp.take_along_axis(logits, pos_idx[:, None], axis=1)[:, 0]
+  return jax.nn.logsumexp(logits, axis=1) - pos
+
+
+def nt_xent(
+    z1: jax.Array,
+    z2: jax.Array,
+    temperature: float | jax.Array = DEFAULT_TEMPERATURE,
+) -> jax.Array:
+  """SimCLR NT-Xent (normalised-temperature cross-entropy) over a global batch.
+
+  Row i of `z1` and row i of `z2` are the two views of image i. Each of the 2N
+  embeddings is an anchor whose positive is the other view of the same image
+  and whose 2N-2 negatives are every other embedding of both views; the
+  similarity is cosine / temperature. The loss is the mean over the 2N anchors,
+  so it is symmetric in (z1, z2). Computed in float32 whatever the input dtype.
+
+  Pass global (possibly sharded) arrays: under jax.jit the partitioner gathers
+  the keys across devices and hosts, so negatives come from the whole batch.
+
+  Args:
+    z1: [n, d] embeddings of view 1 (any float dtype), n >= 2.
+    z2: [n, d] embeddings of view 2.
+    temperature: scalar > 0 (ASSUMED default 0.1).
+
+  Returns:
+    float32 scalar loss. Its infimum for aligned pairs with orthogonal
+    negatives is log(1 + (2n - 2) * exp(-1 / T)).
+  """
+  _check_pair(z1, z2)
+  _check_temperature(temperature)
+  n = z1.shape[0]
+  if n < 2:
+    raise ValueError(f"nt_xent needs at least 2 pairs to have negatives; got n={n}.")
+  z = l2_normalize(jnp.concatenate([z1, z2], axis=0))
+  idx = jnp.arange(2 * n)
+  pos_idx = (idx + n) % (2 * n)
+  return jnp.mean(_anchor_losses(z, z, idx, pos_idx, temperature))
+
+
+def nt_xent_sharded(
+    z1: jax.Array,
+    z2: jax.Array,
+    temperature: float | jax.Array = DEFAULT_TEMPERATURE,
+    axis_name: AxisName = "data",
+) -> jax.Array:
+  """NT-Xent with explicit collectives; call inside `jax.shard_map`.
+
+  Each device holds a contiguous block of the batch (in_specs P(axis_name)).
+  It all-gathers both views to build the 2N keys, scores only its own 2*n_local
+  anchors against them, and the per-device loss sums are psum-ed, so every
+  device returns the same value as `nt_xent` on the global batch (use
+  out_specs P()). Gradients are right too: all_gather's transpose is a
+  reduce-scatter, which routes each key's gradient back to its owner.
+
+  Args:
+    z1: [n_local, d] this device's rows of view 1.
+    z2: [n_local, d] this device's rows of view 2.
+    temperature: scalar > 0.
+    axis_name: mesh axis name (or tuple of names) the batch is split over; a
+      tuple must list the axes in the order of the batch PartitionSpec.
+
+  Returns:
+    float32 scalar, identical on all devices of `axis_name`.
+  """
+  _check_pair(z1, z2)
+  _check_temperature(temperature)
+  n_local = z1.shape[0]
+  num_shards = jax.lax.axis_size(axis_name)
+  n = n_local * num_shards
+  if n < 2:
+    raise ValueError(f"nt_xent needs at least 2 pairs to have negatives; got n={n}.")
+  a1, a2 = l2_normalize(z1), l2_normalize(z2)
+  # Normalise before gathering so the gathered keys are exactly the anchors
+  # other devices score; the global layout is [view1 (n), view2 (n)].
+  k1 = jax.lax.all_gather(a1, axis_name, axis=0, tiled=True)
+  k2 = jax.lax.all_gather(a2, axis_name, axis=0, tiled=True)
+  keys = jnp.concatenate([k1, k2], axis=0)
+  rows = jax.lax.axis_index(axis_name) * n_local + jnp.arange(n_local)
+  anchors = jnp.concatenate([a1, a2], axis=0)
+  self_idx = jnp.concatenate([rows, rows + n])
+  pos_idx = jnp.concatenate([rows + n, rows])
+  local_sum = jnp.sum(_anchor_losses(anchors, keys, self_idx, pos_idx, temperature))
+  return jax.lax.psum(local_sum, axis_name) / (2 * n)
+
+
+def pool_tokens(
+    h: jax.Array,
+    mode: Literal["mean", "cls"] = "mean",
+    valid: jax.Array | None = None,
+) -> jax.Array:
+  """Pools encoder outputs whose slot 0 is the class ("fake class" 1100) token.
+
+  Args:
+    h: [b, 1 + L, d] encoder output, class slot first.
+    mode: 'mean' averages the L image-token outputs, class slot excluded (like
+      the probe's global_pool, spec §6.1); 'cls' returns slot 0. ASSUMED
+      default 'mean' ("global average pool", spec §4, unverified).
+    valid: optional bool [b, L]; with 'mean', only True positions are averaged
+      (e.g. to leave [MASK] positions out). Rows with no True average to 0.
+
+  Returns:
+    float32 [b, d].
+  """
+  if h.ndim != 3 or h.shape[1] < 2:
+    raise ValueError(
+        f"pool_tokens expects [b, 1 + L, d] with L >= 1; got shape {h.shape}.")
+  h = h.astype(jnp.float32)
+  if mode == "cls":
+    if valid is not None:
+      raise ValueError("pool_tokens: `valid` only applies to mode='mean'.")
+    return h[:, 0]
+  if mode != "mean":
+    raise ValueError(f"pool_tokens: unknown mode {mode!r}; expected 'mean' or 'cls'.")
+  tokens = h[:, 1:]
+  if valid is None:
+    return jnp.mean(tokens, axis=1)
+  if valid.shape != tokens.shape[:2]:
+    raise ValueError(
+        f"pool_tokens: valid has shape {valid.shape}, expected {tokens.shape[:2]} "
+        "(the class slot is excluded).")
+  w = valid.astype(jnp.float32)[..., None]
+  return jnp.sum(tokens * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+
+
+class ProjectionHead(nn.Module):
+  """SimCLR-style MLP projection head: (Dense -> [norm] -> ReLU) x (L-1) -> Dense.
+
+  With the ASSUMED defaults this is SimCLR v1's Dense(2048)-ReLU-Dense(128)
+  (MAGE-C's widths are unknown). `num_layers=1` is a
+  linear projection. norm='batch' gives SimCLR v2 / MoCo v3-style BatchNorm;
+  under jax.jit on global arrays its statistics are over the global batch.
+
+  Attributes:
+    hidden_dim: width of the hidden layers (ASSUMED 2048).
+    out_dim: output width (ASSUMED 128).
+    num_layers: number of Dense layers, >= 1 (ASSUMED 2, spec §4 recalls 2).
+    norm: 'none' | 'batch' | 'layer', after each hidden Dense (ASSUMED 'none').
+    use_bias: bias on the Dense layers (dropped automatically before a norm).
+    dtype: compute dtype of the Dense layers.
+    param_dtype: parameter dtype.
+  """
+  hidden_dim: int = DEFAULT_HIDDEN_DIM
+  out_dim: int = DEFAULT_OUT_DIM
+  num_layers: int = 2
+  norm: Literal["none", "batch", "layer"] = "none"
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Projects pooled features.
+
+    Args:
+      x: [b, d] pooled encoder features.
+      train: BatchNorm uses batch statistics (and updates `batch_stats`) if True.
+
+    Returns:
+      [b, out_dim] projections in `dtype` (nt_xent upcasts to float32).
+    """
+    if self.num_layers < 1:
+      raise ValueError(f"ProjectionHead.num_layers must be >= 1, got {self.num_layers}.")
+    if self.norm not in ("none", "batch", "layer"):
+      raise ValueError(
+          f"ProjectionHead.norm must be 'none', 'batch' or 'layer', got {self.norm!r}.")
+    init = nn.initializers.lecun_normal()
+    for i in range(self.num_layers - 1):
+      x = nn.Dense(
+          self.hidden_dim,
+          use_bias=self.use_bias and self.norm == "none",
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          kernel_init=nn.with_logical_partitioning(
+              init, ("embed" if i == 0 else None, "mlp")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+          name=f"hidden_{i}")(x)
+      if self.norm == "batch":
+        # Statistics in float32 even for bf16 activations.
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, epsilon=1e-5,
+            dtype=jnp.float32, param_dtype=self.param_dtype, name=f"norm_{i}")(x)
+      elif self.norm == "layer":
+        x = nn.LayerNorm(
+            epsilon=1e-6, dtype=jnp.float32, param_dtype=self.param_dtype,
+            name=f"norm_{i}")(x)
+      x = nn.relu(x).astype(self.dtype)
+    return nn.Dense(
+        self.out_dim,
+        use_bias=self.use_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            init, ("mlp" if self.num_layers > 1 else "embed", None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+        name="out")(x)
+
+
+def contrastive_loss(
+    h1: jax.Array,
+    h2: jax.Array,
+    project,
+    temperature: float | jax.Array = DEFAULT_TEMPERATURE,
+    pool: Literal["mean", "cls"] = "mean",
+) -> jax.Array:
+  """Encoder outputs of two views -> pool -> project -> NT-Xent.
+
+  Args:
+    h1: [b, 1 + L, d] encoder output for view 1 (class slot first).
+    h2: [b, 1 + L, d] encoder output for view 2.
+    project: callable [2b, d] -> [2b, o], e.g. a bound ProjectionHead apply;
+      it sees both views in one batch.
+    temperature: NT-Xent temperature.
+    pool: pooling mode for `pool_tokens`.
+
+  Returns:
+    float32 scalar. The caller weighs it: L = L_rec + lambda * L_con.
+  """
+  if h1.shape != h2.shape:
+    raise ValueError(
+        f"contrastive_loss: the views' encoder outputs differ in shape: {h1.shape} "
+        f"vs {h2.shape}.")
+  # One projection call on both views, so BatchNorm statistics (if any) span
+  # the 2N embeddings the loss compares, as in SimCLR.
+  z = project(pool_tokens(jnp.concatenate([h1, h2], axis=0), pool))
+  z1, z2 = jnp.split(z, 2, axis=0)
+  return nt_xent(z1, z2, temperature)

@@ -1,0 +1,325 @@
+"""Deterministic, resumable tf.data input pipelines yielding numpy batches.
+
+Sample order (train). With N examples, global batch B and S = N // B steps per
+epoch (the last partial batch of each epoch is dropped, as the official
+`drop_last=True`), global step s belongs to epoch e = s // S and holds the
+examples
+
+    index(s, j) = perm_e[(s % S) * B + j],   j = 0..B-1,
+
+where perm_e is the stateless permutation `tf.random.experimental.index_shuffle`
+keyed by (seed, e). Process p of P takes the contiguous slice j in
+[p * B/P, (p+1) * B/P). The augmentation of sample (s, j) is seeded by
+(seed, s * B + j). Everything is therefore a pure function of (seed, step): an
+iterator started at step k yields exactly the batches an uninterrupted one
+yields from step k, on any number of processes (the global batch is the
+concatenation of the process slices in process order).
+
+Eval: the split in its stored order, ceil(N / B) global batches; the tail is
+padded (zero image, label 0) and `_mask` marks real examples.
+
+Config keys (ml_collections.ConfigDict, dict or `InputConfig`):
+  name ('fashion_mnist' | 'imagenet2012' | 'folder:/path' | other TFDS name),
+  batch_size (GLOBAL), image_size, and optionally split ('train'), data_dir,
+  manual_dir, augment ('pretrain' | 'probe' | 'none'), interpolation
+  ('bicubic'), num_workers (0 = tf.data AUTOTUNE), download (False),
+  crop_ratio (256/292), eval_interpolation ('bicubic'), scale ((0.2, 1.0)),
+  ratio ((3/4, 4/3)), prefetch (2 batches). See `augment.py` for the transforms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from mage_jax.data import augment as augment_lib
+from mage_jax.data import sources
+
+# Purposes mixed into the user seed so that shuffling and augmentation draw
+# from unrelated streams.
+_SHUFFLE_PURPOSE = 1
+_AUGMENT_PURPOSE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+  """Typed view of the input config (see the module docstring)."""
+
+  name: str
+  batch_size: int
+  image_size: int
+  split: str = "train"
+  data_dir: str | None = None
+  manual_dir: str | None = None
+  augment: str = "pretrain"
+  interpolation: str = "bicubic"
+  num_workers: int = 0
+  download: bool = False
+  crop_ratio: float = augment_lib.EVAL_CROP_RATIO
+  eval_interpolation: str = "bicubic"
+  scale: tuple[float, float] = augment_lib.PRETRAIN_SCALE
+  ratio: tuple[float, float] = augment_lib.PRETRAIN_RATIO
+  prefetch: int = 2
+
+  def __post_init__(self):
+    if self.batch_size <= 0:
+      raise ValueError(f"batch_size must be positive, got {self.batch_size}.")
+    if self.image_size <= 0:
+      raise ValueError(f"image_size must be positive, got {self.image_size}.")
+    if self.augment not in augment_lib.MODES:
+      raise ValueError(
+          f"Unknown augment {self.augment!r}; expected one of {augment_lib.MODES}.")
+    for interp in (self.interpolation, self.eval_interpolation):
+      if interp not in augment_lib.INTERPOLATIONS:
+        raise ValueError(f"Unknown interpolation {interp!r}; expected one of "
+                         f"{augment_lib.INTERPOLATIONS}.")
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> InputConfig:
+    """From an InputConfig, ConfigDict or mapping; unknown keys are an error."""
+    if isinstance(cfg, cls):
+      return cfg
+    if hasattr(cfg, "to_dict"):
+      cfg = cfg.to_dict()
+    if not isinstance(cfg, Mapping):
+      raise TypeError(f"Expected a ConfigDict or mapping, got {type(cfg).__name__}.")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+      raise ValueError(f"Unknown input config keys {unknown}; known: {sorted(fields)}.")
+    kw = dict(cfg)
+    for k in ("scale", "ratio"):
+      if k in kw:
+        kw[k] = tuple(float(v) for v in kw[k])
+    return cls(**kw)
+
+
+def make_source(cfg: Any) -> sources.Source:
+  c = InputConfig.from_config(cfg)
+  return sources.get_source(c.name, c.split, c.data_dir, manual_dir=c.manual_dir,
+                            download=c.download)
+
+
+def num_examples(cfg: Any) -> int:
+  """Number of examples in the configured split."""
+  return make_source(cfg).num_examples
+
+
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+  if n < batch_size:
+    raise ValueError(f"Global batch_size {batch_size} is larger than the dataset "
+                     f"({n} examples).")
+  return n // batch_size
+
+
+def steps_per_epoch(cfg: Any) -> int:
+  """Train steps per epoch, `num_examples // batch_size` (partial batch dropped)."""
+  c = InputConfig.from_config(cfg)
+  return _steps_per_epoch(num_examples(c), c.batch_size)
+
+
+def _local_range(batch_size: int, process_index: int, process_count: int):
+  if process_count <= 0 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in "
+                     f"[0, process_count={process_count}).")
+  if batch_size % process_count:
+    raise ValueError(f"Global batch_size {batch_size} is not divisible by "
+                     f"process_count {process_count}.")
+  local = batch_size // process_count
+  return process_index * local, local
+
+
+def _purpose_key(seed: int, purpose: int) -> int:
+  """A 64-bit key from (seed, purpose); SeedSequence is stable across numpy versions."""
+  if seed < 0:
+    raise ValueError(f"seed must be non-negative, got {seed}.")
+  state = np.random.SeedSequence([int(seed), purpose]).generate_state(1, np.uint64)
+  return int(state.astype(np.int64)[0])
+
+
+def global_batch_indices(step: int, *, seed: int, num_examples: int,
+                         batch_size: int) -> np.ndarray:
+  """The example indices of global batch `step`, int64 `[batch_size]` (for tests/tools)."""
+  spe = _steps_per_epoch(num_examples, batch_size)
+  epoch, within = divmod(step, spe)
+  pos = within * batch_size + np.arange(batch_size, dtype=np.int64)
+  key = tf.constant([_purpose_key(seed, _SHUFFLE_PURPOSE), epoch], tf.int64)
+  return tf.random.experimental.index_shuffle(
+      tf.constant(pos), key, tf.constant(num_examples - 1, tf.int64)).numpy()
+
+
+class DataIterator(Iterator[dict[str, np.ndarray]]):
+  """Iterator of numpy batches; `stats` counts skipped corrupt images so far.
+
+  tf.data runs ahead (prefetch), so `stats` may include examples of batches
+  not yet returned.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, source: sources.Source,
+               num_batches: int | None = None):
+    self.dataset = dataset
+    self.source = source
+    self.num_batches = num_batches
+    self._it = dataset.as_numpy_iterator()
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  def __len__(self) -> int:
+    if self.num_batches is None:
+      raise TypeError("The train iterator is infinite.")
+    return self.num_batches
+
+  @property
+  def stats(self) -> dict[str, object]:
+    return self.source.stats.snapshot()
+
+
+def _finish(ds: tf.data.Dataset, load_fn, c: InputConfig, local: int):
+  workers = c.num_workers if c.num_workers > 0 else tf.data.AUTOTUNE
+  ds = ds.unbatch()
+  ds = ds.map(load_fn, num_parallel_calls=workers, deterministic=True)
+  ds = ds.batch(local, drop_remainder=True)
+  ds = ds.prefetch(c.prefetch if c.prefetch > 0 else tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def train_iterator(
+    cfg: Any,
+    *,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    return_index: bool = False,
+    source: sources.Source | None = None,
+) -> DataIterator:
+  """Infinite iterator of this process's slice of global batches start_step, +1, ...
+
+  Args:
+    cfg: input config (module docstring).
+    seed: data seed (shuffling and augmentation), non-negative.
+    start_step: first global step to yield (resume).
+    process_index, process_count: this process's slice of the global batch.
+    return_index: also yield 'index' int64 `[B_local]` (example indices).
+    source: reuse an already built source (e.g. from `make_source`).
+
+  Yields:
+    {'image': float32 `[B_local, S, S, 3]` in [0, 1], 'label': int32 `[B_local]`},
+    B_local = batch_size // process_count, S = image_size.
+  """
+  c = InputConfig.from_config(cfg)
+  lo, local = _local_range(c.batch_size, process_index, process_count)
+  src = source or make_source(c)
+  n = src.num_examples
+  spe = _steps_per_epoch(n, c.batch_size)
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  shuffle_key = tf.constant(_purpose_key(seed, _SHUFFLE_PURPOSE), tf.int64)
+  augment_key = tf.constant(_purpose_key(seed, _AUGMENT_PURPOSE), tf.int64)
+  batch = tf.constant(c.batch_size, tf.int64)
+  max_index = tf.constant(n - 1, tf.int64)
+
+  def step_elements(step):
+    j = tf.range(lo, lo + local, dtype=tf.int64)
+    epoch = step // spe
+    pos = (step % spe) * batch + j
+    index = tf.random.experimental.index_shuffle(
+        pos, tf.stack([shuffle_key, epoch]), max_index)
+    return {"index": index, "sample": step * batch + j}
+
+  def load(el):
+    image, label = src.load(el["index"])
+    seed_ = tf.stack([augment_key, el["sample"]])
+    out = {"image": augment_lib.preprocess(
+        image, seed_, size=c.image_size, mode=c.augment,
+        interpolation=c.interpolation, scale=c.scale, ratio=c.ratio,
+        crop_ratio=c.crop_ratio, eval_interpolation=c.eval_interpolation),
+           "label": label}
+    if return_index:
+      out["index"] = el["index"]
+    return out
+
+  ds = tf.data.Dataset.range(start_step, 2**62).map(step_elements)
+  return DataIterator(_finish(ds, load, c, local), src)
+
+
+def num_eval_batches(n: int, batch_size: int) -> int:
+  return -(-n // batch_size)
+
+
+def eval_iterator(
+    cfg: Any,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    return_index: bool = False,
+    source: sources.Source | None = None,
+) -> DataIterator:
+  """One pass over the split with the eval transform ('none'), padded batches.
+
+  Yields `len(iterator) = ceil(N / batch_size)` batches
+  {'image': float32 `[B_local, S, S, 3]`, 'label': int32 `[B_local]`,
+   '_mask': bool `[B_local]`}; global batch g holds examples g*B .. g*B+B-1 in
+  stored order, process p its contiguous slice; padded entries have `_mask`
+  False, a zero image and label 0.
+  """
+  c = InputConfig.from_config(cfg)
+  lo, local = _local_range(c.batch_size, process_index, process_count)
+  src = source or make_source(c)
+  n = src.num_examples
+  steps = num_eval_batches(n, c.batch_size)
+  batch = tf.constant(c.batch_size, tf.int64)
+
+  def step_elements(step):
+    pos = step * batch + tf.range(lo, lo + local, dtype=tf.int64)
+    return {"index": tf.minimum(pos, n - 1), "mask": pos < n}
+
+  def load(el):
+    def real():
+      image, label = src.load(el["index"])
+      return augment_lib.preprocess(image, None, size=c.image_size, mode="none",
+                                crop_ratio=c.crop_ratio,
+                                eval_interpolation=c.eval_interpolation), label
+
+    def pad():
+      return (tf.zeros([c.image_size, c.image_size, 3], tf.float32),
+              tf.constant(0, tf.int32))
+
+    image, label = tf.cond(el["mask"], real, pad)
+    out = {"image": image, "label": label, "_mask": el["mask"]}
+    if return_index:
+      out["index"] = el["index"]
+    return out
+
+  ds = tf.data.Dataset.range(steps).map(step_elements)
+  return DataIterator(_finish(ds, load, c, local), src, num_batches=steps)
+
+
+def measure_throughput(cfg: Any, num_batches: int, *, warmup: int = 2,
+                       seed: int = 0) -> dict[str, float]:
+  """Times `num_batches` train batches after `warmup` ones.
+
+  Returns:
+    {'images_per_s', 'seconds', 'batches', 'batch_size', 'startup_s'} where
+    startup_s is the time to build the source and get the warmup batches.
+  """
+  c = InputConfig.from_config(cfg)
+  t0 = time.perf_counter()
+  it = train_iterator(c, seed=seed)
+  for _ in range(warmup):
+    next(it)
+  t1 = time.perf_counter()
+  for _ in range(num_batches):
+    next(it)
+  dt = time.perf_counter() - t1
+  return {"images_per_s": num_batches * c.batch_size / dt, "seconds": dt,
+          "batches": float(num_batches), "batch_size": float(c.batch_size),
+          "startup_s": t1 - t0}

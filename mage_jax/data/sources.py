@@ -1,0 +1,553 @@
+"""Random-access image datasets: TFDS (imagenet2012, fashion_mnist, ...) and folders.
+
+A `Source` maps an example index `i in [0, num_examples)` to `(image, label)`
+inside a tf.data graph (`Source.load`), which lets `pipeline.py` make the sample
+order a pure function of (seed, step). Three kinds:
+
+  * `ArraySource`: uint8 arrays in memory (fashion_mnist and other small sets).
+  * `FolderSource`: `folder:/path`, image files with class subfolders (labels =
+    index of the sorted subfolder name, like torchvision `ImageFolder`) or a flat
+    folder (label 0).
+  * `TfdsSource`: a TFDS dataset prepared with `file_format="array_record"`, read
+    through `tfds.data_source` (imagenet2012).
+
+Encoded images are decoded with PIL in a `tf.numpy_function`; an undecodable
+image is skipped (the next index that decodes takes its place, so batch shapes
+and the order stay deterministic) and counted in `Source.stats`.
+
+Nothing here downloads by accident: TFDS is always called with `try_gcs=False`
+and `DownloadConfig(try_download_gcs=False)`, and a network download happens only
+when the caller passes `download=True`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import io
+import logging
+import os
+import threading
+
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow_datasets.image_classification import mnist as tfds_mnist
+
+# Debian/Ubuntu package `dataset-fashion-mnist` installs the original IDX files here.
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train_data": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_data": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# torchvision IMG_EXTENSIONS plus a few; matched case-insensitively.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif",
+                    ".tiff", ".webp", ".gif")
+# TFDS datasets small enough to hold in memory as uint8 arrays.
+IN_MEMORY_TFDS = frozenset({"fashion_mnist", "mnist", "cifar10", "cifar100"})
+FOLDER_PREFIX = "folder:"
+# Give up after this many undecodable images in a row (the data is broken, not noisy).
+MAX_CONSECUTIVE_CORRUPT = 1000
+
+
+# ------------------------------------------------------------------------------
+# Decoding and bookkeeping of corrupt files.
+# ------------------------------------------------------------------------------
+def decode_image(data: bytes) -> np.ndarray:
+  """Decodes encoded image bytes with PIL.
+
+  Returns:
+    uint8 `[H, W, 3]` (grayscale, palette, RGBA, CMYK are converted to RGB).
+
+  Raises:
+    Any PIL/OSError/ValueError for undecodable or truncated data.
+  """
+  with Image.open(io.BytesIO(data)) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+class CorruptStats:
+  """Thread-safe count of skipped undecodable examples (decoding runs in threads)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._skipped = 0
+    self._files: dict[str, str] = {}
+
+  def add(self, name: str, reason: str) -> None:
+    with self._lock:
+      self._skipped += 1
+      if name not in self._files:
+        self._files[name] = reason
+        logging.warning("Skipping undecodable image %s: %s", name, reason)
+
+  def snapshot(self) -> dict[str, object]:
+    """{'corrupt_skipped': times an example was replaced, 'corrupt_files': names}."""
+    with self._lock:
+      return {"corrupt_skipped": self._skipped,
+              "corrupt_files": tuple(sorted(self._files))}
+
+
+# ------------------------------------------------------------------------------
+# Sources.
+# ------------------------------------------------------------------------------
+class Source(abc.ABC):
+  """Random access to `num_examples` labelled images."""
+
+  num_examples: int
+  stats: CorruptStats
+
+  @abc.abstractmethod
+  def load(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Graph op: int64 scalar index -> (uint8 `[H, W, C]`, int32 scalar label).
+
+    C is static (1 or 3); H and W may be dynamic.
+    """
+
+
+def _check_images(images: np.ndarray) -> np.ndarray:
+  """Accepts `[N, H, W]` or `[N, H, W, C]`, C in {1, 3}; returns `[N, H, W, C]` uint8."""
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(
+        "Expected images of shape [N, H, W], [N, H, W, 1] or [N, H, W, 3], got "
+        f"shape {images.shape}.")
+  if images.dtype != np.uint8:
+    raise ValueError(f"Expected uint8 images, got dtype {images.dtype}.")
+  return images
+
+
+class ArraySource(Source):
+  """uint8 images held in memory; loading is a `tf.gather` (no Python per example)."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images = _check_images(images)
+    self.labels = np.asarray(labels).astype(np.int32)
+    if self.labels.shape != (self.images.shape[0],):
+      raise ValueError(f"labels shape {self.labels.shape} does not match "
+                       f"{self.images.shape[0]} images.")
+    self.num_examples = int(self.images.shape[0])
+    self.stats = CorruptStats()
+    # Eager tensors: tf.data functions capture them as inputs, so the arrays
+    # are not copied into (and serialised with) every dataset graph.
+    with tf.init_scope():
+      self._images = tf.constant(self.images)
+      self._labels = tf.constant(self.labels)
+
+  def load(self, index):
+    return tf.gather(self._images, index), tf.gather(self._labels, index)
+
+
+class EncodedSource(Source):
+  """Examples stored as encoded image bytes; decoded by PIL in a numpy_function."""
+
+  def __init__(self, num_examples: int, description: str):
+    self.num_examples = num_examples
+    self.description = description
+    self.stats = CorruptStats()
+    self._bad: set[int] = set()
+    self._bad_lock = threading.Lock()
+
+  @abc.abstractmethod
+  def read(self, index: int) -> tuple[bytes, int, str]:
+    """Returns (encoded bytes, label, name used in error reports)."""
+
+  def load_numpy(self, index: int) -> tuple[np.ndarray, np.int32]:
+    """Decodes example `index`, or the next decodable one after it (cyclically)."""
+    n = self.num_examples
+    for k in range(min(n, MAX_CONSECUTIVE_CORRUPT)):
+      j = (int(index) + k) % n
+      if j in self._bad:
+        self.stats.add(self._name(j), "known corrupt")
+        continue
+      name = str(j)
+      try:
+        data, label, name = self.read(j)
+        return decode_image(data), np.int32(label)
+      except Exception as e:  # pylint: disable=broad-except
+        # Any failure to read/decode one file means "corrupt", never fatal.
+        with self._bad_lock:
+          self._bad.add(j)
+        self.stats.add(name, f"{type(e).__name__}: {e}")
+    raise RuntimeError(
+        f"No decodable image in {min(n, MAX_CONSECUTIVE_CORRUPT)} consecutive "
+        f"examples starting at index {index} of {self.description}.")
+
+  def _name(self, index: int) -> str:
+    return str(index)
+
+  def load(self, index):
+    image, label = tf.numpy_function(
+        self.load_numpy, [index], (tf.uint8, tf.int32), stateful=True)
+    image.set_shape([None, None, 3])
+    label.set_shape([])
+    return image, label
+
+
+def list_image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
+  """Lists image files under `root`.
+
+  If `root` has subfolders, each is a class (sorted names -> labels 0..K-1, files
+  found recursively, loose files in `root` ignored, as torchvision ImageFolder);
+  otherwise the images directly in `root` all get label 0.
+
+  Returns:
+    (sorted file paths, int32 labels, class names).
+  """
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"Image folder {root!r} does not exist.")
+
+  def is_image(fn):
+    return fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith(".")
+
+  entries = sorted(os.listdir(root))
+  classes = [d for d in entries
+             if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
+  paths, labels = [], []
+  if classes:
+    for label, cls in enumerate(classes):
+      found = []
+      for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls),
+                                                  followlinks=True):
+        dirnames.sort()
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f)]
+      if not found:
+        logging.warning("Class folder %s has no images.", os.path.join(root, cls))
+      paths += found
+      labels += [label] * len(found)
+  else:
+    classes = []
+    paths = [os.path.join(root, f) for f in entries if is_image(f)]
+    labels = [0] * len(paths)
+  if not paths:
+    raise FileNotFoundError(
+        f"No image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}.")
+  return paths, np.asarray(labels, np.int32), classes
+
+
+def folder_root(path: str, split: str | None) -> str:
+  """`path/split` when that folder exists (e.g. imagenet/{train,val}), else `path`."""
+  if split and os.path.isdir(os.path.join(path, split)):
+    return os.path.join(path, split)
+  return path
+
+
+class FolderSource(EncodedSource):
+  """A folder of image files (see `list_image_folder`)."""
+
+  def __init__(self, path: str, split: str | None = None):
+    self.root = folder_root(path, split)
+    self.paths, self.labels, self.class_names = list_image_folder(self.root)
+    super().__init__(len(self.paths), f"folder {self.root!r}")
+
+  def read(self, index):
+    path = self.paths[index]
+    with open(path, "rb") as f:
+      return f.read(), int(self.labels[index]), self._name(index)
+
+  def _name(self, index):
+    return os.path.relpath(self.paths[index], self.root)
+
+
+class TfdsSource(EncodedSource):
+  """A TFDS dataset prepared as array_record, read with `tfds.data_source`."""
+
+  def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+      raise ValueError(
+          f"{builder.name} in {builder.data_dir} was prepared as "
+          f"{builder.info.file_format.value}; random access needs array_record. "
+          "Convert it with `tfds convert_format --dataset_version_dir="
+          f"{builder.data_dir} --out_file_format=array_record` or prepare it again "
+          "in an empty data_dir.")
+    keys = builder.info.supervised_keys or ("image", "label")
+    self._image_key, self._label_key = keys[0], keys[1]
+    features = builder.info.features
+    if not isinstance(features[self._image_key], tfds.features.Image):
+      raise ValueError(f"{builder.name}: feature {self._image_key!r} is not an image.")
+    self._name_key = "file_name" if "file_name" in features else None
+    self._src = builder.as_data_source(
+        split=split, decoders={self._image_key: tfds.decode.SkipDecoding()})
+    super().__init__(len(self._src), f"{builder.name} {split} in {builder.data_dir}")
+
+  def read(self, index):
+    ex = self._src[index]
+    name = ex[self._name_key] if self._name_key else index
+    if isinstance(name, bytes):
+      name = name.decode()
+    return ex[self._image_key], int(ex[self._label_key]), str(name)
+
+
+# ------------------------------------------------------------------------------
+# TFDS preparation (offline-safe).
+# ------------------------------------------------------------------------------
+class FashionMnistLocal(tfds_mnist.FashionMNIST, skip_registration=True):
+  """Stock `fashion_mnist` (same name, version, features) built from local IDX files.
+
+  Debian re-gzipped the files, so the stock builder's checksums do not match;
+  this subclass only replaces where the files come from.
+  """
+
+  name = "fashion_mnist"
+
+  def __init__(self, *, source_dir: str, **kwargs):
+    self._source_dir = source_dir
+    super().__init__(**kwargs)
+
+  def _split_generators(self, dl_manager):
+    files = dl_manager.extract(
+        {k: _fashion_file(self._source_dir, v) for k, v in FASHION_MNIST_FILES.items()})
+    return [
+        tfds.core.SplitGenerator(
+            name=tfds.Split.TRAIN,
+            gen_kwargs=dict(num_examples=60000, data_path=files["train_data"],
+                            label_path=files["train_labels"])),
+        tfds.core.SplitGenerator(
+            name=tfds.Split.TEST,
+            gen_kwargs=dict(num_examples=10000, data_path=files["test_data"],
+                            label_path=files["test_labels"])),
+    ]
+
+
+def _fashion_file(source_dir: str, stem: str) -> str | None:
+  """`stem.gz` or the already decompressed `stem` in source_dir, else None."""
+  for fn in (stem + ".gz", stem):
+    if os.path.isfile(os.path.join(source_dir, fn)):
+      return os.path.join(source_dir, fn)
+  return None
+
+
+def _no_download_config(manual_dir: str | None = None):
+  return tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+
+
+def _builder(name, data_dir, file_format=None):
+  kwargs = {"file_format": file_format} if file_format else {}
+  return tfds.builder(name, data_dir=data_dir, try_gcs=False, **kwargs)
+
+
+def prepare_fashion_mnist(
+    data_dir: str | None,
+    source_dir: str | None = None,
+    *,
+    download: bool = False,
+    file_format: str | None = None,
+) -> tfds.core.DatasetBuilder:
+  """Makes `tfds.load("fashion_mnist", data_dir=data_dir)` work, offline if possible.
+
+  Order: already prepared -> build from the IDX files in `source_dir` (default
+  the Debian package's /usr/share/datasets/fashion-mnist) -> the stock
+  download, only if `download=True`.
+  """
+  builder = _builder("fashion_mnist", data_dir, file_format)
+  if builder.is_prepared():
+    return builder
+  source_dir = source_dir or DEBIAN_FASHION_MNIST_DIR
+  missing = [s for s in FASHION_MNIST_FILES.values()
+             if _fashion_file(source_dir, s) is None]
+  if not missing:
+    kwargs = {"file_format": file_format} if file_format else {}
+    local = FashionMnistLocal(source_dir=source_dir, data_dir=data_dir, **kwargs)
+    local.download_and_prepare(download_config=_no_download_config())
+    return _builder("fashion_mnist", data_dir, file_format)
+  if download:
+    builder.download_and_prepare(download_config=_no_download_config())
+    return builder
+  raise FileNotFoundError(
+      f"fashion_mnist is not prepared in data_dir {builder.data_dir!r} and the IDX "
+      f"files {missing} are missing from {source_dir!r}. Either install them "
+      "(`apt-get install -y dataset-fashion-mnist`, which puts them in "
+      f"{DEBIAN_FASHION_MNIST_DIR}) or run once with internet access and "
+      "download=True.")
+
+
+def prepare_tfds(
+    name: str,
+    data_dir: str | None,
+    *,
+    manual_dir: str | None = None,
+    download: bool = False,
+    file_format: str | None = "array_record",
+) -> tfds.core.DatasetBuilder:
+  """Returns a prepared builder; prepares from `manual_dir` when needed.
+
+  Datasets with manual download instructions (imagenet2012: the ILSVRC2012 tars)
+  are prepared from `manual_dir` (default `<data_dir>/downloads/manual`);
+  others are downloaded only if `download=True`.
+  """
+  if name == "fashion_mnist":
+    return prepare_fashion_mnist(data_dir, manual_dir, download=download,
+                                 file_format=file_format)
+  builder = _builder(name, data_dir, file_format)
+  if builder.is_prepared():
+    return builder
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    manual = manual_dir or os.path.join(
+        data_dir or tfds.core.constants.DATA_DIR, "downloads", "manual")
+    if not os.path.isdir(manual) or not os.listdir(manual):
+      raise FileNotFoundError(
+          f"{name} is not prepared in data_dir {str(builder.data_dir)!r} and its "
+          f"manual_dir {manual!r} is missing or empty. "
+          f"{name} needs: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+    builder.download_and_prepare(download_config=_no_download_config(manual))
+    return builder
+  if download:
+    builder.download_and_prepare(download_config=_no_download_config())
+    return builder
+  raise FileNotFoundError(
+      f"{name} is not prepared in data_dir {str(builder.data_dir)!r} (does the "
+      "path exist?). Prepare it there, or pass download=True (needs internet).")
+
+
+# ------------------------------------------------------------------------------
+# Public entry points.
+# ------------------------------------------------------------------------------
+def is_folder(name: str) -> bool:
+  return name.startswith(FOLDER_PREFIX)
+
+
+def get_source(
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    *,
+    manual_dir: str | None = None,
+    download: bool = False,
+) -> Source:
+  """Builds the `Source` for a dataset name.
+
+  Args:
+    name: 'fashion_mnist' (or another small TFDS set: in memory), 'folder:/path',
+      or any TFDS name with image/label features (random access via array_record,
+      e.g. 'imagenet2012').
+    split: TFDS split string ('train', 'validation', 'train[:1%]'); for folders
+      the subfolder `split` is used when it exists.
+    data_dir: TFDS data dir (None: TFDS default).
+    manual_dir: imagenet2012: folder with the ILSVRC2012 tars;
+      fashion_mnist: folder with the IDX files (default: the Debian package's).
+    download: allow a network download if nothing local exists.
+  """
+  if is_folder(name):
+    return FolderSource(name[len(FOLDER_PREFIX):], split)
+  if name in IN_MEMORY_TFDS:
+    return ArraySource(*load_arrays(name, split, data_dir, manual_dir=manual_dir,
+                                    download=download))
+  if data_dir is not None and not os.path.isdir(data_dir) and manual_dir is None:
+    raise FileNotFoundError(f"TFDS data_dir {data_dir!r} does not exist.")
+  builder = prepare_tfds(name, data_dir, manual_dir=manual_dir, download=download)
+  return TfdsSource(builder, split)
+
+
+_ARRAY_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _tfds_arrays(name, split, data_dir, manual_dir, download):
+  """Whole split as arrays; cached, since small sets are re-read by every iterator."""
+  key = (name, split, os.path.abspath(data_dir) if data_dir else None)
+  if key in _ARRAY_CACHE:
+    return _ARRAY_CACHE[key]
+  if name == "fashion_mnist":
+    # tfrecord (the TFDS default): `as_dataset` cannot read array_record.
+    builder = prepare_fashion_mnist(data_dir, manual_dir, download=download)
+  else:
+    builder = prepare_tfds(name, data_dir, manual_dir=manual_dir,
+                           download=download, file_format=None)
+  img_key, label_key = builder.info.supervised_keys or ("image", "label")
+  shape = builder.info.features[img_key].shape
+  if None in shape:
+    raise ValueError(
+        f"load_arrays needs fixed-size images; {name} has image shape {shape}. "
+        "Use pipeline.train_iterator / eval_iterator instead.")
+  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+    src = builder.as_data_source(split=split)
+    items = src.__getitems__(range(len(src)))
+    images = np.stack([ex[img_key] for ex in items])
+    labels = np.asarray([ex[label_key] for ex in items])
+  else:
+    ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True,
+                            shuffle_files=False)
+    images, labels = tfds.as_numpy(ds)
+  images = _check_images(images)
+  labels = labels.astype(np.int32)
+  images.flags.writeable = False
+  labels.flags.writeable = False
+  _ARRAY_CACHE[key] = (images, labels)
+  return images, labels
+
+
+def _folder_arrays(path, split, image_size):
+  src = FolderSource(path, split)
+  images, labels = [], []
+  for i in range(src.num_examples):
+    try:
+      data, label, _ = src.read(i)
+      image = decode_image(data)
+    except Exception as e:  # pylint: disable=broad-except
+      src.stats.add(src._name(i), f"{type(e).__name__}: {e}")  # pylint: disable=protected-access
+      continue
+    if image_size is not None:
+      image = _pil_resize_center_crop(image, image_size)
+    images.append(image)
+    labels.append(label)
+  if not images:
+    raise ValueError(f"No decodable image in {src.description}.")
+  shapes = sorted({im.shape for im in images})
+  if len(shapes) > 1:
+    raise ValueError(
+        f"Images in {src.root!r} have different shapes {shapes[:5]}; pass "
+        "image_size=... to resize them.")
+  skipped = src.stats.snapshot()["corrupt_skipped"]
+  if skipped:
+    logging.warning("load_arrays skipped %d undecodable images in %s.", skipped,
+                    src.root)
+  return np.stack(images), np.asarray(labels, np.int32)
+
+
+def _pil_resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """Shorter side -> size (bicubic), then center crop size x size; uint8 in/out."""
+  h, w = image.shape[:2]
+  if h <= w:
+    nh, nw = size, int(size * w / h)
+  else:
+    nh, nw = int(size * h / w), size
+  im = Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC)
+  top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+  return np.asarray(im)[top:top + size, left:left + size]
+
+
+def load_arrays(
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    *,
+    manual_dir: str | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """A whole small dataset in memory.
+
+  Args:
+    name: 'fashion_mnist' (or another fixed-size TFDS set) or 'folder:/path'.
+    split: 'train' / 'test' / any TFDS split string; folder: subfolder if present.
+    data_dir: TFDS data dir (None: TFDS default). fashion_mnist is prepared there
+      offline from the Debian IDX files when missing.
+    manual_dir: where the fashion_mnist IDX files are (default Debian path).
+    download: allow the stock TFDS download when nothing local exists.
+    image_size: folders only: resize shorter side + center crop to this size
+      (needed when the files differ in size).
+
+  Returns:
+    images uint8 `[N, H, W, C]` (C = 1 for fashion_mnist, 3 for folders; read-only
+    for TFDS sets since they are cached), labels int32 `[N]`. Undecodable folder
+    files are skipped (logged).
+  """
+  if is_folder(name):
+    return _folder_arrays(name[len(FOLDER_PREFIX):], split, image_size)
+  if image_size is not None:
+    raise ValueError("image_size is only supported for folder datasets.")
+  return _tfds_arrays(name, split, data_dir, manual_dir, download)

@@ -1,0 +1,181 @@
+"""Image editing with MAGE (inpainting, outpainting, uncropping): mask logic on pixels and tokens.
+
+Recipe (spec §5.5, from the maintainer in LTH14/mage issue #3):
+
+  1. Build a boolean pixel mask of the region to regenerate (`pixel_box_to_mask`, `outpaint_mask`, or
+     any bool[H, W] array).
+  2. Zero those pixels (`zero_pixels`) BEFORE tokenising, so the tokens outside the hole carry no
+     information about its content.
+  3. Tokenise, then mask every token whose cell overlaps the pixel mask plus one extra ring of tokens
+     (`token_mask_from_pixel_mask`): tokens next to the hole still "see" the zeroed pixels through the
+     tokenizer's receptive field. Example: pixel hole 64..191 of 256x256 -> token hole 4..11 ->
+     masked tokens 3..12.
+  4. Run the iterative decoding with only those tokens unknown (`edit_tokens`); the schedule's N0 is
+     each row's number of masked tokens, as in MaskGIT's `unknown_number_in_the_beginning`.
+
+Boxes are `(top, left, bottom, right)` in pixels with exclusive bottom/right, like Python slices:
+the spec's hole "64..191" is `(64, 64, 192, 192)`. Box helpers run on the host and return numpy
+arrays; the other functions are jnp (traceable, accept numpy or jax inputs).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mage_jax import sampling
+
+
+def _check_box(h: int, w: int, box: Sequence[int], name: str) -> tuple[int, int, int, int]:
+  if len(box) != 4:
+    raise ValueError(f"{name}: box must be (top, left, bottom, right), got {box!r}")
+  top, left, bottom, right = (int(v) for v in box)
+  if not (0 <= top < bottom <= h and 0 <= left < right <= w):
+    raise ValueError(
+        f"{name}: box (top, left, bottom, right)={box!r} must satisfy 0 <= top < bottom <= {h} and "
+        f"0 <= left < right <= {w} (bottom/right are exclusive)")
+  return top, left, bottom, right
+
+
+def pixel_box_to_mask(h: int, w: int, box: Sequence[int]) -> np.ndarray:
+  """bool[h, w], True inside `box` = (top, left, bottom, right) (bottom/right exclusive)."""
+  top, left, bottom, right = _check_box(h, w, box, "pixel_box_to_mask")
+  mask = np.zeros((h, w), dtype=bool)
+  mask[top:bottom, left:right] = True
+  return mask
+
+
+def outpaint_mask(h: int, w: int, keep_box: Sequence[int]) -> np.ndarray:
+  """bool[h, w], True everywhere except inside `keep_box` (outpainting / uncropping: regenerate outside)."""
+  _check_box(h, w, keep_box, "outpaint_mask")
+  return ~pixel_box_to_mask(h, w, keep_box)
+
+
+def _dilate(mask: jax.Array, ring: int) -> jax.Array:
+  """Square (Chebyshev) dilation by `ring` cells over the last two axes; separable, so rows then columns."""
+  for axis in (-2, -1):
+    size = mask.shape[axis]
+    pad = [(0, 0)] * mask.ndim
+    pad[axis] = (ring, ring)
+    padded = jnp.pad(mask, pad)
+    out = jnp.zeros_like(mask)
+    for k in range(2 * ring + 1):
+      out = out | jax.lax.slice_in_dim(padded, k, k + size, axis=axis % mask.ndim)
+    mask = out
+  return mask
+
+
+def token_mask_from_pixel_mask(
+    pixel_mask: jax.Array | np.ndarray,
+    token_grid: tuple[int, int] = (16, 16),
+    ring: int = 1,
+) -> jax.Array:
+  """Token cells to regenerate for a pixel mask.
+
+  A token is masked if its cell (H/gh x W/gw pixels) overlaps the pixel mask in at least one pixel;
+  the result is then grown by `ring` tokens in every direction, diagonals included.
+
+  Args:
+    pixel_mask: bool[..., H, W] (any leading batch dims); H, W divisible by the grid.
+    token_grid: (gh, gw), MAGE: (16, 16) for 256x256 images.
+    ring: extra rings of tokens (MAGE: 1); 0 gives the plain overlap mask.
+
+  Returns:
+    bool[..., gh, gw].
+
+  Raises:
+    ValueError: bad rank, indivisible size, or negative ring.
+  """
+  pixel_mask = jnp.asarray(pixel_mask).astype(bool)
+  if pixel_mask.ndim < 2:
+    raise ValueError(
+        f"token_mask_from_pixel_mask: pixel_mask must be bool[..., H, W], got shape {pixel_mask.shape}")
+  gh, gw = token_grid
+  h, w = pixel_mask.shape[-2:]
+  if gh < 1 or gw < 1 or h % gh or w % gw:
+    raise ValueError(
+        f"token_mask_from_pixel_mask: image {h}x{w} is not divisible by the token grid {gh}x{gw}")
+  if ring < 0:
+    raise ValueError(f"token_mask_from_pixel_mask: ring must be >= 0, got {ring}")
+  lead = pixel_mask.shape[:-2]
+  cells = pixel_mask.reshape(*lead, gh, h // gh, gw, w // gw).any(axis=(-3, -1))
+  return _dilate(cells, ring) if ring else cells
+
+
+def zero_pixels(images: jax.Array | np.ndarray, pixel_mask: jax.Array | np.ndarray) -> jax.Array:
+  """Sets the pixels to edit to 0 (before tokenisation, so no information leaks into the kept tokens).
+
+  Args:
+    images: [..., H, W, C] any dtype (MAGE tokenizer input: float in [0, 1]).
+    pixel_mask: bool[H, W] or bool[..., H, W] broadcastable to images.shape[:-1].
+
+  Returns:
+    Same shape and dtype as `images`, zero where the mask is True.
+  """
+  images = jnp.asarray(images)
+  pixel_mask = jnp.asarray(pixel_mask).astype(bool)
+  if images.ndim < 3:
+    raise ValueError(f"zero_pixels: images must be [..., H, W, C], got shape {images.shape}")
+  try:
+    mask = jnp.broadcast_to(pixel_mask, images.shape[:-1])
+  except ValueError:
+    raise ValueError(
+        f"zero_pixels: pixel_mask shape {pixel_mask.shape} does not broadcast to the image's "
+        f"[..., H, W] = {images.shape[:-1]}") from None
+  return jnp.where(mask[..., None], jnp.zeros((), images.dtype), images)
+
+
+def edit_tokens(
+    rng: jax.Array,
+    ids: jax.Array,
+    token_mask: jax.Array | np.ndarray,
+    logits_fn: sampling.LogitsFn,
+    *,
+    num_steps: int,
+    choice_temperature: float,
+    mask_id: int,
+    codebook_size: int,
+    schedule: str = "cosine",
+    sample_temperature: float = 1.0,
+) -> jax.Array:
+  """Regenerates the masked tokens of `ids` with iterative decoding; the others are kept exactly.
+
+  Args:
+    rng: PRNG key (`jax.random.key`).
+    ids: int[B, N] or int[B, gh, gw] token ids of the (zeroed) images, all in [0, codebook_size).
+    token_mask: bool, True = regenerate; shape [N], [gh, gw] (shared by the batch), or [B, N],
+      [B, gh, gw] (one per row; rows may mask different numbers of tokens).
+    logits_fn: int32[B, N] -> float[B, N, V >= codebook_size], see `sampling.decode`.
+    num_steps: T.
+    choice_temperature: tau0 of the annealed Gumbel noise.
+    mask_id: unknown-token id (MAGE: 2024).
+    codebook_size: number of real ids (MAGE: 1024).
+    schedule: mask schedule name.
+    sample_temperature: logit temperature (MAGE: 1.0).
+
+  Returns:
+    int32 ids, same shape as `ids`. A row with nothing masked is returned unchanged.
+  """
+  ids = jnp.asarray(ids)
+  if ids.ndim not in (2, 3):
+    raise ValueError(f"edit_tokens: ids must be int[B, N] or int[B, gh, gw], got shape {ids.shape}")
+  batch = ids.shape[0]
+  length = int(np.prod(ids.shape[1:]))
+  token_mask = jnp.asarray(token_mask).astype(bool)
+  if token_mask.size == length:
+    mask = jnp.broadcast_to(token_mask.reshape(1, length), (batch, length))
+  elif token_mask.size == batch * length and token_mask.shape[0] == batch:
+    mask = token_mask.reshape(batch, length)
+  else:
+    raise ValueError(
+        f"edit_tokens: token_mask shape {token_mask.shape} matches neither one grid of {length} tokens "
+        f"nor one per row for ids of shape {ids.shape}")
+  tokens = jnp.where(mask, jnp.int32(mask_id), ids.reshape(batch, length).astype(jnp.int32))
+  out = sampling.decode(
+      rng, tokens, logits_fn, num_steps=num_steps, choice_temperature=choice_temperature,
+      mask_id=mask_id, codebook_size=codebook_size, num_unknown=None, schedule=schedule,
+      sample_temperature=sample_temperature, count_mode="row")
+  return out.reshape(ids.shape)

