@@ -113,27 +113,27 @@ def box_mask(box: tuple[jax.Array, ...], height: int, width: int) -> jax.Array:
   return (ys >= yl) & (ys < yh) & (xs >= xl) & (xs < xh)
 
 
-def _draw(key: jax.Array, cfg: MixupConfig):
-  """timm `_params_per_batch`: (lam, use_cutmix) as traced scalars."""
+def _draw(key: jax.Array, cfg: MixupConfig, num_groups: int):
+  """timm `_params_per_batch` per group: (lam [g] f32, use_cutmix [g] bool)."""
   k_apply, k_switch, k_lam = jax.random.split(key, 3)
-  apply = jax.random.uniform(k_apply) < cfg.prob
+  shape = (num_groups,)
+  apply = jax.random.uniform(k_apply, shape) < cfg.prob
   if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
-    use_cutmix = jax.random.uniform(k_switch) < cfg.switch_prob
+    use_cutmix = jax.random.uniform(k_switch, shape) < cfg.switch_prob
   else:
-    use_cutmix = jnp.bool_(cfg.cutmix_alpha > 0)
-  # One Beta draw with the chosen alpha (Beta sampling is costly to compile).
+    use_cutmix = jnp.full(shape, cfg.cutmix_alpha > 0)
+  # One Beta draw with the chosen alpha (Beta sampling is costly to compile,
+  # so it is drawn once for all groups, outside any vmap).
   alpha = jnp.where(use_cutmix, cfg.cutmix_alpha, cfg.mixup_alpha)
-  lam_mix = jax.random.beta(k_lam, alpha, alpha)
+  lam_mix = jax.random.beta(k_lam, alpha, alpha, shape)
   lam = jnp.where(apply, lam_mix, 1.0).astype(jnp.float32)
   return lam, use_cutmix & apply
 
 
-def _mix_group(key, images, labels, cfg: MixupConfig):
-  k_draw, k_box = jax.random.split(key)
-  lam, use_cutmix = _draw(k_draw, cfg)
+def _mix_group(key, images, labels, lam, use_cutmix, cfg: MixupConfig):
   _, h, w, _ = images.shape
   flipped = images[::-1]
-  box = rand_bbox(k_box, h, w, lam)
+  box = rand_bbox(key, h, w, lam)
   inside = box_mask(box, h, w)
   if cfg.correct_lam:
     area = jnp.sum(inside).astype(jnp.float32)
@@ -181,11 +181,13 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array,
     raise ValueError(f"batch {b} must split into num_groups={num_groups} "
                      "groups of even size")
   g = num_groups
-  keys = jax.random.split(key, g)
+  k_draw, k_box = jax.random.split(key)
+  lam, use_cutmix = _draw(k_draw, cfg, g)
   mixed, targets, aux = jax.vmap(
-      lambda k, x, y: _mix_group(k, x, y, cfg))(
-          keys, images.reshape((g, b // g) + images.shape[1:]),
-          labels.reshape(g, b // g))
+      lambda k, x, y, l, c: _mix_group(k, x, y, l, c, cfg))(
+          jax.random.split(k_box, g),
+          images.reshape((g, b // g) + images.shape[1:]),
+          labels.reshape(g, b // g), lam, use_cutmix)
   return (mixed.reshape(images.shape), targets.reshape(b, cfg.num_classes),
           aux)
 

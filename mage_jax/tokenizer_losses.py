@@ -185,7 +185,8 @@ def lecam_update(state: LeCamState, logits_real: jax.Array, logits_fake: jax.Arr
 
 
 def lecam_regularizer(logits_real: jax.Array, logits_fake: jax.Array, state: LeCamState) -> jax.Array:
-  """LeCam (Yu et al. 2021): mean(relu(D(real) − ema_fake)²) + mean(relu(ema_real − D(fake))²); unweighted."""
+  """LeCam (Yu et al. 2021), unweighted:
+  mean(relu(D(real) − ema_fake)²) + mean(relu(ema_real − D(fake))²)."""
   ema_real = jax.lax.stop_gradient(state.ema_real)
   ema_fake = jax.lax.stop_gradient(state.ema_fake)
   return (jnp.mean(jnp.square(jax.nn.relu(_f32(logits_real) - ema_fake)))

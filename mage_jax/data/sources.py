@@ -23,7 +23,6 @@ when the caller passes `download=True`.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import io
 import logging
 import os
@@ -150,7 +149,7 @@ class EncodedSource(Source):
     self.num_examples = num_examples
     self.description = description
     self.stats = CorruptStats()
-    self._bad: set[int] = set()
+    self._bad: dict[int, str] = {}  # index -> name of known corrupt examples
     self._bad_lock = threading.Lock()
 
   @abc.abstractmethod
@@ -162,8 +161,9 @@ class EncodedSource(Source):
     n = self.num_examples
     for k in range(min(n, MAX_CONSECUTIVE_CORRUPT)):
       j = (int(index) + k) % n
-      if j in self._bad:
-        self.stats.add(self._name(j), "known corrupt")
+      known = self._bad.get(j)
+      if known is not None:
+        self.stats.add(known, "known corrupt")
         continue
       name = str(j)
       try:
@@ -172,14 +172,11 @@ class EncodedSource(Source):
       except Exception as e:  # pylint: disable=broad-except
         # Any failure to read/decode one file means "corrupt", never fatal.
         with self._bad_lock:
-          self._bad.add(j)
+          self._bad[j] = name
         self.stats.add(name, f"{type(e).__name__}: {e}")
     raise RuntimeError(
         f"No decodable image in {min(n, MAX_CONSECUTIVE_CORRUPT)} consecutive "
         f"examples starting at index {index} of {self.description}.")
-
-  def _name(self, index: int) -> str:
-    return str(index)
 
   def load(self, index):
     image, label = tf.numpy_function(
@@ -248,9 +245,10 @@ class FolderSource(EncodedSource):
   def read(self, index):
     path = self.paths[index]
     with open(path, "rb") as f:
-      return f.read(), int(self.labels[index]), self._name(index)
+      return f.read(), int(self.labels[index]), self.name(index)
 
-  def _name(self, index):
+  def name(self, index: int) -> str:
+    """Path relative to the root, as reported in `stats`."""
     return os.path.relpath(self.paths[index], self.root)
 
 
@@ -451,18 +449,17 @@ def _tfds_arrays(name, split, data_dir, manual_dir, download):
   key = (name, split, os.path.abspath(data_dir) if data_dir else None)
   if key in _ARRAY_CACHE:
     return _ARRAY_CACHE[key]
-  if name == "fashion_mnist":
-    # tfrecord (the TFDS default): `as_dataset` cannot read array_record.
-    builder = prepare_fashion_mnist(data_dir, manual_dir, download=download)
-  else:
-    builder = prepare_tfds(name, data_dir, manual_dir=manual_dir,
-                           download=download, file_format=None)
-  img_key, label_key = builder.info.supervised_keys or ("image", "label")
-  shape = builder.info.features[img_key].shape
+  info = _builder(name, data_dir).info
+  img_key, label_key = info.supervised_keys or ("image", "label")
+  shape = info.features[img_key].shape
   if None in shape:
     raise ValueError(
         f"load_arrays needs fixed-size images; {name} has image shape {shape}. "
         "Use pipeline.train_iterator / eval_iterator instead.")
+  # Prepared as tfrecord (the TFDS default) when missing: `as_dataset` below
+  # cannot read array_record.
+  builder = prepare_tfds(name, data_dir, manual_dir=manual_dir,
+                         download=download, file_format=None)
   if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
     src = builder.as_data_source(split=split)
     items = src.__getitems__(range(len(src)))
@@ -488,7 +485,7 @@ def _folder_arrays(path, split, image_size):
       data, label, _ = src.read(i)
       image = decode_image(data)
     except Exception as e:  # pylint: disable=broad-except
-      src.stats.add(src._name(i), f"{type(e).__name__}: {e}")  # pylint: disable=protected-access
+      src.stats.add(src.name(i), f"{type(e).__name__}: {e}")
       continue
     if image_size is not None:
       image = _pil_resize_center_crop(image, image_size)

@@ -9,7 +9,7 @@ Formulas follow the reference tools (spec section 6.5: MAGE reports torch-fideli
 * `inception_score`: torch-fidelity's `isc_features_to_metric`: optional shuffle with
   `np.random.RandomState(2020).permutation`, float64 softmax of the (unbiased) 1008 logits, split
   `[i*N//splits, (i+1)*N//splits)`, `exp(mean KL(p || mean p))` per split, mean and population std
-  (`np.std`) over splits.
+  (`np.std`) over splits. Terms with p == 0 count as 0 (torch-fidelity would return nan there).
 """
 
 from __future__ import annotations
@@ -101,8 +101,12 @@ def inception_score(logits, splits: int = 10, shuffle: bool = True,
   scores = []
   for i in range(splits):
     lo, hi = i * n // splits, (i + 1) * n // splits
-    q = p[lo:hi].mean(axis=0, keepdims=True)
-    kl = (p[lo:hi] * (log_p[lo:hi] - np.log(q))).sum(axis=1).mean()
+    pc, lpc = p[lo:hi], log_p[lo:hi]
+    q = pc.mean(axis=0, keepdims=True)
+    # 0 * log 0 = 0: classes absent from a split (q underflows to 0) would otherwise give 0 * inf = nan.
+    with np.errstate(divide="ignore", invalid="ignore"):
+      terms = np.where(pc > 0, pc * (lpc - np.log(q)), 0.0)
+    kl = terms.sum(axis=1).mean()
     scores.append(np.exp(kl))
   return float(np.mean(scores)), float(np.std(scores))
 

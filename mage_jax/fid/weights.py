@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -159,17 +160,17 @@ def torchvision_names() -> dict[str, str]:
   return names
 
 
+def _canonical_tf_name(name: str) -> str:
+  for prefix in ("net.", "layers."):  # fid-helper wraps the net in `net`; both nest it in `layers`.
+    if name.startswith(prefix):
+      name = name[len(prefix):]
+  if name.startswith("output."):  # StyleGAN2-ADA's classifier.
+    name = "fc." + name[len("output."):]
+  return name
+
+
 def _canonical_from_tf_names(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  out = {}
-  for key, value in flat.items():
-    name = key
-    for prefix in ("net.", "layers."):
-      if name.startswith(prefix):
-        name = name[len(prefix):]
-    if name.startswith("output."):  # StyleGAN2-ADA's classifier.
-      name = "fc." + name[len("output."):]
-    out[name] = value
-  return out
+  return {_canonical_tf_name(k): v for k, v in flat.items()}
 
 
 def _canonical_from_torchvision_names(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -280,7 +281,8 @@ def _load_torchscript_with_lists(path: str) -> Any:
       return _TorchScriptUnpickler(archive.read(pickles[0]), archive, prefix, True).load()
   except (torch_pickle.CheckpointError, WeightsError):
     raise
-  except Exception as e:  # pylint: disable=broad-except  # corrupt pickles raise many types
+  except (zipfile.BadZipFile, EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError, IndexError,
+          AttributeError, KeyError) as e:
     raise WeightsError(f"{path}: malformed TorchScript archive ({type(e).__name__}: {e})") from None
 
 
@@ -306,11 +308,8 @@ def _walk_script_module(obj, prefix: str, tensors: dict, attrs: dict, kinds: dic
 
 def _check_script_layout(attrs: Mapping[str, Any], kinds: Mapping[str, str], source: str) -> None:
   """Compares the file's conv strides/paddings and E-block pool types with `inception.CONVS`."""
-  def canon(name):
-    return _canonical_from_tf_names({name: None}).popitem()[0]
-
   for key, value in attrs.items():
-    conv, field = canon(key).rsplit(".", 1)
+    conv, field = _canonical_tf_name(key).rsplit(".", 1)
     spec = inception.CONV_BY_NAME.get(conv)
     if spec is None:
       continue
@@ -319,7 +318,7 @@ def _check_script_layout(attrs: Mapping[str, Any], kinds: Mapping[str, str], sou
     if got != want:
       raise WeightsError(f"{source}: conv {conv} has {field} {value}, but the FID Inception has {want}")
   for name, qualified in kinds.items():
-    c = canon(name)
+    c = _canonical_tf_name(name)
     for block, pool in inception.E_BLOCK_POOL.items():
       if c == f"{block}.tower_2_pool" and qualified:
         want = "MaxPool2d" if pool == "max" else "AvgPool2d"

@@ -150,3 +150,26 @@ def run_block_stack(stack, x, deterministic: bool):
     return x
   x, _ = stack(x, deterministic)
   return x
+
+
+def stack_block_params(params: dict, prefix: str) -> dict:
+  """Loop layout (`prefix_0..prefix_{n-1}`) -> scanned layout (`prefix` with a leading layer axis)."""
+  names = sorted((k for k in params if k.rpartition("_")[0] == prefix and k.rpartition("_")[2].isdigit()),
+                 key=lambda k: int(k.rpartition("_")[2]))
+  if not names:
+    return dict(params)
+  out = {k: v for k, v in params.items() if k not in names}
+  out[prefix] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+  return out
+
+
+def unstack_block_params(params: dict, prefix: str) -> dict:
+  """Scanned layout -> loop layout; the inverse of `stack_block_params`."""
+  if prefix not in params:
+    return dict(params)
+  stacked = params[prefix]
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  out = {k: v for k, v in params.items() if k != prefix}
+  for i in range(depth):
+    out[f"{prefix}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return out
