@@ -177,7 +177,7 @@ def _row_normalize(x) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_iter"))
 def _lbfgs_logreg(x, y, lam, tol, *, num_classes: int, max_iter: int):
-  """Minimises mean CE(x W, y) + lam / 2 ||W||^2 with L-BFGS; returns (W, it)."""
+  """Minimises mean CE(x W, y) + lam/2 ||W||^2 by L-BFGS; returns (W, iters)."""
   onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32)
 
   def objective(w):

@@ -82,7 +82,7 @@ def test_mix_batch_default_recipe():
 
 
 def test_cutmix_box_geometry_matches_timm():
-  lam = 0.3
+  lam = 0.45  # floor vs ceil of side * sqrt(1 - lam) differ here.
   cut = int(H * np.sqrt(1 - lam)), int(W * np.sqrt(1 - lam))
   boxes = jax.vmap(lambda k: jnp.stack(mixup.rand_bbox(k, H, W, lam)))(
       jax.random.split(jax.random.key(1), 500))

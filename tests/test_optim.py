@@ -422,3 +422,30 @@ def test_trainable_mask():
   m = optim.trainable_mask(params, [r"^blocks_"])
   assert m == {"blocks_0": {"kernel": False}, "head": {"kernel": True}}
   assert optim.trainable_mask(params, None)["blocks_0"]["kernel"] is True
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_finetune_optimizer_frozen_subtree(scanned):
+  # Freezing token_emb: zero updates there, no moments for it, and the other
+  # params still get their layer-decayed update.
+  params = _materialise(_probe_tree(2, scanned=scanned), 5)
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = optim.finetune_optimizer(lr=1.0, total_steps=4, warmup_steps=0,
+                                depth=2, layer_decay=0.5, weight_decay=0.0,
+                                frozen=[r"^token_emb/"])
+  state = jax.jit(tx.init)(params)
+  n_moment_leaves = len(jax.tree.leaves(state))
+  upd, _ = jax.jit(tx.update)(grads, state, params)
+  upd = _flat(upd)
+  for k, v in upd.items():
+    if k.startswith("token_emb"):
+      np.testing.assert_array_equal(np.asarray(v), 0.0)
+  # Adam's first step on a constant gradient is -lr * scale * 1 (up to eps
+  # and float32 rounding of 1 - b2 in the bias correction).
+  np.testing.assert_allclose(np.asarray(upd["head/kernel"]), -1.0, rtol=1e-4)
+  blk = "blocks/attn/qkv/kernel" if scanned else "blocks_0/attn/qkv/kernel"
+  first = np.asarray(upd[blk])[0] if scanned else np.asarray(upd[blk])
+  np.testing.assert_allclose(first, -0.25, rtol=1e-4)
+  n_trainable = len([k for k in upd if not k.startswith("token_emb")])
+  # mu and nu per trainable leaf + the two counts (adam, schedule).
+  assert n_moment_leaves == 2 * n_trainable + 2

@@ -72,7 +72,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
   """The numpy twin of `torch._utils._rebuild_tensor_v2`: a strided view copied into a fresh array."""
   size, stride = tuple(size), tuple(stride)
   if not size:
-    return storage[storage_offset].copy()
+    return np.array(storage[storage_offset])  # a 0-d array (e.g. BatchNorm's num_batches_tracked)
   needed = storage_offset + 1 + sum((n - 1) * s for n, s in zip(size, stride) if n > 0)
   if any(n == 0 for n in size):
     return np.zeros(size, storage.dtype)
@@ -100,6 +100,11 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("argparse", "Namespace"): Namespace,
+    # TorchScript archives store int/float/bool list attributes (e.g. asymmetric paddings) through these.
+    ("torch.jit._pickle", "build_intlist"): list,
+    ("torch.jit._pickle", "build_doublelist"): list,
+    ("torch.jit._pickle", "build_boollist"): list,
+    ("torch.jit._pickle", "build_tensorlist"): list,
 }
 
 

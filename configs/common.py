@@ -1,0 +1,55 @@
+"""Shared config pieces. `get_config(arg)` strings are parsed by `parse_arg` (big_vision style)."""
+
+import ml_collections
+
+
+def parse_arg(arg, **defaults):
+  """'variant=B,runlocal' -> ConfigDict with values typed like `defaults`; a bare name means True.
+
+  Unknown keys are an error, so a typo never silently falls back to a default.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if not eq:
+      value = True
+    elif isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes")
+    elif default is not None:
+      value = type(default)(value)
+    result[key] = value
+  return result
+
+
+def base_pretrain_config():
+  c = ml_collections.ConfigDict()
+  c.mode = "pretrain"
+  c.seed = 0
+  c.input = ml_collections.ConfigDict(dict(
+      name="imagenet2012", split="train", data_dir=None, manual_dir=None, batch_size=4096, image_size=256,
+      augment="pretrain", interpolation="bicubic", num_workers=0, download=False))
+  c.model = ml_collections.ConfigDict(dict(variant="B", dtype="bfloat16", param_dtype="float32", dropout=0.1,
+                                           attn_dropout=0.1, scan=False, remat_policy="none", attention="xla"))
+  # The frozen tokenizer: a params dir (converted vqgan_jax_strongaug.ckpt, or trained with mode=tokenizer).
+  # The sizes below are used only when init is empty (random frozen tokenizer, for smoke tests).
+  c.tokenizer = ml_collections.ConfigDict(dict(init="", ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                                               z_channels=256, codebook_size=1024))
+  c.masking = ml_collections.ConfigDict(dict(min_ratio=0.5, max_ratio=1.0, mu=0.55, std=0.25, drop_ratio=0.5))
+  c.label_smoothing = 0.1
+  c.optim = ml_collections.ConfigDict(dict(blr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05, grad_clip_norm=3.0,
+                                           warmup_epochs=40.0, warmup_steps=-1, min_lr=0.0))
+  c.total_epochs = 1600.0
+  c.total_steps = 0  # > 0 overrides total_epochs
+  c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
+  c.sharding_rules = ml_collections.FieldReference(None, field_type=list)
+  c.model_init = ""  # params-only checkpoint to start from (e.g. converted weights)
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 5000
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.nonfinite = "stop"  # or 'skip': drop non-finite updates and count them
+  c.profile_steps = 0
+  return c

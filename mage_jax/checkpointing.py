@@ -1,0 +1,44 @@
+"""Training checkpoints with orbax: async saves, keep-K, resume from the latest, restore onto any mesh.
+
+Full train states live in `<workdir>/checkpoints/<step>/`; params-only exports (params_io) are what other
+binaries read. orbax writes each step into a temporary directory and renames it when complete, so a process
+killed mid-save leaves the previous checkpoints intact and the partial one is never picked up.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(workdir: str, *, keep: int = 3, save_interval_steps: int = 1, async_save: bool = True
+            ) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_interval_steps,
+                                           enable_async_checkpointing=async_save, create=True))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> bool:
+  return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target shardings: restoring into them places arrays on that mesh."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
+  """Restores `step` into `target` (a tree of ShapeDtypeStruct with shardings; any mesh)."""
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore(target))
+  except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+    raise ValueError(f"checkpoint step {step} in {mngr.directory} cannot be restored into this model "
+                     f"(corrupt, or written by a different model/optimizer config): {e}") from e
+
+
+def latest_step(mngr: ocp.CheckpointManager) -> int | None:
+  return mngr.latest_step()

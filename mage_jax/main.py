@@ -1,0 +1,70 @@
+"""One entry point: `python -m mage_jax.main --config=configs/<file>.py[:args] --workdir=DIR [--config.k=v]`.
+
+`config.mode` picks the job: 'pretrain' (MAGE) or 'tokenizer' (VQGAN training). Re-running the same command
+resumes from the latest checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (python file[:args]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and exports.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 for multi-process runs without auto-detection.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+MODES = ("pretrain", "tokenizer")
+
+
+def _cluster_detected() -> bool:
+  """TPU pods and SLURM jobs: jax.distributed.initialize() finds the coordinator by itself."""
+  env = os.environ
+  slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env
+  tpu_pod = len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env
+  return slurm or tpu_pod
+
+
+def initialize_distributed():
+  if _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif _cluster_detected():
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  initialize_distributed()
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
+  config = _CONFIG.value
+  logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
+  if config.mode not in MODES:
+    raise app.UsageError(f"unknown config.mode {config.mode!r}; expected one of {MODES}")
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2, default=str)
+  if config.mode == "pretrain":
+    from mage_jax import train
+    train.train_and_evaluate(config, _WORKDIR.value)
+  else:
+    from mage_jax import tokenizer_train
+    tokenizer_train.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,76 @@
+"""Pure step functions (no jit here: train.py binds the Python-level arguments and jits with shardings)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from mage_jax import losses, masking
+from mage_jax.models.vqgan import VQGAN
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Arrays only, so orbax can save it and jit can shard/donate it.
+
+  `first_nonfinite_step` is −1 until a step produces a non-finite loss or gradient; such updates are never
+  applied, so the params stay the last good ones whatever the host does about it.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data: checkpoint formats store plain arrays
+  first_nonfinite_step: jax.Array
+  skipped_steps: jax.Array
+
+  @classmethod
+  def create(cls, params, tx: optax.GradientTransformation, rng):
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+               first_nonfinite_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+
+
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, finite) -> TrainState:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return state.replace(
+      step=state.step + 1,
+      params=keep_old(params, state.params),
+      opt_state=keep_old(opt_state, state.opt_state),
+      first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+                                     state.first_nonfinite_step),
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+
+
+def tokenize(tokenizer: VQGAN, tokenizer_vars, images):
+  """Frozen tokenizer inside the step: ids carry no gradient."""
+  return jax.lax.stop_gradient(tokenizer.apply(tokenizer_vars, images, method=VQGAN.encode_to_ids))
+
+
+def pretrain_step(state: TrainState, tokenizer_vars, batch, *, model, tokenizer, tx, masking_cfg: dict,
+                  label_smoothing: float, schedule=None):
+  """One MAGE pretraining step on a global batch {'image': [B,H,W,3] in [0,1]}.
+
+  One masking ratio is drawn per step for the whole global batch (the official code draws one per process).
+  """
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  ids = tokenize(tokenizer, tokenizer_vars, batch["image"])
+  plan, ratio = masking.sample_plan(jax.random.fold_in(rng, 0), ids.shape[0], ids.shape[1], **masking_cfg)
+
+  def loss_fn(params):
+    logits, _ = model.apply({"params": params}, ids, plan, False, rngs={"dropout": jax.random.fold_in(rng, 1)})
+    return losses.masked_token_loss(logits, ids, plan.masked, codebook_size=model.config.codebook_size,
+                                    label_smoothing=label_smoothing)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = apply_gradients(state, grads, tx, finite)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "mask_ratio": ratio, "finite": finite.astype(jnp.float32)}
+  if schedule is not None:
+    metrics["lr"] = schedule(state.step)
+  return new_state, metrics
