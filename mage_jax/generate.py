@@ -247,7 +247,24 @@ def _parser() -> argparse.ArgumentParser:
                  help=f"also write OUT/images.npz (default: on for <= {NPZ_AUTO_LIMIT} images)")
   p.add_argument("--grid", type=int, default=64, help="images in OUT/grid.png (0: no grid)")
   p.add_argument("--no_png", action="store_true", help="skip the per-image PNG files")
+  p.add_argument("--coordinator_address", default=None,
+                 help="host:port of process 0 for multi-process runs without auto-detection (TPU pods and "
+                      "SLURM jobs are detected)")
+  p.add_argument("--num_processes", type=int, default=None)
+  p.add_argument("--process_id", type=int, default=None)
   return p
+
+
+def _initialize_distributed(args) -> None:
+  """Same policy as `mage_jax.main`: explicit coordinator, else TPU pod / SLURM auto-detection, else none."""
+  env = os.environ
+  slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env
+  tpu_pod = len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env
+  if args.coordinator_address:
+    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                               process_id=args.process_id)
+  elif slurm or tpu_pod:
+    jax.distributed.initialize()
 
 
 def _error(msg: str) -> int:
@@ -262,6 +279,7 @@ def main(argv=None) -> int:
   try:
     dtype = checkpoint_models.parse_dtype(args.dtype)
     meta = params_io.read_meta(args.params)
+    _initialize_distributed(args)
     if args.class_id is not None and not (meta.get("model") or {}).get("num_classes"):
       return _error(f"--class_id={args.class_id} given, but {args.params} holds a class-unconditional model "
                     "(meta model.num_classes is absent); class-conditional MAGE is not implemented yet")

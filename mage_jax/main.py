@@ -24,7 +24,20 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-MODES = ("pretrain", "tokenizer")
+# mode -> module with `train_and_evaluate(config, workdir)`.
+MODES = {
+    "pretrain": "mage_jax.train",
+    "tokenizer": "mage_jax.tokenizer_train",
+    "mage_c": "mage_jax.train_variants",
+    "class_cond": "mage_jax.train_variants",
+}
+
+
+class _QuietOrbax(logging.logging.Filter):
+  """orbax logs every save step at INFO; keep its warnings only, so progress lines stay readable."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or "orbax" not in record.pathname
 
 
 def _cluster_detected() -> bool:
@@ -46,6 +59,7 @@ def initialize_distributed():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   initialize_distributed()
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
@@ -53,17 +67,13 @@ def main(argv):
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
   if config.mode not in MODES:
-    raise app.UsageError(f"unknown config.mode {config.mode!r}; expected one of {MODES}")
+    raise app.UsageError(f"unknown config.mode {config.mode!r}; expected one of {sorted(MODES)}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, default=str)
-  if config.mode == "pretrain":
-    from mage_jax import train
-    train.train_and_evaluate(config, _WORKDIR.value)
-  else:
-    from mage_jax import tokenizer_train
-    tokenizer_train.train_and_evaluate(config, _WORKDIR.value)
+  import importlib
+  importlib.import_module(MODES[config.mode]).train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,8 @@ def test_generate_cli_bad_inputs(params_dir, tmp_path, capsys):
   assert "mage_jax.json" in capsys.readouterr().err
   assert generate.main([f"--params={params_dir}", f"--out={tmp_path / 'o'}", "--class_id=3"]) == 2
   assert "class-unconditional" in capsys.readouterr().err
-  assert generate.main([f"--params={params_dir}", f"--out={tmp_path / 'o'}", "--batch_size=6"]) == 2
+  assert generate.main([f"--params={params_dir}", f"--out={tmp_path / 'o'}", "--batch_size=6",
+                        "--num_images=6"]) == 2
   assert "multiple of the device count 8" in capsys.readouterr().err
   assert generate.main([f"--params={params_dir}", f"--out={tmp_path / 'o'}", "--dtype=float16"]) == 2
   assert "unknown dtype" in capsys.readouterr().err

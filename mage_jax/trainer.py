@@ -1,0 +1,194 @@
+"""The training loop every job shares (MAGE pretraining, MAGE-C, class-conditional, tokenizer training).
+
+A job describes itself as a `Task` (how to build its sharded state, its step, what it feeds from a batch,
+what it exports); `run` does the rest: mesh and logical shardings, state initialised directly sharded,
+resume from the latest checkpoint, the jitted step with donated state, deterministic data from the resumed
+step, clu progress/metrics/profiling, async orbax checkpoints, SIGTERM handling, non-finite checks, export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from mage_jax import checkpointing, sharding
+from mage_jax.data import pipeline
+
+
+@dataclasses.dataclass
+class Task:
+  """A training job.
+
+  Attributes:
+    init_state: rng key -> state (params may be boxed with logical axis names). The state is a
+      flax.struct.dataclass with at least `step`, `params`, `first_nonfinite_step`, `skipped_steps`.
+    step: (state, extras, batch) -> (state, metrics dict of scalars). Pure; jitted here.
+    extras: arrays the step reads but never updates (e.g. the frozen tokenizer), replicated, not donated.
+    batch_keys: which entries of the input batch the step receives.
+    total_steps: number of steps of the run.
+    export: called with the final state on every process (e.g. a params-only export).
+    initial_params: optional host params to start from (replaces the initialised params on a fresh run).
+    reinit_after_params: state -> state, re-derives what depends on params (e.g. optimizer state).
+    evaluate: optional (state, step) -> dict of scalars, run every `config.eval_every_steps` steps and at the
+      end (on every process); written as `eval/<name>`.
+  """
+  init_state: Callable[[jax.Array], Any]
+  step: Callable[..., tuple[Any, dict]]
+  extras: Any
+  batch_keys: Sequence[str]
+  total_steps: int
+  export: Callable[[Any], None] | None = None
+  initial_params: Any = None
+  reinit_after_params: Callable[[Any], Any] | None = None
+  evaluate: Callable[[Any, int], dict] | None = None
+
+
+def mesh_and_rules(config: ml_collections.ConfigDict):
+  mesh = sharding.create_mesh([tuple(x) for x in config.mesh])
+  rules = (tuple(tuple(r) for r in config.sharding_rules) if config.get("sharding_rules")
+           else sharding.DEFAULT_RULES)
+  sharding.check_batch_size(config.input.batch_size, mesh)
+  return mesh, rules
+
+
+def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
+  """(total, warmup) steps from `total_steps|total_epochs` and `optim.warmup_steps|warmup_epochs`."""
+  total = config.total_steps if config.get("total_steps", 0) > 0 else int(config.total_epochs * steps_per_epoch)
+  warmup = config.optim.warmup_steps if config.optim.get("warmup_steps", -1) >= 0 else int(
+      config.optim.get("warmup_epochs", 0) * steps_per_epoch)
+  if total <= 0:
+    raise ValueError("set total_steps or total_epochs to a positive number")
+  return total, min(warmup, total)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so the state is saved before exiting."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint before exiting")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(state, config, mngr):
+  """Stops (or, with nonfinite='skip', just reports) once any step had a non-finite loss or gradient."""
+  first_bad = int(jax.device_get(state.first_nonfinite_step))
+  if first_bad < 0:
+    return
+  skipped = int(jax.device_get(state.skipped_steps))
+  if config.nonfinite == "skip":
+    logging.warning("%d steps skipped so far for non-finite loss/gradients (first at step %d)", skipped,
+                    first_bad)
+    return
+  raise FloatingPointError(
+      f"non-finite loss or gradient at step {first_bad}; stopping (nonfinite='stop'). That update was not "
+      f"applied and the last checkpoint (step {checkpointing.latest_step(mngr)}) is intact. Set "
+      "--config.nonfinite=skip to skip such updates instead.")
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(v, (int, float, str, bool)):
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules) -> dict:
+  """Runs (or resumes) `task` in `workdir`; returns the last logged metrics (host floats)."""
+  if config.nonfinite not in ("stop", "skip"):
+    raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
+  source = pipeline.make_source(config.input)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(task.init_state, jax.random.key(config.seed))
+    state_shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = sharding.strip_boxes(boxed)
+    repl = sharding.replicated(mesh)
+    extras = jax.device_put(task.extras, repl)
+
+    mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+    latest = checkpointing.latest_step(mngr)
+    if latest is not None:
+      logging.info("resuming from checkpoint step %d", latest)
+      state = checkpointing.restore(mngr, latest, checkpointing.abstract_with_shardings(abstract,
+                                                                                         state_shardings))
+    else:
+      state = jax.jit(lambda r: sharding.strip_boxes(task.init_state(r)), out_shardings=state_shardings)(
+          jax.random.key(config.seed))
+      if task.initial_params is not None:
+        state = state.replace(params=jax.device_put(task.initial_params, state_shardings.params))
+        if task.reinit_after_params is not None:
+          state = jax.jit(task.reinit_after_params, out_shardings=state_shardings)(state)
+    start_step = int(jax.device_get(state.step))
+    if is_main:
+      parameter_overview.log_parameter_overview(jax.device_get(state.params))
+      writer.write_hparams(_flatten(config.to_dict()))
+
+    step_fn = jax.jit(task.step, in_shardings=(state_shardings, repl, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_shardings, repl), donate_argnums=(0,))
+    data = pipeline.train_iterator(config.input, seed=config.seed, start_step=start_step,
+                                   process_index=jax.process_index(), process_count=jax.process_count(),
+                                   source=source)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=task.total_steps, writer=writer,
+                                             every_steps=config.log_every_steps)]
+    if is_main and config.get("profile_steps", 0) > 0:
+      hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+                                            first_profile=start_step + 5))
+    preemption = _Preemption()
+    last_metrics: dict = {}
+    try:
+      for step in range(start_step, task.total_steps):
+        local = next(data)
+        batch = sharding.global_batch({k: local[k] for k in task.batch_keys}, mesh)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = step_fn(state, extras, batch)
+        done = step + 1
+        for hook in hooks:
+          hook(done)
+        save_now = (done % config.checkpoint_every_steps == 0 or done == task.total_steps
+                    or preemption.requested)
+        if done % config.log_every_steps == 0 or save_now:
+          check_finite(state, config, mngr)
+          last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          last_metrics["skipped_steps"] = int(jax.device_get(state.skipped_steps))
+          writer.write_scalars(done, {f"train/{k}": v for k, v in last_metrics.items()})
+        eval_every = config.get("eval_every_steps", 0)
+        if task.evaluate is not None and ((eval_every and done % eval_every == 0) or done == task.total_steps):
+          with hooks[0].timed("eval"):
+            eval_metrics = task.evaluate(state, done)
+          writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+          last_metrics.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+        if save_now:
+          checkpointing.save(mngr, done, state, force=True)
+        if preemption.requested:
+          mngr.wait_until_finished()
+          logging.warning("checkpoint %d written after SIGTERM; exiting", done)
+          break
+    finally:
+      preemption.restore()
+      mngr.wait_until_finished()
+      writer.flush()
+    if int(jax.device_get(state.step)) == task.total_steps and task.export is not None:
+      task.export(state)
+    mngr.close()
+  return last_metrics
+
