@@ -7,7 +7,7 @@ setuptools.setup(
     version="0.1.0",
     description="MAGE (Masked Generative Encoder, CVPR 2023) in JAX/Flax: tokenizer, pretraining, "
                 "generation, editing and representation evals.",
-    packages=setuptools.find_packages(include=["mage_jax", "mage_jax.*"]),
+    packages=setuptools.find_packages(include=["mage_jax", "mage_jax.*", "configs"]),
     python_requires=">=3.11",
     # Ranges tested: jax 0.10 (CPU, this project's CI) and jax 0.11 (CUDA builds on GPU machines).
     install_requires=[

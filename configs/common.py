@@ -44,6 +44,7 @@ def base_pretrain_config():
   c.total_epochs = 1600.0
   c.total_steps = 0  # > 0 overrides total_epochs
   c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
+  c.num_devices = 0  # 0: all devices of all processes
   c.sharding_rules = ml_collections.FieldReference(None, field_type=list)
   c.model_init = ""  # params-only checkpoint to start from (e.g. converted weights)
   c.log_every_steps = 100
@@ -52,4 +53,5 @@ def base_pretrain_config():
   c.async_checkpoints = True
   c.nonfinite = "stop"  # or 'skip': drop non-finite updates and count them
   c.profile_steps = 0
+  c.eval_every_steps = 0
   return c

@@ -21,7 +21,8 @@ Dtype = Any
 
 def _config(cls, fields: Any, what: str):
   if not isinstance(fields, dict):
-    raise ValueError(f"checkpoint meta[{what!r}] must be a dict of {cls.__name__} fields, got {type(fields).__name__}")
+    raise ValueError(f"checkpoint meta[{what!r}] must be a dict of {cls.__name__} fields, got "
+                     f"{type(fields).__name__}")
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(fields) - known)
   if unknown:

@@ -83,8 +83,9 @@ def make_sampler(model, tokenizer, batch_size: int, num_steps: int, mesh: Mesh, 
     `sample(model_vars, tok_vars, key_data, batch_index, temperature, class_id) -> (images, ids)` with
     images uint8 [batch_size, H, W, 3] and ids int32 [batch_size, N], both sharded over 'data'. Params are
     arguments (never closed over, so they are not baked into the HLO). `key_data` is the raw data of the
-    base key (uint32, PRNG implementation `key_impl`), `batch_index` and `class_id` int32 scalars, `temperature` a float32 scalar (traced:
-    no recompilation per temperature). `class_id` is ignored unless `conditional`.
+    base key (uint32, PRNG implementation `key_impl`); `batch_index` and `class_id` are int32 scalars,
+    `temperature` a float32 scalar (traced: no recompilation per temperature). `class_id` is ignored
+    unless `conditional`.
   """
   if batch_size % mesh.size:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the number of devices ({mesh.size}): "
@@ -125,7 +126,10 @@ def generate_images(model, tokenizer, variables: dict, rng: jax.Array, num_image
                     num_steps: int = DEFAULT_NUM_STEPS, temperature: float = DEFAULT_TEMPERATURE,
                     mesh: Mesh | None = None, *, class_id: int | None = None,
                     return_ids: bool = False) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Generates `num_images` images in batches; yields host numpy batches (every process gets all of them).
+  """Generates `num_images` images in batches: an iterator of host numpy batches (every process gets all).
+
+  Arguments are checked and the sampler built at the call; the first batch is dispatched on the first
+  `next()`.
 
   Args:
     model: `MAGE` (or a module with the same `image_token_logits` method and `config`).
@@ -140,10 +144,10 @@ def generate_images(model, tokenizer, variables: dict, rng: jax.Array, num_image
     class_id: label for every image; only for class-conditional models (`model.config.num_classes > 0`).
     return_ids: also yield the token ids.
 
-  Yields:
-    uint8 [b, H, W, 3] batches (b = batch_size except possibly the last), or (images, int32 ids [b, N]) if
-    `return_ids`. Batch k+1 is dispatched before batch k is copied to the host, so device work overlaps
-    with whatever the caller does (e.g. PNG writing).
+  Returns:
+    An iterator of uint8 [b, H, W, 3] batches (b = batch_size except possibly the last), or of
+    (images, int32 ids [b, N]) if `return_ids`. Batch k+1 is dispatched before batch k is copied to the
+    host, so device work overlaps with whatever the caller does (e.g. PNG writing).
 
   Raises:
     ValueError: bad sizes, missing variables, or class_id for an unconditional model.
@@ -170,6 +174,11 @@ def generate_images(model, tokenizer, variables: dict, rng: jax.Array, num_image
   scalars = replicate((np.asarray(jax.random.key_data(rng)), np.float32(temperature),
                        np.int32(class_id if conditional else 0)), mesh)
   key_data, temp, label = scalars
+  return _batches(sampler, model_vars, tok_vars, key_data, temp, label, mesh, num_images, batch_size, return_ids)
+
+
+def _batches(sampler, model_vars, tok_vars, key_data, temp, label, mesh, num_images, batch_size, return_ids):
+  """The generator part of `generate_images` (kept apart so that argument errors raise at the call)."""
   num_batches = math.ceil(num_images / batch_size)
 
   def launch(i):
@@ -213,7 +222,7 @@ class _Progress:
     return f"{self.done}/{self.total} images, {rate:.2f} images/s, ETA {eta:.0f}s"
 
   def rate(self) -> float | None:
-    """Steady-state images/s (None if only one batch ran), else including compilation."""
+    """Images/s after the first batch (which includes compilation); None if only one batch ran."""
     now = time.perf_counter()
     if self.first_done is not None and self.done > self.first_count:
       return (self.done - self.first_count) / max(now - self.first_done, 1e-9)
@@ -255,18 +264,6 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _initialize_distributed(args) -> None:
-  """Same policy as `mage_jax.main`: explicit coordinator, else TPU pod / SLURM auto-detection, else none."""
-  env = os.environ
-  slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env
-  tpu_pod = len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env
-  if args.coordinator_address:
-    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-                               process_id=args.process_id)
-  elif slurm or tpu_pod:
-    jax.distributed.initialize()
-
-
 def _error(msg: str) -> int:
   print(f"error: {msg}", file=sys.stderr)
   return 2
@@ -279,7 +276,7 @@ def main(argv=None) -> int:
   try:
     dtype = checkpoint_models.parse_dtype(args.dtype)
     meta = params_io.read_meta(args.params)
-    _initialize_distributed(args)
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     if args.class_id is not None and not (meta.get("model") or {}).get("num_classes"):
       return _error(f"--class_id={args.class_id} given, but {args.params} holds a class-unconditional model "
                     "(meta model.num_classes is absent); class-conditional MAGE is not implemented yet")

@@ -15,6 +15,8 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mage_jax import distributed  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (python file[:args]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and exports.")
@@ -40,27 +42,11 @@ class _QuietOrbax(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or "orbax" not in record.pathname
 
 
-def _cluster_detected() -> bool:
-  """TPU pods and SLURM jobs: jax.distributed.initialize() finds the coordinator by itself."""
-  env = os.environ
-  slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env
-  tpu_pod = len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env
-  return slurm or tpu_pod
-
-
-def initialize_distributed():
-  if _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  elif _cluster_detected():
-    jax.distributed.initialize()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  initialize_distributed()
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
   config = _CONFIG.value

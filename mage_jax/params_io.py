@@ -30,6 +30,14 @@ def _to_jsonable(obj):
   return obj
 
 
+def to_host(tree):
+  """Global (possibly sharded, multi-process) arrays -> numpy on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
 def save(directory: str, variables: dict, meta: dict, *, overwrite: bool = False) -> None:
   """Writes `variables` (numpy or jax leaves) and `meta` (JSON-able) as a params-only checkpoint."""
   directory = os.path.abspath(directory)

@@ -64,12 +64,12 @@ def mage_model(config: ml_collections.ConfigDict, tokenizer: VQGAN) -> MAGE:
 
 def export_params(directory: str, model: MAGE, params, tokenizer: VQGAN, tokenizer_vars, extra_meta=None):
   """Params-only export in the converter's (loop) layout, consumed by generation and probing."""
-  params = jax.device_get(params)
+  params = params_io.to_host(params)
   if model.config.scan:
     params = layers.unstack_block_params(layers.unstack_block_params(params, "blocks"), "decoder_blocks")
   meta = {"kind": "mage", "model": dataclasses.asdict(dataclasses.replace(model.config, scan=False)),
           "tokenizer": dataclasses.asdict(tokenizer.config), **(extra_meta or {})}
-  params_io.save(directory, {"model": {"params": params}, "tokenizer": jax.device_get(tokenizer_vars)}, meta,
+  params_io.save(directory, {"model": {"params": params}, "tokenizer": params_io.to_host(tokenizer_vars)}, meta,
                  overwrite=True)
 
 

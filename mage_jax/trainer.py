@@ -52,7 +52,10 @@ class Task:
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict):
-  mesh = sharding.create_mesh([tuple(x) for x in config.mesh])
+  devices = jax.devices()
+  if config.get("num_devices", 0):
+    devices = devices[: config.num_devices]  # e.g. compare a 1-device run with a sharded one
+  mesh = sharding.create_mesh([tuple(x) for x in config.mesh], devices)
   rules = (tuple(tuple(r) for r in config.sharding_rules) if config.get("sharding_rules")
            else sharding.DEFAULT_RULES)
   sharding.check_batch_size(config.input.batch_size, mesh)

@@ -145,10 +145,9 @@ def test_generate_deterministic_and_prefix_stable(loaded):
 def test_generate_rejects_bad_sizes(loaded):
   model, tokenizer, variables = loaded
   with pytest.raises(ValueError, match="multiple of the number of devices"):
-    next(generate.generate_images(model, tokenizer, variables, jax.random.key(0), 6, 6, 2, 6.0,
-                                  generate.data_mesh()))
+    generate.generate_images(model, tokenizer, variables, jax.random.key(0), 6, 6, 2, 6.0, generate.data_mesh())
   with pytest.raises(ValueError, match="unconditional"):
-    next(generate.generate_images(model, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0, class_id=3))
+    generate.generate_images(model, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0, class_id=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +171,7 @@ def test_generate_class_hook_passes_labels(loaded):
                                           generate.data_mesh(), class_id=7, return_ids=True)
   assert (ids == 7).all() and imgs.shape == (8, 32, 32, 3)
   with pytest.raises(ValueError, match="outside"):
-    next(generate.generate_images(cond, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0, class_id=10))
+    generate.generate_images(cond, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0, class_id=10)
 
 
 def test_generate_cli_writes_files(params_dir, loaded, tmp_path, capsys):

@@ -1,0 +1,681 @@
+"""MAGE throughput benchmark: pretraining step, generation, tokenizer encode and the input pipeline.
+
+  python bench/benchmark.py --size=all --json bench.json          # on a GPU/TPU host: ViT-B and ViT-L
+  python bench/benchmark.py --size=tiny --steps=3 --warmup=1       # CPU/CI-sized smoke run (no timing claims)
+
+Every workload runs on RANDOM weights (seeded), so anyone can compare without checkpoints; the speed of
+these programs does not depend on the weight values. Per workload it prints one table row (device kind and
+backend in the header) and writes the same numbers as JSON:
+
+  pretrain  the jitted, donated `steps.pretrain_step` (frozen tokenizer + MAGE fwd/bwd + AdamW), sharded by
+            the config's logical rules over all devices; step time = median of `--steps` steps after
+            `--warmup`, each synced (the step itself has no host sync).
+  generate  `generate.make_sampler`: 20 decoding steps + VQGAN decode + uint8, one batch per call.
+  encode    tokenizer images → ids, once per tokenizer mode in `--encode-modes`.
+  input     `data.pipeline.measure_throughput` on a folder of JPEGs (synthesised, ImageNet-like sizes,
+            unless `--jpeg-dir`); needs TensorFlow (skipped where it is not installed).
+
+MFU = analytic FLOPs per image (bench/flops.py) × images/s ÷ (dense bf16 peak per device × devices); it is
+printed only for devices in `PEAK_FLOPS`. Peak memory is the compiled executable's buffer assignment
+(`memory_analysis()`, arguments + outputs − aliased + temporaries, per device); on GPUs the allocator's
+process-wide high-water mark is recorded too.
+
+Tokenizer modes (`--tokenizer`, `--encode-modes`): 'float32' (the module as written: full-precision convs),
+'tf32' (float32 activations, convs at `Precision.HIGH`: TF32 on NVIDIA GPUs, bf16×3 on TPU; conv precision
+is overridden here through a flax method interceptor because `VQGAN` hard-codes HIGHEST), 'bfloat16'
+(`VQGAN(dtype=bfloat16)`); distances to the codebook are float32 in every mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+if __package__ in (None, ""):
+  # Run as a script: make `bench` and `mage_jax` importable from the repository root.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import flops as flops_lib  # noqa: E402
+from mage_jax import generate, masking, optim, sharding, steps  # noqa: E402
+from mage_jax.models.mage import MAGE, config_for  # noqa: E402
+from mage_jax.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
+
+WORKLOADS = ("pretrain", "generate", "encode", "input")
+TOKENIZER_MODES = ("float32", "tf32", "bfloat16")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Dense bf16 peak per device (datasheets), matched as a case-insensitive substring of device_kind, first hit
+# wins. 'TPU v5' without 'lite' is how v5p reports itself.
+PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("TPU v4", 275e12), ("TPU v5p", 459e12),
+              ("TPU v5 lite", 197e12), ("TPU v5", 459e12))
+# Official PyTorch implementation on one H200 (the issue's figures), images/s.
+REFERENCE = {
+    ("B", "pretrain"): (396.0, "official fp16, batch 128 (361 at 64)"),
+    ("L", "pretrain"): (257.0, "official fp16"),
+    ("B", "generate"): (23.4, "official fp32"),
+    ("B", "encode"): (890.0, "official fp32 (cuDNN TF32 convs), batch 128"),
+    ("L", "encode"): (890.0, "official fp32 (cuDNN TF32 convs), batch 128"),
+}
+MASKING = dict(min_ratio=0.5, max_ratio=1.0, mu=0.55, std=0.25, drop_ratio=0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """One benchmarked model size: MAGE variant, tokenizer config and default batch."""
+  variant: str
+  tokenizer: VQGANConfig
+  batch: int
+
+
+SIZES = {
+    # The conformance fixture's tokenizer (32 px → 8×8 tokens) with the tiny MAGE: seconds on a CPU.
+    "tiny": Size("tiny", VQGANConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=16, resolution=32),
+                 batch=8),
+    "B": Size("B", VQGANConfig(), batch=128),
+    "L": Size("L", VQGANConfig(), batch=128),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer precision and chunking (bench-side: the VQGAN module itself is left as written).
+
+
+def _override_conv(module: nn.Conv, x, precision, operand_fn):
+  """nn.Conv.__call__ for the stride-1, undilated, ungrouped convs of the VQGAN, at `precision`."""
+  if (module.strides not in (None, 1, (1, 1)) or module.input_dilation not in (None, 1, (1, 1))
+      or module.kernel_dilation not in (None, 1, (1, 1)) or module.feature_group_count != 1):
+    raise ValueError(f"conv precision override supports plain stride-1 convs only, got {module}")
+  dtype = module.dtype or jnp.float32
+  kernel = module.get_variable("params", "kernel").astype(dtype)
+  x = x.astype(dtype)
+  if operand_fn is not None:
+    x, kernel = operand_fn(x), operand_fn(kernel)
+  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), module.padding,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+  if module.use_bias:
+    y = y + module.get_variable("params", "bias").astype(dtype)
+  return y
+
+
+@contextlib.contextmanager
+def conv_precision(precision, operand_fn: Callable[[jax.Array], jax.Array] | None = None):
+  """Within the context, every flax `nn.Conv` call runs at `precision` (operands optionally transformed,
+  e.g. rounded to emulate a lower-precision unit in tests). Active while a function is TRACED."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__" or not isinstance(context.module, nn.Conv):
+      return next_fun(*args, **kwargs)
+    return _override_conv(context.module, args[0], precision, operand_fn)
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+def tokenizer_module(config: VQGANConfig, mode: str) -> VQGAN:
+  if mode not in TOKENIZER_MODES:
+    raise ValueError(f"unknown tokenizer mode {mode!r}; expected one of {TOKENIZER_MODES}")
+  return VQGAN(config, dtype=jnp.bfloat16 if mode == "bfloat16" else jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  """Stands in for the `VQGAN` module where the code only calls `.apply` (steps.tokenize, generate's sampler):
+  adds the 'tf32' conv precision and optional chunking of the batch (`lax.map` over `chunks` slices, so the
+  frozen encoder's activations exist for one slice at a time)."""
+  module: VQGAN
+  mode: str = "float32"
+  chunks: int = 1
+
+  @property
+  def config(self) -> VQGANConfig:
+    return self.module.config
+
+  def _apply(self, variables, x, method):
+    ctx = conv_precision(jax.lax.Precision.HIGH) if self.mode == "tf32" else contextlib.nullcontext()
+    with ctx:
+      return self.module.apply(variables, x, method=method)
+
+  def apply(self, variables, x, method=None):
+    if self.chunks == 1:
+      return self._apply(variables, x, method)
+    b = x.shape[0]
+    if b % self.chunks:
+      raise ValueError(f"batch {b} is not divisible by tokenizer chunks={self.chunks}")
+    # Strided slices (sample i goes to chunk i % chunks) keep every chunk spread over the batch-sharded
+    # devices; contiguous slices would put each chunk on one device.
+    xs = jnp.swapaxes(x.reshape((b // self.chunks, self.chunks) + x.shape[1:]), 0, 1)
+    ys = jax.lax.map(lambda xi: self._apply(variables, xi, method), xs)
+    return jnp.swapaxes(ys, 0, 1).reshape((b,) + ys.shape[2:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiled-program inspection.
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?(?<![\w.\-])([a-z][a-z0-9\-]*)\(")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+HOST_OPS = ("infeed", "outfeed", "send", "recv", "send-done", "recv-done")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "all-reduce-start", "all-gather-start", "collective-permute-start")
+
+
+def hlo_summary(hlo_text: str) -> dict:
+  """Counts in optimized HLO text: fusions, transposes/copies (outside and inside fusions), while loops,
+  collectives, custom-call targets, and anything that moves data to/from the host (infeed/outfeed,
+  send/recv, Python callbacks)."""
+  top: dict[str, int] = {}
+  fused: dict[str, int] = {}
+  targets: dict[str, int] = {}
+  in_fused = False
+  for line in hlo_text.splitlines():
+    comp = _COMPUTATION.match(line)
+    if comp and " = " not in line.split("{")[0]:
+      in_fused = "fused" in comp.group(1) or "fusion" in comp.group(1)
+      continue
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    op = m.group(1)
+    counts = fused if in_fused else top
+    counts[op] = counts.get(op, 0) + 1
+    if op == "custom-call":
+      t = _TARGET.search(line)
+      if t:
+        targets[t.group(1)] = targets.get(t.group(1), 0) + 1
+  callbacks = sum(n for t, n in targets.items() if "callback" in t.lower())
+  return {
+      "instructions": sum(top.values()),
+      "fusions": top.get("fusion", 0),
+      "transposes": top.get("transpose", 0),
+      "copies": top.get("copy", 0) + top.get("copy-start", 0),
+      "transposes_in_fusions": fused.get("transpose", 0),
+      "while_loops": top.get("while", 0),
+      "convolutions": top.get("convolution", 0),
+      "dots": top.get("dot", 0),
+      "collectives": {op: top[op] for op in COLLECTIVES if op in top},
+      "host_transfers": sum(top.get(op, 0) for op in HOST_OPS) + callbacks,
+      "custom_calls": targets,
+  }
+
+
+def _dump_hlo(args, name: str, compiled) -> None:
+  if args.dump_hlo:
+    os.makedirs(args.dump_hlo, exist_ok=True)
+    with open(os.path.join(args.dump_hlo, f"{name}.hlo.txt"), "w") as f:
+      f.write(compiled.as_text())
+
+
+def compiled_stats(compiled) -> dict:
+  """Per-device memory of a compiled executable and XLA's own FLOP count (per device; a while loop's body
+  may be counted once, so scanned models under-report)."""
+  out: dict[str, Any] = {}
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    live = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    out["memory"] = {
+        "argument_gib": mem.argument_size_in_bytes / 2**30,
+        "output_gib": mem.output_size_in_bytes / 2**30,
+        "alias_gib": mem.alias_size_in_bytes / 2**30,
+        "temp_gib": mem.temp_size_in_bytes / 2**30,
+        "total_gib": (live + mem.temp_size_in_bytes) / 2**30,
+        "peak_gib": getattr(mem, "peak_memory_in_bytes", 0) / 2**30,
+    }
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out["xla_flops_per_device"] = float(cost.get("flops", float("nan")))
+  except Exception:  # pylint: disable=broad-except
+    out["xla_flops_per_device"] = float("nan")
+  return out
+
+
+def peak_flops(device_kind: str) -> float | None:
+  kind = device_kind.lower()
+  for name, value in PEAK_FLOPS:
+    if name.lower() in kind:
+      return value
+  return None
+
+
+def device_peak_bytes() -> float | None:
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else float(stats.get("peak_bytes_in_use", 0))
+
+
+def _median_time(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Workloads.
+
+
+@dataclasses.dataclass
+class Setup:
+  """What every workload of one size shares."""
+  size: str
+  spec: Size
+  model: MAGE
+  batch: int
+  args: argparse.Namespace
+  mesh: Any
+  rules: Any
+  flops: flops_lib.FlopCounts
+
+
+def build_setup(size: str, args: argparse.Namespace) -> Setup:
+  spec = SIZES[size]
+  tok_cfg = spec.tokenizer
+  n = tok_cfg.num_tokens
+  mcfg = config_for(spec.variant, num_tokens=n, codebook_size=tok_cfg.codebook_size,
+                    max_position_embeddings=max(257, n + 1), scan=args.scan, remat_policy=args.remat,
+                    attention=args.attention, dropout=args.dropout, attn_dropout=args.attn_dropout)
+  model = MAGE(mcfg, dtype=DTYPES[args.dtype], param_dtype=jnp.float32)
+  mesh = sharding.create_mesh([("data", -1), ("fsdp", args.fsdp), ("model", 1)])
+  batch = args.batch or spec.batch
+  sharding.check_batch_size(batch, mesh)
+  counts = flops_lib.flop_counts(mcfg, tok_cfg, num_steps=args.gen_steps, drop_ratio=MASKING["drop_ratio"])
+  return Setup(size, spec, model, batch, args, mesh, sharding.DEFAULT_RULES, counts)
+
+
+def _random_images(rng, batch: int, res: int, sharding_):
+  # Uniform noise, not zeros: constant inputs can run faster than real data.
+  return jax.device_put(np.asarray(jax.random.uniform(rng, (batch, res, res, 3), jnp.float32)), sharding_)
+
+
+def _tokenizer_vars(config: VQGANConfig, seed: int):
+  module = VQGAN(config)
+  side = 2 ** (len(config.ch_mult) - 1)
+  return jax.device_get(nn.unbox(jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, side, side, 3)))))
+
+
+def _row(s: Setup, workload: str, *, batch: int, seconds: list[float], flops_per_image: float | None,
+         images_per_call: int, extra: dict) -> dict:
+  med = statistics.median(seconds)
+  ips = images_per_call / med
+  ref = REFERENCE.get((s.size, workload))
+  row = {
+      "size": s.size, "workload": workload, "batch": batch, "dtype": s.args.dtype,
+      "step_ms_median": med * 1e3, "step_ms_min": min(seconds) * 1e3, "step_ms_max": max(seconds) * 1e3,
+      "timed_calls": len(seconds), "images_per_s": ips,
+      "gflop_per_image": None if flops_per_image is None else flops_per_image / 1e9,
+      "tflops_per_s": None if flops_per_image is None else flops_per_image * ips / 1e12,
+      "reference_images_per_s": ref[0] if ref else None, "reference_note": ref[1] if ref else None,
+  }
+  row.update(extra)
+  return row
+
+
+def run_pretrain(s: Setup) -> dict:
+  args, model = s.args, s.model
+  tok = Tokenizer(tokenizer_module(s.spec.tokenizer, args.tokenizer), args.tokenizer, args.tokenizer_chunks)
+  tx = optim.pretrain_optimizer(lr=1.5e-4 * s.batch / 256, total_steps=100_000, warmup_steps=1000)
+  n = model.config.num_tokens
+
+  def init_state(rng):
+    plan, _ = masking.sample_plan(jax.random.key(0), 1, n, **MASKING)
+    params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, n), jnp.int32), plan)["params"]
+    return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
+
+  step = functools.partial(steps.pretrain_step, model=model, tokenizer=tok, tx=tx, masking_cfg=MASKING,
+                           label_smoothing=0.1)
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    boxed = jax.eval_shape(init_state, jax.random.key(args.seed))
+    state_sh = sharding.logical_shardings(boxed, s.mesh, s.rules)
+    state = jax.jit(lambda r: sharding.strip_boxes(init_state(r)), out_shardings=state_sh)(
+        jax.random.key(args.seed))
+    repl, batch_sh = sharding.replicated(s.mesh), sharding.batch_sharding(s.mesh)
+    tok_vars = jax.device_put(_tokenizer_vars(s.spec.tokenizer, args.seed + 1), repl)
+    res = s.spec.tokenizer.resolution
+    batches = [{"image": _random_images(jax.random.key(100 + i), s.batch, res, batch_sh)} for i in range(2)]
+    fn = jax.jit(step, in_shardings=(state_sh, repl, batch_sh), out_shardings=(state_sh, repl),
+                 donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, tok_vars, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state, "i": 0}
+
+    def call():
+      holder["state"], metrics = compiled(holder["state"], tok_vars, batches[holder["i"] % 2])
+      holder["i"] += 1
+      return metrics
+
+    seconds = _median_time(call, args.warmup, args.steps)
+    metrics = jax.device_get(call())
+  _dump_hlo(args, f"{s.size}_pretrain", compiled)
+  params = sum(x.size for x in jax.tree.leaves(holder["state"].params))
+  attn = "fused" if (model.config.attention == "fused" and model.config.attn_dropout == 0.0) else "xla"
+  extra = {"compile_s": compile_s, "loss": float(metrics["loss"]), "finite": float(metrics["finite"]),
+           "params_m": params / 1e6, "tokenizer_mode": args.tokenizer, "tokenizer_chunks": args.tokenizer_chunks,
+           "scan": model.config.scan, "remat": model.config.remat_policy, "attention_path": attn,
+           "mesh": dict(s.mesh.shape), **compiled_stats(compiled), "hlo": hlo_summary(compiled.as_text())}
+  return _row(s, "pretrain", batch=s.batch, seconds=seconds, flops_per_image=s.flops.pretrain,
+              images_per_call=s.batch, extra=extra)
+
+
+def run_generate(s: Setup) -> dict:
+  args, model = s.args, s.model
+  tok = Tokenizer(tokenizer_module(s.spec.tokenizer, args.tokenizer), args.tokenizer)
+  n = model.config.num_tokens
+  mesh = generate.data_mesh()
+  params = jax.jit(model.init, static_argnames="method")(
+      jax.random.key(args.seed), jnp.zeros((1, n), jnp.int32), method=MAGE.image_token_logits)
+  variables = {"model": nn.unbox(params), "tokenizer": _tokenizer_vars(s.spec.tokenizer, args.seed + 1)}
+  sampler = generate.make_sampler(model, tok, s.batch, args.gen_steps, mesh)
+  model_vars, tok_vars = generate.replicate((variables["model"], variables["tokenizer"]), mesh)
+  key_data, temp, label = generate.replicate(
+      (np.asarray(jax.random.key_data(jax.random.key(args.seed))), np.float32(6.0), np.int32(0)), mesh)
+  idx = [generate.replicate(np.int32(i), mesh) for i in range(2)]
+  t0 = time.perf_counter()
+  compiled = sampler.lower(model_vars, tok_vars, key_data, idx[0], temp, label).compile()
+  compile_s = time.perf_counter() - t0
+  counter = {"i": 0}
+
+  def call():
+    counter["i"] += 1
+    return compiled(model_vars, tok_vars, key_data, idx[counter["i"] % 2], temp, label)
+
+  seconds = _median_time(call, 1, args.gen_repeats)
+  images, ids = jax.device_get(call())
+  _dump_hlo(args, f"{s.size}_generate", compiled)
+  attn = "fused" if model.config.attention == "fused" else "xla"
+  extra = {"compile_s": compile_s, "num_steps": args.gen_steps, "tokenizer_mode": args.tokenizer,
+           "attention_path": attn, "ids_in_codebook": bool(np.all((ids >= 0) & (ids < model.config.codebook_size))),
+           "image_mean": float(np.mean(images)), **compiled_stats(compiled),
+           "hlo": hlo_summary(compiled.as_text())}
+  return _row(s, "generate", batch=s.batch, seconds=seconds, flops_per_image=s.flops.generation,
+              images_per_call=s.batch, extra=extra)
+
+
+def run_encode(s: Setup, mode: str) -> dict:
+  args = s.args
+  tok = Tokenizer(tokenizer_module(s.spec.tokenizer, mode), mode)
+  repl, batch_sh = sharding.replicated(s.mesh), sharding.batch_sharding(s.mesh)
+  tok_vars = jax.device_put(_tokenizer_vars(s.spec.tokenizer, args.seed + 1), repl)
+  res = s.spec.tokenizer.resolution
+  images = [_random_images(jax.random.key(200 + i), s.batch, res, batch_sh) for i in range(2)]
+  fn = jax.jit(lambda v, x: tok.apply(v, x, method=VQGAN.encode_to_ids), in_shardings=(repl, batch_sh),
+               out_shardings=batch_sh)
+  t0 = time.perf_counter()
+  compiled = fn.lower(tok_vars, images[0]).compile()
+  compile_s = time.perf_counter() - t0
+  counter = {"i": 0}
+
+  def call():
+    counter["i"] += 1
+    return compiled(tok_vars, images[counter["i"] % 2])
+
+  seconds = _median_time(call, 1, args.encode_repeats)
+  _dump_hlo(args, f"{s.size}_encode_{mode}", compiled)
+  extra = {"compile_s": compile_s, "tokenizer_mode": mode, **compiled_stats(compiled),
+           "hlo": hlo_summary(compiled.as_text())}
+  row = _row(s, "encode", batch=s.batch, seconds=seconds, flops_per_image=s.flops.encode,
+             images_per_call=s.batch, extra=extra)
+  row["dtype"] = mode
+  return row
+
+
+def synthesize_jpegs(directory: str, count: int, width: int, height: int, seed: int = 0) -> str:
+  """`count` smooth random JPEGs (quality 90): low-frequency colour fields plus mild noise, so the files
+  have photo-like sizes (noise alone compresses badly and decodes slower than real photos)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for i in range(count):
+    low = Image.fromarray(rng.integers(0, 256, (max(height // 32, 2), max(width // 32, 2), 3), np.uint8))
+    img = np.asarray(low.resize((width, height), Image.BICUBIC), np.float32)
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(os.path.join(directory, f"img_{i:05d}.JPEG"), quality=90)
+  return directory
+
+
+def run_input(s: Setup) -> dict:
+  args = s.args
+  try:
+    from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  except ImportError as e:
+    return {"size": s.size, "workload": "input", "skipped": f"input pipeline unavailable: {e}"}
+  res = s.spec.tokenizer.resolution
+  with tempfile.TemporaryDirectory() as tmp:
+    root = args.jpeg_dir
+    if not root:
+      w, h = (500, 375) if res >= 128 else (64, 48)
+      root = synthesize_jpegs(os.path.join(tmp, "jpegs"), max(args.jpeg_count, s.batch), w, h, args.seed)
+    cfg = dict(name=f"folder:{root}", split="train", batch_size=s.batch, image_size=res, augment="pretrain",
+               num_workers=args.input_workers)
+    stats = pipeline.measure_throughput(cfg, args.input_batches, warmup=2, seed=args.seed)
+  seconds = [stats["seconds"] / stats["batches"]]
+  extra = {"startup_s": stats["startup_s"], "jpeg_dir": args.jpeg_dir or "synthesized", "host_cpus": os.cpu_count(),
+           "timed_batches": int(stats["batches"])}
+  return _row(s, "input", batch=s.batch, seconds=seconds, flops_per_image=None, images_per_call=s.batch,
+              extra=extra)
+
+
+def _guarded(fn, s: Setup, workload: str, *args) -> dict:
+  """A failing workload (e.g. out of memory) is recorded, not fatal, unless --strict."""
+  try:
+    return fn(s, *args)
+  except Exception as e:  # pylint: disable=broad-except
+    if s.args.strict:
+      raise
+    return {"size": s.size, "workload": workload, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
+
+
+def run_size(size: str, args: argparse.Namespace) -> list[dict]:
+  s = build_setup(size, args)
+  rows = []
+  for workload in args.workloads:
+    if workload == "pretrain":
+      rows.append(_guarded(run_pretrain, s, workload))
+    elif workload == "generate":
+      rows.append(_guarded(run_generate, s, workload))
+    elif workload == "encode":
+      rows.extend(_guarded(run_encode, s, workload, mode) for mode in args.encode_modes)
+    elif workload == "input":
+      rows.append(_guarded(run_input, s, workload))
+    peak = device_peak_bytes()
+    if peak is not None and rows:
+      rows[-1]["device_peak_gib_so_far"] = peak / 2**30
+  return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report.
+
+
+ENV_KEYS = ("device_kind", "backend", "num_devices", "jax_version", "peak_flops_per_device")
+
+
+def environment() -> dict:
+  dev = jax.devices()[0]
+  return {"device_kind": dev.device_kind, "backend": jax.default_backend(), "num_devices": jax.device_count(),
+          "jax_version": jax.__version__, "peak_flops_per_device": peak_flops(dev.device_kind)}
+
+
+def add_mfu(rows: list[dict], env: dict) -> None:
+  peak = env["peak_flops_per_device"]
+  for r in rows:
+    if r.get("tflops_per_s") is not None and peak:
+      r["mfu"] = r["tflops_per_s"] * 1e12 / (peak * env["num_devices"])
+    else:
+      r.setdefault("mfu", None)
+
+
+def _fmt(value, spec: str) -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "n/a"
+  return format(value, spec)
+
+
+def format_table(env: dict, rows: list[dict]) -> str:
+  peak = env["peak_flops_per_device"]
+  head = (f"device: {env['device_kind']} (backend {env['backend']}, {env['num_devices']} device(s), jax "
+          f"{env['jax_version']}; peak {('%.0f TFLOP/s bf16 per device' % (peak / 1e12)) if peak else 'n/a'})")
+  cols = ("size", "workload", "batch", "dtype", "ms/call", "img/s", "ref img/s", "GF/img", "TFLOP/s", "MFU",
+          "mem GiB", "notes")
+  lines = [head, "  ".join(f"{c:>9s}" for c in cols)]
+  for r in rows:
+    if "error" in r or "skipped" in r:
+      lines.append(f"{r['size']:>9s}  {r['workload']:>9s}  {('ERROR ' + r['error']) if 'error' in r else r['skipped']}"
+                   [:300])
+      continue
+    notes = []
+    if r["workload"] == "pretrain":
+      notes.append(f"tok={r['tokenizer_mode']} attn={r['attention_path']} scan={r['scan']} remat={r['remat']}")
+    if r["workload"] == "generate":
+      notes.append(f"{r['num_steps']} steps tok={r['tokenizer_mode']} attn={r['attention_path']}")
+    if r["workload"] == "input":
+      notes.append(f"{r['host_cpus']} host CPUs, {r['jpeg_dir']} JPEGs")
+    mem = r.get("memory", {}).get("total_gib")
+    vals = (r["size"], r["workload"], str(r["batch"]), r["dtype"], _fmt(r["step_ms_median"], ".1f"),
+            _fmt(r["images_per_s"], ".1f"), _fmt(r["reference_images_per_s"], ".1f"),
+            _fmt(r["gflop_per_image"], ".1f"), _fmt(r["tflops_per_s"], ".2f"),
+            _fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f") + ("%" if r["mfu"] is not None else ""),
+            _fmt(mem, ".2f"), "; ".join(notes))
+    lines.append("  ".join(f"{v:>9s}" for v in vals[:-1]) + "  " + vals[-1])
+  return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--size", default="tiny", choices=("tiny", "B", "L", "all"),
+                 help="'all' = B and L, each in its own process (clean memory figures, an OOM stays local)")
+  p.add_argument("--batch", type=int, default=0, help="global batch (0: 8 for tiny, 128 for B/L)")
+  p.add_argument("--steps", type=int, default=20, help="timed pretraining steps (median reported)")
+  p.add_argument("--warmup", type=int, default=3, help="untimed pretraining steps after compilation")
+  p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="MAGE compute dtype")
+  p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
+  p.add_argument("--json", default="", help="write the results here")
+  p.add_argument("--tokenizer", default="tf32", choices=TOKENIZER_MODES,
+                 help="tokenizer mode inside the pretraining step and generation")
+  p.add_argument("--tokenizer-chunks", type=int, default=1, help="tokenize the batch in this many slices")
+  p.add_argument("--encode-modes", default=",".join(TOKENIZER_MODES), help="tokenizer modes the encode workload times")
+  p.add_argument("--scan", type=int, default=1, help="nn.scan over layers (1) or a Python loop (0)")
+  p.add_argument("--remat", default="none", help="'none', 'full' or a jax.checkpoint_policies name")
+  p.add_argument("--attention", default="fused", choices=("xla", "fused"),
+                 help="'fused' = jax.nn.dot_product_attention; training falls back to 'xla' while attn dropout > 0")
+  p.add_argument("--dropout", type=float, default=0.1)
+  p.add_argument("--attn-dropout", type=float, default=0.1, help="the recipe's 0.1; 0 lets training use fused attention")
+  p.add_argument("--fsdp", type=int, default=1, help="size of the 'fsdp' mesh axis (the rest is 'data')")
+  p.add_argument("--gen-steps", type=int, default=20)
+  p.add_argument("--gen-repeats", type=int, default=5, help="timed generation batches")
+  p.add_argument("--encode-repeats", type=int, default=10, help="timed encode batches per mode")
+  p.add_argument("--input-batches", type=int, default=10)
+  p.add_argument("--input-workers", type=int, default=0, help="tf.data parallel calls (0: AUTOTUNE)")
+  p.add_argument("--jpeg-dir", default="", help="folder of JPEGs for the input workload (default: synthesised)")
+  p.add_argument("--jpeg-count", type=int, default=256)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--strict", action="store_true", help="raise on the first failing workload")
+  p.add_argument("--dump-hlo", default="", help="write each workload's optimized HLO text into this folder")
+  return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  args = _parser().parse_args(argv)
+  args.workloads = [w for w in args.workloads.split(",") if w]
+  bad = sorted(set(args.workloads) - set(WORKLOADS))
+  if bad:
+    raise ValueError(f"unknown workloads {bad}; expected a subset of {WORKLOADS}")
+  args.encode_modes = [m for m in args.encode_modes.split(",") if m]
+  bad = sorted(set(args.encode_modes) - set(TOKENIZER_MODES))
+  if bad:
+    raise ValueError(f"unknown encode modes {bad}; expected a subset of {TOKENIZER_MODES}")
+  for name in ("steps", "gen_steps", "gen_repeats", "encode_repeats", "input_batches", "tokenizer_chunks", "fsdp"):
+    if getattr(args, name) < 1:
+      raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  if args.warmup < 0 or args.batch < 0:
+    raise ValueError("--warmup and --batch must be >= 0")
+  if args.remat not in ("none", "full") and not hasattr(jax.checkpoint_policies, args.remat):
+    raise ValueError(f"--remat {args.remat!r} is neither 'none', 'full' nor a jax.checkpoint_policies name")
+  return args
+
+
+def _strip_args(argv: list[str], names: tuple[str, ...]) -> list[str]:
+  """argv without `--name=value` / `--name value` for each of `names`."""
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a in names:
+      skip = True
+    elif not a.startswith(tuple(n + "=" for n in names)):
+      out.append(a)
+  return out
+
+
+def _run_isolated(size: str, argv: list[str], workloads: list[str]) -> tuple[dict | None, list[dict]]:
+  """One size in a child process (fresh allocator: its peak memory is its own; an OOM stays there).
+
+  Returns the child's environment (None if it failed) and its rows.
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, f"{size}.json")
+    keep = _strip_args(argv, ("--size", "--json", "--workloads"))
+    cmd = [sys.executable, os.path.abspath(__file__), f"--size={size}", f"--json={out}",
+           f"--workloads={','.join(workloads)}", *keep]
+    proc = subprocess.run(cmd, check=False)
+    if proc.returncode != 0 or not os.path.exists(out):
+      return None, [{"size": size, "workload": ",".join(workloads), "error": f"child exited with {proc.returncode}"}]
+    with open(out) as f:
+      result = json.load(f)
+  return {k: result[k] for k in ENV_KEYS}, result["results"]
+
+
+def main(argv=None) -> dict:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)
+  if args.size == "all":
+    # This process never touches the accelerator: a GPU backend would pre-allocate most of the memory the
+    # children need.
+    rows, env = [], None
+    for i, size in enumerate(("B", "L")):
+      # The input pipeline and the tokenizer do not depend on the MAGE size: time them once.
+      workloads = [w for w in args.workloads if w not in ("input", "encode") or i == 0]
+      child_env, child_rows = _run_isolated(size, argv, workloads)
+      env = env or child_env
+      rows += child_rows
+    env = env or {k: None for k in ENV_KEYS}
+  else:
+    env = environment()
+    rows = run_size(args.size, args)
+  add_mfu(rows, env)
+  result = {**env, "argv": argv, "results": rows,
+            "flops_convention": "2 FLOPs/MAC; matmuls+convs only; trained part x3 (bench/flops.py)"}
+  print(format_table(env, rows), flush=True)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1, default=float)
+  return result
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

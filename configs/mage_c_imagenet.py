@@ -1,0 +1,60 @@
+"""MAGE-C (MAGE + contrastive co-training, spec §4) on ImageNet-1k 256 px, pretraining recipe of spec §3.
+
+  python -m mage_jax.main --config=configs/mage_c_imagenet.py:variant=B --workdir=gs://bucket/mage_c_b \
+      --config.input.manual_dir=/data/imagenet --config.tokenizer.init=ckpt/tokenizer
+
+variant=B|L; `runlocal` shrinks everything for a quick local run. The MAGE-C code was never released: every
+`contrastive.*` and `views.*` value below is ASSUMED (SimCLR-style defaults; spec §4, §9.1) and configurable,
+e.g. `--config.contrastive.lam=0.05 --config.views.jitter_prob=0.8 --config.views.brightness=0.4`.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def contrastive_config(hidden_dim=2048, out_dim=128):
+  """`config.contrastive`: loss = rec + lam * NT-Xent(head(pool(encoder output)) / temperature). ASSUMED values."""
+  return ml_collections.ConfigDict(dict(
+      lam=0.1,            # ASSUMED weight of the contrastive term
+      temperature=0.1,    # ASSUMED (SimCLR at large batch)
+      pool="mean",        # 'mean' | 'cls' | 'mean_visible'; spec recalls a global average pool
+      hidden_dim=hidden_dim, out_dim=out_dim,  # ASSUMED SimCLR v1 widths
+      num_layers=2,       # spec recalls a 2-layer MLP head
+      norm="none"))       # 'none' | 'layer'
+
+
+def views_config():
+  """`config.views`: per-view augmentation made on device (train_variants.ViewAugment)."""
+  return ml_collections.ConfigDict(dict(
+      scale=(0.2, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), flip=True,  # MAGE's own pretraining crop law
+      method="cubic",
+      jitter_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0, grayscale_prob=0.0))  # ASSUMED: no colour
+
+
+def as_mage_c(c, **head):
+  """Turns a MAGE pretraining config into a MAGE-C one."""
+  c.mode = "mage_c"
+  # The views are cropped on device from the full image: the pipeline only resizes (shorter side to the
+  # training size, centre square).
+  c.input.augment = "none"
+  c.input.crop_ratio = 1.0
+  c.contrastive = contrastive_config(**head)
+  c.views = views_config()
+  return c
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, variant="B", runlocal=False, fsdp=1)
+  c = as_mage_c(common.base_pretrain_config())
+  c.model.variant = args.variant
+  c.mesh = [("data", -1), ("fsdp", args.fsdp), ("model", 1)]
+  if args.variant == "L":
+    c.model.scan = True
+    c.model.remat_policy = "nothing_saveable"
+  if args.runlocal:
+    c.input.batch_size = 8
+    c.total_steps = 5
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 5
+  return c
