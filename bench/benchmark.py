@@ -168,20 +168,31 @@ class Tokenizer:
 # Compiled-program inspection.
 
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?(?<![\w.\-])([a-z][a-z0-9\-]*)\(")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\S+)\s.*?(?<![\w.\-])([a-z][a-z0-9\-]*)\(")
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_ARRAY = re.compile(r"^([a-z]+[0-9]*)\[([0-9,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 HOST_OPS = ("infeed", "outfeed", "send", "recv", "send-done", "recv-done")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "all-reduce-start", "all-gather-start", "collective-permute-start")
 
 
+def _array_bytes(hlo_type: str) -> int:
+  m = _ARRAY.match(hlo_type)
+  if not m or m.group(1) not in _DTYPE_BYTES:
+    return 0
+  return _DTYPE_BYTES[m.group(1)] * math.prod(int(d) for d in m.group(2).split(",") if d)
+
+
 def hlo_summary(hlo_text: str) -> dict:
-  """Counts in optimized HLO text: fusions, transposes/copies (outside and inside fusions), while loops,
-  collectives, custom-call targets, and anything that moves data to/from the host (infeed/outfeed,
-  send/recv, Python callbacks)."""
+  """Counts in optimized HLO text: fusions, while loops, collectives, custom-call targets, matmuls/convs,
+  transposes and copies (count and bytes; outside fusions they are separate memory passes), and anything
+  that moves data to/from the host (infeed/outfeed, send/recv, Python callbacks: there must be none)."""
   top: dict[str, int] = {}
   fused: dict[str, int] = {}
+  top_bytes: dict[str, int] = {}
   targets: dict[str, int] = {}
   in_fused = False
   for line in hlo_text.splitlines():
@@ -192,23 +203,28 @@ def hlo_summary(hlo_text: str) -> dict:
     m = _INSTR.match(line)
     if not m:
       continue
-    op = m.group(1)
+    op = m.group(2)
     counts = fused if in_fused else top
     counts[op] = counts.get(op, 0) + 1
+    if not in_fused:
+      top_bytes[op] = top_bytes.get(op, 0) + _array_bytes(m.group(1))
     if op == "custom-call":
       t = _TARGET.search(line)
       if t:
         targets[t.group(1)] = targets.get(t.group(1), 0) + 1
   callbacks = sum(n for t, n in targets.items() if "callback" in t.lower())
+  both = lambda op: top.get(op, 0) + fused.get(op, 0)
   return {
       "instructions": sum(top.values()),
       "fusions": top.get("fusion", 0),
-      "transposes": top.get("transpose", 0),
-      "copies": top.get("copy", 0) + top.get("copy-start", 0),
-      "transposes_in_fusions": fused.get("transpose", 0),
       "while_loops": top.get("while", 0),
-      "convolutions": top.get("convolution", 0),
-      "dots": top.get("dot", 0),
+      "dots": both("dot"),
+      "convolutions": both("convolution"),
+      "transposes": top.get("transpose", 0),
+      "transpose_mib": top_bytes.get("transpose", 0) / 2**20,
+      "transposes_in_fusions": fused.get("transpose", 0),
+      "copies": top.get("copy", 0) + top.get("copy-start", 0),
+      "copy_mib": (top_bytes.get("copy", 0) + top_bytes.get("copy-start", 0)) / 2**20,
       "collectives": {op: top[op] for op in COLLECTIVES if op in top},
       "host_transfers": sum(top.get(op, 0) for op in HOST_OPS) + callbacks,
       "custom_calls": targets,
@@ -330,7 +346,21 @@ def _row(s: Setup, workload: str, *, batch: int, seconds: list[float], flops_per
   return row
 
 
-def run_pretrain(s: Setup) -> dict:
+@dataclasses.dataclass
+class PretrainProgram:
+  """The jitted pretraining step of a Setup and what it needs (built inside `jax.set_mesh` + logical rules)."""
+  step: Any            # jitted (state, tokenizer_vars, batch) -> (state, metrics), state donated
+  init_state: Callable  # rng key -> TrainState (params boxed with logical axis names)
+  abstract_state: Any   # boxed ShapeDtypeStruct tree of init_state
+  state_sharding: Any
+  replicated: Any
+  batch_sharding: Any
+  tokenizer: Tokenizer
+
+
+def make_pretrain(s: Setup) -> PretrainProgram:
+  """Step exactly as train.py builds it (steps.pretrain_step, optim.pretrain_optimizer, logical shardings,
+  donated state), except that the tokenizer goes through `Tokenizer` (mode and chunking)."""
   args, model = s.args, s.model
   tok = Tokenizer(tokenizer_module(s.spec.tokenizer, args.tokenizer), args.tokenizer, args.tokenizer_chunks)
   tx = optim.pretrain_optimizer(lr=1.5e-4 * s.batch / 256, total_steps=100_000, warmup_steps=1000)
@@ -343,17 +373,24 @@ def run_pretrain(s: Setup) -> dict:
 
   step = functools.partial(steps.pretrain_step, model=model, tokenizer=tok, tx=tx, masking_cfg=MASKING,
                            label_smoothing=0.1)
+  boxed = jax.eval_shape(init_state, jax.random.key(args.seed))
+  state_sh = sharding.logical_shardings(boxed, s.mesh, s.rules)
+  repl, batch_sh = sharding.replicated(s.mesh), sharding.batch_sharding(s.mesh)
+  fn = jax.jit(step, in_shardings=(state_sh, repl, batch_sh), out_shardings=(state_sh, repl),
+               donate_argnums=(0,))
+  return PretrainProgram(fn, init_state, boxed, state_sh, repl, batch_sh, tok)
+
+
+def run_pretrain(s: Setup) -> dict:
+  args, model = s.args, s.model
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    boxed = jax.eval_shape(init_state, jax.random.key(args.seed))
-    state_sh = sharding.logical_shardings(boxed, s.mesh, s.rules)
-    state = jax.jit(lambda r: sharding.strip_boxes(init_state(r)), out_shardings=state_sh)(
+    prog = make_pretrain(s)
+    fn, repl, batch_sh = prog.step, prog.replicated, prog.batch_sharding
+    state = jax.jit(lambda r: sharding.strip_boxes(prog.init_state(r)), out_shardings=prog.state_sharding)(
         jax.random.key(args.seed))
-    repl, batch_sh = sharding.replicated(s.mesh), sharding.batch_sharding(s.mesh)
     tok_vars = jax.device_put(_tokenizer_vars(s.spec.tokenizer, args.seed + 1), repl)
     res = s.spec.tokenizer.resolution
     batches = [{"image": _random_images(jax.random.key(100 + i), s.batch, res, batch_sh)} for i in range(2)]
-    fn = jax.jit(step, in_shardings=(state_sh, repl, batch_sh), out_shardings=(state_sh, repl),
-                 donate_argnums=(0,))
     t0 = time.perf_counter()
     compiled = fn.lower(state, tok_vars, batches[0]).compile()
     compile_s = time.perf_counter() - t0

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from mage_jax import checkpoint_models, images as image_io, params_io, sampling
+from mage_jax import checkpoint_models, distributed, images as image_io, params_io, sampling
 
 DEFAULT_NUM_STEPS = 20       # README command for ViT-B
 DEFAULT_TEMPERATURE = 6.0    # README command for ViT-B

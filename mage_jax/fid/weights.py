@@ -14,9 +14,7 @@ Accepted sources (all the same TF 2015-12-05 network, see `mage_jax.fid.inceptio
 * An already-loaded mapping name -> array in either naming (`load_weights(mapping)`).
 
 TorchScript archives are read with `mage_jax.convert.torch_pickle` (an allow-listed unpickler: no code from
-the file is imported or run). TorchScript stores `List[int]` attributes (the asymmetric paddings) through
-`torch.jit._pickle.build_intlist`, which torch_pickle's allow-list lacks, so this module extends its
-unpickler with the inert list builders of `torch.jit._pickle` (they only build a Python list).
+the file is imported or run).
 
 The converted weights are cached at `default_weights_path()`: `$MAGE_JAX_CACHE/inception_fid.npz`, or
 `~/.cache/mage_jax/inception_fid.npz` without that variable (about 87 MB).
@@ -29,7 +27,6 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -255,44 +252,11 @@ def params_from_canonical(flat: Mapping[str, Any], source: str = "mapping",
 # ----------------------------------------------------------------------------------------------------
 # TorchScript / torch files.
 
-def _build_list(items):
-  return list(items)
-
-
-class _TorchScriptUnpickler(torch_pickle._SafeUnpickler):  # pylint: disable=protected-access
-  """torch_pickle's allow-list plus `torch.jit._pickle.build_*list` (inert list constructors)."""
-
-  _LIST_BUILDERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist")
-
-  def find_class(self, module: str, name: str):
-    if module == "torch.jit._pickle" and name in self._LIST_BUILDERS:
-      return _build_list
-    return super().find_class(module, name)
-
-
-def _load_torchscript_with_lists(path: str) -> Any:
-  """`torch_pickle.load(path, torchscript=True)` with the list builders allowed (same checks)."""
-  try:
-    with zipfile.ZipFile(path) as archive:
-      pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-      if len(pickles) != 1:
-        raise WeightsError(f"{path}: expected exactly one '<name>/data.pkl' record, found {pickles}")
-      prefix = pickles[0].split("/")[0]
-      return _TorchScriptUnpickler(archive.read(pickles[0]), archive, prefix, True).load()
-  except (torch_pickle.CheckpointError, WeightsError):
-    raise
-  except (zipfile.BadZipFile, EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError, IndexError,
-          AttributeError, KeyError) as e:
-    raise WeightsError(f"{path}: malformed TorchScript archive ({type(e).__name__}: {e})") from None
-
-
 def _load_torch_file(path: str) -> Any:
   try:
     return torch_pickle.load(path, torchscript=True)
-  except torch_pickle.UnsafeCheckpointError as e:
-    if "'torch.jit._pickle.build_" not in str(e):
-      raise
-    return _load_torchscript_with_lists(path)
+  except torch_pickle.CheckpointError as e:
+    raise WeightsError(str(e)) from None
 
 
 def _walk_script_module(obj, prefix: str, tensors: dict, attrs: dict, kinds: dict) -> None:
@@ -341,19 +305,10 @@ def read_torch_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str
 
 
 def _flatten_state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
-  """name -> array of a loaded state_dict, unwrapping `{'state_dict'|'model'|'module': ...}`.
-
-  Unlike `torch_pickle.flatten_state_dict` this accepts 0-d tensors, which torch_pickle returns as numpy
-  scalars (BatchNorm's `num_batches_tracked` in state_dicts saved by torch >= 0.4.1).
-  """
-  while isinstance(obj, dict):
-    if obj and all(isinstance(v, (np.ndarray, np.generic)) for v in obj.values()):
-      return {k: np.asarray(v) for k, v in obj.items()}
-    inner = next((obj[w] for w in ("state_dict", "model", "module") if isinstance(obj.get(w), dict)), None)
-    if inner is None:
-      break
-    obj = inner
-  raise WeightsError(f"{source}: holds no state_dict of tensors (nor one under 'state_dict'/'model'/'module')")
+  try:
+    return torch_pickle.flatten_state_dict(obj)
+  except torch_pickle.CheckpointError as e:
+    raise WeightsError(f"{source}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
