@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--attention", default="xla", choices=("xla", "fused"))
   p.add_argument("--no-compile", action="store_true", help="lower only (sizes of the sharded arguments)")
   p.add_argument("--json", default="")
+  p.add_argument("--dump-hlo", default="", help="write the optimized HLO text to this file")
   return p
 
 
@@ -97,6 +98,9 @@ def main(argv=None) -> dict:
       report["compile_s"] = time.perf_counter() - t0
       report.update(benchmark.compiled_stats(compiled))
       report["hlo"] = benchmark.hlo_summary(compiled.as_text())
+      if args.dump_hlo:
+        with open(args.dump_hlo, "w") as f:
+          f.write(compiled.as_text())
   print(json.dumps(report, indent=1, default=float))
   if args.json:
     with open(args.json, "w") as f:

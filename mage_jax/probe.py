@@ -28,6 +28,7 @@ as timm's `trunc_normal_(std=0.01)` (effectively untruncated).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -112,8 +113,11 @@ class Backbone:
     return make_feature_fn(self.tokenizer, self.vit)
 
 
+@functools.lru_cache(maxsize=16)
 def make_feature_fn(tokenizer: VQGAN, vit: MAGEViT) -> FeatureFn:
-  """Frozen features of images: VQGAN ids (float32 tokenizer) -> `MAGEViT.features`; no gradient."""
+  """Frozen features of images: VQGAN ids (float32 tokenizer) -> `MAGEViT.features`; no gradient.
+
+  Cached per module pair, so the jitted functions built on it are reused (no recompilation)."""
 
   def fn(variables, images, rng, deterministic):
     ids = tokenizer.apply(variables["tokenizer"], images, method=VQGAN.encode_to_ids)
@@ -225,9 +229,8 @@ def extract_features(feature_fn: FeatureFn, variables: PyTree, variable_sharding
   it = pipeline.eval_iterator(cfg, process_index=jax.process_index(), process_count=jax.process_count(),
                               source=source)
   n = it.source.num_examples
-  batch_sh = sharding.batch_sharding(mesh)
-  fn = jax.jit(lambda v, im: feature_fn(v, im, None, True), in_shardings=(variable_shardings, batch_sh),
-               out_shardings=batch_sh)
+  fn = _extract_fn(feature_fn, sharding.batch_sharding(mesh))
+  variables = place(variables, variable_shardings)  # no-op when already placed
   feats, labels = [], []
   with jax.set_mesh(mesh):
     for local in it:
@@ -235,6 +238,13 @@ def extract_features(feature_fn: FeatureFn, variables: PyTree, variable_sharding
       feats.append(_gather(fn(variables, batch["image"])))
       labels.append(_gather(batch["label"]))
   return np.concatenate(feats)[:n].astype(np.float32), np.concatenate(labels)[:n].astype(np.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _extract_fn(feature_fn: FeatureFn, batch_sharding):
+  # Inputs arrive placed (variables on their shardings, images on the batch sharding); cached so that
+  # every split and every call reuses one compilation per shape.
+  return jax.jit(lambda v, im: feature_fn(v, im, None, True), out_shardings=batch_sharding)
 
 
 def fingerprint(**fields) -> str:
@@ -503,6 +513,19 @@ def probe_step(state: ProbeState, extras, batch, *, tx: optax.GradientTransforma
   return new_state, {"loss": loss, "accuracy": acc, "lr": schedule(state.step)}
 
 
+@functools.lru_cache(maxsize=16)
+def _step_fn(cfg: ProbeConfig, total: int, warmup: int, feature_fn: FeatureFn | None, dropout: bool,
+             replicated):
+  """The jitted head step; cached on its static inputs so repeated / resumed runs reuse the compilation.
+  Inputs arrive placed (state replicated, batch on the batch sharding, backbone on its shardings)."""
+  ocfg = optim.ProbeOptim(lr=optim.scaled_lr(cfg.blr, cfg.batch_size), total_steps=total, warmup_steps=warmup,
+                          min_lr=cfg.min_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          trust_coefficient=cfg.trust_coefficient)
+  step = functools.partial(probe_step, tx=optim.probe_optimizer(ocfg), cfg=cfg, feature_fn=feature_fn,
+                           dropout=dropout, schedule=ocfg.schedule())
+  return jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
 def _history_path(workdir):
   return os.path.join(workdir, "probe_history.json")
 
@@ -563,7 +586,7 @@ def train_probe(train_data: CachedFeatures | OnlineImages, val_features: np.ndar
   ocfg = optim.ProbeOptim(lr=lr, total_steps=total, warmup_steps=warmup, min_lr=cfg.min_lr,
                           momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           trust_coefficient=cfg.trust_coefficient)
-  tx, schedule = optim.probe_optimizer(ocfg), ocfg.schedule()
+  tx = optim.probe_optimizer(ocfg)
   online = isinstance(train_data, OnlineImages)
 
   def init(key):
@@ -573,7 +596,6 @@ def train_probe(train_data: CachedFeatures | OnlineImages, val_features: np.ndar
                       first_nonfinite_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
 
   repl = sharding.replicated(mesh)
-  batch_sh = sharding.batch_sharding(mesh)
   abstract = jax.eval_shape(init, jax.random.key(cfg.seed))
   state_sh = jax.tree.map(lambda _: repl, abstract)
   mngr = checkpointing.manager(workdir, keep=cfg.keep_checkpoints, async_save=True)
@@ -588,10 +610,10 @@ def train_probe(train_data: CachedFeatures | OnlineImages, val_features: np.ndar
     else:
       state = jax.jit(init, out_shardings=state_sh)(jax.random.key(cfg.seed))
     history = [h for h in history if h["epoch"] * spe <= int(jax.device_get(state.step))]
-    step_fn = jax.jit(
-        lambda s, e, b: probe_step(s, e, b, tx=tx, cfg=cfg, feature_fn=train_data.feature_fn if online else None,
-                                   dropout=online and train_data.dropout, schedule=schedule),
-        in_shardings=(state_sh, extras_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=(0,))
+    if online:
+      extras = place(extras, extras_sh)
+    step_fn = _step_fn(cfg, total, warmup, train_data.feature_fn if online else None,
+                       online and train_data.dropout, repl)
     start = int(jax.device_get(state.step))
     last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
     data = train_data.iterator(batch_size=cfg.batch_size, seed=cfg.seed, start_step=start) \
