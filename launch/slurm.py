@@ -34,31 +34,16 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (launch/common.py, beside this script)
+
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # slurm: [D-]HH[:MM[:SS]] or minutes
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def check_overrides(overrides: Sequence[str]) -> list[str]:
-  """Overrides are absl flags for mage_jax.main, e.g. `--config.lr=0.03`."""
-  for o in overrides:
-    if not o.startswith("--"):
-      raise ValueError(
-          f"override {o!r} is not a flag; write it as --config.<key>=<value> "
-          "(after a `--` separator).")
-    if "\n" in o or "\r" in o:
-      raise ValueError(f"override {o!r} contains a newline; not supported.")
-  return list(overrides)
-
-
 def main_argv(config: str, workdir: str, overrides: Sequence[str],
               python: str = "python") -> list[str]:
-  """argv of the training command every task runs."""
-  if not config:
-    raise ValueError("--config is required (e.g. configs/mage_pretrain.py:variant=B).")
-  if not workdir:
-    raise ValueError("--workdir is required (a path all nodes share).")
-  return [python, "-m", "mage_jax.main", f"--config={config}",
-          f"--workdir={workdir}", *check_overrides(overrides)]
+  return common.main_argv(config, workdir, overrides, python, workdir_hint="a path all nodes share")
 
 
 def tasks_per_node(procs_per_node: str, gpus_per_node: int) -> int:

@@ -32,32 +32,17 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (launch/common.py, beside this script)
+
 _GCLOUD_TPU = ("gcloud", "compute", "tpus", "tpu-vm")
 _ARCHIVE = "mage_jax_src.tar.gz"
 _SAFE_REL_PATH = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")
 
 
-def check_overrides(overrides: Sequence[str]) -> list[str]:
-  """Overrides are absl flags for mage_jax.main, e.g. `--config.lr=0.03`."""
-  for o in overrides:
-    if not o.startswith("--"):
-      raise ValueError(
-          f"override {o!r} is not a flag; write it as --config.<key>=<value> "
-          "(after a `--` separator).")
-    if "\n" in o or "\r" in o:
-      raise ValueError(f"override {o!r} contains a newline; not supported.")
-  return list(overrides)
-
-
 def main_argv(config: str, workdir: str, overrides: Sequence[str],
               python: str = "python") -> list[str]:
-  """argv of the training command every host runs."""
-  if not config:
-    raise ValueError("--config is required (e.g. configs/mage_pretrain.py:variant=B).")
-  if not workdir:
-    raise ValueError("--workdir is required (e.g. gs://bucket/runs/name).")
-  return [python, "-m", "mage_jax.main", f"--config={config}",
-          f"--workdir={workdir}", *check_overrides(overrides)]
+  return common.main_argv(config, workdir, overrides, python, workdir_hint="e.g. gs://bucket/runs/name")
 
 
 def _rel_path(value: str, what: str) -> str:
