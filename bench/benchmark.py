@@ -251,7 +251,7 @@ def compiled_stats(compiled) -> dict:
         "alias_gib": mem.alias_size_in_bytes / 2**30,
         "temp_gib": mem.temp_size_in_bytes / 2**30,
         "total_gib": (live + mem.temp_size_in_bytes) / 2**30,
-        "peak_gib": getattr(mem, "peak_memory_in_bytes", 0) / 2**30,
+        "reported_peak_gib": getattr(mem, "peak_memory_in_bytes", 0) / 2**30,  # CPU: arguments only
     }
   try:
     cost = compiled.cost_analysis()
@@ -508,8 +508,10 @@ def run_input(s: Setup) -> dict:
   seconds = [stats["seconds"] / stats["batches"]]
   extra = {"startup_s": stats["startup_s"], "jpeg_dir": args.jpeg_dir or "synthesized", "host_cpus": os.cpu_count(),
            "timed_batches": int(stats["batches"])}
-  return _row(s, "input", batch=s.batch, seconds=seconds, flops_per_image=None, images_per_call=s.batch,
-              extra=extra)
+  row = _row(s, "input", batch=s.batch, seconds=seconds, flops_per_image=None, images_per_call=s.batch,
+             extra=extra)
+  row["dtype"] = "-"
+  return row
 
 
 def _guarded(fn, s: Setup, workload: str, *args) -> dict:

@@ -1,7 +1,7 @@
 """Representation evals of the quickstart's tiny MAGE on Fashion-MNIST, beside raw pixels (CPU, minutes).
 
-  python -m mage_jax.evaluate --params=runs/quickstart/mage/params --config=configs/eval_fashion_mnist.py \
-      --workdir=runs/quickstart/eval
+  python -m mage_jax.evaluate --params=runs/fmnist_mage/params --config=configs/eval_fashion_mnist.py \
+      --workdir=runs/fmnist_eval
 
 Args (`--config=...py:train=2000,test=1000,epochs=5`): train / test = number of examples used (0: the whole
 60000 / 10000 split); epochs of the linear probe; augment='none' (cached features, fast) or 'probe' (the
@@ -15,6 +15,12 @@ import ml_collections
 
 from configs import common
 from configs import finetune_imagenet
+
+
+
+def _optional_str():
+  # None that the command line can still override (--config.data.data_dir=/path).
+  return ml_collections.FieldReference(None, field_type=str)
 
 
 def get_config(arg=None):
@@ -33,8 +39,8 @@ def get_config(arg=None):
   test_split = f"test[:{args.test}]" if args.test else "test"
   # crop_ratio 1: the 28x28 image is resized to the tokenizer's 32x32 whole (no center crop).
   c.data = ml_collections.ConfigDict(dict(
-      name="fashion_mnist", data_dir=None, manual_dir=None, download=False, train_split=train_split,
-      test_split=test_split, image_size=0, crop_ratio=1.0, interpolation="bicubic", eval_interpolation="bicubic",
+      name="fashion_mnist", data_dir=_optional_str(), manual_dir=_optional_str(), download=False,
+      train_split=train_split, test_split=test_split, image_size=0, crop_ratio=1.0, interpolation="bicubic", eval_interpolation="bicubic",
       num_workers=0, probe_scale=(0.2, 1.0)))
   c.features = ml_collections.ConfigDict(dict(batch_size=256, cache=True))
   c.linear_probe = ml_collections.ConfigDict(dict(

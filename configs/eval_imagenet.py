@@ -18,6 +18,12 @@ from configs import common
 BLR = {"B": 0.1, "L": 0.05}
 
 
+
+def _optional_str():
+  # None that the command line can still override (--config.data.data_dir=/path).
+  return ml_collections.FieldReference(None, field_type=str)
+
+
 def get_config(arg=None):
   args = common.parse_arg(arg, variant="B", augment="probe", runlocal=False)
   if args.variant not in BLR:
@@ -32,8 +38,8 @@ def get_config(arg=None):
   c.dtype = "bfloat16"  # the reference probes under AMP; the tokenizer always runs in float32
   c.global_pool = True
   c.data = ml_collections.ConfigDict(dict(
-      name="imagenet2012", data_dir=None, manual_dir=None, download=False, train_split="train",
-      test_split="validation", image_size=0, crop_ratio=256 / 292, interpolation="bicubic",
+      name="imagenet2012", data_dir=_optional_str(), manual_dir=_optional_str(), download=False,
+      train_split="train", test_split="validation", image_size=0, crop_ratio=256 / 292, interpolation="bicubic",
       eval_interpolation="bicubic", num_workers=0, probe_scale=(0.2, 1.0)))
   c.features = ml_collections.ConfigDict(dict(batch_size=1024, cache=True))
   c.linear_probe = ml_collections.ConfigDict(dict(

@@ -17,6 +17,12 @@ RECIPE = {"B": dict(epochs=100, layer_decay=0.65, drop_path=0.1),
           "L": dict(epochs=50, layer_decay=0.75, drop_path=0.2)}
 
 
+
+def _optional_str():
+  # None that the command line can still override (--config.data.data_dir=/path).
+  return ml_collections.FieldReference(None, field_type=str)
+
+
 def finetune_section(variant: str = "B") -> ml_collections.ConfigDict:
   """The `finetune` section read by mage_jax.finetune (trainer keys + the recipe)."""
   if variant not in RECIPE:
@@ -28,8 +34,8 @@ def finetune_section(variant: str = "B") -> ml_collections.ConfigDict:
   c.sharding_rules = ml_collections.FieldReference(None, field_type=list)
   # image_size 0: the checkpoint tokenizer's resolution (256 for the released models).
   c.input = ml_collections.ConfigDict(dict(
-      name="imagenet2012", split="train", data_dir=None, manual_dir=None, batch_size=1024, image_size=0,
-      augment="pretrain", interpolation="bicubic", scale=(0.2, 1.0), crop_ratio=256 / 292,
+      name="imagenet2012", split="train", data_dir=_optional_str(), manual_dir=_optional_str(), batch_size=1024,
+      image_size=0, augment="pretrain", interpolation="bicubic", scale=(0.2, 1.0), crop_ratio=256 / 292,
       eval_interpolation="bicubic", num_workers=0, download=False))
   c.eval_split = "validation"
   c.eval_batch_size = 1024

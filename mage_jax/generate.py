@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from mage_jax import checkpoint_models, distributed, images as image_io, params_io, sampling
+from mage_jax import checkpoint_models, images as image_io, params_io, runtime, sampling
 
 DEFAULT_NUM_STEPS = 20       # README command for ViT-B
 DEFAULT_TEMPERATURE = 6.0    # README command for ViT-B
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
   try:
     dtype = checkpoint_models.parse_dtype(args.dtype)
     meta = params_io.read_meta(args.params)
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    runtime.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     if args.class_id is not None and not (meta.get("model") or {}).get("num_classes"):
       return _error(f"--class_id={args.class_id} given, but {args.params} holds a class-unconditional model "
                     "(meta model.num_classes is absent); class-conditional MAGE is not implemented yet")

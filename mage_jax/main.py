@@ -15,7 +15,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mage_jax import distributed  # noqa: E402
+from mage_jax import runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (python file[:args]).",
                                           lock_config=True)
@@ -35,18 +35,11 @@ MODES = {
 }
 
 
-class _QuietOrbax(logging.logging.Filter):
-  """orbax logs every save step at INFO; keep its warnings only, so progress lines stay readable."""
-
-  def filter(self, record):
-    return record.levelno >= logging.logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  runtime.quiet_orbax_logs()
+  runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
   config = _CONFIG.value

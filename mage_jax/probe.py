@@ -261,7 +261,10 @@ def params_identity(params_dir: str) -> dict:
 
 def cached(path: str | None, key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
            ) -> tuple[np.ndarray, np.ndarray]:
-  """`compute()` through an npz cache at `path` (None: no cache); a different `key` recomputes."""
+  """`compute()` through an npz cache at `path` (None: no cache); a different `key` recomputes.
+
+  Process 0 decides hit or miss for all processes; on a hit every process reads `path`, so with several
+  processes it must be on a filesystem they all see (as the workdir is)."""
   hit = False
   if path is not None and jax.process_index() == 0 and os.path.exists(path):
     try:

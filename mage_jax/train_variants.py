@@ -54,7 +54,7 @@ from mage_jax import checkpoint_models, contrastive, images as image_io, losses,
 from mage_jax import sampling, sharding, steps, train, trainer
 from mage_jax.data import pipeline
 from mage_jax.models import layers
-from mage_jax.models.class_cond import ENCODER_PARAM_PATTERNS, ClassCondConfig, ClassCondMAGE
+from mage_jax.models.class_cond import ENCODER_PARAM_PATTERNS, ClassCondMAGE
 from mage_jax.models.class_cond import class_cond_config, config_from_meta, init_class_embedding
 from mage_jax.models.mage import MAGE
 from mage_jax.models.vqgan import VQGAN
@@ -298,7 +298,7 @@ def mage_c_update(state: steps.TrainState, ids, *, model, head, tx, cfg: Contras
   loss_fn = functools.partial(mage_c_loss, model=model, head=head, cfg=cfg, masking_cfg=masking_cfg,
                               label_smoothing=label_smoothing)
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, ids, rng)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32), **aux}
   if schedule is not None:
@@ -349,9 +349,10 @@ def _optimizer(config, total_steps: int, warmup_steps: int, frozen=None):
   return optim.pretrain_optimizer(optim_cfg, frozen=frozen), optim_cfg
 
 
-def _dtype(config):
-  return train.DTYPES[config.model.get("dtype", "float32")], train.DTYPES[config.model.get("param_dtype",
-                                                                                           "float32")]
+def _dtypes(config) -> tuple[Any, Any]:
+  """(compute dtype, param dtype) of config.model."""
+  m = config.model
+  return train.DTYPES[m.get("dtype", "float32")], train.DTYPES[m.get("param_dtype", "float32")]
 
 
 def train_mage_c(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -359,7 +360,8 @@ def train_mage_c(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cfg = _from_mapping(ContrastiveConfig, config.contrastive, "config.contrastive")
   views = _from_mapping(ViewAugment, config.views, "config.views")
   if config.input.batch_size < 2:
-    raise ValueError(f"MAGE-C needs a global batch of at least 2 images (negatives), got {config.input.batch_size}")
+    raise ValueError(f"MAGE-C needs a global batch of at least 2 images (for negatives), got "
+                     f"{config.input.batch_size}")
   if config.input.get("augment", "pretrain") != "none":
     logging.warning("MAGE-C makes its views on device; input.augment=%r adds a second crop before them "
                     "(the configs use 'none')", config.input.augment)
@@ -368,7 +370,7 @@ def train_mage_c(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx, optim_cfg = _optimizer(config, total_steps, warmup_steps)
   tokenizer, tokenizer_vars = train.load_tokenizer(config)
   model = train.mage_model(config, tokenizer)
-  head = cfg.head(*_dtype(config))
+  head = cfg.head(*_dtypes(config))
   num_tokens, embed_dim = model.config.num_tokens, model.config.embed_dim
   logging.info("MAGE-C: %d steps, peak lr %.3g, lam %g, temperature %g, pool %s", total_steps, optim_cfg.lr,
                cfg.lam, cfg.temperature, cfg.pool)
@@ -391,6 +393,8 @@ def train_mage_c(config: ml_collections.ConfigDict, workdir: str) -> dict:
       head_params = jax.device_get(sharding.strip_boxes(jax.jit(init_head)(jax.random.key(config.seed))))
     initial_params = {"model": _scan_layout(variables["model"]["params"], model.config.scan),
                       "projection_head": head_params}
+    abstract = sharding.strip_boxes(jax.eval_shape(init_state, jax.random.key(0)).params)
+    _check_param_shapes(initial_params, abstract, config.model_init)
 
   task = trainer.Task(
       init_state=init_state,
@@ -435,14 +439,14 @@ def class_cond_loss(params, ids, labels, rng, *, model: ClassCondMAGE, masking_c
   return loss, {"mask_ratio": ratio}
 
 
-def class_cond_update(state: steps.TrainState, ids, labels, *, model, tx, masking_cfg: dict, label_smoothing: float,
-                      label_drop_prob: float = 0.0, schedule=None):
+def class_cond_update(state: steps.TrainState, ids, labels, *, model, tx, masking_cfg: dict,
+                      label_smoothing: float, label_drop_prob: float = 0.0, schedule=None):
   """One class-conditional update from token ids int32 [B, N] and labels int [B] (no tokenizer)."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   loss_fn = functools.partial(class_cond_loss, model=model, masking_cfg=masking_cfg,
                               label_smoothing=label_smoothing, label_drop_prob=label_drop_prob)
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, ids, labels, rng)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32), **aux}
   if schedule is not None:
@@ -526,6 +530,8 @@ def write_class_grid(params_dir: str, out_path: str, *, num_classes: int | None 
                      guidance_scale: float | None = None) -> str:
   """Samples a class-conditional checkpoint and writes a PNG grid, one row per class (the first `num_classes`).
 
+  Every process samples (restoring is collective under multi-process orbax); process 0 writes the file.
+
   Returns:
     `out_path`.
   """
@@ -536,8 +542,9 @@ def write_class_grid(params_dir: str, out_path: str, *, num_classes: int | None 
   images, _ = sample_classes(model, tokenizer, variables, range(shown), per_class, seed=seed,
                              num_steps=num_steps, choice_temperature=choice_temperature,
                              guidance_scale=guidance_scale)
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  image_io.save_png(out_path, image_io.make_grid(images, cols=per_class, pad=2))
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    image_io.save_png(out_path, image_io.make_grid(images, cols=per_class, pad=2))
   return out_path
 
 
@@ -634,8 +641,7 @@ def train_class_cond(config: ml_collections.ConfigDict, workdir: str) -> dict:
       initial_params=initial_params,
       reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)))
   metrics = trainer.run(config, workdir, task, mesh, rules)
-  if cc.grid_per_class > 0 and jax.process_index() == 0 and os.path.exists(
-      os.path.join(params_dir, params_io.META_FILE)):
+  if cc.grid_per_class > 0 and os.path.exists(os.path.join(params_dir, params_io.META_FILE)):
     path = write_class_grid(params_dir, os.path.join(workdir, "class_grid.png"), num_classes=cc.grid_num_classes,
                             per_class=cc.grid_per_class, seed=config.seed, num_steps=cc.grid_num_steps,
                             choice_temperature=cc.grid_temperature)

@@ -16,6 +16,10 @@ TOK = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, resolut
 MAGE_CFG = config_for("tiny", num_tokens=16, max_position_embeddings=17, codebook_size=64)
 
 
+# One compilation shared by the tests that need reference ids.
+_ids = jax.jit(lambda v, im: VQGAN(TOK).apply(v, im, method=VQGAN.encode_to_ids))
+
+
 def _clusters(n, num_classes, dim, seed, sep=4.0):
   """Gaussian blobs around fixed, well separated centres, offset so BN has something to remove."""
   rng = np.random.default_rng(seed)
@@ -182,7 +186,7 @@ def test_extracted_features_equal_model_apply(tiny_params_dir, mesh, global_pool
   # tokenizer and MAGEViT with hand-mapped params.
   saved, _ = params_io.load(tiny_params_dir)
   x = jnp.asarray(images, jnp.float32) / 255.0
-  ids = jax.jit(lambda v, im: VQGAN(TOK).apply(v, im, method=VQGAN.encode_to_ids))(saved["tokenizer"], x)
+  ids = _ids(saved["tokenizer"], x)
   assert len(np.unique(np.asarray(ids))) > 3  # the random tokenizer does not collapse to one code
   mp = saved["model"]["params"]
   vit_params = {"token_emb": mp["token_emb"], "blocks_0": mp["blocks_0"], "blocks_1": mp["blocks_1"]}
@@ -265,9 +269,8 @@ def test_export_probe_is_a_bn_linear_vit(tiny_params_dir, mesh, tmp_path):
   saved, meta = params_io.load(out)
   assert meta["kind"] == "vit" and meta["vit"] == {"num_classes": 3, "global_pool": True,
                                                    "head_type": "bn_linear"}
-  ids = VQGAN(TOK).apply(saved["tokenizer"], jnp.asarray(images, jnp.float32) / 255.0,
-                         method=VQGAN.encode_to_ids)
-  logits, _ = MAGEViT(MAGE_CFG, num_classes=3, head_type="bn_linear").apply(saved["model"], ids)
+  ids = _ids(saved["tokenizer"], jnp.asarray(images, jnp.float32) / 255.0)
+  logits, _ = jax.jit(MAGEViT(MAGE_CFG, num_classes=3, head_type="bn_linear").apply)(saved["model"], ids)
   np.testing.assert_allclose(logits, probe.head_predict_numpy(state.params, state.batch_stats, feats),
                              rtol=1e-4, atol=1e-4)
   # And the export is itself a valid backbone source (kind 'vit').

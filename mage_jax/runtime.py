@@ -1,10 +1,11 @@
-"""Multi-process start-up shared by every binary."""
+"""Process start-up shared by every binary: multi-process initialisation and log filtering."""
 
 from __future__ import annotations
 
 import os
 
 import jax
+from absl import logging
 
 
 def cluster_detected() -> bool:
@@ -15,7 +16,7 @@ def cluster_detected() -> bool:
   return slurm or tpu_pod
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
   """Explicit coordinator if given, else auto-detection on clusters, else a single process (no call)."""
   if coordinator_address:
@@ -23,3 +24,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                process_id=process_id)
   elif cluster_detected():
     jax.distributed.initialize()
+
+
+class QuietOrbax(logging.logging.Filter):
+  """orbax logs every checkpoint step at INFO; keep its warnings only, so progress lines stay readable."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+  logging.get_absl_logger().addFilter(QuietOrbax())

@@ -1,0 +1,146 @@
+"""The evaluate binary end to end on Fashion-MNIST (tiny sizes), its configs and its results table."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import eval_fashion_mnist, eval_imagenet, finetune_imagenet
+from mage_jax import evaluate, masking, train
+from mage_jax.data import sources
+from mage_jax.models.mage import MAGE, config_for
+from mage_jax.models.vqgan import VQGAN, VQGANConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _random_variables(module, seed, *args):
+  """Random variables from shapes only (jitting the real VQGAN/MAGE init costs tens of seconds here)."""
+  abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = str(path[-1])
+    noise = rng.normal(size=leaf.shape).astype(np.float32)
+    if "scale" in name:
+      return 1.0 + 0.1 * noise
+    if "bias" in name:
+      return 0.1 * noise
+    fan_in = leaf.shape[-2] if len(leaf.shape) >= 2 and "embedding" not in name else 1.0 / 0.02 ** 2
+    return noise / np.sqrt(fan_in)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+@pytest.fixture(scope="module")
+def tiny_params_dir(tmp_path_factory):
+  """Random tiny MAGE + tokenizer for 8x8 images (16 tokens), exported like a pretraining run."""
+  tok = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, resolution=8,
+                          codebook_size=64))
+  model = MAGE(config_for("tiny", num_tokens=16, max_position_embeddings=17, codebook_size=64))
+  plan, _ = masking.sample_plan(jax.random.key(0), 1, 16)
+  params = _random_variables(model, 2, jnp.zeros((1, 16), jnp.int32), plan)["params"]
+  directory = str(tmp_path_factory.mktemp("tiny") / "params")
+  train.export_params(directory, model, params, tok, _random_variables(tok, 1, jnp.zeros((1, 8, 8, 3))))
+  return directory
+
+
+@pytest.fixture(scope="module")
+def fashion_data_dir(tmp_path_factory):
+  if not os.path.isdir(sources.DEBIAN_FASHION_MNIST_DIR):
+    pytest.skip("Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)")
+  data_dir = str(tmp_path_factory.mktemp("tfds_fashion"))
+  sources.prepare_fashion_mnist(data_dir)
+  return data_dir
+
+
+def _finite_acc(x):
+  return isinstance(x, float) and math.isfinite(x) and 0.0 <= x <= 1.0
+
+
+@pytest.mark.slow
+def test_evaluate_binary_fashion_mnist_end_to_end(tiny_params_dir, fashion_data_dir, tmp_path):
+  workdir = str(tmp_path / "eval")
+  cmd = [sys.executable, "-m", "mage_jax.evaluate", f"--params={tiny_params_dir}", f"--workdir={workdir}",
+         f"--config={ROOT}/configs/eval_fashion_mnist.py:train=1000,test=500,epochs=10,batch=64,finetune,ft_steps=3",
+         f"--config.data.data_dir={fashion_data_dir}", f"--config.finetune.input.data_dir={fashion_data_dir}",
+         "--config.fewshot.shots=(1,5)", "--config.fewshot.trials=2"]
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    out = json.load(f)
+  res = out["results"]
+  assert sorted(res) == ["mage", "pixels"]
+  for fs in ("mage", "pixels"):
+    lp = res[fs]["linear_probe"]
+    assert lp["completed"] and lp["epochs_done"] == 10 and len(lp["history"]) == 10
+    assert _finite_acc(lp["top1"]) and _finite_acc(lp["top5"]) and lp["top5"] >= lp["top1"]
+    for classifier in ("ridge", "logreg"):
+      per_shot = res[fs]["fewshot"][classifier]
+      assert sorted(k for k in per_shot if k != "seconds") == ["1", "5"]
+      for v in (per_shot["1"], per_shot["5"]):
+        assert _finite_acc(v["mean"]) and math.isfinite(v["std"])
+  # Pixels are a real baseline: far above the 10% of chance (labels/features aligned end to end).
+  assert res["pixels"]["linear_probe"]["top1"] > 0.4
+  assert res["pixels"]["fewshot"]["ridge"]["5"]["mean"] > 0.3
+  ft = res["mage"]["finetune"]
+  assert ft["completed"] and ft["steps"] == 3 and _finite_acc(ft["top1"])
+  assert "finetune" not in res["pixels"]
+  # Artefacts: feature caches for both splits, the probe exported as a 'vit' checkpoint, the table.
+  assert sorted(os.listdir(os.path.join(workdir, "features"))) == ["mage_test_500.npz", "mage_train_1000.npz"]
+  assert os.path.exists(os.path.join(workdir, "linear_probe", "mage", "params", "mage_jax.json"))
+  assert os.path.exists(os.path.join(workdir, "finetune", "params", "mage_jax.json"))
+  assert "linear probe top-1" in proc.stdout and "pixels" in proc.stdout and "5-shot logreg" in proc.stdout
+
+
+def test_format_table_side_by_side():
+  results = {
+      "mage": {"linear_probe": {"top1": 0.5, "top5": 0.9, "best_top1": 0.55, "completed": True,
+                                "epochs_done": 3},
+               "fewshot": {"ridge": {"10": {"mean": 0.3, "std": 0.01}, "seconds": 1.0}, "trials": 5}},
+      "pixels": {"linear_probe": {"top1": 0.25, "top5": 0.7, "best_top1": 0.25, "completed": False,
+                                  "epochs_done": 1}}}
+  lines = evaluate.format_table(results).splitlines()
+  assert lines[0].split()[-2:] == ["mage", "pixels"]
+  row = {l.split("  ")[0].strip(): l for l in lines[1:]}
+  assert row["linear probe top-1"].split()[-6:] == ["50.00", "25.00", "(stopped", "at", "epoch", "1)"]
+  assert "30.00 ± 1.00" in row["10-shot ridge"] and row["10-shot ridge"].rstrip().endswith("-")
+
+
+def test_unknown_eval_is_an_error(tmp_path):
+  c = eval_fashion_mnist.get_config()
+  with c.unlocked():
+    c.evals = ("linear_probe", "knn")
+  with pytest.raises(ValueError, match="knn"):
+    evaluate.run(c, str(tmp_path / "params"), str(tmp_path / "wd"))
+
+
+@pytest.mark.parametrize("variant,blr", [("B", 0.1), ("L", 0.05)])
+def test_imagenet_linear_probe_config_is_the_paper_recipe(variant, blr):
+  c = eval_imagenet.get_config(f"variant={variant}")
+  lp = c.linear_probe
+  assert (lp.blr, lp.epochs, lp.warmup_epochs, lp.batch_size) == (blr, 90, 10.0, 4096)
+  assert (lp.weight_decay, lp.momentum, lp.head_init_std, lp.bn_group_size) == (0.0, 0.9, 0.01, 128)
+  assert lp.augment == "probe" and lp.dropout and c.global_pool
+  assert (c.data.crop_ratio, c.data.probe_scale) == (256 / 292, (0.2, 1.0))
+  assert lp.blr * lp.batch_size / 256 == pytest.approx({"B": 1.6, "L": 0.8}[variant])
+  with pytest.raises(ValueError, match="variant"):
+    eval_imagenet.get_config("variant=H")
+
+
+@pytest.mark.parametrize("variant,epochs,ld,dp", [("B", 100, 0.65, 0.1), ("L", 50, 0.75, 0.2)])
+def test_imagenet_finetune_config_is_the_paper_recipe(variant, epochs, ld, dp):
+  ft = finetune_imagenet.get_config(f"variant={variant}").finetune
+  assert (ft.total_epochs, ft.optim.layer_decay, ft.drop_path) == (epochs, ld, dp)
+  assert (ft.input.batch_size, ft.optim.blr, ft.optim.warmup_epochs, ft.optim.min_lr) == (1024, 2.5e-4, 5.0, 1e-6)
+  assert (ft.optim.weight_decay, ft.optim.b1, ft.optim.b2, ft.head_init_std) == (0.05, 0.9, 0.999, 2e-5)
+  m = ft.mixup
+  assert (m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.label_smoothing) == (0.8, 1.0, 1.0, 0.5, 0.1)

@@ -1,0 +1,37 @@
+"""The quickstart at a reduced budget: every stage runs and the results table has finite numbers."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_quickstart_ci_budget(tmp_path):
+  workdir = tmp_path / "qs"
+  cmd = [sys.executable, "-m", "mage_jax.quickstart", f"--workdir={workdir}", "--budget=ci"]
+  run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+  for png in ("samples_grid.png", "reconstructions.png"):
+    image = np.asarray(Image.open(workdir / png))
+    assert image.ndim == 3 and image.shape[-1] == 3 and image.std() > 0, png
+  table = (workdir / "results.md").read_text()
+  assert "linear probe top-1, mage" in table and "10-shot top-1 (ridge), pixels" in table
+  results = json.loads((workdir / "results.json").read_text())
+  numbers = [results["tokenizer"]["psnr"], results["mage"]["loss"], results["samples"]["images_per_sec"],
+             results["representations"]["mage"]["linear_probe"]["top1"],
+             results["representations"]["pixels"]["linear_probe"]["top1"]]
+  if os.environ.get("MAGE_JAX_REQUIRE_FID") == "1":
+    numbers.append(results["fid"]["fid"])
+  assert all(isinstance(x, float) and math.isfinite(x) for x in numbers), numbers
+  # Re-running resumes: every stage finds its output and the second run is quick.
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((workdir / "results.json").read_text())["representations"] == results["representations"]
