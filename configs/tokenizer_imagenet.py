@@ -45,6 +45,9 @@ def get_config(arg=None):
       perceptual_weight=0.1, perceptual_weights=args.perceptual,
       adv_weight=0.1, disc_weight=1.0, gan_type="non_saturating", discriminator_start_step=20_000,
       lecam_weight=0.001, lecam_decay=0.999, r1_cost=10.0))
+  # Codebook care by the loop (off: MaskGIT relies on the entropy loss); see tokenizer_train.CodebookConfig.
+  c.codebook = ml_collections.ConfigDict(dict(lr_multiplier=1.0, restart_every=0, usage_decay=0.99,
+                                              dead_ratio=0.03))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, d_lr=1e-4, b1=0.0, b2=0.99, eps=1e-8, warmup_steps=0, warmup_epochs=0.0, min_lr=1e-4,
       grad_clip_norm=0.0, ema_decay=0.999))

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mage_jax import fewshot, probe, sharding  # noqa: E402
+from mage_jax import fewshot, probe, runtime, sharding  # noqa: E402
 
 EVALS = ("linear_probe", "fewshot", "finetune")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -210,13 +210,6 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-class _QuietOrbax(logging.logging.Filter):
-  """orbax logs every checkpoint at INFO; keep its warnings only, so the progress lines stay readable."""
-
-  def filter(self, record):
-    return record.levelno >= logging.logging.WARNING or "orbax" not in record.pathname
-
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (python file[:args]).", lock_config=True)
 _PARAMS = flags.DEFINE_string("params", None, "Params-only checkpoint directory to evaluate.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (results.json, caches, checkpoints).")
@@ -228,7 +221,7 @@ def main(argv):
   for name in ("config", "params", "workdir"):
     if flags.FLAGS[name].value is None:
       raise app.UsageError(f"--{name} is required")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  runtime.quiet_orbax_logs()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
   out = run(_CONFIG.value, _PARAMS.value, _WORKDIR.value)

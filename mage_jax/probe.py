@@ -639,9 +639,10 @@ def train_probe(train_data: CachedFeatures | OnlineImages, val_features: np.ndar
           history.append({"epoch": epoch, **acc, "train_loss": float(m["loss"])})
           log(f"linear probe epoch {epoch}/{cfg.epochs}: loss {m['loss']:.4f} lr {m['lr']:.4g} "
               f"val top1 {acc['top1']:.4f} top5 {acc['top5']:.4f}")
+        # History first: a kill between the two leaves extra entries, which the resume filter drops.
+        _save_history(workdir, history)
         checkpointing.save(mngr, done, state, force=True)
         mngr.wait_until_finished()
-        _save_history(workdir, history)  # after the checkpoint: a resumed run never lacks its history
     finally:
       mngr.wait_until_finished()
       mngr.close()

@@ -98,6 +98,41 @@ class LossConfig:
     return cls(**d)
 
 
+@dataclasses.dataclass(frozen=True)
+class CodebookConfig:
+  """Typed view of `config.codebook`: how the training loop (not the model) looks after the codebook.
+
+  lr_multiplier: the codebook's Adam steps are this many times the generator's.
+  restart_every: every this many steps (and at step 0, i.e. a data-dependent initialisation), codes whose
+    usage EMA is below `dead_ratio / K` (a fraction of the uniform share) are replaced by encoder outputs
+    drawn at random from the current batch. 0 disables restarts.
+  usage_decay: decay of the per-code usage EMA (fraction of the batch's latents assigned to each code).
+  """
+  lr_multiplier: float = 1.0
+  restart_every: int = 0
+  usage_decay: float = 0.99
+  dead_ratio: float = 0.03
+
+  def __post_init__(self):
+    if self.lr_multiplier <= 0:
+      raise ValueError(f"codebook.lr_multiplier must be > 0, got {self.lr_multiplier}")
+    if self.restart_every < 0:
+      raise ValueError(f"codebook.restart_every must be >= 0, got {self.restart_every}")
+    if not 0.0 <= self.usage_decay < 1.0:
+      raise ValueError(f"codebook.usage_decay must be in [0, 1), got {self.usage_decay}")
+
+  @classmethod
+  def from_config(cls, cfg) -> "CodebookConfig":
+    if cfg is None:
+      return cls()
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"unknown config.codebook keys {unknown}; known: {sorted(fields)}")
+    return cls(**d)
+
+
 def vqgan_config(config: ml_collections.ConfigDict) -> VQGANConfig:
   """`config.tokenizer` sizes (+ the input resolution) as a VQGANConfig."""
   fields = {f.name for f in dataclasses.fields(VQGANConfig)}
@@ -126,16 +161,30 @@ def make_models(config: ml_collections.ConfigDict) -> tuple[VQGAN, Discriminator
   return vq, disc
 
 
-def make_optimizer(lr: float, total_steps: int, warmup_steps: int, o) -> tuple[optax.GradientTransformation,
-                                                                              optax.Schedule]:
+def _is_codebook(path) -> bool:
+  return "quantize" in optim.path_str(path)
+
+
+def scale_codebook_updates(multiplier: float) -> optax.GradientTransformation:
+  """Multiplies the updates of the quantizer's codebook (the path holding 'quantize') by `multiplier`."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda p, u: u * multiplier if _is_codebook(p) else u, updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(lr: float, total_steps: int, warmup_steps: int, o,
+                   codebook_lr_multiplier: float = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam (β1, β2 from `config.optim`) on a warm-up + cosine schedule down to `o.min_lr` (min_lr = lr gives
-  MaskGIT's constant rate), after optional global-norm clipping."""
+  MaskGIT's constant rate), after optional global-norm clipping; codebook steps scaled by the multiplier."""
   min_lr = min(o.min_lr, lr)
   schedule = optim.warmup_cosine_schedule(lr, max(total_steps, 1), min(warmup_steps, max(total_steps, 1)), min_lr)
   chain = []
   if o.get("grad_clip_norm", 0.0):
     chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
   chain.append(optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8)))
+  if codebook_lr_multiplier != 1.0:
+    chain.append(scale_codebook_updates(codebook_lr_multiplier))
   return optax.chain(*chain), schedule
 
 
@@ -155,7 +204,8 @@ class TokenizerState:
   d_opt_state: Any
   ema_params: Any
   lecam: tl.LeCamState
-  rng: jax.Array  # uint32 key data (reserved for stochastic extensions; the step itself is deterministic)
+  code_usage: jax.Array  # [K] EMA of the fraction of latents assigned to each code
+  rng: jax.Array  # uint32 key data; step s draws from fold_in(key, s) (codebook restarts)
   first_nonfinite_step: jax.Array
   skipped_steps: jax.Array
 
@@ -172,6 +222,7 @@ def init_state(rng: jax.Array, *, vqgan: VQGAN, disc: Discriminator, g_tx, d_tx)
       g_opt_state=g_tx.init(g_params), d_opt_state=d_tx.init(d_params),
       ema_params=jax.tree.map(jnp.copy, g_params),
       lecam=tl.LeCamState.create(),
+      code_usage=jnp.zeros((vqgan.config.codebook_size,), jnp.float32),
       rng=jax.random.key_data(jax.random.fold_in(rng, 2)),
       first_nonfinite_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
 
@@ -185,8 +236,33 @@ def _zeros_like_terms(keys):
   return {k: jnp.zeros((), jnp.float32) for k in keys}
 
 
+def restart_dead_codes(codebook: jax.Array, usage: jax.Array, z: jax.Array, rng: jax.Array, active: jax.Array,
+                       dead_ratio: float) -> tuple[jax.Array, jax.Array]:
+  """Replaces dead codes (usage < dead_ratio / K) by randomly drawn latents when `active`.
+
+  Args:
+    codebook: [K, C]. usage: [K] usage EMA (fractions). z: [..., C] encoder outputs of this batch.
+    rng: key. active: bool scalar (traced).
+  Returns:
+    (new codebook [K, C], replaced codes: bool [K]).
+  """
+  k, c = codebook.shape
+  z = jax.lax.stop_gradient(z.reshape(-1, c).astype(codebook.dtype))
+  n = z.shape[0]
+  picks = jax.random.choice(rng, n, (k,), replace=n < k)
+  dead = (usage < dead_ratio / k) & active
+  return jnp.where(dead[:, None], z[picks], codebook), dead
+
+
+def _with_codebook(g_params, codebook):
+  q = dict(g_params["quantize"])
+  q["embedding"] = {**q["embedding"], "embedding": codebook}
+  return {**g_params, "quantize": q}
+
+
 def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, vqgan: VQGAN,
-               disc: Discriminator, g_tx, d_tx, loss: LossConfig, ema_decay: float, g_schedule=None):
+               disc: Discriminator, g_tx, d_tx, loss: LossConfig, ema_decay: float, g_schedule=None,
+               codebook: CodebookConfig = CodebookConfig()):
   """One generator + one discriminator update on a global batch {'image': [B, H, W, 3] in [0, 1]}.
 
   Returns (new state, metrics of float32 scalars).
@@ -220,6 +296,24 @@ def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, v
   g_grad_norm = optax.global_norm(g_grads)
   g_updates, g_opt_state = g_tx.update(g_grads, state.g_opt_state, g_params)
   new_g_params = optax.apply_updates(g_params, g_updates)
+
+  k = vqgan.config.codebook_size
+  batch_hist = image_metrics.code_histogram(aux["ids"], k)
+  code_usage = (codebook.usage_decay * state.code_usage
+                + (1.0 - codebook.usage_decay) * batch_hist / jnp.sum(batch_hist))
+  new_ema = ema_update(state.ema_params, new_g_params, ema_decay)
+  restarted = jnp.zeros((), jnp.float32)
+  if codebook.restart_every:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
+    new_cb, dead = restart_dead_codes(
+        new_g_params["quantize"]["embedding"]["embedding"], code_usage, aux["z"], rng,
+        step % codebook.restart_every == 0, codebook.dead_ratio)
+    # A restarted code keeps its low usage: unless picked up, it is redrawn at the next restart. The EMA
+    # copy takes the new code as it is (a blend of an abandoned and a fresh code is no code at all).
+    new_g_params = _with_codebook(new_g_params, new_cb)
+    ema_cb = new_ema["quantize"]["embedding"]["embedding"]
+    new_ema = _with_codebook(new_ema, jnp.where(dead[:, None], new_cb, ema_cb))
+    restarted = jnp.sum(dead.astype(jnp.float32))
 
   d_keys = ("d_adv", "d_lecam", "d_r1", "d_loss", "d_grad_norm", "logits_real", "logits_fake")
   if loss.use_gan:
@@ -266,16 +360,17 @@ def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, v
       params=keep_old(new_params, state.params),
       g_opt_state=keep_old(g_opt_state, state.g_opt_state),
       d_opt_state=keep_old(d_opt_state, state.d_opt_state),
-      ema_params=keep_old(ema_update(state.ema_params, new_g_params, ema_decay), state.ema_params),
+      ema_params=keep_old(new_ema, state.ema_params),
       lecam=keep_old(lecam, state.lecam),
+      code_usage=keep_old(code_usage, state.code_usage),
       first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, step,
                                      state.first_nonfinite_step),
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
 
-  k = vqgan.config.codebook_size
-  batch_hist = image_metrics.code_histogram(aux["ids"], k)
   metrics = {"loss": g_loss, **{f"g_{n}": v for n, v in g_terms.items()}, "g_grad_norm": g_grad_norm,
              **d_stats, "batch_code_usage": jnp.mean((batch_hist > 0).astype(jnp.float32)),
+             "alive_codes": jnp.mean((code_usage >= codebook.dead_ratio / k).astype(jnp.float32)),
+             "restarted_codes": restarted,
              "batch_psnr": jnp.mean(image_metrics.psnr(images, jnp.clip(recon, 0.0, 1.0))),
              "gan_active": gan_active.astype(jnp.float32), "finite": finite.astype(jnp.float32)}
   if g_schedule is not None:
@@ -399,7 +494,8 @@ def build_task(config: ml_collections.ConfigDict, workdir: str):
   loss = LossConfig.from_config(config.loss)
   vqgan, disc = make_models(config)
   o = config.optim
-  g_tx, g_schedule = make_optimizer(o.lr, total_steps, warmup_steps, o)
+  cb = CodebookConfig.from_config(config.get("codebook"))
+  g_tx, g_schedule = make_optimizer(o.lr, total_steps, warmup_steps, o, cb.lr_multiplier)
   # D's Adam only counts its own updates (none before the start step), so its schedule spans the rest.
   d_span = total_steps - max(loss.discriminator_start_step, 0)
   d_tx, _ = make_optimizer(o.get("d_lr", o.lr), d_span, warmup_steps, o)
@@ -415,7 +511,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str):
   task = trainer.Task(
       init_state=functools.partial(init_state, vqgan=vqgan, disc=disc, g_tx=g_tx, d_tx=d_tx),
       step=functools.partial(train_step, vqgan=vqgan, disc=disc, g_tx=g_tx, d_tx=d_tx, loss=loss,
-                             ema_decay=float(o.ema_decay), g_schedule=g_schedule),
+                             ema_decay=float(o.ema_decay), g_schedule=g_schedule, codebook=cb),
       extras=perceptual, batch_keys=("image",), total_steps=total_steps,
       export=lambda state: export_tokenizer(os.path.join(workdir, "params"), state.ema_params, vqgan.config,
                                             {"train_steps": total_steps, "ema_decay": float(o.ema_decay)}),
