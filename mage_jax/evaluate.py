@@ -222,6 +222,7 @@ def main(argv):
     if flags.FLAGS[name].value is None:
       raise app.UsageError(f"--{name} is required")
   runtime.quiet_orbax_logs()
+  runtime.initialize_distributed()  # TPU pods / SLURM: auto-detected
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
   out = run(_CONFIG.value, _PARAMS.value, _WORKDIR.value)
