@@ -72,6 +72,9 @@ REFERENCE = {
     ("B", "encode"): (890.0, "official fp32 (cuDNN TF32 convs), batch 128"),
     ("L", "encode"): (890.0, "official fp32 (cuDNN TF32 convs), batch 128"),
 }
+# `--remat auto`: no rematerialisation where the activations fit one 80 GB device at batch 128; ViT-L saves
+# only the weight products (CPU compile estimate at batch 128: ~106 GiB without remat, ~42 GiB with this).
+REMAT_AUTO = {"tiny": "none", "B": "none", "L": "dots_with_no_batch_dims_saveable"}
 MASKING = dict(min_ratio=0.5, max_ratio=1.0, mu=0.55, std=0.25, drop_ratio=0.5)
 
 
@@ -130,14 +133,14 @@ def conv_precision(precision, operand_fn: Callable[[jax.Array], jax.Array] | Non
 def tokenizer_module(config: VQGANConfig, mode: str) -> VQGAN:
   if mode not in TOKENIZER_MODES:
     raise ValueError(f"unknown tokenizer mode {mode!r}; expected one of {TOKENIZER_MODES}")
-  return VQGAN(config, dtype=jnp.bfloat16 if mode == "bfloat16" else jnp.float32)
+  return VQGAN(config, dtype=jnp.bfloat16 if mode == "bfloat16" else jnp.float32,
+               precision="high" if mode == "tf32" else "highest")
 
 
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
-  """Stands in for the `VQGAN` module where the code only calls `.apply` (steps.tokenize, generate's sampler):
-  adds the 'tf32' conv precision and optional chunking of the batch (`lax.map` over `chunks` slices, so the
-  frozen encoder's activations exist for one slice at a time)."""
+  """Stands in for the `VQGAN` module where the code only calls `.apply` (generate's sampler, encode rows):
+  adds chunking of the batch (`steps.map_in_chunks`, as pretraining's `tokenizer.chunks`)."""
   module: VQGAN
   mode: str = "float32"
   chunks: int = 1
@@ -146,22 +149,8 @@ class Tokenizer:
   def config(self) -> VQGANConfig:
     return self.module.config
 
-  def _apply(self, variables, x, method):
-    ctx = conv_precision(jax.lax.Precision.HIGH) if self.mode == "tf32" else contextlib.nullcontext()
-    with ctx:
-      return self.module.apply(variables, x, method=method)
-
   def apply(self, variables, x, method=None):
-    if self.chunks == 1:
-      return self._apply(variables, x, method)
-    b = x.shape[0]
-    if b % self.chunks:
-      raise ValueError(f"batch {b} is not divisible by tokenizer chunks={self.chunks}")
-    # Strided slices (sample i goes to chunk i % chunks) keep every chunk spread over the batch-sharded
-    # devices; contiguous slices would put each chunk on one device.
-    xs = jnp.swapaxes(x.reshape((b // self.chunks, self.chunks) + x.shape[1:]), 0, 1)
-    ys = jax.lax.map(lambda xi: self._apply(variables, xi, method), xs)
-    return jnp.swapaxes(ys, 0, 1).reshape((b,) + ys.shape[2:])
+    return steps.map_in_chunks(lambda xi: self.module.apply(variables, xi, method=method), x, self.chunks)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,7 +297,8 @@ def build_setup(size: str, args: argparse.Namespace) -> Setup:
   tok_cfg = spec.tokenizer
   n = tok_cfg.num_tokens
   mcfg = config_for(spec.variant, num_tokens=n, codebook_size=tok_cfg.codebook_size,
-                    max_position_embeddings=max(257, n + 1), scan=args.scan, remat_policy=args.remat,
+                    max_position_embeddings=max(257, n + 1), scan=bool(args.scan),
+                    remat_policy=REMAT_AUTO[size] if args.remat == "auto" else args.remat,
                     attention=args.attention, dropout=args.dropout, attn_dropout=args.attn_dropout)
   model = MAGE(mcfg, dtype=DTYPES[args.dtype], param_dtype=jnp.float32)
   mesh = sharding.create_mesh([("data", -1), ("fsdp", args.fsdp), ("model", 1)])
@@ -592,7 +582,7 @@ def format_table(env: dict, rows: list[dict]) -> str:
     mem = r.get("memory", {}).get("total_gib")
     vals = (r["size"], r["workload"], str(r["batch"]), r["dtype"], _fmt(r["step_ms_median"], ".1f"),
             _fmt(r["images_per_s"], ".1f"), _fmt(r["reference_images_per_s"], ".1f"),
-            _fmt(r["gflop_per_image"], ".1f"), _fmt(r["tflops_per_s"], ".2f"),
+            _fmt(r["gflop_per_image"], ".4g"), _fmt(r["tflops_per_s"], ".3g"),
             _fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f") + ("%" if r["mfu"] is not None else ""),
             _fmt(mem, ".2f"), "; ".join(notes))
     lines.append("  ".join(f"{v:>9s}" for v in vals[:-1]) + "  " + vals[-1])
@@ -614,11 +604,14 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--tokenizer-chunks", type=int, default=1, help="tokenize the batch in this many slices")
   p.add_argument("--encode-modes", default=",".join(TOKENIZER_MODES), help="tokenizer modes the encode workload times")
   p.add_argument("--scan", type=int, default=1, help="nn.scan over layers (1) or a Python loop (0)")
-  p.add_argument("--remat", default="none", help="'none', 'full' or a jax.checkpoint_policies name")
+  p.add_argument("--remat", default="auto",
+                 help="'auto' (none for tiny/B, dots_with_no_batch_dims_saveable for L), 'none', 'full' or a "
+                      "jax.checkpoint_policies name")
   p.add_argument("--attention", default="fused", choices=("xla", "fused"),
                  help="'fused' = jax.nn.dot_product_attention; training falls back to 'xla' while attn dropout > 0")
   p.add_argument("--dropout", type=float, default=0.1)
-  p.add_argument("--attn-dropout", type=float, default=0.1, help="the recipe's 0.1; 0 lets training use fused attention")
+  p.add_argument("--attn-dropout", type=float, default=0.1,
+                 help="the recipe's 0.1; 0 lets training use fused attention")
   p.add_argument("--fsdp", type=int, default=1, help="size of the 'fsdp' mesh axis (the rest is 'data')")
   p.add_argument("--gen-steps", type=int, default=20)
   p.add_argument("--gen-repeats", type=int, default=5, help="timed generation batches")
@@ -648,8 +641,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   if args.warmup < 0 or args.batch < 0:
     raise ValueError("--warmup and --batch must be >= 0")
-  if args.remat not in ("none", "full") and not hasattr(jax.checkpoint_policies, args.remat):
-    raise ValueError(f"--remat {args.remat!r} is neither 'none', 'full' nor a jax.checkpoint_policies name")
+  if args.remat not in ("auto", "none", "full") and not hasattr(jax.checkpoint_policies, args.remat):
+    raise ValueError(f"--remat {args.remat!r} is neither 'auto', 'none', 'full' nor a jax.checkpoint_policies name")
   return args
 
 

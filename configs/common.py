@@ -35,8 +35,12 @@ def base_pretrain_config():
                                            attn_dropout=0.1, scan=False, remat_policy="none", attention="xla"))
   # The frozen tokenizer: a params dir (converted vqgan_jax_strongaug.ckpt, or trained with mode=tokenizer).
   # The sizes below are used only when init is empty (random frozen tokenizer, for smoke tests).
+  # dtype/precision/chunks: how the frozen tokenizer runs inside the step. precision 'high' (TF32 on GPUs,
+  # bf16x3 on TPUs) keeps the float32 ids on the fixtures; bf16 dtype does not. chunks > 1 encodes the batch
+  # in slices to bound activation memory (ViT-L at batch 4096).
   c.tokenizer = ml_collections.ConfigDict(dict(init="", ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                                               z_channels=256, codebook_size=1024))
+                                               z_channels=256, codebook_size=1024, dtype="float32",
+                                               precision="highest", chunks=1))
   c.masking = ml_collections.ConfigDict(dict(min_ratio=0.5, max_ratio=1.0, mu=0.55, std=0.25, drop_ratio=0.5))
   c.label_smoothing = 0.1
   c.optim = ml_collections.ConfigDict(dict(blr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05, grad_clip_norm=3.0,

@@ -14,10 +14,12 @@ def get_config(arg=None):
   c = common.base_pretrain_config()
   c.model.variant = args.variant
   c.mesh = [("data", -1), ("fsdp", args.fsdp), ("model", 1)]
+  c.tokenizer.precision = "high"
   if args.variant == "L":
     # ViT-L at batch 4096 does not fit replicated: shard params and optimizer state (spec: ~410M params).
     c.model.scan = True
-    c.model.remat_policy = "nothing_saveable"
+    c.model.remat_policy = "dots_with_no_batch_dims_saveable"
+    c.tokenizer.chunks = 4
   if args.runlocal:
     c.input.batch_size = 8
     c.total_steps = 5

@@ -46,19 +46,36 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, 
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
 
 
-def tokenize(tokenizer: VQGAN, tokenizer_vars, images):
+def map_in_chunks(fn, x, chunks: int):
+  """`fn(x)` computed `chunks` slices at a time (lax.map), so only one slice's activations are live.
+
+  Strided slices (example i goes to slice i % chunks) keep every slice spread over the batch-sharded devices;
+  contiguous slices would put each slice on a few devices.
+  """
+  if chunks == 1:
+    return fn(x)
+  b = x.shape[0]
+  if b % chunks:
+    raise ValueError(f"batch {b} is not divisible by tokenizer chunks={chunks}")
+  xs = jnp.swapaxes(x.reshape((b // chunks, chunks) + x.shape[1:]), 0, 1)
+  ys = jax.lax.map(fn, xs)
+  return jnp.swapaxes(ys, 0, 1).reshape((b,) + ys.shape[2:])
+
+
+def tokenize(tokenizer: VQGAN, tokenizer_vars, images, chunks: int = 1):
   """Frozen tokenizer inside the step: ids carry no gradient."""
-  return jax.lax.stop_gradient(tokenizer.apply(tokenizer_vars, images, method=VQGAN.encode_to_ids))
+  encode = lambda x: tokenizer.apply(tokenizer_vars, x, method=VQGAN.encode_to_ids)
+  return jax.lax.stop_gradient(map_in_chunks(encode, images, chunks))
 
 
 def pretrain_step(state: TrainState, tokenizer_vars, batch, *, model, tokenizer, tx, masking_cfg: dict,
-                  label_smoothing: float, schedule=None):
+                  label_smoothing: float, schedule=None, tokenizer_chunks: int = 1):
   """One MAGE pretraining step on a global batch {'image': [B,H,W,3] in [0,1]}.
 
   One masking ratio is drawn per step for the whole global batch (the official code draws one per process).
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  ids = tokenize(tokenizer, tokenizer_vars, batch["image"])
+  ids = tokenize(tokenizer, tokenizer_vars, batch["image"], tokenizer_chunks)
   plan, ratio = masking.sample_plan(jax.random.fold_in(rng, 0), ids.shape[0], ids.shape[1], **masking_cfg)
 
   def loss_fn(params):

@@ -37,17 +37,18 @@ def load_tokenizer(config: ml_collections.ConfigDict):
   """The frozen tokenizer: (module, variables on host). From `tokenizer.init` (a params dir holding a
   'tokenizer' tree: converted, exported from MAGE, or trained) or, when empty, seeded random weights."""
   tcfg, image_size = config.tokenizer, config.input.image_size
-  dtype = _dtype(config.model.get("dtype", "float32"))
+  # float32 activations with TF32-class convolutions by default: bf16 compute flips near-tied ids.
+  kw = dict(dtype=_dtype(tcfg.get("dtype", "float32")), precision=tcfg.get("precision", "highest"))
   if tcfg.init:
     variables, meta = params_io.load(tcfg.init)
     if "tokenizer" not in variables:
       raise ValueError(f"{tcfg.init} holds no tokenizer params (kind {meta.get('kind')!r})")
     tok_config = VQGANConfig(**{**meta["tokenizer"], "ch_mult": tuple(meta["tokenizer"]["ch_mult"]),
                                 "resolution": image_size})
-    return VQGAN(tok_config, dtype=dtype), variables["tokenizer"]
+    return VQGAN(tok_config, **kw), variables["tokenizer"]
   logging.warning("tokenizer.init is empty: using a frozen RANDOM tokenizer (fine for smoke tests only)")
   tok_config = tokenizer_config_from(tcfg, image_size)
-  tokenizer = VQGAN(tok_config, dtype=dtype)
+  tokenizer = VQGAN(tok_config, **kw)
   side = 2 ** (len(tok_config.ch_mult) - 1)
   variables = jax.jit(tokenizer.init)(jax.random.key(config.seed + 1), jnp.zeros((1, side, side, 3)))
   return tokenizer, jax.device_get(nn.unbox(variables))
@@ -107,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       init_state=init_state,
       step=functools.partial(steps.pretrain_step, model=model, tokenizer=tokenizer, tx=tx,
                              masking_cfg=dict(config.masking), label_smoothing=config.label_smoothing,
-                             schedule=optim_cfg.schedule()),
+                             schedule=optim_cfg.schedule(), tokenizer_chunks=config.tokenizer.get("chunks", 1)),
       extras=tokenizer_vars, batch_keys=("image",), total_steps=total_steps,
       export=lambda state: export_params(os.path.join(workdir, "params"), model, state.params, tokenizer,
                                          tokenizer_vars, {"train_steps": total_steps}),

@@ -40,11 +40,15 @@ class VQGANConfig:
     return self.token_grid ** 2
 
 
-def _conv(features, kernel, *, use_bias, dtype, param_dtype, name):
+PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
+              "default": jax.lax.Precision.DEFAULT}
+
+
+def _conv(features, kernel, *, use_bias, dtype, param_dtype, name, precision="highest"):
   pad = kernel // 2
   return nn.Conv(
       features, (kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
-      param_dtype=param_dtype, precision=jax.lax.Precision.HIGHEST, name=name,
+      param_dtype=param_dtype, precision=PRECISIONS[precision], name=name,
       kernel_init=nn.with_logical_partitioning(
           nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
           ("conv_h", "conv_w", "conv_in", "conv_out")),
@@ -67,11 +71,12 @@ class ResBlock(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, x):
     conv = lambda k, name: _conv(self.out_channels, k, use_bias=False, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name=name)
+                                 param_dtype=self.param_dtype, name=name, precision=self.precision)
     h = nn.swish(_group_norm(self.num_groups, self.param_dtype, "norm1")(x)).astype(self.dtype)
     h = conv(3, "conv1")(h)
     h = nn.swish(_group_norm(self.num_groups, self.param_dtype, "norm2")(h)).astype(self.dtype)
@@ -89,16 +94,18 @@ class _Level(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, x):
     for b in range(self.num_blocks):
-      x = ResBlock(self.out_channels, self.num_groups, self.dtype, self.param_dtype, name=f"block_{b}")(x)
+      x = ResBlock(self.out_channels, self.num_groups, self.dtype, self.param_dtype, self.precision,
+                   name=f"block_{b}")(x)
     if self.resample == "down":
       x = nn.avg_pool(x, (2, 2), (2, 2))
     elif self.resample == "up":
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-      x = _Upsample(self.out_channels, self.dtype, self.param_dtype, name="upsample")(x)
+      x = _Upsample(self.out_channels, self.dtype, self.param_dtype, self.precision, name="upsample")(x)
     return x
 
 
@@ -106,11 +113,12 @@ class _Upsample(nn.Module):
   channels: int
   dtype: Dtype
   param_dtype: Dtype
+  precision: str
 
   @nn.compact
   def __call__(self, x):
     return _conv(self.channels, 3, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="conv")(x)
+                 name="conv", precision=self.precision)(x)
 
 
 class _Mid(nn.Module):
@@ -118,11 +126,12 @@ class _Mid(nn.Module):
   num_groups: int
   dtype: Dtype
   param_dtype: Dtype
+  precision: str
 
   @nn.compact
   def __call__(self, x):
     for name in ("block_1", "block_2"):
-      x = ResBlock(self.channels, self.num_groups, self.dtype, self.param_dtype, name=name)(x)
+      x = ResBlock(self.channels, self.num_groups, self.dtype, self.param_dtype, self.precision, name=name)(x)
     return x
 
 
@@ -130,38 +139,42 @@ class Encoder(nn.Module):
   config: VQGANConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    kw = dict(num_groups=c.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)
-    x = _conv(c.ch, 3, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in")(x)
+    kw = dict(num_groups=c.num_groups, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    x = _conv(c.ch, 3, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in",
+              precision=self.precision)(x)
     last = len(c.ch_mult) - 1
     for level, mult in enumerate(c.ch_mult):
       x = _Level(c.ch * mult, c.num_res_blocks, None if level == last else "down", name=f"down_{level}", **kw)(x)
     x = _Mid(c.ch * c.ch_mult[-1], name="mid", **kw)(x)
     x = nn.swish(_group_norm(c.num_groups, self.param_dtype, "norm_out")(x)).astype(self.dtype)
     return _conv(c.z_channels, 1, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="conv_out")(x)
+                 name="conv_out", precision=self.precision)(x)
 
 
 class Decoder(nn.Module):
   config: VQGANConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, z):
     c = self.config
-    kw = dict(num_groups=c.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(num_groups=c.num_groups, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     x = _conv(c.ch * c.ch_mult[-1], 3, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-              name="conv_in")(z.astype(self.dtype))
+              name="conv_in", precision=self.precision)(z.astype(self.dtype))
     x = _Mid(c.ch * c.ch_mult[-1], name="mid", **kw)(x)
     for level in reversed(range(len(c.ch_mult))):
       x = _Level(c.ch * c.ch_mult[level], c.num_res_blocks, None if level == 0 else "up", name=f"up_{level}",
                  **kw)(x)
     x = nn.swish(_group_norm(c.num_groups, self.param_dtype, "norm_out")(x)).astype(self.dtype)
-    x = _conv(c.out_ch, 3, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out")(x)
+    x = _conv(c.out_ch, 3, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out",
+              precision=self.precision)(x)
     return x.astype(jnp.float32)
 
 
@@ -214,15 +227,22 @@ class VectorQuantizer(nn.Module):
 
 
 class VQGAN(nn.Module):
-  """Tokenizer: `encode_to_ids` images [B,H,W,3] in [0,1] -> ids [B, h*w]; `decode_ids` ids -> images."""
+  """Tokenizer: `encode_to_ids` images [B,H,W,3] in [0,1] -> ids [B, h*w]; `decode_ids` ids -> images.
+
+  `precision` of the convolutions: 'highest' (exact float32), 'high' (TF32 on GPUs, bf16x3 on TPUs: ids still
+  match float32 on the fixtures, unlike bf16 compute, which flips near-tied ids), or 'default'.
+  """
   config: VQGANConfig = VQGANConfig()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  precision: str = "highest"
 
   def setup(self):
     c = self.config
-    self.encoder = Encoder(c, self.dtype, self.param_dtype)
-    self.decoder = Decoder(c, self.dtype, self.param_dtype)
+    if self.precision not in PRECISIONS:
+      raise ValueError(f"unknown conv precision {self.precision!r}; expected one of {sorted(PRECISIONS)}")
+    self.encoder = Encoder(c, self.dtype, self.param_dtype, self.precision)
+    self.decoder = Decoder(c, self.dtype, self.param_dtype, self.precision)
     self.quantize = VectorQuantizer(c.codebook_size, c.z_channels, c.commitment_cost, self.param_dtype)
 
   def __call__(self, images):
