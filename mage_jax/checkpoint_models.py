@@ -39,10 +39,8 @@ def mage_config_from_meta(meta: dict) -> MAGEConfig:
                      "needed (python -m mage_jax.convert mage-vitb-1600.pth OUT)")
   fields = meta["model"]
   if isinstance(fields, dict) and fields.get("num_classes"):
-    # Hook for the class-conditional model (spec §5.4), which another issue adds; refuse rather than
-    # silently dropping its label embedding.
-    raise ValueError(f"checkpoint is class-conditional (num_classes={fields['num_classes']}), which mage_jax "
-                     "does not implement yet")
+    from mage_jax.models import class_cond
+    return class_cond.config_from_meta(meta)
   if isinstance(fields, dict) and "num_classes" in fields:
     fields = {k: v for k, v in fields.items() if k != "num_classes"}  # num_classes 0/None: unconditional
   return _config(MAGEConfig, fields, "model")
@@ -75,7 +73,9 @@ def models_from_meta(meta: dict, dtype: Dtype = jnp.float32) -> tuple[MAGE, VQGA
   if model_config.codebook_size != tok_config.codebook_size:
     raise ValueError(f"checkpoint meta is inconsistent: model codebook_size={model_config.codebook_size}, "
                      f"tokenizer codebook_size={tok_config.codebook_size}")
-  return MAGE(model_config, dtype=dtype), VQGAN(tok_config, dtype=dtype)
+  from mage_jax.models import class_cond
+  cls = class_cond.ClassCondMAGE if isinstance(model_config, class_cond.ClassCondConfig) else MAGE
+  return cls(model_config, dtype=dtype), VQGAN(tok_config, dtype=dtype)
 
 
 def parse_dtype(name: str) -> Dtype:

@@ -63,15 +63,29 @@ def mage_model(config: ml_collections.ConfigDict, tokenizer: VQGAN) -> MAGE:
   return MAGE(mcfg, dtype=_dtype(m.get("dtype", "float32")), param_dtype=_dtype(m.get("param_dtype", "float32")))
 
 
-def export_params(directory: str, model: MAGE, params, tokenizer: VQGAN, tokenizer_vars, extra_meta=None):
-  """Params-only export in the converter's (loop) layout, consumed by generation and probing."""
-  params = params_io.to_host(params)
-  if model.config.scan:
-    params = layers.unstack_block_params(layers.unstack_block_params(params, "blocks"), "decoder_blocks")
+def export_params(directory: str, model: MAGE, params, tokenizer: VQGAN, tokenizer_vars, extra_meta=None,
+                  extra_variables=None):
+  """Params-only export in the converter's (loop) layout, consumed by generation and probing.
+
+  `extra_variables` (e.g. MAGE-C's projection head) are stored beside 'model' and 'tokenizer'; binaries that do
+  not know them ignore them.
+  """
+  params = layers.to_loop_layout(params_io.to_host(params), model.config.scan)
   meta = {"kind": "mage", "model": dataclasses.asdict(dataclasses.replace(model.config, scan=False)),
           "tokenizer": dataclasses.asdict(tokenizer.config), **(extra_meta or {})}
-  params_io.save(directory, {"model": {"params": params}, "tokenizer": params_io.to_host(tokenizer_vars)}, meta,
-                 overwrite=True)
+  variables = {"model": {"params": params}, "tokenizer": params_io.to_host(tokenizer_vars),
+               **params_io.to_host(extra_variables or {})}
+  params_io.save(directory, variables, meta, overwrite=True)
+
+
+def pretrain_optimizer(config, total_steps: int, warmup_steps: int, frozen=None):
+  """The spec §3 AdamW recipe from `config.optim` with lr = blr·batch/256; returns (tx, PretrainOptim)."""
+  lr = optim.scaled_lr(config.optim.blr, config.input.batch_size)
+  optim_cfg = optim.PretrainOptim(lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                                  min_lr=config.optim.min_lr, b1=config.optim.b1, b2=config.optim.b2,
+                                  weight_decay=config.optim.weight_decay,
+                                  grad_clip_norm=config.optim.grad_clip_norm or None)
+  return optim.pretrain_optimizer(optim_cfg, frozen=frozen), optim_cfg
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -79,16 +93,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh, rules = trainer.mesh_and_rules(config)
   steps_per_epoch = pipeline.steps_per_epoch(config.input)
   total_steps, warmup_steps = trainer.schedule_steps(config, steps_per_epoch)
-  lr = optim.scaled_lr(config.optim.blr, config.input.batch_size)
-  optim_cfg = optim.PretrainOptim(lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
-                                  min_lr=config.optim.min_lr, b1=config.optim.b1, b2=config.optim.b2,
-                                  weight_decay=config.optim.weight_decay,
-                                  grad_clip_norm=config.optim.grad_clip_norm or None)
-  tx = optim.pretrain_optimizer(optim_cfg)
+  tx, optim_cfg = pretrain_optimizer(config, total_steps, warmup_steps)
   tokenizer, tokenizer_vars = load_tokenizer(config)
   model = mage_model(config, tokenizer)
   logging.info("mesh %s, %d steps (%d per epoch), peak lr %.3g, warmup %d", dict(mesh.shape), total_steps,
-               steps_per_epoch, lr, warmup_steps)
+               steps_per_epoch, optim_cfg.lr, warmup_steps)
   num_tokens = model.config.num_tokens
 
   def init_state(rng):
@@ -99,10 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   initial_params = None
   if config.get("model_init"):
     variables, _ = params_io.load(config.model_init)
-    initial_params = variables["model"]["params"]
-    if model.config.scan:
-      initial_params = layers.stack_block_params(layers.stack_block_params(initial_params, "blocks"),
-                                                 "decoder_blocks")
+    initial_params = layers.to_scan_layout(variables["model"]["params"], model.config.scan)
 
   task = trainer.Task(
       init_state=init_state,

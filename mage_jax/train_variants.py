@@ -55,7 +55,7 @@ from mage_jax import sampling, sharding, steps, train, trainer
 from mage_jax.data import pipeline
 from mage_jax.models import layers
 from mage_jax.models.class_cond import ENCODER_PARAM_PATTERNS, ClassCondMAGE
-from mage_jax.models.class_cond import class_cond_config, config_from_meta, init_class_embedding
+from mage_jax.models.class_cond import class_cond_config, init_class_embedding
 from mage_jax.models.mage import MAGE
 from mage_jax.models.vqgan import VQGAN
 
@@ -315,38 +315,12 @@ def mage_c_step(state: steps.TrainState, tokenizer_vars, batch, *, tokenizer: VQ
   return mage_c_update(state, ids, **update_kw)
 
 
-def _loop_layout(model_params, scan: bool):
-  if not scan:
-    return model_params
-  return layers.unstack_block_params(layers.unstack_block_params(model_params, "blocks"), "decoder_blocks")
-
-
-def _scan_layout(model_params, scan: bool):
-  if not scan:
-    return model_params
-  return layers.stack_block_params(layers.stack_block_params(model_params, "blocks"), "decoder_blocks")
-
-
 def export_mage_c(directory: str, model: MAGE, params, tokenizer: VQGAN, tokenizer_vars, cfg: ContrastiveConfig,
                   extra_meta: dict | None = None) -> None:
   """`train.export_params` layout (kind 'mage') plus `variables['projection_head']` and `meta['mage_c']`."""
-  host = params_io.to_host(params)
-  meta = {"kind": "mage", "model": dataclasses.asdict(dataclasses.replace(model.config, scan=False)),
-          "tokenizer": dataclasses.asdict(tokenizer.config), "mage_c": dataclasses.asdict(cfg),
-          **(extra_meta or {})}
-  variables = {"model": {"params": _loop_layout(host["model"], model.config.scan)},
-               "tokenizer": jax.device_get(tokenizer_vars),
-               "projection_head": {"params": host["projection_head"]}}
-  params_io.save(directory, variables, meta, overwrite=True)
-
-
-def _optimizer(config, total_steps: int, warmup_steps: int, frozen=None):
-  lr = optim.scaled_lr(config.optim.blr, config.input.batch_size)
-  optim_cfg = optim.PretrainOptim(lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
-                                  min_lr=config.optim.min_lr, b1=config.optim.b1, b2=config.optim.b2,
-                                  weight_decay=config.optim.weight_decay,
-                                  grad_clip_norm=config.optim.grad_clip_norm or None)
-  return optim.pretrain_optimizer(optim_cfg, frozen=frozen), optim_cfg
+  train.export_params(directory, model, params["model"], tokenizer, tokenizer_vars,
+                      {"mage_c": dataclasses.asdict(cfg), **(extra_meta or {})},
+                      extra_variables={"projection_head": {"params": params["projection_head"]}})
 
 
 def _dtypes(config) -> tuple[Any, Any]:
@@ -367,7 +341,7 @@ def train_mage_c(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "(the configs use 'none')", config.input.augment)
   mesh, rules = trainer.mesh_and_rules(config)
   total_steps, warmup_steps = trainer.schedule_steps(config, pipeline.steps_per_epoch(config.input))
-  tx, optim_cfg = _optimizer(config, total_steps, warmup_steps)
+  tx, optim_cfg = train.pretrain_optimizer(config, total_steps, warmup_steps)
   tokenizer, tokenizer_vars = train.load_tokenizer(config)
   model = train.mage_model(config, tokenizer)
   head = cfg.head(*_dtypes(config))
@@ -391,7 +365,7 @@ def train_mage_c(config: ml_collections.ConfigDict, workdir: str) -> dict:
     head_params = variables.get("projection_head", {}).get("params")
     if head_params is None:
       head_params = jax.device_get(sharding.strip_boxes(jax.jit(init_head)(jax.random.key(config.seed))))
-    initial_params = {"model": _scan_layout(variables["model"]["params"], model.config.scan),
+    initial_params = {"model": layers.to_scan_layout(variables["model"]["params"], model.config.scan),
                       "projection_head": head_params}
     abstract = sharding.strip_boxes(jax.eval_shape(init_state, jax.random.key(0)).params)
     _check_param_shapes(initial_params, abstract, config.model_init)
@@ -474,16 +448,6 @@ def class_cond_logits_fn(model: ClassCondMAGE, params, labels, guidance_scale=No
   return fn
 
 
-def models_from_meta(meta: dict, dtype=jnp.float32) -> tuple[ClassCondMAGE, VQGAN]:
-  """(ClassCondMAGE, VQGAN) for a class-conditional params checkpoint's meta."""
-  model_config = config_from_meta(meta)
-  tok_config = checkpoint_models.tokenizer_config_from_meta(meta)
-  if model_config.num_tokens != tok_config.num_tokens:
-    raise ValueError(f"checkpoint meta is inconsistent: the model expects {model_config.num_tokens} tokens, the "
-                     f"tokenizer makes {tok_config.num_tokens}")
-  return ClassCondMAGE(model_config, dtype=dtype), VQGAN(tok_config, dtype=dtype)
-
-
 @functools.lru_cache(maxsize=8)
 def _class_sampler(model: ClassCondMAGE, tokenizer: VQGAN, batch: int, num_steps: int, sample_temperature: float):
   c = model.config
@@ -536,7 +500,7 @@ def write_class_grid(params_dir: str, out_path: str, *, num_classes: int | None 
     `out_path`.
   """
   meta = params_io.read_meta(params_dir)
-  model, tokenizer = models_from_meta(meta)
+  model, tokenizer = checkpoint_models.models_from_meta(meta)
   variables, _ = params_io.load(params_dir)
   shown = model.config.num_classes if num_classes is None else min(num_classes, model.config.num_classes)
   images, _ = sample_classes(model, tokenizer, variables, range(shown), per_class, seed=seed,
@@ -577,7 +541,7 @@ def _class_cond_initial_params(config, model: ClassCondMAGE, variables: dict) ->
       logging.warning("init checkpoint's class_emb has shape %s, expected %s: re-initialising it",
                       tuple(table.shape), expected)
     params["class_emb"] = jax.device_get(init_class_embedding(jax.random.key(config.seed + 2), model.config))
-  return _scan_layout(params, model.config.scan)
+  return layers.to_scan_layout(params, model.config.scan)
 
 
 def _check_param_shapes(initial, abstract, source: str) -> None:
@@ -613,7 +577,7 @@ def train_class_cond(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.warning("guidance_scale > 0 but label_drop_prob = 0: the no-label embedding stays untrained")
   mesh, rules = trainer.mesh_and_rules(config)
   total_steps, warmup_steps = trainer.schedule_steps(config, pipeline.steps_per_epoch(config.input))
-  tx, optim_cfg = _optimizer(config, total_steps, warmup_steps, frozen=ENCODER_PARAM_PATTERNS)
+  tx, optim_cfg = train.pretrain_optimizer(config, total_steps, warmup_steps, frozen=ENCODER_PARAM_PATTERNS)
   num_tokens = model.config.num_tokens
   logging.info("class-conditional: %d classes (%s), %d steps, peak lr %.3g, from %s", cc.num_classes, cc.combine,
                total_steps, optim_cfg.lr, config.model_init)

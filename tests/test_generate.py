@@ -98,8 +98,9 @@ def test_models_from_meta(params_dir):
   hash((model, tokenizer))  # jit caches key on them
   with pytest.raises(ValueError, match="does not know"):
     checkpoint_models.models_from_meta({**meta, "model": {**meta["model"], "bogus": 1}})
-  with pytest.raises(ValueError, match="class-conditional"):
-    checkpoint_models.models_from_meta({**meta, "model": {**meta["model"], "num_classes": 1000}})
+  from mage_jax.models.class_cond import ClassCondMAGE
+  cond, _ = checkpoint_models.models_from_meta({**meta, "model": {**meta["model"], "num_classes": 1000}})
+  assert isinstance(cond, ClassCondMAGE) and cond.config.num_classes == 1000
   with pytest.raises(ValueError, match="64 tokens"):
     checkpoint_models.models_from_meta({**meta, "tokenizer": {**meta["tokenizer"], "resolution": 64}})
   with pytest.raises(ValueError, match="kind"):

@@ -345,7 +345,8 @@ def test_mage_c_then_class_cond_end_to_end(image_folder, tmp_path):
   grid = np.asarray(Image.open(tmp_path / "cc" / "class_grid.png"))
   assert grid.shape == (2 * 16 + 3 * 2, 3 * 16 + 4 * 2, 3)  # 2 rows (classes) x 3 samples, pad 2
   # The generation binary's sampler, with the class id.
-  cc_model, cc_tok = train_variants.models_from_meta(meta)
+  cc_model, cc_tok = checkpoint_models.models_from_meta(meta)  # what the generation binary does
+  assert isinstance(cc_model, ClassCondMAGE)
   images = next(generate.generate_images(cc_model, cc_tok, variables, jax.random.key(0), 8, 8, num_steps=2,
                                          class_id=1))
   assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8

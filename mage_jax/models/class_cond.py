@@ -138,27 +138,13 @@ class ClassCondMAGE(MAGE):
     Returns:
       float32 logits [B, 1+N, V].
     """
-    # Same canvas as MAGE.decode (class-slot padding at every dropped or masked position).
-    y = self.decoder_embed(encoded.astype(self.dtype))
-    cls = y[:, :1]
-    if keep_idx is None:
-      canvas = y
-    else:
-      canvas = jnp.broadcast_to(cls, (y.shape[0], masked_full.shape[1], y.shape[2]))
-      canvas = jax.vmap(lambda c, i, v: c.at[i].set(v))(canvas, keep_idx, y)
-    canvas = jnp.where(masked_full[:, :, None], cls, canvas)
-    x = canvas.astype(jnp.float32) + self.decoder_pos_embed_learned.astype(jnp.float32)
+    x = self.decoder_input(encoded, keep_idx, masked_full)
     label = self.class_emb(labels.astype(jnp.int32)).astype(jnp.float32)[:, None, :]  # [B, 1, Dd]
     if self.config.class_combine == "add":
-      x = x + label
-    else:
-      x = jnp.concatenate([label, x], axis=1)
-    x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "seq", "embed_act"))
-    x = layers.run_block_stack(self.decoder_blocks, x, deterministic)
-    if self.config.class_combine == "token":
-      x = x[:, 1:]
-    x = self.decoder_norm(x)
-    return self.mlm_layer(x, self.token_emb.word_embeddings.embedding)
+      return self.decoder_head(x + label, deterministic)
+    # The label token is dropped after the head: norm and head act per position, so this equals dropping
+    # it right after the blocks.
+    return self.decoder_head(jnp.concatenate([label, x], axis=1), deterministic)[:, 1:]
 
   def __call__(self, ids, plan: MaskPlan, labels, deterministic: bool = True):
     """Training pass. ids int32 [B, N], labels int [B]. Returns (logits [B, 1+N, V] f32, aux)."""

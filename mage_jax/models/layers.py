@@ -173,3 +173,19 @@ def unstack_block_params(params: dict, prefix: str) -> dict:
   for i in range(depth):
     out[f"{prefix}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
   return out
+
+
+STACKS = ("blocks", "decoder_blocks")
+
+
+def to_scan_layout(params: dict, scan: bool) -> dict:
+  """Loop-layout params (checkpoints, exports) -> the layout a model with `scan` expects."""
+  for prefix in STACKS if scan else ():
+    params = stack_block_params(params, prefix)
+  return params
+
+
+def to_loop_layout(params: dict, scan: bool) -> dict:
+  for prefix in STACKS if scan else ():
+    params = unstack_block_params(params, prefix)
+  return params

@@ -171,8 +171,9 @@ class MAGE(nn.Module):
     x = layers.run_block_stack(self.blocks, x, deterministic)
     return self.norm(x)
 
-  def decode(self, encoded, keep_idx, masked_full, deterministic: bool):
-    """Decoder canvas: every dropped or masked position gets the class-slot output (spec §2.5)."""
+  def decoder_input(self, encoded, keep_idx, masked_full):
+    """Decoder canvas: every dropped or masked position gets the class-slot output (spec §2.5), plus the
+    learned decoder positions. Returns float32 [B, 1+N, Dd]."""
     y = self.decoder_embed(encoded.astype(self.dtype))
     cls = y[:, :1]
     if keep_idx is None:
@@ -181,11 +182,16 @@ class MAGE(nn.Module):
       canvas = jnp.broadcast_to(cls, (y.shape[0], masked_full.shape[1], y.shape[2]))
       canvas = jax.vmap(lambda c, i, v: c.at[i].set(v))(canvas, keep_idx, y)
     canvas = jnp.where(masked_full[:, :, None], cls, canvas)
-    x = canvas.astype(jnp.float32) + self.decoder_pos_embed_learned.astype(jnp.float32)
+    return canvas.astype(jnp.float32) + self.decoder_pos_embed_learned.astype(jnp.float32)
+
+  def decoder_head(self, x, deterministic: bool):
+    """Decoder blocks, norm and the tied MLM head on a decoder input [B, L, Dd]."""
     x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "seq", "embed_act"))
     x = layers.run_block_stack(self.decoder_blocks, x, deterministic)
-    x = self.decoder_norm(x)
-    return self.mlm_layer(x, self.token_emb.word_embeddings.embedding)
+    return self.mlm_layer(self.decoder_norm(x), self.token_emb.word_embeddings.embedding)
+
+  def decode(self, encoded, keep_idx, masked_full, deterministic: bool):
+    return self.decoder_head(self.decoder_input(encoded, keep_idx, masked_full), deterministic)
 
   def __call__(self, ids, plan: MaskPlan, deterministic: bool = True):
     """Pretraining pass. ids: int32 [B, N] tokenizer ids. Returns (logits [B,1+N,V] f32, aux)."""
