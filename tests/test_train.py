@@ -56,7 +56,7 @@ def test_sharded_mesh_matches_single_device(image_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bitwise_identical(image_folder, tmp_path):
+def test_sigkill_and_sigterm_resume_are_bitwise_identical(image_folder, tmp_path):
   full = tmp_path / "full"
   subprocess.run(_main_cmd(image_folder, full, 16), check=True, capture_output=True, cwd=REPO)
   killed = tmp_path / "killed"
@@ -71,6 +71,23 @@ def test_sigkill_then_resume_is_bitwise_identical(image_folder, tmp_path):
   subprocess.run(_main_cmd(image_folder, killed, 16), check=True, capture_output=True, cwd=REPO)
   pa, pb = _exported(str(full)), _exported(str(killed))
   jax.tree.map(np.testing.assert_array_equal, pa, pb)
+
+  # SIGTERM (preemption): the process writes a checkpoint at the step it reached and exits cleanly.
+  preempted = tmp_path / "preempted"
+  proc = subprocess.Popen(_main_cmd(image_folder, preempted, 16, "--config.checkpoint_every_steps=100"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+  deadline = time.time() + 240
+  while not glob.glob(str(preempted / "events.out.tfevents.*")) and time.time() < deadline:
+    time.sleep(0.05)
+  while len(_scalars(str(preempted))) < 3 and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 0, err[-2000:]
+  steps = [int(d) for d in os.listdir(preempted / "checkpoints")]
+  assert len(steps) == 1 and 3 <= steps[0] < 16 and "after SIGTERM" in err
+  subprocess.run(_main_cmd(image_folder, preempted, 16), check=True, capture_output=True, cwd=REPO)
+  jax.tree.map(np.testing.assert_array_equal, pa, _exported(str(preempted)))
 
 
 def test_checkpoint_restores_onto_other_meshes(tmp_path):
