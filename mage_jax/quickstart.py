@@ -35,7 +35,7 @@ from mage_jax import runtime  # noqa: E402
 
 BUDGETS = {
     # tokenizer steps, MAGE steps, samples for FID (and for the test-split reference), eval args
-    "full": dict(tokenizer_steps=1500, mage_steps=3000, fid_samples=1000, grid=64, sample_steps=12,
+    "full": dict(tokenizer_steps=800, mage_steps=1200, fid_samples=500, grid=64, sample_steps=12,
                  eval_arg="train=10000,test=2000,epochs=10"),
     "ci": dict(tokenizer_steps=30, mage_steps=30, fid_samples=16, grid=16, sample_steps=4,
                eval_arg="train=300,test=200,epochs=1,batch=64"),
