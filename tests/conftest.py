@@ -46,6 +46,11 @@ def tiny_train_config(image_folder, steps=12, **overrides):
   config.log_every_steps = 1
   config.checkpoint_every_steps = 4
   config.async_checkpoints = False
+  return apply_overrides(config, **overrides)
+
+
+def apply_overrides(config, **overrides):
+  """Sets dotted keys (`optim.blr=...`) on a ConfigDict, as `--config.optim.blr=...` would."""
   for key, value in overrides.items():
     target = config
     *path, leaf = key.split(".")
@@ -53,3 +58,25 @@ def tiny_train_config(image_folder, steps=12, **overrides):
       target = target[p]
     target[leaf] = value
   return config
+
+
+def random_variables(module, seed, *args, spread=0.1):
+  """Random variables with the module's tree, from shapes only (jitting the real VQGAN/MAGE init costs tens of
+  seconds on this CPU). LayerNorm scales/biases are perturbed by `spread` so a wrong param mapping shows."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = str(path[-1])
+    noise = rng.normal(size=leaf.shape).astype(np.float32)
+    if "scale" in name:
+      return 1.0 + spread * noise
+    if "bias" in name:
+      return spread * noise
+    fan_in = leaf.shape[-2] if len(leaf.shape) >= 2 and "embedding" not in name else 1.0 / 0.02 ** 2
+    return noise / np.sqrt(fan_in)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)

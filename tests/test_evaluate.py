@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_variables
 
 from configs import eval_fashion_mnist, eval_imagenet, finetune_imagenet
 from mage_jax import evaluate, masking, train
@@ -22,21 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _random_variables(module, seed, *args):
-  """Random variables from shapes only (jitting the real VQGAN/MAGE init costs tens of seconds here)."""
-  abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = str(path[-1])
-    noise = rng.normal(size=leaf.shape).astype(np.float32)
-    if "scale" in name:
-      return 1.0 + 0.1 * noise
-    if "bias" in name:
-      return 0.1 * noise
-    fan_in = leaf.shape[-2] if len(leaf.shape) >= 2 and "embedding" not in name else 1.0 / 0.02 ** 2
-    return noise / np.sqrt(fan_in)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
+  return random_variables(module, seed, *args, spread=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_variables
 
 from mage_jax import masking, params_io, probe, sharding, train
 from mage_jax.data import sources
@@ -112,23 +113,7 @@ def test_probe_config_errors(mesh, tmp_path):
 
 
 def _random_variables(module, seed, *args):
-  """Random variables with the module's tree, from shapes only (jitting the real init costs ~40 s here).
-
-  Non-trivial LayerNorm scales/biases: a wrong mapping (e.g. keeping `norm` for global pooling) shows."""
-  abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = str(path[-1])
-    noise = rng.normal(size=leaf.shape).astype(np.float32)
-    if "scale" in name:
-      return 1.0 + 0.3 * noise
-    if "bias" in name:
-      return 0.3 * noise
-    fan_in = leaf.shape[-2] if len(leaf.shape) >= 2 and "embedding" not in name else 1.0 / 0.02 ** 2
-    return noise / np.sqrt(fan_in)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
+  return random_variables(module, seed, *args, spread=0.3)
 
 
 @pytest.fixture(scope="module")

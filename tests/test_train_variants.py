@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import apply_overrides
 from PIL import Image
 
 from mage_jax import masking, optim, params_io, sampling, steps, train_variants
@@ -296,13 +297,7 @@ def _variant_config(module, arg, image_folder, **overrides):
   config.log_every_steps = 1
   config.checkpoint_every_steps = 100
   config.async_checkpoints = False
-  for key, value in overrides.items():
-    target = config
-    *path, leaf = key.split(".")
-    for p in path:
-      target = target[p]
-    target[leaf] = value
-  return config
+  return apply_overrides(config, **overrides)
 
 
 def test_class_cond_refuses_missing_or_mismatched_init(image_folder, tmp_path):
