@@ -79,6 +79,12 @@ class _Preemption:
     self.requested = False
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
+  def reinstall(self):
+    # The XLA runtime installs its own C-level SIGTERM action while compiling/running the first step (it exits
+    # the process with status 0), silently replacing ours; taking the signal back after that step keeps
+    # preemption saves working.
+    signal.signal(signal.SIGTERM, self._handle)
+
   def _handle(self, signum, frame):
     logging.warning("SIGTERM received: saving a checkpoint before exiting")
     self.requested = True
@@ -164,11 +170,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
         batch = sharding.global_batch({k: local[k] for k in task.batch_keys}, mesh)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, metrics = step_fn(state, extras, batch)
+        if step == start_step:
+          jax.block_until_ready(state.step)
+          preemption.reinstall()
         done = step + 1
         for hook in hooks:
           hook(done)
-        save_now = (done % config.checkpoint_every_steps == 0 or done == task.total_steps
-                    or preemption.requested)
+        # Read the flag once: a SIGTERM landing between two reads would skip the save but still exit.
+        preempted = preemption.requested
+        save_now = done % config.checkpoint_every_steps == 0 or done == task.total_steps or preempted
         if done % config.log_every_steps == 0 or save_now:
           check_finite(state, config, mngr)
           last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -182,7 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
           last_metrics.update({f"eval/{k}": v for k, v in eval_metrics.items()})
         if save_now:
           checkpointing.save(mngr, done, state, force=True)
-        if preemption.requested:
+        if preempted:
           mngr.wait_until_finished()
           logging.warning("checkpoint %d written after SIGTERM; exiting", done)
           break
