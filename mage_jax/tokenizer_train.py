@@ -293,7 +293,7 @@ def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, v
     return total, (terms, aux, recon)
 
   (g_loss, (g_terms, aux, recon)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_params)
-  g_grad_norm = optax.global_norm(g_grads)
+  g_grad_norm = optax.tree.norm(g_grads)
   g_updates, g_opt_state = g_tx.update(g_grads, state.g_opt_state, g_params)
   new_g_params = optax.apply_updates(g_params, g_updates)
 
@@ -339,7 +339,7 @@ def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, v
       dp, d_opt, lecam_state = operands
       (d_loss, (stats, new_lecam)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(dp, lecam_state)
       updates, new_opt = d_tx.update(d_grads, d_opt, dp)
-      stats = {**stats, "d_loss": d_loss, "d_grad_norm": optax.global_norm(d_grads)}
+      stats = {**stats, "d_loss": d_loss, "d_grad_norm": optax.tree.norm(d_grads)}
       return optax.apply_updates(dp, updates), new_opt, new_lecam, stats
 
     def d_skip(operands):
@@ -383,8 +383,7 @@ def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, v
 
 
 def eval_sums(gen_params, batch, *, vqgan: VQGAN):
-  """Per-batch sums over real (unpadded) images: psnr, ssim, l1, mse, quantizer, count; and the code
-  histogram [K]. Reconstructions are clipped to [0, 1] before the metrics (what anyone looking sees)."""
+  """Per-batch sums over real (unpadded) images: psnr, ssim, l1, mse, count; and the code histogram [K]. Reconstructions are clipped to [0, 1] before the metrics (what anyone looking sees)."""
   images = batch["image"]
   mask = batch["_mask"].astype(jnp.float32)
   recon, aux = vqgan.apply({"params": gen_params}, images)
@@ -500,11 +499,15 @@ def build_task(config: ml_collections.ConfigDict, workdir: str):
   d_span = total_steps - max(loss.discriminator_start_step, 0)
   d_tx, _ = make_optimizer(o.get("d_lr", o.lr), d_span, warmup_steps, o)
   perceptual = tl.PerceptualLoss.load(loss.perceptual_weights or None)
-  logging.info(perceptual.status)
-  if loss.perceptual_weight > 0 and not perceptual.enabled:
-    logging.warning("perceptual loss weight %g but no weights file (config.loss.perceptual_weights): "
-                    "training WITHOUT the perceptual term (reconstruction + VQ%s only)", loss.perceptual_weight,
-                    " + adversarial" if loss.use_gan else "")
+  if perceptual.enabled and loss.perceptual_weight > 0:
+    logging.info("%s, weight %g", perceptual.status, loss.perceptual_weight)
+  else:
+    reason = (perceptual.status if not perceptual.enabled
+              else f"weights {perceptual.path} loaded but loss.perceptual_weight is 0")
+    # The weights cannot be downloaded here; the offline configs are tuned to train well without them.
+    logging.warning("%s (set config.loss.perceptual_weights to a local LPIPS-VGG16 .npz to enable it): "
+                    "training WITHOUT the perceptual term (reconstruction + VQ%s%s)", reason,
+                    " + entropy" if loss.entropy_weight else "", " + adversarial" if loss.use_gan else "")
   logging.info("tokenizer training: %d steps (%d per epoch), %s, lr %.3g (D %.3g), warmup %d, EMA %.4g, GAN %s",
                total_steps, steps_per_epoch, vqgan.config, o.lr, o.get("d_lr", o.lr), warmup_steps, o.ema_decay,
                f"from step {loss.discriminator_start_step}" if loss.use_gan else "off")
