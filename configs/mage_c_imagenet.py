@@ -10,7 +10,7 @@ e.g. `--config.contrastive.lam=0.05 --config.views.jitter_prob=0.8 --config.view
 
 import ml_collections
 
-from configs import common
+from configs import mage_pretrain
 
 
 def contrastive_config(hidden_dim=2048, out_dim=128):
@@ -45,16 +45,5 @@ def as_mage_c(c, **head):
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, variant="B", runlocal=False, fsdp=1)
-  c = as_mage_c(common.base_pretrain_config())
-  c.model.variant = args.variant
-  c.mesh = [("data", -1), ("fsdp", args.fsdp), ("model", 1)]
-  if args.variant == "L":
-    c.model.scan = True
-    c.model.remat_policy = "nothing_saveable"
-  if args.runlocal:
-    c.input.batch_size = 8
-    c.total_steps = 5
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 5
-  return c
+  # The MAGE pretraining config of the same variant (mesh, ViT-L scan/remat/tokenizer chunks, runlocal), as MAGE-C.
+  return as_mage_c(mage_pretrain.get_config(arg))
