@@ -46,6 +46,16 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, 
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
 
 
+def finish_step(state: TrainState, loss, grads, tx, *, schedule=None, metrics=None):
+  """The common tail of every training step: gradient norm, finiteness, metrics, guarded update."""
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32), **(metrics or {})}
+  if schedule is not None:
+    metrics["lr"] = schedule(state.step)
+  return apply_gradients(state, grads, tx, finite), metrics
+
+
 def map_in_chunks(fn, x, chunks: int):
   """`fn(x)` computed `chunks` slices at a time (lax.map), so only one slice's activations are live.
 
@@ -84,10 +94,4 @@ def pretrain_step(state: TrainState, tokenizer_vars, batch, *, model, tokenizer,
                                     label_smoothing=label_smoothing)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new_state = apply_gradients(state, grads, tx, finite)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "mask_ratio": ratio, "finite": finite.astype(jnp.float32)}
-  if schedule is not None:
-    metrics["lr"] = schedule(state.step)
-  return new_state, metrics
+  return finish_step(state, loss, grads, tx, schedule=schedule, metrics={"mask_ratio": ratio})

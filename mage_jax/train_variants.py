@@ -47,7 +47,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from mage_jax import checkpoint_models, contrastive, images as image_io, losses, masking, optim, params_io
@@ -298,12 +297,7 @@ def mage_c_update(state: steps.TrainState, ids, *, model, head, tx, cfg: Contras
   loss_fn = functools.partial(mage_c_loss, model=model, head=head, cfg=cfg, masking_cfg=masking_cfg,
                               label_smoothing=label_smoothing)
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, ids, rng)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32), **aux}
-  if schedule is not None:
-    metrics["lr"] = schedule(state.step)
-  return steps.apply_gradients(state, grads, tx, finite), metrics
+  return steps.finish_step(state, loss, grads, tx, schedule=schedule, metrics=aux)
 
 
 def mage_c_step(state: steps.TrainState, tokenizer_vars, batch, *, tokenizer: VQGAN, views: ViewAugment,
@@ -420,12 +414,7 @@ def class_cond_update(state: steps.TrainState, ids, labels, *, model, tx, maskin
   loss_fn = functools.partial(class_cond_loss, model=model, masking_cfg=masking_cfg,
                               label_smoothing=label_smoothing, label_drop_prob=label_drop_prob)
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, ids, labels, rng)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32), **aux}
-  if schedule is not None:
-    metrics["lr"] = schedule(state.step)
-  return steps.apply_gradients(state, grads, tx, finite), metrics
+  return steps.finish_step(state, loss, grads, tx, schedule=schedule, metrics=aux)
 
 
 def class_cond_step(state: steps.TrainState, tokenizer_vars, batch, *, tokenizer: VQGAN, **update_kw):
