@@ -5,9 +5,11 @@ One step: the generator loss (reconstruction + VQ codebook/commitment + optional
 perceptual + adversarial from `discriminator_start_step` on) is minimised with its own Adam; then one
 discriminator step (non-saturating or hinge, LeCam, optional R1) on the same real batch and the
 stop-gradient reconstructions, with a second Adam. Before the discriminator starts, its forward/backward
-passes are skipped entirely (`lax.cond`), so an early start step costs nothing. The generator weights are
-tracked by an EMA (exported, and used for evaluation). A step whose losses or gradients are non-finite
-changes nothing but the step counter (see `steps.apply_gradients`).
+passes are skipped entirely (`lax.cond`), so the steps before it cost no discriminator compute. The generator weights are
+tracked by an EMA (exported, and used for evaluation). Optionally (`config.codebook`) the loop also scales
+the codebook's learning rate and restarts dead codes from batch latents (off in both shipped configs: the
+entropy loss keeps the codes in use). A step whose losses or gradients are non-finite changes nothing but
+the step counter (see `steps.apply_gradients`).
 
 Precision: `tokenizer.dtype` / `discriminator.dtype` set the conv/dense compute dtype (bfloat16 on
 accelerators). Whatever they are, params, optimizer states, the EMA, GroupNorm statistics, the quantizer
@@ -383,7 +385,10 @@ def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, v
 
 
 def eval_sums(gen_params, batch, *, vqgan: VQGAN):
-  """Per-batch sums over real (unpadded) images: psnr, ssim, l1, mse, count; and the code histogram [K]. Reconstructions are clipped to [0, 1] before the metrics (what anyone looking sees)."""
+  """Per-batch sums over real (unpadded) images: psnr, ssim, l1, mse, count; and the code histogram [K].
+
+  Reconstructions are clipped to [0, 1] before the metrics (what anyone looking at them sees).
+  """
   images = batch["image"]
   mask = batch["_mask"].astype(jnp.float32)
   recon, aux = vqgan.apply({"params": gen_params}, images)

@@ -157,11 +157,12 @@ def _f64(tree):
 @pytest.fixture(scope="module")
 def gan_setup(folder, tmp_path_factory):
   """A small task with every loss term on (D from step 0, LeCam, R1, entropy, a random perceptual net), its
-  initial state and jitted step."""
+  initial state and jitted step; bf16 compute as in the ImageNet config."""
   tmp = tmp_path_factory.mktemp("gan")
   np.savez(tmp / "vgg.npz", **tokenizer_losses.random_perceptual_weights(seed=0, widths=(4, 4, 4, 4, 4)))
   c = small_config(folder, gan_start=0, lecam_weight=0.1, r1_cost=1.0, entropy_weight=0.1,
                    perceptual_weight=0.1, perceptual_weights=str(tmp / "vgg.npz"))
+  c.tokenizer.dtype = c.discriminator.dtype = "bfloat16"  # the ImageNet setting: bf16 convs, f32 the rest
   task, mesh, rules = tokenizer_train.build_task(c, str(tmp))
   return c, task, _init(task, mesh, rules), jax.jit(task.step)
 
@@ -183,7 +184,9 @@ def test_ema_follows_the_expected_decay(folder, gan_setup):
   # The EMA lags: ema − raw = decay·(ema_prev − raw), here nonzero.
   diffs = [np.abs(e - r).max() for e, r in zip(jax.tree.leaves(_f64(s2.ema_params)), jax.tree.leaves(p2))]
   assert max(diffs) > 0
-  # Every term is live; the discriminator started at step 0 and moved; LeCam's EMAs moved off 0.
+  # Every term is live and float32 whatever the compute dtype; the discriminator started at step 0 and
+  # moved; LeCam's EMAs moved off 0.
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves((m2, s2.params, s2.ema_params, s2.lecam)))
   assert float(m2["gan_active"]) == 1.0 and float(m2["d_loss"]) > 0
   for name in ("g_adv", "g_perceptual", "d_r1", "d_lecam"):
     assert float(m2[name]) > 0, name
