@@ -5,8 +5,8 @@
 
 variant=B: 100 epochs, layer decay 0.65, drop path 0.1; variant=L: 50 epochs, 0.75, 0.2. Both: batch 1024,
 blr 2.5e-4 (lr 1e-3), 5 warm-up epochs, min lr 1e-6, AdamW wd 0.05, Mixup 0.8 / CutMix 1.0 (switch 0.5,
-per 32-image group like the reference's per-GPU batches), label smoothing 0.1. `runlocal` shrinks it.
-Not reproduced: timm RandAugment (rand-m9-mstd0.5-inc1), see mage_jax/finetune.py.
+per 32-image group like the reference's per-GPU batches), label smoothing 0.1, timm RandAugment
+rand-m9-mstd0.5-inc1 after the crop and flip. `runlocal` shrinks it.
 """
 
 import ml_collections
@@ -36,7 +36,7 @@ def finetune_section(variant: str = "B") -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict(dict(
       name="imagenet2012", split="train", data_dir=_optional_str(), manual_dir=_optional_str(), batch_size=1024,
       image_size=0, augment="pretrain", interpolation="bicubic", scale=(0.2, 1.0), crop_ratio=256 / 292,
-      eval_interpolation="bicubic", num_workers=0, download=False))
+      eval_interpolation="bicubic", rand_augment="rand-m9-mstd0.5-inc1", num_workers=0, download=False))
   c.eval_split = "validation"
   c.eval_batch_size = 1024
   c.num_classes = 1000

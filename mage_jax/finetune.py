@@ -8,9 +8,8 @@ batch mode with label smoothing 0.1 folded into soft targets, soft-target cross-
 Mixup runs on [0, 1] pixels BEFORE tokenisation (the reference mixes the normalised tensor, which commutes
 with the affine normalisation, then denormalises before the VQGAN).
 
-Augmentation gap: the reference's timm RandAugment ('rand-m9-mstd0.5-inc1') is not implemented by the
-data pipeline; training uses its 'pretrain' mode (RandomResizedCrop scale (0.2, 1), bicubic, + flip), the
-rest of the timm transform. Expect lower accuracy than the paper until a RandAugment mode exists.
+Augmentation: the timm transform of the reference, i.e. RandomResizedCrop (scale (0.2, 1), bicubic) + flip
++ RandAugment 'rand-m9-mstd0.5-inc1' (`input.rand_augment`, mage_jax/data/randaugment.py), no random erasing.
 
 Resumable like every trainer job: re-running with the same workdir continues from the latest checkpoint
 (saved every epoch by default). The final params are exported as a params-only checkpoint of kind 'vit'

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from mage_jax.data import randaugment
+
 PRETRAIN_SCALE = (0.2, 1.0)
 PRETRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 EVAL_CROP_RATIO = 256.0 / 292.0
@@ -225,6 +227,7 @@ def preprocess(
     ratio: Sequence[float] = PRETRAIN_RATIO,
     crop_ratio: float = EVAL_CROP_RATIO,
     eval_interpolation: str = "bicubic",
+    rand_augment: randaugment.RandAugmentConfig | None = None,
 ) -> tf.Tensor:
   """The full per-example transform.
 
@@ -236,6 +239,8 @@ def preprocess(
     interpolation: resize filter of the random crop.
     scale, ratio: random-crop area fraction and aspect-ratio ranges.
     crop_ratio, eval_interpolation: the 'none' transform.
+    rand_augment: timm RandAugment after the crop and flip (random modes only), applied like timm to the
+      uint8 image the crop would have produced in PIL (hence the rounding to 1/255 before it).
 
   Returns:
     float32 `[size, size, 3]` in [0, 1].
@@ -255,4 +260,9 @@ def preprocess(
                               interpolation=interpolation,
                               single_draw=(mode == "probe"))
     out = random_flip(out, flip_seed)
+    if rand_augment is not None:
+      # A seed of its own (not a third split) keeps the crop and flip draws of existing runs unchanged.
+      ra_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+      quantized = tf.cast(tf.round(out * 255.0), tf.uint8)
+      out = tf.cast(randaugment.rand_augment(quantized, ra_seed, rand_augment), tf.float32) / 255.0
   return tf.ensure_shape(out, [size, size, 3])

@@ -24,7 +24,8 @@ Config keys (ml_collections.ConfigDict, dict or `InputConfig`):
   manual_dir, augment ('pretrain' | 'probe' | 'none'), interpolation
   ('bicubic'), num_workers (0 = tf.data AUTOTUNE), download (False),
   crop_ratio (256/292), eval_interpolation ('bicubic'), scale ((0.2, 1.0)),
-  ratio ((3/4, 4/3)), prefetch (2 batches). See `augment.py` for the transforms.
+  ratio ((3/4, 4/3)), rand_augment ('' or a timm spec such as 'rand-m9-mstd0.5-inc1'), prefetch (2 batches).
+  See `augment.py` and `randaugment.py` for the transforms.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from mage_jax.data import augment as augment_lib
+from mage_jax.data import randaugment
 from mage_jax.data import sources
 
 # Purposes mixed into the user seed so that shuffling and augmentation draw
@@ -64,6 +66,7 @@ class InputConfig:
   eval_interpolation: str = "bicubic"
   scale: tuple[float, float] = augment_lib.PRETRAIN_SCALE
   ratio: tuple[float, float] = augment_lib.PRETRAIN_RATIO
+  rand_augment: str = ""  # timm spec, e.g. 'rand-m9-mstd0.5-inc1' (fine-tuning); '' = off
   prefetch: int = 2
 
   def __post_init__(self):
@@ -74,6 +77,10 @@ class InputConfig:
     if self.augment not in augment_lib.MODES:
       raise ValueError(
           f"Unknown augment {self.augment!r}; expected one of {augment_lib.MODES}.")
+    if self.rand_augment:
+      if self.augment == "none":
+        raise ValueError(f"rand_augment={self.rand_augment!r} needs a random augment mode, not 'none'.")
+      randaugment.parse(self.rand_augment)
     for interp in (self.interpolation, self.eval_interpolation):
       if interp not in augment_lib.INTERPOLATIONS:
         raise ValueError(f"Unknown interpolation {interp!r}; expected one of "
@@ -241,7 +248,8 @@ def train_iterator(
     out = {"image": augment_lib.preprocess(
         image, seed_, size=c.image_size, mode=c.augment,
         interpolation=c.interpolation, scale=c.scale, ratio=c.ratio,
-        crop_ratio=c.crop_ratio, eval_interpolation=c.eval_interpolation),
+        crop_ratio=c.crop_ratio, eval_interpolation=c.eval_interpolation,
+        rand_augment=randaugment.parse(c.rand_augment) if c.rand_augment else None),
            "label": label}
     if return_index:
       out["index"] = el["index"]
