@@ -220,6 +220,44 @@ def hlo_summary(hlo_text: str) -> dict:
   }
 
 
+_MATMUL = re.compile(r"stablehlo\.(dot_general|convolution)\b.*:\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->\s*"
+                     r"(tensor<[^>]*>)")
+_TENSOR = re.compile(r"tensor<((?:\d+x)*)([a-z]+\d*)>")
+_CONTRACTING = re.compile(r"contracting_dims = \[([\d, ]*)\]")
+_RHS_SPEC = re.compile(r"dim_numbers = \[[^\]]*\]x\[([^\]]*)\]")
+
+
+def _tensor(text: str) -> tuple[list[int], str]:
+  m = _TENSOR.match(text)
+  return [int(d) for d in m.group(1).split("x") if d], m.group(2)
+
+
+def matmul_dtypes(lowered_text: str) -> dict:
+  """Matmul and convolution FLOPs of a lowered (StableHLO, pre-optimisation) program by operand dtypes and
+  precision, e.g. {'bf16 x bf16': ..., 'f32 x f32 HIGHEST': ...}. Device-independent: it shows float32
+  operands reaching a matmul in a bf16 program (the float32 units run ~15x slower than the bf16 tensor cores),
+  which the CPU's optimised HLO hides by upcasting every bf16 dot. A scanned body counts once."""
+  out: dict[str, dict[str, float]] = {}
+  for line in lowered_text.splitlines():
+    m = _MATMUL.search(line)
+    if not m:
+      continue
+    kind, (lhs, lhs_dtype), (rhs, rhs_dtype), (result, _) = m.group(1), *(_tensor(m.group(i)) for i in (2, 3, 4))
+    if kind == "dot_general":
+      contracting = _CONTRACTING.search(line)
+      dims = [int(d) for d in contracting.group(1).split(",") if d.strip()] if contracting else []
+      flops = 2 * math.prod(result) * math.prod(lhs[d] for d in dims)
+    else:
+      spec = _RHS_SPEC.search(line)
+      kernel = [size for size, name in zip(rhs, spec.group(1).split(","), strict=True) if name.strip() != "o"]
+      flops = 2 * math.prod(result) * math.prod(kernel)
+    precision = " HIGHEST" if "HIGHEST" in line else (" HIGH" if "HIGH" in line else "")
+    row = out.setdefault(f"{lhs_dtype} x {rhs_dtype}{precision}", {"ops": 0, "gflops": 0.0})
+    row["ops"] += 1
+    row["gflops"] += flops / 1e9
+  return out
+
+
 def _dump_hlo(args, name: str, compiled) -> None:
   if args.dump_hlo:
     os.makedirs(args.dump_hlo, exist_ok=True)
@@ -382,7 +420,8 @@ def run_pretrain(s: Setup) -> dict:
     res = s.spec.tokenizer.resolution
     batches = [{"image": _random_images(jax.random.key(100 + i), s.batch, res, batch_sh)} for i in range(2)]
     t0 = time.perf_counter()
-    compiled = fn.lower(state, tok_vars, batches[0]).compile()
+    lowered = fn.lower(state, tok_vars, batches[0])
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     holder = {"state": state, "i": 0}
 
@@ -399,7 +438,8 @@ def run_pretrain(s: Setup) -> dict:
   extra = {"compile_s": compile_s, "loss": float(metrics["loss"]), "finite": float(metrics["finite"]),
            "params_m": params / 1e6, "tokenizer_mode": args.tokenizer, "tokenizer_chunks": args.tokenizer_chunks,
            "scan": model.config.scan, "remat": model.config.remat_policy, "attention_path": attn,
-           "mesh": dict(s.mesh.shape), **compiled_stats(compiled), "hlo": hlo_summary(compiled.as_text())}
+           "mesh": dict(s.mesh.shape), **compiled_stats(compiled), "hlo": hlo_summary(compiled.as_text()),
+           "matmul_dtypes": matmul_dtypes(lowered.as_text())}
   return _row(s, "pretrain", batch=s.batch, seconds=seconds, flops_per_image=s.flops.pretrain,
               images_per_call=s.batch, extra=extra)
 

@@ -184,6 +184,11 @@ def test_tiny_benchmark_runs_every_workload_and_writes_json(tmp_path):
       assert r["mfu"] is None                             # CPU: no peak in the table
   pre = rows[0]
   assert math.isfinite(pre["loss"]) and pre["finite"] == 1.0
+  # bf16 step: MAGE's matmuls take bf16 operands; float32 ones are the tokenizer (TF32-class convs, HIGH),
+  # the codebook distances (HIGHEST, the only one) and backward passes of float32 attention logits / MLM logits
+  dtypes = pre["matmul_dtypes"]
+  assert dtypes["bf16 x bf16"]["ops"] >= 12, dtypes
+  assert dtypes["f32 x f32 HIGHEST"]["ops"] == 1, dtypes
   assert pre["timed_calls"] == 2
   assert rows[1]["ids_in_codebook"]
 

@@ -150,3 +150,18 @@ def test_bad_config_and_image_errors():
   vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, resolution=8))
   with pytest.raises(ValueError, match="channels"):
     vq.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+
+
+def test_bf16_attention_logits_equal_float32_highest_on_the_same_values():
+  """bf16 operands with float32 accumulation (the tensor-core path) equal float32 copies at HIGHEST precision:
+  every bf16 x bf16 product is exact in float32, only the summation order may differ."""
+  q = jax.random.normal(jax.random.key(1), (2, 33, 4, 64)).astype(jnp.bfloat16)
+  k = jax.random.normal(jax.random.key(2), (2, 33, 4, 64)).astype(jnp.bfloat16)
+  fast = jax.jit(layers.attention_logits)(q, k)
+  assert fast.dtype == jnp.float32
+  exact = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64))
+  np.testing.assert_allclose(np.asarray(fast), exact, rtol=0, atol=2e-5)
+  # and the compiled dot consumes the bf16 values themselves (no float32 upcast feeding it)
+  hlo = jax.jit(layers.attention_logits).lower(q, k).as_text()
+  dots = [line for line in hlo.splitlines() if "dot_general" in line]
+  assert dots and all("bf16" in line.split("dot_general")[1] for line in dots), dots

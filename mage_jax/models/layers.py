@@ -34,6 +34,15 @@ def gelu(x):
   return nn.gelu(x, approximate=False)
 
 
+def attention_logits(q, k):
+  """q·kᵀ in float32, as the official code forces. For bf16 q and k, bf16 operands with float32 accumulation
+  give the same products as float32 copies at HIGHEST precision (a bf16 x bf16 product is exact in float32),
+  on the tensor cores instead of the float32 units (~15x slower on an H100)."""
+  if q.dtype == jnp.float32:
+    return jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+
+
 class Attention(nn.Module):
   """Fused-qkv multi-head self-attention with float32 logits and softmax (as the official code forces)."""
   num_heads: int
@@ -55,8 +64,7 @@ class Attention(nn.Module):
     if use_fused:
       out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5)
     else:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32),
-                          precision=jax.lax.Precision.HIGHEST) * head_dim ** -0.5
+      logits = attention_logits(q, k) * head_dim ** -0.5
       probs = jax.nn.softmax(logits, axis=-1)
       probs = nn.Dropout(self.attn_dropout)(probs, deterministic=deterministic)
       out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
