@@ -131,3 +131,5 @@ def test_imagenet_finetune_config_is_the_paper_recipe(variant, epochs, ld, dp):
   assert (ft.optim.weight_decay, ft.optim.b1, ft.optim.b2, ft.head_init_std) == (0.05, 0.9, 0.999, 2e-5)
   m = ft.mixup
   assert (m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.label_smoothing) == (0.8, 1.0, 1.0, 0.5, 0.1)
+  assert (ft.input.rand_augment, ft.input.scale, ft.input.interpolation) == ("rand-m9-mstd0.5-inc1", (0.2, 1.0),
+                                                                            "bicubic")
