@@ -197,7 +197,7 @@ def finetune(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -
     return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
 
   eval_input = {**cfg.input.to_dict(), "split": cfg.eval_split, "batch_size": cfg.eval_batch_size,
-                "augment": "none"}
+                "augment": "none", "rand_augment": ""}
   tokenizer_vars = backbone.variables["tokenizer"]
 
   def export(state):

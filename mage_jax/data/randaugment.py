@@ -11,8 +11,8 @@ enhance factors in the increasing set) flip their sign with probability 1/2.
 Exactness against PIL (tests/test_randaugment.py compares every op with Pillow): the lookup-table ops
 (autocontrast, equalize, invert, posterize, solarize, solarize-add) and brightness/color/contrast are bit-exact;
 the geometric ops reproduce PIL's affine bicubic filter (a = -1 cubic, edge-clamped taps, fill outside the
-source, truncation to uint8) computed in float64, so they differ from PIL only where PIL's rounding of the
-transform lands a value on an integer boundary (at most 1 level, rarely).
+source, truncation to uint8) with float64 coordinates and float32 interpolation, so they differ from PIL's
+double arithmetic only where a value lands within float32 rounding of an integer (1 level, rarely).
 """
 
 from __future__ import annotations
@@ -198,15 +198,17 @@ def affine(image, matrix, fill):
   inside = (sx >= 0) & (sx < w_f) & (sy >= 0) & (sy < h_f)
   cx, cy = sx - 0.5, sy - 0.5
   x0, y0 = tf.floor(cx), tf.floor(cy)
-  dx, dy = (cx - x0)[..., None, None], (cy - y0)[..., None]
-  taps = tf.range(-1, 3, dtype=tf.int32)
-  ix = tf.clip_by_value(tf.cast(x0, tf.int32)[..., None] + taps, 0, w - 1)
-  iy = tf.clip_by_value(tf.cast(y0, tf.int32)[..., None] + taps, 0, h - 1)
-  flat = tf.reshape(tf.cast(image, tf.float64), [-1, shape[2]])
-  # [H, W, 4 (y), 4 (x), C]
-  values = tf.gather(flat, iy[..., :, None] * w + ix[..., None, :])
-  rows = _cubic(*tf.unstack(values, axis=3), dx)  # [H, W, 4 (y), C]
-  out = _cubic(*tf.unstack(rows, axis=2), dy)
+  # Coordinates in float64 (tap choice), interpolation in float32: flat regions stay exact (the cubic's
+  # higher terms vanish) and elsewhere a value lands within float32 rounding of an integer only rarely.
+  dx, dy = tf.cast(cx - x0, tf.float32)[..., None], tf.cast(cy - y0, tf.float32)[..., None]
+  x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+  flat = tf.reshape(tf.cast(image, tf.float32), [-1, shape[2]])
+  columns = [tf.clip_by_value(x0 + t, 0, w - 1) for t in range(-1, 3)]
+  rows = []
+  for t in range(-1, 3):
+    row_start = tf.clip_by_value(y0 + t, 0, h - 1) * w
+    rows.append(_cubic(*[tf.gather(flat, row_start + column) for column in columns], dx))
+  out = _cubic(*rows, dy)
   out = tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.int32)
   return tf.where(inside[..., None], out, tf.constant(fill, tf.int32))
 
