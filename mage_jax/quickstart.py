@@ -1,5 +1,5 @@
 """The main job for a new user: `python -m mage_jax.quickstart --workdir=runs/quickstart` (what `make quickstart`
-runs). Offline, on a 2-core CPU, in about 20 minutes:
+runs). Offline, on a 2-core CPU, in about 14 minutes (the budget is 20):
 
   1. Fashion-MNIST: a prepared TFDS copy, else built from Debian's `dataset-fashion-mnist` files, else a TFDS
      download when the network answers, else a message saying how to get it;
