@@ -196,8 +196,7 @@ def finetune(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -
     params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, mcfg.num_tokens), jnp.int32))["params"]
     return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
 
-  eval_input = {**cfg.input.to_dict(), "split": cfg.eval_split, "batch_size": cfg.eval_batch_size,
-                "augment": "none", "rand_augment": ""}
+  eval_input = pipeline.eval_input_config(cfg.input, split=cfg.eval_split, batch_size=cfg.eval_batch_size)
   tokenizer_vars = backbone.variables["tokenizer"]
 
   def export(state):

@@ -428,8 +428,7 @@ class Evaluator:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, vqgan: VQGAN, mesh, total_steps: int):
     e = config.eval
     self.workdir, self.vqgan, self.mesh, self.total_steps = workdir, vqgan, mesh, total_steps
-    self.input_cfg = {**config.input.to_dict(), "split": e.split, "batch_size": e.batch_size, "augment": "none",
-                      "rand_augment": ""}
+    self.input_cfg = pipeline.eval_input_config(config.input, split=e.split, batch_size=e.batch_size)
     sharding.check_batch_size(e.batch_size, mesh)
     self.source = pipeline.make_source(self.input_cfg)
     self.num_examples = int(e.get("num_examples", 0))

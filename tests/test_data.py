@@ -447,3 +447,15 @@ def test_fashion_mnist_iterator(fashion_data_dir):
   assert b["image"].shape == (64, 32, 32, 3) and b["label"].dtype == np.int32
   assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
   np.testing.assert_array_equal(b["image"][..., 0], b["image"][..., 2])
+
+
+def test_eval_input_config_turns_training_augmentation_off():
+  from configs import finetune_imagenet
+  train = finetune_imagenet.get_config("variant=B").finetune.input
+  assert train.rand_augment and train.augment == "pretrain"
+  view = pipeline.eval_input_config(train, split="validation", batch_size=256)
+  # a valid config (no RandAugment left beside augment 'none'); image_size 0 means "the checkpoint's" here
+  c = pipeline.InputConfig.from_config({**view, "image_size": 256})
+  assert (c.split, c.batch_size, c.augment, c.rand_augment) == ("validation", 256, "none", "")
+  assert (c.name, c.crop_ratio, c.eval_interpolation) == (train.name, train.crop_ratio, train.eval_interpolation)
+  assert train.rand_augment == "rand-m9-mstd0.5-inc1" and train.split == "train"  # the source is not modified

@@ -264,5 +264,5 @@ def preprocess(
       # A seed of its own (not a third split) keeps the crop and flip draws of existing runs unchanged.
       ra_seed = tf.random.experimental.stateless_fold_in(seed, 1)
       quantized = tf.cast(tf.round(out * 255.0), tf.uint8)
-      out = tf.cast(randaugment.rand_augment(quantized, ra_seed, rand_augment), tf.float32) / 255.0
+      out = _to_float(randaugment.rand_augment(quantized, ra_seed, rand_augment))
   return tf.ensure_shape(out, [size, size, 3])

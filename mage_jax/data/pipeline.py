@@ -106,6 +106,13 @@ class InputConfig:
     return cls(**kw)
 
 
+def eval_input_config(cfg: Any, *, split: str, batch_size: int) -> dict:
+  """The eval view of a training input config: another split and batch, the training-only augmentation (random
+  crop and flip, RandAugment) switched off, as `eval_iterator` applies the eval transform whatever they say."""
+  fields = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  return {**fields, "split": split, "batch_size": batch_size, "augment": "none", "rand_augment": ""}
+
+
 def make_source(cfg: Any) -> sources.Source:
   c = InputConfig.from_config(cfg)
   return sources.get_source(c.name, c.split, c.data_dir, manual_dir=c.manual_dir,
@@ -242,6 +249,8 @@ def train_iterator(
         pos, tf.stack([shuffle_key, epoch]), max_index)
     return {"index": index, "sample": step * batch + j}
 
+  rand_augment = randaugment.parse(c.rand_augment) if c.rand_augment else None
+
   def load(el):
     image, label = src.load(el["index"])
     seed_ = tf.stack([augment_key, el["sample"]])
@@ -249,7 +258,7 @@ def train_iterator(
         image, seed_, size=c.image_size, mode=c.augment,
         interpolation=c.interpolation, scale=c.scale, ratio=c.ratio,
         crop_ratio=c.crop_ratio, eval_interpolation=c.eval_interpolation,
-        rand_augment=randaugment.parse(c.rand_augment) if c.rand_augment else None),
+        rand_augment=rand_augment),
            "label": label}
     if return_index:
       out["index"] = el["index"]

@@ -73,19 +73,22 @@ def parse(spec: str, fill: tuple[int, int, int] = IMAGENET_FILL) -> RandAugmentC
 
 # ---- PIL's pixel operations on uint8 images (held as int32 [H, W, C]) --------------------------------------
 
+def _channel_bins(image: tf.Tensor) -> tf.Tensor:
+  """[H*W, C] indices into per-channel 256-entry tables laid end to end (value + 256 * channel)."""
+  channels = tf.shape(image)[-1]
+  return tf.reshape(image, [-1, channels]) + tf.range(channels) * 256
+
+
 def _lut(image: tf.Tensor, luts: tf.Tensor) -> tf.Tensor:
   """Applies one 256-entry table per channel: luts [C, 256]."""
-  channels = tf.shape(image)[-1]
-  flat = tf.reshape(image, [-1, channels]) + tf.range(channels) * 256
-  return tf.reshape(tf.gather(tf.reshape(luts, [-1]), flat), tf.shape(image))
+  return tf.reshape(tf.gather(tf.reshape(luts, [-1]), _channel_bins(image)), tf.shape(image))
 
 
 def _histograms(image: tf.Tensor) -> tf.Tensor:
   """[C, 256] counts."""
-  channels = tf.shape(image)[-1]
-  flat = tf.reshape(image, [-1, channels]) + tf.range(channels) * 256
-  return tf.reshape(tf.math.bincount(tf.reshape(flat, [-1]), minlength=256 * channels, maxlength=256 * channels,
-                                     dtype=tf.int64), [channels, 256])
+  size = 256 * tf.shape(image)[-1]
+  counts = tf.math.bincount(tf.reshape(_channel_bins(image), [-1]), minlength=size, maxlength=size, dtype=tf.int64)
+  return tf.reshape(counts, [-1, 256])
 
 
 def auto_contrast(image):
@@ -188,7 +191,7 @@ def _cubic(v1, v2, v3, v4, d):
 def affine(image, matrix, fill):
   """Image.transform(AFFINE, matrix, BICUBIC, fillcolor=fill): output pixel (x, y) reads the source at
   matrix @ (x + 0.5, y + 0.5, 1) (pixel-corner coordinates); outside the source it is `fill`."""
-  a = [tf.cast(v, tf.float64) for v in tf.unstack(tf.convert_to_tensor(matrix, tf.float64))]
+  a = tf.unstack(tf.cast(matrix, tf.float64))
   shape = tf.shape(image)
   h, w = shape[0], shape[1]
   ys, xs = tf.meshgrid(tf.range(h, dtype=tf.float64) + 0.5, tf.range(w, dtype=tf.float64) + 0.5, indexing="ij")
