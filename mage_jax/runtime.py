@@ -1,11 +1,57 @@
-"""Process start-up shared by every binary: multi-process initialisation and log filtering."""
+"""Process life of every binary: absl flags, start-up, and errors reported as one line.
+
+Every binary is `python -m mage_jax.<verb>`: a module holding only its flags and a `main(argv)`, started with
+`runtime.run(main)`. That gives each of them the same behaviour:
+
+  * flags are absl flags (`--help` lists the binary's own, `--helpfull` all); a bad flag value is one line on
+    stderr and exit status 2;
+  * an error the user can fix (a missing file, a bad value, a corrupt checkpoint) is one line naming the input
+    and the problem, exit status 1 (`UsageError`: 2); `--verbose` shows the Python traceback instead;
+  * Ctrl-C exits with status 130 without a traceback (training loops checkpoint first: see `trainer`);
+  * `MAGE_JAX_PARSE_ONLY=1` in the environment parses the flags (and loads `--config` files) and exits 0
+    without running anything: the tests push every documented command line through it.
+`start()` is the shared start-up: quiet orbax logs and multi-process initialisation.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+from typing import Callable
 
-import jax
-from absl import logging
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+PARSE_ONLY_ENV = "MAGE_JAX_PARSE_ONLY"
+
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the Python traceback of an error instead of one line.")
+
+
+class UsageError(ValueError):
+  """The command line is wrong (exit status 2)."""
+
+
+def define_float(name: str, default: float | None, help_text: str, *, lower: float | None = None,
+                 upper: float | None = None) -> flags.FlagHolder:
+  """A float flag that refuses NaN/inf (absl's bounds let NaN through) and values outside [lower, upper]."""
+  holder = flags.DEFINE_float(name, default, help_text, lower_bound=lower, upper_bound=upper)
+  flags.register_validator(name, lambda v: v is None or math.isfinite(v), message=f"--{name} must be finite")
+  return holder
+
+
+def define_distributed_flags() -> tuple[flags.FlagHolder, flags.FlagHolder, flags.FlagHolder]:
+  """Flags for an explicit multi-process coordinator (TPU pods and SLURM jobs are detected without them)."""
+  return (
+      flags.DEFINE_string("coordinator_address", None,
+                          "host:port of process 0, for multi-process runs that are not auto-detected."),
+      flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).",
+                           lower_bound=1),
+      flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).",
+                           lower_bound=0),
+  )
 
 
 def cluster_detected() -> bool:
@@ -17,13 +63,20 @@ def cluster_detected() -> bool:
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-  """Explicit coordinator if given, else auto-detection on clusters, else a single process (no call)."""
+                           process_id: int | None = None, **timeouts) -> None:
+  """Explicit coordinator if given, else auto-detection on clusters, else a single process (no call).
+
+  `timeouts`: jax.distributed.initialize's `initialization_timeout`, `heartbeat_timeout_seconds`, ...
+  """
   if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise UsageError("--coordinator_address needs --num_processes and --process_id")
+    if not 0 <= process_id < num_processes:
+      raise UsageError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, **timeouts)
   elif cluster_detected():
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
 
 
 class QuietOrbax(logging.logging.Filter):
@@ -35,3 +88,76 @@ class QuietOrbax(logging.logging.Filter):
 
 def quiet_orbax_logs() -> None:
   logging.get_absl_logger().addFilter(QuietOrbax())
+
+
+def start(distributed_flags=None, **timeouts) -> None:
+  """Start-up shared by the binaries: quiet orbax logs, join the other processes, log where we run.
+
+  Args:
+    distributed_flags: the holders from `define_distributed_flags()`, for binaries that run multi-process.
+    timeouts: passed to `jax.distributed.initialize` (see `initialize_distributed`).
+  """
+  quiet_orbax_logs()
+  if distributed_flags is not None:
+    initialize_distributed(*(f.value for f in distributed_flags), **timeouts)
+  logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
+
+
+def _one_line(error: BaseException) -> str:
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit:
+    # absl exits with status 1 after printing the help it was asked for; asking for help is not an error.
+    if any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
+  except flags.Error as e:
+    sys.stderr.write(f"error: {_one_line(e)} (see --help)\n")
+    sys.exit(2)
+
+
+# Errors a user can act on; anything else is reported as an internal error (with the same one line).
+USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError, RuntimeError)
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+  """Runs `main(argv)` as a binary (see the module docstring); never returns."""
+
+  def wrapped(argv):
+    if os.environ.get(PARSE_ONLY_ENV) == "1":
+      print(f"flags parsed: {' '.join(argv[1:]) or '(no positional arguments)'}")
+      return 0
+    try:
+      status = main(argv)
+    except (app.UsageError, UsageError) as e:
+      if _VERBOSE.value:
+        raise
+      sys.stderr.write(f"error: {_one_line(e)} (see --help)\n")
+      return 2
+    except KeyboardInterrupt:
+      sys.stderr.write("interrupted\n")
+      return 130
+    except Exception as e:  # pylint: disable=broad-except
+      if _VERBOSE.value:
+        raise
+      kind = "" if isinstance(e, USER_ERRORS) else f"internal error ({type(e).__name__}): "
+      hint = "" if isinstance(e, USER_ERRORS) else " (run with --verbose for the traceback)"
+      sys.stderr.write(f"error: {kind}{_one_line(e)}{hint}\n")
+      return 1
+    return int(status or 0)
+
+  app.run(wrapped, flags_parser=_parse_flags)
+
+
+def no_positional_arguments(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {argv[1:]}; every input is a --flag")
