@@ -28,7 +28,7 @@ setuptools.setup(
         "absl-py>=2",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "chex>=0.1.90"],
         "gpu": ["jax[cuda12]>=0.10,<0.12"],
         "tpu": ["jax[tpu]>=0.10,<0.12"],
         # Only the conversion tests compare against real torch; the converter itself never imports it.

@@ -18,7 +18,7 @@ def get_config(arg=None):
   c.mode = "class_cond"
   c.model.variant = args.variant
   c.model_init = args.init
-  c.mesh = [("data", -1), ("fsdp", args.fsdp), ("model", 1)]
+  c.mesh = common.mesh(args.fsdp)
   if args.variant == "L":
     c.model.scan = True
     c.model.remat_policy = "nothing_saveable"

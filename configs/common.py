@@ -24,13 +24,26 @@ def parse_arg(arg, **defaults):
   return result
 
 
+MESH = "data=-1,fsdp=1,model=1"
+
+
+def optional_str():
+  """A string field whose default is None and which the command line can still set (--config.x=/path)."""
+  return ml_collections.FieldReference(None, field_type=str)
+
+
+def mesh(fsdp: int = 1) -> str:
+  """`config.mesh`: data parallel over the remaining devices, `fsdp`-way parameter sharding (see sharding.py)."""
+  return f"data=-1,fsdp={fsdp},model=1"
+
+
 def base_pretrain_config():
   c = ml_collections.ConfigDict()
   c.mode = "pretrain"
   c.seed = 0
   c.input = ml_collections.ConfigDict(dict(
-      name="imagenet2012", split="train", data_dir=None, manual_dir=None, batch_size=4096, image_size=256,
-      augment="pretrain", interpolation="bicubic", num_workers=0, download=False))
+      name="imagenet2012", split="train", data_dir=optional_str(), manual_dir=optional_str(), batch_size=4096,
+      image_size=256, augment="pretrain", interpolation="bicubic", num_workers=0, download=False, views=1))
   c.model = ml_collections.ConfigDict(dict(variant="B", dtype="bfloat16", param_dtype="float32", dropout=0.1,
                                            attn_dropout=0.1, scan=False, remat_policy="none", attention="xla"))
   # The frozen tokenizer: a params dir (converted vqgan_jax_strongaug.ckpt, or trained with mode=tokenizer).
@@ -47,9 +60,9 @@ def base_pretrain_config():
                                            warmup_epochs=40.0, warmup_steps=-1, min_lr=0.0))
   c.total_epochs = 1600.0
   c.total_steps = 0  # > 0 overrides total_epochs
-  c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
+  c.mesh = MESH
   c.num_devices = 0  # 0: all devices of all processes
-  c.sharding_rules = ml_collections.FieldReference(None, field_type=list)
+  c.sharding_rules = ""  # changes to sharding.DEFAULT_RULES, e.g. "embed=,mlp=fsdp"
   c.model_init = ""  # params-only checkpoint to start from (e.g. converted weights)
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5000
@@ -57,5 +70,8 @@ def base_pretrain_config():
   c.async_checkpoints = True
   c.nonfinite = "stop"  # or 'skip': drop non-finite updates and count them
   c.profile_steps = 0
+  # Few-shot ridge on frozen encoder features every eval_every_steps (and at the end); empty splits: off.
+  c.fewshot_monitor = ml_collections.ConfigDict(dict(train_split="", test_split="", shots=(10,), trials=1,
+                                                     batch_size=256, num_classes=0))
   c.eval_every_steps = 0
   return c

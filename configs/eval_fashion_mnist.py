@@ -17,19 +17,13 @@ from configs import common
 from configs import finetune_imagenet
 
 
-
-def _optional_str():
-  # None that the command line can still override (--config.data.data_dir=/path).
-  return ml_collections.FieldReference(None, field_type=str)
-
-
 def get_config(arg=None):
   args = common.parse_arg(arg, train=0, test=0, epochs=10, augment="none", finetune=False, ft_steps=300,
                           batch=256)
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
-  c.sharding_rules = ml_collections.FieldReference(None, field_type=list)
+  c.mesh = common.MESH
+  c.sharding_rules = ""
   c.evals = ("linear_probe", "fewshot") + (("finetune",) if args.finetune else ())
   c.baseline_pixels = True
   c.num_classes = 10
@@ -37,12 +31,15 @@ def get_config(arg=None):
   c.global_pool = True
   train_split = f"train[:{args.train}]" if args.train else "train"
   test_split = f"test[:{args.test}]" if args.test else "test"
-  # crop_ratio 1: the 28x28 image is resized to the tokenizer's 32x32 whole (no center crop).
-  c.data = ml_collections.ConfigDict(dict(
-      name="fashion_mnist", data_dir=_optional_str(), manual_dir=_optional_str(), download=False,
-      train_split=train_split, test_split=test_split, image_size=0, crop_ratio=1.0, interpolation="bicubic", eval_interpolation="bicubic",
-      num_workers=0, probe_scale=(0.2, 1.0)))
-  c.features = ml_collections.ConfigDict(dict(batch_size=256, cache=True))
+  # The train split's pipeline (batch_size: the feature-extraction batch; image_size 0: the checkpoint
+  # tokenizer's resolution; scale: the 'probe' crop). crop_ratio 1: the 28x28 image is resized to the
+  # tokenizer's 32x32 whole (no center crop).
+  c.input = ml_collections.ConfigDict(dict(
+      name="fashion_mnist", split=train_split, data_dir=common.optional_str(), manual_dir=common.optional_str(),
+      download=False, batch_size=256, image_size=0, crop_ratio=1.0, interpolation="bicubic",
+      eval_interpolation="bicubic", num_workers=0, scale=(0.2, 1.0)))
+  c.eval_split = test_split
+  c.features = ml_collections.ConfigDict(dict(cache=True))
   c.linear_probe = ml_collections.ConfigDict(dict(
       epochs=args.epochs, warmup_epochs=max(args.epochs / 9, 0.0), batch_size=args.batch, blr=5.0, min_lr=0.0,
       momentum=0.9, weight_decay=0.0, bn_group_size=0, head_init_std=0.01, eval_every_epochs=1,

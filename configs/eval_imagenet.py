@@ -1,7 +1,7 @@
 """Linear probe and few-shot evals of a MAGE checkpoint on ImageNet-1k with the paper settings (spec §6.2).
 
   python -m mage_jax.evaluate --params=ckpt/mage_vitb --config=configs/eval_imagenet.py:variant=B \
-      --workdir=gs://bucket/mage_b_eval --config.data.manual_dir=/data/imagenet
+      --workdir=gs://bucket/mage_b_eval --config.input.manual_dir=/data/imagenet
 
 Linear probe (main_linprobe.py): global-pool features (fc_norm frozen at identity), BatchNorm1d(affine=False,
 eps 1e-6) + Linear (std 0.01), LARS (momentum 0.9, trust 0.001, wd 0), batch 4096, blr 0.1 (B) / 0.05 (L),
@@ -18,30 +18,27 @@ from configs import common
 BLR = {"B": 0.1, "L": 0.05}
 
 
-
-def _optional_str():
-  # None that the command line can still override (--config.data.data_dir=/path).
-  return ml_collections.FieldReference(None, field_type=str)
-
-
 def get_config(arg=None):
   args = common.parse_arg(arg, variant="B", augment="probe", runlocal=False)
   if args.variant not in BLR:
     raise ValueError(f"unknown variant {args.variant!r}; expected one of {sorted(BLR)}")
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
-  c.sharding_rules = ml_collections.FieldReference(None, field_type=list)
+  c.mesh = common.MESH
+  c.sharding_rules = ""
   c.evals = ("linear_probe", "fewshot")
   c.baseline_pixels = False
   c.num_classes = 1000
   c.dtype = "bfloat16"  # the reference probes under AMP; the tokenizer always runs in float32
   c.global_pool = True
-  c.data = ml_collections.ConfigDict(dict(
-      name="imagenet2012", data_dir=_optional_str(), manual_dir=_optional_str(), download=False,
-      train_split="train", test_split="validation", image_size=0, crop_ratio=256 / 292, interpolation="bicubic",
-      eval_interpolation="bicubic", num_workers=0, probe_scale=(0.2, 1.0)))
-  c.features = ml_collections.ConfigDict(dict(batch_size=1024, cache=True))
+  # The train split's pipeline (batch_size: the feature-extraction batch; image_size 0: the checkpoint
+  # tokenizer's resolution; scale: the 'probe' crop).
+  c.input = ml_collections.ConfigDict(dict(
+      name="imagenet2012", split="train", data_dir=common.optional_str(), manual_dir=common.optional_str(),
+      download=False, batch_size=1024, image_size=0, crop_ratio=256 / 292, interpolation="bicubic",
+      eval_interpolation="bicubic", num_workers=0, scale=(0.2, 1.0)))
+  c.eval_split = "validation"
+  c.features = ml_collections.ConfigDict(dict(cache=True))
   c.linear_probe = ml_collections.ConfigDict(dict(
       epochs=90, warmup_epochs=10.0, batch_size=4096, blr=BLR[args.variant], min_lr=0.0, momentum=0.9,
       weight_decay=0.0, bn_group_size=128, head_init_std=0.01, eval_every_epochs=1, augment=args.augment,
@@ -51,9 +48,9 @@ def get_config(arg=None):
   c.fewshot = ml_collections.ConfigDict(dict(shots=(1, 2, 5, 10, 13), trials=3, classifiers=("logreg", "ridge"),
                                              train_split="", l2_ridge=-1.0, l2_logreg=-1.0))
   if args.runlocal:
-    c.data.train_split = "train[:64]"
-    c.data.test_split = "validation[:32]"
-    c.features.batch_size = 8
+    c.input.split = "train[:64]"
+    c.eval_split = "validation[:32]"
+    c.input.batch_size = 8
     c.linear_probe.update(dict(epochs=2, warmup_epochs=1.0, batch_size=16, bn_group_size=0))
     c.evals = ("linear_probe",)  # few-shot needs every class in the pool
   return c

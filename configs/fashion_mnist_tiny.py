@@ -25,6 +25,8 @@ def get_config(arg=None):
   c.optim.blr = 1.5e-4 * 16  # a tiny model at a tiny batch needs a larger step than the ImageNet recipe
   c.optim.warmup_steps = max(args.steps // 20, 1)
   c.total_steps = args.steps
+  c.fewshot_monitor.update(dict(train_split="train[:2000]", test_split="test[:1000]", shots=(10,)))
+  c.eval_every_steps = 500
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   return c

@@ -17,12 +17,6 @@ RECIPE = {"B": dict(epochs=100, layer_decay=0.65, drop_path=0.1),
           "L": dict(epochs=50, layer_decay=0.75, drop_path=0.2)}
 
 
-
-def _optional_str():
-  # None that the command line can still override (--config.data.data_dir=/path).
-  return ml_collections.FieldReference(None, field_type=str)
-
-
 def finetune_section(variant: str = "B") -> ml_collections.ConfigDict:
   """The `finetune` section read by mage_jax.finetune (trainer keys + the recipe)."""
   if variant not in RECIPE:
@@ -30,11 +24,11 @@ def finetune_section(variant: str = "B") -> ml_collections.ConfigDict:
   r = RECIPE[variant]
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
-  c.sharding_rules = ml_collections.FieldReference(None, field_type=list)
+  c.mesh = common.MESH
+  c.sharding_rules = ""
   # image_size 0: the checkpoint tokenizer's resolution (256 for the released models).
   c.input = ml_collections.ConfigDict(dict(
-      name="imagenet2012", split="train", data_dir=_optional_str(), manual_dir=_optional_str(), batch_size=1024,
+      name="imagenet2012", split="train", data_dir=common.optional_str(), manual_dir=common.optional_str(), batch_size=1024,
       image_size=0, augment="pretrain", interpolation="bicubic", scale=(0.2, 1.0), crop_ratio=256 / 292,
       eval_interpolation="bicubic", rand_augment="rand-m9-mstd0.5-inc1", num_workers=0, download=False))
   c.eval_split = "validation"

@@ -6,6 +6,7 @@
 variant=B|L; `runlocal` shrinks everything for a quick local run. The MAGE-C code was never released: every
 `contrastive.*` and `views.*` value below is ASSUMED (SimCLR-style defaults; spec §4, §9.1) and configurable,
 e.g. `--config.contrastive.lam=0.05 --config.views.jitter_prob=0.8 --config.views.brightness=0.4`.
+The two views come from the input pipeline (`input.views=2`, the pretraining crop law on the original image).
 """
 
 import ml_collections
@@ -25,20 +26,16 @@ def contrastive_config(hidden_dim=2048, out_dim=128):
 
 
 def views_config():
-  """`config.views`: per-view augmentation made on device (train_variants.ViewAugment)."""
-  return ml_collections.ConfigDict(dict(
-      scale=(0.2, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), flip=True,  # MAGE's own pretraining crop law
-      method="cubic",
-      jitter_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0, grayscale_prob=0.0))  # ASSUMED: no colour
+  """`config.views`: colour augmentation of each view, on device (jobs/mage_c.ColorAugment). ASSUMED: none."""
+  return ml_collections.ConfigDict(dict(jitter_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0,
+                                        grayscale_prob=0.0))
 
 
 def as_mage_c(c, **head):
-  """Turns a MAGE pretraining config into a MAGE-C one."""
+  """Turns a MAGE pretraining config into a MAGE-C one: two views per image, each an independent draw of the
+  pretraining crop law (input.augment, scale, ratio) made by the input pipeline."""
   c.mode = "mage_c"
-  # The views are cropped on device from the full image: the pipeline only resizes (shorter side to the
-  # training size, centre square).
-  c.input.augment = "none"
-  c.input.crop_ratio = 1.0
+  c.input.views = 2
   c.contrastive = contrastive_config(**head)
   c.views = views_config()
   return c

@@ -13,8 +13,12 @@ def get_config(arg=None):
   args = common.parse_arg(arg, variant="B", runlocal=False, fsdp=1)
   c = common.base_pretrain_config()
   c.model.variant = args.variant
-  c.mesh = [("data", -1), ("fsdp", args.fsdp), ("model", 1)]
+  c.mesh = common.mesh(args.fsdp)
   c.tokenizer.precision = "high"
+  # ~50 training images per class for the few-shot monitor (TFDS stores the train split shuffled).
+  c.fewshot_monitor.update(dict(train_split="train[:50000]", test_split="validation[:10000]", shots=(1, 5, 10),
+                                batch_size=1024))
+  c.eval_every_steps = 10_000
   if args.variant == "L":
     # ViT-L at batch 4096 does not fit replicated: shard params and optimizer state (spec: ~410M params).
     c.model.scan = True
@@ -25,4 +29,5 @@ def get_config(arg=None):
     c.total_steps = 5
     c.log_every_steps = 1
     c.checkpoint_every_steps = 5
+    c.fewshot_monitor.update(dict(train_split="", test_split=""))
   return c

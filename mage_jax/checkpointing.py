@@ -7,6 +7,7 @@ killed mid-save leaves the previous checkpoints intact and the partial one is ne
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -42,3 +43,33 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
 
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:
   return mngr.latest_step()
+
+
+IDENTITY_FILE = "run_identity.json"
+
+
+def claim(directory: str, identity: dict) -> None:
+  """Marks `directory` as the run of `identity` (JSON-able: what produced it), or checks an earlier mark.
+
+  A directory holding checkpoints of a different model, data slice or recipe must not be resumed as if it were
+  this run. Raises ValueError naming the directory and the fields that differ; a directory without a mark but
+  with checkpoints is refused too (its origin is unknown).
+  """
+  path = os.path.join(directory, IDENTITY_FILE)
+  identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
+  if os.path.exists(path):
+    with open(path) as f:
+      earlier = json.load(f)
+    differ = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
+    if differ:
+      raise ValueError(f"{directory} holds a run of a different {', '.join(differ)} (e.g. {differ[0]}: "
+                       f"{earlier.get(differ[0])!r} there, {identity.get(differ[0])!r} now); use another "
+                       "workdir, or remove that directory to start over")
+    return
+  if os.path.isdir(os.path.join(directory, "checkpoints")) and os.listdir(os.path.join(directory, "checkpoints")):
+    raise ValueError(f"{directory} holds checkpoints of an unknown run (no {IDENTITY_FILE}); use another workdir")
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(identity, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)

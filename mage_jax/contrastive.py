@@ -6,14 +6,10 @@ on the global average pool, total loss `L_rec + lambda * L_con`, two augmented
 views per image, no momentum encoder. Every default below that the sources do
 not state is marked ASSUMED and is configurable.
 
-Two ways to get "negatives gathered across all devices and hosts":
-
-* `nt_xent` on GLOBAL arrays inside `jax.jit`: the batch may be sharded over
-  any mesh axes; XLA's SPMD partitioner inserts the all-gathers the (2N, 2N)
-  similarity matrix needs. This is what the train step uses.
-* `nt_xent_sharded` inside `jax.shard_map`: the collective written out by hand
-  (all_gather the keys, local anchors against the global set, psum), as a
-  cross-check of the above and for code that already lives in shard_map.
+Negatives are gathered across all devices and hosts by calling `nt_xent` on
+GLOBAL arrays inside `jax.jit`: the batch may be sharded over any mesh axes, and
+XLA's SPMD partitioner inserts the all-gathers the (2N, 2N) similarity matrix
+needs.
 """
 
 from __future__ import annotations
@@ -24,66 +20,12 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 # ASSUMED defaults: SimCLR v1 values (Chen et al. 2020), not MAGE-C's.
 DEFAULT_TEMPERATURE = 0.1
 DEFAULT_HIDDEN_DIM = 2048
 DEFAULT_OUT_DIM = 128
-
-_NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps, applied to the norm.
-
-AxisName = str | tuple[str, ...]
-
-
-def _check_pair(z1: jax.Array, z2: jax.Array) -> None:
-  if z1.ndim != 2 or z2.ndim != 2:
-    raise ValueError(
-        f"nt_xent expects 2-D embeddings [n, d]; got z1 {z1.shape}, z2 {z2.shape}.")
-  if z1.shape != z2.shape:
-    raise ValueError(
-        f"nt_xent needs the two views to have the same shape; got z1 {z1.shape}, "
-        f"z2 {z2.shape}.")
-
-
-def _check_temperature(temperature) -> None:
-  # A traced temperature cannot be checked; a Python number can.
-  if isinstance(temperature, numbers.Real) and not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}.")
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-  """Row-wise L2 normalisation in float32 (zero rows stay zero, no NaN)."""
-  x = x.astype(jnp.float32)
-  sq = jnp.sum(x * x, axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS * _NORM_EPS))
-
-
-def _anchor_losses(
-    anchors: jax.Array,
-    keys: jax.Array,
-    self_idx: jax.Array,
-    pos_idx: jax.Array,
-    temperature,
-) -> jax.Array:
-  """Per-anchor InfoNCE: -log softmax(anchor . keys / T)[pos], self excluded.
-
-  Args:
-    anchors: unit-norm float32 [a, d].
-    keys: unit-norm float32 [k, d], the anchors themselves included.
-    self_idx: int [a], column of each anchor in `keys` (dropped from the softmax).
-    pos_idx: int [a], column of each anchor's positive in `keys`.
-    temperature: scalar > 0.
-
-  Returns:
-    float32 [a] losses.
-  """
-  logits = anchors @ keys.T / jnp.asarray(temperature, jnp.float32)
-  cols = jnp.arange(keys.shape[0])
-  is_self = cols[None, :] == self_idx[:, None]
-  logits = jnp.where(is_self, -jnp.inf, logits)
-  pos = jnp.take_along_axis(logits, pos_idx[:, None], axis=1)[:, 0]
-  return jax.nn.logsumexp(logits, axis=1) - pos
-
 
 def nt_xent(
     z1: jax.Array,
@@ -110,61 +52,17 @@ def nt_xent(
     float32 scalar loss. Its infimum for aligned pairs with orthogonal
     negatives is log(1 + (2n - 2) * exp(-1 / T)).
   """
-  _check_pair(z1, z2)
-  _check_temperature(temperature)
+  if z1.ndim != 2 or z1.shape != z2.shape:
+    raise ValueError(f"nt_xent expects two [n, d] views of the same shape; got z1 {z1.shape}, z2 {z2.shape}.")
+  if isinstance(temperature, numbers.Real) and not temperature > 0:  # a traced temperature cannot be checked
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
   n = z1.shape[0]
   if n < 2:
     raise ValueError(f"nt_xent needs at least 2 pairs to have negatives; got n={n}.")
-  z = l2_normalize(jnp.concatenate([z1, z2], axis=0))
-  idx = jnp.arange(2 * n)
-  pos_idx = (idx + n) % (2 * n)
-  return jnp.mean(_anchor_losses(z, z, idx, pos_idx, temperature))
-
-
-def nt_xent_sharded(
-    z1: jax.Array,
-    z2: jax.Array,
-    temperature: float | jax.Array = DEFAULT_TEMPERATURE,
-    axis_name: AxisName = "data",
-) -> jax.Array:
-  """NT-Xent with explicit collectives; call inside `jax.shard_map`.
-
-  Each device holds a contiguous block of the batch (in_specs P(axis_name)).
-  It all-gathers both views to build the 2N keys, scores only its own 2*n_local
-  anchors against them, and the per-device loss sums are psum-ed, so every
-  device returns the same value as `nt_xent` on the global batch (use
-  out_specs P()). Gradients are right too: all_gather's transpose is a
-  reduce-scatter, which routes each key's gradient back to its owner.
-
-  Args:
-    z1: [n_local, d] this device's rows of view 1.
-    z2: [n_local, d] this device's rows of view 2.
-    temperature: scalar > 0.
-    axis_name: mesh axis name (or tuple of names) the batch is split over; a
-      tuple must list the axes in the order of the batch PartitionSpec.
-
-  Returns:
-    float32 scalar, identical on all devices of `axis_name`.
-  """
-  _check_pair(z1, z2)
-  _check_temperature(temperature)
-  n_local = z1.shape[0]
-  num_shards = jax.lax.axis_size(axis_name)
-  n = n_local * num_shards
-  if n < 2:
-    raise ValueError(f"nt_xent needs at least 2 pairs to have negatives; got n={n}.")
-  a1, a2 = l2_normalize(z1), l2_normalize(z2)
-  # Normalise before gathering so the gathered keys are exactly the anchors
-  # other devices score; the global layout is [view1 (n), view2 (n)].
-  k1 = jax.lax.all_gather(a1, axis_name, axis=0, tiled=True)
-  k2 = jax.lax.all_gather(a2, axis_name, axis=0, tiled=True)
-  keys = jnp.concatenate([k1, k2], axis=0)
-  rows = jax.lax.axis_index(axis_name) * n_local + jnp.arange(n_local)
-  anchors = jnp.concatenate([a1, a2], axis=0)
-  self_idx = jnp.concatenate([rows, rows + n])
-  pos_idx = jnp.concatenate([rows + n, rows])
-  local_sum = jnp.sum(_anchor_losses(anchors, keys, self_idx, pos_idx, temperature))
-  return jax.lax.psum(local_sum, axis_name) / (2 * n)
+  # optax.ntxent with one label per image: each anchor's only positive is the other view of its image.
+  z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)
+  labels = jnp.concatenate([jnp.arange(n), jnp.arange(n)])
+  return optax.ntxent(z, labels, jnp.asarray(temperature, jnp.float32))
 
 
 def pool_tokens(
@@ -277,34 +175,3 @@ class ProjectionHead(nn.Module):
             init, ("mlp" if self.num_layers > 1 else "embed", None)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
         name="out")(x)
-
-
-def contrastive_loss(
-    h1: jax.Array,
-    h2: jax.Array,
-    project,
-    temperature: float | jax.Array = DEFAULT_TEMPERATURE,
-    pool: Literal["mean", "cls"] = "mean",
-) -> jax.Array:
-  """Encoder outputs of two views -> pool -> project -> NT-Xent.
-
-  Args:
-    h1: [b, 1 + L, d] encoder output for view 1 (class slot first).
-    h2: [b, 1 + L, d] encoder output for view 2.
-    project: callable [2b, d] -> [2b, o], e.g. a bound ProjectionHead apply;
-      it sees both views in one batch.
-    temperature: NT-Xent temperature.
-    pool: pooling mode for `pool_tokens`.
-
-  Returns:
-    float32 scalar. The caller weighs it: L = L_rec + lambda * L_con.
-  """
-  if h1.shape != h2.shape:
-    raise ValueError(
-        f"contrastive_loss: the views' encoder outputs differ in shape: {h1.shape} "
-        f"vs {h2.shape}.")
-  # One projection call on both views, so BatchNorm statistics (if any) span
-  # the 2N embeddings the loss compares, as in SimCLR.
-  z = project(pool_tokens(jnp.concatenate([h1, h2], axis=0), pool))
-  z1, z2 = jnp.split(z, 2, axis=0)
-  return nt_xent(z1, z2, temperature)

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mage_jax import checkpoint_models, editing, images as image_io, params_io
-from mage_jax.generate import DEFAULT_NUM_STEPS, DEFAULT_TEMPERATURE
+from mage_jax import config_views, editing, images as image_io, params_io
+from mage_jax.sampling import DEFAULT_NUM_STEPS, DEFAULT_TEMPERATURE
 
 MODES = ("inpaint", "outpaint")
 
@@ -168,10 +168,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
-    dtype = checkpoint_models.parse_dtype(args.dtype)
+    dtype = config_views.dtype(args.dtype)
     box = parse_box(args.box)
     meta = params_io.read_meta(args.params)
-    model, tokenizer = checkpoint_models.models_from_meta(meta, dtype)
+    model, tokenizer = params_io.models_from_meta(meta, dtype)
     res = tokenizer.config.resolution
     pixel_mask = pixel_mask_for(args.mode, res, box)
     image = load_image(args.image, res)

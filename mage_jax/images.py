@@ -80,3 +80,13 @@ def make_grid(images: np.ndarray, cols: int = 8, pad: int = 0, pad_value: int = 
     top, left = pad + r * (h + pad), pad + q * (w + pad)
     grid[top:top + h, left:left + w] = images[i]
   return grid
+
+
+def image_path(out_dir: str, index: int, num_images: int, shard_size: int) -> str:
+  """OUT/images[/<shard>]/<index>.png, zero-padded (at least 5 digits, as the reference's 00000.png)."""
+  width = max(5, len(str(num_images - 1)))
+  name = f"{index:0{width}d}.png"
+  if shard_size <= 0:
+    return os.path.join(out_dir, "images", name)
+  shards = math.ceil(num_images / shard_size)
+  return os.path.join(out_dir, "images", f"{index // shard_size:0{max(3, len(str(shards - 1)))}d}", name)

@@ -1,7 +1,9 @@
-"""One entry point: `python -m mage_jax.main --config=configs/<file>.py[:args] --workdir=DIR [--config.k=v]`.
+"""`python -m mage_jax.main --config=configs/<file>.py[:args] --workdir=DIR [--config.key=value ...]`: training.
 
-`config.mode` picks the job: 'pretrain' (MAGE) or 'tokenizer' (VQGAN training). Re-running the same command
-resumes from the latest checkpoint in the workdir.
+`config.mode` picks the job (mage_jax/jobs): 'pretrain' (MAGE), 'mage_c' (MAGE-C), 'class_cond'
+(class-conditional MAGE from an unconditional checkpoint) or 'tokenizer' (VQGAN training). Re-running the same
+command resumes from the latest checkpoint in the workdir. Every config field can be set on the command line;
+`--config.mesh=data=2,fsdp=4,model=1` sets the device mesh (see mage_jax/sharding.py).
 """
 
 from __future__ import annotations
@@ -9,51 +11,39 @@ from __future__ import annotations
 import json
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+from absl import flags
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from mage_jax import runtime
+from mage_jax.jobs import MODES, run_mode
 
-from mage_jax import runtime  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (python file[:args]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: a python file in configs/ [:args] "
+                                          "(e.g. configs/fashion_mnist_tiny.py:steps=200).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and exports.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 for multi-process runs without auto-detection.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_DISTRIBUTED = runtime.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
-
-# mode -> module with `train_and_evaluate(config, workdir)`.
-MODES = {
-    "pretrain": "mage_jax.train",
-    "tokenizer": "mage_jax.tokenizer_train",
-    "mage_c": "mage_jax.train_variants",
-    "class_cond": "mage_jax.train_variants",
-}
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  runtime.quiet_orbax_logs()
-  runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
+  runtime.no_positional_arguments(argv)
   config = _CONFIG.value
-  logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
+  if "mode" not in config:
+    hint = ("it is an evaluation config: run python -m mage_jax.evaluate --params=DIR --config=... --workdir=..."
+            if "evals" in config else f"it sets no config.mode ({', '.join(MODES)})")
+    raise runtime.UsageError(f"--config={flags.FLAGS['config'].config_filename} is not a training config: {hint}")
   if config.mode not in MODES:
-    raise app.UsageError(f"unknown config.mode {config.mode!r}; expected one of {sorted(MODES)}")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
+    raise runtime.UsageError(f"unknown config.mode {config.mode!r}; expected one of {', '.join(MODES)}")
+  workdir = _WORKDIR.value
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise runtime.UsageError(f"--workdir={workdir} is a file, not a directory")
+  runtime.start(_DISTRIBUTED, **dict(config.get("distributed", {})))
+  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, default=str)
-  import importlib
-  importlib.import_module(MODES[config.mode]).train_and_evaluate(config, _WORKDIR.value)
+  run_mode(config, workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)

@@ -22,7 +22,6 @@ rule (1-D exemption, layer id) is applied per slice of that axis.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -31,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from mage_jax import config_views
 
 PyTree = Any
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
@@ -79,25 +80,20 @@ def warmup_cosine_schedule(base_lr: float, total_steps: int,
     min_lr: final learning rate.
 
   Returns:
-    A function of the integer step returning a float32 scalar.
+    A function of the integer step returning a float32 scalar
+    (`optax.warmup_cosine_decay_schedule`).
   """
   if total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {total_steps}")
   if not 0 <= warmup_steps <= total_steps:
     raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}],"
                      f" got {warmup_steps}")
-  warmup = float(warmup_steps)
-  decay_span = float(max(total_steps - warmup_steps, 1))
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = base_lr * step / max(warmup, 1.0)
-    progress = jnp.clip((step - warmup) / decay_span, 0.0, 1.0)
-    cosine = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi *
-                                                                progress))
-    return jnp.where(step < warmup, warm, cosine)
-
-  return schedule
+  if base_lr == 0:
+    return optax.constant_schedule(0.0)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps,
+      decay_steps=warmup_steps + max(total_steps - warmup_steps, 1),
+      end_value=min_lr)
 
 
 # ---------------------------------------------------------------------------
@@ -272,27 +268,11 @@ def layerwise_lr_scales(params: PyTree, depth: int, decay: float, *,
   return jax.tree_util.tree_map_with_path(scale, params)
 
 
-def scale_by_tree(scales: PyTree) -> optax.GradientTransformation:
-  """Multiplies each update by the matching leaf of `scales` (broadcasting)."""
-
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    del params
-    updates = jax.tree.map(lambda u, s: (u * s).astype(u.dtype), updates,
-                           scales)
-    return updates, state
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
 def scale_by_layerwise_lr_decay(
     depth: int, decay: float, *,
     scanned_keys: Iterable[str] = SCANNED_KEYS
 ) -> optax.GradientTransformation:
-  """`scale_by_tree(layerwise_lr_scales(...))` with scales read off the updates.
+  """Multiplies each update by its `layerwise_lr_scales` factor, read off the update tree.
 
   The scales depend only on paths and shapes, so they are computed at trace
   time from the update tree; no param tree is needed to build the optimizer.
@@ -327,6 +307,10 @@ def lars(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
          weight_decay: float = 0.0,
          trust_coefficient: float = 0.001) -> optax.GradientTransformation:
   """LARS exactly as MoCo v3 / MAGE `util/lars.py` (spec §6.2).
+
+  Not `optax.lars`: that one scales by the learning rate before the momentum
+  accumulates, while the reference keeps the momentum of unscaled steps and
+  multiplies it by the current learning rate, which differs under a schedule.
 
   Per leaf with `ndim > 1`: `g <- g + wd * p`, then `g <- g * (trust *
   ||p|| / ||g||)` if both norms are > 0 (else unscaled). Leaves with `ndim
@@ -437,34 +421,6 @@ class ProbeOptim:
                                   self.warmup_steps, self.min_lr)
 
 
-def _coerce(cls, cfg, kwargs):
-  """Builds `cls` from an instance, a mapping/ConfigDict and/or kwargs."""
-  if isinstance(cfg, cls):
-    return dataclasses.replace(cfg, **kwargs)
-  if cfg is None:
-    values = {}
-  elif hasattr(cfg, "to_dict"):  # ml_collections.ConfigDict
-    values = dict(cfg.to_dict())
-  elif isinstance(cfg, Mapping):
-    values = dict(cfg)
-  else:
-    raise ValueError(f"{cls.__name__}: expected a {cls.__name__}, a mapping or"
-                     f" None, got {type(cfg).__name__}")
-  values.update(kwargs)
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - set(fields))
-  if unknown:
-    raise ValueError(f"{cls.__name__}: unknown keys {unknown}; allowed: "
-                     f"{sorted(fields)}")
-  missing = sorted(n for n, f in fields.items() if n not in values and
-                   f.default is dataclasses.MISSING)
-  if missing:
-    raise ValueError(f"{cls.__name__}: missing required keys {missing}")
-  if "no_decay_names" in values:
-    values["no_decay_names"] = tuple(values["no_decay_names"])
-  return cls(**values)
-
-
 def pretrain_optimizer(cfg: PretrainOptim | Mapping[str, Any] | None = None,
                        *, frozen: FrozenSpec = None,
                        scanned_keys: Iterable[str] = SCANNED_KEYS,
@@ -482,7 +438,7 @@ def pretrain_optimizer(cfg: PretrainOptim | Mapping[str, Any] | None = None,
   Returns:
     The optax transformation (the schedule is `PretrainOptim.schedule()`).
   """
-  c = _coerce(PretrainOptim, cfg, kwargs)
+  c = config_views.from_config(PretrainOptim, cfg, "PretrainOptim", **kwargs)
   scanned_keys = tuple(scanned_keys)
   mask = lambda p: weight_decay_mask(p, scanned_keys=scanned_keys)
   parts = []
@@ -511,7 +467,7 @@ def finetune_optimizer(cfg: FinetuneOptim | Mapping[str, Any] | None = None,
     frozen: params kept out of the optimizer (see `with_frozen`).
     scanned_keys: names of `nn.scan` layer stacks.
   """
-  c = _coerce(FinetuneOptim, cfg, kwargs)
+  c = config_views.from_config(FinetuneOptim, cfg, "FinetuneOptim", **kwargs)
   scanned_keys = tuple(scanned_keys)
   mask = lambda p: weight_decay_mask(p, no_decay_names=c.no_decay_names,
                                      scanned_keys=scanned_keys)
@@ -536,7 +492,7 @@ def probe_optimizer(cfg: ProbeOptim | Mapping[str, Any] | None = None, *,
   Pass only the head params, or the whole tree with `frozen` matching the
   backbone (the reference freezes every non-head param).
   """
-  c = _coerce(ProbeOptim, cfg, kwargs)
+  c = config_views.from_config(ProbeOptim, cfg, "ProbeOptim", **kwargs)
   tx = lars(c.schedule(), momentum=c.momentum, weight_decay=c.weight_decay,
             trust_coefficient=c.trust_coefficient)
   return with_frozen(tx, frozen)

@@ -4,6 +4,10 @@ Layout of a params directory:
   `<dir>/variables/`   orbax StandardCheckpointer tree {'model': {...}, 'tokenizer': {...}} (collections inside)
   `<dir>/mage_jax.json`  what the tree is (kind) and the configs that rebuild its modules
 The JSON is written last, so a directory without it is an interrupted write and is refused.
+
+`models_from_meta` rebuilds the Flax modules a directory describes: `meta['model']` (MAGEConfig fields) and
+`meta['tokenizer']` (VQGANConfig fields). JSON turns tuples into lists, so sequence fields are converted back
+(the modules are hashed by jit caches and must not hold lists).
 """
 
 from __future__ import annotations
@@ -13,8 +17,13 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mage_jax import config_views
+from mage_jax.models.mage import MAGE, MAGEConfig
+from mage_jax.models.vqgan import VQGAN, VQGANConfig
 
 META_FILE = "mage_jax.json"
 FORMAT_VERSION = 1
@@ -79,3 +88,70 @@ def load(directory: str, target: Any = None) -> tuple[dict, dict]:
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise ValueError(f"cannot restore params from {directory}: {e}") from e
   return variables, meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules described by a params directory.
+
+
+def mage_config_from_meta(meta: dict) -> MAGEConfig:
+  """MAGEConfig from `meta['model']`. Raises ValueError for missing/unknown fields or unsupported models."""
+  if "model" not in meta:
+    raise ValueError(f"checkpoint meta has no 'model' entry (kind={meta.get('kind')!r}); a MAGE checkpoint is "
+                     "needed (python -m mage_jax.convert mage-vitb-1600.pth OUT)")
+  fields = meta["model"]
+  if isinstance(fields, dict) and fields.get("num_classes"):
+    from mage_jax.models import class_cond
+    return class_cond.config_from_meta(meta)
+  if isinstance(fields, dict) and "num_classes" in fields:
+    fields = {k: v for k, v in fields.items() if k != "num_classes"}  # num_classes 0/None: unconditional
+  return config_views.from_config(MAGEConfig, fields, "checkpoint meta['model']")
+
+
+def tokenizer_config_from_meta(meta: dict) -> VQGANConfig:
+  """VQGANConfig from `meta['tokenizer']`."""
+  if "tokenizer" not in meta:
+    raise ValueError(f"checkpoint meta has no 'tokenizer' entry (kind={meta.get('kind')!r}); generation needs "
+                     "the VQGAN tokenizer inside the params directory (convert a MAGE .pth, which holds it)")
+  return config_views.from_config(VQGANConfig, meta["tokenizer"], "checkpoint meta['tokenizer']")
+
+
+def models_from_meta(meta: dict, dtype: Any = jnp.float32) -> tuple[MAGE, VQGAN]:
+  """(MAGE, VQGAN) modules matching a params checkpoint; `dtype` is the compute dtype (params stay float32).
+
+  Raises:
+    ValueError: missing entries, unknown fields, or a model/tokenizer pair whose token counts disagree.
+  """
+  kind = meta.get("kind", "mage")
+  if kind != "mage":
+    raise ValueError(f"checkpoint kind is {kind!r}; a MAGE pretraining checkpoint (kind 'mage', model + "
+                     "tokenizer) is needed")
+  model_config = mage_config_from_meta(meta)
+  tok_config = tokenizer_config_from_meta(meta)
+  if model_config.num_tokens != tok_config.num_tokens:
+    raise ValueError(f"checkpoint meta is inconsistent: the model expects {model_config.num_tokens} tokens per "
+                     f"image, the tokenizer ({tok_config.resolution}px, ch_mult={tok_config.ch_mult}) makes "
+                     f"{tok_config.num_tokens}")
+  if model_config.codebook_size != tok_config.codebook_size:
+    raise ValueError(f"checkpoint meta is inconsistent: model codebook_size={model_config.codebook_size}, "
+                     f"tokenizer codebook_size={tok_config.codebook_size}")
+  from mage_jax.models import class_cond
+  cls = class_cond.ClassCondMAGE if isinstance(model_config, class_cond.ClassCondConfig) else MAGE
+  return cls(model_config, dtype=dtype), VQGAN(tok_config, dtype=dtype)
+
+
+def check_finite(variables: Any, directory: str) -> None:
+  """Raises ValueError naming the first tensors of `variables` that hold NaN/Inf or are not floating point
+  (such weights would silently produce black images or constant features)."""
+  problems = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    array = np.asarray(leaf)
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if not np.issubdtype(array.dtype, np.floating):
+      problems.append(f"{name} has dtype {array.dtype}")
+    elif not np.all(np.isfinite(array)):
+      problems.append(f"{name} has {int(np.size(array) - np.count_nonzero(np.isfinite(array)))} NaN/Inf values")
+    if len(problems) >= 3:
+      break
+  if problems:
+    raise ValueError(f"params in {directory} are unusable: " + "; ".join(problems))

@@ -1,28 +1,14 @@
-"""Linear probing of frozen MAGE features (spec §6.1, §6.2), as `main_linprobe.py` of LTH14/mage.
+"""Frozen MAGE features for linear probing, few-shot and monitoring (spec §6.1, §6.2).
 
 Pieces, usable on their own:
   * `backbone_params_from_mage` / `load_backbone`: a params-only MAGE export (or a converted ViT checkpoint)
     -> the frozen feature extractor: VQGAN ids -> `MAGEViT.features` (global pool + a fresh identity
     `fc_norm`, or the pretrained `norm` at the class slot).
-  * `extract_features`: one jitted, batch-sharded pass over a split with the eval transform; optional npz
-    cache keyed by a fingerprint of everything that changes the features.
-  * `bn_linear_head` + `train_probe`: BatchNorm1d(affine=False, eps 1e-6) -> Linear trained with LARS
-    (`optim.probe_optimizer`), warm-up + half-cycle cosine, plain cross-entropy; an own small jitted loop
-    with an orbax checkpoint of the head state every epoch, so a killed run resumes exactly.
-
-Two data modes for the head:
-  * `OnlineImages` (the official protocol): every step draws augmented images ('probe' crop + flip) and
-    recomputes features through the frozen backbone, with the token-embedding dropout ACTIVE (the official
-    model is in train() mode during probing, spec §8.17).
-  * `CachedFeatures`: features computed once with the eval transform (no augmentation, no dropout) and
-    held in memory; an epoch is a seeded permutation of them. Much cheaper; not the paper's protocol.
-Validation features are always computed once (eval transform, dropout off), as the official eval loop sees
-them, and the head is evaluated on the host.
-
-Known, deliberate deviations: BatchNorm statistics are taken over groups of `bn_group_size` examples
-(the reference's per-GPU batch of 128; 0 = the whole global batch) and the running statistics average the
-groups (the reference keeps rank 0's); the head weight is drawn from N(0, 0.01²) truncated at ±2 absolute,
-as timm's `trunc_normal_(std=0.01)` (effectively untruncated).
+  * `extract_features`: one jitted, batch-sharded pass over a split with the eval transform (dropout off, as
+    the official eval loop sees them); optional npz cache (`cached`) keyed by a fingerprint of everything that
+    changes the features.
+  * the probe head: `init_head` + `bn_linear_head` (BatchNorm1d(affine=False, eps 1e-6) -> Linear), evaluated on
+    the host by `head_predict_numpy`; `jobs/linear_probe.py` trains it.
 """
 
 from __future__ import annotations
@@ -35,17 +21,14 @@ import os
 from typing import Any, Callable
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mage_jax import checkpoint_models, checkpointing, optim, params_io, sharding
-from mage_jax.data import pipeline
+from mage_jax import params_io, progress as progress_lib, sharding
 from mage_jax.models import layers
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
@@ -147,8 +130,8 @@ def load_backbone(params_dir: str, *, global_pool: bool = True, dtype=jnp.float3
     raise ValueError(f"{params_dir}: checkpoint kind {kind!r} has no MAGE encoder; expected 'mage' or 'vit'")
   if "tokenizer" not in variables or "tokenizer" not in meta:
     raise ValueError(f"{params_dir}: no tokenizer in the checkpoint; probing needs the VQGAN that made the ids")
-  config = dataclasses.replace(checkpoint_models.mage_config_from_meta(meta), scan=False)
-  tok_config = checkpoint_models.tokenizer_config_from_meta(meta)
+  config = dataclasses.replace(params_io.mage_config_from_meta(meta), scan=False)
+  tok_config = params_io.tokenizer_config_from_meta(meta)
   if image_size:
     tok_config = dataclasses.replace(tok_config, resolution=int(image_size))
   if tok_config.num_tokens != config.num_tokens:
@@ -186,19 +169,8 @@ def _match(tree, like):
   return tree
 
 
-def place(tree: PyTree, shardings: PyTree) -> PyTree:
-  return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x) if not isinstance(x, jax.Array) else x, s),
-                      tree, shardings)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Feature extraction.
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _agree(flag: bool) -> bool:
@@ -224,19 +196,20 @@ def extract_features(feature_fn: FeatureFn, variables: PyTree, variable_sharding
   Returns:
     (features float32 [N, D], labels int32 [N]) in the split's stored order, on every process.
   """
+  from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   cfg = {k: v for k, v in dict(input_cfg).items() if k != "augment"}
   sharding.check_batch_size(cfg["batch_size"], mesh)
-  it = pipeline.eval_iterator(cfg, process_index=jax.process_index(), process_count=jax.process_count(),
-                              source=source)
-  n = it.source.num_examples
+  source = source or pipeline.make_source(cfg)
   fn = _extract_fn(feature_fn, sharding.batch_sharding(mesh))
-  variables = place(variables, variable_shardings)  # no-op when already placed
+  variables = sharding.place(variables, variable_shardings)  # no-op when already placed
+  progress = progress_lib.Progress(source.num_examples, f"features of {cfg.get('split')}")
   feats, labels = [], []
   with jax.set_mesh(mesh):
-    for local in it:
-      batch = sharding.global_batch({"image": local["image"], "label": local["label"]}, mesh)
-      feats.append(_gather(fn(variables, batch["image"])))
-      labels.append(_gather(batch["label"]))
+    for batch in pipeline.global_eval_batches(cfg, mesh, source=source):
+      feats.append(np.asarray(sharding.to_host(fn(variables, batch["image"]))))
+      labels.append(np.asarray(sharding.to_host(batch["label"])))
+      progress.update(len(labels[-1]))
+  n = source.num_examples
   return np.concatenate(feats)[:n].astype(np.float32), np.concatenate(labels)[:n].astype(np.int32)
 
 
@@ -287,18 +260,6 @@ def cached(path: str | None, key: str, compute: Callable[[], tuple[np.ndarray, n
 
 # ---------------------------------------------------------------------------------------------------------
 # BN + linear head.
-
-
-@flax.struct.dataclass
-class ProbeState:
-  """Head training state: arrays only (orbax-saveable, donatable)."""
-  step: jax.Array
-  params: PyTree        # {'head': {'kernel': [D, C], 'bias': [C]}}
-  batch_stats: PyTree   # {'head_bn': {'mean': [D], 'var': [D]}}
-  opt_state: PyTree
-  rng: jax.Array        # raw uint32 key data
-  first_nonfinite_step: jax.Array
-  skipped_steps: jax.Array
 
 
 def init_head(key: jax.Array, dim: int, num_classes: int, init_std: float = 0.01) -> tuple[dict, dict]:
@@ -374,292 +335,3 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[str
     hit = (order[:, :min(k, logits.shape[1])] == labels[:, None]).any(axis=1)
     out[f"top{k}"] = float(np.mean(hit))
   return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training data for the head.
-
-
-@dataclasses.dataclass
-class CachedFeatures:
-  """Precomputed features; the epoch-e order is `default_rng((seed, e)).permutation(N)`."""
-  features: np.ndarray  # [N, D] float32
-  labels: np.ndarray    # [N] int32
-
-  def __post_init__(self):
-    if self.features.ndim != 2 or self.labels.shape != (self.features.shape[0],):
-      raise ValueError(f"features must be [N, D] with labels [N]; got {self.features.shape} and "
-                       f"{self.labels.shape}")
-
-  @property
-  def num_examples(self) -> int:
-    return int(self.features.shape[0])
-
-  def iterator(self, *, batch_size: int, seed: int, start_step: int):
-    spe = self.num_examples // batch_size
-    lo, local = _local_range(batch_size)
-    step = start_step
-    perm, perm_epoch = None, -1
-    while True:
-      epoch, within = divmod(step, spe)
-      if epoch != perm_epoch:
-        perm, perm_epoch = np.random.default_rng((seed, epoch)).permutation(self.num_examples), epoch
-      idx = perm[within * batch_size + lo: within * batch_size + lo + local]
-      yield {"features": self.features[idx], "label": self.labels[idx]}
-      step += 1
-
-
-@dataclasses.dataclass
-class OnlineImages:
-  """Augmented images through the frozen backbone every step (the official protocol)."""
-  input_cfg: dict                    # pipeline.InputConfig fields; augment 'probe' for the official crop
-  feature_fn: FeatureFn
-  variables: PyTree                  # placed backbone variables
-  variable_shardings: PyTree
-  dropout: bool = True               # token-embedding dropout on, as the official model.train()
-  source: Any = None
-
-  def __post_init__(self):
-    if self.source is None:
-      self.source = pipeline.make_source(self.input_cfg)
-
-  @property
-  def num_examples(self) -> int:
-    return int(self.source.num_examples)
-
-  def iterator(self, *, batch_size: int, seed: int, start_step: int):
-    cfg = {**dict(self.input_cfg), "batch_size": batch_size}
-    for local in pipeline.train_iterator(cfg, seed=seed, start_step=start_step,
-                                         process_index=jax.process_index(),
-                                         process_count=jax.process_count(), source=self.source):
-      yield {"image": local["image"], "label": local["label"]}
-
-
-def _local_range(batch_size: int) -> tuple[int, int]:
-  p, n = jax.process_index(), jax.process_count()
-  if batch_size % n:
-    raise ValueError(f"batch size {batch_size} is not divisible by {n} processes")
-  return p * (batch_size // n), batch_size // n
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training loop.
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeConfig:
-  """Linear-probe recipe; defaults are the paper's ViT-B settings (spec §6.2)."""
-  num_classes: int
-  epochs: int = 90
-  warmup_epochs: float = 10.0
-  batch_size: int = 4096
-  blr: float = 0.1  # lr = blr * batch_size / 256; 0.05 for ViT-L
-  min_lr: float = 0.0
-  momentum: float = 0.9
-  weight_decay: float = 0.0
-  trust_coefficient: float = 0.001
-  bn_group_size: int = 0  # reference: 128 (per-GPU batch, no SyncBN); 0 = whole batch
-  bn_momentum: float = 0.9
-  bn_eps: float = 1e-6
-  head_init_std: float = 0.01
-  eval_every_epochs: int = 1
-  seed: int = 0
-  keep_checkpoints: int = 2
-
-  def __post_init__(self):
-    if self.num_classes < 2:
-      raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-    if self.epochs < 1 or self.batch_size < 1:
-      raise ValueError(f"epochs and batch_size must be positive, got {self.epochs}, {self.batch_size}")
-    if self.bn_group_size and self.batch_size % self.bn_group_size:
-      raise ValueError(f"batch_size {self.batch_size} is not a multiple of bn_group_size {self.bn_group_size}")
-
-  @classmethod
-  def from_config(cls, cfg, **overrides) -> ProbeConfig:
-    values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    values.update(overrides)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown linear-probe config keys {unknown}; known: {sorted(known)}")
-    return cls(**values)
-
-
-def probe_step(state: ProbeState, extras, batch, *, tx: optax.GradientTransformation, cfg: ProbeConfig,
-               feature_fn: FeatureFn | None, dropout: bool, schedule):
-  """One head update on a global batch ({'features'} or {'image'}, plus 'label'); pure."""
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  if feature_fn is None:
-    feats = batch["features"]
-  else:
-    feats = feature_fn(extras, batch["image"], rng, not dropout)
-  labels = batch["label"]
-
-  def loss_fn(params):
-    logits, stats = bn_linear_head(params, state.batch_stats, feats, train=True,
-                                   bn_group_size=cfg.bn_group_size, momentum=cfg.bn_momentum, eps=cfg.bn_eps)
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-    return loss, (logits, stats)
-
-  (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(
-      step=state.step + 1, params=keep(params, state.params), batch_stats=keep(stats, state.batch_stats),
-      opt_state=keep(opt_state, state.opt_state),
-      first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
-                                     state.first_nonfinite_step),
-      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-  acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-  return new_state, {"loss": loss, "accuracy": acc, "lr": schedule(state.step)}
-
-
-@functools.lru_cache(maxsize=16)
-def _step_fn(cfg: ProbeConfig, total: int, warmup: int, feature_fn: FeatureFn | None, dropout: bool,
-             replicated):
-  """The jitted head step; cached on its static inputs so repeated / resumed runs reuse the compilation.
-  Inputs arrive placed (state replicated, batch on the batch sharding, backbone on its shardings)."""
-  ocfg = optim.ProbeOptim(lr=optim.scaled_lr(cfg.blr, cfg.batch_size), total_steps=total, warmup_steps=warmup,
-                          min_lr=cfg.min_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          trust_coefficient=cfg.trust_coefficient)
-  step = functools.partial(probe_step, tx=optim.probe_optimizer(ocfg), cfg=cfg, feature_fn=feature_fn,
-                           dropout=dropout, schedule=ocfg.schedule())
-  return jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=(0,))
-
-
-def _history_path(workdir):
-  return os.path.join(workdir, "probe_history.json")
-
-
-def _load_history(workdir) -> list:
-  path = _history_path(workdir)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return []
-
-
-def _save_history(workdir, history):
-  if jax.process_index() == 0:
-    with open(_history_path(workdir) + ".tmp", "w") as f:
-      json.dump(history, f, indent=1)
-    os.replace(_history_path(workdir) + ".tmp", _history_path(workdir))
-
-
-def train_probe(train_data: CachedFeatures | OnlineImages, val_features: np.ndarray, val_labels: np.ndarray,
-                cfg: ProbeConfig, *, workdir: str, mesh: Mesh, dim: int | None = None,
-                stop_after_epochs: int | None = None, log: Callable[[str], None] = logging.info
-                ) -> tuple[dict, ProbeState]:
-  """Trains (or resumes) the BN+linear head in `workdir`; evaluates on the cached validation features.
-
-  Args:
-    train_data: `CachedFeatures` or `OnlineImages`.
-    val_features, val_labels: [M, D] / [M] evaluation set (eval transform, dropout off).
-    cfg: the recipe.
-    workdir: holds `checkpoints/<step>` (one per epoch) and `probe_history.json`.
-    mesh: the batch is sharded over its batch axes; the head state is replicated.
-    dim: feature dimension (default: from the data).
-    stop_after_epochs: stop once this many epochs (counted from the start of the run, not of this call)
-      are done, leaving a checkpoint; the schedule still spans `cfg.epochs`. For tests and chunked jobs.
-    log: progress printer.
-
-  Returns:
-    (results, final state): results = {'top1', 'top5' (last state), 'best_top1', 'epochs_done',
-    'completed', 'steps_per_epoch', 'lr', 'history': [{'epoch', 'top1', 'top5', 'train_loss'}]}.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  n = train_data.num_examples
-  if n < cfg.batch_size:
-    raise ValueError(f"linear-probe batch_size {cfg.batch_size} is larger than the train set ({n} examples)")
-  sharding.check_batch_size(cfg.batch_size, mesh)
-  if dim is None:
-    if not isinstance(train_data, CachedFeatures):
-      raise ValueError("pass dim= for OnlineImages")
-    dim = train_data.features.shape[1]
-  if val_features.shape[1] != dim:
-    raise ValueError(f"validation features have dim {val_features.shape[1]}, train features {dim}")
-  if val_labels.size and (val_labels.min() < 0 or val_labels.max() >= cfg.num_classes):
-    raise ValueError(f"validation labels outside [0, {cfg.num_classes})")
-  spe = n // cfg.batch_size
-  total = cfg.epochs * spe
-  warmup = min(int(round(cfg.warmup_epochs * spe)), total)
-  lr = optim.scaled_lr(cfg.blr, cfg.batch_size)
-  ocfg = optim.ProbeOptim(lr=lr, total_steps=total, warmup_steps=warmup, min_lr=cfg.min_lr,
-                          momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          trust_coefficient=cfg.trust_coefficient)
-  tx = optim.probe_optimizer(ocfg)
-  online = isinstance(train_data, OnlineImages)
-
-  def init(key):
-    params, stats = init_head(jax.random.fold_in(key, 0), dim, cfg.num_classes, cfg.head_init_std)
-    return ProbeState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
-                      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(key, 1)),
-                      first_nonfinite_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
-
-  repl = sharding.replicated(mesh)
-  abstract = jax.eval_shape(init, jax.random.key(cfg.seed))
-  state_sh = jax.tree.map(lambda _: repl, abstract)
-  mngr = checkpointing.manager(workdir, keep=cfg.keep_checkpoints, async_save=True)
-  latest = checkpointing.latest_step(mngr)
-  history = _load_history(workdir) if latest is not None else []
-  extras = train_data.variables if online else None
-  extras_sh = train_data.variable_shardings if online else None
-  with jax.set_mesh(mesh):
-    if latest is not None:
-      state = checkpointing.restore(mngr, latest, checkpointing.abstract_with_shardings(abstract, state_sh))
-      log(f"linear probe: resumed at step {latest} (epoch {latest // spe})")
-    else:
-      state = jax.jit(init, out_shardings=state_sh)(jax.random.key(cfg.seed))
-    history = [h for h in history if h["epoch"] * spe <= int(jax.device_get(state.step))]
-    if online:
-      extras = place(extras, extras_sh)
-    step_fn = _step_fn(cfg, total, warmup, train_data.feature_fn if online else None,
-                       online and train_data.dropout, repl)
-    start = int(jax.device_get(state.step))
-    last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
-    data = train_data.iterator(batch_size=cfg.batch_size, seed=cfg.seed, start_step=start) \
-        if start < last_epoch * spe else iter(())
-    try:
-      for step in range(start, last_epoch * spe):
-        local = next(data)
-        state, metrics = step_fn(state, extras, sharding.global_batch(local, mesh))
-        done = step + 1
-        if done % spe:
-          continue
-        epoch = done // spe
-        m = jax.device_get(metrics)
-        if int(jax.device_get(state.first_nonfinite_step)) >= 0:
-          raise FloatingPointError(f"linear probe: non-finite loss/gradient at step "
-                                   f"{int(jax.device_get(state.first_nonfinite_step))}")
-        if epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs:
-          acc = topk_accuracy(head_predict_numpy(state.params, state.batch_stats, val_features, cfg.bn_eps),
-                              val_labels)
-          history.append({"epoch": epoch, **acc, "train_loss": float(m["loss"])})
-          log(f"linear probe epoch {epoch}/{cfg.epochs}: loss {m['loss']:.4f} lr {m['lr']:.4g} "
-              f"val top1 {acc['top1']:.4f} top5 {acc['top5']:.4f}")
-        # History first: a kill between the two leaves extra entries, which the resume filter drops.
-        _save_history(workdir, history)
-        checkpointing.save(mngr, done, state, force=True)
-        mngr.wait_until_finished()
-    finally:
-      mngr.wait_until_finished()
-      mngr.close()
-  done_steps = int(jax.device_get(state.step))
-  final = topk_accuracy(head_predict_numpy(state.params, state.batch_stats, val_features, cfg.bn_eps),
-                        val_labels)
-  return {**final, "best_top1": max([h["top1"] for h in history] + [final["top1"]]),
-          "epochs_done": done_steps // spe, "completed": done_steps >= total, "steps_per_epoch": spe,
-          "lr": lr, "history": history}, state
-
-
-def export_probe(directory: str, backbone: Backbone, state: ProbeState, num_classes: int) -> None:
-  """The backbone with its trained head as a params-only checkpoint of kind 'vit' (head_type 'bn_linear'):
-  `MAGEViT(config, num_classes, global_pool, head_type='bn_linear')` applies it directly."""
-  params = {**backbone.variables["vit"]["params"], **jax.device_get(state.params)}
-  meta = {"kind": "vit", "model": dataclasses.asdict(backbone.vit.config),
-          "tokenizer": dataclasses.asdict(backbone.tokenizer.config),
-          "vit": {"num_classes": num_classes, "global_pool": backbone.vit.global_pool, "head_type": "bn_linear"}}
-  params_io.save(directory, {"model": {"params": params, "batch_stats": jax.device_get(state.batch_stats)},
-                             "tokenizer": backbone.variables["tokenizer"]}, meta, overwrite=True)

@@ -1,248 +1,32 @@
-"""The main job for a new user: `python -m mage_jax.quickstart --workdir=runs/quickstart` (what `make quickstart`
-runs). Offline, on a 2-core CPU, in about 14 minutes (the budget is 20):
+"""`python -m mage_jax.quickstart`: the main job for a new user (what `make quickstart` runs).
 
-  1. Fashion-MNIST: a prepared TFDS copy, else built from Debian's `dataset-fashion-mnist` files, else a TFDS
-     download when the network answers, else a message saying how to get it;
-  2. trains the tiny VQGAN tokenizer (32x32 images -> 8x8 tokens) and writes a reconstruction PNG;
-  3. pretrains tiny MAGE on the tokens;
-  4. samples a grid PNG with iterative decoding;
-  5. linear probe and 10-shot evaluation of the MAGE features beside the same classifiers on raw pixels;
-  6. FID of samples against the test split (when the FID Inception weights are set up);
-  7. prints and saves a results table (results.md, results.json).
-
-Each stage's output is its completion marker, and the training stages resume from their checkpoints, so
-re-running the command continues where it stopped. `--budget=ci` shrinks every stage (the test suite runs it).
+Offline on a 2-core CPU in about 14 minutes: Fashion-MNIST, a tiny VQGAN tokenizer, tiny MAGE, samples, linear
+probe and few-shot beside raw pixels, FID; prints and saves a results table (`WORKDIR/results.md`,
+`results.json`). Re-running continues where it stopped; see mage_jax/jobs/quickstart.py for the stages.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import shutil
-import socket
-import sys
-import time
+from absl import flags, logging
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from mage_jax import runtime
+from mage_jax.jobs import quickstart
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import flags, logging  # noqa: E402
-
-from mage_jax import runtime  # noqa: E402
-
-BUDGETS = {
-    # tokenizer steps, MAGE steps, samples for FID (and for the test-split reference), eval args. 'full' ran in
-    # 13.9 min on the idle 2-core CPU (tokenizer 339 s, MAGE 325 s, sampling 31 s, probes 44 s, FID 92 s); the
-    # tokenizer stops at 3,000 of its recipe's 4,000 steps to leave the 20-minute budget some margin.
-    "full": dict(tokenizer_steps=3000, mage_steps=1200, fid_samples=500, grid=64, sample_steps=12,
-                 eval_arg="train=10000,test=2000,epochs=10"),
-    "ci": dict(tokenizer_steps=30, mage_steps=30, fid_samples=16, grid=16, sample_steps=4,
-               eval_arg="train=300,test=200,epochs=1,batch=64"),
-}
-PAPER = {"MAGE ViT-B ImageNet: FID": "11.1", "MAGE ViT-B ImageNet: linear probe": "74.7%",
-         "MAGE-C ViT-L ImageNet: 10-shot": "71.9%"}
+_WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where every stage writes (re-run to resume).")
+_BUDGET = flags.DEFINE_enum("budget", "full", sorted(quickstart.BUDGETS),
+                            "'full': the recorded run (~14 min on 2 cores); 'ci': every stage tiny (tests).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: TFDS's).")
 
 
-def _stage(name: str):
-  logging.info("=" * 20 + " quickstart: %s " + "=" * 20, name)
-  print(f"\n=== {name} ===", flush=True)
-
-
-def _network_reachable(host="storage.googleapis.com", port=443, timeout=3.0) -> bool:
-  try:
-    socket.create_connection((host, port), timeout=timeout).close()
-    return True
-  except OSError:
-    return False
-
-
-def ensure_fashion_mnist(data_dir: str | None) -> None:
-  """Makes `fashion_mnist` loadable offline, preferring local files over a download (an offline download
-  attempt retries for minutes before failing)."""
-  from mage_jax.data import sources
-  try:
-    sources.load_arrays("fashion_mnist", "test", data_dir)
-    return
-  except FileNotFoundError as offline_error:
-    if not _network_reachable():
-      raise FileNotFoundError(
-          f"Fashion-MNIST is not available offline ({offline_error}). Install Debian's copy with "
-          "`sudo apt-get install -y dataset-fashion-mnist`, or run with internet access so TFDS can download "
-          "it.") from None
-  sources.load_arrays("fashion_mnist", "test", data_dir, download=True)
-
-
-def _params_done(directory: str) -> bool:
-  return os.path.exists(os.path.join(directory, "params", "mage_jax.json"))
-
-
-def train_tokenizer(workdir: str, budget: dict, data_dir) -> dict:
-  from configs import tokenizer_fashion_mnist
-  from mage_jax import tokenizer_train
-  tok_dir = os.path.join(workdir, "tokenizer")
-  steps = budget["tokenizer_steps"]
-  config = tokenizer_fashion_mnist.get_config(f"steps={steps},eval_every={max(steps // 3, 1)}")
-  config.input.data_dir = data_dir
-  if not _params_done(tok_dir):
-    tokenizer_train.train_and_evaluate(config, tok_dir)
-  with open(os.path.join(tok_dir, tokenizer_train.METRICS_FILE)) as f:
-    metrics = json.load(f)
-  pngs = sorted(os.listdir(os.path.join(tok_dir, "reconstructions")))
-  shutil.copy(os.path.join(tok_dir, "reconstructions", pngs[-1]), os.path.join(workdir, "reconstructions.png"))
-  return metrics
-
-
-def pretrain_mage(workdir: str, budget: dict, data_dir) -> dict:
-  from configs import fashion_mnist_tiny
-  from mage_jax import train
-  mage_dir = os.path.join(workdir, "mage")
-  config = fashion_mnist_tiny.get_config(f"steps={budget['mage_steps']}")
-  config.input.data_dir = data_dir
-  config.tokenizer.init = os.path.join(workdir, "tokenizer", "params")
-  summary_path = os.path.join(mage_dir, "train_summary.json")
-  if not _params_done(mage_dir):
-    start = time.time()
-    metrics = train.train_and_evaluate(config, mage_dir)
-    with open(summary_path, "w") as f:
-      json.dump({**metrics, "steps": budget["mage_steps"], "seconds": time.time() - start}, f, indent=2)
-  with open(summary_path) as f:
-    return json.load(f)
-
-
-def sample(workdir: str, budget: dict) -> dict:
-  from mage_jax import checkpoint_models, generate, images, params_io
-  out = os.path.join(workdir, "samples.npz")
-  if not os.path.exists(out):
-    variables, meta = params_io.load(os.path.join(workdir, "mage", "params"))
-    model, tokenizer = checkpoint_models.models_from_meta(meta)
-    num = max(budget["fid_samples"], budget["grid"])
-    batch = 8 * max(1, min(64, num // 8)) if jax.device_count() <= 8 else jax.device_count()
-    start, chunks = time.time(), []
-    for chunk in generate.generate_images(model, tokenizer, variables, jax.random.key(0), num_images=num,
-                                          batch_size=batch, num_steps=budget["sample_steps"], temperature=4.5):
-      chunks.append(chunk)
-    seconds = time.time() - start
-    samples = np.concatenate(chunks)[:num]
-    images.save_png(os.path.join(workdir, "samples_grid.png"), images.make_grid(samples[: budget["grid"]], 8))
-    np.savez(out + ".tmp.npz", images=samples, seconds=seconds)
-    os.replace(out + ".tmp.npz", out)
-  with np.load(out) as z:
-    return {"num_samples": int(len(z["images"])), "images_per_sec": float(len(z["images"]) / z["seconds"])}
-
-
-def evaluate_representations(workdir: str, budget: dict, data_dir) -> dict:
-  from configs import eval_fashion_mnist
-  from mage_jax import evaluate
-  eval_dir = os.path.join(workdir, "eval")
-  path = os.path.join(eval_dir, "results.json")
-  if not os.path.exists(path):
-    config = eval_fashion_mnist.get_config(budget["eval_arg"])
-    config.data.data_dir = data_dir
-    evaluate.run(config, os.path.join(workdir, "mage", "params"), eval_dir)
-  with open(path) as f:
-    return json.load(f)["results"]
-
-
-def compute_fid(workdir: str, budget: dict, data_dir) -> dict:
-  from mage_jax.fid import __main__ as fid_cli
-  from mage_jax.fid import weights
-  path = os.path.join(workdir, "fid.json")
-  if not os.path.exists(path):
-    try:
-      weights.default_weights_path()
-    except FileNotFoundError as e:
-      return {"fid": None, "note": str(e)}
-    argv = [os.path.join(workdir, "samples.npz"), "--reference=fashion_mnist:test",
-            f"--max_images={budget['fid_samples']}", f"--json={path}"]
-    if data_dir:
-      argv.append(f"--data_dir={data_dir}")
-    if fid_cli.main(argv) != 0:
-      raise RuntimeError("FID computation failed (see the error above)")
-  with open(path) as f:
-    return json.load(f)
-
-
-def _pct(x) -> str:
-  return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
-
-
-def _fewshot_10(results: dict, classifier="ridge"):
-  shot = results.get("fewshot", {}).get(classifier, {}).get("10")
-  return shot["mean"] if isinstance(shot, dict) else None
-
-
-def results_table(results: dict) -> str:
-  tok, mage, gen, rep, fid = (results[k] for k in ("tokenizer", "mage", "samples", "representations", "fid"))
-  rows = [
-      ("tokenizer PSNR on test (dB)", f"{tok['psnr']:.2f}"),
-      ("tokenizer SSIM on test", f"{tok['ssim']:.3f}"),
-      ("tokenizer codebook usage", _pct(tok["codebook_usage"])),
-      ("tokenizer codebook perplexity", f"{tok['codebook_perplexity']:.1f}"),
-      ("MAGE final training loss", f"{mage['loss']:.3f}"),
-      ("MAGE training steps/s", f"{mage['steps'] / mage['seconds']:.2f}"),
-      ("generation images/s", f"{gen['images_per_sec']:.1f}"),
-  ]
-  for name in ("mage", "pixels"):
-    r = rep.get(name, {})
-    rows.append((f"linear probe top-1, {name}", _pct(r.get("linear_probe", {}).get("top1"))))
-    rows.append((f"10-shot top-1 (ridge), {name}", _pct(_fewshot_10(r))))
-  fid_value = fid.get("fid")
-  rows.append((f"FID vs test split ({fid.get('num_images', 0)} samples)",
-               f"{fid_value:.2f}" if fid_value is not None else "n/a (FID weights not set up)"))
-  rows.append(("wall time of this invocation (min)", f"{results['seconds'] / 60:.1f}"))
-  lines = ["| quantity (Fashion-MNIST, this run) | value |", "|---|---|"]
-  lines += [f"| {k} | {v} |" for k, v in rows]
-  lines += ["", "| paper (ImageNet 256, for scale) | value |", "|---|---|"]
-  lines += [f"| {k} | {v} |" for k, v in PAPER.items()]
-  return "\n".join(lines)
-
-
-def main(argv=None):
-  # argparse rather than absl flags: the stages import binaries that define absl flags of their own.
-  parser = argparse.ArgumentParser(prog="python -m mage_jax.quickstart", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", default="runs/quickstart", help="where every stage writes (re-run to resume)")
-  parser.add_argument("--budget", default="full", choices=sorted(BUDGETS), help="'ci' runs every stage tiny")
-  parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: TFDS's)")
-  args = parser.parse_args(argv)
-  flags.FLAGS.mark_as_parsed()
+def main(argv):
+  runtime.no_positional_arguments(argv)
   logging.set_verbosity(logging.INFO)
-  runtime.quiet_orbax_logs()
-  workdir, budget, data_dir = args.workdir, BUDGETS[args.budget], args.data_dir
-  os.makedirs(workdir, exist_ok=True)
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
-  start = time.time()
-  results = {"budget": args.budget, "device": jax.devices()[0].device_kind, "stage_seconds": {}}
-
-  def run_stage(title, key, fn, *fn_args):
-    _stage(title)
-    stage_start = time.time()
-    value = fn(*fn_args)
-    results["stage_seconds"][key] = round(time.time() - stage_start, 1)
-    if value is not None:
-      results[key] = value
-
-  run_stage("1/6 data: Fashion-MNIST", "data", ensure_fashion_mnist, data_dir)
-  run_stage("2/6 tokenizer training", "tokenizer", train_tokenizer, workdir, budget, data_dir)
-  run_stage("3/6 MAGE pretraining", "mage", pretrain_mage, workdir, budget, data_dir)
-  run_stage("4/6 sampling", "samples", sample, workdir, budget)
-  run_stage("5/6 linear probe and few-shot vs raw pixels", "representations", evaluate_representations, workdir,
-            budget, data_dir)
-  run_stage("6/6 FID", "fid", compute_fid, workdir, budget, data_dir)
-  results["seconds"] = time.time() - start
-  table = results_table(results)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2, default=str)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table + "\n")
-  print("\n" + table)
-  print(f"\nwrote {workdir}/results.md, results.json, samples_grid.png, reconstructions.png "
+  runtime.start()
+  results = quickstart.run(_WORKDIR.value, _BUDGET.value, _DATA_DIR.value)
+  print("\n" + results["table"])
+  print(f"\nwrote {_WORKDIR.value}/results.md, results.json, samples_grid.png, reconstructions.png "
         f"({results['seconds'] / 60:.1f} min this invocation)")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  runtime.run(main)

@@ -155,6 +155,9 @@ def run(main: Callable[[list[str]], int | None]) -> None:
       return 1
     return int(status or 0)
 
+  # Flags defined here (--verbose, the distributed ones) belong in the binary's own --help.
+  for flag in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__]):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(wrapped, flags_parser=_parse_flags)
 
 

@@ -17,6 +17,13 @@ One step, as in MAGE's `gen_img_uncond.py` (spec §5.1):
 
 and the result is the last `sampled` (fully filled), not the last `tokens`.
 
+`generate_images` is the generation protocol of `gen_img_uncond.py` on top of it: every batch starts fully
+masked, the VQGAN decodes the last sampled tokens, pixels become `clip(x*255, 0, 255)` truncated to uint8
+(`images.to_uint8`). Batch i uses `fold_in(key(seed), i)`, independent of the device count and of how many
+images are requested, so the first k images of a run are the same for any num_images >= k; the batch is
+sharded over a 1-D ('data',) mesh of all devices of all processes, and the random draws do not depend on the
+sharding because `jax_threefry_partitionable` is on (JAX's default).
+
 The mask count is taken from a table computed on the host in float64, because the PyTorch reference
 evaluates `np.floor(N0 * np.cos(...))` in float64 and float32 does not reproduce it
 (float32 cos(pi/3) = 0.49999997, so T=12 would give 127 instead of 128 at step 8).
@@ -24,12 +31,20 @@ evaluates `np.floor(N0 * np.cos(...))` in float64 and float32 does not reproduce
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mage_jax import images as image_io, sharding
+
+# The README setting of the released ViT-B (gen_img_uncond.py's own defaults are 4.5 / 12).
+DEFAULT_NUM_STEPS = 20
+DEFAULT_TEMPERATURE = 6.0
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 ArrayLike = Union[jax.Array, np.ndarray, float]
@@ -285,3 +300,132 @@ def decode(
   if return_num_masked:
     return sampled, num_masked
   return sampled
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation: fully masked batches -> images.
+
+
+def _num_classes(model) -> int:
+  return int(getattr(model.config, "num_classes", 0) or 0)
+
+
+@functools.lru_cache(maxsize=16)
+def make_sampler(model, tokenizer, batch_size: int, num_steps: int, mesh: Mesh, conditional: bool = False,
+                 key_impl: str = "threefry2x32"):
+  """One jitted function: iterative decoding of a fully masked batch + VQGAN decode + uint8.
+
+  Args are static (modules and mesh are hashable); the function is cached so repeated calls reuse the
+  compilation.
+
+  Returns:
+    `sample(model_vars, tok_vars, key_data, batch_index, temperature, class_id) -> (images, ids)` with
+    images uint8 [batch_size, H, W, 3] and ids int32 [batch_size, N], both sharded over 'data'. Params are
+    arguments (never closed over, so they are not baked into the HLO). `key_data` is the raw data of the
+    base key (uint32, PRNG implementation `key_impl`); `batch_index` and `class_id` are int32 scalars,
+    `temperature` a float32 scalar (traced: no recompilation per temperature). `class_id` is ignored
+    unless `conditional`.
+  """
+  if batch_size % mesh.size:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the number of devices ({mesh.size}): "
+                     "the batch is split evenly over the 'data' mesh axis")
+  c = model.config
+  replicated = NamedSharding(mesh, P())
+  batch_sharded = NamedSharding(mesh, P("data"))
+
+  def sample(model_vars, tok_vars, key_data, batch_index, temperature, class_id):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=key_impl), batch_index)
+    tokens = jax.lax.with_sharding_constraint(
+        jnp.full((batch_size, c.num_tokens), c.mask_id, jnp.int32), batch_sharded)
+    kwargs = {}
+    if conditional:
+      kwargs["labels"] = jax.lax.with_sharding_constraint(
+          jnp.full((batch_size,), class_id, jnp.int32), batch_sharded)
+
+    def logits_fn(t):
+      return model.apply(model_vars, t, method="image_token_logits", **kwargs)
+
+    ids = decode(rng, tokens, logits_fn, num_steps=num_steps, choice_temperature=temperature,
+                  mask_id=c.mask_id, codebook_size=c.codebook_size)
+    ids = jax.lax.with_sharding_constraint(ids, batch_sharded)
+    pixels = tokenizer.apply(tok_vars, ids, method="decode_ids")
+    return image_io.to_uint8(pixels), ids
+
+  return jax.jit(sample, in_shardings=(replicated,) * 6, out_shardings=(batch_sharded, batch_sharded))
+
+
+def generate_images(model, tokenizer, variables: dict, rng: jax.Array, num_images: int, batch_size: int,
+                    num_steps: int = DEFAULT_NUM_STEPS, temperature: float = DEFAULT_TEMPERATURE,
+                    mesh: Mesh | None = None, *, class_id: int | None = None,
+                    return_ids: bool = False) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Generates `num_images` images in batches: an iterator of host numpy batches (every process gets all).
+
+  Arguments are checked and the sampler built at the call; the first batch is dispatched on the first
+  `next()`.
+
+  Args:
+    model: `MAGE` (or a module with the same `image_token_logits` method and `config`).
+    tokenizer: `VQGAN` (method `decode_ids`).
+    variables: {'model': {'params': ...}, 'tokenizer': {'params': ...}} (numpy or jax leaves).
+    rng: base key (`jax.random.key(seed)`); batch i uses `fold_in(rng, i)`.
+    num_images: total images; the last batch is computed in full and truncated.
+    batch_size: global batch, a multiple of the mesh size.
+    num_steps: decoding steps T.
+    temperature: choice temperature tau0 of the annealed Gumbel noise.
+    mesh: 1-D ('data',) mesh; default: all devices of all processes.
+    class_id: label for every image; only for class-conditional models (`model.config.num_classes > 0`).
+    return_ids: also yield the token ids.
+
+  Returns:
+    An iterator of uint8 [b, H, W, 3] batches (b = batch_size except possibly the last), or of
+    (images, int32 ids [b, N]) if `return_ids`. Batch k+1 is dispatched before batch k is copied to the
+    host, so device work overlaps with whatever the caller does (e.g. PNG writing).
+
+  Raises:
+    ValueError: bad sizes, missing variables, or class_id for an unconditional model.
+  """
+  if num_images < 1 or batch_size < 1 or num_steps < 1:
+    raise ValueError(f"generate_images: num_images, batch_size and num_steps must be >= 1, got {num_images}, "
+                     f"{batch_size}, {num_steps}")
+  for name in ("model", "tokenizer"):
+    if name not in variables:
+      raise ValueError(f"generate_images: variables lack the {name!r} entry (have {sorted(variables)})")
+  conditional = class_id is not None
+  if conditional:
+    num_classes = _num_classes(model)
+    if not num_classes:
+      raise ValueError("class_id given, but the model is class-unconditional (config has no num_classes)")
+    if not 0 <= class_id < num_classes:
+      raise ValueError(f"class_id={class_id} outside [0, {num_classes})")
+  mesh = sharding.create_mesh((("data", -1),)) if mesh is None else mesh
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)  # a legacy uint32[2] PRNGKey
+  key_impl = str(jax.random.key_impl(rng))
+  sampler = make_sampler(model, tokenizer, batch_size, num_steps, mesh, conditional, key_impl)
+  repl = sharding.replicated(mesh)
+  model_vars, tok_vars = sharding.place((variables["model"], variables["tokenizer"]), repl)
+  scalars = sharding.place((np.asarray(jax.random.key_data(rng)), np.float32(temperature),
+                            np.int32(class_id if conditional else 0)), repl)
+  key_data, temp, label = scalars
+  return _batches(sampler, model_vars, tok_vars, key_data, temp, label, mesh, num_images, batch_size, return_ids)
+
+
+def _batches(sampler, model_vars, tok_vars, key_data, temp, label, mesh, num_images, batch_size, return_ids):
+  """The generator part of `generate_images` (kept apart so that argument errors raise at the call)."""
+  num_batches = math.ceil(num_images / batch_size)
+
+  def launch(i):
+    return sampler(model_vars, tok_vars, key_data, sharding.place(np.int32(i), sharding.replicated(mesh)), temp,
+                   label)
+
+  pending = launch(0)
+  for i in range(num_batches):
+    current = pending
+    if i + 1 < num_batches:
+      pending = launch(i + 1)
+    keep = min(batch_size, num_images - i * batch_size)
+    imgs = np.asarray(sharding.to_host(current[0]))[:keep]
+    if return_ids:
+      yield imgs, np.asarray(sharding.to_host(current[1]))[:keep]
+    else:
+      yield imgs

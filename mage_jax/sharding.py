@@ -3,6 +3,10 @@
 Params carry logical axis names (see models/); `config.sharding_rules` maps them onto the mesh axes
 ('data', 'fsdp', 'model'). The default: batch over data×fsdp, params' embedding dims over fsdp (ZeRO-3 style),
 MLP/attention projection dims over model (tensor parallelism).
+
+On the command line both are strings: `--config.mesh=data=2,fsdp=4,model=1` (one size may be -1: the rest of
+the devices) and `--config.sharding_rules=embed=,mlp=fsdp` (changes to the default rules: a logical axis onto
+mesh axes joined by '+', or onto nothing, i.e. replicated).
 """
 
 from __future__ import annotations
@@ -54,6 +58,59 @@ def mesh_shape(spec: Sequence[tuple[str, int]], num_devices: int) -> tuple[tuple
   return names, tuple(sizes)
 
 
+def parse_mesh(spec) -> tuple[tuple[str, int], ...]:
+  """'data=-1,fsdp=2,model=1' (or a sequence of (name, size) pairs) -> ((name, size), ...)."""
+  if isinstance(spec, str):
+    pairs = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+      name, eq, size = item.partition("=")
+      try:
+        pairs.append((name.strip(), int(size)))
+      except ValueError:
+        raise ValueError(f"mesh {spec!r}: {item!r} is not axis=size (e.g. data=-1,fsdp=2,model=1)") from None
+      if not eq:
+        raise ValueError(f"mesh {spec!r}: {item!r} is not axis=size (e.g. data=-1,fsdp=2,model=1)")
+    spec = pairs
+  spec = tuple((str(name), int(size)) for name, size in spec)
+  names = [name for name, _ in spec]
+  if not spec or len(set(names)) != len(names) or any(size == 0 or size < -1 for _, size in spec):
+    raise ValueError(f"mesh {spec}: needs distinct axis names with sizes >= 1 (one may be -1)")
+  return spec
+
+
+def parse_rules(overrides) -> tuple[tuple[str, Any], ...]:
+  """`DEFAULT_RULES` with changes: 'embed=,mlp=fsdp+model' (or a sequence of (logical, mesh axes) pairs)."""
+  if isinstance(overrides, str):
+    pairs = []
+    for item in filter(None, (part.strip() for part in overrides.split(","))):
+      name, eq, axes = item.partition("=")
+      if not eq:
+        raise ValueError(f"sharding_rules {overrides!r}: {item!r} is not logical=mesh_axes (e.g. embed=fsdp)")
+      axes = tuple(a for a in axes.split("+") if a)
+      pairs.append((name.strip(), None if not axes else axes[0] if len(axes) == 1 else axes))
+    overrides = pairs
+  rules = dict(DEFAULT_RULES)
+  for name, axes in overrides or ():
+    if name not in rules:
+      raise ValueError(f"sharding_rules: unknown logical axis {name!r}; known: {sorted(rules)}")
+    rules[name] = tuple(axes) if isinstance(axes, list) else axes
+  return tuple(rules.items())
+
+
+def mesh_from_config(config) -> tuple[Mesh, tuple]:
+  """(mesh, logical rules) from `config.mesh`, `config.sharding_rules` and `config.num_devices` (0: all)."""
+  devices = jax.devices()
+  if config.get("num_devices", 0):
+    devices = devices[: config.num_devices]  # e.g. compare a 1-device run with a sharded one
+  mesh = create_mesh(parse_mesh(config.get("mesh") or DEFAULT_MESH), devices)
+  rules = parse_rules(config.get("sharding_rules") or ())
+  for _, axes in rules:
+    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      if axis is not None and axis not in mesh.axis_names:
+        raise ValueError(f"sharding_rules map onto mesh axis {axis!r}, which the mesh {dict(mesh.shape)} lacks")
+  return mesh, rules
+
+
 def create_mesh(spec: Sequence[tuple[str, int]] = DEFAULT_MESH, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   names, sizes = mesh_shape(spec, len(devices))
@@ -68,6 +125,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Puts every leaf (numpy or jax) on its sharding (a tree, or one sharding for all); works across processes."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), shardings),
+                        tree)
+  return jax.tree.map(lambda x, s: jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), s), tree,
+                      shardings)
+
+
+def to_host(tree: Any) -> Any:
+  """Global (possibly sharded, multi-process) arrays -> numpy on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 def strip_boxes(tree: Any) -> Any:

@@ -33,17 +33,24 @@ class TrainState:
                first_nonfinite_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
 
 
-def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, finite) -> TrainState:
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+def commit(state, finite, **updates):
+  """`state` advanced by one step, with `updates` (field name -> new value) applied only where `finite`.
+
+  A non-finite step changes nothing but the step counter and the non-finite bookkeeping, so the params stay
+  the last good ones whatever the host does about it.
+  """
   keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   return state.replace(
       step=state.step + 1,
-      params=keep_old(params, state.params),
-      opt_state=keep_old(opt_state, state.opt_state),
+      **{name: keep_old(value, getattr(state, name)) for name, value in updates.items()},
       first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
                                      state.first_nonfinite_step),
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+
+
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, finite) -> TrainState:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return commit(state, finite, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
 
 
 def finish_step(state: TrainState, loss, grads, tx, *, schedule=None, metrics=None):

@@ -48,38 +48,6 @@ def reconstruction_loss(x: jax.Array, y: jax.Array, kind: str = "l1") -> jax.Arr
   raise ValueError(f"unknown reconstruction loss {kind!r}; expected 'l1' or 'l2'")
 
 
-def straight_through(z: jax.Array, zq: jax.Array) -> jax.Array:
-  """z + sg(zq − z): the value of zq with the gradient of the identity w.r.t. z (none w.r.t. zq)."""
-  return z + jax.lax.stop_gradient(zq - z)
-
-
-def vq_losses(z: jax.Array, zq: jax.Array, beta: float = 0.25,
-              convention: str = "maskgit") -> tuple[jax.Array, jax.Array]:
-  """Codebook and commitment terms, each already weighted; their sum is the quantizer loss.
-
-  Both terms have the value mean((zq − z)²) before weighting; they differ in where the gradient flows:
-  the codebook term mean((zq − sg(z))²) moves the codes, the commitment term mean((sg(zq) − z)²) moves the
-  encoder. Conventions (spec §1.3):
-    'maskgit' (MaskGIT JAX):              codebook + β·commitment.
-    'taming'  (VectorQuantizer2 legacy):  β·codebook + commitment.
-
-  Args:
-    z: encoder output [..., C]. zq: the selected codebook vectors E[idx], same shape (no straight-through).
-  Returns:
-    (codebook_loss, commitment_loss), float32 scalars.
-  """
-  if z.shape != zq.shape:
-    raise ValueError(f"vq_losses: z {z.shape} and zq {zq.shape} must have the same shape")
-  z, zq = _f32(z), _f32(zq)
-  codebook = jnp.mean(jnp.square(zq - jax.lax.stop_gradient(z)))
-  commitment = jnp.mean(jnp.square(jax.lax.stop_gradient(zq) - z))
-  if convention == "maskgit":
-    return codebook, beta * commitment
-  if convention == "taming":
-    return beta * codebook, commitment
-  raise ValueError(f"unknown vq convention {convention!r}; expected 'maskgit' or 'taming'")
-
-
 def entropy_loss(distances: jax.Array, temperature: float = 0.01) -> jax.Array:
   """MaskGIT's codebook-usage regulariser: mean per-latent entropy − entropy of the mean assignment.
 
@@ -224,7 +192,7 @@ def generator_loss_terms(
 
   Args:
     images, reconstructions: [B, H, W, C].
-    codebook_loss, commitment_loss: already weighted by β (as `vq_losses` and the quantizer return them).
+    codebook_loss, commitment_loss: already weighted by β (as `models.vqgan.VectorQuantizer` returns them).
     entropy: unweighted `entropy_loss(distances, temperature)`.
     perceptual: unweighted scalar perceptual distance (mean over the batch; 0 if disabled).
     logits_fake: D(reconstructions) [B, 1] or None (no adversarial term, e.g. before the D starts).

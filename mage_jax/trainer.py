@@ -1,17 +1,20 @@
-"""The training loop every job shares (MAGE pretraining, MAGE-C, class-conditional, tokenizer training).
+"""The training loop every job shares: MAGE pretraining, MAGE-C, class-conditional, tokenizer training,
+fine-tuning and the linear probe.
 
-A job describes itself as a `Task` (how to build its sharded state, its step, what it feeds from a batch,
+A job describes itself as a `Task` (how to build its sharded state, its step, where its batches come from,
 what it exports); `run` does the rest: mesh and logical shardings, state initialised directly sharded,
 resume from the latest checkpoint, the jitted step with donated state, deterministic data from the resumed
-step, clu progress/metrics/profiling, async orbax checkpoints, SIGTERM handling, non-finite checks, export.
+step, clu progress/metrics/profiling, evaluations, async orbax checkpoints, SIGTERM handling, non-finite
+checks, export.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,7 +23,6 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
 from mage_jax import checkpointing, sharding
-from mage_jax.data import pipeline
 
 
 @dataclasses.dataclass
@@ -31,9 +33,13 @@ class Task:
     init_state: rng key -> state (params may be boxed with logical axis names). The state is a
       flax.struct.dataclass with at least `step`, `params`, `first_nonfinite_step`, `skipped_steps`.
     step: (state, extras, batch) -> (state, metrics dict of scalars). Pure; jitted here.
-    extras: arrays the step reads but never updates (e.g. the frozen tokenizer), replicated, not donated.
-    batch_keys: which entries of the input batch the step receives.
-    total_steps: number of steps of the run.
+    extras: arrays the step reads but never updates (e.g. the frozen tokenizer); not donated.
+    data: start step -> iterator of this process's slices of the global batches start, start+1, ... (numpy
+      dicts); a pure function of the step, so a resumed run sees the batches an uninterrupted one would.
+    batch_keys: which entries of the batches the step receives.
+    total_steps: number of steps of the run (what the schedules span).
+    extras_shardings: shardings of `extras` (default: replicated).
+    stop_step: stop at this step with a checkpoint, before `total_steps` (chunked jobs); None: run to the end.
     export: called with the final state on every process (e.g. a params-only export).
     initial_params: optional host params to start from (replaces the initialised params on a fresh run).
     reinit_after_params: state -> state, re-derives what depends on params (e.g. optimizer state).
@@ -43,8 +49,11 @@ class Task:
   init_state: Callable[[jax.Array], Any]
   step: Callable[..., tuple[Any, dict]]
   extras: Any
+  data: Callable[[int], Iterator[dict]]
   batch_keys: Sequence[str]
   total_steps: int
+  extras_shardings: Any = None
+  stop_step: int | None = None
   export: Callable[[Any], None] | None = None
   initial_params: Any = None
   reinit_after_params: Callable[[Any], Any] | None = None
@@ -52,14 +61,23 @@ class Task:
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict):
-  devices = jax.devices()
-  if config.get("num_devices", 0):
-    devices = devices[: config.num_devices]  # e.g. compare a 1-device run with a sharded one
-  mesh = sharding.create_mesh([tuple(x) for x in config.mesh], devices)
-  rules = (tuple(tuple(r) for r in config.sharding_rules) if config.get("sharding_rules")
-           else sharding.DEFAULT_RULES)
+  """The mesh and logical-axis rules of a training config, checked against its global batch."""
+  mesh, rules = sharding.mesh_from_config(config)
   sharding.check_batch_size(config.input.batch_size, mesh)
   return mesh, rules
+
+
+def image_data(config: ml_collections.ConfigDict) -> Callable[[int], Iterator[dict]]:
+  """`Task.data` for the configured input pipeline (`config.input`, seeded by `config.seed`)."""
+  from mage_jax.data import pipeline  # TensorFlow only where an input pipeline is built
+  source = pipeline.make_source(config.input)
+
+  def data(start_step: int):
+    return pipeline.train_iterator(config.input, seed=config.seed, start_step=start_step,
+                                   process_index=jax.process_index(), process_count=jax.process_count(),
+                                   source=source)
+
+  return data
 
 
 def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
@@ -70,6 +88,28 @@ def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
   if total <= 0:
     raise ValueError("set total_steps or total_epochs to a positive number")
   return total, min(warmup, total)
+
+
+class History:
+  """Evaluation results by step in a JSON file (process 0 writes), kept across resumes: a resumed run
+  replaces the entries at and after the step it records."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def read(self) -> list[dict]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path) as f:
+      return json.load(f)
+
+  def record(self, step: int, result: dict) -> list[dict]:
+    history = [h for h in self.read() if h["step"] < step] + [{"step": int(step), **result}]
+    if jax.process_index() == 0:
+      with open(self.path + ".tmp", "w") as f:
+        json.dump(history, f, indent=1)
+      os.replace(self.path + ".tmp", self.path)
+    return history
 
 
 class _Preemption:
@@ -119,20 +159,24 @@ def _flatten(d, prefix=""):
   return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules) -> dict:
-  """Runs (or resumes) `task` in `workdir`; returns the last logged metrics (host floats)."""
+def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules) -> tuple[dict, Any]:
+  """Runs (or resumes) `task` in `workdir`.
+
+  Returns:
+    (the last logged metrics as host floats, the final state).
+  """
   if config.nonfinite not in ("stop", "skip"):
     raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
-  source = pipeline.make_source(config.input)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(task.init_state, jax.random.key(config.seed))
     state_shardings = sharding.logical_shardings(boxed, mesh, rules)
     abstract = sharding.strip_boxes(boxed)
     repl = sharding.replicated(mesh)
-    extras = jax.device_put(task.extras, repl)
+    extras_shardings = repl if task.extras_shardings is None else task.extras_shardings
+    extras = sharding.place(task.extras, extras_shardings)
 
     mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     latest = checkpointing.latest_step(mngr)
@@ -152,12 +196,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
       parameter_overview.log_parameter_overview(jax.device_get(state.params))
       writer.write_hparams(_flatten(config.to_dict()))
 
-    step_fn = jax.jit(task.step, in_shardings=(state_shardings, repl, sharding.batch_sharding(mesh)),
+    step_fn = jax.jit(task.step, in_shardings=(state_shardings, extras_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(state_shardings, repl), donate_argnums=(0,))
-    data = pipeline.train_iterator(config.input, seed=config.seed, start_step=start_step,
-                                   process_index=jax.process_index(), process_count=jax.process_count(),
-                                   source=source)
-    hooks = [periodic_actions.ReportProgress(num_train_steps=task.total_steps, writer=writer,
+    end_step = task.total_steps if task.stop_step is None else min(task.stop_step, task.total_steps)
+    data = task.data(start_step) if start_step < end_step else iter(())
+    hooks = [periodic_actions.ReportProgress(num_train_steps=end_step, writer=writer,
                                              every_steps=config.log_every_steps)]
     if is_main and config.get("profile_steps", 0) > 0:
       hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
@@ -165,7 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
     preemption = _Preemption()
     last_metrics: dict = {}
     try:
-      for step in range(start_step, task.total_steps):
+      for step in range(start_step, end_step):
         local = next(data)
         batch = sharding.global_batch({k: local[k] for k in task.batch_keys}, mesh)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -178,7 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
           hook(done)
         # Read the flag once: a SIGTERM landing between two reads would skip the save but still exit.
         preempted = preemption.requested
-        save_now = done % config.checkpoint_every_steps == 0 or done == task.total_steps or preempted
+        save_now = done % config.checkpoint_every_steps == 0 or done == end_step or preempted
         if done % config.log_every_steps == 0 or save_now:
           check_finite(state, config, mngr)
           last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -203,5 +246,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
     if int(jax.device_get(state.step)) == task.total_steps and task.export is not None:
       task.export(state)
     mngr.close()
-  return last_metrics
+  return last_metrics, state
 

@@ -6,10 +6,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
+REPO = pathlib.Path(__file__).parent.parent
+
+
+def run_cli(module: str, *args, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+  """Runs `python -m <module> args...` from the repository root as a user would (text output captured)."""
+  return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, env={**os.environ, **env})
 
 
 @pytest.fixture(scope="session")

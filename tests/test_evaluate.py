@@ -14,7 +14,8 @@ import pytest
 from conftest import random_variables
 
 from configs import eval_fashion_mnist, eval_imagenet, finetune_imagenet
-from mage_jax import evaluate, masking, train
+from mage_jax import builders, masking
+from mage_jax.jobs import evaluate
 from mage_jax.data import sources
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
@@ -35,7 +36,7 @@ def tiny_params_dir(tmp_path_factory):
   plan, _ = masking.sample_plan(jax.random.key(0), 1, 16)
   params = _random_variables(model, 2, jnp.zeros((1, 16), jnp.int32), plan)["params"]
   directory = str(tmp_path_factory.mktemp("tiny") / "params")
-  train.export_params(directory, model, params, tok, _random_variables(tok, 1, jnp.zeros((1, 8, 8, 3))))
+  builders.export_params(directory, model, params, tok, _random_variables(tok, 1, jnp.zeros((1, 8, 8, 3))))
   return directory
 
 
@@ -57,7 +58,7 @@ def test_evaluate_binary_fashion_mnist_end_to_end(tiny_params_dir, fashion_data_
   workdir = str(tmp_path / "eval")
   cmd = [sys.executable, "-m", "mage_jax.evaluate", f"--params={tiny_params_dir}", f"--workdir={workdir}",
          f"--config={ROOT}/configs/eval_fashion_mnist.py:train=1000,test=500,epochs=10,batch=64,finetune,ft_steps=3",
-         f"--config.data.data_dir={fashion_data_dir}", f"--config.finetune.input.data_dir={fashion_data_dir}",
+         f"--config.input.data_dir={fashion_data_dir}", f"--config.finetune.input.data_dir={fashion_data_dir}",
          "--config.fewshot.shots=(1,5)", "--config.fewshot.trials=2"]
   env = {**os.environ, "PYTHONPATH": ROOT}
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

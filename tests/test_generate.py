@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mage_jax import checkpoint_models, edit, generate, images, params_io, sampling
+from mage_jax import edit, images, params_io, sampling, sharding
+from conftest import run_cli
 from mage_jax.convert import __main__ as convert_main
 from mage_jax.models.mage import MAGE, MAGEConfig
 
@@ -31,14 +32,14 @@ def params_dir(testdata, tmp_path_factory):
 @pytest.fixture(scope="session")
 def loaded(params_dir):
   meta = params_io.read_meta(params_dir)
-  model, tokenizer = checkpoint_models.models_from_meta(meta)
+  model, tokenizer = params_io.models_from_meta(meta)
   variables, _ = params_io.load(params_dir)
   return model, tokenizer, variables
 
 
 def _generate(loaded, mesh, num_images=8, batch_size=8, seed=SEED):
   model, tokenizer, variables = loaded
-  out = list(generate.generate_images(model, tokenizer, variables, jax.random.key(seed), num_images, batch_size,
+  out = list(sampling.generate_images(model, tokenizer, variables, jax.random.key(seed), num_images, batch_size,
                                       STEPS, TEMPERATURE, mesh, return_ids=True))
   return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
@@ -92,21 +93,21 @@ def test_make_grid_layout_and_png_roundtrip(tmp_path):
 
 def test_models_from_meta(params_dir):
   meta = params_io.read_meta(params_dir)
-  model, tokenizer = checkpoint_models.models_from_meta(meta, jnp.bfloat16)
+  model, tokenizer = params_io.models_from_meta(meta, jnp.bfloat16)
   assert tokenizer.config.ch_mult == (1, 1, 2) and isinstance(tokenizer.config.ch_mult, tuple)
   assert model.config.num_tokens == tokenizer.config.num_tokens == 64 and model.dtype == jnp.bfloat16
   hash((model, tokenizer))  # jit caches key on them
   with pytest.raises(ValueError, match="does not know"):
-    checkpoint_models.models_from_meta({**meta, "model": {**meta["model"], "bogus": 1}})
+    params_io.models_from_meta({**meta, "model": {**meta["model"], "bogus": 1}})
   from mage_jax.models.class_cond import ClassCondMAGE
-  cond, _ = checkpoint_models.models_from_meta({**meta, "model": {**meta["model"], "num_classes": 1000}})
+  cond, _ = params_io.models_from_meta({**meta, "model": {**meta["model"], "num_classes": 1000}})
   assert isinstance(cond, ClassCondMAGE) and cond.config.num_classes == 1000
   with pytest.raises(ValueError, match="64 tokens"):
-    checkpoint_models.models_from_meta({**meta, "tokenizer": {**meta["tokenizer"], "resolution": 64}})
+    params_io.models_from_meta({**meta, "tokenizer": {**meta["tokenizer"], "resolution": 64}})
   with pytest.raises(ValueError, match="kind"):
-    checkpoint_models.models_from_meta({**meta, "kind": "vit"})
+    params_io.models_from_meta({**meta, "kind": "vit"})
   with pytest.raises(ValueError, match="tokenizer"):
-    checkpoint_models.models_from_meta({k: v for k, v in meta.items() if k != "tokenizer"})
+    params_io.models_from_meta({k: v for k, v in meta.items() if k != "tokenizer"})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,8 +116,8 @@ def test_models_from_meta(params_dir):
 
 def test_generate_sharded_matches_single_device_and_reference(loaded):
   assert len(jax.devices()) == 8
-  imgs1, ids1 = _generate(loaded, generate.data_mesh(jax.devices()[:1]))
-  imgs8, ids8 = _generate(loaded, generate.data_mesh())
+  imgs1, ids1 = _generate(loaded, sharding.create_mesh((("data", -1),), jax.devices()[:1]))
+  imgs8, ids8 = _generate(loaded, sharding.create_mesh((("data", -1),)))
   assert imgs8.shape == (8, 32, 32, 3) and imgs8.dtype == np.uint8 and ids8.shape == (8, 64)
   np.testing.assert_array_equal(ids1, ids8)
   np.testing.assert_array_equal(imgs1, imgs8)
@@ -128,7 +129,7 @@ def test_generate_sharded_matches_single_device_and_reference(loaded):
 
 
 def test_generate_deterministic_and_prefix_stable(loaded):
-  mesh = generate.data_mesh()
+  mesh = sharding.create_mesh((("data", -1),))
   a_imgs, a_ids = _generate(loaded, mesh, num_images=16)
   b_imgs, b_ids = _generate(loaded, mesh, num_images=16)
   np.testing.assert_array_equal(a_imgs, b_imgs)
@@ -146,9 +147,9 @@ def test_generate_deterministic_and_prefix_stable(loaded):
 def test_generate_rejects_bad_sizes(loaded):
   model, tokenizer, variables = loaded
   with pytest.raises(ValueError, match="multiple of the number of devices"):
-    generate.generate_images(model, tokenizer, variables, jax.random.key(0), 6, 6, 2, 6.0, generate.data_mesh())
+    sampling.generate_images(model, tokenizer, variables, jax.random.key(0), 6, 6, 2, 6.0, sharding.create_mesh((("data", -1),)))
   with pytest.raises(ValueError, match="unconditional"):
-    generate.generate_images(model, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0, class_id=3)
+    sampling.generate_images(model, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0, class_id=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,20 +169,20 @@ class _CondMAGE(MAGE):
 def test_generate_class_hook_passes_labels(loaded):
   model, tokenizer, variables = loaded
   cond = _CondMAGE(_CondConfig(**dataclasses.asdict(model.config)))
-  (imgs, ids), = generate.generate_images(cond, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0,
-                                          generate.data_mesh(), class_id=7, return_ids=True)
+  (imgs, ids), = sampling.generate_images(cond, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0,
+                                          sharding.create_mesh((("data", -1),)), class_id=7, return_ids=True)
   assert (ids == 7).all() and imgs.shape == (8, 32, 32, 3)
   with pytest.raises(ValueError, match="outside"):
-    generate.generate_images(cond, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0, class_id=10)
+    sampling.generate_images(cond, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0, class_id=10)
 
 
-def test_generate_cli_writes_files(params_dir, loaded, tmp_path, capsys):
+def test_generate_cli_writes_files(params_dir, loaded, tmp_path):
   out = tmp_path / "gen"
-  rc = generate.main([f"--params={params_dir}", f"--out={out}", "--num_images=10", "--batch_size=8",
-                      f"--num_steps={STEPS}", f"--temperature={TEMPERATURE}", f"--seed={SEED}", "--shard_size=4"])
-  assert rc == 0
-  stdout = capsys.readouterr().out
-  assert "images/s" in stdout and "ETA" in stdout
+  args = [f"--params={params_dir}", f"--out={out}", "--num_images=10", "--batch_size=8", f"--num_steps={STEPS}",
+          f"--temperature={TEMPERATURE}", f"--seed={SEED}", "--shard_size=4"]
+  run = run_cli("mage_jax.generate", *args)
+  assert run.returncode == 0, run.stderr
+  assert "images/s" in run.stdout and "done: 10 images" in run.stdout
   files = sorted(os.path.relpath(os.path.join(d, f), out / "images")
                  for d, _, fs in os.walk(out / "images") for f in fs)
   assert files == [f"{i // 4:03d}/{i:05d}.png" for i in range(10)]
@@ -189,7 +190,7 @@ def test_generate_cli_writes_files(params_dir, loaded, tmp_path, capsys):
   assert npz.shape == (10, 32, 32, 3) and npz.dtype == np.uint8
   for i in range(10):
     np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / files[i])), npz[i])
-  want, _ = _generate(loaded, generate.data_mesh(), num_images=10)
+  want, _ = _generate(loaded, sharding.create_mesh((("data", -1),)), num_images=10)
   np.testing.assert_array_equal(npz, want)
   grid = np.asarray(Image.open(out / "grid.png"))
   assert grid.shape == (2 * 32 + 3 * 2, 8 * 32 + 9 * 2, 3)
@@ -197,24 +198,36 @@ def test_generate_cli_writes_files(params_dir, loaded, tmp_path, capsys):
   np.testing.assert_array_equal(grid[36:68, 2:34], npz[8])
   summary = json.loads((out / "generation.json").read_text())
   assert summary["num_images"] == 10 and summary["images_per_s"] > 0
+  # A second run into the same directory would leave stale PNGs for FID to count: refused without --force.
+  again = run_cli("mage_jax.generate", *args[:2], "--num_images=8", "--batch_size=8", f"--num_steps={STEPS}")
+  assert again.returncode == 2 and "--force" in again.stderr and len(again.stderr.splitlines()) == 1
+  assert len(list((out / "images").rglob("*.png"))) == 10
+  forced = run_cli("mage_jax.generate", *args[:2], "--num_images=8", "--batch_size=8", f"--num_steps={STEPS}",
+                   "--force")
+  assert forced.returncode == 0, forced.stderr
+  assert len(list((out / "images").rglob("*.png"))) == 8
 
 
-def test_generate_cli_bad_inputs(params_dir, tmp_path, capsys):
-  missing = tmp_path / "nope"
-  assert generate.main([f"--params={missing}", f"--out={tmp_path / 'o'}"]) == 2
-  assert f"not found: {missing}" in capsys.readouterr().err
-  empty = tmp_path / "empty"
-  empty.mkdir()
-  assert generate.main([f"--params={empty}", f"--out={tmp_path / 'o'}"]) == 2
-  assert "mage_jax.json" in capsys.readouterr().err
-  assert generate.main([f"--params={params_dir}", f"--out={tmp_path / 'o'}", "--class_id=3"]) == 2
-  assert "class-unconditional" in capsys.readouterr().err
-  assert generate.main([f"--params={params_dir}", f"--out={tmp_path / 'o'}", "--batch_size=6",
-                        "--num_images=6"]) == 2
-  assert "multiple of the device count 8" in capsys.readouterr().err
-  assert generate.main([f"--params={params_dir}", f"--out={tmp_path / 'o'}", "--dtype=float16"]) == 2
-  assert "unknown dtype" in capsys.readouterr().err
-  assert not (tmp_path / "o").exists()
+def test_generate_cli_bad_inputs(params_dir, tmp_path):
+  out = tmp_path / "o"
+  cases = [
+      ([f"--params={tmp_path / 'nope'}"], 1, f"not found: {tmp_path / 'nope'}"),
+      ([f"--params={tmp_path}"], 1, "mage_jax.json"),
+      ([f"--params={params_dir}", "--class_id=3"], 2, "unconditional model"),
+      ([f"--params={params_dir}", "--batch_size=6", "--num_images=6"], 2, "multiple of the device count 8"),
+      ([f"--params={params_dir}", "--dtype=float16"], 2, "float16"),
+      ([f"--params={params_dir}", "--temperature=nan"], 2, "--temperature must be finite"),
+      ([f"--params={params_dir}", "--num_images=0"], 2, "num_images"),
+  ]
+  for args, status, message in cases:
+    run = run_cli("mage_jax.generate", *args, f"--out={out}")
+    assert run.returncode == status, (args, run.stderr)
+    assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, (args, run.stderr)
+    assert "Traceback" not in run.stderr
+  assert not out.exists()
+  (tmp_path / "file").write_text("x")
+  run = run_cli("mage_jax.generate", f"--params={params_dir}", f"--out={tmp_path / 'file'}")
+  assert run.returncode == 2 and "is a file" in run.stderr and (tmp_path / "file").read_text() == "x"
 
 
 # ---------------------------------------------------------------------------------------------------------

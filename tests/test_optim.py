@@ -401,7 +401,7 @@ def test_finetune_optimizer_matches_numpy_and_scan():
 
 
 def test_optimizer_config_errors_and_configdict():
-  with pytest.raises(ValueError, match="unknown keys"):
+  with pytest.raises(ValueError, match="unknown PretrainOptim keys"):
     optim.pretrain_optimizer({"lr": 1.0, "total_steps": 2, "warmup_steps": 1,
                               "wd": 0.1})
   with pytest.raises(ValueError, match="missing required keys"):

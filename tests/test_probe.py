@@ -1,5 +1,6 @@
 """Tests for mage_jax.probe: head math, known-answer probes, backbone features, resume, export."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import random_variables
 
-from mage_jax import masking, params_io, probe, sharding, train
+from mage_jax import builders, config_views, masking, params_io, probe, sharding
+from mage_jax.jobs import linear_probe
 from mage_jax.data import sources
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vit import MAGEViT
@@ -81,8 +83,8 @@ def test_init_head_and_topk():
 def test_probe_separable_clusters_reach_100_percent(mesh, tmp_path):
   xtr, ytr = _clusters(2048, 10, 32, seed=0)
   xte, yte = _clusters(1000, 10, 32, seed=1)
-  cfg = probe.ProbeConfig(num_classes=10, epochs=8, warmup_epochs=1, batch_size=128, blr=10.0)
-  res, _ = probe.train_probe(probe.CachedFeatures(xtr, ytr), xte, yte, cfg, workdir=str(tmp_path), mesh=mesh)
+  cfg = linear_probe.ProbeConfig(num_classes=10, epochs=8, warmup_epochs=1, batch_size=128, blr=10.0)
+  res, _ = linear_probe.train_probe(linear_probe.CachedFeatures(xtr, ytr), xte, yte, cfg, workdir=str(tmp_path), mesh=mesh)
   assert res["completed"] and res["epochs_done"] == 8 and len(res["history"]) == 8
   assert res["top1"] >= 0.99, res["history"]
 
@@ -91,21 +93,22 @@ def test_probe_random_labels_is_chance(mesh, tmp_path):
   rng = np.random.default_rng(3)
   xtr, xte = rng.normal(size=(2048, 32)).astype(np.float32), rng.normal(size=(2000, 32)).astype(np.float32)
   ytr, yte = rng.integers(0, 4, 2048).astype(np.int32), rng.integers(0, 4, 2000).astype(np.int32)
-  cfg = probe.ProbeConfig(num_classes=4, epochs=8, warmup_epochs=1, batch_size=128, blr=10.0)
-  res, _ = probe.train_probe(probe.CachedFeatures(xtr, ytr), xte, yte, cfg, workdir=str(tmp_path), mesh=mesh)
+  cfg = linear_probe.ProbeConfig(num_classes=4, epochs=8, warmup_epochs=1, batch_size=128, blr=10.0)
+  res, _ = linear_probe.train_probe(linear_probe.CachedFeatures(xtr, ytr), xte, yte, cfg, workdir=str(tmp_path), mesh=mesh)
   # 2000 test labels: the std of a chance accuracy is ~0.01.
   assert abs(res["top1"] - 0.25) < 0.05, res["top1"]
 
 
 def test_probe_config_errors(mesh, tmp_path):
-  with pytest.raises(ValueError, match="unknown linear-probe config keys"):
-    probe.ProbeConfig.from_config({"epochs": 2, "lr": 1.0}, num_classes=3)
+  with pytest.raises(ValueError, match="unknown config.linear_probe keys"):
+    config_views.from_config(linear_probe.ProbeConfig, {"epochs": 2, "lr": 1.0}, "config.linear_probe",
+                             num_classes=3)
   with pytest.raises(ValueError, match="bn_group_size"):
-    probe.ProbeConfig(num_classes=3, batch_size=100, bn_group_size=128)
+    linear_probe.ProbeConfig(num_classes=3, batch_size=100, bn_group_size=128)
   x, y = _clusters(64, 3, 4, seed=0)
   with pytest.raises(ValueError, match="larger than the train set"):
-    probe.train_probe(probe.CachedFeatures(x, y), x, y, probe.ProbeConfig(num_classes=3, batch_size=128),
-                      workdir=str(tmp_path), mesh=mesh)
+    linear_probe.train_probe(linear_probe.CachedFeatures(x, y), x, y,
+                             linear_probe.ProbeConfig(num_classes=3, batch_size=128), workdir=str(tmp_path), mesh=mesh)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,7 +128,7 @@ def tiny_params_dir(tmp_path_factory):
   plan, _ = masking.sample_plan(jax.random.key(0), 1, 16)
   params = _random_variables(model, 2, jnp.zeros((1, 16), jnp.int32), plan)["params"]
   directory = str(tmp_path_factory.mktemp("tiny") / "params")
-  train.export_params(directory, model, params, tok, tok_vars)
+  builders.export_params(directory, model, params, tok, tok_vars)
   return directory
 
 
@@ -159,7 +162,7 @@ def test_extracted_features_equal_model_apply(tiny_params_dir, mesh, global_pool
   backbone = probe.load_backbone(tiny_params_dir, global_pool=global_pool)
   assert backbone.image_size == 8 and backbone.dim == 64
   shardings = probe.backbone_shardings(backbone, mesh, sharding.DEFAULT_RULES)
-  variables = probe.place(backbone.variables, shardings)
+  variables = sharding.place(backbone.variables, shardings)
   images = _images(12)
   labels = np.arange(12, dtype=np.int32) % 3
   src = sources.ArraySource(images, labels)
@@ -208,28 +211,29 @@ def test_feature_cache_roundtrip_and_invalidation(tmp_path):
 
 
 @pytest.mark.parametrize("online", [False, True])
-def test_probe_resume_equals_uninterrupted(tiny_params_dir, mesh, tmp_path, online):
+def test_probe_resume_equals_uninterrupted(tiny_params_dir, mesh, tmp_path, online, monkeypatch):
   """Killed after epoch 1 (stop_after_epochs) and re-run == one uninterrupted run, bit for bit."""
+  monkeypatch.setattr(linear_probe, "probe_step", chex.assert_max_traces(linear_probe.probe_step, n=3))  # 3 runs
   rng = np.random.default_rng(0)
   if online:
     backbone = probe.load_backbone(tiny_params_dir)
     shardings = probe.backbone_shardings(backbone, mesh, sharding.DEFAULT_RULES)
-    variables = probe.place(backbone.variables, shardings)
+    variables = sharding.place(backbone.variables, shardings)
     src = sources.ArraySource(_images(32, seed=1), rng.integers(0, 3, 32).astype(np.int32))
-    make = lambda: probe.OnlineImages(_input(16, "probe"), backbone.feature_fn(), variables, shardings,
+    make = lambda: linear_probe.OnlineImages(_input(16, "probe"), backbone.feature_fn(), variables, shardings,
                                       dropout=True, source=src)
     dim = 64
   else:
     x, y = _clusters(64, 3, 8, seed=0)
-    make = lambda: probe.CachedFeatures(x, y)
+    make = lambda: linear_probe.CachedFeatures(x, y)
     dim = 8
   vx, vy = _clusters(40, 3, dim, seed=5)
-  cfg = probe.ProbeConfig(num_classes=3, epochs=3, warmup_epochs=1, batch_size=16, blr=5.0, bn_group_size=8)
-  full, s_full = probe.train_probe(make(), vx, vy, cfg, workdir=str(tmp_path / "a"), mesh=mesh, dim=dim)
-  part, _ = probe.train_probe(make(), vx, vy, cfg, workdir=str(tmp_path / "b"), mesh=mesh, dim=dim,
+  cfg = linear_probe.ProbeConfig(num_classes=3, epochs=3, warmup_epochs=1, batch_size=16, blr=5.0, bn_group_size=8)
+  full, s_full = linear_probe.train_probe(make(), vx, vy, cfg, workdir=str(tmp_path / "a"), mesh=mesh, dim=dim)
+  part, _ = linear_probe.train_probe(make(), vx, vy, cfg, workdir=str(tmp_path / "b"), mesh=mesh, dim=dim,
                               stop_after_epochs=1)
   assert not part["completed"] and part["epochs_done"] == 1
-  resumed, s_res = probe.train_probe(make(), vx, vy, cfg, workdir=str(tmp_path / "b"), mesh=mesh, dim=dim)
+  resumed, s_res = linear_probe.train_probe(make(), vx, vy, cfg, workdir=str(tmp_path / "b"), mesh=mesh, dim=dim)
   assert resumed["completed"] and resumed["history"] == full["history"]
   for a, b in zip(jax.tree.leaves((s_full.params, s_full.batch_stats, s_full.opt_state)),
                   jax.tree.leaves((s_res.params, s_res.batch_stats, s_res.opt_state))):
@@ -241,16 +245,16 @@ def test_probe_resume_equals_uninterrupted(tiny_params_dir, mesh, tmp_path, onli
 def test_export_probe_is_a_bn_linear_vit(tiny_params_dir, mesh, tmp_path):
   backbone = probe.load_backbone(tiny_params_dir)
   shardings = probe.backbone_shardings(backbone, mesh, sharding.DEFAULT_RULES)
-  variables = probe.place(backbone.variables, shardings)
+  variables = sharding.place(backbone.variables, shardings)
   images = _images(16, seed=4)
   src = sources.ArraySource(images, np.arange(16, dtype=np.int32) % 3)
   feats, labels = probe.extract_features(backbone.feature_fn(), variables, shardings, _input(8), mesh=mesh,
                                          source=src)
-  cfg = probe.ProbeConfig(num_classes=3, epochs=2, warmup_epochs=0, batch_size=8, blr=5.0)
-  _, state = probe.train_probe(probe.CachedFeatures(feats, labels), feats, labels, cfg,
+  cfg = linear_probe.ProbeConfig(num_classes=3, epochs=2, warmup_epochs=0, batch_size=8, blr=5.0)
+  _, state = linear_probe.train_probe(linear_probe.CachedFeatures(feats, labels), feats, labels, cfg,
                                workdir=str(tmp_path / "p"), mesh=mesh)
   out = str(tmp_path / "export")
-  probe.export_probe(out, backbone, state, num_classes=3)
+  linear_probe.export_probe(out, backbone, state, num_classes=3)
   saved, meta = params_io.load(out)
   assert meta["kind"] == "vit" and meta["vit"] == {"num_classes": 3, "global_pool": True,
                                                    "head_type": "bn_linear"}

@@ -1,5 +1,6 @@
 """Tests for mage_jax.tokenizer_losses against hand / float64 numpy computations."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,36 +30,33 @@ def test_l1_l2():
     tl.reconstruction_loss(x, y, "huber")
 
 
-def test_straight_through_value_and_gradient():
-  z, zq, w = (jnp.asarray(a, jnp.float32) for a in _rng(1).standard_normal((3, 2, 5, 4)))
-  np.testing.assert_allclose(np.asarray(tl.straight_through(z, zq)), np.asarray(zq), rtol=1e-6, atol=1e-6)
-  gz, gzq = jax.grad(lambda a, b: jnp.sum(tl.straight_through(a, b) * w), argnums=(0, 1))(z, zq)
-  np.testing.assert_array_equal(np.asarray(gz), np.asarray(w))
-  np.testing.assert_array_equal(np.asarray(gzq), 0.0)
-
-
-@pytest.mark.parametrize("convention", ["maskgit", "taming"])
-def test_vq_losses_values_and_gradients(convention):
+def test_quantizer_losses_values_and_gradient_routing():
+  """The VQGAN quantizer: straight-through z_q, codebook term moves only the codes, commitment only z (MaskGIT's
+  convention: beta on the commitment term)."""
+  from mage_jax.models.vqgan import VectorQuantizer
   beta = 0.25
-  z, zq = _rng(2).standard_normal((2, 3, 4, 6))
-  n = z.size
-  mse = ((zq - z) ** 2).mean()
-  codebook, commit = tl.vq_losses(jnp.asarray(z), jnp.asarray(zq), beta, convention)
-  w_code, w_commit = (1.0, beta) if convention == "maskgit" else (beta, 1.0)
-  assert float(codebook) == pytest.approx(w_code * mse, rel=1e-5)
-  assert float(commit) == pytest.approx(w_commit * mse, rel=1e-5)
-  # Gradients: the codebook term moves only zq, the commitment term only z.
-  total = lambda a, b: sum(tl.vq_losses(a, b, beta, convention))
-  gz, gzq = jax.grad(total, argnums=(0, 1))(jnp.asarray(z, jnp.float32), jnp.asarray(zq, jnp.float32))
-  np.testing.assert_allclose(np.asarray(gz), w_commit * 2 * (z - zq) / n, rtol=1e-4, atol=1e-7)
-  np.testing.assert_allclose(np.asarray(gzq), w_code * 2 * (zq - z) / n, rtol=1e-4, atol=1e-7)
-
-
-def test_vq_losses_errors():
-  with pytest.raises(ValueError, match="'vqgan'"):
-    tl.vq_losses(jnp.zeros((2, 3)), jnp.zeros((2, 3)), convention="vqgan")
-  with pytest.raises(ValueError, match="same shape"):
-    tl.vq_losses(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
+  vq = VectorQuantizer(codebook_size=6, embed_dim=4, commitment_cost=beta)
+  z = jnp.asarray(_rng(2).standard_normal((2, 3, 5, 4)), jnp.float32)
+  params = vq.init(jax.random.key(0), z)["params"]
+  params = jax.tree.map(lambda x: jnp.asarray(_rng(3).standard_normal(x.shape), jnp.float32), nn.unbox(params))
+  codes = np.asarray(params["embedding"]["embedding"], np.float64)
+  zq_ref = codes[np.argmin(((np.asarray(z, np.float64)[..., None, :] - codes) ** 2).sum(-1), -1)]
+  mse = ((zq_ref - np.asarray(z, np.float64)) ** 2).mean()
+  z_q, _, losses, _ = vq.apply({"params": params}, z)
+  np.testing.assert_allclose(np.asarray(z_q), zq_ref, rtol=1e-5, atol=1e-6)
+  assert float(losses["codebook"]) == pytest.approx(mse, rel=1e-5)
+  assert float(losses["commitment"]) == pytest.approx(beta * mse, rel=1e-5)
+  w = jnp.asarray(_rng(4).standard_normal(z.shape), jnp.float32)
+  g_st = jax.grad(lambda a: jnp.sum(vq.apply({"params": params}, a)[0] * w))(z)
+  np.testing.assert_allclose(np.asarray(g_st), np.asarray(w), rtol=1e-6)  # identity gradient through z_q
+  g_commit = jax.grad(lambda a: vq.apply({"params": params}, a)[2]["commitment"])(z)
+  np.testing.assert_allclose(np.asarray(g_commit), beta * 2 * (np.asarray(z) - zq_ref) / z.size, rtol=1e-4,
+                             atol=1e-7)
+  g_codes = jax.grad(lambda p: vq.apply({"params": p}, z)[2]["commitment"])(params)
+  assert not np.any(np.asarray(g_codes["embedding"]["embedding"]))  # commitment never moves the codes
+  g_codes = jax.grad(lambda p: vq.apply({"params": p}, z)[2]["codebook"])(params)
+  assert np.any(np.asarray(g_codes["embedding"]["embedding"]))
+  assert not np.any(np.asarray(jax.grad(lambda a: vq.apply({"params": params}, a)[2]["codebook"])(z)))
 
 
 # --- entropy -----------------------------------------------------------------------------------------------

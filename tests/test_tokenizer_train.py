@@ -4,6 +4,7 @@ import json
 import logging
 import os
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,8 @@ from scipy.signal import correlate2d
 
 from configs import tokenizer_fashion_mnist
 from mage_jax import image_metrics as im
-from mage_jax import params_io, sharding, tokenizer_losses, tokenizer_train
+from mage_jax import builders, config_views, params_io, sharding, tokenizer_losses, tokenizer_step
+from mage_jax.jobs import tokenizer as tokenizer_job
 from mage_jax.models.vqgan import VQGAN
 
 
@@ -163,7 +165,7 @@ def gan_setup(folder, tmp_path_factory):
   c = small_config(folder, gan_start=0, lecam_weight=0.1, r1_cost=1.0, entropy_weight=0.1,
                    perceptual_weight=0.1, perceptual_weights=str(tmp / "vgg.npz"))
   c.tokenizer.dtype = c.discriminator.dtype = "bfloat16"  # the ImageNet setting: bf16 convs, f32 the rest
-  task, mesh, rules = tokenizer_train.build_task(c, str(tmp))
+  task, mesh, rules = tokenizer_job.build_task(c, str(tmp))
   return c, task, _init(task, mesh, rules), jax.jit(task.step)
 
 
@@ -215,7 +217,7 @@ def test_tiny_fashion_config_lowers_reconstruction_loss(folder, tmp_path):
   c.input.name = f"folder:{folder}"
   c.input.num_workers = 1
   c.eval = None
-  task, mesh, rules = tokenizer_train.build_task(c, str(tmp_path))
+  task, mesh, rules = tokenizer_job.build_task(c, str(tmp_path))
   assert task.evaluate is None
   state = _init(task, mesh, rules)
   step = jax.jit(task.step, donate_argnums=(0,))
@@ -232,20 +234,20 @@ def test_restart_dead_codes_by_hand():
   codebook = jnp.asarray(np.arange(8, dtype=np.float32).reshape(4, 2))
   z = jnp.asarray(100 + np.arange(12, dtype=np.float32).reshape(2, 3, 2))  # 6 latents, all >= 100
   usage = jnp.asarray([0.5, 0.001, 0.3, 0.0])  # dead below 0.03 / 4 = 0.0075: codes 1 and 3
-  new, dead = tokenizer_train.restart_dead_codes(codebook, usage, z, jax.random.key(0), jnp.asarray(True), 0.03)
+  new, dead = tokenizer_step.restart_dead_codes(codebook, usage, z, jax.random.key(0), jnp.asarray(True), 0.03)
   new = np.asarray(new)
   np.testing.assert_array_equal(np.asarray(dead), [False, True, False, True])
   np.testing.assert_array_equal(new[[0, 2]], np.asarray(codebook)[[0, 2]])
   latents = {tuple(r) for r in np.asarray(z).reshape(-1, 2)}
   assert tuple(new[1]) in latents and tuple(new[3]) in latents
-  same, dead = tokenizer_train.restart_dead_codes(codebook, usage, z, jax.random.key(0), jnp.asarray(False), 0.03)
+  same, dead = tokenizer_step.restart_dead_codes(codebook, usage, z, jax.random.key(0), jnp.asarray(False), 0.03)
   np.testing.assert_array_equal(np.asarray(same), np.asarray(codebook))
   assert not np.asarray(dead).any()
 
 
 def test_codebook_lr_multiplier_scales_only_the_codebook():
   updates = {"quantize": {"embedding": {"embedding": jnp.ones((4, 2))}}, "encoder": {"w": jnp.ones(3)}}
-  out, _ = tokenizer_train.scale_codebook_updates(10.0).update(updates, optax.EmptyState())
+  out, _ = tokenizer_job.scale_codebook_updates(10.0).update(updates, optax.EmptyState())
   np.testing.assert_array_equal(np.asarray(out["quantize"]["embedding"]["embedding"]), 10.0)
   np.testing.assert_array_equal(np.asarray(out["encoder"]["w"]), 1.0)
 
@@ -255,7 +257,8 @@ def _restore(workdir, step):
 
 
 @pytest.mark.slow
-def test_resume_is_bitwise_identical_and_export_is_consumable(folder, tmp_path):
+def test_resume_is_bitwise_identical_and_export_is_consumable(folder, tmp_path, monkeypatch):
+  monkeypatch.setattr(tokenizer_step, "train_step", chex.assert_max_traces(tokenizer_step.train_step, n=3))
   # R1 and the perceptual net are covered by `gan_setup`; here: D from step 1 (both branches), LeCam, entropy
   # and codebook restarts every 2 steps (so the rng and the usage EMA matter).
   def config(steps):
@@ -265,10 +268,10 @@ def test_resume_is_bitwise_identical_and_export_is_consumable(folder, tmp_path):
 
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   c4 = config(4)
-  tokenizer_train.train_and_evaluate(c4, straight)
-  tokenizer_train.train_and_evaluate(config(2), resumed)
+  tokenizer_job.train_and_evaluate(c4, straight)
+  tokenizer_job.train_and_evaluate(config(2), resumed)
   assert int(_restore(resumed, 2)["step"]) == 2
-  tokenizer_train.train_and_evaluate(c4, resumed)  # resumes from step 2
+  tokenizer_job.train_and_evaluate(c4, resumed)  # resumes from step 2
 
   a, b = _restore(straight, 4), _restore(resumed, 4)
   leaves_a = jax.tree_util.tree_leaves_with_path(a)
@@ -290,17 +293,16 @@ def test_resume_is_bitwise_identical_and_export_is_consumable(folder, tmp_path):
   assert meta["kind"] == "tokenizer" and meta["tokenizer"]["codebook_size"] == 16
   for x, y in zip(jax.tree.leaves(variables["tokenizer"]["params"]), jax.tree.leaves(a["ema_params"])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  from mage_jax import train
   pre = ml_collections.ConfigDict({"tokenizer": {"init": os.path.join(straight, "params")},
                                    "input": {"image_size": 16}, "model": {"dtype": "float32"}, "seed": 0})
-  tokenizer, tok_vars = train.load_tokenizer(pre)
+  tokenizer, tok_vars = builders.load_tokenizer(pre)
   test_files = sorted((folder / "test").iterdir())
   test = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in test_files]) / 255.0
   ids = tokenizer.apply(tok_vars, jnp.asarray(test, jnp.float32), method=VQGAN.encode_to_ids)
   assert ids.shape == (len(test_files), 64) and int(ids.max()) < 16
 
   # Held-out metrics of the EMA weights, recomputed here in float64 from the exported params.
-  metrics = json.loads((tmp_path / "straight" / tokenizer_train.METRICS_FILE).read_text())
+  metrics = json.loads((tmp_path / "straight" / tokenizer_job.METRICS_FILE).read_text())
   recon = np.clip(np.asarray(tokenizer.apply(tok_vars, jnp.asarray(test, jnp.float32))[0], np.float64), 0, 1)
   mse = ((recon - test) ** 2).mean(axis=(1, 2, 3))
   assert metrics["step"] == 4 and metrics["num_examples"] == len(test_files)
@@ -316,33 +318,33 @@ def test_config_errors_and_perceptual_status(folder, tmp_path, caplog):
   c = small_config(folder)
   c.loss.perceptual_weight = 0.1
   with caplog.at_level(logging.INFO):
-    tokenizer_train.build_task(c, str(tmp_path))
+    tokenizer_job.build_task(c, str(tmp_path))
   assert "perceptual loss disabled: no weights file" in caplog.text
   assert "training WITHOUT the perceptual term" in caplog.text
   c.loss.perceptual_weights = str(tmp_path / "missing.npz")
   with pytest.raises(FileNotFoundError, match="missing.npz"):
-    tokenizer_train.build_task(c, str(tmp_path))
+    tokenizer_job.build_task(c, str(tmp_path))
   with pytest.raises(ValueError, match="unknown config.loss keys"):
-    tokenizer_train.LossConfig.from_config({"rec_weigth": 1.0})
+    config_views.from_config(tokenizer_step.LossConfig, {"rec_weigth": 1.0}, "config.loss")
   with pytest.raises(ValueError, match="rec_type"):
-    tokenizer_train.LossConfig(rec_type="huber")
+    tokenizer_step.LossConfig(rec_type="huber")
   c = small_config(folder)
   c.input.image_size = 17
   with pytest.raises(ValueError, match="multiple of the tokenizer's downsampling factor 2"):
-    tokenizer_train.vqgan_config(c)
+    builders.tokenizer_config(c.tokenizer, c.input.image_size)
   c = small_config(folder)
   c.tokenizer.num_groups = 3
   with pytest.raises(ValueError, match="num_groups"):
-    tokenizer_train.vqgan_config(c)
+    builders.tokenizer_config(c.tokenizer, c.input.image_size)
 
 
 def test_configs_sizes():
   from configs import tokenizer_imagenet
   big = tokenizer_imagenet.get_config()
-  cfg = tokenizer_train.vqgan_config(big)
+  cfg = builders.tokenizer_config(big.tokenizer, big.input.image_size)
   assert (cfg.ch, tuple(cfg.ch_mult), cfg.num_res_blocks, cfg.z_channels, cfg.codebook_size) == (
       128, (1, 1, 2, 2, 4), 2, 256, 1024)
   assert (big.optim.b1, big.optim.b2, big.optim.lr, big.optim.ema_decay) == (0.0, 0.99, 1e-4, 0.999)
   assert big.loss.perceptual_weights == "" and big.tokenizer.dtype == "bfloat16"
-  tiny = tokenizer_train.vqgan_config(tokenizer_fashion_mnist.get_config())
+  tiny = builders.tokenizer_config(tokenizer_fashion_mnist.get_config().tokenizer, 32)
   assert tiny.resolution == 32 and tiny.token_grid == 8

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,8 @@ import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import tiny_train_config
-from mage_jax import checkpointing, params_io, sharding, train
+from mage_jax import checkpointing, params_io, sharding, steps
+from mage_jax.jobs import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,11 +44,13 @@ def _main_cmd(image_folder, workdir, steps, *extra):
           "--config.log_every_steps=1", "--config.checkpoint_every_steps=4", *extra]
 
 
-def test_sharded_mesh_matches_single_device(image_folder, tmp_path):
+def test_sharded_mesh_matches_single_device(image_folder, tmp_path, monkeypatch):
+  # One compilation per run: a retrace (e.g. a batch whose dtype or sharding drifts) fails here.
+  monkeypatch.setattr(steps, "pretrain_step", chex.assert_max_traces(steps.pretrain_step, n=2))
   single = tiny_train_config(image_folder, num_devices=1, mesh=[("data", 1), ("fsdp", 1), ("model", 1)])
   sharded = tiny_train_config(image_folder, mesh=[("data", 2), ("fsdp", 2), ("model", 2)])
-  train.train_and_evaluate(single, str(tmp_path / "single"))
-  train.train_and_evaluate(sharded, str(tmp_path / "sharded"))
+  pretrain.train_and_evaluate(single, str(tmp_path / "single"))
+  pretrain.train_and_evaluate(sharded, str(tmp_path / "sharded"))
   a, b = _scalars(str(tmp_path / "single")), _scalars(str(tmp_path / "sharded"))
   assert len(a) == len(b) == 12
   np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
@@ -148,12 +152,12 @@ def test_missing_data_dir_and_bad_images(tmp_path, image_folder):
   config = tiny_train_config(image_folder)
   config.input.name = f"folder:{tmp_path / 'nowhere'}"
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    train.train_and_evaluate(config, str(tmp_path / "w1"))
+    pretrain.train_and_evaluate(config, str(tmp_path / "w1"))
   config = tiny_train_config(image_folder)
   config.input.batch_size = 6
   config.mesh = [("data", 4), ("fsdp", 1), ("model", 2)]
   with pytest.raises(ValueError, match="not divisible"):
-    train.train_and_evaluate(config, str(tmp_path / "w2"))
+    pretrain.train_and_evaluate(config, str(tmp_path / "w2"))
 
 
 def _dir_digest(path):
@@ -167,26 +171,26 @@ def _dir_digest(path):
 
 def test_corrupt_checkpoint_is_named_and_others_untouched(image_folder, tmp_path):
   workdir = str(tmp_path / "w")
-  train.train_and_evaluate(tiny_train_config(image_folder, steps=8), workdir)
+  pretrain.train_and_evaluate(tiny_train_config(image_folder, steps=8), workdir)
   before = _dir_digest(os.path.join(workdir, "checkpoints", "4"))
   for path in glob.glob(os.path.join(workdir, "checkpoints", "8", "**", "*"), recursive=True):
     if os.path.isfile(path) and "ocdbt" in path:
       with open(path, "r+b") as f:
         f.truncate(max(os.path.getsize(path) // 3, 1))
   with pytest.raises(ValueError, match="step 8"):
-    train.train_and_evaluate(tiny_train_config(image_folder, steps=12), workdir)
+    pretrain.train_and_evaluate(tiny_train_config(image_folder, steps=12), workdir)
   assert _dir_digest(os.path.join(workdir, "checkpoints", "4")) == before
 
 
 def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(image_folder, tmp_path):
   workdir = str(tmp_path / "w")
-  train.train_and_evaluate(tiny_train_config(image_folder, steps=4), workdir)
+  pretrain.train_and_evaluate(tiny_train_config(image_folder, steps=4), workdir)
   good = _exported(workdir)
   bad = tiny_train_config(image_folder, steps=8, label_smoothing=float("nan"))
   with pytest.raises(FloatingPointError, match="step 4"):
-    train.train_and_evaluate(bad, workdir)
+    pretrain.train_and_evaluate(bad, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]  # the good one, nothing newer
   skip = tiny_train_config(image_folder, steps=8, label_smoothing=float("nan"), nonfinite="skip")
-  metrics = train.train_and_evaluate(skip, workdir)
+  metrics = pretrain.train_and_evaluate(skip, workdir)
   assert metrics["skipped_steps"] == 4
   jax.tree.map(np.testing.assert_array_equal, _exported(workdir), good)

@@ -1,6 +1,4 @@
-"""Tests for mage_jax.train_variants (MAGE-C, class-conditional MAGE) and mage_jax.models.class_cond."""
-
-import math
+"""Tests for the MAGE-C and class-conditional jobs (mage_jax/jobs) and mage_jax.models.class_cond."""
 
 import flax.linen as nn
 import jax
@@ -10,7 +8,8 @@ import pytest
 from conftest import apply_overrides
 from PIL import Image
 
-from mage_jax import masking, optim, params_io, sampling, steps, train_variants
+from mage_jax import config_views, masking, optim, params_io, sampling, steps
+from mage_jax.jobs import class_cond, mage_c
 from mage_jax.models.class_cond import ClassCondMAGE, class_cond_config, config_from_meta
 from mage_jax.models.mage import MAGE, config_for
 
@@ -36,72 +35,35 @@ def _plan(b):
 # Views.
 
 
-def test_crop_and_resize_resamples_the_box_exactly():
-  # A linear ramp is reproduced exactly by linear interpolation away from the border: the value at output
-  # pixel centre j is the input coordinate left + (j + 0.5) * w / S, minus 0.5 (input pixel i holds value i).
-  h = w = 24
-  ramp = np.stack([*np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), np.zeros((h, w))], -1) / 100.0
-  top, left, ch, cw, size = 3, 5, 10, 14, 16
-  out = np.asarray(train_variants.crop_and_resize(jnp.asarray(ramp, jnp.float32),
-                                                  jnp.array([top, left, ch, cw]), (size, size), "linear"))
-  j = np.arange(size) + 0.5
-  want_y = (top + j * ch / size - 0.5) / 100.0
-  want_x = (left + j * cw / size - 0.5) / 100.0
-  np.testing.assert_allclose(out[..., 0], np.broadcast_to(want_y[:, None], (size, size)), atol=1e-6)
-  np.testing.assert_allclose(out[..., 1], np.broadcast_to(want_x[None, :], (size, size)), atol=1e-6)
-
-
-def _torchvision_box(u, height, width, scale, ratio):
-  """RandomResizedCrop.get_params in float64 from the same 4x10 uniforms."""
-  for t in range(10):
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[0, t])
-    aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1, t])
-    cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-    if 0 < cw <= width and 0 < ch <= height:
-      return [math.floor(u[2, t] * (height - ch + 1)), math.floor(u[3, t] * (width - cw + 1)), ch, cw]
-  return [0, 0, height, width]  # square images: the fallback is the whole image
-
-
-@pytest.mark.parametrize("scale", [(0.2, 1.0), (0.9, 1.0)])
-def test_crop_box_follows_torchvision(scale):
-  ratio = (3 / 4, 4 / 3)
-  keys = jax.random.split(jax.random.key(3), 64)
-  boxes = np.asarray(jax.vmap(lambda k: train_variants.crop_box(k, 32, 32, scale, ratio))(keys))
-  uniforms = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (4, 10), jnp.float32))(keys), np.float64)
-  want = np.array([_torchvision_box(u, 32, 32, scale, ratio) for u in uniforms])
-  np.testing.assert_array_equal(boxes, want)
-
-
-def test_two_views_full_crop_is_identity_or_mirror_and_views_differ():
-  cfg = train_variants.ViewAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=True, method="linear")
-  images = jnp.asarray(np.random.default_rng(0).uniform(size=(16, 8, 8, 3)), jnp.float32)
-  v1, v2 = jax.jit(lambda r, x: train_variants.two_views(r, x, cfg))(jax.random.key(1), images)
-  flips = []
-  for v in (v1, v2):
-    same = np.all(np.abs(np.asarray(v) - np.asarray(images)) < 1e-5, axis=(1, 2, 3))
-    mirrored = np.all(np.abs(np.asarray(v) - np.asarray(images)[:, :, ::-1]) < 1e-5, axis=(1, 2, 3))
-    assert np.all(same | mirrored)
-    flips.append(mirrored)
-  assert 0 < flips[0].sum() < 16 and np.any(flips[0] != flips[1])
+def test_pipeline_views_are_independent_crops_and_view_zero_is_the_single_view_draw(image_folder):
+  from mage_jax.data import pipeline
+  cfg = dict(name=f"folder:{image_folder}", batch_size=8, image_size=16, augment="pretrain")
+  single = next(pipeline.train_iterator(cfg, seed=3))["image"]
+  multi = next(pipeline.train_iterator({**cfg, "views": 2}, seed=3))["image"]
+  assert single.shape == (8, 16, 16, 3) and multi.shape == (8, 2, 16, 16, 3)
+  np.testing.assert_array_equal(multi[:, 0], single)  # K = 1 runs keep their augmentation draws
+  differ = np.abs(multi[:, 0] - multi[:, 1]).max(axis=(1, 2, 3)) > 1e-3
+  assert differ.all()  # each image's two views are different crops
+  with pytest.raises(ValueError, match="views"):
+    pipeline.InputConfig.from_config({**cfg, "views": 2, "augment": "none"})
 
 
 def test_color_jitter_grayscale_always():
-  cfg = train_variants.ViewAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, method="linear",
-                                   grayscale_prob=1.0)
+  cfg = mage_c.ColorAugment(grayscale_prob=1.0)
   image = jnp.asarray(np.random.default_rng(1).uniform(size=(8, 8, 3)), jnp.float32)
-  out = np.asarray(train_variants.augment_view(jax.random.key(0), image, cfg))
+  out = np.asarray(mage_c.color_jitter(jax.random.key(0), image, cfg))
   gray = np.asarray(image, np.float64) @ np.array([0.299, 0.587, 0.114])
   for c in range(3):
     np.testing.assert_allclose(out[..., c], gray, atol=1e-5)
 
 
 def test_bad_view_and_contrastive_configs_are_rejected():
-  with pytest.raises(ValueError, match="scale"):
-    train_variants.ViewAugment(scale=(0.5, 0.2))
+  with pytest.raises(ValueError, match="jitter_prob"):
+    mage_c.ColorAugment(jitter_prob=1.5)
   with pytest.raises(ValueError, match="BatchNorm"):
-    train_variants.ContrastiveConfig(norm="batch")
+    mage_c.ContrastiveConfig(norm="batch")
   with pytest.raises(ValueError, match="unknown config.contrastive keys"):
-    train_variants._from_mapping(train_variants.ContrastiveConfig, {"lambda": 1.0}, "config.contrastive")
+    config_views.from_config(mage_c.ContrastiveConfig, {"lambda": 1.0}, "config.contrastive")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -135,14 +97,14 @@ def _ref_nt_xent(z1, z2, t):
 def test_mage_c_loss_is_rec_plus_lambda_times_nt_xent(pool):
   b, lam, temp = 4, 0.7, 0.3
   model = MAGE(_base_config())
-  cfg = train_variants.ContrastiveConfig(lam=lam, temperature=temp, pool=pool, hidden_dim=24, out_dim=8)
+  cfg = mage_c.ContrastiveConfig(lam=lam, temperature=temp, pool=pool, hidden_dim=24, out_dim=8)
   head = cfg.head()
   params = nn.unbox({"model": model.init(jax.random.key(0), _ids(0, 1), _plan(1))["params"],
                      "projection_head": head.init(jax.random.key(1), jnp.zeros((1, 32)))["params"]})
   ids = _ids(1, 2 * b)
   rng = jax.random.key(5)
   masking_cfg = dict(min_ratio=0.5, max_ratio=1.0, mu=0.55, std=0.25, drop_ratio=0.5)
-  loss, aux = jax.jit(lambda p, i, r: train_variants.mage_c_loss(
+  loss, aux = jax.jit(lambda p, i, r: mage_c.mage_c_loss(
       p, i, r, model=model, head=head, cfg=cfg, masking_cfg=masking_cfg, label_smoothing=0.1))(params, ids, rng)
 
   # Independent recomputation: the same plan, the model's outputs, float64 reductions.
@@ -184,7 +146,7 @@ def test_class_cond_encoder_gets_exactly_zero_gradient_and_never_moves():
   model = _cc_model()
   params = _cc_params(model)
   ids, labels = _ids(2, 8), jnp.arange(8) % 4
-  grads = jax.jit(jax.grad(lambda p: train_variants.class_cond_loss(
+  grads = jax.jit(jax.grad(lambda p: class_cond.class_cond_loss(
       p, ids, labels, jax.random.key(1), model=model, masking_cfg={}, label_smoothing=0.1)[0]))(params)
   flat = {optim.path_str(p): np.asarray(g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
   encoder = [k for k in flat if _is_encoder(k)]
@@ -194,9 +156,9 @@ def test_class_cond_encoder_gets_exactly_zero_gradient_and_never_moves():
 
   # With weight decay, only the frozen predicate keeps the encoder bit-identical through an update.
   tx = optim.pretrain_optimizer(lr=1e-2, total_steps=10, warmup_steps=0, weight_decay=0.5,
-                                frozen=train_variants.ENCODER_PARAM_PATTERNS)
+                                frozen=class_cond.ENCODER_PARAM_PATTERNS)
   state = steps.TrainState.create(params, tx, jax.random.key_data(jax.random.key(0)))
-  new, metrics = jax.jit(lambda s: train_variants.class_cond_update(
+  new, metrics = jax.jit(lambda s: class_cond.class_cond_update(
       s, ids, labels, model=model, tx=tx, masking_cfg={}, label_smoothing=0.1))(state)
   assert np.isfinite(float(metrics["loss"]))
   before = {optim.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -212,7 +174,7 @@ def test_encoder_patterns_freeze_exactly_the_encoder_in_loop_and_scan_layouts():
   names = ["token_emb", "blocks_0", "blocks_11", "blocks", "norm", "decoder_embed", "decoder_blocks_0",
            "decoder_blocks", "decoder_norm", "decoder_pos_embed_learned", "mlm_layer", "class_emb"]
   tree = {n: {"kernel": np.zeros(2)} for n in names}
-  trainable = optim.trainable_mask(tree, train_variants.ENCODER_PARAM_PATTERNS)
+  trainable = optim.trainable_mask(tree, class_cond.ENCODER_PARAM_PATTERNS)
   assert {n for n in names if not trainable[n]["kernel"]} == {"token_emb", "blocks_0", "blocks_11", "blocks", "norm"}
 
 
@@ -223,7 +185,7 @@ def test_class_cond_logits_depend_on_label_and_guidance_formula(combine):
   tokens = _ids(3, 2).at[:, ::2].set(MASK)
   @jax.jit
   def all_logits(params):
-    f = lambda labels, w=None: train_variants.class_cond_logits_fn(model, params, labels, w)(tokens)
+    f = lambda labels, w=None: class_cond.class_cond_logits_fn(model, params, labels, w)(tokens)
     one = jnp.array([1, 1])
     return f(one), f(jnp.array([2, 2])), f(None), f(one, 0.0), f(one, 2.0)
 
@@ -247,13 +209,13 @@ def test_class_cond_memorises_one_sequence_per_class():
   params["token_emb"]["word_embeddings"]["embedding"] *= 10.0
   steps_ = 600
   tx = optim.pretrain_optimizer(lr=1e-2, total_steps=steps_, warmup_steps=5, weight_decay=0.0,
-                                frozen=train_variants.ENCODER_PARAM_PATTERNS)
+                                frozen=class_cond.ENCODER_PARAM_PATTERNS)
   state = steps.TrainState.create(params, tx, jax.random.key_data(jax.random.key(0)))
 
   @jax.jit
   def train_n(state):
     def body(_, s):
-      return train_variants.class_cond_update(s, ids, labels, model=model, tx=tx, masking_cfg={},
+      return class_cond.class_cond_update(s, ids, labels, model=model, tx=tx, masking_cfg={},
                                               label_smoothing=0.1)[0]
     return jax.lax.fori_loop(0, steps_, body, state)
 
@@ -262,7 +224,7 @@ def test_class_cond_memorises_one_sequence_per_class():
   @jax.jit
   def generate(params):
     start = jnp.full((num_classes, N_TOKENS), MASK, jnp.int32)
-    fn = train_variants.class_cond_logits_fn(model, params, jnp.arange(num_classes))
+    fn = class_cond.class_cond_logits_fn(model, params, jnp.arange(num_classes))
     return sampling.decode(jax.random.key(0), start, fn, num_steps=4, choice_temperature=0.0, mask_id=MASK,
                            codebook_size=CODEBOOK, sample_temperature=0.0)
 
@@ -282,9 +244,9 @@ def test_configs_build(module, arg):
   config = importlib.import_module(f"configs.{module}").get_config(arg)
   assert config.mode in ("mage_c", "class_cond")
   if config.mode == "mage_c":
-    train_variants.ContrastiveConfig(**config.contrastive)
-    train_variants._from_mapping(train_variants.ViewAugment, config.views, "config.views")
-    assert config.input.augment == "none"
+    mage_c.ContrastiveConfig(**config.contrastive)
+    config_views.from_config(mage_c.ColorAugment, config.views, "config.views")
+    assert config.input.views == 2 and config.input.augment == "pretrain"
   else:
     assert config.model_init and config.class_cond.num_classes in (10, 1000)
 
@@ -302,25 +264,24 @@ def _variant_config(module, arg, image_folder, **overrides):
 
 def test_class_cond_refuses_missing_or_mismatched_init(image_folder, tmp_path):
   with pytest.raises(ValueError, match="model_init"):
-    train_variants.train_and_evaluate(_variant_config("class_cond_fashion_mnist", "steps=2,batch=8", image_folder),
-                                      str(tmp_path / "a"))
+    class_cond.train_and_evaluate(_variant_config("class_cond_fashion_mnist", "steps=2,batch=8", image_folder),
+                                  str(tmp_path / "a"))
   meta = {"model": {**_base_config().__dict__, "embed_dim": 48}}
   with pytest.raises(ValueError, match="embed_dim: config 32 vs checkpoint 48"):
-    train_variants.check_architecture(_base_config(), meta, "ckpt")
+    class_cond.check_architecture(_base_config(), meta, "ckpt")
   with pytest.raises(ValueError, match="class-unconditional"):
     config_from_meta({"model": _base_config().__dict__})
 
 
 @pytest.mark.slow
 def test_mage_c_then_class_cond_end_to_end(image_folder, tmp_path):
-  from mage_jax import checkpoint_models, generate
   # MAGE-C: 3 steps on the 8-device mesh, exported in the pretraining layout + the head.
   mc = _variant_config("mage_c_fashion_mnist", "steps=3,batch=8", image_folder)
-  metrics = train_variants.train_and_evaluate(mc, str(tmp_path / "mc"))
+  metrics = mage_c.train_and_evaluate(mc, str(tmp_path / "mc"))
   np.testing.assert_allclose(metrics["loss"], metrics["rec_loss"] + 0.1 * metrics["con_loss"], rtol=1e-5)
   variables, meta = params_io.load(str(tmp_path / "mc" / "params"))
   assert set(variables) == {"model", "tokenizer", "projection_head"} and meta["mage_c"]["lam"] == 0.1
-  model, tokenizer = checkpoint_models.models_from_meta(meta)  # what generation / probing do
+  model, tokenizer = params_io.models_from_meta(meta)  # what generation / probing do
   feats = model.apply(variables["model"], jnp.zeros((2, model.config.num_tokens), jnp.int32),
                       method=MAGE.encoder_features)
   assert feats.shape == (2, 1 + model.config.num_tokens, model.config.embed_dim)
@@ -329,7 +290,7 @@ def test_mage_c_then_class_cond_end_to_end(image_folder, tmp_path):
   cc = _variant_config("class_cond_fashion_mnist", f"steps=2,batch=8,init={tmp_path / 'mc' / 'params'}",
                        image_folder, **{"class_cond.num_classes": 2, "class_cond.grid_per_class": 3,
                                         "class_cond.grid_num_steps": 4})
-  train_variants.train_and_evaluate(cc, str(tmp_path / "cc"))
+  class_cond.train_and_evaluate(cc, str(tmp_path / "cc"))
   out_dir = str(tmp_path / "cc" / "params")
   variables, meta = params_io.load(out_dir)
   assert meta["class_cond"] is True and meta["model"]["num_classes"] == 2
@@ -340,8 +301,8 @@ def test_mage_c_then_class_cond_end_to_end(image_folder, tmp_path):
   grid = np.asarray(Image.open(tmp_path / "cc" / "class_grid.png"))
   assert grid.shape == (2 * 16 + 3 * 2, 3 * 16 + 4 * 2, 3)  # 2 rows (classes) x 3 samples, pad 2
   # The generation binary's sampler, with the class id.
-  cc_model, cc_tok = checkpoint_models.models_from_meta(meta)  # what the generation binary does
+  cc_model, cc_tok = params_io.models_from_meta(meta)  # what the generation binary does
   assert isinstance(cc_model, ClassCondMAGE)
-  images = next(generate.generate_images(cc_model, cc_tok, variables, jax.random.key(0), 8, 8, num_steps=2,
+  images = next(sampling.generate_images(cc_model, cc_tok, variables, jax.random.key(0), 8, 8, num_steps=2,
                                          class_id=1))
   assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8

@@ -1,7 +1,13 @@
 """Input pipeline: TFDS / image-folder sources, augmentation, deterministic iterators.
 
-Importing this package imports TensorFlow (~2 s); the model code does not need it.
+Importing this package imports TensorFlow (~2 s); the model code does not need it. TensorFlow only feeds
+tf.data here, so it is kept off the accelerators (otherwise it would reserve GPU memory that JAX needs).
 """
+
+import tensorflow as tf
+
+tf.config.set_visible_devices([], "GPU")
+
 
 from mage_jax.data.pipeline import DataIterator
 from mage_jax.data.pipeline import eval_iterator

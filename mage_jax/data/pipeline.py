@@ -10,7 +10,9 @@ examples
 where perm_e is the stateless permutation `tf.random.experimental.index_shuffle`
 keyed by (seed, e). Process p of P takes the contiguous slice j in
 [p * B/P, (p+1) * B/P). The augmentation of sample (s, j) is seeded by
-(seed, s * B + j). Everything is therefore a pure function of (seed, step): an
+(seed, s * B + j); with `views` = K > 1 every example yields K independent
+augmentations [K, S, S, 3], view v seeded by fold_in((seed, s * B + j), VIEW_SEED_OFFSET + v) for v > 0
+(view 0 keeps the single-view seed, so K = 1 runs are unchanged). Everything is therefore a pure function of (seed, step): an
 iterator started at step k yields exactly the batches an uninterrupted one
 yields from step k, on any number of processes (the global batch is the
 concatenation of the process slices in process order).
@@ -24,7 +26,8 @@ Config keys (ml_collections.ConfigDict, dict or `InputConfig`):
   manual_dir, augment ('pretrain' | 'probe' | 'none'), interpolation
   ('bicubic'), num_workers (0 = tf.data AUTOTUNE), download (False),
   crop_ratio (256/292), eval_interpolation ('bicubic'), scale ((0.2, 1.0)),
-  ratio ((3/4, 4/3)), rand_augment ('' or a timm spec such as 'rand-m9-mstd0.5-inc1'), prefetch (2 batches).
+  ratio ((3/4, 4/3)), rand_augment ('' or a timm spec such as 'rand-m9-mstd0.5-inc1'), views (1: one
+  augmented image per example; K: K views, for MAGE-C), prefetch (2 batches).
   See `augment.py` and `randaugment.py` for the transforms.
 """
 
@@ -46,6 +49,8 @@ from mage_jax.data import sources
 # from unrelated streams.
 _SHUFFLE_PURPOSE = 1
 _AUGMENT_PURPOSE = 2
+# Views v > 0 fold this plus v into the sample's seed; far from the small constants the transforms fold in.
+VIEW_SEED_OFFSET = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +72,13 @@ class InputConfig:
   scale: tuple[float, float] = augment_lib.PRETRAIN_SCALE
   ratio: tuple[float, float] = augment_lib.PRETRAIN_RATIO
   rand_augment: str = ""  # timm spec, e.g. 'rand-m9-mstd0.5-inc1' (fine-tuning); '' = off
+  views: int = 1
   prefetch: int = 2
 
   def __post_init__(self):
+    if self.views < 1 or (self.views > 1 and self.augment == "none"):
+      raise ValueError(f"views must be >= 1, and several views need a random augment mode (got views="
+                       f"{self.views}, augment={self.augment!r}).")
     if self.batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {self.batch_size}.")
     if self.image_size <= 0:
@@ -108,9 +117,9 @@ class InputConfig:
 
 def eval_input_config(cfg: Any, *, split: str, batch_size: int) -> dict:
   """The eval view of a training input config: another split and batch, the training-only augmentation (random
-  crop and flip, RandAugment) switched off, as `eval_iterator` applies the eval transform whatever they say."""
+  crop and flip, RandAugment, several views) switched off, as `eval_iterator` applies the eval transform whatever they say."""
   fields = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  return {**fields, "split": split, "batch_size": batch_size, "augment": "none", "rand_augment": ""}
+  return {**fields, "split": split, "batch_size": batch_size, "augment": "none", "rand_augment": "", "views": 1}
 
 
 def make_source(cfg: Any) -> sources.Source:
@@ -254,12 +263,15 @@ def train_iterator(
   def load(el):
     image, label = src.load(el["index"])
     seed_ = tf.stack([augment_key, el["sample"]])
-    out = {"image": augment_lib.preprocess(
-        image, seed_, size=c.image_size, mode=c.augment,
-        interpolation=c.interpolation, scale=c.scale, ratio=c.ratio,
-        crop_ratio=c.crop_ratio, eval_interpolation=c.eval_interpolation,
-        rand_augment=rand_augment),
-           "label": label}
+
+    def view(v):
+      view_seed = seed_ if v == 0 else tf.random.experimental.stateless_fold_in(seed_, VIEW_SEED_OFFSET + v)
+      return augment_lib.preprocess(
+          image, view_seed, size=c.image_size, mode=c.augment, interpolation=c.interpolation, scale=c.scale,
+          ratio=c.ratio, crop_ratio=c.crop_ratio, eval_interpolation=c.eval_interpolation,
+          rand_augment=rand_augment)
+
+    out = {"image": view(0) if c.views == 1 else tf.stack([view(v) for v in range(c.views)]), "label": label}
     if return_index:
       out["index"] = el["index"]
     return out
@@ -318,6 +330,27 @@ def eval_iterator(
 
   ds = tf.data.Dataset.range(steps).map(step_elements)
   return DataIterator(_finish(ds, load, c, local), src, num_batches=steps)
+
+
+def global_eval_batches(cfg: Any, mesh, *, keys=("image", "label"), limit: int | None = None,
+                        source: sources.Source | None = None) -> Iterator[dict]:
+  """One pass over the split (eval transform) as global arrays sharded over `mesh`'s batch axes.
+
+  Every process iterates (the batches are collective); each batch holds `keys` and '_mask' (False for padding
+  and for examples at or past `limit`, the number of leading examples to use; None: all). `cfg.batch_size`
+  is the global batch.
+  """
+  from mage_jax import sharding  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  c = InputConfig.from_config(cfg)
+  src = source or make_source(c)
+  n = src.num_examples if limit is None else min(limit, src.num_examples)
+  lo, local = _local_range(c.batch_size, jax.process_index(), jax.process_count())
+  it = eval_iterator(c, process_index=jax.process_index(), process_count=jax.process_count(), source=src)
+  for b in range(num_eval_batches(n, c.batch_size)):
+    batch = next(it)
+    batch["_mask"] = batch["_mask"] & (b * c.batch_size + lo + np.arange(local) < n)
+    yield sharding.global_batch({k: batch[k] for k in (*keys, "_mask")}, mesh)
 
 
 def measure_throughput(cfg: Any, num_batches: int, *, warmup: int = 2,

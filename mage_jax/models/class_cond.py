@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mage_jax import config_views
 from mage_jax.masking import MaskPlan
 from mage_jax.models import layers
 from mage_jax.models.mage import MAGE, MAGEConfig
@@ -89,11 +90,7 @@ def config_from_meta(meta: dict) -> ClassCondConfig:
     raise ValueError(f"checkpoint meta has no 'model' dict (kind={meta.get('kind')!r})")
   if not fields.get("num_classes"):
     raise ValueError("checkpoint is class-unconditional (meta model.num_classes is absent or 0)")
-  known = {f.name for f in dataclasses.fields(ClassCondConfig)}
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise ValueError(f"checkpoint meta['model'] has fields {unknown} that ClassCondConfig does not know")
-  return ClassCondConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+  return config_views.from_config(ClassCondConfig, fields, "checkpoint meta['model']")
 
 
 def init_class_embedding(rng: jax.Array, config: ClassCondConfig, dtype=jnp.float32) -> dict:

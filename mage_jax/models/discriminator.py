@@ -82,15 +82,6 @@ def _dense(features, axes, *, dtype, param_dtype, name):
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 
 
-class BlurPool(nn.Module):
-  """Parameter-free module wrapper of `blur_pool`."""
-  taps: Sequence[float] = (1.0, 3.0, 3.0, 1.0)
-  stride: int = 2
-
-  def __call__(self, x):
-    return blur_pool(x, tuple(self.taps), self.stride)
-
-
 class DiscriminatorResBlock(nn.Module):
   """Halves the resolution and maps the width to `features`; output = (main + skip) / sqrt(2)."""
   features: int

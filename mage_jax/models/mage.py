@@ -45,6 +45,18 @@ class MAGEConfig:
   attention: str = "xla"
 
   def __post_init__(self):
+    counts = {"embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.num_heads,
+              "decoder_embed_dim": self.decoder_embed_dim, "decoder_depth": self.decoder_depth,
+              "decoder_num_heads": self.decoder_num_heads, "num_tokens": self.num_tokens}
+    bad = {k: v for k, v in counts.items() if not isinstance(v, int) or v < 1}
+    if bad:
+      raise ValueError(f"MAGE sizes must be positive integers, got {bad}")
+    for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+      if counts[width] % counts[heads]:
+        raise ValueError(f"{heads}={counts[heads]} does not divide {width}={counts[width]}")
+    if not self.mlp_ratio > 0 or not (0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1):
+      raise ValueError(f"need mlp_ratio > 0 and dropouts in [0, 1), got {self.mlp_ratio}, {self.dropout}, "
+                       f"{self.attn_dropout}")
     if self.max_position_embeddings < self.num_tokens + 1:
       raise ValueError(f"max_position_embeddings={self.max_position_embeddings} is smaller than the sequence "
                        f"length num_tokens+1={self.num_tokens + 1}")

@@ -31,6 +31,21 @@ class VQGANConfig:
   num_groups: int = 32
   commitment_cost: float = 0.25
 
+  def __post_init__(self):
+    sizes = {"ch": self.ch, "num_res_blocks": self.num_res_blocks, "z_channels": self.z_channels,
+             "in_channels": self.in_channels, "out_ch": self.out_ch, "resolution": self.resolution,
+             "codebook_size": self.codebook_size, "num_groups": self.num_groups}
+    bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
+    if bad or not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
+      raise ValueError(f"tokenizer sizes must be positive integers: {bad or {'ch_mult': self.ch_mult}}")
+    factor = 2 ** (len(self.ch_mult) - 1)
+    if self.resolution % factor:
+      raise ValueError(f"tokenizer resolution {self.resolution} is not a multiple of its downsampling factor "
+                       f"{factor} (ch_mult {tuple(self.ch_mult)})")
+    for width in [self.ch * m for m in self.ch_mult]:
+      if width % self.num_groups:
+        raise ValueError(f"tokenizer width {width} is not divisible by num_groups {self.num_groups}")
+
   @property
   def token_grid(self) -> int:
     return self.resolution // 2 ** (len(self.ch_mult) - 1)

@@ -13,14 +13,14 @@ Augmentation: the timm transform of the reference, i.e. RandomResizedCrop (scale
 
 Resumable like every trainer job: re-running with the same workdir continues from the latest checkpoint
 (saved every epoch by default). The final params are exported as a params-only checkpoint of kind 'vit'
-(`<workdir>/params`), loadable by `probe.load_backbone` and `MAGEViT(head_type='linear')`.
+(`<workdir>/params`), loadable by `probe.load_backbone` and `MAGEViT(head_type='linear')`. Run through
+`python -m mage_jax.evaluate` with 'finetune' in `config.evals`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 
 import flax.linen as nn
@@ -31,12 +31,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from mage_jax import mixup, optim, params_io, probe, sharding, steps, trainer
+from mage_jax import config_views, mixup, optim, params_io, probe, sharding, steps, trainer
 from mage_jax.data import pipeline
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+HISTORY_FILE = "finetune_history.json"
 
 
 def mixup_config(cfg: ml_collections.ConfigDict, num_classes: int) -> mixup.MixupConfig | None:
@@ -86,43 +86,24 @@ def _counts(params, tokenizer_vars, images, labels, mask, *, model, tokenizer, k
 def make_evaluator(model: MAGEViT, tokenizer: VQGAN, tokenizer_vars, eval_input: dict, mesh, workdir: str):
   """(state, step) -> {'top1', 'top5'} on the whole eval split (exact counts over the padded batches).
 
-  Each result is also appended to `<workdir>/finetune_history.json` (process 0), kept across resumes.
+  Each result is also recorded in `<workdir>/finetune_history.json`, kept across resumes.
   """
   source = pipeline.make_source(eval_input)
   k = min(5, model.num_classes)
   counts = jax.jit(functools.partial(_counts, model=model, tokenizer=tokenizer, k=k))
-  placed = {}
+  tok_vars = sharding.place(tokenizer_vars, sharding.replicated(mesh))
+  history = trainer.History(os.path.join(workdir, HISTORY_FILE))
 
   def evaluate(state, step):
-    if "tok" not in placed:
-      placed["tok"] = jax.device_put(tokenizer_vars, sharding.replicated(mesh))
     c1 = ck = n = 0
-    for local in pipeline.eval_iterator(eval_input, process_index=jax.process_index(),
-                                        process_count=jax.process_count(), source=source):
-      b = sharding.global_batch({"image": local["image"], "label": local["label"], "mask": local["_mask"]}, mesh)
-      r = jax.device_get(counts(state.params, placed["tok"], b["image"], b["label"], b["mask"]))
+    for b in pipeline.global_eval_batches(eval_input, mesh, source=source):
+      r = jax.device_get(counts(state.params, tok_vars, b["image"], b["label"], b["_mask"]))
       c1, ck, n = c1 + int(r[0]), ck + int(r[1]), n + int(r[2])
     result = {"top1": c1 / n, "top5": ck / n}
-    if jax.process_index() == 0:
-      history = _read_history(workdir)
-      history = [h for h in history if h["step"] < step] + [{"step": step, **result}]
-      with open(_history_path(workdir) + ".tmp", "w") as f:
-        json.dump(history, f, indent=1)
-      os.replace(_history_path(workdir) + ".tmp", _history_path(workdir))
+    history.record(step, result)
     return result
 
   return evaluate
-
-
-def _history_path(workdir):
-  return os.path.join(workdir, "finetune_history.json")
-
-
-def _read_history(workdir) -> list:
-  if os.path.exists(_history_path(workdir)):
-    with open(_history_path(workdir)) as f:
-      return json.load(f)
-  return []
 
 
 def _resolved(config: ml_collections.ConfigDict, image_size: int, steps_per_epoch: int):
@@ -152,7 +133,7 @@ def initial_params(model: MAGEViT, backbone_params: dict, num_tokens: int, seed:
   return fresh
 
 
-def finetune(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dict:
   """Fine-tunes (or resumes) the MAGE encoder of `params_dir` in `workdir`.
 
   Args:
@@ -167,13 +148,12 @@ def finetune(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -
   Returns:
     {'top1', 'top5' (last eval), 'best_top1', 'steps', 'completed', 'history'}.
   """
-  if config.dtype not in DTYPES:
-    raise ValueError(f"finetune.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+  compute_dtype = config_views.dtype(config.dtype)
   backbone = probe.load_backbone(params_dir, global_pool=config.global_pool,
                                  image_size=config.input.get("image_size") or None)
   mcfg = backbone.vit.config
   model = MAGEViT(mcfg, num_classes=config.num_classes, global_pool=config.global_pool, head_type="linear",
-                  head_init_std=config.head_init_std, drop_path=config.drop_path, dtype=DTYPES[config.dtype])
+                  head_init_std=config.head_init_std, drop_path=config.drop_path, dtype=compute_dtype)
   spe = pipeline.steps_per_epoch({**config.input.to_dict(), "image_size": backbone.image_size})
   cfg = _resolved(config, backbone.image_size, spe)
   mesh, rules = trainer.mesh_and_rules(cfg)
@@ -212,12 +192,13 @@ def finetune(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -
       step=functools.partial(finetune_step, model=model, tokenizer=backbone.tokenizer, tx=tx, mix=mix,
                              mix_groups=mix_groups, label_smoothing=cfg.mixup.label_smoothing,
                              schedule=ocfg.schedule()),
-      extras=tokenizer_vars, batch_keys=("image", "label"), total_steps=total, export=export,
+      extras=tokenizer_vars, data=trainer.image_data(cfg), batch_keys=("image", "label"), total_steps=total,
+      export=export,
       initial_params=initial_params(model, backbone.variables["vit"]["params"], mcfg.num_tokens, cfg.seed),
       reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
       evaluate=make_evaluator(model, backbone.tokenizer, tokenizer_vars, eval_input, mesh, workdir))
-  last = trainer.run(cfg, workdir, task, mesh, rules)
-  history = _read_history(workdir)
+  last, _ = trainer.run(cfg, workdir, task, mesh, rules)
+  history = trainer.History(os.path.join(workdir, HISTORY_FILE)).read()
   if not history:
     raise RuntimeError(f"fine-tuning in {workdir} produced no evaluation")
   done = history[-1]["step"]

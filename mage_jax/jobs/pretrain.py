@@ -1,0 +1,89 @@
+"""MAGE pretraining (config.mode 'pretrain', spec §3) on the shared loop, with a few-shot monitor.
+
+The monitor (`config.fewshot_monitor`, every `config.eval_every_steps` steps and at the end) is big_vision's
+cheap representation check: frozen encoder features (global pool, as the linear probe) of a small labelled
+train and test split, closed-form ridge few-shot on the host, written as `eval/fewshot_<k>shot`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from mage_jax import builders, fewshot, masking, probe, sharding, steps, trainer
+from mage_jax.data import pipeline
+from mage_jax.models.mage import MAGE
+from mage_jax.models.vit import MAGEViT
+from mage_jax.models.vqgan import VQGAN
+
+
+def fewshot_monitor(config: ml_collections.ConfigDict, model: MAGE, tokenizer: VQGAN, tokenizer_vars, mesh,
+                    params_of=lambda state: state.params):
+  """`Task.evaluate` of MAGE-like jobs, or None when `config.fewshot_monitor` names no splits.
+
+  `config.fewshot_monitor`: train_split / test_split (empty: off), shots, trials, batch_size (global extraction
+  batch), num_classes (0: from the labels). `params_of(state)` gives the MAGE params of the job's state.
+  """
+  m = config.get("fewshot_monitor")
+  if m is None or not m.train_split or not m.test_split:
+    return None
+  vit = MAGEViT(dataclasses.replace(model.config, scan=False), num_classes=0, global_pool=True,
+                head_type="none", dtype=model.dtype)
+  feature_fn = probe.make_feature_fn(tokenizer, vit)
+  inputs = {split: pipeline.eval_input_config(config.input, split=split, batch_size=m.batch_size)
+            for split in (m.train_split, m.test_split)}
+  sources = {split: pipeline.make_source(cfg) for split, cfg in inputs.items()}
+
+  def evaluate(state, step):
+    del step
+    backbone = probe.backbone_params_from_mage(params_of(state), global_pool=True)
+    variables = {"tokenizer": tokenizer_vars, "vit": {"params": backbone}}
+    # Params stay where the training state keeps them; host arrays (the tokenizer, a fresh fc_norm) replicate.
+    shardings = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else sharding.replicated(mesh),
+                             variables)
+    feats = {split: probe.extract_features(feature_fn, variables, shardings, inputs[split], mesh=mesh,
+                                           source=sources[split]) for split in inputs}
+    (train_x, train_y), (test_x, test_y) = feats[m.train_split], feats[m.test_split]
+    accs = fewshot.evaluate_fewshot(train_x, train_y, test_x, test_y, shots=tuple(m.shots), trials=m.trials,
+                                    seed=config.seed, classifier="ridge", num_classes=m.num_classes or None)
+    return {f"fewshot_{s}shot": mean for s, (mean, _) in accs.items()}
+
+  return evaluate
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) MAGE pretraining in `workdir`; returns the last logged metrics."""
+  mesh, rules = trainer.mesh_and_rules(config)
+  steps_per_epoch = pipeline.steps_per_epoch(config.input)
+  total_steps, warmup_steps = trainer.schedule_steps(config, steps_per_epoch)
+  tx, optim_cfg = builders.pretrain_optimizer(config, total_steps, warmup_steps)
+  tokenizer, tokenizer_vars = builders.load_tokenizer(config)
+  model = builders.mage_model(config, tokenizer)
+  logging.info("mesh %s, %d steps (%d per epoch), peak lr %.3g, warmup %d", dict(mesh.shape), total_steps,
+               steps_per_epoch, optim_cfg.lr, warmup_steps)
+  num_tokens = model.config.num_tokens
+
+  def init_state(rng):
+    plan, _ = masking.sample_plan(jax.random.key(0), 1, num_tokens, **config.masking)
+    params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, num_tokens), jnp.int32), plan)["params"]
+    return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
+
+  task = trainer.Task(
+      init_state=init_state,
+      step=functools.partial(steps.pretrain_step, model=model, tokenizer=tokenizer, tx=tx,
+                             masking_cfg=dict(config.masking), label_smoothing=config.label_smoothing,
+                             schedule=optim_cfg.schedule(), tokenizer_chunks=config.tokenizer.get("chunks", 1)),
+      extras=tokenizer_vars, data=trainer.image_data(config), batch_keys=("image",), total_steps=total_steps,
+      export=lambda state: builders.export_params(os.path.join(workdir, "params"), model, state.params, tokenizer,
+                                                  tokenizer_vars, {"train_steps": total_steps}),
+      initial_params=builders.initial_model_params(config, model),
+      reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
+      evaluate=fewshot_monitor(config, model, tokenizer, tokenizer_vars, mesh))
+  metrics, _ = trainer.run(config, workdir, task, mesh, rules)
+  return metrics

@@ -1,0 +1,60 @@
+"""The documentation cannot drift from the code: every command it shows parses, every path it names exists."""
+
+import re
+import shlex
+
+import pytest
+from conftest import REPO, run_cli
+
+DOCS = [REPO / "README.md", REPO / "launch" / "README.md", REPO / "bench" / "README.md",
+        *sorted((REPO / "docs").glob("*.md"))]
+# Paths the docs may name that the commands create (outputs, user data), not files of the repository.
+CREATED = re.compile(r"^(runs|ckpt|gs:|/|\$|~|mage-vit|vqgan_|out|.*\*)")
+
+
+def _blocks(text: str):
+  """Fenced code blocks (``` or ```bash) with backslash continuations joined."""
+  for block in re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, re.S):
+    yield re.sub(r"\\\n\s*", " ", block)
+
+
+def _commands():
+  """(doc, command line) for every `python -m mage_jax.<binary>` line of the docs."""
+  for doc in DOCS:
+    for block in _blocks(doc.read_text()):
+      for line in block.splitlines():
+        line = line.split(" #")[0].strip()
+        if re.match(r"^(\S*/)?python3? -m mage_jax\.", line):
+          yield doc.relative_to(REPO), line
+
+
+COMMANDS = sorted(set(_commands()))
+
+
+def test_docs_show_commands():
+  assert len(COMMANDS) >= 10, COMMANDS
+
+
+@pytest.mark.parametrize("doc,line", COMMANDS, ids=[f"{d}:{l[:60]}" for d, l in COMMANDS])
+def test_documented_command_parses(doc, line, tmp_path):
+  """Each command goes through its binary's real flag parsing (and config loading), with stand-in paths."""
+  words = shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: str(tmp_path / m.group(1)), line))
+  module = words[words.index("-m") + 1]
+  run = run_cli(module, *words[words.index("-m") + 2:], MAGE_JAX_PARSE_ONLY="1")
+  assert run.returncode == 0, f"{doc}: {line}\n{run.stderr[-2000:]}"
+  assert run.stdout.startswith("flags parsed"), run.stdout
+
+
+def _named_paths(text: str):
+  for token in re.findall(r"`([^`\s]+)`", text) + re.findall(r"(?<![\w./-])((?:configs|mage_jax|bench|launch|"
+                                                                  r"tests|docs)/[\w./-]+\.(?:py|sh|md|json))", text):
+    token = token.split(":")[0].rstrip(".,)")
+    if "/" in token and not CREATED.match(token) and re.match(r"^[\w./-]+$", token) and "." in token.split("/")[-1]:
+      yield token
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(REPO)) for d in DOCS])
+def test_named_paths_exist(doc):
+  missing = sorted({p for p in _named_paths(doc.read_text()) if not (REPO / p).exists()
+                    and not (doc.parent / p).exists()})
+  assert not missing, f"{doc.relative_to(REPO)} names files that do not exist: {missing}"
