@@ -125,6 +125,7 @@ def load_backbone(params_dir: str, *, global_pool: bool = True, dtype=jnp.float3
   changes ids (spec §8.19). `image_size` defaults to the tokenizer's resolution in the meta.
   """
   variables, meta = params_io.load(params_dir)
+  params_io.check_finite(variables, params_dir)
   kind = meta.get("kind", "mage")
   if kind not in ("mage", "vit"):
     raise ValueError(f"{params_dir}: checkpoint kind {kind!r} has no MAGE encoder; expected 'mage' or 'vit'")

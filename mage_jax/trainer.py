@@ -81,7 +81,13 @@ def image_data(config: ml_collections.ConfigDict) -> Callable[[int], Iterator[di
 
 
 def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
-  """(total, warmup) steps from `total_steps|total_epochs` and `optim.warmup_steps|warmup_epochs`."""
+  """(total, warmup) steps from `total_steps|total_epochs` and `optim.warmup_steps|warmup_epochs`.
+
+  `total_steps` 0 means "use total_epochs"; a negative value is an error, not a silent fallback.
+  """
+  if config.get("total_steps", 0) < 0 or config.get("total_epochs", 0) < 0:
+    raise ValueError(f"total_steps ({config.get('total_steps')}) and total_epochs ({config.get('total_epochs')}) "
+                     "must be >= 0 (total_steps 0: run total_epochs)")
   total = config.total_steps if config.get("total_steps", 0) > 0 else int(config.total_epochs * steps_per_epoch)
   warmup = config.optim.warmup_steps if config.optim.get("warmup_steps", -1) >= 0 else int(
       config.optim.get("warmup_epochs", 0) * steps_per_epoch)
@@ -192,6 +198,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
         if task.reinit_after_params is not None:
           state = jax.jit(task.reinit_after_params, out_shardings=state_shardings)(state)
     start_step = int(jax.device_get(state.step))
+    if start_step > task.total_steps:
+      raise ValueError(f"the checkpoint in {workdir} is at step {start_step}, past this run's {task.total_steps} "
+                       "steps: raise total_steps (or total_epochs) to continue it, or use a new workdir")
     if is_main:
       parameter_overview.log_parameter_overview(jax.device_get(state.params))
       writer.write_hparams(_flatten(config.to_dict()))

@@ -118,7 +118,7 @@ def test_imagenet_linear_probe_config_is_the_paper_recipe(variant, blr):
   assert (lp.blr, lp.epochs, lp.warmup_epochs, lp.batch_size) == (blr, 90, 10.0, 4096)
   assert (lp.weight_decay, lp.momentum, lp.head_init_std, lp.bn_group_size) == (0.0, 0.9, 0.01, 128)
   assert lp.augment == "probe" and lp.dropout and c.global_pool
-  assert (c.data.crop_ratio, c.data.probe_scale) == (256 / 292, (0.2, 1.0))
+  assert (c.input.crop_ratio, c.input.scale) == (256 / 292, (0.2, 1.0))
   assert lp.blr * lp.batch_size / 256 == pytest.approx({"B": 1.6, "L": 0.8}[variant])
   with pytest.raises(ValueError, match="variant"):
     eval_imagenet.get_config("variant=H")

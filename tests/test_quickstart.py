@@ -35,3 +35,25 @@ def test_quickstart_ci_budget(tmp_path):
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
   assert json.loads((workdir / "results.json").read_text())["representations"] == results["representations"]
+
+
+def test_stage_records_redo_changed_stages_and_refuse_foreign_outputs(tmp_path):
+  from mage_jax.jobs import quickstart
+  (tmp_path / "tokenizer").mkdir()
+  (tmp_path / "tokenizer" / "mine.txt").write_text("user data")
+  with pytest.raises(ValueError, match="not written by the quickstart"):
+    quickstart.StageRecords(str(tmp_path)).prepare("tokenizer", "ci-budget")
+  assert (tmp_path / "tokenizer" / "mine.txt").read_text() == "user data"  # untouched
+
+  work = tmp_path / "qs"
+  records = quickstart.StageRecords(str(work.mkdir() or work))
+  records.prepare("mage", "ci-budget")
+  (work / "mage").mkdir()
+  (work / "mage" / "ckpt").write_text("ci")
+  records.finish("mage", "ci-budget")
+  again = quickstart.StageRecords(str(work))  # a later invocation, same inputs: the output is kept
+  again.prepare("mage", "ci-budget")
+  assert (work / "mage" / "ckpt").read_text() == "ci"
+  again.prepare("mage", "full-budget")  # other inputs: the stage's own output is removed and redone
+  assert not (work / "mage").exists()
+  assert json.loads((work / "stages.json").read_text()) == {}
