@@ -3,15 +3,20 @@
   python -m mage_jax.edit --params=DIR --image=in.png --box=top,left,bottom,right [--mode=inpaint|outpaint]
       --out=OUT [--num_samples=4 --seed=0 --num_steps=20 --temperature=6.0 --ring=1]
 
-The image is resized (shorter side, bilinear, as torchvision's `Resize`) and center-cropped to the tokenizer's
-resolution; `--box` is in pixels of that square image, bottom/right exclusive. `inpaint` regenerates the
-box, `outpaint` everything outside it. Recipe from the maintainer (LTH14/mage issue #3): the pixels to edit are
-set to 0 before tokenisation, every token whose cell overlaps them plus one ring around is masked, and only
-those are decoded (known tokens are never changed; the schedule's N0 is the number of masked tokens).
-Writes OUT/input.png (the resized crop), OUT/masked.png (edited pixels zeroed), OUT/sample_{i}.png and
-OUT/overview.png (input, masked, samples side by side). Samples are the full VQGAN decodes; pixels outside
-the edit are the tokenizer's reconstruction, not pasted back from the input (the reference shows no
-compositing step).
+The image is read by `images.read_image` (16-bit, palette, transparent (composited on white) and other modes
+handled; an image above the pixel budget is refused before decoding: see mage_jax/images.py) and brought to the
+tokenizer's resolution R by the evaluation transform of the data pipeline, the same function on the same pixels
+(`load_image`): shorter side to floor(R * 292 / 256), bicubic, then the centre R x R crop (spec §6: Resize(292)
++ CenterCrop(256) for R = 256), kept in float32 as evaluation feeds it to the tokenizer. Behaviour change:
+earlier versions resized with PIL bilinear, shorter side straight to R; the same file now gives evaluation's
+pixels, which also leaves out the outer 1 - 256/292 (12%) of the shorter side. `--box` is in pixels of that
+square image, bottom/right exclusive. `inpaint` regenerates the box, `outpaint` everything outside it. Recipe
+from the maintainer (LTH14/mage issue #3): the pixels to edit are set to 0 before tokenisation, every token whose
+cell overlaps them plus one ring around is masked, and only those are decoded (known tokens are never changed;
+the schedule's N0 is the number of masked tokens). Writes OUT/input.png (the resized crop, truncated to uint8),
+OUT/masked.png (edited pixels zeroed), OUT/sample_{i}.png and OUT/overview.png (input, masked, samples side by
+side). Samples are the full VQGAN decodes; pixels outside the edit are the tokenizer's reconstruction, not
+pasted back from the input (the reference shows no compositing step).
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from mage_jax import config_views, editing, images as image_io, params_io
 from mage_jax.sampling import DEFAULT_NUM_STEPS, DEFAULT_TEMPERATURE
@@ -33,27 +37,17 @@ from mage_jax.sampling import DEFAULT_NUM_STEPS, DEFAULT_TEMPERATURE
 MODES = ("inpaint", "outpaint")
 
 
-def resize_center_crop(image: Image.Image, resolution: int) -> np.ndarray:
-  """PIL image -> uint8 [resolution, resolution, 3]: shorter side to `resolution` (bilinear), center crop."""
-  image = image.convert("RGB")
-  w, h = image.size
-  scale = resolution / min(w, h)
-  new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-  if (new_w, new_h) != (w, h):
-    image = image.resize((new_w, new_h), Image.BILINEAR)
-  left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-  return np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
-
-
 def load_image(path: str, resolution: int) -> np.ndarray:
-  """Reads an image file as uint8 [resolution, resolution, 3] (see `resize_center_crop`)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"image not found: {path}")
-  try:
-    with Image.open(path) as im:
-      return resize_center_crop(im, resolution)
-  except OSError as e:
-    raise ValueError(f"cannot read image {path}: {e}") from e
+  """Reads an image file as evaluation sees it: float32 [resolution, resolution, 3] in [0, 1].
+
+  `images.read_image`, then the eval transform of the data pipeline with its defaults
+  (`augment.preprocess(mode="none")`: crop_ratio 256/292, bicubic), i.e. what `pipeline.eval_iterator` yields
+  for the same file. TensorFlow is imported here, when an image is loaded (one image, eagerly: about 10 ms).
+  """
+  image = image_io.read_image(path)
+  from mage_jax.data import augment  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return augment.preprocess(tf.constant(image), None, size=resolution, mode="none").numpy()
 
 
 def parse_box(text: str) -> tuple[int, int, int, int]:
@@ -127,7 +121,7 @@ def edit_image(model, tokenizer, variables: dict, rng: jax.Array, image: np.ndar
   image = np.asarray(image)
   if image.shape != (res, res, 3):
     raise ValueError(f"edit_image: image must be [{res}, {res}, 3] (the tokenizer's resolution), got "
-                     f"{image.shape}; use load_image/resize_center_crop")
+                     f"{image.shape}; use load_image")
   pixel_mask = np.asarray(pixel_mask, dtype=bool)
   if pixel_mask.shape != (res, res):
     raise ValueError(f"edit_image: pixel_mask must be bool[{res}, {res}], got {pixel_mask.shape}")
@@ -182,6 +176,7 @@ def main(argv=None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  image = image_io.to_uint8(image)
   image_io.save_png(os.path.join(args.out, "input.png"), image)
   image_io.save_png(os.path.join(args.out, "masked.png"), result.masked_image)
   for i, sample in enumerate(result.samples):

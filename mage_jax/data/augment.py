@@ -21,9 +21,11 @@ Modes (`preprocess(mode=...)`):
     256 with the default crop_ratio 256/292) then center-crop `size`
     (torchvision `Resize(292, bicubic) + CenterCrop(256)`, spec §6.2/§6.3).
 
-Resizing uses `tf.image.resize(antialias=True)`, which matches PIL's filters
-(Keys cubic a=-0.5, area-scaled support when downsampling) that torchvision
-applies to PIL images; the result is kept in float32 (not re-quantised to uint8).
+Resizing uses `tf.image.resize(antialias=True)` (the eval crop its op,
+ScaleAndTranslate, on the source window it reads: see `resize_center_crop`),
+which matches PIL's filters (Keys cubic a=-0.5, area-scaled support when
+downsampling) that torchvision applies to PIL images; the result is kept in
+float32 (not re-quantised to uint8).
 """
 
 from __future__ import annotations
@@ -182,6 +184,36 @@ def eval_resize_size(size: int, crop_ratio: float = EVAL_CROP_RATIO) -> int:
   return int(math.floor(size / crop_ratio + 1e-6))
 
 
+# tf.image.resize(antialias=True) resizes with these ScaleAndTranslate kernels: (kernel, radius in pixels).
+_KERNELS = {"bicubic": ("keyscubic", 2.0), "bilinear": ("triangle", 1.0), "lanczos3": ("lanczos3", 3.0)}
+# 'area' has no crop-first form (tf resize_area resamples the whole image), so the eval transform refuses it.
+EVAL_INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos3")
+
+
+def _source_window(n, m, start, size: int, radius: float):
+  """One axis of an n -> m resize of which the outputs [start, start + size) are wanted.
+
+  Returns:
+    (lo, hi, translation): the source pixels [lo, hi) that those outputs read (the kernel's support, which
+    antialiasing widens by n/m when shrinking, plus one pixel against rounding), and the translation, in output
+    pixels, that makes ScaleAndTranslate of source[lo:hi] produce exactly those outputs.
+  """
+  n, m, start = (tf.cast(v, tf.float64) for v in (n, m, start))
+  scale = m / n
+  reach = radius * tf.maximum(1.0 / scale, 1.0) + 1.0
+  lo = tf.clip_by_value(tf.floor((start + 0.5) / scale - 0.5 - reach), 0.0, n)
+  hi = tf.clip_by_value(tf.math.ceil((start + size - 0.5) / scale - 0.5 + reach) + 1.0, 0.0, n)
+  return tf.cast(lo, tf.int32), tf.cast(hi, tf.int32), lo * scale - start
+
+
+def _nearest_taps(n, m, start, size: int):
+  """Source index of the outputs [start, start + size) of TF's half-pixel-centre nearest n -> m resize."""
+  # In float32 as TF's kernel computes it (floor((x + 0.5f) * (float(n) / m))), so the taps are TF's.
+  x = tf.cast(tf.range(start, start + size), tf.float32)
+  taps = tf.cast(tf.floor((x + 0.5) * (tf.cast(n, tf.float32) / tf.cast(m, tf.float32))), tf.int32)
+  return tf.minimum(taps, n - 1)
+
+
 def resize_center_crop(
     image: tf.Tensor,
     size: int,
@@ -189,31 +221,53 @@ def resize_center_crop(
     crop_ratio: float = EVAL_CROP_RATIO,
     interpolation: str = "bicubic",
 ) -> tf.Tensor:
-  """torchvision `Resize(floor(size / crop_ratio)) + CenterCrop(size)`.
+  """torchvision `Resize(floor(size / crop_ratio)) + CenterCrop(size)`, computed crop first.
+
+  The geometry is torchvision's: the shorter side becomes `short = floor(size / crop_ratio)`, the longer
+  `floor(short * long / short_in)`, and the crop starts at `round((resized - size) / 2)`. Only the `size` x
+  `size` output pixels are computed, by `ScaleAndTranslate` (the op behind `tf.image.resize(antialias=True)`)
+  on the source window they read, so time and memory follow the output, not the resized image: a 500000 x 1
+  image would otherwise be resized to 292 x 146,000,000 first. The result equals resizing the whole image and
+  cropping up to float32 rounding of the sample positions (<= 5e-5, i.e. 0.013 of a level, measured on
+  375x500, 500x333 and 1000x17 noise images), and a float-mode PIL resize (the torchvision reference without
+  its uint8 rounding) to 0.01 of a level. This is the ONE resize/centre-crop of mage_jax: the eval transform,
+  `load_arrays(image_size=...)`, `python -m mage_jax.edit` and FID's dataset references all call it.
 
   Args:
     image: `[H, W, C]` uint8 (or float in [0, 1]).
     size: output side.
     crop_ratio: crop side / resized shorter side, in (0, 1]; 1.0 means resize
       the shorter side to `size` and crop the center square.
+    interpolation: one of `EVAL_INTERPOLATIONS`.
 
   Returns:
     float32 `[size, size, C]` in [0, 1].
   """
+  if interpolation not in EVAL_INTERPOLATIONS:
+    raise ValueError(f"Unknown eval interpolation {interpolation!r}; expected one of {EVAL_INTERPOLATIONS}.")
   short = eval_resize_size(size, crop_ratio)
+  image = tf.convert_to_tensor(image)
   shape = tf.shape(image)
   h = tf.cast(shape[0], tf.float64)
   w = tf.cast(shape[1], tf.float64)
-  # torchvision: the shorter side becomes `short`, the longer int(short*long/short_in).
   short_f = tf.constant(short, tf.float64)
-  new_h = tf.where(h <= w, short_f, tf.floor(short_f * h / w))
-  new_w = tf.where(h <= w, tf.floor(short_f * w / h), short_f)
-  new_h = tf.cast(new_h, tf.int32)
-  new_w = tf.cast(new_w, tf.int32)
-  resized = _resize(_to_float(image), new_h, new_w, interpolation)
+  new_h = tf.cast(tf.where(h <= w, short_f, tf.floor(short_f * h / w)), tf.int32)
+  new_w = tf.cast(tf.where(h <= w, tf.floor(short_f * w / h), short_f), tf.int32)
   top = tf.cast(tf.round(tf.cast(new_h - size, tf.float64) / 2.0), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - size, tf.float64) / 2.0), tf.int32)
-  return resized[top:top + size, left:left + size]
+  if interpolation == "nearest":
+    rows = tf.gather(image, _nearest_taps(shape[0], new_h, top, size), axis=0)
+    return _to_float(tf.gather(rows, _nearest_taps(shape[1], new_w, left, size), axis=1))
+  kernel, radius = _KERNELS[interpolation]
+  y0, y1, ty = _source_window(shape[0], new_h, top, size, radius)
+  x0, x1, tx = _source_window(shape[1], new_w, left, size, radius)
+  window = _to_float(image[y0:y1, x0:x1])
+  scale = tf.cast(tf.stack([new_h, new_w]), tf.float32) / tf.cast(shape[:2], tf.float32)
+  out = tf.raw_ops.ScaleAndTranslate(
+      images=window[None], size=tf.constant([size, size], tf.int32), scale=scale,
+      translation=tf.cast(tf.stack([ty, tx]), tf.float32), kernel_type=kernel, antialias=True)[0]
+  # Cubic/lanczos kernels overshoot; PIL clips when it writes uint8.
+  return tf.clip_by_value(out, 0.0, 1.0)
 
 
 def preprocess(

@@ -90,10 +90,10 @@ class InputConfig:
       if self.augment == "none":
         raise ValueError(f"rand_augment={self.rand_augment!r} needs a random augment mode, not 'none'.")
       randaugment.parse(self.rand_augment)
-    for interp in (self.interpolation, self.eval_interpolation):
-      if interp not in augment_lib.INTERPOLATIONS:
-        raise ValueError(f"Unknown interpolation {interp!r}; expected one of "
-                         f"{augment_lib.INTERPOLATIONS}.")
+    for interp, known in ((self.interpolation, augment_lib.INTERPOLATIONS),
+                          (self.eval_interpolation, augment_lib.EVAL_INTERPOLATIONS)):
+      if interp not in known:
+        raise ValueError(f"Unknown interpolation {interp!r}; expected one of {known}.")
 
   @classmethod
   def from_config(cls, cfg: Any) -> InputConfig:

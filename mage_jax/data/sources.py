@@ -7,13 +7,17 @@ order a pure function of (seed, step). Three kinds:
   * `ArraySource`: uint8 arrays in memory (fashion_mnist and other small sets).
   * `FolderSource`: `folder:/path`, image files with class subfolders (labels =
     index of the sorted subfolder name, like torchvision `ImageFolder`) or a flat
-    folder (label 0).
+    folder (label 0). Listed by `images.list_images`: symlinks are followed but
+    each real folder and file is listed once, files without an image extension
+    are ignored and counted, and the number of images per class is logged.
   * `TfdsSource`: a TFDS dataset prepared with `file_format="array_record"`, read
     through `tfds.data_source` (imagenet2012).
 
-Encoded images are decoded with PIL in a `tf.numpy_function`; an undecodable
-image is skipped (the next index that decodes takes its place, so batch shapes
-and the order stay deterministic) and counted in `Source.stats`.
+Encoded images are decoded by `images.read_image` (the rules for modes, bit
+depths, transparency and the pixel budget are in its module) in a
+`tf.numpy_function`; an image it refuses is skipped (the next index that decodes
+takes its place, so batch shapes and the order stay deterministic) and counted
+in `Source.stats`.
 
 Nothing here downloads by accident: TFDS is always called with `try_gcs=False`
 and `DownloadConfig(try_download_gcs=False)`, and a network download happens only
@@ -23,16 +27,18 @@ when the caller passes `download=True`.
 from __future__ import annotations
 
 import abc
-import io
+import dataclasses
 import logging
 import os
 import threading
 
 import numpy as np
-from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
+
+from mage_jax import images as image_io
+from mage_jax.data import augment
 
 # Debian/Ubuntu package `dataset-fashion-mnist` installs the original IDX files here.
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -42,9 +48,6 @@ FASHION_MNIST_FILES = {
     "test_data": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-# torchvision IMG_EXTENSIONS plus a few; matched case-insensitively.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif",
-                    ".tiff", ".webp", ".gif")
 # TFDS datasets small enough to hold in memory as uint8 arrays.
 IN_MEMORY_TFDS = frozenset({"fashion_mnist", "mnist", "cifar10", "cifar100"})
 FOLDER_PREFIX = "folder:"
@@ -53,21 +56,8 @@ MAX_CONSECUTIVE_CORRUPT = 1000
 
 
 # ------------------------------------------------------------------------------
-# Decoding and bookkeeping of corrupt files.
+# Bookkeeping of corrupt files.
 # ------------------------------------------------------------------------------
-def decode_image(data: bytes) -> np.ndarray:
-  """Decodes encoded image bytes with PIL.
-
-  Returns:
-    uint8 `[H, W, 3]` (grayscale, palette, RGBA, CMYK are converted to RGB).
-
-  Raises:
-    Any PIL/OSError/ValueError for undecodable or truncated data.
-  """
-  with Image.open(io.BytesIO(data)) as im:
-    return np.asarray(im.convert("RGB"))
-
-
 class CorruptStats:
   """Thread-safe count of skipped undecodable examples (decoding runs in threads)."""
 
@@ -143,7 +133,7 @@ class ArraySource(Source):
 
 
 class EncodedSource(Source):
-  """Examples stored as encoded image bytes; decoded by PIL in a numpy_function."""
+  """Examples stored as encoded images; decoded by `images.read_image` in a numpy_function."""
 
   def __init__(self, num_examples: int, description: str):
     self.num_examples = num_examples
@@ -153,8 +143,8 @@ class EncodedSource(Source):
     self._bad_lock = threading.Lock()
 
   @abc.abstractmethod
-  def read(self, index: int) -> tuple[bytes, int, str]:
-    """Returns (encoded bytes, label, name used in error reports)."""
+  def read(self, index: int) -> tuple[bytes | str, int, str]:
+    """Returns (encoded bytes or the image file's path, label, name used in error reports)."""
 
   def load_numpy(self, index: int) -> tuple[np.ndarray, np.int32]:
     """Decodes example `index`, or the next decodable one after it (cyclically)."""
@@ -168,7 +158,7 @@ class EncodedSource(Source):
       name = str(j)
       try:
         data, label, name = self.read(j)
-        return decode_image(data), np.int32(label)
+        return image_io.read_image(data, name=name), np.int32(label)
       except Exception as e:  # pylint: disable=broad-except
         # Any failure to read/decode one file means "corrupt", never fatal.
         with self._bad_lock:
@@ -186,45 +176,41 @@ class EncodedSource(Source):
     return image, label
 
 
-def list_image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
-  """Lists image files under `root`.
+def list_image_folder(root: str) -> tuple[image_io.ImageListing, list[str]]:
+  """Lists the image files under `root` (see `images.list_images`).
 
   If `root` has subfolders, each is a class (sorted names -> labels 0..K-1, files
-  found recursively, loose files in `root` ignored, as torchvision ImageFolder);
-  otherwise the images directly in `root` all get label 0.
+  found recursively, loose files in `root` ignored and counted, as torchvision
+  ImageFolder); otherwise the images directly in `root` all get label 0.
 
   Returns:
-    (sorted file paths, int32 labels, class names).
+    (listing with one group of paths per class, or one group for a flat folder;
+    class names, empty for a flat folder).
+
+  Raises:
+    FileNotFoundError: `root` is missing or holds no image.
   """
   if not os.path.isdir(root):
     raise FileNotFoundError(f"Image folder {root!r} does not exist.")
-
-  def is_image(fn):
-    return fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith(".")
-
   entries = sorted(os.listdir(root))
   classes = [d for d in entries
              if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
-  paths, labels = [], []
   if classes:
-    for label, cls in enumerate(classes):
-      found = []
-      for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls),
-                                                  followlinks=True):
-        dirnames.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f)]
-      if not found:
+    listing = image_io.list_images(*(os.path.join(root, c) for c in classes), within=root)
+    loose = len(entries) - len(classes)
+    if loose:
+      listing = dataclasses.replace(listing, ignored=listing.ignored + loose)
+      logging.warning("Ignoring %d files or hidden folders next to the class folders of %s.", loose, root)
+    for cls, group in zip(classes, listing.groups):
+      if not group:
         logging.warning("Class folder %s has no images.", os.path.join(root, cls))
-      paths += found
-      labels += [label] * len(found)
   else:
-    classes = []
-    paths = [os.path.join(root, f) for f in entries if is_image(f)]
-    labels = [0] * len(paths)
-  if not paths:
+    listing = image_io.list_images(root)
+  if not listing.paths:
     raise FileNotFoundError(
-        f"No image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}.")
-  return paths, np.asarray(labels, np.int32), classes
+        f"No image files ({', '.join(image_io.IMAGE_EXTENSIONS)}) found under "
+        f"{root!r} ({listing.summary()}).")
+  return listing, classes
 
 
 def folder_root(path: str, split: str | None) -> str:
@@ -235,17 +221,34 @@ def folder_root(path: str, split: str | None) -> str:
 
 
 class FolderSource(EncodedSource):
-  """A folder of image files (see `list_image_folder`)."""
+  """A folder of image files (see `list_image_folder`).
+
+  Attributes:
+    paths, labels: the files and their int32 labels.
+    class_names: sorted class folder names ([] for a flat folder).
+    class_counts: {class name: number of images} ({'': n} for a flat folder).
+    listing: the `images.ImageListing` (ignored, repeated, unreadable entries).
+  """
 
   def __init__(self, path: str, split: str | None = None):
     self.root = folder_root(path, split)
-    self.paths, self.labels, self.class_names = list_image_folder(self.root)
+    self.listing, self.class_names = list_image_folder(self.root)
+    self.paths = self.listing.paths
+    sizes = [len(g) for g in self.listing.groups]
+    self.labels = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+    self.class_counts = dict(zip(self.class_names or [""], sizes))
     super().__init__(len(self.paths), f"folder {self.root!r}")
+    if not self.class_names:
+      per_class = "no class folders (label 0)"
+    elif len(sizes) <= 20:
+      per_class = f"{len(sizes)} classes ({', '.join(f'{c}: {n}' for c, n in self.class_counts.items())})"
+    else:
+      per_class = f"{len(sizes)} classes ({min(sizes)} to {max(sizes)} images each)"
+    logging.info("%s: %s; %s.", self.description, per_class, self.listing.summary())
 
   def read(self, index):
-    path = self.paths[index]
-    with open(path, "rb") as f:
-      return f.read(), int(self.labels[index]), self.name(index)
+    # The path, not the bytes: `read_image` checks the header before reading the pixels.
+    return self.paths[index], int(self.labels[index]), self.name(index)
 
   def name(self, index: int) -> str:
     """Path relative to the root, as reported in `stats`."""
@@ -479,42 +482,28 @@ def _tfds_arrays(name, split, data_dir, manual_dir, download):
 
 def _folder_arrays(path, split, image_size):
   src = FolderSource(path, split)
-  images, labels = [], []
+  images, labels, names = [], [], []
   for i in range(src.num_examples):
     try:
-      data, label, _ = src.read(i)
-      image = decode_image(data)
+      data, label, name = src.read(i)
+      image = image_io.read_image(data, name=name)
     except Exception as e:  # pylint: disable=broad-except
       src.stats.add(src.name(i), f"{type(e).__name__}: {e}")
       continue
     if image_size is not None:
-      image = _pil_resize_center_crop(image, image_size)
+      image = image_io.round_to_uint8(augment.resize_center_crop(image, image_size, crop_ratio=1.0).numpy())
     images.append(image)
     labels.append(label)
+    names.append(name)
   if not images:
     raise ValueError(f"No decodable image in {src.description}.")
-  shapes = sorted({im.shape for im in images})
-  if len(shapes) > 1:
-    raise ValueError(
-        f"Images in {src.root!r} have different shapes {shapes[:5]}; pass "
-        "image_size=... to resize them.")
+  image_io.require_one_size(zip(names, (im.shape[:2] for im in images)), src.description,
+                            "Pass image_size=... to resize them.")
   skipped = src.stats.snapshot()["corrupt_skipped"]
   if skipped:
     logging.warning("load_arrays skipped %d undecodable images in %s.", skipped,
                     src.root)
   return np.stack(images), np.asarray(labels, np.int32)
-
-
-def _pil_resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """Shorter side -> size (bicubic), then center crop size x size; uint8 in/out."""
-  h, w = image.shape[:2]
-  if h <= w:
-    nh, nw = size, int(size * w / h)
-  else:
-    nh, nw = int(size * h / w), size
-  im = Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC)
-  top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-  return np.asarray(im)[top:top + size, left:left + size]
 
 
 def load_arrays(
@@ -536,7 +525,8 @@ def load_arrays(
     manual_dir: where the fashion_mnist IDX files are (default Debian path).
     download: allow the stock TFDS download when nothing local exists.
     image_size: folders only: resize shorter side + center crop to this size
-      (needed when the files differ in size).
+      (`augment.resize_center_crop` with crop_ratio 1, bicubic, rounded to uint8;
+      needed when the files differ in size).
 
   Returns:
     images uint8 `[N, H, W, C]` (C = 1 for fashion_mnist, 3 for folders; read-only

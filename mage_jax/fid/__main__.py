@@ -1,9 +1,12 @@
 """`python -m mage_jax.fid SAMPLES --reference=REF`: FID (and IS when the weights allow) of generated images.
 
 SAMPLES: an `.npz` with uint8 images [N, H, W, 3] under `images` (what `mage_jax.generate` writes), or a folder of
-PNG/JPEG files (searched recursively, like torch-fidelity's --samples-find-deep).
-REF: `fashion_mnist:test` / `imagenet2012:validation` (a dataset split: its statistics are cached per split),
-a folder or `.npz` of images, or a statistics `.npz` holding `mu` and `sigma`.
+image files of one size (searched recursively, like torch-fidelity's --samples-find-deep; read by
+`mage_jax.images`: a corrupt file, mixed sizes or an image above the pixel budget is an error naming the file).
+REF: `fashion_mnist:test` / `imagenet2012:validation` (a dataset split: its statistics are cached per split;
+the small fixed-size sets at their stored size, any other set, e.g. ImageNet, as the paper's reference images:
+Resize(256) bilinear + CenterCrop(256), spec §6.5), a folder or `.npz` of images, or a statistics `.npz` holding
+`mu` and `sigma`.
 Images are resized to 299 with the TF1 bilinear resize of torch-fidelity (`--resize=pytorch` for pytorch-fid's).
 """
 
@@ -16,36 +19,34 @@ import sys
 
 import numpy as np
 
+from mage_jax import images as image_io
 from mage_jax.fid import metrics, weights
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
-
-def _folder_files(folder: str) -> list[str]:
-  files = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names
-                 if f.lower().endswith(IMAGE_SUFFIXES))
-  if not files:
-    raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {folder}")
-  return files
-
-
-def _rgb(image: np.ndarray) -> np.ndarray:
-  if image.ndim == 2:
-    image = image[..., None]
-  if image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"expected images of shape [H, W, 1|3], got {image.shape}")
-  return image
+# Spec §6.5: the reference images are Resize(256) (shorter side, torchvision's default bilinear) + CenterCrop(256).
+REFERENCE_SIZE = 256
 
 
 def image_batches(source: str, batch_size: int = 50, max_images: int | None = None):
-  """Yields uint8 [B, H, W, 3] batches from an npz (key 'images' or the only array) or an image folder."""
+  """Yields uint8 [B, H, W, 3] batches from an npz (key 'images' or the only array) or an image folder.
+
+  A folder is listed by `images.list_images` and every file's header is checked (one size, within the pixel
+  budget) before the first batch, so a bad set fails before the network runs; a corrupt file is an ImageError
+  naming it.
+  """
   if os.path.isdir(source):
-    from PIL import Image
-    files = _folder_files(source)[:max_images]
+    listing = image_io.list_images(source)
+    if listing.unreadable:
+      raise image_io.ImageError(f"{listing.unreadable[0]}: not a readable image file (a broken link, a special "
+                                "file or a folder that cannot be listed)")
+    files = listing.paths[:max_images]
+    if not files:
+      raise FileNotFoundError(f"no images ({', '.join(image_io.IMAGE_EXTENSIONS)}) found under {source} "
+                              f"({listing.summary()})")
+    image_io.require_one_size(((f, image_io.read_size(f)) for f in files), source,
+                              "FID compares images of one size: resize them first.")
     for start in range(0, len(files), batch_size):
-      yield np.stack([_rgb(np.asarray(Image.open(f).convert("RGB"))) for f in files[start:start + batch_size]])
+      yield np.stack([image_io.read_image(f) for f in files[start:start + batch_size]])
     return
   if not os.path.isfile(source):
     raise FileNotFoundError(f"no such images file or folder: {source}")
@@ -57,7 +58,23 @@ def image_batches(source: str, batch_size: int = 50, max_images: int | None = No
   if images.dtype != np.uint8:
     raise ValueError(f"{source}: images must be uint8 (as written to PNG), got {images.dtype}")
   for start in range(0, len(images), batch_size):
-    yield np.stack([_rgb(im) for im in images[start:start + batch_size]])
+    yield np.stack([image_io.as_rgb(im) for im in images[start:start + batch_size]])
+
+
+def reference_protocol_batches(name: str, split: str, data_dir: str | None, batch_size: int = 50):
+  """Yields uint8 [B, 256, 256, 3] batches of a dataset split prepared as the paper's FID reference (spec §6.5).
+
+  The official prepare_imgnet_val.py saves each validation image as torchvision Resize(256) (bilinear) +
+  CenterCrop(256) PNG. Here the same geometry and filter come from the data pipeline's one resize/centre-crop
+  (`augment.resize_center_crop`, crop_ratio 1, bilinear: the one place mage_jax resizes with another filter
+  than the bicubic of evaluation, because the reference protocol says so), rounded to uint8 as PIL rounds.
+  Undecodable images are skipped and counted as in training.
+  """
+  from mage_jax.data import pipeline
+  cfg = dict(name=name, split=split, data_dir=data_dir, image_size=REFERENCE_SIZE, batch_size=batch_size,
+             augment="none", crop_ratio=1.0, eval_interpolation="bilinear")
+  for batch in pipeline.eval_iterator(cfg):
+    yield image_io.round_to_uint8(batch["image"][batch["_mask"]])
 
 
 def reference_statistics(reference: str, model, max_images: int | None, data_dir: str | None):
@@ -75,8 +92,10 @@ def reference_statistics(reference: str, model, max_images: int | None, data_dir
 
   def images_fn():
     from mage_jax.data import sources
+    if name not in sources.IN_MEMORY_TFDS:
+      return reference_protocol_batches(name, split, data_dir)
     images, _ = sources.load_arrays(name, split, data_dir)
-    return (np.stack([_rgb(im) for im in images[i:i + 50]]) for i in range(0, len(images), 50))
+    return (np.stack([image_io.as_rgb(im) for im in images[i:i + 50]]) for i in range(0, len(images), 50))
 
   return metrics.load_or_compute_reference_stats(name, split, images_fn, model=model, max_images=max_images)
 
