@@ -1,193 +1,81 @@
-"""Image editing with MAGE (inpainting / outpainting), spec §5.5: library function and CLI.
+"""`python -m mage_jax.edit`: inpainting / outpainting of one image with a MAGE checkpoint (spec §5.5).
 
-  python -m mage_jax.edit --params=DIR --image=in.png --box=top,left,bottom,right [--mode=inpaint|outpaint]
-      --out=OUT [--num_samples=4 --seed=0 --num_steps=20 --temperature=6.0 --ring=1]
+  python -m mage_jax.edit --params=DIR --image=in.png --box=top,left,bottom,right --out=OUT
+      [--mode=inpaint|outpaint --num_samples=4 --seed=0 --num_steps=20 --temperature=6.0 --ring=1]
 
-The image is read by `images.read_image` (16-bit, palette, transparent (composited on white) and other modes
-handled; an image above the pixel budget is refused before decoding: see mage_jax/images.py) and brought to the
-tokenizer's resolution R by the evaluation transform of the data pipeline, the same function on the same pixels
-(`load_image`): shorter side to floor(R * 292 / 256), bicubic, then the centre R x R crop (spec §6: Resize(292)
-+ CenterCrop(256) for R = 256), kept in float32 as evaluation feeds it to the tokenizer. Behaviour change:
-earlier versions resized with PIL bilinear, shorter side straight to R; the same file now gives evaluation's
-pixels, which also leaves out the outer 1 - 256/292 (12%) of the shorter side. `--box` is in pixels of that
-square image, bottom/right exclusive. `inpaint` regenerates the box, `outpaint` everything outside it. Recipe
-from the maintainer (LTH14/mage issue #3): the pixels to edit are set to 0 before tokenisation, every token whose
-cell overlaps them plus one ring around is masked, and only those are decoded (known tokens are never changed;
-the schedule's N0 is the number of masked tokens). Writes OUT/input.png (the resized crop, truncated to uint8),
-OUT/masked.png (edited pixels zeroed), OUT/sample_{i}.png and OUT/overview.png (input, masked, samples side by
-side). Samples are the full VQGAN decodes; pixels outside the edit are the tokenizer's reconstruction, not
-pasted back from the input (the reference shows no compositing step).
+The image is read and brought to the tokenizer's resolution R exactly as evaluation reads it (shorter side to
+floor(R * 292 / 256), bicubic, centre R x R crop: `editing.load_image`); `--box` is in pixels of that square,
+bottom/right exclusive. `inpaint` regenerates the box, `outpaint` everything outside it (the recipe is in
+mage_jax/editing.py). Writes OUT/input.png (the crop), OUT/masked.png (edited pixels zeroed),
+OUT/sample_{i}.png and OUT/overview.png (input, masked, samples side by side); OUT must be new or empty, or
+`--force` replaces what an earlier edit wrote there.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import functools
 import os
-import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from mage_jax import config_views, editing, images as image_io, params_io
-from mage_jax.sampling import DEFAULT_NUM_STEPS, DEFAULT_TEMPERATURE
+from mage_jax import config_views, editing, images as image_io, params_io, runtime, sampling
 
-MODES = ("inpaint", "outpaint")
-
-
-def load_image(path: str, resolution: int) -> np.ndarray:
-  """Reads an image file as evaluation sees it: float32 [resolution, resolution, 3] in [0, 1].
-
-  `images.read_image`, then the eval transform of the data pipeline with its defaults
-  (`augment.preprocess(mode="none")`: crop_ratio 256/292, bicubic), i.e. what `pipeline.eval_iterator` yields
-  for the same file. TensorFlow is imported here, when an image is loaded (one image, eagerly: about 10 ms).
-  """
-  image = image_io.read_image(path)
-  from mage_jax.data import augment  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  return augment.preprocess(tf.constant(image), None, size=resolution, mode="none").numpy()
-
-
-def parse_box(text: str) -> tuple[int, int, int, int]:
-  """'top,left,bottom,right' -> ints (bottom/right exclusive)."""
-  parts = text.split(",")
-  try:
-    box = tuple(int(p) for p in parts)
-  except ValueError:
-    box = ()
-  if len(box) != 4:
-    raise ValueError(f"--box must be four integers top,left,bottom,right, got {text!r}")
-  return box
+_PARAMS = flags.DEFINE_string("params", None, "Params-only checkpoint directory (convert output or a training "
+                              "export).", required=True)
+_IMAGE = flags.DEFINE_string("image", None, "Input image file (any PIL format).", required=True)
+_BOX = flags.DEFINE_string("box", None, "top,left,bottom,right in pixels of the square crop (exclusive end).",
+                           required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory (new or empty; see --force).", required=True)
+_MODE = flags.DEFINE_enum("mode", "inpaint", list(editing.MODES), "Regenerate the box (inpaint) or the rest "
+                          "(outpaint).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Samples drawn.", lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
+_NUM_STEPS = flags.DEFINE_integer("num_steps", sampling.DEFAULT_NUM_STEPS, "Decoding steps T.", lower_bound=1)
+_TEMPERATURE = runtime.define_float("temperature", sampling.DEFAULT_TEMPERATURE,
+                                    "Choice temperature tau0 of the annealed Gumbel noise.", lower=0.0)
+_RING = flags.DEFINE_integer("ring", 1, "Extra rings of masked tokens around the edited cells (MAGE: 1).",
+                             lower_bound=0)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).")
+_FORCE = flags.DEFINE_bool("force", False, "Replace the outputs of an earlier edit in OUT.")
 
 
-def pixel_mask_for(mode: str, resolution: int, box) -> np.ndarray:
-  """bool[R, R], True where pixels are regenerated: inside `box` (inpaint) or outside it (outpaint)."""
-  if mode == "inpaint":
-    return editing.pixel_box_to_mask(resolution, resolution, box)
-  if mode == "outpaint":
-    return editing.outpaint_mask(resolution, resolution, box)
-  raise ValueError(f"unknown edit mode {mode!r}; expected one of {MODES}")
+def _outputs(num_samples: int) -> list[str]:
+  return ["input.png", "masked.png", "overview.png"] + [f"sample_{i}.png" for i in range(num_samples)]
 
 
-@dataclasses.dataclass
-class EditResult:
-  """Outputs of `edit_image` (host numpy)."""
-  input_ids: np.ndarray      # int32 [N]: tokens of the zeroed input, the known tokens of every sample
-  token_mask: np.ndarray     # bool [g, g]: tokens that were regenerated (overlap + ring)
-  sample_ids: np.ndarray     # int32 [S, N]
-  masked_image: np.ndarray   # uint8 [H, W, 3]: input with the edited pixels zeroed
-  samples: np.ndarray        # uint8 [S, H, W, 3]
-
-
-@functools.lru_cache(maxsize=8)
-def _edit_fn(model, tokenizer, num_samples: int, num_steps: int, ring: int):
-  c = model.config
-  grid = tokenizer.config.token_grid
-
-  def run(model_vars, tok_vars, rng, image, pixel_mask, temperature):
-    zeroed = editing.zero_pixels(image[None], pixel_mask)
-    ids = tokenizer.apply(tok_vars, zeroed, method="encode_to_ids")                 # [1, N]
-    token_mask = editing.token_mask_from_pixel_mask(pixel_mask, (grid, grid), ring)  # [g, g]
-    logits_fn = lambda t: model.apply(model_vars, t, method="image_token_logits")
-    sample_ids = editing.edit_tokens(
-        rng, jnp.tile(ids, (num_samples, 1)), token_mask, logits_fn, num_steps=num_steps,
-        choice_temperature=temperature, mask_id=c.mask_id, codebook_size=c.codebook_size)
-    samples = image_io.to_uint8(tokenizer.apply(tok_vars, sample_ids, method="decode_ids"))
-    return ids[0], token_mask, sample_ids, samples
-
-  return jax.jit(run)
-
-
-def edit_image(model, tokenizer, variables: dict, rng: jax.Array, image: np.ndarray, pixel_mask: np.ndarray, *,
-               num_samples: int = 4, num_steps: int = DEFAULT_NUM_STEPS,
-               temperature: float = DEFAULT_TEMPERATURE, ring: int = 1) -> EditResult:
-  """Regenerates the masked region of one image `num_samples` times (one jitted call).
-
-  Args:
-    model: `MAGE`; tokenizer: `VQGAN`; variables: {'model': ..., 'tokenizer': ...}.
-    rng: PRNG key.
-    image: uint8 [R, R, 3] or float [R, R, 3] in [0, 1], R = the tokenizer's resolution.
-    pixel_mask: bool [R, R], True = regenerate.
-    num_samples: samples drawn (the batch of the decoding).
-    num_steps, temperature: decoding steps T and choice temperature tau0.
-    ring: extra rings of masked tokens around the overlap (MAGE: 1).
-
-  Returns:
-    EditResult; `sample_ids[:, ~token_mask.ravel()]` equals `input_ids[~token_mask.ravel()]` exactly.
-  """
+def main(argv):
+  runtime.no_positional_arguments(argv)
+  out = _OUT.value
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise runtime.UsageError(f"--out={out} is a file, not a directory")
+  present = sorted(os.listdir(out)) if os.path.isdir(out) else []
+  if present and not (_FORCE.value and set(present) <= {*_outputs(len(present)), *_outputs(_NUM_SAMPLES.value)}):
+    raise runtime.UsageError(f"--out={out} is not empty ({', '.join(present[:3])}); choose a new directory" +
+                             ("" if _FORCE.value else " or pass --force to replace an earlier edit"))
+  box = editing.parse_box(_BOX.value)
+  runtime.start()
+  model, tokenizer = params_io.models_from_meta(params_io.read_meta(_PARAMS.value), config_views.dtype(_DTYPE.value))
   res = tokenizer.config.resolution
-  image = np.asarray(image)
-  if image.shape != (res, res, 3):
-    raise ValueError(f"edit_image: image must be [{res}, {res}, 3] (the tokenizer's resolution), got "
-                     f"{image.shape}; use load_image")
-  pixel_mask = np.asarray(pixel_mask, dtype=bool)
-  if pixel_mask.shape != (res, res):
-    raise ValueError(f"edit_image: pixel_mask must be bool[{res}, {res}], got {pixel_mask.shape}")
-  if not pixel_mask.any():
-    raise ValueError("edit_image: pixel_mask selects no pixel; nothing to edit")
-  if num_samples < 1 or num_steps < 1 or ring < 0:
-    raise ValueError(f"edit_image: need num_samples >= 1, num_steps >= 1, ring >= 0; got {num_samples}, "
-                     f"{num_steps}, {ring}")
-  if image.dtype == np.uint8:
-    masked_u8 = np.where(pixel_mask[..., None], np.uint8(0), image)
-    image = image.astype(np.float32) / 255.0
-  else:
-    image = image.astype(np.float32)
-    masked_u8 = image_io.to_uint8(np.where(pixel_mask[..., None], 0.0, image))
-  fn = _edit_fn(model, tokenizer, num_samples, num_steps, ring)
-  ids, token_mask, sample_ids, samples = jax.device_get(fn(
-      variables["model"], variables["tokenizer"], rng, image, pixel_mask, np.float32(temperature)))
-  return EditResult(np.asarray(ids), np.asarray(token_mask), np.asarray(sample_ids), masked_u8,
-                    np.asarray(samples))
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m mage_jax.edit", description=__doc__.split("\n")[0])
-  p.add_argument("--params", required=True, help="params-only checkpoint directory (mage_jax.convert output)")
-  p.add_argument("--image", required=True, help="input image file (any PIL format)")
-  p.add_argument("--box", required=True, help="top,left,bottom,right in pixels of the resized square image")
-  p.add_argument("--mode", default="inpaint", choices=MODES)
-  p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--num_samples", type=int, default=4)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--num_steps", type=int, default=DEFAULT_NUM_STEPS)
-  p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-  p.add_argument("--ring", type=int, default=1, help="extra rings of masked tokens (MAGE: 1)")
-  p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
-  return p
-
-
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
-  try:
-    dtype = config_views.dtype(args.dtype)
-    box = parse_box(args.box)
-    meta = params_io.read_meta(args.params)
-    model, tokenizer = params_io.models_from_meta(meta, dtype)
-    res = tokenizer.config.resolution
-    pixel_mask = pixel_mask_for(args.mode, res, box)
-    image = load_image(args.image, res)
-    variables, _ = params_io.load(args.params)
-    result = edit_image(model, tokenizer, variables, jax.random.key(args.seed), image, pixel_mask,
-                        num_samples=args.num_samples, num_steps=args.num_steps, temperature=args.temperature,
-                        ring=args.ring)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  pixel_mask = editing.pixel_mask_for(_MODE.value, res, box)
+  image = editing.load_image(_IMAGE.value, res)
+  variables, _ = params_io.load(_PARAMS.value)
+  params_io.check_finite({"model": variables["model"], "tokenizer": variables["tokenizer"]}, _PARAMS.value)
+  result = editing.edit_image(model, tokenizer, variables, jax.random.key(_SEED.value), image, pixel_mask,
+                              num_samples=_NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,
+                              temperature=_TEMPERATURE.value, ring=_RING.value)
+  for name in present:
+    os.remove(os.path.join(out, name))
   image = image_io.to_uint8(image)
-  image_io.save_png(os.path.join(args.out, "input.png"), image)
-  image_io.save_png(os.path.join(args.out, "masked.png"), result.masked_image)
+  image_io.save_png(os.path.join(out, "input.png"), image)
+  image_io.save_png(os.path.join(out, "masked.png"), result.masked_image)
   for i, sample in enumerate(result.samples):
-    image_io.save_png(os.path.join(args.out, f"sample_{i}.png"), sample)
+    image_io.save_png(os.path.join(out, f"sample_{i}.png"), sample)
   overview = np.concatenate([image[None], result.masked_image[None], result.samples])
-  image_io.save_png(os.path.join(args.out, "overview.png"), image_io.make_grid(overview, len(overview), pad=2))
-  n_masked = int(result.token_mask.sum())
-  print(f"{args.mode}: regenerated {n_masked}/{result.token_mask.size} tokens, {args.num_samples} samples; "
-        f"wrote {args.out}", flush=True)
-  return 0
+  image_io.save_png(os.path.join(out, "overview.png"), image_io.make_grid(overview, len(overview), pad=2))
+  print(f"{_MODE.value}: regenerated {int(result.token_mask.sum())}/{result.token_mask.size} tokens, "
+        f"{_NUM_SAMPLES.value} samples; wrote {out}", flush=True)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  runtime.run(main)

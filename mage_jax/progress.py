@@ -15,9 +15,10 @@ from absl import logging
 class Progress:
   """`update(n)` after each chunk of work; logs `done/total unit, rate, ETA` at most every `interval` s."""
 
-  def __init__(self, total: int, what: str, *, unit: str = "images", interval: float = 10.0,
+  def __init__(self, total: int | None, what: str, *, unit: str = "images", interval: float = 10.0,
                log: Callable[[str], None] | None = None):
-    self.total, self.what, self.unit, self.interval = int(total), what, unit, interval
+    self.total = None if total is None else int(total)
+    self.what, self.unit, self.interval = what, unit, interval
     self.log = log or (lambda line: logging.info("%s", line))
     self.start = time.perf_counter()
     self.done = 0
@@ -31,12 +32,13 @@ class Progress:
     return (self.done - self._first[1]) / max(time.perf_counter() - self._first[0], 1e-9)
 
   def line(self) -> str:
+    count = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
     rate = self.rate()
     if rate is None:
-      return (f"{self.what}: {self.done}/{self.total} {self.unit}; the first chunk (with compilation) took "
+      return (f"{self.what}: {count} {self.unit}; the first chunk (with compilation) took "
               f"{time.perf_counter() - self.start:.1f} s")
-    eta = (self.total - self.done) / max(rate, 1e-9)
-    return f"{self.what}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, ETA {eta:.0f} s"
+    eta = "" if self.total is None else f", ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s"
+    return f"{self.what}: {count} {self.unit}, {rate:.1f} {self.unit}/s{eta}"
 
   def update(self, count: int) -> str:
     """Records `count` more items; logs the progress line when due (and at the end). Returns the line."""
@@ -45,7 +47,7 @@ class Progress:
     if self._first is None:
       self._first = (now, self.done)
     text = self.line()
-    if now - self._last_log >= self.interval or self.done >= self.total:
+    if now - self._last_log >= self.interval or (self.total is not None and self.done >= self.total):
       self._last_log = now
       self.log(text)
     return text

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mage_jax import edit, images, params_io, sampling, sharding
+from mage_jax import editing, images, params_io, sampling, sharding
 from conftest import run_cli
 from mage_jax.convert import __main__ as convert_main
 from mage_jax.models.mage import MAGE, MAGEConfig
@@ -250,8 +250,8 @@ def test_edit_image_keeps_known_tokens(loaded, mode):
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
   box = (9, 4, 17, 14) if mode == "inpaint" else (4, 4, 28, 28)
-  pixel_mask = edit.pixel_mask_for(mode, 32, box)
-  res = edit.edit_image(model, tokenizer, variables, jax.random.key(1), image, pixel_mask, num_samples=3,
+  pixel_mask = editing.pixel_mask_for(mode, 32, box)
+  res = editing.edit_image(model, tokenizer, variables, jax.random.key(1), image, pixel_mask, num_samples=3,
                         num_steps=STEPS, temperature=TEMPERATURE)
   want_mask = _hand_token_mask(pixel_mask)
   np.testing.assert_array_equal(res.token_mask, want_mask)
@@ -270,32 +270,37 @@ def test_edit_image_keeps_known_tokens(loaded, mode):
   np.testing.assert_array_equal(res.masked_image, np.where(pixel_mask[..., None], 0, image))
 
 
-def test_edit_cli(params_dir, tmp_path, capsys):
+def test_edit_cli(params_dir, tmp_path):
   src = tmp_path / "in.png"
   rng = np.random.default_rng(1)
   Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(src)
   out = tmp_path / "edit"
-  rc = edit.main([f"--params={params_dir}", f"--image={src}", "--box=8,8,16,16", f"--out={out}",
-                  "--num_samples=2", f"--num_steps={STEPS}"])
-  assert rc == 0
-  assert "regenerated 16/64 tokens" in capsys.readouterr().out  # token hole 2..3 + ring -> 1..4
+  args = [f"--params={params_dir}", f"--image={src}", "--box=8,8,16,16", f"--out={out}", "--num_samples=2",
+          f"--num_steps={STEPS}"]
+  run = run_cli("mage_jax.edit", *args)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "regenerated 16/64 tokens" in run.stdout  # token hole 2..3 + ring -> 1..4
   inp = np.asarray(Image.open(out / "input.png"))
   # The eval transform (32 -> 36 bicubic, centre 32x32 crop), truncated to uint8 as every PNG written here.
-  np.testing.assert_array_equal(inp, images.to_uint8(edit.load_image(str(src), 32)))
+  np.testing.assert_array_equal(inp, images.to_uint8(editing.load_image(str(src), 32)))
   masked = np.asarray(Image.open(out / "masked.png"))
   assert (masked[8:16, 8:16] == 0).all()
   np.testing.assert_array_equal(masked[:8], inp[:8])
   for i in range(2):
     assert np.asarray(Image.open(out / f"sample_{i}.png")).shape == (32, 32, 3)
   assert not (out / "sample_2.png").exists()
-  assert edit.main([f"--params={params_dir}", f"--image={tmp_path / 'x.png'}", "--box=8,8,16,16",
-                    f"--out={out}"]) == 2
-  assert "image not found" in capsys.readouterr().err
-  assert edit.main([f"--params={params_dir}", f"--image={src}", "--box=8,8,40,16", f"--out={out}"]) == 2
-  assert "box" in capsys.readouterr().err
+  for extra, status, needle in (
+      ([], 2, "--force"),  # the same OUT again
+      ([f"--image={tmp_path / 'x.png'}", f"--out={tmp_path / 'o2'}"], 1, "image not found"),
+      (["--box=8,8,40,16", f"--out={tmp_path / 'o3'}"], 1, "box"),
+      (["--temperature=nan", f"--out={tmp_path / 'o4'}"], 2, "finite")):
+    bad = run_cli("mage_jax.edit", *args, *extra)
+    assert bad.returncode == status and needle in bad.stderr, (extra, bad.stderr[-2000:])
+    assert len(bad.stderr.strip().splitlines()) == 1
+  assert run_cli("mage_jax.edit", *args, "--force").returncode == 0
 
 
 def test_parse_box():
-  assert edit.parse_box("1, 2,3,4") == (1, 2, 3, 4)
+  assert editing.parse_box("1, 2,3,4") == (1, 2, 3, 4)
   with pytest.raises(ValueError, match="four integers"):
-    edit.parse_box("1,2,3")
+    editing.parse_box("1,2,3")

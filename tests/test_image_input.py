@@ -21,9 +21,9 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from mage_jax import edit, images
+from mage_jax import editing, images
 from mage_jax.data import augment, pipeline, sources
-from mage_jax.fid import __main__ as fid_cli
+from mage_jax.fid import inputs as fid_inputs
 from mage_jax.fid import weights as fid_weights
 from mage_jax.models.mage import MAGEConfig
 from mage_jax.models.vqgan import VQGANConfig
@@ -243,11 +243,11 @@ def _edit_params(tmp_path):
 
 _WIDE_SCRIPT = """
 import resource, sys, time
-from mage_jax import edit
-edit.load_image(sys.argv[2], 8)  # imports TensorFlow and warms its kernels up
+from mage_jax import editing
+editing.load_image(sys.argv[2], 8)  # imports TensorFlow and warms its kernels up
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-out = edit.load_image(sys.argv[1], 256)
+out = editing.load_image(sys.argv[1], 256)
 print(out.shape, out.dtype, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024,
       time.perf_counter() - start, file=sys.stderr)
 """
@@ -255,7 +255,7 @@ print(out.shape, out.dtype, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
 
 def test_hostile_images_through_the_cli_with_bounded_memory(tmp_path):
   """`python -m mage_jax.edit` on a 9000x9000 PNG (81 Mpx in 80 KB of zlib) above the default budget and on the
-  500000x1 PNG of the report under a budget of 0.1 Mpx: one line, exit 2, no TensorFlow import, and the run's
+  500000x1 PNG of the report under a budget of 0.1 Mpx: one line, exit 1, no TensorFlow import, and the run's
   peak RSS grows by less than 20 MiB (decoding the first would take 81 MB gray + 243 MB RGB). And the 500000x1
   PNG accepted (0.5 Mpx is within the default budget): edit's `load_image` computes the 256x256 crop from the
   source window it reads, where resizing first would make 292 x 146,000,000 floats. The processes run at once."""
@@ -274,7 +274,7 @@ def test_hostile_images_through_the_cli_with_bounded_memory(tmp_path):
   for key, want in (("bomb", "bomb.png: 9000x9000 = 81.0 Mpx is above the pixel budget of 67.1 Mpx"),
                     ("wide", "wide.png: 500000x1 = 0.5 Mpx is above the pixel budget of 0.1 Mpx")):
     status, lines, grow_mib, tf_imported = result = _finish(runs[key])
-    assert status == 2 and len(lines) == 1 and re.search(want, lines[0]), (key, result)
+    assert status == 1 and len(lines) == 1 and re.search(want, lines[0]), (key, result)
     assert not tf_imported and grow_mib < 20, (key, result)
   assert not (tmp_path / "out").exists()
   _, err = accepted.communicate(timeout=300)
@@ -310,13 +310,13 @@ def test_crop_first_equals_resize_then_crop(shape):
 
 
 def test_edit_pixels_equal_evaluation_pixels(tmp_path):
-  """edit.load_image of a file == what pipeline.eval_iterator yields for that file (default eval transform)."""
+  """editing.load_image of a file == what pipeline.eval_iterator yields for that file (default eval transform)."""
   folder = tmp_path / "one"
   folder.mkdir()
   rgba = np.dstack([RNG.integers(0, 256, (45, 61, 3), dtype=np.uint8), RNG.integers(0, 256, (45, 61), dtype=np.uint8)])
   path = _save(folder / "x.png", Image.fromarray(rgba))
   batch = next(pipeline.eval_iterator(dict(name=f"folder:{folder}", batch_size=1, image_size=32)))
-  got = edit.load_image(path, 32)
+  got = editing.load_image(path, 32)
   assert got.dtype == np.float32 and got.shape == (32, 32, 3)
   np.testing.assert_array_equal(got, batch["image"][0])
 
@@ -330,7 +330,7 @@ def test_fid_reference_protocol_matches_torchvision_resize_256(tmp_path):
   for i, (h, w) in enumerate(((300, 400), (257, 190))):
     smooth = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
     Image.fromarray(smooth).resize((w, h), Image.BICUBIC).save(folder / f"{i}.png")
-  got = np.concatenate(list(fid_cli.reference_protocol_batches(f"folder:{folder}", "val", None, batch_size=2)))
+  got = np.concatenate(list(fid_inputs.reference_protocol_batches(f"folder:{folder}", "val", None, batch_size=2)))
   assert got.shape == (2, 256, 256, 3) and got.dtype == np.uint8
   for i in range(2):
     im = Image.open(folder / f"{i}.png")
@@ -409,12 +409,12 @@ def test_folder_edge_cases_give_errors_or_counts(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"No image files .* found under .*empty.*1 non-image"):
     sources.FolderSource(str(empty))
   with pytest.raises(FileNotFoundError, match="no images .* found under .*empty"):
-    next(fid_cli.image_batches(str(empty)))
+    fid_inputs.image_batches(str(empty))
   single = tmp_path / "single"
   _tree(single, ["only.png"])
   src = sources.FolderSource(str(single))
   assert src.num_examples == 1 and src.class_names == [] and src.class_counts == {"": 1}
-  assert next(fid_cli.image_batches(str(single))).shape == (1, 5, 7, 3)
+  assert next(fid_inputs.image_batches(str(single))[1]).shape == (1, 5, 7, 3)
   # One image per class: usable for eval; a training batch larger than the data is one clear error.
   per_class = tmp_path / "per_class"
   _tree(per_class, ["k0/a.png", "k1/b.png", "k2/c.png"])
@@ -467,14 +467,14 @@ def test_fid_folders_refuse_hostile_sets_with_one_named_error(tmp_path, capsys):
   mixed = folder("mixed", {"a.png": ok, "b.png": ok, "c.png": png(RGB[:4]), "d.png": png(np.dstack([RGB, ALPHA]))})
   with pytest.raises(images.ImageError, match=r"mixed: images differ in size \(height x width\): 5x7 "
                                                r"\(.*a.png and 2 more\); 4x7 \(.*c.png\)\. FID compares"):
-    next(fid_cli.image_batches(mixed))
+    fid_inputs.image_batches(mixed)
   corrupt = folder("corrupt", {"a.png": png(np.zeros((32, 32, 3), np.uint8)), "b.png": _truncated_png()})
   with pytest.raises(images.ImageError, match="b.png: cannot decode image"):
-    list(fid_cli.image_batches(corrupt))
+    list(fid_inputs.image_batches(corrupt)[1])
   broken = folder("broken", {"a.png": ok})
   os.symlink("nowhere.png", os.path.join(broken, "b.png"))
   with pytest.raises(images.ImageError, match="b.png: not a readable image file"):
-    next(fid_cli.image_batches(broken))
+    fid_inputs.image_batches(broken)
   # Mixed modes of one size are fine: gray, RGBA, 16-bit and palette all come out RGB.
   p = Image.fromarray((GRAY % 4).astype(np.uint8), "P")
   p.putpalette(bytes(range(12)) * 64)
@@ -482,8 +482,8 @@ def test_fid_folders_refuse_hostile_sets_with_one_named_error(tmp_path, capsys):
   p.save(buf, "PNG")
   modes = folder("modes", {"a.png": png(GRAY), "b.png": png(np.dstack([RGB, ALPHA])),
                            "c.png": png(RNG.integers(0, 65536, (5, 7), dtype=np.uint16)), "d.png": buf.getvalue()})
-  assert next(fid_cli.image_batches(modes)).shape == (4, 5, 7, 3)
-  # Through the CLI: one line, exit 2 (the weights load first, so give it some; zeros are enough).
+  assert next(fid_inputs.image_batches(modes)[1]).shape == (4, 5, 7, 3)
+  # Through the CLI: one line, exit 1 (the weights are only loaded after the samples pass; give it some anyway).
   shapes = fid_weights.expected_shapes(False)
   zeros = fid_weights.params_from_canonical({k: np.zeros(s, np.float32) for k, s in shapes.items()})
   w = fid_weights.InceptionWeights(zeros, "zeros", "test")
@@ -491,6 +491,6 @@ def test_fid_folders_refuse_hostile_sets_with_one_named_error(tmp_path, capsys):
   stats = tmp_path / "stats.npz"
   np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
   for samples, want in ((mixed, "images differ in size"), (corrupt, "b.png: cannot decode image")):
-    assert fid_cli.main([samples, f"--reference={stats}", f"--weights={tmp_path / 'w.npz'}"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
+    run = run_cli("mage_jax.fid", samples, f"--reference={stats}", f"--weights={tmp_path / 'w.npz'}")
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(err) == 1 and err[0].startswith("error: ") and want in err[0], err

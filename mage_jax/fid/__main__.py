@@ -1,136 +1,47 @@
 """`python -m mage_jax.fid SAMPLES --reference=REF`: FID (and IS when the weights allow) of generated images.
 
-SAMPLES: an `.npz` with uint8 images [N, H, W, 3] under `images` (what `mage_jax.generate` writes), or a folder of
-image files of one size (searched recursively, like torch-fidelity's --samples-find-deep; read by
-`mage_jax.images`: a corrupt file, mixed sizes or an image above the pixel budget is an error naming the file).
-REF: `fashion_mnist:test` / `imagenet2012:validation` (a dataset split: its statistics are cached per split;
-the small fixed-size sets at their stored size, any other set, e.g. ImageNet, as the paper's reference images:
-Resize(256) bilinear + CenterCrop(256), spec §6.5), a folder or `.npz` of images, or a statistics `.npz` holding
-`mu` and `sigma`.
-Images are resized to 299 with the TF1 bilinear resize of torch-fidelity (`--resize=pytorch` for pytorch-fid's).
+SAMPLES: an `.npz` of uint8 images (what `mage_jax.generate` writes) or a folder of image files of one size.
+REF: a dataset split (`fashion_mnist:test`, `imagenet2012:validation`: statistics cached per split), a folder or
+`.npz` of images, or a statistics `.npz` holding `mu` and `sigma` (details: mage_jax/fid/inputs.py). Images are
+resized to 299 with the TF1 bilinear resize of torch-fidelity (`--resize=pytorch` for pytorch-fid's).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 
-import numpy as np
+from absl import flags
 
-from mage_jax import images as image_io
-from mage_jax.fid import metrics, weights
+from mage_jax import runtime
+from mage_jax.fid import inputs
 
-
-# Spec §6.5: the reference images are Resize(256) (shorter side, torchvision's default bilinear) + CenterCrop(256).
-REFERENCE_SIZE = 256
-
-
-def image_batches(source: str, batch_size: int = 50, max_images: int | None = None):
-  """Yields uint8 [B, H, W, 3] batches from an npz (key 'images' or the only array) or an image folder.
-
-  A folder is listed by `images.list_images` and every file's header is checked (one size, within the pixel
-  budget) before the first batch, so a bad set fails before the network runs; a corrupt file is an ImageError
-  naming it.
-  """
-  if os.path.isdir(source):
-    listing = image_io.list_images(source)
-    if listing.unreadable:
-      raise image_io.ImageError(f"{listing.unreadable[0]}: not a readable image file (a broken link, a special "
-                                "file or a folder that cannot be listed)")
-    files = listing.paths[:max_images]
-    if not files:
-      raise FileNotFoundError(f"no images ({', '.join(image_io.IMAGE_EXTENSIONS)}) found under {source} "
-                              f"({listing.summary()})")
-    image_io.require_one_size(((f, image_io.read_size(f)) for f in files), source,
-                              "FID compares images of one size: resize them first.")
-    for start in range(0, len(files), batch_size):
-      yield np.stack([image_io.read_image(f) for f in files[start:start + batch_size]])
-    return
-  if not os.path.isfile(source):
-    raise FileNotFoundError(f"no such images file or folder: {source}")
-  with np.load(source, allow_pickle=False) as z:
-    key = "images" if "images" in z.files else (z.files[0] if len(z.files) == 1 else None)
-    if key is None:
-      raise ValueError(f"{source}: expected an array 'images', found {z.files}")
-    images = z[key][:max_images]
-  if images.dtype != np.uint8:
-    raise ValueError(f"{source}: images must be uint8 (as written to PNG), got {images.dtype}")
-  for start in range(0, len(images), batch_size):
-    yield np.stack([image_io.as_rgb(im) for im in images[start:start + batch_size]])
+_REFERENCE = flags.DEFINE_string("reference", None, "Dataset split (name:split), folder, image .npz or stats .npz.",
+                                 required=True)
+_MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Use at most this many images of each set (default: all).",
+                                   lower_bound=2)
+_WEIGHTS = flags.DEFINE_string("weights", None, "FID Inception weights (default: the cached setup npz).")
+_RESIZE = flags.DEFINE_enum("resize", "tf1", ["tf1", "pytorch"], "Resize to 299: torch-fidelity's TF1 bilinear "
+                            "or pytorch-fid's.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir for dataset references.")
+_JSON = flags.DEFINE_string("json", None, "Also write the result to this JSON file.")
 
 
-def reference_protocol_batches(name: str, split: str, data_dir: str | None, batch_size: int = 50):
-  """Yields uint8 [B, 256, 256, 3] batches of a dataset split prepared as the paper's FID reference (spec §6.5).
-
-  The official prepare_imgnet_val.py saves each validation image as torchvision Resize(256) (bilinear) +
-  CenterCrop(256) PNG. Here the same geometry and filter come from the data pipeline's one resize/centre-crop
-  (`augment.resize_center_crop`, crop_ratio 1, bilinear: the one place mage_jax resizes with another filter
-  than the bicubic of evaluation, because the reference protocol says so), rounded to uint8 as PIL rounds.
-  Undecodable images are skipped and counted as in training.
-  """
-  from mage_jax.data import pipeline
-  cfg = dict(name=name, split=split, data_dir=data_dir, image_size=REFERENCE_SIZE, batch_size=batch_size,
-             augment="none", crop_ratio=1.0, eval_interpolation="bilinear")
-  for batch in pipeline.eval_iterator(cfg):
-    yield image_io.round_to_uint8(batch["image"][batch["_mask"]])
-
-
-def reference_statistics(reference: str, model, max_images: int | None, data_dir: str | None):
-  if os.path.isfile(reference) and reference.endswith(".npz"):
-    with np.load(reference, allow_pickle=False) as z:
-      is_stats = "mu" in z.files and "sigma" in z.files
-    if is_stats:
-      return metrics.load_stats(reference)
-  if os.path.exists(reference):
-    return metrics.compute_stats_for_images(image_batches(reference, max_images=max_images), model,
-                                            keep_logits=False)
-  name, _, split = reference.partition(":")
-  if not split:
-    raise ValueError(f"--reference {reference!r} is neither a path nor a dataset split like fashion_mnist:test")
-
-  def images_fn():
-    from mage_jax.data import sources
-    if name not in sources.IN_MEMORY_TFDS:
-      return reference_protocol_batches(name, split, data_dir)
-    images, _ = sources.load_arrays(name, split, data_dir)
-    return (np.stack([image_io.as_rgb(im) for im in images[i:i + 50]]) for i in range(0, len(images), 50))
-
-  return metrics.load_or_compute_reference_stats(name, split, images_fn, model=model, max_images=max_images)
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m mage_jax.fid", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("samples", help="generated images: .npz or folder")
-  parser.add_argument("--reference", required=True, help="dataset:split, folder, image .npz or stats .npz")
-  parser.add_argument("--max_images", type=int, default=None, help="use at most this many of each set")
-  parser.add_argument("--weights", default=None, help="Inception weights (default: the cached setup npz)")
-  parser.add_argument("--resize", default="tf1", choices=("tf1", "pytorch"))
-  parser.add_argument("--data_dir", default=None, help="TFDS data dir for dataset references")
-  parser.add_argument("--json", default=None, help="also write the result here")
-  args = parser.parse_args(argv)
-  try:
-    model = weights.load_inception(args.weights, resize_method=args.resize)
-    reference = reference_statistics(args.reference, model, args.max_images, args.data_dir)
-    result = metrics.evaluate(image_batches(args.samples, max_images=args.max_images), reference, model)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  summary = {"fid": result.fid, "num_images": result.num_images, "num_reference": reference.num_images,
-             "inception_score": result.inception_score, "inception_score_std": result.inception_score_std,
-             "inception_score_note": result.inception_score_note}
-  print(f"FID {result.fid:.3f} ({result.num_images} samples vs {reference.num_images} reference images)")
-  if result.inception_score is None:
-    print(result.inception_score_note)
+def main(argv):
+  if len(argv) != 2:
+    raise runtime.UsageError("give exactly one SAMPLES argument (an .npz of images or a folder)")
+  runtime.start()
+  summary = inputs.compute(argv[1], _REFERENCE.value, max_images=_MAX_IMAGES.value, weights_path=_WEIGHTS.value,
+                           resize=_RESIZE.value, data_dir=_DATA_DIR.value)
+  print(f"FID {summary['fid']:.3f} ({summary['num_images']} samples vs {summary['num_reference']} reference "
+        "images)")
+  if summary["inception_score"] is None:
+    print(summary["inception_score_note"])
   else:
-    print(f"IS {result.inception_score:.3f} ± {result.inception_score_std:.3f}")
-  if args.json:
-    with open(args.json, "w") as f:
+    print(f"IS {summary['inception_score']:.3f} ± {summary['inception_score_std']:.3f}")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
       json.dump(summary, f, indent=2)
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  runtime.run(main)

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from mage_jax import progress
 from mage_jax.fid import inception
 from mage_jax.fid import weights as weights_lib
 
@@ -189,7 +190,8 @@ def _fixed_batches(images: Iterable, batch_size: int, max_images: int | None):
 
 
 def compute_stats_for_images(images: Iterable, model: inception.FIDInception, *, batch_size: int = 50,
-                             max_images: int | None = None, keep_logits: bool = True) -> ImageStatistics:
+                             max_images: int | None = None, keep_logits: bool = True,
+                             total: int | None = None) -> ImageStatistics:
   """Runs the jitted FID Inception over image batches and returns pool3 statistics.
 
   Args:
@@ -199,15 +201,19 @@ def compute_stats_for_images(images: Iterable, model: inception.FIDInception, *,
     batch_size: images per network call (the last call is zero-padded; padded rows are dropped).
     max_images: stop after this many images.
     keep_logits: keep the unbiased logits for the Inception Score (if the classifier is loaded).
+    total: the number of images, when known, for the progress line's ETA.
 
   Returns:
     `ImageStatistics` (logits None without classifier or with keep_logits=False).
   """
   acc = _MomentAccumulator()
   logits = []
+  total = min(total, max_images) if total is not None and max_images is not None else (total or max_images)
+  meter = progress.Progress(total, "FID Inception features")
   for batch, valid in _fixed_batches(images, batch_size, max_images):
     feats, lg = model(batch)
     acc.add(np.asarray(feats)[:valid])
+    meter.update(valid)
     if keep_logits and lg is not None:
       logits.append(np.asarray(lg)[:valid])
   mu, sigma = acc.result()
@@ -225,9 +231,10 @@ class FidIsResult:
 
 
 def evaluate(images: Iterable, reference: ImageStatistics, model: inception.FIDInception, *,
-             batch_size: int = 50, max_images: int | None = None, is_splits: int = 10) -> FidIsResult:
+             batch_size: int = 50, max_images: int | None = None, is_splits: int = 10,
+             total: int | None = None) -> FidIsResult:
   """FID of `images` against `reference`, and their IS (None, with the reason, without a classifier)."""
-  stats = compute_stats_for_images(images, model, batch_size=batch_size, max_images=max_images)
+  stats = compute_stats_for_images(images, model, batch_size=batch_size, max_images=max_images, total=total)
   fid = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
   if stats.logits is None:
     return FidIsResult(fid, stats.num_images, None, None, IS_UNAVAILABLE)

@@ -144,20 +144,18 @@ def evaluate_representations(workdir: str, budget: dict, data_dir) -> dict:
 
 
 def compute_fid(workdir: str, budget: dict, data_dir) -> dict:
-  from mage_jax.fid import __main__ as fid_cli
-  from mage_jax.fid import weights
+  from mage_jax.fid import inputs, weights
   path = os.path.join(workdir, "fid.json")
   if not os.path.exists(path):
     try:
       weights.default_weights_path()
     except FileNotFoundError as e:
       return {"fid": None, "note": str(e)}
-    argv = [os.path.join(workdir, "samples.npz"), "--reference=fashion_mnist:test",
-            f"--max_images={budget['fid_samples']}", f"--json={path}"]
-    if data_dir:
-      argv.append(f"--data_dir={data_dir}")
-    if fid_cli.main(argv) != 0:
-      raise RuntimeError("FID computation failed (see the error above)")
+    summary = inputs.compute(os.path.join(workdir, "samples.npz"), "fashion_mnist:test",
+                             max_images=budget["fid_samples"], data_dir=data_dir)
+    with open(path + ".tmp", "w") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
   with open(path) as f:
     return json.load(f)
 
