@@ -15,6 +15,16 @@ TESTDATA = pathlib.Path(__file__).parent / "testdata"
 REPO = pathlib.Path(__file__).parent.parent
 
 
+def assert_one_line_error(run: subprocess.CompletedProcess, status: int, *needles: str) -> str:
+  """The binary failed with `status`, no traceback, and one `error:` line (the last) holding every needle."""
+  assert run.returncode == status, (run.returncode, run.stderr[-3000:])
+  assert "Traceback" not in run.stderr, run.stderr[-3000:]
+  errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and run.stderr.strip().splitlines()[-1] == errors[0], run.stderr[-3000:]
+  assert all(n in errors[0] for n in needles), errors[0]
+  return errors[0]
+
+
 def run_cli(module: str, *args, timeout: float = 600, **env) -> subprocess.CompletedProcess:
   """Runs `python -m <module> args...` from the repository root as a user would (text output captured)."""
   return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,

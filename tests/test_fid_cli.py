@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from mage_jax.fid import inputs, metrics, weights
 
 
@@ -65,7 +65,5 @@ def test_cli_errors_name_the_problem(tmp_path, have_weights):
       ([tmp_path / "s.npz", f"--reference={tmp_path / 'stats.npz'}", "--max_images=-1"], 2, "max_images"),
       ([tmp_path / "s.npz"], 2, "reference"),
       (["--reference=x"], 2, "SAMPLES")):
-    run = run_cli("mage_jax.fid", *args)
-    assert run.returncode == status and needle in run.stderr, (args, run.stderr[-2000:])
-    assert len(run.stderr.strip().splitlines()) == 1
+    assert_one_line_error(run_cli("mage_jax.fid", *args), status, needle)
 

@@ -7,20 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, random_variables, run_cli
+from conftest import REPO, assert_one_line_error, random_variables, run_cli
 
 from mage_jax import builders, masking, params_io
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
 
 TINY = f"{REPO}/configs/fashion_mnist_tiny.py:steps=4,batch=8"
-
-
-def _one_line_error(run, status, *needles):
-  assert run.returncode == status, (run.returncode, run.stderr[-3000:])
-  lines = run.stderr.strip().splitlines()
-  assert lines and "Traceback" not in run.stderr, run.stderr[-3000:]
-  assert all(n in lines[-1] for n in needles), lines[-1]
 
 
 def _main(workdir, image_folder, *extra):
@@ -63,17 +56,17 @@ def test_main_refuses_bad_command_lines_before_any_work(image_folder, tmp_path):
       (["--config.input.image_size=33"], 1, "not a multiple"),
   ]
   for extra, status, needle in cases:
-    _one_line_error(_main(tmp_path / "w", image_folder, *extra), status, needle)
-  _one_line_error(_main(tmp_path / "a_file", image_folder), 2, "is a file")
+    assert_one_line_error(_main(tmp_path / "w", image_folder, *extra), status, needle)
+  assert_one_line_error(_main(tmp_path / "a_file", image_folder), 2, "is a file")
   assert (tmp_path / "a_file").read_text() == "keep me"
-  _one_line_error(run_cli("mage_jax.main", f"--config={REPO}/configs/nope.py", f"--workdir={tmp_path / 'w'}"), 2,
+  assert_one_line_error(run_cli("mage_jax.main", f"--config={REPO}/configs/nope.py", f"--workdir={tmp_path / 'w'}"), 2,
                   "nope.py")
-  _one_line_error(run_cli("mage_jax.main", f"--config={REPO}/configs/eval_fashion_mnist.py",
+  assert_one_line_error(run_cli("mage_jax.main", f"--config={REPO}/configs/eval_fashion_mnist.py",
                           f"--workdir={tmp_path / 'w'}"), 2, "evaluation config", "mage_jax.evaluate")
 
 
 def test_main_model_init_must_hold_a_mage_model(image_folder, tmp_path, params_dirs):
-  _one_line_error(_main(tmp_path / "w", image_folder, f"--config.model_init={params_dirs['tokenizer']}"), 1,
+  assert_one_line_error(_main(tmp_path / "w", image_folder, f"--config.model_init={params_dirs['tokenizer']}"), 1,
                   "holds no MAGE model")
 
 
@@ -89,18 +82,18 @@ def test_evaluate_refuses_stale_workdirs_bad_params_and_infeasible_shots(image_f
   first = _evaluate(params_dirs["a"], workdir, image_folder)
   assert first.returncode == 0, first.stderr[-3000:]
   # Another model into the same workdir: its probe checkpoints are not resumed as if they were this model's.
-  _one_line_error(_evaluate(params_dirs["b"], workdir, image_folder), 1, "linear_probe/mage", "different model")
+  assert_one_line_error(_evaluate(params_dirs["b"], workdir, image_folder), 1, "linear_probe/mage", "different model")
   # Another data slice for the same model: refused as well.
-  _one_line_error(_evaluate(params_dirs["a"], workdir, image_folder, "--config.eval_split=test[:10]"), 1,
+  assert_one_line_error(_evaluate(params_dirs["a"], workdir, image_folder, "--config.eval_split=test[:10]"), 1,
                   "different", "eval_split")
   # Infeasible shots are refused before any feature is computed; earlier results are kept.
   fresh = tmp_path / "fresh"
-  _one_line_error(_evaluate(params_dirs["a"], fresh, image_folder, "--config.evals=('fewshot',)",
+  assert_one_line_error(_evaluate(params_dirs["a"], fresh, image_folder, "--config.evals=('fewshot',)",
                             "--config.fewshot.shots=(60,)"), 1, "60 shots of 2 classes need at least 120")
   assert not (fresh / "features").exists()
   assert (workdir / "results.json").exists()
-  _one_line_error(_evaluate(params_dirs["nan"], tmp_path / "n", image_folder), 1, "NaN")
-  _one_line_error(_evaluate(params_dirs["tokenizer"], tmp_path / "t", image_folder), 1, "tokenizer")
+  assert_one_line_error(_evaluate(params_dirs["nan"], tmp_path / "n", image_folder), 1, "NaN")
+  assert_one_line_error(_evaluate(params_dirs["tokenizer"], tmp_path / "t", image_folder), 1, "tokenizer")
 
 
 @pytest.mark.parametrize("binary", ["main", "evaluate", "generate", "quickstart"])

@@ -21,6 +21,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from conftest import assert_one_line_error, run_cli
 from mage_jax import editing, images
 from mage_jax.data import augment, pipeline, sources
 from mage_jax.fid import inputs as fid_inputs
@@ -491,6 +492,5 @@ def test_fid_folders_refuse_hostile_sets_with_one_named_error(tmp_path, capsys):
   stats = tmp_path / "stats.npz"
   np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
   for samples, want in ((mixed, "images differ in size"), (corrupt, "b.png: cannot decode image")):
-    run = run_cli("mage_jax.fid", samples, f"--reference={stats}", f"--weights={tmp_path / 'w.npz'}")
-    err = run.stderr.strip().splitlines()
-    assert run.returncode == 1 and len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
+    assert_one_line_error(run_cli("mage_jax.fid", samples, f"--reference={stats}",
+                                  f"--weights={tmp_path / 'w.npz'}"), 1, want)
