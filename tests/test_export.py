@@ -70,19 +70,23 @@ def test_fixture_files_round_trip_bit_exact(testdata, exported, name):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_torch_loads_exports_as_the_originals(testdata, exported, name):
   torch = pytest.importorskip("torch")
-  pth, st = exported[name]
+  pth, _ = exported[name]
   original = torch.load(str(testdata / "official_tiny" / f"{name}.pth"), weights_only=True)[WRAPPERS[name]]
   obj = torch.load(pth, weights_only=True)
-  from safetensors.torch import load_file
-  for loaded in (obj[WRAPPERS[name]], load_file(st)):
-    assert set(loaded) == set(original)
-    for key, tensor in original.items():
-      assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor), key
+  assert set(obj[WRAPPERS[name]]) == set(original)
+  for key, tensor in original.items():
+    assert obj[WRAPPERS[name]][key].dtype == tensor.dtype and torch.equal(obj[WRAPPERS[name]][key], tensor), key
   # load_state_dict(strict=True) into a module holding exactly the official parameters and buffers.
   module = _module_like(torch, original)
   module.load_state_dict(obj[WRAPPERS[name]], strict=True)
   for key, tensor in module.state_dict().items():
     assert torch.equal(tensor, original[key]), key
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_safetensors_package_reads_exports(testdata, exported, name):
+  st = pytest.importorskip("safetensors.numpy")
+  _assert_bit_exact(st.load_file(exported[name][1]), _fixture(testdata, name))
 
 
 def _module_like(torch, state_dict):

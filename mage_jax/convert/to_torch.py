@@ -29,6 +29,7 @@ import collections
 import dataclasses
 import json
 import os
+import tempfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -213,10 +214,13 @@ def write(path: str, sd: Mapping[str, np.ndarray], kind: str, meta: Mapping[str,
     raise FileExistsError(f"{path} exists; pass --force to overwrite it")
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
-  tmp = f"{path}.tmp"  # a reader never sees half a file, and a failed write leaves the old one
+  # A fresh temporary name beside `path`: a reader never sees half a file, a failed write leaves the old one.
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+  os.close(fd)
   try:
     if fmt == "pth":
-      torch_save.save(tmp, {_WRAPPERS[kind]: collections.OrderedDict(sd), convert.META_KEY: embedded_meta(meta, kind)})
+      torch_save.save(tmp, {_WRAPPERS[kind]: collections.OrderedDict(sd),
+                            convert.META_KEY: embedded_meta(meta, kind)})
     else:
       safetensors_io.save(tmp, sd, {"format": "pt", convert.META_KEY: embedded_meta(meta, kind)})
     os.replace(tmp, path)
