@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mage_jax_setup
+TEST_STAMP := $(VENV)/.mage_jax_test_deps
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup test quickstart bench clean-venv
@@ -21,7 +22,11 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m mage_jax.fid.weights setup || echo "note: FID Inception weights unavailable; FID will be skipped"
 	touch $(STAMP)
 
-test: setup
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt -c requirements.txt
+	touch $(TEST_STAMP)
+
+test: setup $(TEST_STAMP)
 	MAGE_JAX_REQUIRE_FID=1 $(PY) -m pytest -q tests
 
 quickstart: setup

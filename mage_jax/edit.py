@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from mage_jax import config_views, editing, images as image_io, params_io, runtime, sampling
+from mage_jax import config_views, editing, images as image_io, params_io, runtime, sampling, sharding
 
 _PARAMS = flags.DEFINE_string("params", None, "Params-only checkpoint directory (convert output or a training "
                               "export).", required=True)
@@ -63,7 +63,8 @@ def main(argv):
   params_io.check_finite({"model": variables["model"], "tokenizer": variables["tokenizer"]}, _PARAMS.value)
   result = editing.edit_image(model, tokenizer, variables, jax.random.key(_SEED.value), image, pixel_mask,
                               num_samples=_NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,
-                              temperature=_TEMPERATURE.value, ring=_RING.value)
+                              temperature=_TEMPERATURE.value, ring=_RING.value,
+                              mesh=sharding.data_mesh(_NUM_SAMPLES.value))
   for name in present:
     os.remove(os.path.join(out, name))
   image = image_io.to_uint8(image)

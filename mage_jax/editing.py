@@ -35,6 +35,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mage_jax import images as image_io, sampling
 
@@ -243,7 +244,7 @@ class EditResult:
 
 
 @functools.lru_cache(maxsize=8)
-def _edit_fn(model, tokenizer, num_samples: int, num_steps: int, ring: int):
+def _edit_fn(model, tokenizer, num_samples: int, num_steps: int, ring: int, mesh: Mesh | None):
   c = model.config
   grid = tokenizer.config.token_grid
 
@@ -252,8 +253,11 @@ def _edit_fn(model, tokenizer, num_samples: int, num_steps: int, ring: int):
     ids = tokenizer.apply(tok_vars, zeroed, method="encode_to_ids")                 # [1, N]
     token_mask = token_mask_from_pixel_mask(pixel_mask, (grid, grid), ring)  # [g, g]
     logits_fn = lambda t: model.apply(model_vars, t, method="image_token_logits")
+    tiled = jnp.tile(ids, (num_samples, 1))
+    if mesh is not None:
+      tiled = jax.lax.with_sharding_constraint(tiled, NamedSharding(mesh, P("data")))
     sample_ids = edit_tokens(
-        rng, jnp.tile(ids, (num_samples, 1)), token_mask, logits_fn, num_steps=num_steps,
+        rng, tiled, token_mask, logits_fn, num_steps=num_steps,
         choice_temperature=temperature, mask_id=c.mask_id, codebook_size=c.codebook_size)
     samples = image_io.to_uint8(tokenizer.apply(tok_vars, sample_ids, method="decode_ids"))
     return ids[0], token_mask, sample_ids, samples
@@ -263,7 +267,8 @@ def _edit_fn(model, tokenizer, num_samples: int, num_steps: int, ring: int):
 
 def edit_image(model, tokenizer, variables: dict, rng: jax.Array, image: np.ndarray, pixel_mask: np.ndarray, *,
                num_samples: int = 4, num_steps: int = sampling.DEFAULT_NUM_STEPS,
-               temperature: float = sampling.DEFAULT_TEMPERATURE, ring: int = 1) -> EditResult:
+               temperature: float = sampling.DEFAULT_TEMPERATURE, ring: int = 1,
+               mesh: Mesh | None = None) -> EditResult:
   """Regenerates the masked region of one image `num_samples` times (one jitted call).
 
   Args:
@@ -274,6 +279,8 @@ def edit_image(model, tokenizer, variables: dict, rng: jax.Array, image: np.ndar
     num_samples: samples drawn (the batch of the decoding).
     num_steps, temperature: decoding steps T and choice temperature tau0.
     ring: extra rings of masked tokens around the overlap (MAGE: 1).
+    mesh: a 1-D ('data',) mesh to split the samples over (`sharding.data_mesh(num_samples)`); None: the default
+      device.
 
   Returns:
     EditResult; `sample_ids[:, ~token_mask.ravel()]` equals `input_ids[~token_mask.ravel()]` exactly.
@@ -291,13 +298,15 @@ def edit_image(model, tokenizer, variables: dict, rng: jax.Array, image: np.ndar
   if num_samples < 1 or num_steps < 1 or ring < 0:
     raise ValueError(f"edit_image: need num_samples >= 1, num_steps >= 1, ring >= 0; got {num_samples}, "
                      f"{num_steps}, {ring}")
+  if mesh is not None and num_samples % mesh.size:
+    raise ValueError(f"edit_image: num_samples={num_samples} must be a multiple of the mesh size {mesh.size}")
   if image.dtype == np.uint8:
     masked_u8 = np.where(pixel_mask[..., None], np.uint8(0), image)
     image = image.astype(np.float32) / 255.0
   else:
     image = image.astype(np.float32)
     masked_u8 = image_io.to_uint8(np.where(pixel_mask[..., None], 0.0, image))
-  fn = _edit_fn(model, tokenizer, num_samples, num_steps, ring)
+  fn = _edit_fn(model, tokenizer, num_samples, num_steps, ring, mesh)
   ids, token_mask, sample_ids, samples = jax.device_get(fn(
       variables["model"], variables["tokenizer"], rng, image, pixel_mask, np.float32(temperature)))
   return EditResult(np.asarray(ids), np.asarray(token_mask), np.asarray(sample_ids), masked_u8,

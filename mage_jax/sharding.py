@@ -118,6 +118,15 @@ def create_mesh(spec: Sequence[tuple[str, int]] = DEFAULT_MESH, devices=None) ->
   return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=(AxisType.Auto,) * len(names))
 
 
+def data_mesh(divides: int | None = None, devices=None) -> Mesh:
+  """1-D ('data',) mesh over `devices` (default: all of every process), or over the most of them that split a
+  batch of `divides` evenly (sample batches whose random draws depend on their size are split, never padded)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if divides is not None:
+    devices = devices[:int(np.gcd(int(divides), len(devices)))]
+  return create_mesh((("data", -1),), devices)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
   return NamedSharding(mesh, P(axes))

@@ -100,3 +100,80 @@ def random_variables(module, seed, *args, spread=0.1):
     return noise / np.sqrt(fan_in)
 
   return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def fake_state_dict(shapes, value=lambda key: 0.5):
+  """Zero-stride arrays of `value(key)`: full ViT-L shapes without allocating gigabytes."""
+  import numpy as np
+  return {k: np.broadcast_to(np.float32(value(k)), s) for k, s in shapes.items()}
+
+
+def official_shapes_from_target(target, prefix=""):
+  """The official key -> shape table of a param tree, by inverting the naming rules independently of
+  mage_jax.convert (whose table it checks)."""
+  from flax import traverse_util
+  shapes = {}
+  for path, leaf in traverse_util.flatten_dict(target["params"]).items():
+    parts = []
+    for p in path[:-1]:
+      head, _, idx = p.rpartition("_")
+      # Spec §1.4: `mid.block_1` / `mid.block_2` are attributes, the other indexed names ModuleList entries.
+      is_index = idx.isdigit() and head in ("blocks", "decoder_blocks", "down", "up", "block") and parts[-1:] != ["mid"]
+      parts.extend([head, idx] if is_index else [p])
+    leaf_name = path[-1]
+    shape = tuple(leaf.shape)
+    if leaf_name == "kernel":
+      shape = shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
+    torch_leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf_name, leaf_name)
+    key = ".".join(parts + [torch_leaf])
+    shapes[prefix + key] = shape
+  return shapes
+
+
+# A tiny model (32 px images, 8x8 tokens, one block per stack) that compiles in seconds.
+TINY_MAGE = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+                 num_tokens=64)
+TINY_VQGAN = dict(ch=16, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=8, resolution=32, num_groups=8)
+
+
+def tiny_params_dir(directory, kind="mage", seed=0):
+  """A params directory of a tiny random model, saved as the training exports save theirs.
+
+  kind: 'mage', 'mage_c' (plus a projection head), 'class_cond' (ClassCondConfig with 5 classes), 'vit'
+  (linear-probe ViT with BatchNorm statistics) or 'tokenizer'.
+  """
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from mage_jax import contrastive, masking, params_io
+  from mage_jax.models.class_cond import ClassCondMAGE, class_cond_config
+  from mage_jax.models.mage import MAGE, MAGEConfig
+  from mage_jax.models.vit import MAGEViT
+  from mage_jax.models.vqgan import VQGAN, VQGANConfig
+  tok_config = VQGANConfig(**TINY_VQGAN)
+  variables = {"tokenizer": random_variables(VQGAN(tok_config), seed, jnp.zeros((1, 32, 32, 3)))}
+  meta = {"kind": "tokenizer", "tokenizer": dataclasses.asdict(tok_config)}
+  config = MAGEConfig(**TINY_MAGE)
+  ids = jnp.zeros((1, config.num_tokens), jnp.int32)
+  if kind in ("mage", "mage_c", "class_cond"):
+    plan, _ = masking.sample_plan(jax.random.key(0), 1, config.num_tokens)
+    if kind == "class_cond":
+      config = class_cond_config(config, num_classes=5)
+      model_vars = random_variables(ClassCondMAGE(config), seed + 1, ids, plan, jnp.zeros((1,), jnp.int32))
+    else:
+      model_vars = random_variables(MAGE(config), seed + 1, ids, plan)
+    variables["model"] = model_vars
+    meta.update(kind="mage", model=dataclasses.asdict(config))
+    if kind == "mage_c":
+      head = contrastive.ProjectionHead(hidden_dim=24, out_dim=8, num_layers=2, norm="layer")
+      variables["projection_head"] = random_variables(head, seed + 2, jnp.zeros((1, config.embed_dim)))
+      meta["mage_c"] = {"hidden_dim": 24, "out_dim": 8, "num_layers": 2, "norm": "layer"}
+  elif kind == "vit":
+    vit = MAGEViT(config, num_classes=5, global_pool=True, head_type="bn_linear")
+    variables["model"] = random_variables(vit, seed + 1, ids)
+    meta.update(kind="vit", model=dataclasses.asdict(config),
+                vit={"num_classes": 5, "global_pool": True, "head_type": "bn_linear"})
+  # float32 like a training export (random_variables' kernels come out float64).
+  params_io.save(str(directory), jax.tree.map(lambda x: np.asarray(x, np.float32), variables), meta)
+  return str(directory)

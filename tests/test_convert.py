@@ -11,6 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from conftest import fake_state_dict, official_shapes_from_target
 from mage_jax import params_io
 from mage_jax.convert import convert, torch_pickle
 from mage_jax.models.mage import config_for
@@ -83,36 +84,11 @@ def test_tensors_equal_independent_zip_read(testdata):
   assert np.isfinite(w).all() and np.abs(w).sum() > 0
 
 
-def _fake_state_dict(shapes):
-  # Zero-stride arrays: full ViT-L shapes without allocating gigabytes.
-  return {k: np.broadcast_to(np.float32(0.5), s) for k, s in shapes.items()}
-
-
-def _torch_shapes_from_target(target, prefix=""):
-  """Builds the official key -> shape table from our own param tree by inverting the naming rules."""
-  from flax import traverse_util
-  shapes = {}
-  for path, leaf in traverse_util.flatten_dict(target["params"]).items():
-    parts = []
-    for p in path[:-1]:
-      head, _, idx = p.rpartition("_")
-      parts.extend([head, idx] if idx.isdigit() and head in ("blocks", "decoder_blocks", "down", "up", "block")
-                   else [p])
-    leaf_name = path[-1]
-    shape = tuple(leaf.shape)
-    if leaf_name == "kernel":
-      shape = shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
-    torch_leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf_name, leaf_name)
-    key = ".".join(parts + [torch_leaf])
-    shapes[prefix + key] = shape
-  return shapes
-
-
 @pytest.mark.parametrize("variant", ["B", "L"])
 def test_released_mage_sizes_convert(variant):
   config = config_for(variant)
-  shapes = _torch_shapes_from_target(convert.mage_target(config))
-  tok_shapes = _torch_shapes_from_target(convert.tokenizer_target(VQGANConfig()), "vqgan.")
+  shapes = official_shapes_from_target(convert.mage_target(config))
+  tok_shapes = official_shapes_from_target(convert.tokenizer_target(VQGANConfig()), "vqgan.")
   assert len(tok_shapes) == 168  # spec §1.4
   expected_mage_keys = {"B": 265, "L": 409}[variant]
   unused = {"cls_token": (1, 1, config.embed_dim), "pos_embed": (1, 257, config.embed_dim),
@@ -121,7 +97,7 @@ def test_released_mage_sizes_convert(variant):
             "patch_embed.proj.bias": (config.embed_dim,), "decoder_pred.weight": (768, config.decoder_embed_dim),
             "decoder_pred.bias": (768,)}
   assert len(shapes) + len(unused) == expected_mage_keys  # spec §2.10
-  sd = _fake_state_dict({**shapes, **unused, **tok_shapes})
+  sd = fake_state_dict({**shapes, **unused, **tok_shapes})
   result = convert.convert_state_dict(sd)
   assert result.kind == "mage" and result.report.ok and not result.report.unexpected, result.report.describe()
   assert result.meta["model"]["num_heads"] == config.num_heads
@@ -134,12 +110,12 @@ def test_finetuned_and_linprobe_layouts():
   config = config_for("B")
   for head_type in ("linear", "bn_linear"):
     target = convert.vit_target(config, 1000, True, head_type)
-    shapes = _torch_shapes_from_target(target)
+    shapes = official_shapes_from_target(target)
     if head_type == "bn_linear":
       shapes = {k.replace("head_bn.", "head.0.").replace("head.weight", "head.1.weight")
                 .replace("head.bias", "head.1.bias"): v for k, v in shapes.items()}
       shapes["head.0.running_mean"] = shapes["head.0.running_var"] = (768,)
-    sd = _fake_state_dict({**shapes, "cls_token": (1, 1, 768), "pos_embed": (1, 197, 768)})
+    sd = fake_state_dict({**shapes, "cls_token": (1, 1, 768), "pos_embed": (1, 197, 768)})
     result = convert.convert_state_dict(sd)
     assert result.kind == "vit" and result.meta["vit"]["head_type"] == head_type
     assert result.report.ok and not result.report.unexpected, result.report.describe()

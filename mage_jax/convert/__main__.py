@@ -1,6 +1,8 @@
-"""`python -m mage_jax.convert SRC.pth OUT_DIR`: a released PyTorch checkpoint -> params-only orbax checkpoint.
+"""`python -m mage_jax.convert SRC OUT_DIR`: a PyTorch checkpoint (.pth zip or .safetensors) -> params-only orbax
+checkpoint.
 
-Never imports torch and never runs code from the file (see torch_pickle.py).
+Never imports torch and never runs code from the file (see torch_pickle.py). Files written by
+`python -m mage_jax.export` carry their configs, which are used unless sizes are given on the command line.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def _sha256(path):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m mage_jax.convert", description=__doc__)
-  parser.add_argument("src", help="PyTorch checkpoint (.pth / .ckpt), e.g. mage-vitb-1600.pth")
+  parser.add_argument("src", help="PyTorch checkpoint (.pth / .ckpt / .safetensors), e.g. mage-vitb-1600.pth")
   parser.add_argument("out_dir", help="output directory for the params-only orbax checkpoint")
   parser.add_argument("--kind", choices=convert.KINDS, help="checkpoint kind (default: detected from keys)")
   parser.add_argument("--config", help="a config.json (fixture format) giving head counts and image size")
@@ -42,9 +44,10 @@ def main(argv=None) -> int:
     dec_heads = dec_heads or cfg.get("mage", {}).get("decoder_num_heads")
     resolution = resolution or cfg.get("tokenizer", {}).get("resolution")
   try:
-    state_dict = torch_pickle.flatten_state_dict(torch_pickle.load(args.src))
+    state_dict, embedded = convert.load_checkpoint(args.src)
+    sizes_given = any(v is not None for v in (heads, dec_heads, resolution))
     result = convert.convert_state_dict(state_dict, args.kind, num_heads=heads, decoder_num_heads=dec_heads,
-                                        resolution=resolution)
+                                        resolution=resolution, meta_hint=None if sizes_given else embedded)
   except (torch_pickle.CheckpointError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

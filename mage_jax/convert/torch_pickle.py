@@ -26,7 +26,8 @@ class UnsafeCheckpointError(CheckpointError):
   """The pickle names a global outside the allow-list."""
 
 
-_STORAGE_DTYPES = {
+# torch.<Name>Storage -> element dtype (the legacy typed-storage names torch.save still writes).
+STORAGE_DTYPES = {
     "DoubleStorage": np.float64,
     "FloatStorage": np.float32,
     "HalfStorage": np.float16,
@@ -45,7 +46,7 @@ class _StorageType:
 
   def __init__(self, name: str):
     self.name = name
-    self.dtype = np.dtype(_STORAGE_DTYPES[name])
+    self.dtype = np.dtype(STORAGE_DTYPES[name])
 
 
 class Namespace:
@@ -121,7 +122,7 @@ class _SafeUnpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str):
     if (module, name) in _ALLOWED:
       return _ALLOWED[(module, name)]
-    if module == "torch" and name in _STORAGE_DTYPES:
+    if module == "torch" and name in STORAGE_DTYPES:
       return _StorageType(name)
     if self._torchscript and module.startswith("__torch__"):
       qualified = f"{module}.{name}"

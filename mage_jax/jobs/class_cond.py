@@ -97,7 +97,7 @@ def sample_classes(model: ClassCondMAGE, tokenizer: VQGAN, variables, classes, p
   class: uint8 [len(classes) * per_class, H, W, 3]. Guidance: the model config's `guidance_scale`."""
   if per_class < 1:
     raise ValueError(f"per_class must be >= 1, got {per_class}")
-  mesh = sharding.create_mesh((("data", -1),), jax.devices()[:np.gcd(per_class, jax.device_count())])
+  mesh = sharding.data_mesh(per_class)
   return np.concatenate([
       np.concatenate(list(sampling.generate_images(
           model, tokenizer, variables, jax.random.fold_in(jax.random.key(seed), int(k)), per_class, per_class,

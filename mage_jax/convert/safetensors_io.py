@@ -1,0 +1,125 @@
+"""safetensors files with numpy only (the runtime does not need the `safetensors` package).
+
+The format (https://github.com/huggingface/safetensors): an unsigned little-endian 64-bit header length N, N bytes
+of JSON `{name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {str: str}}`
+(padded with spaces to a multiple of 8 bytes), then the tensors' little-endian bytes, back to back, with
+offsets relative to the end of the header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+
+from mage_jax.convert.torch_pickle import CheckpointError
+
+DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+          "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+          "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+          "BOOL": np.dtype(np.bool_)}
+_CODES = {dtype: code for code, dtype in DTYPES.items()}
+# The reference implementation refuses larger headers; so does this reader (it bounds memory, too).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_METADATA = "__metadata__"
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+  array = np.asarray(array)
+  return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+
+
+def save(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+  """Writes `tensors` (name -> array, in this order) and string `metadata` as a safetensors file.
+
+  Raises:
+    ValueError: an array dtype safetensors cannot hold, or non-string metadata.
+  """
+  header: dict = {}
+  offset = 0
+  for name, array in tensors.items():
+    dtype = np.asarray(array).dtype.newbyteorder("<")
+    if dtype not in _CODES:
+      raise ValueError(f"safetensors cannot hold {name!r} of dtype {dtype}")
+    nbytes = int(np.asarray(array).nbytes)
+    header[name] = {"dtype": _CODES[dtype], "shape": list(np.shape(array)),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  if metadata:
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+      raise ValueError("safetensors metadata must map strings to strings")
+    header[_METADATA] = dict(metadata)
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(text)))
+    f.write(text)
+    for array in tensors.values():
+      f.write(memoryview(_little_endian(array).reshape(-1).view(np.uint8)))
+
+
+def is_safetensors(path: str) -> bool:
+  """True when the file starts like a safetensors file (a plausible header length, then '{')."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(9)
+  except OSError:
+    return False
+  return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= MAX_HEADER_BYTES
+
+
+def _entry(name: str, entry, data_bytes: int, path: str) -> tuple[np.dtype, tuple[int, ...], int, int]:
+  if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+    raise CheckpointError(f"{path}: tensor {name!r} has no known dtype (have {sorted(DTYPES)})")
+  shape, offsets = entry.get("shape"), entry.get("data_offsets")
+  if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+    raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape {shape!r:.100}")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    raise CheckpointError(f"{path}: tensor {name!r} has malformed data_offsets {offsets!r:.100}")
+  dtype = DTYPES[entry["dtype"]]
+  begin, end = offsets
+  if not 0 <= begin <= end <= data_bytes or end - begin != int(np.prod(shape)) * dtype.itemsize:
+    raise CheckpointError(f"{path}: tensor {name!r} ({entry['dtype']} {shape}) claims bytes [{begin}, {end}) "
+                          f"of a {data_bytes}-byte data section")
+  return dtype, tuple(shape), begin, end
+
+
+def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """Reads a safetensors file: (name -> array in file order, metadata).
+
+  Raises:
+    CheckpointError: a missing, truncated or malformed file (every offset is checked against the file size
+      before anything is read, so a hostile header cannot make it allocate more than the file holds).
+  """
+  try:
+    size = os.path.getsize(path)
+    f = open(path, "rb")
+  except OSError as e:
+    raise CheckpointError(f"cannot open safetensors file {path}: {e}") from None
+  with f:
+    head = f.read(8)
+    length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+    if length is None or length > min(size - 8, MAX_HEADER_BYTES):
+      raise CheckpointError(f"{path} is not a safetensors file (truncated, or a header length past its end)")
+    try:
+      header = json.loads(f.read(length))
+    except (UnicodeDecodeError, ValueError) as e:
+      raise CheckpointError(f"{path}: malformed safetensors header ({e})") from None
+    if not isinstance(header, dict):
+      raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    metadata = header.pop(_METADATA, None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+      raise CheckpointError(f"{path}: safetensors metadata must map strings to strings")
+    data_start, data_bytes = 8 + length, size - 8 - length
+    entries = {name: _entry(name, entry, data_bytes, path) for name, entry in header.items()}
+    tensors = {}
+    for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda item: item[1][2]):
+      f.seek(data_start + begin)
+      count = (end - begin) // dtype.itemsize
+      data = np.fromfile(f, dtype=dtype.newbyteorder("<"), count=count)
+      tensors[name] = data.astype(dtype, copy=False).reshape(shape)
+  return tensors, metadata
