@@ -8,8 +8,8 @@ from conftest import REPO, run_cli
 
 DOCS = [REPO / "README.md", REPO / "launch" / "README.md", REPO / "bench" / "README.md",
         *sorted((REPO / "docs").glob("*.md"))]
-# Paths the docs may name that the commands create (outputs, user data), not files of the repository.
-CREATED = re.compile(r"^(runs|ckpt|gs:|/|\$|~|mage-vit|vqgan_|out|.*\*)")
+# Paths the docs name inside the repository (others are outputs, user data or other projects' files).
+REPO_DIRS = ("configs", "mage_jax", "bench", "launch", "tests", "docs", ".ci")
 
 
 def _blocks(text: str):
@@ -49,7 +49,7 @@ def _named_paths(text: str):
   for token in re.findall(r"`([^`\s]+)`", text) + re.findall(r"(?<![\w./-])((?:configs|mage_jax|bench|launch|"
                                                                   r"tests|docs)/[\w./-]+\.(?:py|sh|md|json))", text):
     token = token.split(":")[0].rstrip(".,)")
-    if "/" in token and not CREATED.match(token) and re.match(r"^[\w./-]+$", token) and "." in token.split("/")[-1]:
+    if token.split("/")[0] in REPO_DIRS and re.match(r"^[\w./-]+$", token) and "." in token.split("/")[-1]:
       yield token
 
 

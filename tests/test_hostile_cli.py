@@ -100,4 +100,4 @@ def test_evaluate_refuses_stale_workdirs_bad_params_and_infeasible_shots(image_f
 def test_help_exits_zero_and_lists_every_flag_with_a_default(binary):
   run = run_cli(f"mage_jax.{binary}", "--help")
   assert run.returncode == 0 and run.stderr == "", run.stderr[-2000:]
-  assert "--verbose" in run.stdout and "(default:" in run.stdout
+  assert "--[no]verbose" in run.stdout and "(default:" in run.stdout
