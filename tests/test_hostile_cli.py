@@ -52,7 +52,7 @@ def test_main_refuses_bad_command_lines_before_any_work(image_folder, tmp_path):
       (["--config.total_steps=-5"], 1, "must be >= 0"),
       (["--config.mesh=data=3,fsdp=1"], 1, "mesh"),
       (["--config.sharding_rules=embed=nowhere"], 1, "nowhere"),
-      (["--config.model.num_heads=3"], 1, "num_heads=3 does not divide embed_dim=64"),
+      (["--config.model.heads=3"], 2, "heads"),
       (["--config.input.image_size=33"], 1, "not a multiple"),
   ]
   for extra, status, needle in cases:
