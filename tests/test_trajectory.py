@@ -65,6 +65,7 @@ def _first_steps(fx: trajectory.PretrainFixture, steps: int, snapshots) -> traje
 # Pretraining.
 
 
+@pytest.mark.slow
 def test_pretraining_replay_matches_official_run(testdata):
   run = _verify(testdata / TRAIN)
   assert run.returncode == 0, run.stdout + run.stderr
@@ -76,6 +77,7 @@ def test_pretraining_replay_matches_official_run(testdata):
       *(f"params after {n}: {kind}" for n in (1, 10, 100) for kind in ("median over 64 tensors", "worst tensor"))}
 
 
+@pytest.mark.slow
 def test_pretraining_check_fails_naming_what_failed(testdata, tmp_path):
   """A recorded loss off by 1e-3, a weight decayed by the official code that the fixture now lists as undecayed,
   and an eps our recipe does not use: three FAIL rows naming the step and the parameters; the rest still
@@ -101,6 +103,7 @@ def test_pretraining_check_fails_naming_what_failed(testdata, tmp_path):
   assert "eps (ours 1e-08, official 1e-06)" in lines["recipe: peak lr, betas, eps, decay, clip"]
 
 
+@pytest.mark.slow
 def test_variant_with_other_recipe_values_runs(testdata, tmp_path):
   """No clipping, decay 0.1, b2 0.999, 20 epochs, min lr 1e-5, over the first 2 steps: the warm-up starts at
   lr 0, so the first update changes no param and the recorded losses, lrs and gradient norms of steps 1-2
@@ -125,6 +128,7 @@ def test_training_config_carries_the_recipe(testdata):
   assert (total, warmup, ocfg.grad_clip_norm, ocfg.b1, ocfg.lr) == (600, 15, None, 0.8, 0.01 * 32 / 256)
 
 
+@pytest.mark.slow
 def test_mesh_replay_equals_one_device(testdata):
   """data 2 x fsdp 2 x model 2 against one device: 1e-5 everywhere except the key third of the attention qkv
   biases, whose exact gradient is zero (softmax ignores a per-query constant): there Adam normalises rounding
@@ -143,6 +147,7 @@ def test_mesh_replay_equals_one_device(testdata):
     assert conformance.relative_l2(g, w) <= 1e-5, (key, conformance.relative_l2(g, w))
 
 
+@pytest.mark.slow
 def test_bfloat16_replay_stays_in_its_band(testdata, tmp_path):
   title, rows = trajectory.check_pretrain(str(_train_variant(testdata, tmp_path, 10, [1, 10])), dtype="bfloat16")
   table = trajectory.format_table(title, rows)
@@ -176,6 +181,7 @@ def test_unusable_pretraining_fixture_is_named(testdata, tmp_path, edit_config, 
   assert message in str(e.value)
 
 
+@pytest.mark.slow
 def test_unusable_input_exits_2(testdata, tmp_path):
   missing = _verify(tmp_path / "nothing")
   assert missing.returncode == 2 and "no such directory" in missing.stderr, missing.stderr
@@ -207,6 +213,7 @@ def test_documented_commands_parse():
 # Linear probe and fine-tuning groups.
 
 
+@pytest.mark.slow
 def test_probe_replay_and_finetune_groups_match_official(testdata):
   run = _verify(testdata / PROBE)
   assert run.returncode == 0, run.stdout + run.stderr
@@ -218,6 +225,7 @@ def test_probe_replay_and_finetune_groups_match_official(testdata):
     assert name in statuses
 
 
+@pytest.mark.slow
 def test_probe_check_fails_naming_what_failed(testdata, tmp_path):
   """A head bias off by 1%, a wrong lr scale, a wrong decay and an official name with no project param."""
   bad = tmp_path / "probe"
