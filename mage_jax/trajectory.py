@@ -402,25 +402,21 @@ def training_config(fx: PretrainFixture, mesh: Sequence[tuple[str, int]]) -> ml_
 
 
 def parse_mesh(text: str, num_devices: int | None = None) -> tuple[tuple[str, int], ...]:
-  """'data:2,fsdp:2,model:2' -> (('data', 2), ('fsdp', 2), ('model', 2)); '' -> one device.
+  """'data=2,fsdp=2,model=2' (`sharding.parse_mesh`, sizes given in full) -> pairs; '' -> one device.
 
-  ValueError for unknown or repeated axes, sizes < 1, or more devices than `num_devices` (when given).
+  ValueError for a malformed mesh, a -1 size, or more devices than `num_devices` (when given).
   """
   if not text:
     return tuple((name, 1) for name, _ in sharding.DEFAULT_MESH)
-  known = [name for name, _ in sharding.DEFAULT_MESH]
-  spec = []
-  for item in text.split(","):
-    name, _, size = item.partition(":")
-    if name not in known or not size.isdigit() or int(size) < 1 or name in dict(spec):
-      raise ValueError(f"mesh {text!r}: expected distinct axis:size pairs with axes from {known} and sizes "
-                       ">= 1, e.g. data:2,fsdp:2,model:2")
-    spec.append((name, int(size)))
+  spec = sharding.parse_mesh(text)
   needed = int(np.prod([size for _, size in spec]))
+  if any(size < 1 for _, size in spec):
+    raise ValueError(f"mesh {text!r}: give every axis size (a replay fixes its device count), e.g. "
+                     "data=2,fsdp=2,model=2")
   if num_devices is not None and needed > num_devices:
     raise ValueError(f"mesh {text!r} needs {needed} devices, {num_devices} are available (on CPU: "
                      f"XLA_FLAGS=--xla_force_host_platform_device_count={needed})")
-  return tuple(spec)
+  return spec
 
 
 @dataclasses.dataclass
