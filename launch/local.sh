@@ -2,19 +2,47 @@
 # Runs mage_jax on this host (CPU, one GPU or several, a single TPU VM host).
 #
 #   launch/local.sh CONFIG WORKDIR [OVERRIDES...]
-#   launch/local.sh configs/smoke.py runs/smoke --config.total_steps=20
+#   launch/local.sh configs/fashion_mnist_tiny.py runs/tiny --config.total_steps=20
 #   DRY_RUN=1 launch/local.sh configs/mage_pretrain.py:variant=B,runlocal runs/b
 #
+# A dry run prints the command (shell-quoted, one line) instead of running it. It is asked for with
+# DRY_RUN=1 (also true/yes/on, any case; 0/false/no/off or unset runs; anything else is an error) or
+# with --dry-run[=BOOL] anywhere on the line (it is the launcher's flag, never passed to training).
+#
 # Environment:
-#   DRY_RUN=1  print the command (shell-quoted, one line) instead of running it.
+#   DRY_RUN    see above.
 #   PYTHON     interpreter (default: the repo's .venv/bin/python if present,
 #              else python3).
 # Run from the repository root (configs are repo-relative) or install the
 # package with `pip install -e .`.
 set -euo pipefail
 
+# Sets `dry` to 1 or 0 from a yes/no spelling ($1), or exits 2 naming it ($2).
+set_dry() {
+  case "${1,,}" in
+    1 | true | yes | on) dry=1 ;;
+    0 | false | no | off | "") ;;
+    *)
+      echo "error: $2='$1' is not a yes/no value (use 1/true/yes/on or 0/false/no/off)" >&2
+      exit 2
+      ;;
+  esac
+}
+
+dry=0
+set_dry "${DRY_RUN:-0}" DRY_RUN
+args=()
+for a in "$@"; do
+  case "$a" in
+    --dry-run | --dry_run) dry=1 ;;
+    --dry-run=* | --dry_run=*) set_dry "${a#*=}" "${a%%=*}" ;;
+    *) args+=("$a") ;;
+  esac
+done
+set -- "${args[@]+"${args[@]}"}"
+
 if [[ $# -lt 2 ]]; then
-  echo "usage: $0 CONFIG WORKDIR [OVERRIDES...]   (e.g. configs/smoke.py runs/smoke --config.total_steps=20)" >&2
+  echo "usage: $0 CONFIG WORKDIR [OVERRIDES...]  (e.g. $0 configs/fashion_mnist_tiny.py runs/tiny)" >&2
   exit 2
 fi
 config=$1
@@ -52,7 +80,7 @@ quote() {
   fi
 }
 
-if [[ ${DRY_RUN:-0} == 1 ]]; then
+if [[ $dry == 1 ]]; then
   line=""
   for a in "${cmd[@]}"; do
     line+="${line:+ }$(quote "$a")"

@@ -19,9 +19,18 @@ Process layout (--procs-per-node):
        would still pick only GPU SLURM_LOCALID (=0), so the script exports
        JAX_LOCAL_DEVICE_IDS=0,...,G-1, which initialize() reads instead.
 
---dry-run prints the script, then the sbatch command as the last line, and
-writes nothing. Otherwise the script is written to --script (default
-runs/slurm/<job-name>.sbatch) and `sbatch <script>` is run.
+--dry-run (also after `--`, or DRY_RUN=1) prints the script, then the sbatch
+command as the last line, and writes nothing. Otherwise the script is written to
+--script (default runs/slurm/<job-name>.sbatch; an existing file this launcher
+did not write needs --force) and `sbatch <script>` is run.
+
+Preemption and time limits: `#SBATCH --signal=TERM@<--signal-lead>` has SLURM
+send SIGTERM to the tasks that long before the time limit (no `B:` prefix: that
+would signal only the batch shell), and the script `exec`s srun, which forwards
+the signals the batch step receives (scancel, preemption) to every task. The
+trainer then writes a checkpoint at the step it reached and exits; submitting
+the same command again resumes from --workdir. `--requeue` lets SLURM requeue
+the job after a preemption or node failure (appending to the same log).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +49,9 @@ import common  # noqa: E402  (launch/common.py, beside this script)
 
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # slurm: [D-]HH[:MM[:SS]] or minutes
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_MAX_SIGNAL_LEAD = 65535  # sbatch's limit on sig_time
+# The first lines of every script this launcher writes: the mark that lets a later run replace it without --force.
+_MARK = "# written by launch/slurm.py"
 
 
 def main_argv(config: str, workdir: str, overrides: Sequence[str],
@@ -61,8 +74,10 @@ def _validate(args: argparse.Namespace) -> None:
     raise ValueError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}.")
   if not _TIME.match(args.time):
     raise ValueError(f"--time {args.time!r} is not a slurm time ([D-]HH:MM:SS or minutes).")
-  if not _NAME.match(args.job_name):
+  if not _NAME.match(args.job_name) or args.job_name in (".", ".."):
     raise ValueError(f"--job-name {args.job_name!r}: use letters, digits, _ . - only.")
+  if not 1 <= args.signal_lead <= _MAX_SIGNAL_LEAD:
+    raise ValueError(f"--signal-lead must be in [1, {_MAX_SIGNAL_LEAD}] seconds, got {args.signal_lead}.")
   for kv in args.env:
     key, sep, _ = kv.partition("=")
     if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
@@ -80,6 +95,7 @@ def sbatch_script(args: argparse.Namespace) -> str:
   q = shlex.quote
   lines = [
       "#!/bin/bash",
+      _MARK,
       f"#SBATCH --job-name={args.job_name}",
       f"#SBATCH --nodes={args.nodes}",
       f"#SBATCH --ntasks-per-node={ntasks}",
@@ -98,6 +114,10 @@ def sbatch_script(args: argparse.Namespace) -> str:
   lines.append(f"#SBATCH --output={args.output or _default_output(args)}")
   if args.exclusive:
     lines.append("#SBATCH --exclusive")
+  # SIGTERM to every task (not `B:`, the batch shell only) this many seconds before the time limit.
+  lines.append(f"#SBATCH --signal=TERM@{args.signal_lead}")
+  if args.requeue:
+    lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
   lines += ["", "set -euo pipefail"]
   if args.venv:
     lines.append(f". {q(os.path.join(args.venv, 'bin', 'activate'))}")
@@ -106,7 +126,8 @@ def sbatch_script(args: argparse.Namespace) -> str:
     lines.append(f"export JAX_LOCAL_DEVICE_IDS={ids}")
   lines += [f"export {q(kv)}" for kv in args.env]
   argv = main_argv(args.config, args.workdir, args.overrides, python=args.python)
-  lines.append(shlex.join(["srun", "--kill-on-bad-exit=1", *argv]))
+  # exec: srun becomes the batch step's process, so the signals sent to it reach the tasks.
+  lines.append("exec " + shlex.join(["srun", "--kill-on-bad-exit=1", *argv]))
   return "\n".join(lines) + "\n"
 
 
@@ -114,6 +135,33 @@ def _default_output(args: argparse.Namespace) -> str:
   # Absolute: with --chdir, a relative log path would resolve elsewhere.
   return os.path.join(os.path.abspath(os.path.dirname(script_path(args)) or "."),
                       "%x-%j.out")
+
+
+def _written_here(path: str) -> bool:
+  """Whether `path` is a regular file starting as the scripts this launcher writes."""
+  if not os.path.isfile(path) or os.path.islink(path):
+    return False
+  with open(path, "rb") as f:
+    return f.read(64).split(b"\n")[1:2] == [_MARK.encode()]
+
+
+def write_script(path: str, text: str, force: bool = False) -> None:
+  """Writes the script atomically (a link at `path` is replaced, never written through).
+
+  Raises:
+    ValueError: `path` is a directory, or a file this launcher did not write and `force` is False.
+  """
+  if os.path.isdir(path):
+    raise ValueError(f"--script {path} is a directory.")
+  if os.path.lexists(path) and not force and not _written_here(path):
+    raise ValueError(f"--script {path} exists and was not written by this launcher; pass --force to overwrite it.")
+  directory = os.path.dirname(path) or "."
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".sbatch-")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.chmod(tmp, 0o755)
+  os.replace(tmp, path)
 
 
 def script_path(args: argparse.Namespace) -> str:
@@ -125,7 +173,7 @@ def sbatch_cmd(args: argparse.Namespace) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
   p.add_argument("--config", required=True, help="configs/<file>.py[:args].")
   p.add_argument("--workdir", required=True, help="Output dir shared by all nodes.")
   p.add_argument("--nodes", type=int, default=1)
@@ -146,10 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="Exported before srun (repeatable), e.g. XLA_FLAGS=...")
   p.add_argument("--script", default=None, help="Where to write the sbatch script.")
+  p.add_argument("--force", action="store_true",
+                 help="Overwrite --script even if it is not a script this launcher wrote.")
+  p.add_argument("--signal-lead", type=int, default=180,
+                 help="Seconds before the time limit at which the tasks get SIGTERM (checkpoint and exit).")
+  p.add_argument("--requeue", action="store_true",
+                 help="Let SLURM requeue the job after a preemption or node failure; it resumes from --workdir.")
   p.add_argument("--sbatch-arg", action="append", default=[],
                  help="Extra argument for the sbatch command line (repeatable).")
-  p.add_argument("--dry-run", action="store_true",
-                 help="Print the script and the sbatch command; write/run nothing.")
+  common.add_dry_run(p, "the script and the sbatch command; write")
   p.add_argument("overrides", nargs="*",
                  help="Flags passed through to mage_jax.main, after `--`.")
   return p
@@ -159,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
+    args.dry_run, args.overrides = common.take_dry_run(args.dry_run, args.overrides, os.environ)
     script = sbatch_script(args)
   except ValueError as e:
     parser.error(str(e))
@@ -168,14 +222,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(shlex.join(cmd))
     return 0
   path = script_path(args)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    f.write(script)
-  os.chmod(path, 0o755)
-  # Slurm does not create the log directory; a missing one loses the log.
-  out_dir = os.path.dirname(args.output or _default_output(args))
-  if out_dir and "%" not in out_dir:
-    os.makedirs(out_dir, exist_ok=True)
+  try:
+    write_script(path, script, force=args.force)
+    # Slurm does not create the log directory; a missing one loses the log.
+    out_dir = os.path.dirname(args.output or _default_output(args))
+    if out_dir and "%" not in out_dir:
+      os.makedirs(out_dir, exist_ok=True)
+  except ValueError as e:
+    parser.error(str(e))
+  except OSError as e:
+    print(f"error: cannot write {path}: {e}", file=sys.stderr)
+    return 1
   print(f"wrote {path}", file=sys.stderr)
   return subprocess.run(cmd, check=False).returncode
 

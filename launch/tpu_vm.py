@@ -12,7 +12,13 @@ count and index from the TPU metadata, so nothing host-specific is passed.
 Subcommands: create | setup | run | delete | all (create, setup, run, then
 delete even if setup or run failed, so a failed run does not leave a pod
 billing). `--dry-run` prints the commands, one per line, shell-quoted, and runs
-nothing; without it they run in order and the first failure stops the script.
+nothing; so does `--dry-run` after `--`, or DRY_RUN=1 in the environment. Without
+it they run in order and the first failure stops the script.
+
+Preemption: a maintenance event or spot preemption sends SIGTERM to the training
+process (the run line ends in `exec python ...`, also under --detach's nohup,
+which only ignores SIGHUP); mage_jax's trainer then writes a checkpoint at the
+step it reached and exits. Re-running the same command resumes from --workdir.
 
 Setup ships the code either as `git archive HEAD` of this checkout (committed
 files only, so a run is reproducible from a commit; the default) or, with
@@ -38,6 +44,10 @@ import common  # noqa: E402  (launch/common.py, beside this script)
 _GCLOUD_TPU = ("gcloud", "compute", "tpus", "tpu-vm")
 _ARCHIVE = "mage_jax_src.tar.gz"
 _SAFE_REL_PATH = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")
+# Cloud TPU names: lowercase letters, digits and hyphens, starting with a letter (also used in a local file name).
+_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_SIMPLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_WORKER = re.compile(r"^(all|\d+(,\d+)*)$")
 
 
 def main_argv(config: str, workdir: str, overrides: Sequence[str],
@@ -53,6 +63,21 @@ def _rel_path(value: str, what: str) -> str:
         f"--{what} must be a simple path relative to the worker's home directory "
         f"(letters, digits, _ . / -), got {value!r}.")
   return value
+
+
+def _validate(args: argparse.Namespace) -> None:
+  if not _NAME.match(args.name):
+    raise ValueError(f"--name {args.name!r}: a TPU name is lowercase letters, digits and hyphens, starting with "
+                     "a letter (at most 63).")
+  if not _WORKER.match(args.worker):
+    raise ValueError(f"--worker {args.worker!r}: use 'all' or worker indices such as 0 or 0,1.")
+  for what in ("zone", "project", "accelerator_type", "version"):
+    value = getattr(args, what, None)
+    if value is not None and not _SIMPLE.match(value):
+      raise ValueError(f"--{what.replace('_', '-')} {value!r}: use letters, digits and _ . : - only.")
+  if args.action == "all" and args.detach:
+    raise ValueError("--detach with `all` would delete the TPU VM while training runs; use create, setup, "
+                     "run --detach, then delete when the run is done.")
 
 
 def _common_flags(args: argparse.Namespace) -> list[str]:
@@ -121,10 +146,12 @@ def run_remote_command(args: argparse.Namespace) -> str:
     parts.append(f"export {shlex.quote(kv)}")
   parts.append(f". {_rel_path(args.venv, 'venv')}/bin/activate")
   parts.append(f"cd {_rel_path(args.remote_dir, 'remote-dir')}")
-  parts.append(shlex.join(main_argv(args.config, args.workdir, args.overrides)))
+  # exec: python replaces the shell, so a SIGTERM sent to the job's process (preemption) reaches the trainer.
+  parts.append("exec " + shlex.join(main_argv(args.config, args.workdir, args.overrides)))
   line = " && ".join(parts)
   if args.detach:
-    # Survives the ssh session closing; logs stay on each worker.
+    # Survives the ssh session closing (nohup ignores SIGHUP only; SIGTERM still reaches the trainer); logs stay
+    # on each worker.
     log = _rel_path(args.log, "log")
     line = f"nohup bash -c {shlex.quote(line)} > {log} 2>&1 < /dev/null &"
   return line
@@ -147,8 +174,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--project", default=None, help="GCP project (default: gcloud's).")
   p.add_argument("--worker", default="all",
                  help="Workers to ssh/scp to (default all; an index for debugging).")
-  p.add_argument("--dry-run", action="store_true",
-                 help="Print the commands, one per line, and run nothing.")
+  common.add_dry_run(p, "the commands, one per line,")
 
 
 def _add_create(p: argparse.ArgumentParser) -> None:
@@ -185,7 +211,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
   sub = parser.add_subparsers(dest="action", required=True)
   for name, adders in (
       ("create", [_add_create]),
@@ -194,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
       ("delete", []),
       ("all", [_add_create, _add_setup, _add_paths, _add_run]),
   ):
-    p = sub.add_parser(name)
+    p = sub.add_parser(name, allow_abbrev=False)
     _add_common(p)
     for add in adders:
       add(p)
@@ -229,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
+    args.dry_run, overrides = common.take_dry_run(args.dry_run, getattr(args, "overrides", []), os.environ)
+    if hasattr(args, "overrides"):
+      args.overrides = overrides
+    _validate(args)
     cmds = plan(args)
   except ValueError as e:
     parser.error(str(e))

@@ -66,10 +66,13 @@ def _nhwc(x):
   return np.asarray(x).transpose(0, 2, 3, 1)
 
 
-def convert_file(path: str, kind: str, *, tokenizer_config: VQGANConfig,
-                 mage_config: MAGEConfig | None = None) -> convert.Converted:
-  """An official `.pth` converted with the sizes of config.json; ValueError naming what does not fit."""
-  sd = torch_pickle.flatten_state_dict(torch_pickle.load(path))
+def convert_file(path: str, kind: str, *, tokenizer_config: VQGANConfig, mage_config: MAGEConfig | None = None,
+                 max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES) -> convert.Converted:
+  """An official `.pth` converted with the sizes of config.json; ValueError naming what does not fit.
+
+  `max_bytes` caps what the file may make the loader allocate (see `torch_pickle.load`).
+  """
+  sd = torch_pickle.flatten_state_dict(torch_pickle.load(path, max_bytes=max_bytes))
   result = convert.convert_state_dict(sd, kind, mage_config=mage_config, tokenizer_config=tokenizer_config)
   if not result.report.ok:
     raise ValueError(f"{os.path.basename(path)} does not match config.json:\n{result.report.describe()}")
@@ -98,8 +101,9 @@ def configs_from_json(cfg: dict) -> tuple[VQGANConfig, MAGEConfig]:
   return tok, model
 
 
-def run(directory: str) -> list[Check]:
-  """Runs every reference the directory provides; returns one Check per output."""
+def run(directory: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES) -> list[Check]:
+  """Runs every reference the directory provides; returns one Check per output (`max_bytes`: see
+  `convert_file`)."""
   with open(os.path.join(directory, "config.json")) as f:
     cfg = json.load(f)
   ref = np.load(os.path.join(directory, "reference.npz"))
@@ -111,7 +115,7 @@ def run(directory: str) -> list[Check]:
     path = os.path.join(directory, name)
     if not os.path.exists(path):
       return None
-    return convert_file(path, kind, tokenizer_config=tok_config, mage_config=mage_config)
+    return convert_file(path, kind, tokenizer_config=tok_config, mage_config=mage_config, max_bytes=max_bytes)
 
   images = jnp.asarray(_nhwc(ref["images_nchw"]))
   tok = converted("tokenizer.pth", "tokenizer")

@@ -47,12 +47,41 @@ def to_host(tree):
   return jax.device_get(tree)
 
 
-def save(directory: str, variables: dict, meta: dict, *, overwrite: bool = False) -> None:
-  """Writes `variables` (numpy or jax leaves) and `meta` (JSON-able) as a params-only checkpoint."""
+def check_destination(directory: str, *, overwrite: bool = False) -> None:
+  """Refuses a destination `save` would damage or cannot write, before any work is spent on the params.
+
+  Raises:
+    FileExistsError: `directory` holds a params checkpoint, or is not empty without being one (its `variables/`
+      would be replaced), and `overwrite` is False; or it is a file.
+    PermissionError / NotADirectoryError: it cannot be created or written.
+  """
   directory = os.path.abspath(directory)
-  if os.path.exists(os.path.join(directory, META_FILE)) and not overwrite:
+  if os.path.lexists(directory) and not os.path.isdir(directory):
+    raise FileExistsError(f"{directory} exists and is not a directory")
+  entries = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+  if META_FILE in entries and not overwrite:
     raise FileExistsError(f"{directory} already holds a mage_jax checkpoint; pass overwrite=True (--force) to "
                           "replace it")
+  if entries and META_FILE not in entries and not overwrite:
+    raise FileExistsError(f"{directory} is not empty and is not a mage_jax params checkpoint (it holds "
+                          f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); choose a new or empty "
+                          "directory, or pass overwrite=True (--force) to write into it")
+  existing = directory
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise NotADirectoryError(f"cannot create {directory}: {existing} is not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise PermissionError(f"cannot write {directory}: {existing} is not writable")
+
+
+def save(directory: str, variables: dict, meta: dict, *, overwrite: bool = False) -> None:
+  """Writes `variables` (numpy or jax leaves) and `meta` (JSON-able) as a params-only checkpoint.
+
+  Refuses what `check_destination` refuses: without `overwrite`, nothing that exists is replaced.
+  """
+  directory = os.path.abspath(directory)
+  check_destination(directory, overwrite=overwrite)
   os.makedirs(directory, exist_ok=True)
   meta_path = os.path.join(directory, META_FILE)
   if os.path.exists(meta_path):

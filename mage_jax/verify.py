@@ -24,11 +24,12 @@ _MESH = flags.DEFINE_string(
 _DTYPE = flags.DEFINE_enum(
     "dtype", "float32", sorted(trajectory.DTYPES), "Pretraining replays: compute dtype of the model (params and "
     "optimizer stay float32); bfloat16 is judged against a wider band.")
+_MAX_BYTES = torch_pickle.define_max_gb_flag()
 
 
 def _forward(directory: str) -> int:
   try:
-    checks = conformance.run(directory)
+    checks = conformance.run(directory, _MAX_BYTES())
   except (FileNotFoundError, ValueError, KeyError, torch_pickle.CheckpointError) as e:
     raise runtime.UsageError(f"{directory}: {e}") from e
   print(conformance.format_table(checks))

@@ -12,7 +12,7 @@ import pytest
 
 from mage_jax import editing, images, params_io, sampling, sharding
 from conftest import assert_one_line_error, run_cli
-from mage_jax.convert import __main__ as convert_main
+from mage_jax.convert import job as convert_job
 from mage_jax.models.mage import MAGE, MAGEConfig
 
 SEED = 0
@@ -24,8 +24,7 @@ TEMPERATURE = 6.0
 def params_dir(testdata, tmp_path_factory):
   out = tmp_path_factory.mktemp("tiny_params") / "ckpt"
   src = testdata / "official_tiny"
-  rc = convert_main.main([str(src / "mage.pth"), str(out), "--config", str(src / "config.json")])
-  assert rc == 0
+  convert_job.convert_file(str(src / "mage.pth"), str(out), config_json=str(src / "config.json"))
   return str(out)
 
 

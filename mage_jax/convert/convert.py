@@ -56,6 +56,7 @@ class Report:
   unexpected: list[str] = dataclasses.field(default_factory=list)   # torch keys with no flax home
   mismatched: list[str] = dataclasses.field(default_factory=list)   # "key: torch shape -> expected shape"
   ignored: list[str] = dataclasses.field(default_factory=list)      # known-unused torch keys
+  invalid: list[str] = dataclasses.field(default_factory=list)      # "key: why its values are unusable"
 
   def merge(self, other: "Report"):
     for f in dataclasses.fields(self):
@@ -63,11 +64,11 @@ class Report:
 
   @property
   def ok(self) -> bool:
-    return not (self.missing or self.mismatched)
+    return not (self.missing or self.mismatched or self.invalid)
 
   def describe(self) -> str:
     lines = []
-    for name in ("missing", "mismatched", "unexpected"):
+    for name in ("invalid", "missing", "mismatched", "unexpected"):
       items = getattr(self, name)
       if items:
         lines.append(f"{len(items)} {name}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
@@ -119,6 +120,16 @@ def to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
   return array.transpose(np.argsort(axes)) if axes else array
 
 
+def _unusable(source: np.ndarray, value: np.ndarray) -> str | None:
+  """Why a tensor cannot be a float weight (integer/bool source, NaN/Inf after the cast), or None."""
+  if source.dtype.kind in "biu":
+    return f"holds {source.dtype} values where a float weight belongs"
+  bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+  if bad:
+    return f"{bad} of its {value.size} values are NaN/Inf (as {value.dtype})"
+  return None
+
+
 def convert_tree(state_dict: Mapping[str, np.ndarray], target: Mapping[str, Any],
                  renames: Mapping[str, str] | None = None) -> tuple[dict, Report]:
   """Maps torch arrays onto `target` ({'params': tree, optionally 'batch_stats': tree} of shapes).
@@ -148,7 +159,11 @@ def convert_tree(state_dict: Mapping[str, np.ndarray], target: Mapping[str, Any]
       report.mismatched.append(f"{key}: {tuple(array.shape)} -> expected {tuple(expected[dest].shape)} "
                                f"at {'/'.join(dest)}")
       continue
-    result[dest] = value.astype(expected[dest].dtype, copy=False)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, reported just below
+      result[dest] = value.astype(expected[dest].dtype, copy=False)
+    problem = _unusable(array, result[dest])
+    if problem:
+      report.invalid.append(f"{key}: {problem}")
   report.missing = ["/".join(p) for p in expected if p not in result]
   return traverse_util.unflatten_dict(result), report
 
@@ -169,30 +184,41 @@ def _count(sd, pattern):
   return len({m.group(1) for k in sd if (m := rx.match(k))})
 
 
+def _shape(sd: Mapping[str, np.ndarray], key: str, ndim: int) -> tuple[int, ...]:
+  """The shape of the tensor that sizes part of the model, refusing one that cannot (absent, wrong rank, empty)."""
+  if key not in sd:
+    raise CheckpointError(f"checkpoint has no tensor '{key}', which the model's size is read from")
+  shape = tuple(np.shape(sd[key]))
+  if len(shape) != ndim or 0 in shape:
+    raise CheckpointError(f"tensor '{key}' has shape {shape}; a non-empty {ndim}-d weight is expected there")
+  return shape
+
+
 def infer_tokenizer_config(sd: Mapping[str, np.ndarray], resolution: int = 256) -> VQGANConfig:
-  ch = sd["encoder.conv_in.weight"].shape[0]
+  ch, in_channels = _shape(sd, "encoder.conv_in.weight", 4)[:2]
   levels = _count(sd, r"encoder\.down\.(\d+)\.")
-  ch_mult = tuple(sd[f"encoder.down.{l}.block.0.conv1.weight"].shape[0] // ch for l in range(levels))
-  codebook = sd["quantize.embedding.weight"]
+  if not levels:
+    raise CheckpointError("tokenizer checkpoint has no 'encoder.down.*' tensors")
+  ch_mult = tuple(_shape(sd, f"encoder.down.{l}.block.0.conv1.weight", 4)[0] // ch for l in range(levels))
   return VQGANConfig(ch=ch, ch_mult=ch_mult, num_res_blocks=_count(sd, r"encoder\.down\.0\.block\.(\d+)\."),
-                     z_channels=sd["encoder.conv_out.weight"].shape[0], in_channels=sd["encoder.conv_in.weight"]
-                     .shape[1], out_ch=sd["decoder.conv_out.weight"].shape[0], resolution=resolution,
-                     codebook_size=codebook.shape[0])
+                     z_channels=_shape(sd, "encoder.conv_out.weight", 4)[0], in_channels=in_channels,
+                     out_ch=_shape(sd, "decoder.conv_out.weight", 4)[0], resolution=resolution,
+                     codebook_size=_shape(sd, "quantize.embedding.weight", 2)[0])
 
 
 def infer_mage_config(sd: Mapping[str, np.ndarray], num_heads=None, decoder_num_heads=None) -> MAGEConfig:
   """Sizes from shapes. Head counts are invisible in the weights: defaults are the released models' (head dim
   64 in the encoder, 16 decoder heads); pass them for other models (e.g. from a config.json)."""
-  vocab, dim = sd["token_emb.word_embeddings.weight"].shape
-  positions = sd["token_emb.position_embeddings.weight"].shape[0]
+  vocab, dim = _shape(sd, "token_emb.word_embeddings.weight", 2)
+  positions = _shape(sd, "token_emb.position_embeddings.weight", 2)[0]
   kw = dict(embed_dim=dim, depth=_count(sd, r"blocks\.(\d+)\."), num_heads=num_heads or max(dim // 64, 1),
-            mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, vocab_size=vocab,
+            mlp_ratio=_shape(sd, "blocks.0.mlp.fc1.weight", 2)[0] / dim, vocab_size=vocab,
             max_position_embeddings=positions)
   if "decoder_pos_embed_learned" in sd:
-    dec_dim = sd["decoder_embed.weight"].shape[0]
+    dec_dim = _shape(sd, "decoder_embed.weight", 2)[0]
     kw.update(decoder_embed_dim=dec_dim, decoder_depth=_count(sd, r"decoder_blocks\.(\d+)\."),
               decoder_num_heads=decoder_num_heads or 16,
-              num_tokens=sd["decoder_pos_embed_learned"].shape[1] - 1)
+              num_tokens=_shape(sd, "decoder_pos_embed_learned", 3)[1] - 1)
   else:
     kw.update(num_tokens=positions - 1)
   return MAGEConfig(**kw)
@@ -241,8 +267,8 @@ def projection_head_target(head_sd: Mapping[str, np.ndarray], embed_dim: int):
   LayerNorm and BatchNorm hold the same params (scale, bias), so a head with `norm_<i>` is read as 'layer'."""
   hidden = _count(head_sd, r"hidden_(\d+)\.")
   head = contrastive.ProjectionHead(
-      hidden_dim=head_sd["hidden_0.weight"].shape[0] if hidden else contrastive.DEFAULT_HIDDEN_DIM,
-      out_dim=head_sd["out.weight"].shape[0], num_layers=hidden + 1,
+      hidden_dim=_shape(head_sd, "hidden_0.weight", 2)[0] if hidden else contrastive.DEFAULT_HIDDEN_DIM,
+      out_dim=_shape(head_sd, "out.weight", 2)[0], num_layers=hidden + 1,
       norm="layer" if "norm_0.weight" in head_sd else "none", use_bias="out.bias" in head_sd)
   return _abstract(head, jax.ShapeDtypeStruct((1, embed_dim), np.float32))
 
@@ -276,8 +302,8 @@ def convert_tokenizer(sd, resolution=256, config: VQGANConfig | None = None) -> 
 
 def _vit_head(model_sd):
   head_type = "bn_linear" if "head.1.weight" in model_sd else ("linear" if "head.weight" in model_sd else "none")
-  weight = model_sd.get("head.1.weight", model_sd.get("head.weight"))
-  return {"num_classes": int(weight.shape[0]) if weight is not None else 0,
+  key = {"bn_linear": "head.1.weight", "linear": "head.weight"}.get(head_type)
+  return {"num_classes": _shape(model_sd, key, 2)[0] if key else 0,
           "global_pool": "fc_norm.weight" in model_sd, "head_type": head_type}
 
 
@@ -323,7 +349,7 @@ def _convert_model(sd, kind, num_heads, decoder_num_heads, resolution, tokenizer
     head_sd, model_sd = split_prefix(model_sd, f"{PROJECTION_HEAD}.")
   config = mage_config or infer_mage_config(model_sd, num_heads, decoder_num_heads)
   if CLASS_EMBEDDING in model_sd and not isinstance(config, ClassCondConfig):
-    config = class_cond_config(config, num_classes=model_sd[CLASS_EMBEDDING].shape[0] - 1)
+    config = class_cond_config(config, num_classes=_shape(model_sd, CLASS_EMBEDDING, 2)[0] - 1)
   if tok_sd and tokenizer_config is None:
     factor = 2 ** (_count(tok_sd, r"encoder\.down\.(\d+)\.") - 1)
     if kind == "mage" or resolution is None:
@@ -354,25 +380,34 @@ def vit_renames(head_type: str) -> dict[str, str] | None:
   return PROBE_HEAD_RENAMES if head_type == "bn_linear" else None
 
 
-def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
+def load_checkpoint(path: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES
+                    ) -> tuple[dict[str, np.ndarray], dict | None]:
   """A PyTorch zip checkpoint or a safetensors file -> (flat state_dict, embedded mage_jax meta or None).
 
-  Never imports torch or runs code from the file (see torch_pickle).
+  Never imports torch or runs code from the file (see torch_pickle). `max_bytes` caps what the file may make
+  the reader allocate.
 
   Raises:
-    CheckpointError: unreadable, unsafe or malformed files, or a malformed embedded meta.
+    CheckpointError: unreadable, unsafe, oversized or malformed files, or a malformed embedded meta.
   """
   if safetensors_io.is_safetensors(path):
-    tensors, metadata = safetensors_io.load(path)
+    tensors, metadata = safetensors_io.load(path, max_bytes=max_bytes)
     return tensors, _parse_meta(metadata.get(META_KEY), path)
-  obj = torch_pickle.load(path)
+  obj = torch_pickle.load(path, max_bytes=max_bytes)
   return torch_pickle.flatten_state_dict(obj), _parse_meta(obj.get(META_KEY) if isinstance(obj, dict) else None,
                                                            path)
+
+
+# An exported meta is a few kB of JSON; parsing can take ~40x its length in Python objects, so bound it.
+_MAX_META_CHARS = 2**20
 
 
 def _parse_meta(text: Any, path: str) -> dict | None:
   if text is None:
     return None
+  if isinstance(text, str) and len(text) > _MAX_META_CHARS:
+    raise CheckpointError(f"{path}: the embedded '{META_KEY}' entry holds {len(text)} characters; a meta is a "
+                          f"few kB (at most {_MAX_META_CHARS})")
   try:
     meta = json.loads(text)
   except (TypeError, ValueError) as e:

