@@ -2,16 +2,23 @@
 
 Full train states live in `<workdir>/checkpoints/<step>/`; params-only exports (params_io) are what other
 binaries read. orbax writes each step into a temporary directory and renames it when complete, so a process
-killed mid-save leaves the previous checkpoints intact and the partial one is never picked up.
+killed mid-save leaves the previous checkpoints intact and the partial one is never picked up. A complete step
+whose files were later damaged (a truncated copy, a lost file) is what `restore_newest` handles.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+CORRUPT_POLICIES = ("fallback", "refuse")
 
 
 def manager(workdir: str, *, keep: int = 3, save_interval_steps: int = 1, async_save: bool = True
@@ -42,3 +49,66 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
 
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:
   return mngr.latest_step()
+
+
+def restore_newest(mngr: ocp.CheckpointManager, target: Any, *, corrupt: str = "fallback") -> tuple[int, Any] | None:
+  """Restores the newest checkpoint that reads back into `target`; None when there is no checkpoint.
+
+  A step that cannot be restored while an older one can is damaged (the older one proves the model/optimizer
+  config matches): with corrupt='fallback' it is renamed `<step>.corrupt-<UTC time>` beside the others (kept
+  for inspection, and out of orbax's sight, so that the run can save that step again and keep-K neither counts
+  nor deletes it) and a warning names it. With corrupt='refuse' the newest step's error is raised (one line
+  naming the step). When no step restores, nothing is renamed and the newest step's error is raised: that is a
+  config mismatch rather than damage. Every process takes the same decision: a step counts as intact only if
+  it restored on all of them.
+
+  Args:
+    mngr: the run's checkpoint manager.
+    target: tree of ShapeDtypeStruct with shardings (see `abstract_with_shardings`).
+    corrupt: 'fallback' or 'refuse'.
+
+  Returns:
+    (step, restored state), or None.
+  """
+  if corrupt not in CORRUPT_POLICIES:
+    raise ValueError(f"corrupt checkpoint policy must be one of {CORRUPT_POLICIES}, got {corrupt!r}")
+  steps = sorted(mngr.all_steps(), reverse=True)
+  newest_error = None
+  for step in steps:
+    try:
+      state, error = restore(mngr, step, target), None
+    except ValueError as e:
+      state, error = None, e
+    if _on_all_processes(error is None):
+      bad = steps[: steps.index(step)]
+      if bad:
+        _set_aside(mngr, bad, step, newest_error)
+      return step, state
+    error = error or ValueError(f"checkpoint step {step} in {mngr.directory} could not be read by another "
+                                "process")
+    if corrupt == "refuse":
+      raise error
+    newest_error = newest_error or error
+  if newest_error is not None:
+    raise newest_error
+  return None
+
+
+def _on_all_processes(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _set_aside(mngr: ocp.CheckpointManager, bad: list[int], restored: int, error: Exception) -> None:
+  """Renames the damaged steps `bad` (newest first) out of orbax's sight and warns naming them."""
+  stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+  moved = [os.path.join(mngr.directory, f"{s}.corrupt-{stamp}") for s in bad]
+  if jax.process_index() == 0:
+    for s, path in zip(bad, moved):
+      os.rename(os.path.join(mngr.directory, str(s)), path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("mage_jax:set_aside_corrupt_checkpoints")
+  mngr.reload()
+  logging.warning("%s. Resuming from step %d, the newest intact checkpoint; set aside for inspection: %s (set "
+                  "corrupt_checkpoint='refuse' to stop instead)", error, restored, ", ".join(moved))

@@ -12,7 +12,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mage_jax import runtime  # noqa: E402
@@ -20,10 +20,7 @@ from mage_jax import runtime  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (python file[:args]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and exports.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 for multi-process runs without auto-detection.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_DISTRIBUTED = runtime.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 # mode -> module with `train_and_evaluate(config, workdir)`.
@@ -36,15 +33,11 @@ MODES = {
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  runtime.quiet_orbax_logs()
-  runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  runtime.no_positional_arguments(argv)
+  config = _CONFIG.value
+  runtime.start(_DISTRIBUTED, **config.get("distributed", {}))
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
-  config = _CONFIG.value
-  logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
   if config.mode not in MODES:
     raise app.UsageError(f"unknown config.mode {config.mode!r}; expected one of {sorted(MODES)}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
@@ -56,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)
