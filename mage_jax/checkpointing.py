@@ -8,7 +8,10 @@ whose files were later damaged (a truncated copy, a lost file) is what `restore_
 
 from __future__ import annotations
 
+import functools
+import logging as std_logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -38,8 +41,45 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _is_abandoned_read(exc: BaseException | None) -> bool:
+  text = str(exc)
+  return (isinstance(exc, RuntimeError) and text == "Event loop is closed") or (
+      isinstance(exc, ValueError) and "tensorstore_spec" in text)
+
+
+class _AbandonedReads(std_logging.Filter):
+  """Silences the reads orbax abandons when one read of a damaged checkpoint fails.
+
+  orbax then closes its event loop while tensorstore completes the other reads: each reports `RuntimeError:
+  Event loop is closed` through sys.unraisablehook, and their tasks `... exception was never retrieved`
+  through the asyncio logger, with tracebacks (hundreds for a damaged step) that bury the one line naming the
+  bad step. Installed by the first restore.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.previous_hook = sys.unraisablehook
+    sys.unraisablehook = self.unraisable
+    std_logging.getLogger("asyncio").addFilter(self)
+
+  def unraisable(self, unraisable):
+    if unraisable.object is not None or not _is_abandoned_read(unraisable.exc_value):
+      self.previous_hook(unraisable)
+
+  def filter(self, record):
+    return not (str(record.msg).startswith(("Task exception was never retrieved",
+                                            "Future exception was never retrieved"))
+                and record.exc_info and _is_abandoned_read(record.exc_info[1]))
+
+
+@functools.cache
+def _silence_abandoned_reads() -> _AbandonedReads:
+  return _AbandonedReads()
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
   """Restores `step` into `target` (a tree of ShapeDtypeStruct with shardings; any mesh)."""
+  _silence_abandoned_reads()
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(target))
   except (ValueError, KeyError, FileNotFoundError, TypeError) as e:

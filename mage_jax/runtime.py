@@ -7,7 +7,7 @@ Every binary is `python -m mage_jax.<verb>`: a module holding only its flags and
     stderr and exit status 2;
   * an error the user can fix (a missing file, a bad value, a corrupt checkpoint) is one line naming the input
     and the problem, exit status 1 (`UsageError`: 2); `--verbose` shows the Python traceback instead;
-  * Ctrl-C exits with status 130 without a traceback (training loops checkpoint first: see `trainer`);
+  * Ctrl-C exits with status 130 without a traceback (training loops checkpoint first: see `preemption`);
   * `MAGE_JAX_PARSE_ONLY=1` in the environment parses the flags (and loads `--config` files) and exits 0
     without running anything: the tests push every documented command line through it.
 `start()` is the shared start-up: quiet orbax logs and multi-process initialisation.
