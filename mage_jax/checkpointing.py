@@ -83,8 +83,9 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(target))
   except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+    reason = str(e).split(" [tensorstore_spec=")[0]  # the spec that follows is kilobytes of JSON
     raise ValueError(f"checkpoint step {step} in {mngr.directory} cannot be restored into this model "
-                     f"(corrupt, or written by a different model/optimizer config): {e}") from e
+                     f"(corrupt, or written by a different model/optimizer config): {reason}") from e
 
 
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:

@@ -217,15 +217,41 @@ def fallback(reference, setup, image_folder):
 
 
 # Resumed on 1 process, losses are compared with the 2-process reference to 1e-5, not bitwise: the all-reduces
-# across 2 processes (gloo) add in another order than the ones inside a process, ~1 ulp per step (measured:
-# 1.7e-7 relative on the first loss). A wrong batch would move a loss by ~1e-2; the batches themselves are
+# across 2 processes (gloo) add in another order than the ones inside a process, ~1 ulp per step (measured: at
+# most 1.7e-7 relative). A wrong batch would move a loss by ~1e-2; the batches themselves are
 # compared bitwise across process counts and resume points in test_data.py.
+
+
+def test_restore_newest_sets_aside_damaged_steps_and_refuses(tmp_path):
+  from mage_jax import checkpointing
+  mngr = checkpointing.manager(str(tmp_path), keep=3, async_save=False)
+  for step in (4, 8, 12):
+    checkpointing.save(mngr, step, {"w": jnp.full((64,), step, jnp.float32)})
+  target = {"w": jax.ShapeDtypeStruct((64,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+  _damage(tmp_path, 12)
+  _damage(tmp_path, 8)
+  damaged = _tree(tmp_path / "checkpoints" / "12")
+  with pytest.raises(ValueError, match="checkpoint step 12 .* DATA_LOSS"):
+    checkpointing.restore_newest(mngr, target, corrupt="refuse")
+  assert _steps(tmp_path) == [4, 8, 12]
+  step, state = checkpointing.restore_newest(mngr, target)
+  assert step == 4 and float(state["w"][0]) == 4
+  aside = sorted(glob.glob(str(tmp_path / "checkpoints" / "*.corrupt-*")))
+  assert [os.path.basename(p).split(".")[0] for p in aside] == ["12", "8"] and _tree(aside[0]) == damaged
+  for step in (8, 12, 16):  # the set-aside steps are saved again; keep=3 removes 4, not them
+    checkpointing.save(mngr, step, {"w": jnp.full((64,), step, jnp.float32)})
+  assert _steps(tmp_path) == [8, 12, 16] and len(glob.glob(str(tmp_path / "checkpoints" / "*.corrupt-*"))) == 2
+  other = {"w": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=target["w"].sharding)}
+  with pytest.raises(ValueError, match="checkpoint step 16"):  # no step fits: a config mismatch, nothing renamed
+    checkpointing.restore_newest(mngr, other)
+  assert _steps(tmp_path) == [8, 12, 16]
 
 
 @pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back(fallback, reference):
   workdir, log, damaged = fallback
   assert re.search(r"checkpoint step 12 .* cannot be restored .* Resuming from step 8", log), log[-3000:]
+  assert "Traceback" not in log
   (aside,) = glob.glob(str(workdir / "checkpoints" / "12.corrupt-*"))
   assert aside in log and _tree(aside) == damaged  # named, and kept as it was for inspection
   assert _steps(workdir) == [8, 12, 16]  # 12 saved again; keep_checkpoints=3 did not count the damaged one
