@@ -69,6 +69,12 @@ def base_pretrain_config():
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.nonfinite = "stop"  # or 'skip': drop non-finite updates and count them
+  c.corrupt_checkpoint = "fallback"  # newest checkpoint unreadable: resume from the newest intact one, or 'refuse'
+  # Multi-process runs (jax.distributed.initialize): how long to wait for every process to join, after how many
+  # seconds without heartbeats a process counts as dead (the others then exit naming it), and how long an
+  # exiting process waits for the others. See docs/faults.md.
+  c.distributed = ml_collections.ConfigDict(dict(initialization_timeout=300, heartbeat_timeout_seconds=100,
+                                                 shutdown_timeout_seconds=300))
   c.profile_steps = 0
   # Few-shot ridge on frozen encoder features every eval_every_steps (and at the end); empty splits: off.
   c.fewshot_monitor = ml_collections.ConfigDict(dict(train_split="", test_split="", shots=(10,), trials=1,

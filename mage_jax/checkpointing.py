@@ -2,17 +2,27 @@
 
 Full train states live in `<workdir>/checkpoints/<step>/`; params-only exports (params_io) are what other
 binaries read. orbax writes each step into a temporary directory and renames it when complete, so a process
-killed mid-save leaves the previous checkpoints intact and the partial one is never picked up.
+killed mid-save leaves the previous checkpoints intact and the partial one is never picked up. A complete step
+whose files were later damaged (a truncated copy, a lost file) is what `restore_newest` handles.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging as std_logging
 import os
+import sys
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+CORRUPT_POLICIES = ("fallback", "refuse")
 
 
 def manager(workdir: str, *, keep: int = 3, save_interval_steps: int = 1, async_save: bool = True
@@ -32,13 +42,51 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _is_abandoned_read(exc: BaseException | None) -> bool:
+  text = str(exc)
+  return (isinstance(exc, RuntimeError) and text == "Event loop is closed") or (
+      isinstance(exc, ValueError) and "tensorstore_spec" in text)
+
+
+class _AbandonedReads(std_logging.Filter):
+  """Silences the reads orbax abandons when one read of a damaged checkpoint fails.
+
+  orbax then closes its event loop while tensorstore completes the other reads: each reports `RuntimeError:
+  Event loop is closed` through sys.unraisablehook, and their tasks `... exception was never retrieved`
+  through the asyncio logger, with tracebacks (hundreds for a damaged step) that bury the one line naming the
+  bad step. Installed by the first restore.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.previous_hook = sys.unraisablehook
+    sys.unraisablehook = self.unraisable
+    std_logging.getLogger("asyncio").addFilter(self)
+
+  def unraisable(self, unraisable):
+    if unraisable.object is not None or not _is_abandoned_read(unraisable.exc_value):
+      self.previous_hook(unraisable)
+
+  def filter(self, record):
+    return not (str(record.msg).startswith(("Task exception was never retrieved",
+                                            "Future exception was never retrieved"))
+                and record.exc_info and _is_abandoned_read(record.exc_info[1]))
+
+
+@functools.cache
+def _silence_abandoned_reads() -> _AbandonedReads:
+  return _AbandonedReads()
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
   """Restores `step` into `target` (a tree of ShapeDtypeStruct with shardings; any mesh)."""
+  _silence_abandoned_reads()
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(target))
   except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+    reason = str(e).split(" [tensorstore_spec=")[0]  # the spec that follows is kilobytes of JSON
     raise ValueError(f"checkpoint step {step} in {mngr.directory} cannot be restored into this model "
-                     f"(corrupt, or written by a different model/optimizer config): {e}") from e
+                     f"(corrupt, or written by a different model/optimizer config): {reason}") from e
 
 
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:
@@ -73,3 +121,66 @@ def claim(directory: str, identity: dict) -> None:
     with open(path + ".tmp", "w") as f:
       json.dump(identity, f, indent=1, sort_keys=True)
     os.replace(path + ".tmp", path)
+
+
+def restore_newest(mngr: ocp.CheckpointManager, target: Any, *, corrupt: str = "fallback") -> tuple[int, Any] | None:
+  """Restores the newest checkpoint that reads back into `target`; None when there is no checkpoint.
+
+  A step that cannot be restored while an older one can is damaged (the older one proves the model/optimizer
+  config matches): with corrupt='fallback' it is renamed `<step>.corrupt-<UTC time>` beside the others (kept
+  for inspection, and out of orbax's sight, so that the run can save that step again and keep-K neither counts
+  nor deletes it) and a warning names it. With corrupt='refuse' the newest step's error is raised (one line
+  naming the step). When no step restores, nothing is renamed and the newest step's error is raised: that is a
+  config mismatch rather than damage. Every process takes the same decision: a step counts as intact only if
+  it restored on all of them.
+
+  Args:
+    mngr: the run's checkpoint manager.
+    target: tree of ShapeDtypeStruct with shardings (see `abstract_with_shardings`).
+    corrupt: 'fallback' or 'refuse'.
+
+  Returns:
+    (step, restored state), or None.
+  """
+  if corrupt not in CORRUPT_POLICIES:
+    raise ValueError(f"corrupt checkpoint policy must be one of {CORRUPT_POLICIES}, got {corrupt!r}")
+  steps = sorted(mngr.all_steps(), reverse=True)
+  newest_error = None
+  for step in steps:
+    try:
+      state, error = restore(mngr, step, target), None
+    except ValueError as e:
+      state, error = None, e
+    if _on_all_processes(error is None):
+      bad = steps[: steps.index(step)]
+      if bad:
+        _set_aside(mngr, bad, step, newest_error)
+      return step, state
+    error = error or ValueError(f"checkpoint step {step} in {mngr.directory} could not be read by another "
+                                "process")
+    if corrupt == "refuse":
+      raise error
+    newest_error = newest_error or error
+  if newest_error is not None:
+    raise newest_error
+  return None
+
+
+def _on_all_processes(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _set_aside(mngr: ocp.CheckpointManager, bad: list[int], restored: int, error: Exception) -> None:
+  """Renames the damaged steps `bad` (newest first) out of orbax's sight and warns naming them."""
+  stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+  moved = [os.path.join(mngr.directory, f"{s}.corrupt-{stamp}") for s in bad]
+  if jax.process_index() == 0:
+    for s, path in zip(bad, moved):
+      os.rename(os.path.join(mngr.directory, str(s)), path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("mage_jax:set_aside_corrupt_checkpoints")
+  mngr.reload()
+  logging.warning("%s. Resuming from step %d, the newest intact checkpoint; set aside for inspection: %s (set "
+                  "corrupt_checkpoint='refuse' to stop instead)", error, restored, ", ".join(moved))

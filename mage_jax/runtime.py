@@ -7,7 +7,7 @@ Every binary is `python -m mage_jax.<verb>`: a module holding only its flags and
     stderr and exit status 2;
   * an error the user can fix (a missing file, a bad value, a corrupt checkpoint) is one line naming the input
     and the problem, exit status 1 (`UsageError`: 2); `--verbose` shows the Python traceback instead;
-  * Ctrl-C exits with status 130 without a traceback (training loops checkpoint first: see `trainer`);
+  * Ctrl-C exits with status 130 without a traceback (training loops checkpoint first: see `preemption`);
   * `MAGE_JAX_PARSE_ONLY=1` in the environment parses the flags (and loads `--config` files) and exits 0
     without running anything: the tests push every documented command line through it.
 `start()` is the shared start-up: quiet orbax logs and multi-process initialisation.
@@ -66,17 +66,27 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                            process_id: int | None = None, **timeouts) -> None:
   """Explicit coordinator if given, else auto-detection on clusters, else a single process (no call).
 
-  `timeouts`: jax.distributed.initialize's `initialization_timeout`, `heartbeat_timeout_seconds`, ...
+  `timeouts`: jax.distributed.initialize's `initialization_timeout`, `heartbeat_timeout_seconds`,
+  `shutdown_timeout_seconds` (seconds, positive integers; `config.distributed` in the training configs). A
+  process that sends no heartbeat for `heartbeat_timeout_seconds` counts as dead: the coordination service then
+  ends every other process (status 134) with a message naming the dead one (see docs/faults.md).
   """
+  for name, value in timeouts.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise UsageError(f"distributed {name} must be a positive number of seconds, got {value!r}")
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise UsageError("--coordinator_address needs --num_processes and --process_id")
     if not 0 <= process_id < num_processes:
       raise UsageError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, **timeouts)
-  elif cluster_detected():
-    jax.distributed.initialize(**timeouts)
+  elif not cluster_detected():
+    return
+  # The training loop agrees on a step to stop at by itself (mage_jax.preemption). JAX's preemption service
+  # would install a C-level SIGTERM handler that only sets a flag it reads: a SIGTERM arriving before the loop
+  # takes the signal over (or in a binary without a loop) would be swallowed instead of ending the process.
+  jax.config.update("jax_enable_preemption_service", False)
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id, **timeouts)
 
 
 class QuietOrbax(logging.logging.Filter):

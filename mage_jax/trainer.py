@@ -22,7 +22,7 @@ import ml_collections
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from mage_jax import checkpointing, sharding
+from mage_jax import checkpointing, preemption, sharding
 
 
 @dataclasses.dataclass
@@ -118,27 +118,6 @@ class History:
     return history
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so the state is saved before exiting."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def reinstall(self):
-    # The XLA runtime installs its own C-level SIGTERM action while compiling/running the first step (it exits
-    # the process with status 0), silently replacing ours; taking the signal back after that step keeps
-    # preemption saves working.
-    signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint before exiting")
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
 def check_finite(state, config, mngr):
   """Stops (or, with nonfinite='skip', just reports) once any step had a non-finite loss or gradient."""
   first_bad = int(jax.device_get(state.first_nonfinite_step))
@@ -185,11 +164,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
     extras = sharding.place(task.extras, extras_shardings)
 
     mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
-    latest = checkpointing.latest_step(mngr)
-    if latest is not None:
-      logging.info("resuming from checkpoint step %d", latest)
-      state = checkpointing.restore(mngr, latest, checkpointing.abstract_with_shardings(abstract,
-                                                                                         state_shardings))
+    resumed = checkpointing.restore_newest(mngr, checkpointing.abstract_with_shardings(abstract, state_shardings),
+                                           corrupt=config.get("corrupt_checkpoint", "fallback"))
+    if resumed is not None:
+      logging.info("resuming from checkpoint step %d", resumed[0])
+      state = resumed[1]
     else:
       state = jax.jit(lambda r: sharding.strip_boxes(task.init_state(r)), out_shardings=state_shardings)(
           jax.random.key(config.seed))
@@ -214,7 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
     if is_main and config.get("profile_steps", 0) > 0:
       hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
                                             first_profile=start_step + 5))
-    preemption = _Preemption()
+    stop = preemption.Stop(mesh)
     last_metrics: dict = {}
     try:
       for step in range(start_step, end_step):
@@ -224,12 +203,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
           state, metrics = step_fn(state, extras, batch)
         if step == start_step:
           jax.block_until_ready(state.step)
-          preemption.reinstall()
+          stop.reinstall()
         done = step + 1
         for hook in hooks:
           hook(done)
-        # Read the flag once: a SIGTERM landing between two reads would skip the save but still exit.
-        preempted = preemption.requested
+        # Asked once per step on every process (a collective), and read once: a signal landing between two reads
+        # would skip the save but still exit.
+        preempted = stop.reached()
         save_now = done % config.checkpoint_every_steps == 0 or done == end_step or preempted
         if done % config.log_every_steps == 0 or save_now:
           check_finite(state, config, mngr)
@@ -246,14 +226,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
           checkpointing.save(mngr, done, state, force=True)
         if preempted:
           mngr.wait_until_finished()
-          logging.warning("checkpoint %d written after SIGTERM; exiting", done)
+          logging.warning("checkpoint %d written after %s; exiting", done,
+                          stop.signal.name if stop.signal else "a signal to another process")
           break
     finally:
-      preemption.restore()
+      stop.restore()
       mngr.wait_until_finished()
       writer.flush()
     if int(jax.device_get(state.step)) == task.total_steps and task.export is not None:
       task.export(state)
     mngr.close()
+  if stop.signal == signal.SIGINT:
+    raise KeyboardInterrupt  # after its checkpoint, a Ctrl-C ends the binary like any other (status 130)
   return last_metrics, state
 

@@ -178,7 +178,7 @@ def test_corrupt_checkpoint_is_named_and_others_untouched(image_folder, tmp_path
       with open(path, "r+b") as f:
         f.truncate(max(os.path.getsize(path) // 3, 1))
   with pytest.raises(ValueError, match="step 8"):
-    pretrain.train_and_evaluate(tiny_train_config(image_folder, steps=12), workdir)
+    pretrain.train_and_evaluate(tiny_train_config(image_folder, steps=12, corrupt_checkpoint="refuse"), workdir)
   assert _dir_digest(os.path.join(workdir, "checkpoints", "4")) == before
 
 
