@@ -397,7 +397,7 @@ def training_config(fx: PretrainFixture, mesh: Sequence[tuple[str, int]]) -> ml_
                 "grad_clip_norm": r["grad_clip_norm"], "warmup_epochs": r["warmup_epochs"], "warmup_steps": -1,
                 "min_lr": r["min_lr"]},
       "total_epochs": r["epochs"], "total_steps": 0,
-      "mesh": [tuple(axis) for axis in mesh], "num_devices": int(np.prod([size for _, size in mesh])),
+      "mesh": ",".join(f"{k}={v}" for k, v in mesh), "num_devices": int(np.prod([size for _, size in mesh])),
       "sharding_rules": None})
 
 
@@ -519,7 +519,7 @@ def check_pretrain(directory: str, *, mesh: Sequence[tuple[str, int]] = parse_me
   for n in fx.snapshots:
     rows += params_rows(f"params after {n}", replay.params[n], fx.params(f"after_{n}.pth"), tol)
   rows += pretrain_decay_rows(fx, ocfg, replay.params[fx.snapshots[-1]])
-  mesh_text = ",".join(f"{k}:{v}" for k, v in mesh)
+  mesh_text = ",".join(f"{k}={v}" for k, v in mesh)
   title = (f"pretraining replay of {directory}: {fx.num_steps} steps, batch {a['ids'].shape[1]}, "
            f"mesh {mesh_text}, {dtype} compute")
   return title, rows

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_params_dir
-from mage_jax import api, images as image_io, params_io, probe, sharding
+from mage_jax import api, editing, images as image_io, params_io, probe, sharding
 from mage_jax.convert import convert, torch_pickle
 from mage_jax.data import sources
 from mage_jax.models.vqgan import VQGAN
@@ -44,7 +44,7 @@ EDIT_FLAGS = ("--box=8,8,24,24", "--num_samples=4", "--seed=0")
 @pytest.fixture(scope="module", autouse=True)
 def binaries(params_dir, tmp_path_factory):
   """`python -m mage_jax.generate` and `python -m mage_jax.edit` on the tiny model, started at module set-up:
-  {'generate': (process, out dir), 'edit': (process, out dir, input image)}."""
+  {'generate': (process, out dir), 'edit': (process, out dir, the input image as the binary reads it)}."""
   root = tmp_path_factory.mktemp("binaries")
   image = _images(1, seed=2)[0]
   Image.fromarray(image).save(root / "in.png")
@@ -54,7 +54,7 @@ def binaries(params_dir, tmp_path_factory):
       "generate": (start("mage_jax.generate", f"--params={params_dir}", f"--out={root / 'gen'}", *GENERATE_FLAGS,
                          "--no_png", "--npz", "--grid=0"), root / "gen"),
       "edit": (start("mage_jax.edit", f"--params={params_dir}", f"--image={root / 'in.png'}",
-                     f"--out={root / 'edit'}", *EDIT_FLAGS), root / "edit", image)}
+                     f"--out={root / 'edit'}", *EDIT_FLAGS), root / "edit", editing.load_image(root / "in.png", 32))}
   yield procs
   for proc, *_ in procs.values():
     proc.kill()

@@ -44,11 +44,11 @@ TIMEOUT = 300  # seconds any single run may take on a loaded 2-core machine
 def setup(image_folder, tmp_path_factory):
   """(tmp dir, base command flags, environment) shared by the module's runs."""
   from configs import fashion_mnist_tiny
-  from mage_jax import params_io, train
+  from mage_jax import builders, params_io
   from mage_jax.models.vqgan import VQGAN
   root = tmp_path_factory.mktemp("faults")
   config = fashion_mnist_tiny.get_config("steps=4,batch=8")
-  tok_config = train.tokenizer_config_from(config.tokenizer, 16)
+  tok_config = builders.tokenizer_config(config.tokenizer, 16)
   variables = random_variables(VQGAN(tok_config), 1, jnp.zeros((1, 4, 4, 3)))
   params_io.save(str(root / "tokenizer"), {"tokenizer": jax.tree.map(lambda a: np.asarray(a, np.float32),
                                                                      variables)},

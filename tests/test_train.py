@@ -47,8 +47,8 @@ def _main_cmd(image_folder, workdir, steps, *extra):
 def test_sharded_mesh_matches_single_device(image_folder, tmp_path, monkeypatch):
   # One compilation per run: a retrace (e.g. a batch whose dtype or sharding drifts) fails here.
   monkeypatch.setattr(steps, "pretrain_step", chex.assert_max_traces(steps.pretrain_step, n=2))
-  single = tiny_train_config(image_folder, num_devices=1, mesh=[("data", 1), ("fsdp", 1), ("model", 1)])
-  sharded = tiny_train_config(image_folder, mesh=[("data", 2), ("fsdp", 2), ("model", 2)])
+  single = tiny_train_config(image_folder, num_devices=1, mesh="data=1,fsdp=1,model=1")
+  sharded = tiny_train_config(image_folder, mesh="data=2,fsdp=2,model=2")
   pretrain.train_and_evaluate(single, str(tmp_path / "single"))
   pretrain.train_and_evaluate(sharded, str(tmp_path / "sharded"))
   a, b = _scalars(str(tmp_path / "single")), _scalars(str(tmp_path / "sharded"))
@@ -155,7 +155,7 @@ def test_missing_data_dir_and_bad_images(tmp_path, image_folder):
     pretrain.train_and_evaluate(config, str(tmp_path / "w1"))
   config = tiny_train_config(image_folder)
   config.input.batch_size = 6
-  config.mesh = [("data", 4), ("fsdp", 1), ("model", 2)]
+  config.mesh = "data=4,fsdp=1,model=2"
   with pytest.raises(ValueError, match="not divisible"):
     pretrain.train_and_evaluate(config, str(tmp_path / "w2"))
 
@@ -191,7 +191,7 @@ def test_fewshot_monitor_scores_the_exported_encoder(image_folder, tmp_path):
   metrics = pretrain.train_and_evaluate(config, workdir)
   # The same protocol on the exported checkpoint, through the evaluation path (load_backbone, extract_features).
   backbone = probe.load_backbone(os.path.join(workdir, "params"))
-  mesh = sharding.create_mesh((("data", -1),))
+  mesh = sharding.create_mesh((("data", -1), ("fsdp", 1), ("model", 1)))
   shardings = probe.backbone_shardings(backbone, mesh, sharding.DEFAULT_RULES)
   cfg = dict(name=f"folder:{image_folder}", split="train", batch_size=16, image_size=16)
   x, y = probe.extract_features(backbone.feature_fn(), backbone.variables, shardings, cfg, mesh=mesh)
