@@ -29,11 +29,12 @@ flags.mark_flags_as_required(["config", "params", "workdir"])
 
 def main(argv):
   runtime.no_positional_arguments(argv)
-  if "evals" not in _CONFIG.value:
+  config = runtime.config_value(_CONFIG)
+  if "evals" not in config:
     raise runtime.UsageError(f"--config={flags.FLAGS['config'].config_filename} is not an eval config (it has no "
                              "'evals'); training configs run with python -m mage_jax.main")
   runtime.start(_DISTRIBUTED)
-  out = evaluate.run(_CONFIG.value, _PARAMS.value, _WORKDIR.value)
+  out = evaluate.run(config, _PARAMS.value, _WORKDIR.value)
   if jax.process_index() == 0:
     print(evaluate.format_table(out["results"]))
     print(f"results written to {os.path.join(_WORKDIR.value, 'results.json')} ({out['seconds']['total']:.0f} s)")

@@ -27,7 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   runtime.no_positional_arguments(argv)
-  config = _CONFIG.value
+  config = runtime.config_value(_CONFIG)
   if "mode" not in config:
     hint = ("it is an evaluation config: run python -m mage_jax.evaluate --params=DIR --config=... --workdir=..."
             if "evals" in config else f"it sets no config.mode ({', '.join(MODES)})")

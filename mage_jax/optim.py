@@ -22,6 +22,7 @@ rule (1-D exemption, layer id) is applied per slice of that axis.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -80,20 +81,31 @@ def warmup_cosine_schedule(base_lr: float, total_steps: int,
     min_lr: final learning rate.
 
   Returns:
-    A function of the integer step returning a float32 scalar
-    (`optax.warmup_cosine_decay_schedule`).
+    A function of the integer step returning a float32 scalar. Not
+    `optax.warmup_cosine_decay_schedule`: its float32 `1 + cos` loses 2.8e-4
+    relative near the end of the decay, and the replay of the official run
+    (mage_jax/trajectory.py) needs the lr within 1e-6.
   """
   if total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {total_steps}")
   if not 0 <= warmup_steps <= total_steps:
     raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}],"
                      f" got {warmup_steps}")
-  if base_lr == 0:
-    return optax.constant_schedule(0.0)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps,
-      decay_steps=warmup_steps + max(total_steps - warmup_steps, 1),
-      end_value=min_lr)
+  warmup = float(warmup_steps)
+  decay_span = float(max(total_steps - warmup_steps, 1))
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = base_lr * step / max(warmup, 1.0)
+    # (1 + cos(pi * progress)) / 2 == sin(pi / 2 * remaining)^2 with remaining = 1 - progress taken from the
+    # integer step count: float32 1 + cos(.) cancels near the end of the decay (relative error 2.8e-4 at the
+    # last of 300 steps); this form stays within 1e-6 of the float64 reference at every step.
+    remaining = jnp.clip((total_steps - step) / decay_span, 0.0, 1.0)
+    cosine = min_lr + (base_lr - min_lr) * jnp.square(
+        jnp.sin(0.5 * math.pi * remaining))
+    return jnp.where(step < warmup, warm, cosine)
+
+  return schedule
 
 
 # ---------------------------------------------------------------------------
@@ -383,6 +395,11 @@ class PretrainOptim:
     return warmup_cosine_schedule(self.lr, self.total_steps,
                                   self.warmup_steps, self.min_lr)
 
+  def decay_mask(self, params: PyTree,
+                 scanned_keys: Iterable[str] = SCANNED_KEYS) -> PyTree:
+    """The params AdamW decays (timm `add_weight_decay`, no extra names)."""
+    return weight_decay_mask(params, scanned_keys=scanned_keys)
+
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneOptim:
@@ -403,6 +420,12 @@ class FinetuneOptim:
   def schedule(self) -> optax.Schedule:
     return warmup_cosine_schedule(self.lr, self.total_steps,
                                   self.warmup_steps, self.min_lr)
+
+  def decay_mask(self, params: PyTree,
+                 scanned_keys: Iterable[str] = SCANNED_KEYS) -> PyTree:
+    """The params AdamW decays: 1-D params, biases and `no_decay_names` are exempt."""
+    return weight_decay_mask(params, no_decay_names=self.no_decay_names,
+                             scanned_keys=scanned_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,7 +463,7 @@ def pretrain_optimizer(cfg: PretrainOptim | Mapping[str, Any] | None = None,
   """
   c = config_views.from_config(PretrainOptim, cfg, "PretrainOptim", **kwargs)
   scanned_keys = tuple(scanned_keys)
-  mask = lambda p: weight_decay_mask(p, scanned_keys=scanned_keys)
+  mask = lambda p: c.decay_mask(p, scanned_keys)
   parts = []
   if c.grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(c.grad_clip_norm))
@@ -469,8 +492,7 @@ def finetune_optimizer(cfg: FinetuneOptim | Mapping[str, Any] | None = None,
   """
   c = config_views.from_config(FinetuneOptim, cfg, "FinetuneOptim", **kwargs)
   scanned_keys = tuple(scanned_keys)
-  mask = lambda p: weight_decay_mask(p, no_decay_names=c.no_decay_names,
-                                     scanned_keys=scanned_keys)
+  mask = lambda p: c.decay_mask(p, scanned_keys)
   parts = []
   if c.grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(c.grad_clip_norm))

@@ -105,7 +105,10 @@ def start(distributed_flags=None, **timeouts) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-  text = " ".join(str(error).split()) or type(error).__name__
+  text = str(error)
+  if isinstance(error, (KeyError, AttributeError)):  # their str() is a repr: quotes and escaped newlines
+    text = text.strip("'\"").replace("\\n", " ").replace("\\'", "'")
+  text = " ".join(text.split()) or type(error).__name__
   return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
@@ -122,6 +125,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise
   except flags.Error as e:
     sys.stderr.write(f"error: {_one_line(e)} (see --help)\n")
+    sys.exit(2)
+  except (KeyError, AttributeError, ValueError, TypeError, OSError) as e:
+    # config_flags loads --config files and applies --config.* overrides while parsing, with its own errors.
+    if "--verbose" in argv:
+      raise
+    sys.stderr.write(f"error: bad command line ({type(e).__name__}): {_one_line(e)} (see --help)\n")
     sys.exit(2)
 
 
@@ -159,6 +168,16 @@ def run(main: Callable[[list[str]], int | None]) -> None:
   for flag in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__]):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(wrapped, flags_parser=_parse_flags)
+
+
+def config_value(holder: flags.FlagHolder):
+  """The ConfigDict of a `config_flags.DEFINE_config_file` flag; a file that fails to load is a usage error."""
+  try:
+    value = holder.value
+    value.keys()  # config_flags defers a load failure until the config is first read
+    return value
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(f"--{holder.name}: {_one_line(e)}") from e
 
 
 def no_positional_arguments(argv: list[str]) -> None:

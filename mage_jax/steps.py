@@ -87,13 +87,39 @@ def tokenize(tokenizer: VQGAN, tokenizer_vars, images, chunks: int = 1):
 
 def pretrain_step(state: TrainState, tokenizer_vars, batch, *, model, tokenizer, tx, masking_cfg: dict,
                   label_smoothing: float, schedule=None, tokenizer_chunks: int = 1):
-  """One MAGE pretraining step on a global batch {'image': [B,H,W,3] in [0,1]}.
+  """One MAGE pretraining step on a global batch {'image': [B,H,W,3] in [0,1]}: tokenize, then `pretrain_update`.
 
   One masking ratio is drawn per step for the whole global batch (the official code draws one per process).
   """
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   ids = tokenize(tokenizer, tokenizer_vars, batch["image"], tokenizer_chunks)
-  plan, ratio = masking.sample_plan(jax.random.fold_in(rng, 0), ids.shape[0], ids.shape[1], **masking_cfg)
+  return pretrain_update(state, ids, None, model=model, tx=tx, masking_cfg=masking_cfg,
+                         label_smoothing=label_smoothing, schedule=schedule)
+
+
+def pretrain_update(state: TrainState, ids, plan: masking.MaskPlan | None, *, model, tx, masking_cfg: dict,
+                    label_smoothing: float, schedule=None):
+  """One MAGE update on token ids: masked-token loss, gradient, guarded optimizer step.
+
+  Args:
+    state: the train state.
+    ids: int32 [B, N] tokenizer ids (inputs and targets).
+    plan: the masks to use, or None to draw them from the state's key (one ratio for the batch), as
+      `pretrain_step` does. Replays of recorded runs inject the recorded masks here.
+    model: the MAGE module.
+    tx: its optimizer.
+    masking_cfg: `masking.sample_plan` keywords, used when `plan` is None.
+    label_smoothing: of the masked-token loss.
+    schedule: the lr schedule, reported as metrics['lr'].
+
+  Returns:
+    (new state, metrics): loss, grad_norm (before clipping), finite, mask_ratio (the drawn ratio, or the
+    fraction of masked tokens of an injected plan), lr (with a schedule).
+  """
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  if plan is None:
+    plan, ratio = masking.sample_plan(jax.random.fold_in(rng, 0), ids.shape[0], ids.shape[1], **masking_cfg)
+  else:
+    ratio = jnp.mean(plan.masked.astype(jnp.float32))
 
   def loss_fn(params):
     logits, _ = model.apply({"params": params}, ids, plan, False, rngs={"dropout": jax.random.fold_in(rng, 1)})

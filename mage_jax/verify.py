@@ -1,191 +1,69 @@
 """`python -m mage_jax.verify DIR`: checks that mage_jax computes what the official PyTorch code computed.
 
-DIR holds `config.json`, the `.pth` files (`tokenizer.pth`, `mage.pth`, `vit_probe.pth`, any subset) and
-`reference.npz` (inputs and outputs of the official code), as `tests/testdata/official_tiny`. The modules are
-built from config.json (any size: tiny, ViT-B/L at 256 px), the `.pth` files converted, every reference input
-run, and per output the max abs error and relative L2 error printed; ids must match except near-ties.
-Exit status 1 when any output is above tolerance.
+DIR is an official-code fixture; its files say which check runs (docs/verify.md):
+  * `reference.npz`: the forward pass (tokenizer, MAGE, ViT probe) on the official inputs
+    (`mage_jax.conformance`), e.g. tests/testdata/official_tiny;
+  * `trajectory.npz`: a recorded pretraining run replayed step by step through the training update, optimizer
+    and schedule (`mage_jax.trajectory`), e.g. tests/testdata/official_train_tiny;
+  * `probe_trajectory.npz`: a recorded linear-probe run, plus the fine-tuning parameter groups
+    (`mage_jax.trajectory`), e.g. tests/testdata/official_probe_tiny.
+One table is printed. Exit status 1 when an error is above its tolerance, 2 when DIR is unusable.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import os
-import sys
-
 import jax
-import jax.numpy as jnp
-import numpy as np
+from absl import flags
 
-from mage_jax import losses, masking
-from mage_jax.convert import convert, torch_pickle
-from mage_jax.models.mage import MAGE, MAGEConfig
-from mage_jax.models.vit import MAGEViT
-from mage_jax.models.vqgan import VQGAN, VQGANConfig, squared_distances
+from mage_jax import conformance, runtime, trajectory
+from mage_jax.convert import torch_pickle
 
-REL_TOLERANCE = 1e-4
-# Two codes whose distances differ by less than this (relative) are a float-rounding tie.
-TIE_TOLERANCE = 1e-5
-
-
-@dataclasses.dataclass
-class Check:
-  name: str
-  max_abs: float
-  rel_l2: float
-  ids_equal: str = ""     # "" for float outputs; "64/64" or "63/64 (1 tie)" for ids
-  passed: bool = True
+_MESH = flags.DEFINE_string(
+    "mesh", "", "Pretraining replays: device mesh as axis=size pairs over data, fsdp, model (e.g. "
+    "data=2,fsdp=2,model=2); empty runs on one device.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", sorted(trajectory.DTYPES), "Pretraining replays: compute dtype of the model (params and "
+    "optimizer stay float32); bfloat16 is judged against a wider band.")
 
 
-def _compare(name, got, want) -> Check:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  if got.shape != want.shape:
-    return Check(name, float("inf"), float("inf"), f"shape {got.shape} != {want.shape}", False)
-  diff = got - want
-  rel = float(np.linalg.norm(diff) / max(np.linalg.norm(want), 1e-30))
-  return Check(name, float(np.max(np.abs(diff))), rel, passed=rel < REL_TOLERANCE)
-
-
-def _compare_ids(name, got, want, distances) -> Check:
-  got, want = np.asarray(got).reshape(-1), np.asarray(want).reshape(-1)
-  d = np.asarray(distances, np.float64).reshape(got.size, -1)
-  equal = got == want
-  rows = np.arange(got.size)
-  gap = np.abs(d[rows, got] - d[rows, want]) / np.maximum(np.abs(d[rows, want]), 1e-12)
-  ties = (~equal) & (gap < TIE_TOLERANCE)
-  passed = bool(np.all(equal | ties))
-  note = f"{int(equal.sum())}/{got.size}" + (f" ({int(ties.sum())} ties)" if ties.any() else "")
-  return Check(name, float(np.max(np.abs(got - want))), 0.0 if passed else 1.0, note, passed)
-
-
-def _nhwc(x):
-  return np.asarray(x).transpose(0, 2, 3, 1)
-
-
-def _load_sd(directory, name):
-  path = os.path.join(directory, name)
-  return torch_pickle.flatten_state_dict(torch_pickle.load(path)) if os.path.exists(path) else None
-
-
-def configs_from_json(cfg: dict) -> tuple[VQGANConfig, MAGEConfig]:
-  t = cfg["tokenizer"]
-  tok = VQGANConfig(ch=t["ch"], ch_mult=tuple(t["ch_mult"]), num_res_blocks=t["num_res_blocks"],
-                    z_channels=t["z_channels"], in_channels=t["in_channels"], out_ch=t["out_ch"],
-                    resolution=t["resolution"], codebook_size=t["n_embed"])
-  if t.get("embed_dim", t["z_channels"]) != t["z_channels"]:
-    raise ValueError("config.json: tokenizer embed_dim must equal z_channels (no quant_conv in this VQGAN)")
-  m = cfg["mage"]
-  model = MAGEConfig(
-      embed_dim=m["embed_dim"], depth=m["depth"], num_heads=m["num_heads"],
-      decoder_embed_dim=m["decoder_embed_dim"], decoder_depth=m["decoder_depth"],
-      decoder_num_heads=m["decoder_num_heads"], mlp_ratio=m["mlp_ratio"], eps=m["layer_norm_eps"],
-      codebook_size=t["n_embed"], vocab_size=m["vocab_size"], fake_class_id=m["fake_class_id"],
-      mask_id=m["mask_id"], num_tokens=m["num_tokens"], max_position_embeddings=m.get("max_positions", 257))
-  return tok, model
-
-
-def run(directory: str) -> list[Check]:
-  """Runs every reference the directory provides; returns one Check per output."""
-  with open(os.path.join(directory, "config.json")) as f:
-    cfg = json.load(f)
-  ref = np.load(os.path.join(directory, "reference.npz"))
-  tok_config, mage_config = configs_from_json(cfg)
-  label_smoothing = cfg["mage"].get("label_smoothing", 0.1)
-  checks: list[Check] = []
-
-  def converted(name, kind, **kw):
-    sd = _load_sd(directory, name)
-    if sd is None:
-      return None
-    result = convert.convert_state_dict(sd, kind, mage_config=kw.get("mage_config"),
-                                        tokenizer_config=tok_config)
-    if not result.report.ok:
-      raise ValueError(f"{name} does not match config.json:\n{result.report.describe()}")
-    return result
-
-  images = jnp.asarray(_nhwc(ref["images_nchw"]))
-  tok = converted("tokenizer.pth", "tokenizer")
-  if tok is not None:
-    vqgan = VQGAN(tok_config)
-    tv = tok.variables["tokenizer"]
-    z = vqgan.apply(tv, images, method=VQGAN.encode)
-    z_q, ids, _, distances = vqgan.apply(tv, z, method=VQGAN.quantize_latents)
-    checks.append(_compare("tokenizer/z", z, _nhwc(ref["tokenizer_z_nchw"])))
-    checks.append(_compare_ids("tokenizer/ids", ids, ref["tokenizer_indices"], distances))
-    checks.append(_compare("tokenizer/z_q", z_q, _nhwc(ref["tokenizer_zq_nchw"])))
-    checks.append(_compare("tokenizer/decoded", vqgan.apply(tv, z_q, method=VQGAN.decode),
-                           _nhwc(ref["tokenizer_decoded_nchw"])))
-    ref_ids = jnp.asarray(ref["tokenizer_indices"].reshape(ref["tokenizer_indices"].shape[0], -1))
-    checks.append(_compare("tokenizer/decoded_from_ids", vqgan.apply(tv, ref_ids, method=VQGAN.decode_ids),
-                           _nhwc(ref["tokenizer_decoded_from_ids_nchw"])))
-
-  mage = converted("mage.pth", "mage", mage_config=mage_config)
-  if mage is not None:
-    model, mv = MAGE(mage_config), mage.variables["model"]
-    if "tokenizer" in mage.variables:
-      vq_ids = VQGAN(tok_config).apply(mage.variables["tokenizer"], images, method=VQGAN.encode_to_ids)
-      z = VQGAN(tok_config).apply(mage.variables["tokenizer"], images, method=VQGAN.encode)
-      dist = squared_distances(z, mage.variables["tokenizer"]["params"]["quantize"]["embedding"]["embedding"])
-      checks.append(_compare_ids("mage/tokenizer_ids", vq_ids, ref["pretrain_gt_indices"], dist))
-    dropped = jnp.asarray(ref["pretrain_token_drop_mask"][:, 1:].astype(bool))
-    masked = jnp.asarray(ref["pretrain_token_all_mask"][:, 1:].astype(bool))
-    plan = masking.plan_from_masks(dropped, masked, int(ref["pretrain_token_drop_mask"][0].sum()))
-    gt = jnp.asarray(ref["pretrain_gt_indices"])
-    logits, aux = model.apply(mv, gt, plan)
-    checks.append(_compare("pretrain/encoder_out", aux["encoded"], ref["pretrain_encoder_out"]))
-    checks.append(_compare("pretrain/logits", logits, ref["pretrain_logits"]))
-    loss = losses.masked_token_loss(logits, gt, masked, codebook_size=mage_config.codebook_size,
-                                    label_smoothing=label_smoothing)
-    checks.append(_compare("pretrain/loss", loss, ref["pretrain_loss"]))
-    gen_logits, gen_encoded = model.apply(mv, jnp.asarray(ref["generate_input_tokens"]),
-                                          method=MAGE.full_sequence)
-    checks.append(_compare("generate/encoder_out", gen_encoded, ref["generate_encoder_out"]))
-    checks.append(_compare("generate/logits", gen_logits, ref["generate_logits"]))
-
-  probe_sd = _load_sd(directory, "vit_probe.pth")
-  if probe_sd is not None:
-    _, model_sd = convert.split_prefix(probe_sd, "vqgan.")
-    head = convert._vit_head(model_sd)
-    probe = convert.convert_state_dict(probe_sd, "vit", mage_config=mage_config, tokenizer_config=tok_config)
-    if not probe.report.ok:
-      raise ValueError(f"vit_probe.pth does not match config.json:\n{probe.report.describe()}")
-    vit = MAGEViT(mage_config, **head)
-    ids = jnp.asarray(ref["tokenizer_indices"].reshape(ref["tokenizer_indices"].shape[0], -1))
-    logits, aux = vit.apply(probe.variables["model"], ids)
-    checks.append(_compare("probe/features", aux["features"], ref["probe_features"]))
-    checks.append(_compare("probe/logits", logits, ref["probe_logits"]))
-  if not checks:
-    raise FileNotFoundError(f"{directory} holds none of tokenizer.pth, mage.pth, vit_probe.pth")
-  return checks
-
-
-def format_table(checks: list[Check]) -> str:
-  rows = [f"{'output':28s} {'max abs err':>12s} {'rel L2 err':>12s}  {'ids':>14s}  status"]
-  for c in checks:
-    rows.append(f"{c.name:28s} {c.max_abs:12.3e} {c.rel_l2:12.3e}  {c.ids_equal:>14s}  "
-                f"{'ok' if c.passed else 'FAIL'}")
-  return "\n".join(rows)
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m mage_jax.verify", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("directory")
-  args = parser.parse_args(argv)
-  # Parity is judged at full float32 precision (no TF32 / bf16 passes on accelerators).
-  jax.config.update("jax_default_matmul_precision", "highest")
+def _forward(directory: str) -> int:
   try:
-    checks = run(args.directory)
+    checks = conformance.run(directory)
   except (FileNotFoundError, ValueError, KeyError, torch_pickle.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(format_table(checks))
+    raise runtime.UsageError(f"{directory}: {e}") from e
+  print(conformance.format_table(checks))
   failed = [c.name for c in checks if not c.passed]
-  print(f"{len(checks) - len(failed)}/{len(checks)} outputs within tolerance (rel L2 < {REL_TOLERANCE:g})")
+  print(f"{len(checks) - len(failed)}/{len(checks)} outputs within tolerance (rel L2 < "
+        f"{conformance.REL_TOLERANCE:g})")
   return 1 if failed else 0
 
 
+def main(argv: list[str]) -> int:
+  if len(argv) != 2:
+    raise runtime.UsageError(f"expected one fixture directory, got {argv[1:]}")
+  directory = argv[1]
+  try:
+    mesh = trajectory.parse_mesh(_MESH.value, jax.device_count())
+    kind = trajectory.fixture_kind(directory)
+  except ValueError as e:
+    raise runtime.UsageError(str(e)) from e
+  if kind != "pretrain" and (_MESH.value or _DTYPE.value != "float32"):
+    raise runtime.UsageError(f"--mesh and --dtype apply to pretraining trajectories; {directory} is a {kind} "
+                             "fixture")
+  # Parity is judged at full float32 precision (no TF32 / bf16 passes on accelerators).
+  jax.config.update("jax_default_matmul_precision", "highest")
+  if kind == "forward":
+    return _forward(directory)
+  try:
+    if kind == "pretrain":
+      title, rows = trajectory.check_pretrain(directory, mesh=mesh, dtype=_DTYPE.value)
+    else:
+      title, rows = trajectory.check_probe(directory)
+  except trajectory.FixtureError as e:
+    raise runtime.UsageError(str(e)) from e
+  print(trajectory.format_table(title, rows))
+  return 0 if all(r.passed for r in rows) else 1
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  runtime.run(main)

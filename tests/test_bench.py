@@ -14,7 +14,7 @@ from mage_jax import masking
 from mage_jax.convert import convert, torch_pickle
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig, squared_distances
-from mage_jax.verify import configs_from_json
+from mage_jax.conformance import configs_from_json
 
 GF = 1e9
 

@@ -6,7 +6,7 @@ import sys
 import jax
 import pytest
 
-from mage_jax import verify
+from mage_jax import conformance
 
 EXPECTED = {
     "tokenizer/z", "tokenizer/ids", "tokenizer/z_q", "tokenizer/decoded", "tokenizer/decoded_from_ids",
@@ -18,7 +18,7 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def checks(testdata):
   with jax.default_matmul_precision("highest"):
-    return {c.name: c for c in verify.run(str(testdata / "official_tiny"))}
+    return {c.name: c for c in conformance.run(str(testdata / "official_tiny"))}
 
 
 def test_every_reference_output_is_checked(checks):

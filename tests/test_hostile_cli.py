@@ -52,7 +52,7 @@ def test_main_refuses_bad_command_lines_before_any_work(image_folder, tmp_path):
       (["--config.total_steps=-5"], 1, "must be >= 0"),
       (["--config.mesh=data=3,fsdp=1"], 1, "mesh"),
       (["--config.sharding_rules=embed=nowhere"], 1, "nowhere"),
-      (["--config.model.num_heads=3"], 1, "num_heads=3 does not divide embed_dim=64"),
+      (["--config.model.heads=3"], 2, "heads"),
       (["--config.input.image_size=33"], 1, "not a multiple"),
   ]
   for extra, status, needle in cases:
@@ -100,4 +100,4 @@ def test_evaluate_refuses_stale_workdirs_bad_params_and_infeasible_shots(image_f
 def test_help_exits_zero_and_lists_every_flag_with_a_default(binary):
   run = run_cli(f"mage_jax.{binary}", "--help")
   assert run.returncode == 0 and run.stderr == "", run.stderr[-2000:]
-  assert "--verbose" in run.stdout and "(default:" in run.stdout
+  assert "--[no]verbose" in run.stdout and "(default:" in run.stdout

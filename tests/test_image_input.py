@@ -206,10 +206,12 @@ def test_pixel_budget_refuses_from_the_header(tmp_path, monkeypatch):
 
 
 def _cli(module, args, env_extra=None) -> subprocess.Popen:
-  """Starts `python -m module args` (runpy, as -m does) after importing the module, so that the growth of the
+  """Starts `python -m module args` (runpy, as -m does) after importing its libraries, so that the growth of the
   peak RSS over the run (printed on stderr, with whether TensorFlow got imported) is what the run itself used."""
+  # The libraries the binary uses are imported first (a binary's absl flags can only be defined once).
   code = ("import importlib, resource, runpy, sys\n"
-          f"importlib.import_module({module!r})\n"
+          "for lib in ('mage_jax.runtime', 'mage_jax.editing', 'mage_jax.params_io', 'mage_jax.fid.inputs'):\n"
+          "  importlib.import_module(lib)\n"
           "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
           f"sys.argv = [{module!r}] + {list(args)!r}\n"
           "try:\n"

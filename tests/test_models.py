@@ -165,3 +165,22 @@ def test_bf16_attention_logits_equal_float32_highest_on_the_same_values():
   hlo = jax.jit(layers.attention_logits).lower(q, k).as_text()
   dots = [line for line in hlo.splitlines() if "dot_general" in line]
   assert dots and all("bf16" in line.split("dot_general")[1] for line in dots), dots
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(num_heads=0), "positive integers"), (dict(num_heads=3), "num_heads=3 does not divide embed_dim=64"),
+    (dict(decoder_num_heads=5), "decoder_num_heads=5 does not divide"), (dict(depth=0), "positive integers"),
+    (dict(dropout=1.0), "dropouts in \\[0, 1\\)")])
+def test_mage_config_refuses_impossible_sizes(fields, message):
+  with pytest.raises(ValueError, match=message):
+    config_for("tiny", **fields)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(resolution=0), "positive integers"), (dict(resolution=-32), "positive integers"),
+    (dict(resolution=33), "not a multiple of its downsampling factor 4"), (dict(ch_mult=()), "positive integers"),
+    (dict(ch=24), "not divisible by num_groups 32")])
+def test_vqgan_config_refuses_impossible_sizes(fields, message):
+  with pytest.raises(ValueError, match=message):
+    VQGANConfig(**{"ch": 32, "ch_mult": (1, 2, 2), "resolution": 32, **fields})
+

@@ -64,6 +64,21 @@ def test_warmup_cosine_schedule_fractional_epoch_equivalence():
     np.testing.assert_allclose(float(s(step)), want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("total,warmup,min_lr", [(300, 30, 0.0), (144, 16, 0.0), (1000, 0, 1e-6),
+                                                 (50, 50, 0.0)])
+def test_warmup_cosine_schedule_float64_agreement(total, warmup, min_lr):
+  # float32 schedule vs float64 util/lr_sched at EVERY step, relative (no absolute slack): the decay's tail,
+  # where lr is tiny, is where a float32 1 + cos(.) loses its digits.
+  base = 1.25e-3
+  s = jax.jit(optim.warmup_cosine_schedule(base, total, warmup, min_lr))
+  for step in range(total):
+    if step < warmup:
+      want = base * step / warmup
+    else:
+      want = min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    np.testing.assert_allclose(float(s(jnp.int32(step))), want, rtol=1e-6, atol=0, err_msg=f"step {step}")
+
+
 def test_warmup_cosine_schedule_bad_args():
   with pytest.raises(ValueError, match="warmup_steps"):
     optim.warmup_cosine_schedule(1.0, 10, 11)

@@ -51,6 +51,11 @@ class ProbeState:
   first_nonfinite_step: jax.Array
   skipped_steps: jax.Array
 
+  @classmethod
+  def create(cls, params, batch_stats, tx: optax.GradientTransformation, rng) -> "ProbeState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params),
+               rng=rng, first_nonfinite_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+
 
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
@@ -81,18 +86,18 @@ class ProbeConfig:
     if self.bn_group_size and self.batch_size % self.bn_group_size:
       raise ValueError(f"batch_size {self.batch_size} is not a multiple of bn_group_size {self.bn_group_size}")
 
-  def optimizer(self, total_steps: int, warmup_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    ocfg = optim.ProbeOptim(lr=optim.scaled_lr(self.blr, self.batch_size), total_steps=total_steps,
-                            warmup_steps=warmup_steps, min_lr=self.min_lr, momentum=self.momentum,
-                            weight_decay=self.weight_decay, trust_coefficient=self.trust_coefficient)
-    return optim.probe_optimizer(ocfg), ocfg.schedule()
+  def optim(self, steps_per_epoch: int) -> optim.ProbeOptim:
+    """The LARS recipe in steps: lr = blr·batch/256 over epochs × steps_per_epoch, warm-up in steps."""
+    total = self.epochs * steps_per_epoch
+    return optim.ProbeOptim(lr=optim.scaled_lr(self.blr, self.batch_size), total_steps=total,
+                            warmup_steps=min(int(round(self.warmup_epochs * steps_per_epoch)), total),
+                            min_lr=self.min_lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                            trust_coefficient=self.trust_coefficient)
 
 
 def init_state(key: jax.Array, *, tx: optax.GradientTransformation, dim: int, cfg: ProbeConfig) -> ProbeState:
   params, stats = probe.init_head(jax.random.fold_in(key, 0), dim, cfg.num_classes, cfg.head_init_std)
-  return ProbeState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.fold_in(key, 1)),
-                    first_nonfinite_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+  return ProbeState.create(params, stats, tx, jax.random.key_data(jax.random.fold_in(key, 1)))
 
 
 def probe_step(state: ProbeState, extras, batch, *, tx: optax.GradientTransformation, cfg: ProbeConfig,
@@ -221,9 +226,8 @@ def train_probe(train_data: CachedFeatures | OnlineImages, val_features: np.ndar
   if val_labels.size and (val_labels.min() < 0 or val_labels.max() >= cfg.num_classes):
     raise ValueError(f"validation labels outside [0, {cfg.num_classes})")
   spe = n // cfg.batch_size
-  total = cfg.epochs * spe
-  warmup = min(int(round(cfg.warmup_epochs * spe)), total)
-  tx, schedule = cfg.optimizer(total, warmup)
+  ocfg = cfg.optim(spe)
+  total, tx, schedule = ocfg.total_steps, optim.probe_optimizer(ocfg), ocfg.schedule()
   history = trainer.History(os.path.join(workdir, HISTORY_FILE))
 
   def evaluate(state, step):
