@@ -19,6 +19,11 @@ Departures from the ImageNet recipe, for minutes of CPU instead of 1M accelerato
   * augmentation: horizontal flips of the whole image only (augment 'pretrain' with crop scale (1, 1)), as
     Fashion-MNIST items are centred and the test split is evaluated whole (crop_ratio 1: 28 -> 32 resize).
 
+Fine-tuning a converted tokenizer instead of training one: `--config.tokenizer.init=DIR` with the checkpoint's
+sizes (the error message lists the `--config.tokenizer.*` values to set), `disc` for a fresh discriminator from
+mid-run, and `--config.codebook.freeze=true` to keep its codebook (see mage_jax/jobs/tokenizer.py);
+`python -m mage_jax.quickstart --tokenizer_init=DIR` does all of it.
+
 Args (`:steps=4000,batch=8,disc,perceptual=/path.npz,eval_every=1000`).
 """
 

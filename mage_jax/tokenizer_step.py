@@ -61,21 +61,31 @@ class CodebookConfig:
   """Typed view of `config.codebook`: how the training loop (not the model) looks after the codebook.
 
   lr_multiplier: the codebook's Adam steps are this many times the generator's.
-  restart_every: every this many steps (and at step 0, i.e. a data-dependent initialisation), codes whose
-    usage EMA is below `dead_ratio / K` (a fraction of the uniform share) are replaced by encoder outputs
-    drawn at random from the current batch. 0 disables restarts.
+  restart_every: every this many steps (and at step 0 when `restart_at_start`, i.e. a data-dependent
+    initialisation), codes whose usage EMA is below `dead_ratio / K` (a fraction of the uniform share) are
+    replaced by encoder outputs drawn at random from the current batch. 0 disables restarts.
   usage_decay: decay of the per-code usage EMA (fraction of the batch's latents assigned to each code).
+  freeze: the codebook gets no update at all (no optimizer step, no restart, and its EMA copy is kept as it
+    is), so the token ids of a fine-tuned tokenizer keep their meaning for a MAGE trained on the original.
+  restart_at_start: also restart at step 0. Right for a fresh codebook; the tokenizer job turns it off when
+    it starts from trained weights (`tokenizer.init`), since at step 0 no usage has been seen yet and every
+    code would count as dead.
   """
   lr_multiplier: float = 1.0
   restart_every: int = 0
   usage_decay: float = 0.99
   dead_ratio: float = 0.03
+  freeze: bool = False
+  restart_at_start: bool = True
 
   def __post_init__(self):
     if self.lr_multiplier <= 0:
       raise ValueError(f"codebook.lr_multiplier must be > 0, got {self.lr_multiplier}")
     if self.restart_every < 0:
       raise ValueError(f"codebook.restart_every must be >= 0, got {self.restart_every}")
+    if self.freeze and self.restart_every:
+      raise ValueError(f"codebook.freeze keeps every code as it is; it cannot be combined with "
+                       f"codebook.restart_every={self.restart_every} (restarts replace dead codes)")
     if not 0.0 <= self.usage_decay < 1.0:
       raise ValueError(f"codebook.usage_decay must be in [0, 1), got {self.usage_decay}")
 
@@ -148,6 +158,15 @@ def restart_dead_codes(codebook: jax.Array, usage: jax.Array, z: jax.Array, rng:
   return jnp.where(dead[:, None], z[picks], codebook), dead
 
 
+def is_codebook(path: str) -> bool:
+  """Whether a '/'-joined generator param path (`optim.path_str`) is the quantizer's codebook."""
+  return "quantize" in path
+
+
+def codebook_of(g_params) -> jax.Array:
+  return g_params["quantize"]["embedding"]["embedding"]
+
+
 def _with_codebook(g_params, codebook):
   q = dict(g_params["quantize"])
   q["embedding"] = {**q["embedding"], "embedding": codebook}
@@ -197,16 +216,20 @@ def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, v
                 + (1.0 - codebook.usage_decay) * batch_hist / jnp.sum(batch_hist))
   new_ema = ema_update(state.ema_params, new_g_params, ema_decay)
   restarted = jnp.zeros((), jnp.float32)
+  if codebook.freeze:
+    # decay·c + (1 − decay)·c need not round back to c: the EMA copy of a frozen codebook is kept as it is.
+    new_ema = _with_codebook(new_ema, codebook_of(state.ema_params))
   if codebook.restart_every:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
-    new_cb, dead = restart_dead_codes(
-        new_g_params["quantize"]["embedding"]["embedding"], code_usage, aux["z"], rng,
-        step % codebook.restart_every == 0, codebook.dead_ratio)
+    due = step % codebook.restart_every == 0
+    if not codebook.restart_at_start:
+      due = due & (step > 0)
+    new_cb, dead = restart_dead_codes(codebook_of(new_g_params), code_usage, aux["z"], rng, due,
+                                      codebook.dead_ratio)
     # A restarted code keeps its low usage: unless picked up, it is redrawn at the next restart. The EMA
     # copy takes the new code as it is (a blend of an abandoned and a fresh code is no code at all).
     new_g_params = _with_codebook(new_g_params, new_cb)
-    ema_cb = new_ema["quantize"]["embedding"]["embedding"]
-    new_ema = _with_codebook(new_ema, jnp.where(dead[:, None], new_cb, ema_cb))
+    new_ema = _with_codebook(new_ema, jnp.where(dead[:, None], new_cb, codebook_of(new_ema)))
     restarted = jnp.sum(dead.astype(jnp.float32))
 
   d_keys = ("d_adv", "d_lecam", "d_r1", "d_loss", "d_grad_norm", "logits_real", "logits_fake")

@@ -41,7 +41,9 @@ class Task:
     extras_shardings: shardings of `extras` (default: replicated).
     stop_step: stop at this step with a checkpoint, before `total_steps` (chunked jobs); None: run to the end.
     export: called with the final state on every process (e.g. a params-only export).
-    initial_params: optional host params to start from (replaces the initialised params on a fresh run).
+    initial_params: optional host params to start from (replaces the initialised params on a fresh run); a
+      dict holding some of the params' top-level entries replaces those only (e.g. a trained generator beside
+      a freshly initialised discriminator).
     reinit_after_params: state -> state, re-derives what depends on params (e.g. optimizer state).
     evaluate: optional (state, step) -> dict of scalars, run every `config.eval_every_steps` steps and at the
       end (on every process); written as `eval/<name>`.
@@ -173,7 +175,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
       state = jax.jit(lambda r: sharding.strip_boxes(task.init_state(r)), out_shardings=state_shardings)(
           jax.random.key(config.seed))
       if task.initial_params is not None:
-        state = state.replace(params=jax.device_put(task.initial_params, state_shardings.params))
+        init, params_shardings = task.initial_params, state_shardings.params
+        if isinstance(init, dict) and set(init) < set(state.params):  # some entries: the others stay fresh
+          state = state.replace(params={**state.params, **jax.device_put(init, {k: params_shardings[k]
+                                                                                for k in init})})
+        else:
+          state = state.replace(params=jax.device_put(init, params_shardings))
         if task.reinit_after_params is not None:
           state = jax.jit(task.reinit_after_params, out_shardings=state_shardings)(state)
     start_step = int(jax.device_get(state.step))

@@ -56,6 +56,37 @@ def image_folder(tmp_path_factory):
   return root
 
 
+@pytest.fixture(scope="session")
+def fashion_data_dir(tmp_path_factory):
+  """A TFDS data dir with fashion_mnist prepared offline from Debian's IDX files (~15-30 s, once per session)."""
+  from mage_jax.data import sources
+  if not all(os.path.exists(os.path.join(sources.DEBIAN_FASHION_MNIST_DIR, f + ".gz"))
+             for f in sources.FASHION_MNIST_FILES.values()):
+    pytest.skip(f"Debian fashion-mnist files missing in {sources.DEBIAN_FASHION_MNIST_DIR} "
+                "(apt-get install -y dataset-fashion-mnist)")
+  data_dir = str(tmp_path_factory.mktemp("tfds_fashion"))
+  sources.prepare_fashion_mnist(data_dir)
+  return data_dir
+
+
+def write_fashion_pngs(root, data_dir, num_images: int, split: str = "test"):
+  """The first `num_images` Fashion-MNIST images of `split` as gray PNGs in class subfolders `root/<label>/`."""
+  from PIL import Image
+  from mage_jax.data import sources
+  images, labels = sources.load_arrays("fashion_mnist", split, data_dir)
+  for i in range(num_images):
+    folder = pathlib.Path(root) / f"{labels[i]:d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(images[i][..., 0]).save(folder / f"{i:05d}.png")
+  return pathlib.Path(root)
+
+
+@pytest.fixture(scope="session")
+def fashion_png_folder(tmp_path_factory, fashion_data_dir):
+  """400 Fashion-MNIST test images as PNGs in one subfolder per class (a user's own image folder)."""
+  return write_fashion_pngs(tmp_path_factory.mktemp("fashion_png"), fashion_data_dir, 400)
+
+
 def tiny_train_config(image_folder, steps=12, **overrides):
   """The Fashion-MNIST tiny MAGE config on the image folder at 16 px (4x4 tokens)."""
   from configs import fashion_mnist_tiny

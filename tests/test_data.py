@@ -402,19 +402,8 @@ def test_imagenet2012_from_tiny_manual_dir(tmp_path):
 
 
 # ------------------------------------------------------------------------------
-# fashion_mnist prepared offline from the Debian IDX files (~15-30 s).
+# fashion_mnist prepared offline from the Debian IDX files (conftest.fashion_data_dir, ~15-30 s).
 # ------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def fashion_data_dir(tmp_path_factory):
-  if not all(os.path.exists(os.path.join(DEBIAN_DIR, f + ".gz"))
-             for f in sources.FASHION_MNIST_FILES.values()):
-    pytest.skip(f"Debian fashion-mnist files missing in {DEBIAN_DIR} "
-                "(apt-get install -y dataset-fashion-mnist)")
-  data_dir = str(tmp_path_factory.mktemp("tfds_fashion"))
-  sources.prepare_fashion_mnist(data_dir)
-  return data_dir
-
-
 def _read_idx(stem, header, shape):
   with gzip.open(os.path.join(DEBIAN_DIR, stem + ".gz")) as f:
     return np.frombuffer(f.read()[header:], np.uint8).reshape(shape)

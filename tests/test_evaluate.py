@@ -16,7 +16,6 @@ from conftest import random_variables
 from configs import eval_fashion_mnist, eval_imagenet, finetune_imagenet
 from mage_jax import builders, masking
 from mage_jax.jobs import evaluate
-from mage_jax.data import sources
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
 
@@ -38,15 +37,6 @@ def tiny_params_dir(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("tiny") / "params")
   builders.export_params(directory, model, params, tok, _random_variables(tok, 1, jnp.zeros((1, 8, 8, 3))))
   return directory
-
-
-@pytest.fixture(scope="module")
-def fashion_data_dir(tmp_path_factory):
-  if not os.path.isdir(sources.DEBIAN_FASHION_MNIST_DIR):
-    pytest.skip("Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)")
-  data_dir = str(tmp_path_factory.mktemp("tfds_fashion"))
-  sources.prepare_fashion_mnist(data_dir)
-  return data_dir
 
 
 def _finite_acc(x):

@@ -10,6 +10,8 @@ order a pure function of (seed, step). Three kinds:
     folder (label 0). Listed by `images.list_images`: symlinks are followed but
     each real folder and file is listed once, files without an image extension
     are ignored and counted, and the number of images per class is logged.
+    Splits: a subfolder (`train`, `val`) when it exists, and TFDS-like slices
+    over a hash order of the files (`train[:-1000]`, `[90%:]`; see `FolderSplit`).
   * `TfdsSource`: a TFDS dataset prepared with `file_format="array_record"`, read
     through `tfds.data_source` (imagenet2012).
 
@@ -28,8 +30,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import logging
+import math
 import os
+import re
 import threading
 
 import numpy as np
@@ -214,10 +219,78 @@ def list_image_folder(root: str) -> tuple[image_io.ImageListing, list[str]]:
 
 
 def folder_root(path: str, split: str | None) -> str:
-  """`path/split` when that folder exists (e.g. imagenet/{train,val}), else `path`."""
-  if split and os.path.isdir(os.path.join(path, split)):
-    return os.path.join(path, split)
+  """`path/NAME` when the split's name names a folder there (e.g. imagenet/{train,val}), else `path`."""
+  name = parse_folder_split(split).name if split else ""
+  if name and os.path.isdir(os.path.join(path, name)):
+    return os.path.join(path, name)
   return path
+
+
+# ------------------------------------------------------------------------------
+# Folder splits: `NAME`, `NAME[START:END]`.
+# ------------------------------------------------------------------------------
+_FOLDER_SPLIT = re.compile(r"^([^\[\]]*?)(?:\[([^\[\]]*)\])?$")
+_SLICE_BOUND = re.compile(r"^[+-]?\d+%?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSplit:
+  """A folder split (TFDS-like slices over a stable order of the files).
+
+  Grammar: `NAME` or `NAME[START:END]`. NAME is a subfolder of the dataset folder when one of that name exists
+  (`train`, `val`, ...), else the whole folder (NAME may then be anything, or empty: `[:-1000]`). START and END
+  are optional integers (negative: from the end, as Python slices) or percents of the folder's images
+  (`10%`, `-10%`, rounded to the nearest image). The slice is taken over the files sorted by the SHA-256 of
+  their path relative to the split's folder, so which images a slice holds depends neither on the listing
+  order nor on the class folders: `train[:-1000]` and `train[-1000:]` split a folder into a training set and
+  a held-out set of 1000 images drawn evenly from every class, the same on every machine and after images
+  are added elsewhere in the order. Within a slice the files keep the listing order (grouped by class).
+  """
+  name: str
+  start: str = ""
+  end: str = ""
+  sliced: bool = False
+
+  def bounds(self, n: int) -> tuple[int, int]:
+    """[lo, hi) of the hash order for a folder of `n` images."""
+    return _slice_bound(self.start, n, 0), _slice_bound(self.end, n, n)
+
+
+def parse_folder_split(split: str) -> FolderSplit:
+  """Parses a folder split (see `FolderSplit`); a malformed one is a ValueError naming it."""
+  match = _FOLDER_SPLIT.match(split)
+  if not match:
+    raise ValueError(f"folder split {split!r} is malformed: expected NAME or NAME[START:END] (e.g. "
+                     "'train[:-1000]', 'train[90%:]')")
+  name, inside = match.group(1), match.group(2)
+  if inside is None:
+    return FolderSplit(name)
+  parts = [p.strip() for p in inside.split(":")]
+  if len(parts) != 2 or not all(p == "" or _SLICE_BOUND.match(p) for p in parts):
+    raise ValueError(f"folder split {split!r} has a malformed slice [{inside}]: expected [START:END] with "
+                     "optional integers or percents (e.g. [:-1000], [-1000:], [:90%], [90%:])")
+  for p in parts:
+    if p.endswith("%") and abs(int(p[:-1])) > 100:
+      raise ValueError(f"folder split {split!r}: {p} is not a percentage between -100% and 100%")
+  return FolderSplit(name, parts[0], parts[1], sliced=True)
+
+
+def _slice_bound(text: str, n: int, default: int) -> int:
+  """A slice bound of a folder of `n` images, clamped to [0, n] as Python slices clamp."""
+  if not text:
+    return default
+  if text.endswith("%"):
+    percent = int(text[:-1])
+    value = int(math.copysign(math.floor(abs(percent) * n / 100 + 0.5), percent))  # nearest, halves away from 0
+  else:
+    value = int(text)
+  return slice(value, None).indices(n)[0]
+
+
+def hash_order(names: list[str]) -> np.ndarray:
+  """Indices that sort `names` by the SHA-256 of their UTF-8 bytes (ties, i.e. equal names, by position)."""
+  keys = [hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest() for name in names]
+  return np.asarray(sorted(range(len(names)), key=lambda i: (keys[i], i)), np.int64)
 
 
 class FolderSource(EncodedSource):
@@ -231,13 +304,24 @@ class FolderSource(EncodedSource):
   """
 
   def __init__(self, path: str, split: str | None = None):
-    self.root = folder_root(path, split)
+    parsed = parse_folder_split(split or "")
+    self.root = folder_root(path, parsed.name)
     self.listing, self.class_names = list_image_folder(self.root)
-    self.paths = self.listing.paths
+    paths = self.listing.paths
     sizes = [len(g) for g in self.listing.groups]
-    self.labels = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+    labels = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+    description = f"folder {self.root!r}"
+    if parsed.sliced:
+      lo, hi = parsed.bounds(len(paths))
+      keep = np.sort(hash_order([os.path.relpath(p, self.root) for p in paths])[lo:hi])
+      if not keep.size:
+        raise ValueError(f"folder split {split!r} selects no image of the {len(paths)} in {self.root!r}")
+      description += f" split {split!r} ({keep.size} of {len(paths)} images)"
+      paths, labels = [paths[i] for i in keep], labels[keep]
+      sizes = np.bincount(labels, minlength=len(sizes)).tolist()
+    self.paths, self.labels = paths, labels
     self.class_counts = dict(zip(self.class_names or [""], sizes))
-    super().__init__(len(self.paths), f"folder {self.root!r}")
+    super().__init__(len(self.paths), description)
     if not self.class_names:
       per_class = "no class folders (label 0)"
     elif len(sizes) <= 20:
@@ -427,7 +511,8 @@ def get_source(
       or any TFDS name with image/label features (random access via array_record,
       e.g. 'imagenet2012').
     split: TFDS split string ('train', 'validation', 'train[:1%]'); for folders
-      the subfolder `split` is used when it exists.
+      `NAME[START:END]` (see `FolderSplit`): the subfolder NAME when it exists,
+      sliced over a hash order of the files.
     data_dir: TFDS data dir (None: TFDS default).
     manual_dir: imagenet2012: folder with the ILSVRC2012 tars;
       fashion_mnist: folder with the IDX files (default: the Debian package's).
@@ -519,7 +604,7 @@ def load_arrays(
 
   Args:
     name: 'fashion_mnist' (or another fixed-size TFDS set) or 'folder:/path'.
-    split: 'train' / 'test' / any TFDS split string; folder: subfolder if present.
+    split: 'train' / 'test' / any TFDS split string; folder: see `FolderSplit`.
     data_dir: TFDS data dir (None: TFDS default). fashion_mnist is prepared there
       offline from the Debian IDX files when missing.
     manual_dir: where the fashion_mnist IDX files are (default Debian path).

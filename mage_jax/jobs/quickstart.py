@@ -1,23 +1,29 @@
-"""The quickstart job behind `python -m mage_jax.quickstart --workdir=runs/quickstart` (what `make quickstart`
-runs). Offline, on a 2-core CPU, in about 14 minutes (the budget is 20):
+"""The quickstart job behind `python -m mage_jax.quickstart --workdir=W [--data=folder:DIR]` (`make quickstart`
+runs it on Fashion-MNIST). Offline, on a 2-core CPU; Fashion-MNIST in about 14 minutes (the budget is 20):
 
-  1. Fashion-MNIST: a prepared TFDS copy, else built from Debian's `dataset-fashion-mnist` files, else a TFDS
-     download when the network answers, else a message saying how to get it;
-  2. trains the tiny VQGAN tokenizer (32x32 images -> 8x8 tokens) and writes a reconstruction PNG;
+  1. data: Fashion-MNIST (a prepared TFDS copy, else built from Debian's `dataset-fashion-mnist` files, else a
+     TFDS download when the network answers, else a message saying how to get it), or a folder of the user's
+     images split into training and held-out images (see `quickstart_data`: subfolders or a hashed slice,
+     checked, `data.json`; the held-out images at the training resolution, `heldout.npz`, are FID's reference);
+  2. trains the tiny VQGAN tokenizer (32x32 images -> 8x8 tokens) from scratch, or fine-tunes a converted one
+     (`tokenizer_init`), and writes a reconstruction PNG of held-out images;
   3. pretrains tiny MAGE on the tokens;
   4. samples a grid PNG with iterative decoding;
-  5. linear probe and 10-shot evaluation of the MAGE features beside the same classifiers on raw pixels;
-  6. FID of samples against the test split (when the FID Inception weights are set up);
-  7. prints and saves a results table (results.md, results.json).
+  5. linear probe and few-shot evaluation of the MAGE features beside the same classifiers on raw pixels (for
+     folders when they have class subfolders with enough images; otherwise skipped, with the reason);
+  6. FID of samples against the held-out images (when the FID Inception weights are set up; a folder's
+     reference statistics are computed once and kept with the data stage);
+  7. prints and saves a results table (results.md, results.json, with where the data came from).
 
-Each stage's output is its completion marker, recorded in `stages.json` with what produced it (the budget, the
-data and the stages before it): re-running the same command continues where it stopped (the training stages
-resume from their checkpoints), and a stage whose inputs changed (another budget, other data) is redone.
+Each stage's output is its completion marker, recorded in `stages.json` with what produced it (the data, the
+options of that stage and the stages before it): re-running the same command continues where it stopped (the
+training stages resume from their checkpoints), and a stage whose inputs changed is redone with those after it.
 `--budget=ci` shrinks every stage (the test suite runs it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,17 +36,87 @@ import jax
 import numpy as np
 from absl import logging
 
+from mage_jax.jobs import quickstart_data
+from mage_jax.jobs.quickstart_data import Dataset
+
 BUDGETS = {
-    # tokenizer steps, MAGE steps, samples for FID (and for the test-split reference), eval args. 'full' ran in
-    # 13.9 min on the idle 2-core CPU (tokenizer 339 s, MAGE 325 s, sampling 31 s, probes 44 s, FID 92 s); the
-    # tokenizer stops at 3,000 of its recipe's 4,000 steps to leave the 20-minute budget some margin.
-    "full": dict(tokenizer_steps=3000, mage_steps=1200, fid_samples=500, grid=64, sample_steps=12,
-                 eval_arg="train=10000,test=2000,epochs=10"),
-    "ci": dict(tokenizer_steps=30, mage_steps=30, fid_samples=16, grid=16, sample_steps=4,
-               eval_arg="train=300,test=200,epochs=1,batch=64"),
+    # tokenizer steps, MAGE steps, samples for FID (and for the test-split reference of Fashion-MNIST), sampling,
+    # linear-probe epochs and batch, few-shot classifiers and trials, the Fashion-MNIST examples the probes use.
+    # 'full' ran in 13.9 min on the idle 2-core CPU (tokenizer 339 s, MAGE 325 s, sampling 31 s, probes 44 s,
+    # FID 92 s); the tokenizer stops at 3,000 of its recipe's 4,000 steps to leave the 20-minute budget some margin.
+    "full": dict(tokenizer_steps=3000, mage_steps=1200, fid_samples=500, grid=64, sample_steps=12, probe_epochs=10,
+                 probe_batch=256, fewshot_classifiers=("ridge", "logreg"), fewshot_trials=5, fashion_train=10000,
+                 fashion_test=2000),
+    "ci": dict(tokenizer_steps=30, mage_steps=30, fid_samples=16, grid=16, sample_steps=4, probe_epochs=1,
+               probe_batch=64, fewshot_classifiers=("ridge",), fewshot_trials=2, fashion_train=300,
+               fashion_test=200),
 }
+FID_BATCH = 50  # images per Inception call (the last is padded): fewer when fewer samples are compared
 PAPER = {"MAGE ViT-B ImageNet: FID": "11.1", "MAGE ViT-B ImageNet: linear probe": "74.7%",
          "MAGE-C ViT-L ImageNet: 10-shot": "71.9%"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What a quickstart run does (the binary's flags).
+
+  Attributes:
+    workdir: where every stage writes.
+    budget: a key of `BUDGETS`.
+    data: 'fashion_mnist' or 'folder:DIR'.
+    data_dir: TFDS data dir (Fashion-MNIST).
+    holdout: held-out images of a folder without split subfolders (< 0: 10%, at most 1000).
+    image_size: side of the training images (a multiple of the tokenizer's downsampling factor).
+    model: MAGE variant (`models.mage.VARIANTS`).
+    tokenizer_init: params dir of a tokenizer to fine-tune (kind 'tokenizer' or 'mage'); '' trains from scratch.
+    freeze_codebook: fine-tuning keeps the codebook bit-identical (token ids keep their meaning).
+    restart_dead_codes: fine-tuning re-initialises codes unused on the new data every this many steps (0: off).
+    tokenizer_steps, mage_steps: > 0 replaces the budget's number of steps.
+  """
+  workdir: str
+  budget: str = "full"
+  data: str = quickstart_data.FASHION_MNIST
+  data_dir: str | None = None
+  holdout: int = -1
+  image_size: int = 32
+  model: str = "tiny"
+  tokenizer_init: str = ""
+  freeze_codebook: bool = False
+  restart_dead_codes: int = 0
+  tokenizer_steps: int = 0
+  mage_steps: int = 0
+
+  def check(self) -> None:
+    """Refuses inconsistent options before any work (ValueError)."""
+    from mage_jax.models.mage import VARIANTS  # pylint: disable=g-import-not-at-top
+    if self.budget not in BUDGETS:
+      raise ValueError(f"unknown budget {self.budget!r}; expected one of {sorted(BUDGETS)}")
+    if self.model not in VARIANTS:
+      raise ValueError(f"unknown MAGE model {self.model!r}; expected one of {sorted(VARIANTS)}")
+    if (self.freeze_codebook or self.restart_dead_codes) and not self.tokenizer_init:
+      raise ValueError("--freeze_codebook and --restart_dead_codes fine-tune the codebook of --tokenizer_init; "
+                       "without it the tokenizer trains from scratch")
+    if self.freeze_codebook and self.restart_dead_codes:
+      raise ValueError("--freeze_codebook keeps every code; --restart_dead_codes replaces unused ones: choose one")
+    if min(self.tokenizer_steps, self.mage_steps, self.restart_dead_codes, self.holdout + 1) < 0:
+      raise ValueError("the step counts must be >= 0 and --holdout >= -1")
+    factor = 2 ** (len(self.tokenizer_sizes()["ch_mult"]) - 1)
+    if self.image_size % factor or self.image_size < 2 * factor:
+      raise ValueError(f"--image_size={self.image_size}: the tokenizer downsamples by {factor}, so the image size "
+                       f"must be a multiple of {factor} and at least {2 * factor} (2x2 tokens)")
+
+  def tokenizer_sizes(self) -> dict:
+    """The tokenizer's `config.tokenizer` sizes: those of `tokenizer_init`, or the quickstart's own."""
+    from configs import tokenizer_fashion_mnist  # pylint: disable=g-import-not-at-top
+    from mage_jax.jobs import tokenizer as tokenizer_job  # pylint: disable=g-import-not-at-top
+    if self.tokenizer_init:
+      return tokenizer_job.init_sizes(self.tokenizer_init)
+    return tokenizer_fashion_mnist.get_config().tokenizer.to_dict()
+
+  def steps(self) -> dict:
+    budget = BUDGETS[self.budget]
+    return {"tokenizer": self.tokenizer_steps or budget["tokenizer_steps"],
+            "mage": self.mage_steps or budget["mage_steps"]}
 
 
 def _stage(name: str):
@@ -72,39 +148,93 @@ def ensure_fashion_mnist(data_dir: str | None) -> None:
   sources.load_arrays("fashion_mnist", "test", data_dir, download=True)
 
 
+def _batch_sizes() -> dict:
+  """The training batches of the tokenizer and MAGE configs (a training split must hold one of each)."""
+  from configs import fashion_mnist_tiny, tokenizer_fashion_mnist
+  return {"tokenizer": tokenizer_fashion_mnist.get_config().input.batch_size,
+          "mage": fashion_mnist_tiny.get_config().input.batch_size}
+
+
+def _eval_batch(num_examples: int, largest: int = 512) -> int:
+  """A global eval batch for a split of `num_examples`: no larger than needed, a multiple of the devices."""
+  n = jax.device_count()
+  return max(n, min(largest, -(-num_examples // n) * n))
+
+
+def prepare_data(workdir: str, dataset: Dataset) -> dict:
+  """Stage 1: `data.json` (the summary of `quickstart_data.summarize`) and, for folders, `heldout.npz`."""
+  path = os.path.join(workdir, "data.json")
+  if not os.path.exists(path):
+    if not dataset.is_folder:
+      ensure_fashion_mnist(dataset.data_dir)
+    summary = quickstart_data.summarize(dataset, max(_batch_sizes().values()))
+    if dataset.is_folder:
+      summary["fid_reference_images"] = quickstart_data.write_reference_images(
+          dataset, os.path.join(workdir, "heldout.npz"))
+    with open(path + ".tmp", "w") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+  with open(path) as f:
+    return json.load(f)
+
+
 def _params_done(directory: str) -> bool:
   return os.path.exists(os.path.join(directory, "params", "mage_jax.json"))
 
 
-def train_tokenizer(workdir: str, budget: dict, data_dir) -> dict:
+def _use_data(config, dataset: Dataset) -> None:
+  """Points a training config's input at the dataset's training split."""
+  config.input.name = dataset.name
+  config.input.split = dataset.train_split
+  config.input.data_dir = dataset.data_dir
+  config.input.image_size = dataset.image_size
+
+
+def train_tokenizer(workdir: str, options: Options, dataset: Dataset, data: dict) -> dict:
   from configs import tokenizer_fashion_mnist
   from mage_jax.jobs import tokenizer as tokenizer_job
   tok_dir = os.path.join(workdir, "tokenizer")
-  steps = budget["tokenizer_steps"]
-  config = tokenizer_fashion_mnist.get_config(f"steps={steps},eval_every={max(steps // 3, 1)}")
-  config.input.data_dir = data_dir
+  steps = options.steps()["tokenizer"]
+  # Fine-tuning starts a fresh discriminator at mid-run (reconstruction only until then), with LeCam.
+  arg = f"steps={steps},eval_every={max(steps // 3, 1)}" + (",disc" if options.tokenizer_init else "")
+  config = tokenizer_fashion_mnist.get_config(arg)
+  _use_data(config, dataset)
+  config.eval.split = dataset.heldout_split
+  config.eval.batch_size = _eval_batch(data["splits"]["heldout"]["images"])
+  if options.tokenizer_init:
+    config.tokenizer.init = options.tokenizer_init
+    config.tokenizer.update(options.tokenizer_sizes())
+    config.codebook.freeze = options.freeze_codebook
+    config.codebook.restart_every = options.restart_dead_codes
   if not _params_done(tok_dir):
     tokenizer_job.train_and_evaluate(config, tok_dir)
   with open(os.path.join(tok_dir, tokenizer_job.METRICS_FILE)) as f:
     metrics = json.load(f)
-  pngs = sorted(os.listdir(os.path.join(tok_dir, "reconstructions")))
+  if options.tokenizer_init:
+    with open(os.path.join(tok_dir, tokenizer_job.INIT_METRICS_FILE)) as f:
+      metrics["before_fine_tuning"] = json.load(f)
+  pngs = sorted(p for p in os.listdir(os.path.join(tok_dir, "reconstructions")) if p.startswith("step_"))
   shutil.copy(os.path.join(tok_dir, "reconstructions", pngs[-1]), os.path.join(workdir, "reconstructions.png"))
   return metrics
 
 
-def pretrain_mage(workdir: str, budget: dict, data_dir) -> dict:
+def pretrain_mage(workdir: str, options: Options, dataset: Dataset) -> dict:
   from configs import fashion_mnist_tiny
   from mage_jax.jobs import pretrain
   mage_dir = os.path.join(workdir, "mage")
-  config = fashion_mnist_tiny.get_config(f"steps={budget['mage_steps']}")
-  config.input.data_dir = data_dir
+  steps = options.steps()["mage"]
+  config = fashion_mnist_tiny.get_config(f"steps={steps}")
+  _use_data(config, dataset)
+  config.model.variant = options.model
   config.tokenizer.init = os.path.join(workdir, "tokenizer", "params")
+  if dataset.is_folder:
+    config.fewshot_monitor.train_split = ""  # the representation stage evaluates the held-out split instead
   summary_path = os.path.join(mage_dir, "train_summary.json")
   if not _params_done(mage_dir):
     start = time.time()
     metrics = pretrain.train_and_evaluate(config, mage_dir)
     with open(summary_path, "w") as f:
-      json.dump({**metrics, "steps": budget["mage_steps"], "seconds": time.time() - start}, f, indent=2)
+      json.dump({**metrics, "steps": steps, "seconds": time.time() - start}, f, indent=2)
   with open(summary_path) as f:
     return json.load(f)
 
@@ -130,29 +260,85 @@ def sample(workdir: str, budget: dict) -> dict:
     return {"num_samples": int(len(z["images"])), "images_per_sec": float(len(z["images"]) / z["seconds"])}
 
 
-def evaluate_representations(workdir: str, budget: dict, data_dir) -> dict:
+def _probe_batch(budget_batch: int, num_train: int) -> int:
+  """The linear probe's batch: the budget's, or the largest power of two the training split fills."""
+  return max(jax.device_count(), min(budget_batch, 1 << (num_train.bit_length() - 1)))
+
+
+def evaluation_config(dataset: Dataset, budget: dict, data: dict):
+  """The representation evals' config, or (None, {eval: reason}) when the data allows none."""
   from configs import eval_fashion_mnist
+  if not dataset.is_folder:
+    config = eval_fashion_mnist.get_config(f"train={budget['fashion_train']},test={budget['fashion_test']},"
+                                           f"epochs={budget['probe_epochs']},batch={budget['probe_batch']}")
+    config.input.data_dir = dataset.data_dir
+    skipped = {}
+  else:
+    evals, shots, skipped = quickstart_data.probe_plan(data)
+    if not evals:
+      return None, skipped
+    num_train = data["splits"]["train"]["images"]
+    config = eval_fashion_mnist.get_config(f"epochs={budget['probe_epochs']},"
+                                           f"batch={_probe_batch(budget['probe_batch'], num_train)}")
+    config.evals = evals
+    config.input.name = dataset.name
+    config.input.split = dataset.train_split
+    config.input.batch_size = _eval_batch(max(num_train, data["splits"]["heldout"]["images"]), 256)
+    config.eval_split = dataset.heldout_split
+    config.num_classes = len(data["classes"])
+    config.fewshot.shots = shots or quickstart_data.FEWSHOT_SHOTS
+  config.fewshot.classifiers = budget["fewshot_classifiers"]
+  config.fewshot.trials = budget["fewshot_trials"]
+  return config, skipped
+
+
+def evaluate_representations(workdir: str, budget: dict, dataset: Dataset, data: dict) -> dict:
   from mage_jax.jobs import evaluate
   eval_dir = os.path.join(workdir, "eval")
   path = os.path.join(eval_dir, "results.json")
+  config, skipped = evaluation_config(dataset, budget, data)
+  if config is None:
+    return {"skipped": skipped}
   if not os.path.exists(path):
-    config = eval_fashion_mnist.get_config(budget["eval_arg"])
-    config.input.data_dir = data_dir
     evaluate.run(config, os.path.join(workdir, "mage", "params"), eval_dir)
   with open(path) as f:
-    return json.load(f)["results"]
+    return {**json.load(f)["results"], "skipped": skipped}
 
 
-def compute_fid(workdir: str, budget: dict, data_dir) -> dict:
-  from mage_jax.fid import inputs, weights
+def _reference_statistics(workdir: str, model, batch_size: int):
+  """FID statistics of the held-out images (`heldout.npz`), computed once into `fid_reference/`."""
+  from mage_jax.fid import inputs, metrics
+  images = os.path.join(workdir, "heldout.npz")
+  with open(images, "rb") as f:
+    digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+  def batches():
+    return inputs.image_batches(images)[1]
+
+  return metrics.load_or_compute_reference_stats("heldout", digest, batches, os.path.join(workdir, "fid_reference"),
+                                                 model=model, batch_size=batch_size)
+
+
+def compute_fid(workdir: str, budget: dict, dataset: Dataset) -> dict:
+  from mage_jax.fid import inputs, metrics, weights
   path = os.path.join(workdir, "fid.json")
   if not os.path.exists(path):
     try:
       weights.default_weights_path()
     except FileNotFoundError as e:
       return {"fid": None, "note": str(e)}
-    summary = inputs.compute(os.path.join(workdir, "samples.npz"), "fashion_mnist:test",
-                             max_images=budget["fid_samples"], data_dir=data_dir)
+    samples = os.path.join(workdir, "samples.npz")
+    if dataset.is_folder:
+      model = weights.load_inception()
+      batch_size = min(FID_BATCH, budget["fid_samples"])
+      reference = _reference_statistics(workdir, model, batch_size)
+      count, batches = inputs.image_batches(samples, max_images=budget["fid_samples"])
+      result = metrics.evaluate(batches, reference, model, batch_size=batch_size, total=count)
+      summary = {"fid": result.fid, "num_images": result.num_images, "num_reference": reference.num_images,
+                 "reference": "heldout.npz"}
+    else:
+      summary = inputs.compute(samples, "fashion_mnist:test", max_images=budget["fid_samples"],
+                               data_dir=dataset.data_dir)
     with open(path + ".tmp", "w") as f:
       json.dump(summary, f, indent=2)
     os.replace(path + ".tmp", path)
@@ -164,39 +350,65 @@ def _pct(x) -> str:
   return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
-def _fewshot_10(results: dict, classifier="ridge"):
-  shot = results.get("fewshot", {}).get(classifier, {}).get("10")
-  return shot["mean"] if isinstance(shot, dict) else None
+def _fewshot_row(rep: dict) -> tuple[str, dict]:
+  """(the largest shot count evaluated, {feature set: its ridge accuracy or None})."""
+  per_set = {name: rep.get(name, {}).get("fewshot", {}).get("ridge", {}) for name in ("mage", "pixels")}
+  shots = sorted({int(k) for r in per_set.values() for k in r if k.isdigit()})
+  shot = str(shots[-1]) if shots else "10"
+  return shot, {name: r[shot]["mean"] if isinstance(r.get(shot), dict) else None for name, r in per_set.items()}
 
 
 def results_table(results: dict) -> str:
   tok, mage, gen, rep, fid = (results[k] for k in ("tokenizer", "mage", "samples", "representations", "fid"))
-  rows = [
-      ("tokenizer PSNR on test (dB)", f"{tok['psnr']:.2f}"),
-      ("tokenizer SSIM on test", f"{tok['ssim']:.3f}"),
+  data = results["data"]
+  heldout = "test" if data["source"] == quickstart_data.FASHION_MNIST else "held-out"
+  rows = [(f"tokenizer PSNR on {heldout} (dB)", f"{tok['psnr']:.2f}")]
+  if "before_fine_tuning" in tok:
+    rows.append((f"tokenizer PSNR on {heldout} before fine-tuning (dB)", f"{tok['before_fine_tuning']['psnr']:.2f}"))
+  rows += [
+      (f"tokenizer SSIM on {heldout}", f"{tok['ssim']:.3f}"),
       ("tokenizer codebook usage", _pct(tok["codebook_usage"])),
       ("tokenizer codebook perplexity", f"{tok['codebook_perplexity']:.1f}"),
       ("MAGE final training loss", f"{mage['loss']:.3f}"),
       ("MAGE training steps/s", f"{mage['steps'] / mage['seconds']:.2f}"),
       ("generation images/s", f"{gen['images_per_sec']:.1f}"),
   ]
+  skipped = rep.get("skipped", {})
+  shot, fewshot = _fewshot_row(rep)
   for name in ("mage", "pixels"):
-    r = rep.get(name, {})
-    rows.append((f"linear probe top-1, {name}", _pct(r.get("linear_probe", {}).get("top1"))))
-    rows.append((f"10-shot top-1 (ridge), {name}", _pct(_fewshot_10(r))))
+    probe = rep.get(name, {}).get("linear_probe", {}).get("top1")
+    rows.append((f"linear probe top-1, {name}", _with_reason(probe, skipped.get("linear_probe"))))
+    rows.append((f"{shot}-shot top-1 (ridge), {name}", _with_reason(fewshot[name], skipped.get("fewshot"))))
   fid_value = fid.get("fid")
-  rows.append((f"FID vs test split ({fid.get('num_images', 0)} samples)",
+  where = ("test split" if heldout == "test"
+           else f"{fid.get('num_reference', 0)} held-out images")
+  rows.append((f"FID vs {where} ({fid.get('num_images', 0)} samples)",
                f"{fid_value:.2f}" if fid_value is not None else "n/a (FID weights not set up)"))
   rows.append(("wall time of this invocation (min)", f"{results['seconds'] / 60:.1f}"))
-  lines = ["| quantity (Fashion-MNIST, this run) | value |", "|---|---|"]
+  title = "Fashion-MNIST" if heldout == "test" else f"{os.path.basename(data['path'])}, {_counts(data)}"
+  lines = [f"| quantity ({title}, this run) | value |", "|---|---|"]
   lines += [f"| {k} | {v} |" for k, v in rows]
   lines += ["", "| paper (ImageNet 256, for scale) | value |", "|---|---|"]
   lines += [f"| {k} | {v} |" for k, v in PAPER.items()]
   return "\n".join(lines)
 
 
+def _with_reason(accuracy, skipped: str | None) -> str:
+  """An accuracy, with why some of its eval was skipped; or why all of it was."""
+  if accuracy is None and skipped:
+    return f"skipped: {skipped}"
+  return _pct(accuracy) + (f" ({skipped})" if skipped else "")
+
+
+def _counts(data: dict) -> str:
+  splits = data["splits"]
+  classes = f"{len(data['classes'])} classes" if data["classes"] else "no classes"
+  return f"{splits['train']['images']} train / {splits['heldout']['images']} held-out images, {classes}"
+
+
 # Stage name -> the paths under the workdir it writes (what a redo removes).
 STAGE_OUTPUTS = {
+    "data": ("data.json", "heldout.npz", "fid_reference"),
     "tokenizer": ("tokenizer", "reconstructions.png"),
     "mage": ("mage",),
     "samples": ("samples.npz", "samples_grid.png"),
@@ -207,7 +419,7 @@ STAGES_FILE = "stages.json"
 
 
 class StageRecords:
-  """`stages.json`: for each finished stage, a hash of what produced it (budget, data, the stages before it).
+  """`stages.json`: for each finished stage, a hash of what produced it (its inputs and the stages before it).
 
   A stage whose recorded hash differs from the current one is redone after removing its outputs; outputs that
   exist without a record were not written by the quickstart, and are refused rather than touched.
@@ -245,38 +457,58 @@ class StageRecords:
     os.replace(self.path + ".tmp", self.path)
 
 
-def run(workdir: str, budget_name: str, data_dir: str | None) -> dict:
-  """Runs (or continues) every stage in `workdir`; writes and returns the results (with the table)."""
-  if budget_name not in BUDGETS:
-    raise ValueError(f"unknown budget {budget_name!r}; expected one of {sorted(BUDGETS)}")
-  budget = BUDGETS[budget_name]
+def _init_identity(path: str) -> dict:
+  """A tokenizer to fine-tune, as a stage input: where it is and its metadata (written last by every export)."""
+  if not path:
+    return {}
+  from mage_jax import params_io  # pylint: disable=g-import-not-at-top
+  return {"path": os.path.abspath(path), "meta": params_io.read_meta(path)}
+
+
+def run(options: Options) -> dict:
+  """Runs (or continues) every stage in `options.workdir`; writes and returns the results (with the table)."""
+  options.check()
+  budget = BUDGETS[options.budget]
+  workdir = options.workdir
+  batches = _batch_sizes()
+  dataset = quickstart_data.make_dataset(options.data, options.data_dir, holdout=options.holdout,
+                                         image_size=options.image_size, min_train=max(batches.values()))
+  stage_inputs = {
+      "data": dataset.identity(),
+      "tokenizer": {"steps": options.steps()["tokenizer"], "init": _init_identity(options.tokenizer_init),
+                    "freeze_codebook": options.freeze_codebook, "restart_dead_codes": options.restart_dead_codes},
+      "mage": {"steps": options.steps()["mage"], "model": options.model},
+      "samples": {k: budget[k] for k in ("fid_samples", "grid", "sample_steps")},
+      "representations": {k: budget[k] for k in ("probe_epochs", "probe_batch", "fashion_train", "fashion_test")},
+      "fid": {"fid_samples": budget["fid_samples"]},
+  }
   os.makedirs(workdir, exist_ok=True)
   records = StageRecords(workdir)
   start = time.time()
-  results = {"budget": budget_name, "data_dir": data_dir, "device": jax.devices()[0].device_kind,
-             "stage_seconds": {}}
-  identity = hashlib.sha256(json.dumps({"budget": budget, "data_dir": data_dir}, sort_keys=True).encode())
+  results = {"budget": options.budget, "options": dataclasses.asdict(options),
+             "device": jax.devices()[0].device_kind, "stage_seconds": {}}
+  identity = hashlib.sha256()
 
   def run_stage(title, key, fn, *fn_args):
     _stage(title)
     stage_start = time.time()
-    if key in STAGE_OUTPUTS:
-      identity.update(key.encode())  # each stage's identity covers the stages before it
-      records.prepare(key, identity.hexdigest())
+    # Each stage's identity covers its own inputs and, through the running hash, the stages before it.
+    identity.update(json.dumps({key: stage_inputs[key]}, sort_keys=True, default=str).encode())
+    records.prepare(key, identity.hexdigest())
     value = fn(*fn_args)
-    if key in STAGE_OUTPUTS:
-      records.finish(key, identity.hexdigest())
+    records.finish(key, identity.hexdigest())
     results["stage_seconds"][key] = round(time.time() - stage_start, 1)
-    if value is not None:
-      results[key] = value
+    results[key] = value
+    return value
 
-  run_stage("1/6 data: Fashion-MNIST", "data", ensure_fashion_mnist, data_dir)
-  run_stage("2/6 tokenizer training", "tokenizer", train_tokenizer, workdir, budget, data_dir)
-  run_stage("3/6 MAGE pretraining", "mage", pretrain_mage, workdir, budget, data_dir)
+  data = run_stage(f"1/6 data: {dataset.title}", "data", prepare_data, workdir, dataset)
+  run_stage("2/6 tokenizer " + ("fine-tuning" if options.tokenizer_init else "training"), "tokenizer",
+            train_tokenizer, workdir, options, dataset, data)
+  run_stage("3/6 MAGE pretraining", "mage", pretrain_mage, workdir, options, dataset)
   run_stage("4/6 sampling", "samples", sample, workdir, budget)
   run_stage("5/6 linear probe and few-shot vs raw pixels", "representations", evaluate_representations, workdir,
-            budget, data_dir)
-  run_stage("6/6 FID", "fid", compute_fid, workdir, budget, data_dir)
+            budget, dataset, data)
+  run_stage("6/6 FID", "fid", compute_fid, workdir, budget, dataset)
   results["seconds"] = time.time() - start
   results["table"] = results_table(results)
   with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -1,4 +1,15 @@
-"""VQGAN tokenizer training from scratch (spec §1.6) on the shared loop (`trainer.run`, config.mode='tokenizer').
+"""VQGAN tokenizer training (spec §1.6), from scratch or fine-tuned, on the shared loop (`trainer.run`,
+config.mode='tokenizer').
+
+Fine-tuning: `config.tokenizer.init` names a params dir holding a tokenizer (kind 'tokenizer' or 'mage', e.g.
+`python -m mage_jax.convert vqgan_jax_strongaug.ckpt DIR`). The generator starts from it (its EMA too); its sizes
+come from the dir's metadata (a `config.tokenizer` size that disagrees is an error listing the overrides that
+match) at `config.input.image_size`. The released VQGAN has no discriminator: a fresh one starts at
+`loss.discriminator_start_step` (the generator trains on reconstruction alone until then), with LeCam.
+`config.codebook.freeze` keeps the codebook bit-identical (ids stay those of the original, for a MAGE trained on
+it); otherwise `config.codebook.restart_every` can re-initialise the codes the new data leaves unused (from step
+`restart_every` on, once their usage has been measured). Before the first step, the initial tokenizer is
+evaluated on the held-out split (`eval_metrics_init.json`, `reconstructions/init.png`): the number to beat.
 
 Generator = `models.vqgan.VQGAN`; discriminator = `models.discriminator.Discriminator` (StyleGAN2 style).
 One step: the generator loss (reconstruction + VQ codebook/commitment + optional entropy + optional
@@ -45,11 +56,53 @@ from mage_jax.models.discriminator import Discriminator
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
 
 METRICS_FILE = "eval_metrics.json"
+INIT_METRICS_FILE = "eval_metrics_init.json"
+
+
+def init_sizes(init_dir: str) -> dict:
+  """The tokenizer sizes of a params dir (the `config.tokenizer` keys that describe it), from its metadata."""
+  meta = params_io.read_meta(init_dir)
+  sizes = dataclasses.asdict(params_io.tokenizer_config_from_meta(meta))
+  del sizes["resolution"]  # the input resolution is config.input.image_size
+  return sizes
+
+
+def tokenizer_config(config: ml_collections.ConfigDict) -> VQGANConfig:
+  """The generator's sizes at `config.input.image_size`: `config.tokenizer`'s, or with `tokenizer.init` the init
+  dir's, which every size `config.tokenizer` sets must equal."""
+  init = config.tokenizer.get("init", "")
+  if not init:
+    return builders.tokenizer_config(config.tokenizer, config.input.image_size)
+  sizes = init_sizes(init)
+  configured = {k: v for k, v in config.tokenizer.to_dict().items() if k not in builders.TOKENIZER_RUNTIME_KEYS}
+  differ = {k: v for k, v in sizes.items() if k in configured and tuple(np.atleast_1d(configured[k])) !=
+            tuple(np.atleast_1d(v))}
+  if differ:
+    wrong = ", ".join(f"{k}={configured[k]}" for k in differ)
+    fix = " ".join(f"--config.tokenizer.{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                   for k, v in differ.items())
+    raise ValueError(f"config.tokenizer sets {wrong}, but tokenizer.init={init} holds a tokenizer with "
+                     f"{', '.join(f'{k}={v}' for k, v in differ.items())}: its sizes cannot change when fine-tuning; "
+                     f"set {fix}")
+  return builders.tokenizer_config({**configured, **sizes}, config.input.image_size)
+
+
+def initial_generator(init_dir: str, vqgan: VQGAN) -> dict:
+  """The generator params of a params dir, checked against `vqgan`'s shapes."""
+  variables, meta = params_io.load(init_dir)
+  if "tokenizer" not in variables:
+    raise ValueError(f"tokenizer.init={init_dir} holds no tokenizer (kind {meta.get('kind')!r}, entries "
+                     f"{sorted(variables)})")
+  params = variables["tokenizer"]["params"]
+  res = vqgan.config.resolution
+  abstract = jax.eval_shape(vqgan.init, jax.random.key(0), jnp.zeros((1, res, res, vqgan.config.in_channels)))
+  builders.check_param_shapes(params, sharding.strip_boxes(abstract)["params"], f"tokenizer.init={init_dir}")
+  params_io.check_finite(params, init_dir)
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 
 def make_models(config: ml_collections.ConfigDict) -> tuple[VQGAN, Discriminator]:
-  vq = VQGAN(builders.tokenizer_config(config.tokenizer, config.input.image_size),
-             dtype=config_views.dtype(config.tokenizer.get("dtype", "float32")))
+  vq = VQGAN(tokenizer_config(config), dtype=config_views.dtype(config.tokenizer.get("dtype", "float32")))
   d = config.discriminator
   widths = None if not d.get("widths") else tuple((int(r), int(w)) for r, w in d.widths)
   disc = Discriminator(widths=widths, channel_multiplier=d.get("channel_multiplier", 1),
@@ -57,22 +110,20 @@ def make_models(config: ml_collections.ConfigDict) -> tuple[VQGAN, Discriminator
   return vq, disc
 
 
-def _is_codebook(path) -> bool:
-  return "quantize" in optim.path_str(path)
-
-
 def scale_codebook_updates(multiplier: float) -> optax.GradientTransformation:
   """Multiplies the updates of the quantizer's codebook (the path holding 'quantize') by `multiplier`."""
   def update(updates, state, params=None):
     del params
-    return jax.tree_util.tree_map_with_path(lambda p, u: u * multiplier if _is_codebook(p) else u, updates), state
+    return jax.tree_util.tree_map_with_path(
+        lambda p, u: u * multiplier if tokenizer_step.is_codebook(optim.path_str(p)) else u, updates), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(lr: float, total_steps: int, warmup_steps: int, o,
-                   codebook_lr_multiplier: float = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(lr: float, total_steps: int, warmup_steps: int, o, codebook_lr_multiplier: float = 1.0,
+                   freeze_codebook: bool = False) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam (β1, β2 from `config.optim`) on a warm-up + cosine schedule down to `o.min_lr` (min_lr = lr gives
-  MaskGIT's constant rate), after optional global-norm clipping; codebook steps scaled by the multiplier."""
+  MaskGIT's constant rate), after optional global-norm clipping; codebook steps scaled by the multiplier, or
+  none at all with `freeze_codebook` (`optim.with_frozen`: the codebook is outside the optimizer)."""
   min_lr = min(o.min_lr, lr)
   schedule = optim.warmup_cosine_schedule(lr, max(total_steps, 1), min(warmup_steps, max(total_steps, 1)), min_lr)
   chain = []
@@ -81,7 +132,7 @@ def make_optimizer(lr: float, total_steps: int, warmup_steps: int, o,
   chain.append(optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8)))
   if codebook_lr_multiplier != 1.0:
     chain.append(scale_codebook_updates(codebook_lr_multiplier))
-  return optax.chain(*chain), schedule
+  return optim.with_frozen(optax.chain(*chain), tokenizer_step.is_codebook if freeze_codebook else None), schedule
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -143,9 +194,14 @@ class Evaluator:
 
   def __call__(self, state: tokenizer_step.TokenizerState, step: int) -> dict:
     limit = self.num_examples if step < self.total_steps and self.num_examples > 0 else None
+    return self.evaluate(state.ema_params, f"step_{step:07d}.png", METRICS_FILE, {"step": int(step), "weights": "ema"},
+                         limit)
+
+  def evaluate(self, params, png_name: str, metrics_file: str, header: dict, limit: int | None = None) -> dict:
+    """Metrics of generator `params` on the first `limit` held-out images (None: all); writes the PNG of the
+    first batch as reconstructions/`png_name` and the metrics as `metrics_file` (with `header`)."""
     totals: dict[str, float] = {}
     hist = np.zeros((self.vqgan.config.codebook_size,), np.float64)
-    params = state.ema_params
     batches = pipeline.global_eval_batches(self.input_cfg, self.mesh, keys=("image",), limit=limit,
                                            source=self.source)
     for b, batch in enumerate(batches):
@@ -157,7 +213,7 @@ class Evaluator:
         n = min(self.num_images, self.input_cfg["batch_size"])
         originals, recons = jax.device_get(self._reconstruct(params, batch["image"]))
         if jax.process_index() == 0:
-          images_lib.save_png(os.path.join(self.workdir, "reconstructions", f"step_{step:07d}.png"),
+          images_lib.save_png(os.path.join(self.workdir, "reconstructions", png_name),
                               comparison_grid(originals[:n], recons[:n]))
     count = max(totals.pop("count"), 1.0)
     metrics = {k: v / count for k, v in totals.items()}
@@ -165,12 +221,12 @@ class Evaluator:
     metrics["codebook_usage"] = image_metrics.codebook_usage(hist)
     metrics["codebook_perplexity"] = image_metrics.codebook_perplexity(hist)
     if jax.process_index() == 0:
-      path = os.path.join(self.workdir, METRICS_FILE)
+      path = os.path.join(self.workdir, metrics_file)
       with open(path + ".tmp", "w") as f:
-        json.dump({"step": int(step), "split": self.input_cfg["split"], "weights": "ema", **metrics}, f, indent=2)
+        json.dump({**header, "split": self.input_cfg["split"], **metrics}, f, indent=2)
       os.replace(path + ".tmp", path)
-    logging.info("eval at step %d (%d images): PSNR %.2f dB, SSIM %.4f, codebook usage %.1f%%, perplexity %.1f",
-                 step, int(count), metrics["psnr"], metrics["ssim"], 100 * metrics["codebook_usage"],
+    logging.info("eval %s (%d images): PSNR %.2f dB, SSIM %.4f, codebook usage %.1f%%, perplexity %.1f", header,
+                 int(count), metrics["psnr"], metrics["ssim"], 100 * metrics["codebook_usage"],
                  metrics["codebook_perplexity"])
     return metrics
 
@@ -192,9 +248,11 @@ def build_task(config: ml_collections.ConfigDict, workdir: str):
   total_steps, warmup_steps = trainer.schedule_steps(config, steps_per_epoch)
   loss = config_views.from_config(tokenizer_step.LossConfig, config.loss, "config.loss")
   vqgan, disc = make_models(config)
+  init = config.tokenizer.get("init", "")
   o = config.optim
-  cb = config_views.from_config(tokenizer_step.CodebookConfig, config.get("codebook"), "config.codebook")
-  g_tx, g_schedule = make_optimizer(o.lr, total_steps, warmup_steps, o, cb.lr_multiplier)
+  cb = config_views.from_config(tokenizer_step.CodebookConfig, config.get("codebook"), "config.codebook",
+                                restart_at_start=not init)
+  g_tx, g_schedule = make_optimizer(o.lr, total_steps, warmup_steps, o, cb.lr_multiplier, cb.freeze)
   # D's Adam only counts its own updates (none before the start step), so its schedule spans the rest.
   d_span = total_steps - max(loss.discriminator_start_step, 0)
   d_tx, _ = make_optimizer(o.get("d_lr", o.lr), d_span, warmup_steps, o)
@@ -208,24 +266,48 @@ def build_task(config: ml_collections.ConfigDict, workdir: str):
     logging.warning("%s (set config.loss.perceptual_weights to a local LPIPS-VGG16 .npz to enable it): "
                     "training WITHOUT the perceptual term (reconstruction + VQ%s%s)", reason,
                     " + entropy" if loss.entropy_weight else "", " + adversarial" if loss.use_gan else "")
-  logging.info("tokenizer training: %d steps (%d per epoch), %s, lr %.3g (D %.3g), warmup %d, EMA %.4g, GAN %s",
-               total_steps, steps_per_epoch, vqgan.config, o.lr, o.get("d_lr", o.lr), warmup_steps, o.ema_decay,
-               f"from step {loss.discriminator_start_step}" if loss.use_gan else "off")
+  logging.info("tokenizer %s: %d steps (%d per epoch), %s, lr %.3g (D %.3g), warmup %d, EMA %.4g, GAN %s%s",
+               f"fine-tuning from {init}" if init else "training", total_steps, steps_per_epoch, vqgan.config,
+               o.lr, o.get("d_lr", o.lr), warmup_steps, o.ema_decay,
+               f"from step {loss.discriminator_start_step}" if loss.use_gan else "off",
+               ", codebook frozen" if cb.freeze else "")
+  initial = {"generator": initial_generator(init, vqgan)} if init else None
+
+  def reinit_after_params(state):
+    generator = state.params["generator"]
+    return state.replace(ema_params=jax.tree.map(jnp.copy, generator), g_opt_state=g_tx.init(generator))
+
+  extra_meta = {"train_steps": total_steps, "ema_decay": float(o.ema_decay)}
+  if init:
+    extra_meta.update(init=os.path.abspath(init), codebook_frozen=cb.freeze)
   task = trainer.Task(
       init_state=functools.partial(tokenizer_step.init_state, vqgan=vqgan, disc=disc, g_tx=g_tx, d_tx=d_tx),
       step=functools.partial(tokenizer_step.train_step, vqgan=vqgan, disc=disc, g_tx=g_tx, d_tx=d_tx, loss=loss,
                              ema_decay=float(o.ema_decay), g_schedule=g_schedule, codebook=cb),
       extras=perceptual, data=trainer.image_data(config), batch_keys=("image",), total_steps=total_steps,
       export=lambda state: export_tokenizer(os.path.join(workdir, "params"), state.ema_params, vqgan.config,
-                                            {"train_steps": total_steps, "ema_decay": float(o.ema_decay)}),
+                                            extra_meta),
+      initial_params=initial, reinit_after_params=reinit_after_params if init else None,
       evaluate=Evaluator(config, workdir, vqgan, mesh, total_steps) if config.get("eval") else None)
   return task, mesh, rules
+
+
+def evaluate_initial(task: trainer.Task, mesh, workdir: str, init: str) -> None:
+  """The held-out metrics of the tokenizer a fine-tuning starts from (`INIT_METRICS_FILE`), once."""
+  if task.evaluate is None or os.path.exists(os.path.join(workdir, INIT_METRICS_FILE)):
+    return
+  with jax.set_mesh(mesh):
+    params = sharding.place(task.initial_params["generator"], sharding.replicated(mesh))
+    task.evaluate.evaluate(params, "init.png", INIT_METRICS_FILE, {"step": 0, "weights": "tokenizer.init",
+                                                                   "init": os.path.abspath(init)})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) tokenizer training in `workdir`; returns the last logged metrics."""
   start = time.perf_counter()
   task, mesh, rules = build_task(config, workdir)
+  if task.initial_params is not None:
+    evaluate_initial(task, mesh, workdir, config.tokenizer.init)
   metrics, _ = trainer.run(config, workdir, task, mesh, rules)
   logging.info("tokenizer training finished in %.1f s", time.perf_counter() - start)
   return metrics
