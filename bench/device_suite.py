@@ -241,8 +241,8 @@ def run(out: str, python: str, budget_s: float, force: bool) -> int:
              "passed": all(r.get("passed") for r in records)}
   with open(os.path.join(out, "suite.json"), "w") as f:
     json.dump(summary, f, indent=1)
-  print(f"suite: {sum(bool(r.get('passed')) for r in records)}/{len(records)} steps passed in {summary['seconds']:.0f} s;"
-        f" {os.path.join(out, 'suite.json')}")
+  passed = sum(bool(r.get("passed")) for r in records)
+  print(f"suite: {passed}/{len(records)} steps passed in {summary['seconds']:.0f} s; {out}/suite.json")
   return 0 if summary["passed"] else 1
 
 

@@ -65,8 +65,12 @@ class Fit:
 
 def fit_policy(size: str, policy: str, batches: tuple[int, int]) -> dict:
   """Compiles the step at both batches with `policy`; the points and their line."""
-  points = [aot_memory.step_memory(size, {"num_devices": 1, "input.batch_size": b, "model.remat_policy": policy})
-            for b in batches]
+  points = []
+  for b in batches:
+    points.append(aot_memory.step_memory(size, {"num_devices": 1, "input.batch_size": b,
+                                                "model.remat_policy": policy}))
+    print(f"ViT-{size} remat {policy} batch {b}: {points[-1]['memory']['total_gib']:.2f} GiB "
+          f"(compiled in {points[-1]['compile_s']:.0f} s)", file=sys.stderr, flush=True)
   gib = [p["memory"]["total_gib"] for p in points]
   fit = Fit.through(batches[0], gib[0], batches[1], gib[1])
   return {"batches": list(batches), "total_gib": gib, "fixed_gib": fit.fixed, "per_image_gib": fit.per_image,

@@ -59,9 +59,11 @@ def test_bf16_steps_keep_float32_highest_only_for_codebook_distances(tiny_loweri
 
 
 def test_stablehlo_census_counts_collectives_custom_calls_and_host_transfers():
-  text = """
-    %0 = stablehlo.dot_general %a, %b, contracting_dims = [1] x [0], precision = [HIGHEST, HIGHEST] : (tensor<4x16xf32>, tensor<16x1024xf32>) -> tensor<4x1024xf32>
-    %1 = stablehlo.dot_general %c, %d, contracting_dims = [1] x [0] : (tensor<4x8xbf16>, tensor<8x2xbf16>) -> tensor<4x2xbf16>
+  text = (
+      "%0 = stablehlo.dot_general %a, %b, contracting_dims = [1] x [0], precision = [HIGHEST, HIGHEST] : "
+      "(tensor<4x16xf32>, tensor<16x1024xf32>) -> tensor<4x1024xf32>\n"
+      "%1 = stablehlo.dot_general %c, %d, contracting_dims = [1] x [0] : (tensor<4x8xbf16>, tensor<8x2xbf16>) -> "
+      "tensor<4x2xbf16>\n") + """
     %2 = "stablehlo.all_gather"(%1) {all_gather_dim = 0 : i64} : (tensor<4x2xbf16>) -> tensor<8x2xbf16>
     %3 = stablehlo.custom_call @__cudnn$fmhaSoftmax(%a) : (tensor<4x16xf32>) -> tensor<4x16xf32>
     %4 = stablehlo.custom_call @xla_ffi_python_gpu_callback(%a) : (tensor<4x16xf32>) -> tensor<4x16xf32>
