@@ -10,7 +10,7 @@ backend in the header) and writes the same numbers as JSON:
   pretrain  the jitted, donated `steps.pretrain_step` (frozen tokenizer + MAGE fwd/bwd + AdamW), sharded by
             the config's logical rules over all devices; step time = median of `--steps` steps after
             `--warmup`, each synced (the step itself has no host sync).
-  generate  `generate.make_sampler`: 20 decoding steps + VQGAN decode + uint8, one batch per call.
+  generate  `sampling.make_sampler`: 20 decoding steps + VQGAN decode + uint8, one batch per call.
   encode    tokenizer images → ids, once per tokenizer mode in `--encode-modes`.
   input     `data.pipeline.measure_throughput` on a folder of JPEGs (synthesised, ImageNet-like sizes,
             unless `--jpeg-dir`); needs TensorFlow (skipped where it is not installed).
@@ -54,7 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import flops as flops_lib  # noqa: E402
-from mage_jax import generate, masking, optim, sharding, steps  # noqa: E402
+from mage_jax import masking, optim, sampling, sharding, steps  # noqa: E402
 from mage_jax.models import layers  # noqa: E402
 from mage_jax.models.mage import MAGE, config_for  # noqa: E402
 from mage_jax.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
@@ -456,15 +456,16 @@ def run_generate(s: Setup) -> dict:
   args, model = s.args, s.model
   tok = Tokenizer(tokenizer_module(s.spec.tokenizer, args.tokenizer), args.tokenizer)
   n = model.config.num_tokens
-  mesh = generate.data_mesh()
+  mesh = sharding.data_mesh()
+  repl = sharding.replicated(mesh)
   params = jax.jit(model.init, static_argnames="method")(
       jax.random.key(args.seed), jnp.zeros((1, n), jnp.int32), method=MAGE.image_token_logits)
   variables = {"model": nn.unbox(params), "tokenizer": _tokenizer_vars(s.spec.tokenizer, args.seed + 1)}
-  sampler = generate.make_sampler(model, tok, s.batch, args.gen_steps, mesh)
-  model_vars, tok_vars = generate.replicate((variables["model"], variables["tokenizer"]), mesh)
-  key_data, temp, label = generate.replicate(
-      (np.asarray(jax.random.key_data(jax.random.key(args.seed))), np.float32(6.0), np.int32(0)), mesh)
-  idx = [generate.replicate(np.int32(i), mesh) for i in range(2)]
+  sampler = sampling.make_sampler(model, tok, s.batch, args.gen_steps, mesh)
+  model_vars, tok_vars = sharding.place((variables["model"], variables["tokenizer"]), repl)
+  key_data, temp, label = sharding.place(
+      (np.asarray(jax.random.key_data(jax.random.key(args.seed))), np.float32(6.0), np.int32(0)), repl)
+  idx = [sharding.place(np.int32(i), repl) for i in range(2)]
   t0 = time.perf_counter()
   compiled = sampler.lower(model_vars, tok_vars, key_data, idx[0], temp, label).compile()
   compile_s = time.perf_counter() - t0

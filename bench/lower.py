@@ -289,18 +289,18 @@ def tokenizer(size: str, devices: int) -> Program:
                         _image_batch(config), info)
 
 
-def _checkpoint_meta(size: str) -> dict:
+def _checkpoint_meta(size: str, attention: str = "xla") -> dict:
   """The meta of a pretraining export at `size` (`builders.export_params`), which the eval binaries read."""
-  config = mage_config("mage_pretrain", size, 1)
+  config = mage_config("mage_pretrain", size, 1, {"model.attention": attention})
   tok, _ = _frozen_tokenizer(config)
   model = builders.mage_model(config, tok)
   return {"kind": "mage", "model": dataclasses.asdict(dataclasses.replace(model.config, scan=False)),
           "tokenizer": dataclasses.asdict(tok.config)}
 
 
-def generate(size: str, devices: int, dtype: str = "float32") -> Program:
+def generate(size: str, devices: int, dtype: str = "float32", attention: str = "xla") -> Program:
   """`mage_jax.generate --dtype=...`: 20 decoding steps + VQGAN decode + uint8 (sampling.make_sampler)."""
-  model, vq = params_io.models_from_meta(_checkpoint_meta(size), config_views.dtype(dtype))
+  model, vq = params_io.models_from_meta(_checkpoint_meta(size, attention), config_views.dtype(dtype))
   mesh = sharding.data_mesh()
   batch = (TINY_BATCH_PER_DEVICE if size == "tiny" else GENERATE_BATCH_PER_DEVICE) * mesh.size
   sampler = sampling.make_sampler(model, vq, batch, sampling.DEFAULT_NUM_STEPS, mesh)
@@ -454,6 +454,8 @@ PROGRAMS: dict[str, Entry] = {
     "tokenizer": Entry(tokenizer),
     "generate": Entry(generate),
     "generate_bf16": Entry(functools.partial(generate, dtype="bfloat16")),
+    "generate_cudnn": Entry(functools.partial(generate, dtype="bfloat16", attention="cudnn"), only=("cuda",),
+                            needs_plugin=("cuda",), unstable_targets=("__cudnn$fmhaSoftmax",)),
     "fid_inception": Entry(fid_inception),
     "linear_probe": Entry(linear_probe),
     "probe_features": Entry(probe_features),
