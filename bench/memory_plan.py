@@ -63,12 +63,12 @@ class Fit:
     return best
 
 
-def fit_policy(size: str, policy: str, batches: tuple[int, int]) -> dict:
-  """Compiles the step at both batches with `policy`; the points and their line."""
+def fit_policy(size: str, policy: str, batches: tuple[int, int], overrides: dict | None = None) -> dict:
+  """Compiles the step at both batches with `policy` (and config `overrides`); the points and their line."""
   points = []
   for b in batches:
     points.append(aot_memory.step_memory(size, {"num_devices": 1, "input.batch_size": b,
-                                                "model.remat_policy": policy}))
+                                                "model.remat_policy": policy, **(overrides or {})}))
     print(f"ViT-{size} remat {policy} batch {b}: {points[-1]['memory']['total_gib']:.2f} GiB "
           f"(compiled in {points[-1]['compile_s']:.0f} s)", file=sys.stderr, flush=True)
   gib = [p["memory"]["total_gib"] for p in points]
@@ -89,12 +89,14 @@ def plan_target(fits: dict[str, Fit], capacity_gib: float, multiple: int) -> dic
           "gib_at_plan": fits[chosen].gib(batch) if batch else None}
 
 
-def plan(sizes, batches: tuple[int, int], policies=POLICIES, targets=TARGETS) -> dict:
+def plan(sizes, batches: tuple[int, int], policies=POLICIES, targets=TARGETS, tokenizer_chunks: int = 0) -> dict:
+  """Per size: the policies' lines and the plan for each target; `tokenizer_chunks` > 0 replaces the config's."""
   out = {"headroom": HEADROOM, "global_batch": GLOBAL_BATCH, "min_busy_batch": MIN_BUSY_BATCH, "sizes": {}}
+  overrides = {"tokenizer.chunks": tokenizer_chunks} if tokenizer_chunks else {}
   for size in sizes:
-    # ViT-L's config encodes in tokenizer chunks: the batch must split evenly.
-    multiple = lower.mage_config("mage_pretrain", size, 1).tokenizer.get("chunks", 1)
-    policy_fits = {p: fit_policy(size, p, batches) for p in policies}
+    # The tokenizer encodes the batch in chunks (ViT-L's config: 4): the batch must split evenly.
+    multiple = lower.mage_config("mage_pretrain", size, 1, overrides).tokenizer.get("chunks", 1)
+    policy_fits = {p: fit_policy(size, p, batches, overrides) for p in policies}
     fits = {p: Fit(f["fixed_gib"], f["per_image_gib"]) for p, f in policy_fits.items()}
     out["sizes"][size] = {"policies": policy_fits, "chunks": multiple,
                           "targets": {name: {"gib": gib, **plan_target(fits, gib, multiple)}
@@ -122,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
                               allow_abbrev=False)
   p.add_argument("--sizes", default="B,L", help="comma-separated subset of tiny,B,L")
   p.add_argument("--batches", default="16,64", help="the two per-device batches compiled per policy")
+  p.add_argument("--tokenizer-chunks", type=int, default=0, help="frozen tokenizer slices (0: the config's)")
   p.add_argument("--json", default="", help="write the plan here")
   return p
 
@@ -138,6 +141,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     batches = ()
   if len(batches) != 2 or not 0 < batches[0] < batches[1]:
     raise ValueError(f"--batches={args.batches!r}: expected two increasing positive integers, e.g. 16,64")
+  if args.tokenizer_chunks < 0 or (args.tokenizer_chunks and any(b % args.tokenizer_chunks for b in batches)):
+    raise ValueError(f"--tokenizer-chunks={args.tokenizer_chunks} must be >= 0 and divide --batches")
   args.batches = batches
   return args
 
@@ -145,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   lower.use_cpu_devices(1, exact=False)
-  result = plan(args.sizes, args.batches)
+  result = plan(args.sizes, args.batches, tokenizer_chunks=args.tokenizer_chunks)
   print(markdown(result))
   if args.json:
     with open(args.json, "w") as f:

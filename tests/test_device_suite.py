@@ -121,6 +121,12 @@ def test_random_input_is_a_pure_function_of_seed_and_step():
   assert 0.0 <= b["image"].min() and b["image"].max() < 1.0 and b["label"].dtype == np.int32
   assert 0 <= b["label"].min() and b["label"].max() < synthetic.NUM_CLASSES
   assert pipeline.steps_per_epoch(_random_cfg(batch_size=4096)) == synthetic.TRAIN_EXAMPLES // 4096
+  assert pipeline.make_source(_random_cfg(split="train[:2000]")).num_examples == 2000
+  assert pipeline.make_source(_random_cfg(split="test[100:150]")).num_examples == 50
+  with pytest.raises(ValueError, match="empty"):
+    pipeline.make_source(_random_cfg(split="train[5:5]"))
+  with pytest.raises(ValueError, match="slice"):
+    pipeline.make_source(_random_cfg(split="train[:10%]"))
 
 
 def test_random_eval_split_is_padded_and_masked():

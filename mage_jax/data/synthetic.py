@@ -4,11 +4,13 @@ For smoke runs, benchmarks and device checks on hosts without a dataset or witho
 uniform noise in [0, 1) and every label uniform in [0, NUM_CLASSES), drawn from (seed, global example
 position), so batches are a pure function of (seed, step) like the tf.data pipeline's: a resumed run sees the
 batches an uninterrupted one would, on any number of processes. Nothing is augmented (the config's `augment`
-does not apply). Split sizes are ImageNet-1k's, so epoch-based schedules keep their lengths.
+does not apply). Split sizes are ImageNet-1k's, so epoch-based schedules keep their lengths; a TFDS-style slice
+(`train[:2000]`, `validation[100:200]`) takes that many.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -33,12 +35,26 @@ class _NoCorruptFiles:
     return {"corrupt_skipped": 0, "corrupt_files": ()}
 
 
+def split_size(split: str) -> int:
+  """Examples of a split name: ImageNet-1k's sizes, or the length of a slice `name[a:b]` (absolute bounds)."""
+  total = TRAIN_EXAMPLES if split.startswith("train") else EVAL_EXAMPLES
+  sliced = re.fullmatch(r"[\w]+\[(\d*):(\d*)\]", split)
+  if not sliced:
+    if "[" in split:
+      raise ValueError(f"input split {split!r}: the 'random' input takes a name or a slice name[a:b]")
+    return total
+  lo, hi = int(sliced.group(1) or 0), min(int(sliced.group(2) or total), total)
+  if hi <= lo:
+    raise ValueError(f"input split {split!r} is empty")
+  return hi - lo
+
+
 class RandomSource:
   """The 'random' dataset: `num_examples` of a split, no storage."""
 
   def __init__(self, split: str):
     self.split = split
-    self.num_examples = TRAIN_EXAMPLES if split.startswith("train") else EVAL_EXAMPLES
+    self.num_examples = split_size(split)
     self.stats = _NoCorruptFiles()
 
 
