@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mage_jax_setup
 TEST_STAMP := $(VENV)/.mage_jax_test_deps
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup test quickstart bench clean-venv
+.PHONY: setup test quickstart bench wheels clean-venv
 
 setup: $(STAMP)
 
@@ -34,3 +34,12 @@ quickstart: setup
 
 bench: setup
 	$(PY) bench/benchmark.py --size=tiny
+
+# Packages a GPU image without network may lack, for bench/device_suite.sh (it installs them from here when
+# missing): pure-Python wheels, and wrapt (needed by clu) built for CPython 3.12 on x86-64 Linux.
+WHEELS := .cache/wheels
+wheels:
+	$(PYTHON) -m pip download -q --no-deps -d $(WHEELS) ml-collections==1.1.0 clu==0.0.12 pytest==9.2.0 \
+	  pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments==2.21.0
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 -d $(WHEELS) wrapt==2.5.2

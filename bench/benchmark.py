@@ -10,7 +10,7 @@ backend in the header) and writes the same numbers as JSON:
   pretrain  the jitted, donated `steps.pretrain_step` (frozen tokenizer + MAGE fwd/bwd + AdamW), sharded by
             the config's logical rules over all devices; step time = median of `--steps` steps after
             `--warmup`, each synced (the step itself has no host sync).
-  generate  `generate.make_sampler`: 20 decoding steps + VQGAN decode + uint8, one batch per call.
+  generate  `sampling.make_sampler`: 20 decoding steps + VQGAN decode + uint8, one batch per call.
   encode    tokenizer images → ids, once per tokenizer mode in `--encode-modes`.
   input     `data.pipeline.measure_throughput` on a folder of JPEGs (synthesised, ImageNet-like sizes,
             unless `--jpeg-dir`); needs TensorFlow (skipped where it is not installed).
@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -53,7 +54,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import flops as flops_lib  # noqa: E402
-from mage_jax import generate, masking, optim, sharding, steps  # noqa: E402
+from mage_jax import masking, optim, sampling, sharding, steps  # noqa: E402
+from mage_jax.models import layers  # noqa: E402
 from mage_jax.models.mage import MAGE, config_for  # noqa: E402
 from mage_jax.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
 
@@ -176,13 +178,14 @@ def _array_bytes(hlo_type: str) -> int:
 
 
 def hlo_summary(hlo_text: str) -> dict:
-  """Counts in optimized HLO text: fusions, while loops, collectives, custom-call targets, matmuls/convs,
-  transposes and copies (count and bytes; outside fusions they are separate memory passes), and anything
-  that moves data to/from the host (infeed/outfeed, send/recv, Python callbacks: there must be none)."""
+  """Counts in HLO text: fusions, while loops, collectives (also by element type), custom-call targets,
+  matmuls/convs, transposes and copies (count and bytes; outside fusions they are separate memory passes), and
+  anything that moves data to/from the host (infeed/outfeed, send/recv, Python callbacks: there must be none)."""
   top: dict[str, int] = {}
   fused: dict[str, int] = {}
   top_bytes: dict[str, int] = {}
   targets: dict[str, int] = {}
+  collective_dtypes: dict[str, dict[str, int]] = {}
   in_fused = False
   for line in hlo_text.splitlines():
     comp = _COMPUTATION.match(line)
@@ -197,6 +200,11 @@ def hlo_summary(hlo_text: str) -> dict:
     counts[op] = counts.get(op, 0) + 1
     if not in_fused:
       top_bytes[op] = top_bytes.get(op, 0) + _array_bytes(m.group(1))
+    if op in COLLECTIVES and not in_fused:
+      array = _ARRAY.match(m.group(1).lstrip("("))
+      dtype = array.group(1) if array else "?"
+      per_op = collective_dtypes.setdefault(op, {})
+      per_op[dtype] = per_op.get(dtype, 0) + 1
     if op == "custom-call":
       t = _TARGET.search(line)
       if t:
@@ -215,6 +223,7 @@ def hlo_summary(hlo_text: str) -> dict:
       "copies": top.get("copy", 0) + top.get("copy-start", 0),
       "copy_mib": (top_bytes.get("copy", 0) + top_bytes.get("copy-start", 0)) / 2**20,
       "collectives": {op: top[op] for op in COLLECTIVES if op in top},
+      "collective_dtypes": collective_dtypes,  # op -> {result element type (first of a tuple): count}
       "host_transfers": sum(top.get(op, 0) for op in HOST_OPS) + callbacks,
       "custom_calls": targets,
   }
@@ -387,7 +396,7 @@ class PretrainProgram:
 
 
 def make_pretrain(s: Setup) -> PretrainProgram:
-  """Step exactly as train.py builds it (steps.pretrain_step, optim.pretrain_optimizer, logical shardings,
+  """Step exactly as jobs/pretrain.py builds it (steps.pretrain_step, optim.pretrain_optimizer, logical shardings,
   donated state), except that the tokenizer goes through `Tokenizer` (mode and chunking)."""
   args, model = s.args, s.model
   tok = Tokenizer(tokenizer_module(s.spec.tokenizer, args.tokenizer), args.tokenizer, args.tokenizer_chunks)
@@ -403,10 +412,9 @@ def make_pretrain(s: Setup) -> PretrainProgram:
                            label_smoothing=0.1)
   boxed = jax.eval_shape(init_state, jax.random.key(args.seed))
   state_sh = sharding.logical_shardings(boxed, s.mesh, s.rules)
-  repl, batch_sh = sharding.replicated(s.mesh), sharding.batch_sharding(s.mesh)
-  fn = jax.jit(step, in_shardings=(state_sh, repl, batch_sh), out_shardings=(state_sh, repl),
-               donate_argnums=(0,))
-  return PretrainProgram(fn, init_state, boxed, state_sh, repl, batch_sh, tok)
+  fn = sharding.jit_train_step(step, state_sh, s.mesh)
+  return PretrainProgram(fn, init_state, boxed, state_sh, sharding.replicated(s.mesh), sharding.batch_sharding(s.mesh),
+                         tok)
 
 
 def run_pretrain(s: Setup) -> dict:
@@ -434,7 +442,7 @@ def run_pretrain(s: Setup) -> dict:
     metrics = jax.device_get(call())
   _dump_hlo(args, f"{s.size}_pretrain", compiled)
   params = sum(x.size for x in jax.tree.leaves(holder["state"].params))
-  attn = "fused" if (model.config.attention == "fused" and model.config.attn_dropout == 0.0) else "xla"
+  attn = model.config.attention if model.config.attn_dropout == 0.0 else "xla"
   extra = {"compile_s": compile_s, "loss": float(metrics["loss"]), "finite": float(metrics["finite"]),
            "params_m": params / 1e6, "tokenizer_mode": args.tokenizer, "tokenizer_chunks": args.tokenizer_chunks,
            "scan": model.config.scan, "remat": model.config.remat_policy, "attention_path": attn,
@@ -448,15 +456,16 @@ def run_generate(s: Setup) -> dict:
   args, model = s.args, s.model
   tok = Tokenizer(tokenizer_module(s.spec.tokenizer, args.tokenizer), args.tokenizer)
   n = model.config.num_tokens
-  mesh = generate.data_mesh()
+  mesh = sharding.data_mesh()
+  repl = sharding.replicated(mesh)
   params = jax.jit(model.init, static_argnames="method")(
       jax.random.key(args.seed), jnp.zeros((1, n), jnp.int32), method=MAGE.image_token_logits)
   variables = {"model": nn.unbox(params), "tokenizer": _tokenizer_vars(s.spec.tokenizer, args.seed + 1)}
-  sampler = generate.make_sampler(model, tok, s.batch, args.gen_steps, mesh)
-  model_vars, tok_vars = generate.replicate((variables["model"], variables["tokenizer"]), mesh)
-  key_data, temp, label = generate.replicate(
-      (np.asarray(jax.random.key_data(jax.random.key(args.seed))), np.float32(6.0), np.int32(0)), mesh)
-  idx = [generate.replicate(np.int32(i), mesh) for i in range(2)]
+  sampler = sampling.make_sampler(model, tok, s.batch, args.gen_steps, mesh)
+  model_vars, tok_vars = sharding.place((variables["model"], variables["tokenizer"]), repl)
+  key_data, temp, label = sharding.place(
+      (np.asarray(jax.random.key_data(jax.random.key(args.seed))), np.float32(6.0), np.int32(0)), repl)
+  idx = [sharding.place(np.int32(i), repl) for i in range(2)]
   t0 = time.perf_counter()
   compiled = sampler.lower(model_vars, tok_vars, key_data, idx[0], temp, label).compile()
   compile_s = time.perf_counter() - t0
@@ -469,7 +478,7 @@ def run_generate(s: Setup) -> dict:
   seconds = _median_time(call, 1, args.gen_repeats)
   images, ids = jax.device_get(call())
   _dump_hlo(args, f"{s.size}_generate", compiled)
-  attn = "fused" if model.config.attention == "fused" else "xla"
+  attn = model.config.attention
   extra = {"compile_s": compile_s, "num_steps": args.gen_steps, "tokenizer_mode": args.tokenizer,
            "attention_path": attn, "ids_in_codebook": bool(np.all((ids >= 0) & (ids < model.config.codebook_size))),
            "image_mean": float(np.mean(images)), **compiled_stats(compiled),
@@ -522,10 +531,9 @@ def synthesize_jpegs(directory: str, count: int, width: int, height: int, seed: 
 
 def run_input(s: Setup) -> dict:
   args = s.args
-  try:
-    from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-  except ImportError as e:
-    return {"size": s.size, "workload": "input", "skipped": f"input pipeline unavailable: {e}"}
+  if importlib.util.find_spec("tensorflow") is None:
+    return {"size": s.size, "workload": "input", "skipped": "the input pipeline needs TensorFlow, not installed"}
+  from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   res = s.spec.tokenizer.resolution
   with tempfile.TemporaryDirectory() as tmp:
     root = args.jpeg_dir
@@ -647,8 +655,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--remat", default="auto",
                  help="'auto' (none for tiny/B, dots_with_no_batch_dims_saveable for L), 'none', 'full' or a "
                       "jax.checkpoint_policies name")
-  p.add_argument("--attention", default="fused", choices=("xla", "fused"),
-                 help="'fused' = jax.nn.dot_product_attention; training falls back to 'xla' while attn dropout > 0")
+  p.add_argument("--attention", default="fused", choices=layers.ATTENTION_IMPLEMENTATIONS,
+                 help="'fused' = jax.nn.dot_product_attention, 'cudnn' = its cuDNN kernel (NVIDIA, bf16); training "
+                      "falls back to 'xla' while attn dropout > 0")
   p.add_argument("--dropout", type=float, default=0.1)
   p.add_argument("--attn-dropout", type=float, default=0.1,
                  help="the recipe's 0.1; 0 lets training use fused attention")

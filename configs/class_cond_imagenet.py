@@ -19,6 +19,7 @@ def get_config(arg=None):
   c.model.variant = args.variant
   c.model_init = args.init
   c.mesh = common.mesh(args.fsdp)
+  c.tokenizer.precision = "high"  # TF32-class convs keep the float32 ids (as configs/mage_pretrain.py)
   if args.variant == "L":
     c.model.scan = True
     c.model.remat_policy = "nothing_saveable"

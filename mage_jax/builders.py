@@ -32,6 +32,13 @@ def tokenizer_config(tokenizer_cfg: Any, image_size: int) -> VQGANConfig:
   return config_views.from_config(VQGANConfig, {**sizes, "resolution": image_size}, "config.tokenizer")
 
 
+def tokenizer_module(config: ml_collections.ConfigDict, tok_config: VQGANConfig) -> VQGAN:
+  """The frozen tokenizer as the steps run it (`config.tokenizer.dtype` / `precision`)."""
+  tcfg = config.tokenizer
+  return VQGAN(tok_config, dtype=config_views.dtype(tcfg.get("dtype", "float32")),
+               precision=tcfg.get("precision", "highest"))
+
+
 def load_tokenizer(config: ml_collections.ConfigDict) -> tuple[VQGAN, dict]:
   """The frozen tokenizer: (module, variables on host).
 
@@ -40,15 +47,14 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> tuple[VQGAN, dict]:
   It runs in float32 activations with TF32-class convolutions by default: bf16 compute flips near-tied ids.
   """
   tcfg, image_size = config.tokenizer, config.input.image_size
-  kw = dict(dtype=config_views.dtype(tcfg.get("dtype", "float32")), precision=tcfg.get("precision", "highest"))
   if tcfg.init:
     variables, meta = params_io.load(tcfg.init)
     if "tokenizer" not in variables:
       raise ValueError(f"{tcfg.init} holds no tokenizer params (kind {meta.get('kind')!r})")
     tok_config = dataclasses.replace(params_io.tokenizer_config_from_meta(meta), resolution=image_size)
-    return VQGAN(tok_config, **kw), variables["tokenizer"]
+    return tokenizer_module(config, tok_config), variables["tokenizer"]
   logging.warning("tokenizer.init is empty: using a frozen RANDOM tokenizer (fine for smoke tests only)")
-  tokenizer = VQGAN(tokenizer_config(tcfg, image_size), **kw)
+  tokenizer = tokenizer_module(config, tokenizer_config(tcfg, image_size))
   side = 2 ** (len(tokenizer.config.ch_mult) - 1)
   variables = jax.jit(tokenizer.init)(jax.random.key(config.seed + 1), jnp.zeros((1, side, side, 3)))
   return tokenizer, jax.device_get(nn.unbox(variables))

@@ -38,8 +38,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = Fa
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying the target shardings: restoring into them places arrays on that mesh."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  """ShapeDtypeStructs carrying the target shardings: restoring into them places arrays on that mesh.
+
+  Empty nodes of `tree` (optax's MaskedNode where params are frozen), to which the logical rules assign a
+  sharding all the same, stay as they are.
+  """
+  return jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) if hasattr(x, "shape") else x,
+                      shardings, tree)
 
 
 def _is_abandoned_read(exc: BaseException | None) -> bool:

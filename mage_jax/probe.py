@@ -117,12 +117,22 @@ def pixel_feature_fn(variables, images, rng, deterministic):
   return images.reshape(images.shape[0], -1).astype(jnp.float32)
 
 
+def backbone_tokenizer(tok_config, dtype) -> VQGAN:
+  """The frozen tokenizer of a backbone whose ViT computes in `dtype`.
+
+  Float32 activations whatever `dtype`: low-precision tokenisation changes ids (spec §8.19). Next to a bfloat16
+  ViT the convolutions run at TF32-class precision ('high', as pretraining's `tokenizer.precision`), which keeps
+  the float32 ids on the fixtures; a float32 run keeps them exact ('highest').
+  """
+  return VQGAN(tok_config, dtype=jnp.float32, precision="highest" if dtype == jnp.float32 else "high")
+
+
 def load_backbone(params_dir: str, *, global_pool: bool = True, dtype=jnp.float32,
                   image_size: int | None = None) -> Backbone:
   """Reads a params-only checkpoint (kind 'mage', or a converted/exported 'vit') as a frozen backbone.
 
-  The tokenizer runs in float32 whatever `dtype` (the compute dtype of the ViT): low-precision tokenisation
-  changes ids (spec §8.19). `image_size` defaults to the tokenizer's resolution in the meta.
+  `dtype` is the ViT's compute dtype (see `backbone_tokenizer` for the tokenizer's). `image_size` defaults to
+  the tokenizer's resolution in the meta.
   """
   variables, meta = params_io.load(params_dir)
   params_io.check_finite(variables, params_dir)
@@ -140,7 +150,7 @@ def load_backbone(params_dir: str, *, global_pool: bool = True, dtype=jnp.float3
                      f"expects {config.num_tokens}")
   params = backbone_params_from_mage(variables["model"]["params"], global_pool)
   vit = MAGEViT(config, num_classes=0, global_pool=global_pool, head_type="none", dtype=dtype)
-  return Backbone(VQGAN(tok_config, dtype=jnp.float32), vit,
+  return Backbone(backbone_tokenizer(tok_config, dtype), vit,
                   {"tokenizer": variables["tokenizer"], "vit": {"params": params}}, tok_config.resolution,
                   meta)
 
@@ -310,7 +320,8 @@ def bn_linear_head(params: dict, batch_stats: dict, feats: jax.Array, *, train: 
   else:
     y = (x - stats["mean"]) * jax.lax.rsqrt(stats["var"] + eps)
   head = params["head"]
-  logits = jnp.dot(y, head["kernel"], precision=jax.lax.Precision.HIGHEST) + head["bias"]
+  # Default precision, as every other product of the step (the reference runs its head under fp16 autocast).
+  logits = jnp.dot(y, head["kernel"]) + head["bias"]
   return logits, {"head_bn": stats}
 
 

@@ -1,15 +1,25 @@
-"""Progress of long host loops (generation, feature extraction, FID): counts, items/s and ETA in the log.
+"""Progress reports: of long host loops (`Progress`: generation, feature extraction, FID) and of the training
+loop (`writer`, `training_hooks`).
 
-Training loops report through clu's `ReportProgress`; these loops are not steps of a train state, so they use
-this. The rate leaves out the first update, which includes compilation.
+Host loops are not steps of a train state: `Progress` logs counts, items/s and ETA, leaving out the first update,
+which includes compilation. The training loop reports through clu's metric writer and `ReportProgress`; those
+import TensorFlow (for TensorBoard summaries), so on a host without it (a GPU/TPU image training on the 'random'
+input) metrics and progress go to the absl log only (`LogWriter`, `ReportProgress` here) and profiling windows
+are skipped with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
 from absl import logging
+
+try:
+  from clu import metric_writers, periodic_actions
+except ImportError:  # clu's writers import TensorFlow
+  metric_writers = periodic_actions = None
 
 
 class Progress:
@@ -51,3 +61,70 @@ class Progress:
       self._last_log = now
       self.log(text)
     return text
+
+
+class LogWriter:
+  """`write_scalars` / `write_hparams` / `flush` of a clu MetricWriter, to the absl log."""
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items())))
+
+  def write_hparams(self, hparams: dict) -> None:
+    logging.info("hparams: %s", hparams)
+
+  def flush(self) -> None:
+    pass
+
+
+class ReportProgress:
+  """clu's ReportProgress without TensorBoard: every `every_steps` steps, logs and writes steps/s and the ETA;
+  `timed(name)` measures a phase (e.g. evaluation) and leaves it out of the rate."""
+
+  def __init__(self, num_train_steps: int, writer_, every_steps: int):
+    self.total, self.writer, self.every = num_train_steps, writer_, every_steps
+    self._last_step, self._last_time, self._excluded = None, time.perf_counter(), 0.0
+
+  def __call__(self, step: int) -> None:
+    now = time.perf_counter()
+    if self._last_step is None:
+      self._last_step, self._last_time = step, now
+      return
+    if step % self.every and step != self.total:
+      return
+    rate = (step - self._last_step) / max(now - self._last_time - self._excluded, 1e-9)
+    logging.info("step %d/%d: %.3g steps/s, ETA %.0f s", step, self.total, rate, (self.total - step) / rate)
+    self.writer.write_scalars(step, {"steps_per_sec": rate})
+    self._last_step, self._last_time, self._excluded = step, now, 0.0
+
+  @contextlib.contextmanager
+  def timed(self, name: str):
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._excluded += time.perf_counter() - t0
+      logging.info("%s took %.1f s", name, time.perf_counter() - t0)
+
+
+def writer(workdir: str, is_main: bool):
+  """The training loop's metric writer: clu's default (log + TensorBoard on the main process, asynchronous), or
+  `LogWriter` where clu's writers cannot import."""
+  if metric_writers is None:
+    logging.warning("clu's metric writers need TensorFlow, which is not installed: metrics go to the log only")
+    return LogWriter()
+  return metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
+
+
+def training_hooks(total_steps: int, writer_, every_steps: int, *, profile_dir: str | None, profile_steps: int,
+                   first_profile: int) -> list:
+  """[progress report, optional profiler window (with `profile_dir` and `profile_steps` > 0)]; the first one's
+  `timed(name)` times other phases."""
+  if periodic_actions is None:
+    if profile_dir and profile_steps > 0:
+      logging.warning("profiling needs clu's periodic actions (TensorFlow): profile_steps ignored")
+    return [ReportProgress(total_steps, writer_, every_steps)]
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer_, every_steps=every_steps)]
+  if profile_dir and profile_steps > 0:
+    hooks.append(periodic_actions.Profile(logdir=profile_dir, num_profile_steps=profile_steps,
+                                          first_profile=first_profile))
+  return hooks

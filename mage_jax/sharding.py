@@ -153,6 +153,16 @@ def to_host(tree: Any) -> Any:
   return jax.device_get(tree)
 
 
+def jit_train_step(step, state_shardings: Any, mesh: Mesh, extras_shardings: Any = None):
+  """`step(state, extras, batch) -> (state, metrics)` jitted as the training loops run it: the state sharded by
+  `state_shardings` and donated, extras (e.g. a frozen tokenizer) on `extras_shardings` (default replicated),
+  metrics replicated, the batch split over the batch axes."""
+  repl = replicated(mesh)
+  extras_shardings = repl if extras_shardings is None else extras_shardings
+  return jax.jit(step, in_shardings=(state_shardings, extras_shardings, batch_sharding(mesh)),
+                 out_shardings=(state_shardings, repl), donate_argnums=(0,))
+
+
 def strip_boxes(tree: Any) -> Any:
   """Removes flax's LogicallyPartitioned boxes without applying constraints (works on abstract trees)."""
   return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,

@@ -4,8 +4,8 @@ fine-tuning and the linear probe.
 A job describes itself as a `Task` (how to build its sharded state, its step, where its batches come from,
 what it exports); `run` does the rest: mesh and logical shardings, state initialised directly sharded,
 resume from the latest checkpoint, the jitted step with donated state, deterministic data from the resumed
-step, clu progress/metrics/profiling, evaluations, async orbax checkpoints, SIGTERM handling, non-finite
-checks, export.
+step, progress/metrics/profiling (`progress`: clu's, or log-only where TensorFlow is missing), evaluations,
+async orbax checkpoints, SIGTERM handling, non-finite checks, export.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import flax.linen as nn
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 
-from mage_jax import checkpointing, preemption, sharding
+from mage_jax import checkpointing, preemption, progress, sharding
 
 
 @dataclasses.dataclass
@@ -156,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
     raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
+  writer = progress.writer(workdir, is_main)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(task.init_state, jax.random.key(config.seed))
     state_shardings = sharding.logical_shardings(boxed, mesh, rules)
@@ -191,15 +191,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
       parameter_overview.log_parameter_overview(jax.device_get(state.params))
       writer.write_hparams(_flatten(config.to_dict()))
 
-    step_fn = jax.jit(task.step, in_shardings=(state_shardings, extras_shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, repl), donate_argnums=(0,))
+    step_fn = sharding.jit_train_step(task.step, state_shardings, mesh, extras_shardings)
     end_step = task.total_steps if task.stop_step is None else min(task.stop_step, task.total_steps)
     data = task.data(start_step) if start_step < end_step else iter(())
-    hooks = [periodic_actions.ReportProgress(num_train_steps=end_step, writer=writer,
-                                             every_steps=config.log_every_steps)]
-    if is_main and config.get("profile_steps", 0) > 0:
-      hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
-                                            first_profile=start_step + 5))
+    hooks = progress.training_hooks(end_step, writer, config.log_every_steps,
+                                    profile_dir=workdir if is_main else None,
+                                    profile_steps=config.get("profile_steps", 0), first_profile=start_step + 5)
     stop = preemption.Stop(mesh)
     last_metrics: dict = {}
     try:

@@ -1,25 +1,35 @@
-"""Input pipeline: TFDS / image-folder sources, augmentation, deterministic iterators.
+"""Input pipeline: TFDS / image-folder sources, augmentation, deterministic iterators; the 'random' input.
 
-Importing this package imports TensorFlow (~2 s); the model code does not need it. TensorFlow only feeds
-tf.data here, so it is kept off the accelerators (otherwise it would reserve GPU memory that JAX needs).
+The names below load their submodule on first use, and the submodules load TensorFlow only when a tf.data
+pipeline or a TFDS source is first built: model code, benchmarks and the 'random' input (`synthetic`) run on
+hosts without TensorFlow. TensorFlow only feeds tf.data here, so once loaded it is kept off the accelerators
+(otherwise it would reserve GPU memory that JAX needs).
 """
 
-import tensorflow as tf
+import importlib
 
-tf.config.set_visible_devices([], "GPU")
+_EXPORTS = {
+    "DataIterator": "pipeline", "eval_iterator": "pipeline", "global_batch_indices": "pipeline",
+    "InputConfig": "pipeline", "make_source": "pipeline", "measure_throughput": "pipeline",
+    "num_eval_batches": "pipeline", "num_examples": "pipeline", "steps_per_epoch": "pipeline",
+    "train_iterator": "pipeline", "get_source": "sources", "load_arrays": "sources",
+    "prepare_fashion_mnist": "sources", "prepare_tfds": "sources",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-from mage_jax.data.pipeline import DataIterator
-from mage_jax.data.pipeline import eval_iterator
-from mage_jax.data.pipeline import global_batch_indices
-from mage_jax.data.pipeline import InputConfig
-from mage_jax.data.pipeline import make_source
-from mage_jax.data.pipeline import measure_throughput
-from mage_jax.data.pipeline import num_eval_batches
-from mage_jax.data.pipeline import num_examples
-from mage_jax.data.pipeline import steps_per_epoch
-from mage_jax.data.pipeline import train_iterator
-from mage_jax.data.sources import get_source
-from mage_jax.data.sources import load_arrays
-from mage_jax.data.sources import prepare_fashion_mnist
-from mage_jax.data.sources import prepare_tfds
+def tensorflow_loaded(module_name: str) -> None:
+  """`epy.lazy_imports` success callback of the data modules: hides the GPUs from TensorFlow once it loads."""
+  del module_name
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:
+    pass  # TensorFlow was already initialised elsewhere; its devices are fixed
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"mage_jax.data.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module 'mage_jax.data' has no attribute {name!r}")

@@ -33,7 +33,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import tensorflow as tf
+from etils import epy
+
+from mage_jax import data
+
+with epy.lazy_imports(success_callback=data.tensorflow_loaded):
+  import tensorflow as tf  # loads where a transform is built: importing this module needs no TensorFlow
 
 from mage_jax.data import randaugment
 

@@ -21,7 +21,8 @@ Eval: the split in its stored order, ceil(N / B) global batches; the tail is
 padded (zero image, label 0) and `_mask` marks real examples.
 
 Config keys (ml_collections.ConfigDict, dict or `InputConfig`):
-  name ('fashion_mnist' | 'imagenet2012' | 'folder:/path' | other TFDS name),
+  name ('fashion_mnist' | 'imagenet2012' | 'folder:/path' | other TFDS name | 'random': uniform noise
+  without files or TensorFlow, see `synthetic.py`),
   batch_size (GLOBAL), image_size, and optionally split ('train'), data_dir,
   manual_dir, augment ('pretrain' | 'probe' | 'none'), interpolation
   ('bicubic'), num_workers (0 = tf.data AUTOTUNE), download (False),
@@ -39,11 +40,18 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
+from etils import epy
 
+from mage_jax import data
 from mage_jax.data import augment as augment_lib
 from mage_jax.data import randaugment
-from mage_jax.data import sources
+from mage_jax.data import synthetic
+
+# TensorFlow (and TFDS, through `sources`) load when a tf.data pipeline or source is first built: the 'random'
+# input, model code and benchmarks run on hosts without them.
+with epy.lazy_imports(success_callback=data.tensorflow_loaded):
+  import tensorflow as tf
+  from mage_jax.data import sources
 
 # Purposes mixed into the user seed so that shuffling and augmentation draw
 # from unrelated streams.
@@ -122,8 +130,10 @@ def eval_input_config(cfg: Any, *, split: str, batch_size: int) -> dict:
   return {**fields, "split": split, "batch_size": batch_size, "augment": "none", "rand_augment": "", "views": 1}
 
 
-def make_source(cfg: Any) -> sources.Source:
+def make_source(cfg: Any) -> sources.Source | synthetic.RandomSource:
   c = InputConfig.from_config(cfg)
+  if synthetic.is_random(c.name):
+    return synthetic.RandomSource(c.split)
   return sources.get_source(c.name, c.split, c.data_dir, manual_dir=c.manual_dir,
                             download=c.download)
 
@@ -245,6 +255,9 @@ def train_iterator(
   spe = _steps_per_epoch(n, c.batch_size)
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  if isinstance(src, synthetic.RandomSource):
+    return synthetic.RandomIterator(src, seed=seed, image_size=c.image_size, batch_size=c.batch_size, lo=lo,
+                                    local=local, start_step=start_step, views=c.views, return_index=return_index)
   shuffle_key = tf.constant(_purpose_key(seed, _SHUFFLE_PURPOSE), tf.int64)
   augment_key = tf.constant(_purpose_key(seed, _AUGMENT_PURPOSE), tf.int64)
   batch = tf.constant(c.batch_size, tf.int64)
@@ -305,6 +318,9 @@ def eval_iterator(
   src = source or make_source(c)
   n = src.num_examples
   steps = num_eval_batches(n, c.batch_size)
+  if isinstance(src, synthetic.RandomSource):
+    return synthetic.RandomIterator(src, seed=0, image_size=c.image_size, batch_size=c.batch_size, lo=lo,
+                                    local=local, num_batches=steps, return_index=return_index)
   batch = tf.constant(c.batch_size, tf.int64)
 
   def step_elements(step):

@@ -21,7 +21,12 @@ import dataclasses
 import math
 import re
 
-import tensorflow as tf
+from etils import epy
+
+from mage_jax import data
+
+with epy.lazy_imports(success_callback=data.tensorflow_loaded):
+  import tensorflow as tf  # loads where a transform is built: importing this module needs no TensorFlow
 
 MAX_LEVEL = 10.0
 # timm's orders; the op drawn is an index into one of these.

@@ -149,7 +149,7 @@ def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dic
     {'top1', 'top5' (last eval), 'best_top1', 'steps', 'completed', 'history'}.
   """
   compute_dtype = config_views.dtype(config.dtype)
-  backbone = probe.load_backbone(params_dir, global_pool=config.global_pool,
+  backbone = probe.load_backbone(params_dir, global_pool=config.global_pool, dtype=compute_dtype,
                                  image_size=config.input.get("image_size") or None)
   mcfg = backbone.vit.config
   model = MAGEViT(mcfg, num_classes=config.num_classes, global_pool=config.global_pool, head_type="linear",

@@ -43,12 +43,21 @@ def attention_logits(q, k):
   return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
 
 
+# 'xla': explicit softmax (supports probability dropout); 'fused': jax.nn.dot_product_attention (XLA);
+# 'cudnn': jax.nn.dot_product_attention on cuDNN's fused kernel (NVIDIA GPUs, bf16/fp16 compute only).
+ATTENTION_IMPLEMENTATIONS = ("xla", "fused", "cudnn")
+
+
 class Attention(nn.Module):
-  """Fused-qkv multi-head self-attention with float32 logits and softmax (as the official code forces)."""
+  """Fused-qkv multi-head self-attention with float32 logits and softmax (as the official code forces).
+
+  `implementation` is one of ATTENTION_IMPLEMENTATIONS; 'fused' and 'cudnn' need no probability dropout, so
+  training with `attn_dropout > 0` runs the 'xla' path.
+  """
   num_heads: int
   attn_dropout: float = 0.0
   proj_dropout: float = 0.0
-  implementation: str = "xla"  # 'xla': explicit softmax (supports prob dropout); 'fused': jax.nn.dot_product_attention
+  implementation: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -60,9 +69,9 @@ class Attention(nn.Module):
     # The output features are ordered (3, heads, head_dim): q block | k block | v block.
     qkv = qkv.reshape(b, l, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    use_fused = self.implementation == "fused" and (deterministic or self.attn_dropout == 0.0)
-    if use_fused:
-      out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5)
+    if self.implementation != "xla" and (deterministic or self.attn_dropout == 0.0):
+      out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5,
+                                         implementation="cudnn" if self.implementation == "cudnn" else None)
     else:
       logits = attention_logits(q, k) * head_dim ** -0.5
       probs = jax.nn.softmax(logits, axis=-1)

@@ -66,6 +66,8 @@ class MAGEConfig:
                          f"[{self.codebook_size}, {self.vocab_size})")
     if self.fake_class_id == self.mask_id:
       raise ValueError("fake_class_id and mask_id must differ")
+    if self.attention not in layers.ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention={self.attention!r} is not one of {layers.ATTENTION_IMPLEMENTATIONS}")
 
 
 VARIANTS = {
@@ -127,6 +129,10 @@ class MlmLayer(nn.Module):
     h = self.ln(layers.gelu(self.fc(h))).astype(self.dtype)
     # The official port reads `word_embeddings.weight.data.detach()`: no gradient through the output side.
     table = jax.lax.stop_gradient(word_embeddings).astype(self.dtype)
+    if self.dtype != self.param_dtype:
+      # Cast on each device's shard, then gathered (under FSDP) once in the compute dtype: the backward's
+      # float32-cotangent product reads this copy instead of gathering the float32 table.
+      table = nn.with_logical_constraint(nn.with_logical_constraint(table, ("vocab", "embed")), ("vocab", None))
     logits = jnp.einsum("bld,vd->blv", h, table, preferred_element_type=jnp.float32)
     return logits + self.bias.astype(jnp.float32)
 
