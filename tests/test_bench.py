@@ -39,7 +39,7 @@ def test_flops_match_issue_figures(name, variant, expected):
 def test_block_and_conv_flops_by_hand():
   # 3 tokens, width 2, MLP 4: 2·3·(4·2² + 2·2·4) products + 4·3²·2 for QKᵀ and PV.
   assert flops.block_flops(3, 2, 2.0) == 2 * 3 * (16 + 16) + 4 * 9 * 2
-  c = VQGANConfig(ch=2, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, resolution=4, codebook_size=5)
+  c = VQGANConfig(ch=2, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, resolution=4, codebook_size=5, num_groups=2)
   conv_in = 2 * 16 * 9 * 3 * 2
   level0 = 2 * (2 * 16 * 9 * 2 * 2)
   level1 = 2 * 4 * 9 * 2 * 4 + 2 * 4 * 9 * 4 * 4 + 2 * 4 * 4 * 4   # conv1, conv2, 1×1 shortcut on the output
