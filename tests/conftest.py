@@ -1,9 +1,19 @@
-"""Test setup: 8 fake CPU devices, set before JAX initialises."""
+"""Test setup: 8 fake CPU devices, set before JAX initialises, and one XLA compilation cache for the session."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Many tests (and the binaries they start as subprocesses) compile the same tiny programs; a persistent cache
+# shared by the whole session, subprocesses included, compiles each once. It starts empty, so a test still
+# compiles what it is the first to need, and it is removed at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mage_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402

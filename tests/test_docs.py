@@ -37,8 +37,10 @@ def test_docs_show_commands():
 
 @pytest.mark.parametrize("doc,line", COMMANDS, ids=[f"{d}:{l[:60]}" for d, l in COMMANDS])
 def test_documented_command_parses(doc, line, tmp_path):
-  """Each command goes through its binary's real flag parsing (and config loading), with stand-in paths."""
-  words = shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: str(tmp_path / m.group(1)), line))
+  """Each command goes through its binary's real flag parsing (and config loading), with stand-in paths for
+  shell variables (a one-letter variable is a loop index: 0)."""
+  stand_in = lambda m: "0" if len(m.group(1)) == 1 else str(tmp_path / m.group(1))
+  words = shlex.split(re.sub(r"\$\{?(\w+)\}?", stand_in, line))
   env = dict(w.split("=", 1) for w in words[:words.index("-m")] if re.match(r"^\w+=", w))
   module = words[words.index("-m") + 1]
   run = run_cli(module, *words[words.index("-m") + 2:], MAGE_JAX_PARSE_ONLY="1", **env)
