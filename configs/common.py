@@ -43,7 +43,8 @@ def base_pretrain_config():
   c.seed = 0
   c.input = ml_collections.ConfigDict(dict(
       name="imagenet2012", split="train", data_dir=optional_str(), manual_dir=optional_str(), batch_size=4096,
-      image_size=256, augment="pretrain", interpolation="bicubic", num_workers=0, download=False, views=1))
+      image_size=256, augment="pretrain", interpolation="bicubic", num_workers=0, download=False, views=1,
+      tokens=""))  # tokens: a token cache (configs/cache_tokens.py) to train on instead of images
   # attention: 'xla' | 'fused' (jax.nn.dot_product_attention) | 'cudnn' (its cuDNN kernel, NVIDIA GPUs); the fused
   # kinds need attn_dropout=0 to be used in training.
   c.model = ml_collections.ConfigDict(dict(variant="B", dtype="bfloat16", param_dtype="float32", dropout=0.1,

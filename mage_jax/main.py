@@ -1,8 +1,9 @@
 """`python -m mage_jax.main --config=configs/<file>.py[:args] --workdir=DIR [--config.key=value ...]`: training.
 
 `config.mode` picks the job (mage_jax/jobs): 'pretrain' (MAGE), 'mage_c' (MAGE-C), 'class_cond'
-(class-conditional MAGE from an unconditional checkpoint) or 'tokenizer' (VQGAN training). Re-running the same
-command resumes from the latest checkpoint in the workdir. Every config field can be set on the command line;
+(class-conditional MAGE from an unconditional checkpoint), 'tokenizer' (VQGAN training) or 'cache_tokens' (the
+frozen tokenizer's ids of augmented views, for `input.tokens`). Re-running the same command resumes from the
+latest checkpoint (or the last finished token shard) in the workdir. Every config field can be set on the command line;
 `--config.mesh=data=2,fsdp=4,model=1` sets the device mesh (see mage_jax/sharding.py).
 """
 

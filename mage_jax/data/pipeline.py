@@ -28,7 +28,8 @@ Config keys (ml_collections.ConfigDict, dict or `InputConfig`):
   ('bicubic'), num_workers (0 = tf.data AUTOTUNE), download (False),
   crop_ratio (256/292), eval_interpolation ('bicubic'), scale ((0.2, 1.0)),
   ratio ((3/4, 4/3)), rand_augment ('' or a timm spec such as 'rand-m9-mstd0.5-inc1'), views (1: one
-  augmented image per example; K: K views, for MAGE-C), prefetch (2 batches).
+  augmented image per example; K: K views, for MAGE-C), prefetch (2 batches), tokens ('' or a directory of
+  cached token ids that pretraining reads instead of images; see `mage_jax/cached_tokens.py`).
   See `augment.py` and `randaugment.py` for the transforms.
 """
 
@@ -57,6 +58,7 @@ with epy.lazy_imports(success_callback=data.tensorflow_loaded):
 # from unrelated streams.
 _SHUFFLE_PURPOSE = 1
 _AUGMENT_PURPOSE = 2
+_CACHED_VIEW_PURPOSE = 5  # `example_views`: views keyed by example index, not by sample number
 # Views v > 0 fold this plus v into the sample's seed; far from the small constants the transforms fold in.
 VIEW_SEED_OFFSET = 1 << 20
 
@@ -82,6 +84,7 @@ class InputConfig:
   rand_augment: str = ""  # timm spec, e.g. 'rand-m9-mstd0.5-inc1' (fine-tuning); '' = off
   views: int = 1
   prefetch: int = 2
+  tokens: str = ""  # cached token ids (read by the jobs, not by this pipeline)
 
   def __post_init__(self):
     if self.views < 1 or (self.views > 1 and self.augment == "none"):
@@ -224,6 +227,54 @@ def _finish(ds: tf.data.Dataset, load_fn, c: InputConfig, local: int):
   return ds.with_options(options)
 
 
+def _transform(c: InputConfig):
+  """(image, seed) -> the configured training transform of one image (`augment.preprocess`)."""
+  rand_augment = randaugment.parse(c.rand_augment) if c.rand_augment else None
+  return lambda image, seed: augment_lib.preprocess(
+      image, seed, size=c.image_size, mode=c.augment, interpolation=c.interpolation, scale=c.scale, ratio=c.ratio,
+      crop_ratio=c.crop_ratio, eval_interpolation=c.eval_interpolation, rand_augment=rand_augment)
+
+
+def example_views(cfg: Any, *, seed: int, index: np.ndarray, view: np.ndarray, batch: int,
+                  source: sources.Source | None = None) -> DataIterator:
+  """View `view[m]` of example `index[m]`, m = 0..M-1 in order, `batch` images at a time (cached-token views).
+
+  The view is the configured training transform seeded by fold_in((seed, index), VIEW_SEED_OFFSET + view): a
+  pure function of (seed, example index, view), whoever computes it and in whatever batch.
+
+  Args:
+    cfg: input config (module docstring); its `batch_size` is not used.
+    seed: data seed, non-negative.
+    index: int64 `[M]` example indices in [0, N).
+    view: int64 `[M]` view numbers (>= 0).
+    batch: images per yielded batch; M must be a multiple of it.
+    source: reuse an already built source.
+
+  Yields:
+    `M / batch` batches {'image': float32 `[batch, S, S, 3]` in [0, 1], 'label': int32 `[batch]`}.
+  """
+  c = InputConfig.from_config(cfg)
+  src = source or make_source(c)
+  index, view = np.asarray(index, np.int64), np.asarray(view, np.int64)
+  if isinstance(src, synthetic.RandomSource):
+    raise ValueError("input name 'random' has no images to augment; cached views need a real dataset")
+  if index.shape != view.shape or index.ndim != 1 or batch <= 0 or index.size % batch:
+    raise ValueError(f"example_views: index {index.shape} and view {view.shape} must be equal 1-D shapes, a "
+                     f"multiple of batch={batch}")
+  if index.size and (index.min() < 0 or index.max() >= src.num_examples or view.min() < 0):
+    raise ValueError(f"example_views: indices must lie in [0, {src.num_examples}) and views be >= 0")
+  key = tf.constant(_purpose_key(seed, _CACHED_VIEW_PURPOSE), tf.int64)
+  transform = _transform(dataclasses.replace(c, views=1))
+
+  def load(el):
+    image, label = src.load(el["index"])
+    seed_ = tf.random.experimental.stateless_fold_in(tf.stack([key, el["index"]]), VIEW_SEED_OFFSET + el["view"])
+    return {"image": transform(image, seed_), "label": label}
+
+  ds = tf.data.Dataset.from_tensor_slices({"index": index, "view": view}).batch(batch)
+  return DataIterator(_finish(ds, load, c, batch), src, num_batches=index.size // batch)
+
+
 def train_iterator(
     cfg: Any,
     *,
@@ -271,18 +322,15 @@ def train_iterator(
         pos, tf.stack([shuffle_key, epoch]), max_index)
     return {"index": index, "sample": step * batch + j}
 
-  rand_augment = randaugment.parse(c.rand_augment) if c.rand_augment else None
+  transform = _transform(c)
 
   def load(el):
     image, label = src.load(el["index"])
     seed_ = tf.stack([augment_key, el["sample"]])
 
     def view(v):
-      view_seed = seed_ if v == 0 else tf.random.experimental.stateless_fold_in(seed_, VIEW_SEED_OFFSET + v)
-      return augment_lib.preprocess(
-          image, view_seed, size=c.image_size, mode=c.augment, interpolation=c.interpolation, scale=c.scale,
-          ratio=c.ratio, crop_ratio=c.crop_ratio, eval_interpolation=c.eval_interpolation,
-          rand_augment=rand_augment)
+      return transform(image, seed_ if v == 0 else tf.random.experimental.stateless_fold_in(seed_,
+                                                                                            VIEW_SEED_OFFSET + v))
 
     out = {"image": view(0) if c.views == 1 else tf.stack([view(v) for v in range(c.views)]), "label": label}
     if return_index:

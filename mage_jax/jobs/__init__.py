@@ -9,6 +9,7 @@ MODES = {
     "mage_c": "mage_jax.jobs.mage_c",
     "class_cond": "mage_jax.jobs.class_cond",
     "tokenizer": "mage_jax.jobs.tokenizer",
+    "cache_tokens": "mage_jax.jobs.cache_tokens",
 }
 
 

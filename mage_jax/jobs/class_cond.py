@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import builders, images as image_io, losses, masking, params_io, sampling, sharding, steps, trainer
+from mage_jax import builders, cached_tokens, images as image_io, losses, masking, params_io, sampling, sharding
+from mage_jax import steps, trainer
 from mage_jax.data import pipeline
 from mage_jax.models import layers
 from mage_jax.models.class_cond import ENCODER_PARAM_PATTERNS, ClassCondMAGE
@@ -160,6 +161,7 @@ def _class_cond_initial_params(config, model: ClassCondMAGE, variables: dict) ->
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Fine-tunes a class-conditional decoder on a frozen unconditional MAGE; returns the last logged metrics."""
+  cached_tokens.refuse_cached_input(config)
   cc = config.class_cond
   if not config.get("model_init"):
     raise ValueError("class-conditional training fine-tunes an unconditional MAGE: set config.model_init to its "

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from mage_jax import builders, config_views, contrastive, losses, masking, params_io, sharding, steps, trainer
+from mage_jax import (builders, cached_tokens, config_views, contrastive, losses, masking, params_io, sharding,
+                      steps, trainer)
 from mage_jax.data import pipeline
 from mage_jax.jobs import pretrain
 from mage_jax.models.mage import MAGE
@@ -203,6 +204,7 @@ def export_mage_c(directory: str, model: MAGE, params, tokenizer, tokenizer_vars
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) MAGE-C in `workdir`; returns the last logged metrics."""
+  cached_tokens.refuse_cached_input(config)
   cfg = config_views.from_config(ContrastiveConfig, config.contrastive, "config.contrastive")
   color = config_views.from_config(ColorAugment, config.views, "config.views")
   if config.input.batch_size < 2:

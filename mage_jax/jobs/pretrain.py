@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from mage_jax import builders, fewshot, masking, probe, sharding, steps, trainer
+from mage_jax import builders, cached_tokens, fewshot, masking, probe, sharding, steps, trainer
 from mage_jax.data import pipeline
 from mage_jax.models.mage import MAGE
 from mage_jax.models.vit import MAGEViT
@@ -57,14 +57,35 @@ def fewshot_monitor(config: ml_collections.ConfigDict, model: MAGE, tokenizer: V
   return evaluate
 
 
+def _step_on_cached_ids(state, extras, batch, **update_kwargs):
+  """`Task.step` of cached-token pretraining: `pretrain_update` on the cached ids, no tokenizer."""
+  del extras  # the ids were encoded ahead of training
+  return steps.pretrain_update(state, batch["ids"], None, **update_kwargs)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) MAGE pretraining in `workdir`; returns the last logged metrics."""
+  """Runs (or resumes) MAGE pretraining in `workdir`; returns the last logged metrics.
+
+  With `config.input.tokens` (a token cache, see `cached_tokens`) the steps read cached ids instead of images.
+  """
   mesh, rules = trainer.mesh_and_rules(config)
-  steps_per_epoch = pipeline.steps_per_epoch(config.input)
+  cache = cached_tokens.TokenCache(config.input.tokens) if config.input.get("tokens") else None
+  steps_per_epoch = (cache.num_examples // config.input.batch_size if cache
+                     else pipeline.steps_per_epoch(config.input))
   total_steps, warmup_steps = trainer.schedule_steps(config, steps_per_epoch)
   tx, optim_cfg = builders.pretrain_optimizer(config, total_steps, warmup_steps)
   tokenizer, tokenizer_vars = builders.load_tokenizer(config)
   model = builders.mage_model(config, tokenizer)
+  update_kwargs = dict(model=model, tx=tx, masking_cfg=dict(config.masking), label_smoothing=config.label_smoothing,
+                       schedule=optim_cfg.schedule())
+  if cache:
+    cache.check_tokenizer(cached_tokens.tokenizer_fingerprint(tokenizer, tokenizer_vars, config.tokenizer))
+    step, extras, batch_keys = functools.partial(_step_on_cached_ids, **update_kwargs), {}, ("ids",)
+    data = cached_tokens.train_data(cache, seed=config.seed, batch_size=config.input.batch_size)
+  else:
+    step = functools.partial(steps.pretrain_step, tokenizer=tokenizer,
+                             tokenizer_chunks=config.tokenizer.get("chunks", 1), **update_kwargs)
+    extras, batch_keys, data = tokenizer_vars, ("image",), trainer.image_data(config)
   logging.info("mesh %s, %d steps (%d per epoch), peak lr %.3g, warmup %d", dict(mesh.shape), total_steps,
                steps_per_epoch, optim_cfg.lr, warmup_steps)
   num_tokens = model.config.num_tokens
@@ -76,10 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   task = trainer.Task(
       init_state=init_state,
-      step=functools.partial(steps.pretrain_step, model=model, tokenizer=tokenizer, tx=tx,
-                             masking_cfg=dict(config.masking), label_smoothing=config.label_smoothing,
-                             schedule=optim_cfg.schedule(), tokenizer_chunks=config.tokenizer.get("chunks", 1)),
-      extras=tokenizer_vars, data=trainer.image_data(config), batch_keys=("image",), total_steps=total_steps,
+      step=step, extras=extras, data=data, batch_keys=batch_keys, total_steps=total_steps,
       export=lambda state: builders.export_params(os.path.join(workdir, "params"), model, state.params, tokenizer,
                                                   tokenizer_vars, {"train_steps": total_steps}),
       initial_params=builders.initial_model_params(config, model),
