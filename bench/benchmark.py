@@ -10,6 +10,7 @@ backend in the header) and writes the same numbers as JSON:
   pretrain  the jitted, donated `steps.pretrain_step` (frozen tokenizer + MAGE fwd/bwd + AdamW), sharded by
             the config's logical rules over all devices; step time = median of `--steps` steps after
             `--warmup`, each synced (the step itself has no host sync).
+  pretrain_cached  the same step on cached token ids (`steps.pretrain_ids_step`, `input.tokens`): no tokenizer.
   generate  `sampling.make_sampler`: 20 decoding steps + VQGAN decode + uint8, one batch per call.
   encode    tokenizer images → ids, once per tokenizer mode in `--encode-modes`.
   input     `data.pipeline.measure_throughput` on a folder of JPEGs (synthesised, ImageNet-like sizes,
@@ -59,7 +60,7 @@ from mage_jax.models import layers  # noqa: E402
 from mage_jax.models.mage import MAGE, config_for  # noqa: E402
 from mage_jax.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
 
-WORKLOADS = ("pretrain", "generate", "encode", "input")
+WORKLOADS = ("pretrain", "pretrain_cached", "generate", "encode", "input")
 TOKENIZER_MODES = ("float32", "tf32", "bfloat16")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense bf16 peak per device (datasheets), matched as a case-insensitive substring of device_kind, first hit
@@ -395,9 +396,10 @@ class PretrainProgram:
   tokenizer: Tokenizer
 
 
-def make_pretrain(s: Setup) -> PretrainProgram:
-  """Step exactly as jobs/pretrain.py builds it (steps.pretrain_step, optim.pretrain_optimizer, logical shardings,
-  donated state), except that the tokenizer goes through `Tokenizer` (mode and chunking)."""
+def make_pretrain(s: Setup, cached: bool = False) -> PretrainProgram:
+  """Step exactly as jobs/pretrain.py builds it (steps.pretrain_step, or steps.pretrain_ids_step on cached ids,
+  optim.pretrain_optimizer, logical shardings, donated state), except that the tokenizer goes through
+  `Tokenizer` (mode and chunking)."""
   args, model = s.args, s.model
   tok = Tokenizer(tokenizer_module(s.spec.tokenizer, args.tokenizer), args.tokenizer, args.tokenizer_chunks)
   tx = optim.pretrain_optimizer(lr=1.5e-4 * s.batch / 256, total_steps=100_000, warmup_steps=1000)
@@ -408,8 +410,9 @@ def make_pretrain(s: Setup) -> PretrainProgram:
     params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, n), jnp.int32), plan)["params"]
     return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
 
-  step = functools.partial(steps.pretrain_step, model=model, tokenizer=tok, tx=tx, masking_cfg=MASKING,
-                           label_smoothing=0.1)
+  update_kwargs = dict(model=model, tx=tx, masking_cfg=MASKING, label_smoothing=0.1)
+  step = (functools.partial(steps.pretrain_ids_step, **update_kwargs) if cached
+          else functools.partial(steps.pretrain_step, tokenizer=tok, **update_kwargs))
   boxed = jax.eval_shape(init_state, jax.random.key(args.seed))
   state_sh = sharding.logical_shardings(boxed, s.mesh, s.rules)
   fn = sharding.jit_train_step(step, state_sh, s.mesh)
@@ -417,16 +420,23 @@ def make_pretrain(s: Setup) -> PretrainProgram:
                          tok)
 
 
-def run_pretrain(s: Setup) -> dict:
+def run_pretrain(s: Setup, cached: bool = False) -> dict:
+  """The pretraining step on images (frozen tokenizer inside), or with `cached` on token ids (input.tokens)."""
   args, model = s.args, s.model
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    prog = make_pretrain(s)
+    prog = make_pretrain(s, cached)
     fn, repl, batch_sh = prog.step, prog.replicated, prog.batch_sharding
     state = jax.jit(lambda r: sharding.strip_boxes(prog.init_state(r)), out_shardings=prog.state_sharding)(
         jax.random.key(args.seed))
-    tok_vars = jax.device_put(_tokenizer_vars(s.spec.tokenizer, args.seed + 1), repl)
-    res = s.spec.tokenizer.resolution
-    batches = [{"image": _random_images(jax.random.key(100 + i), s.batch, res, batch_sh)} for i in range(2)]
+    if cached:
+      tok_vars = {}
+      batches = [{"ids": jax.device_put(np.asarray(jax.random.randint(
+          jax.random.key(100 + i), (s.batch, model.config.num_tokens), 0, model.config.codebook_size)), batch_sh)}
+                 for i in range(2)]
+    else:
+      tok_vars = jax.device_put(_tokenizer_vars(s.spec.tokenizer, args.seed + 1), repl)
+      res = s.spec.tokenizer.resolution
+      batches = [{"image": _random_images(jax.random.key(100 + i), s.batch, res, batch_sh)} for i in range(2)]
     t0 = time.perf_counter()
     lowered = fn.lower(state, tok_vars, batches[0])
     compiled = lowered.compile()
@@ -440,16 +450,19 @@ def run_pretrain(s: Setup) -> dict:
 
     seconds = _median_time(call, args.warmup, args.steps)
     metrics = jax.device_get(call())
-  _dump_hlo(args, f"{s.size}_pretrain", compiled)
+  workload = "pretrain_cached" if cached else "pretrain"
+  _dump_hlo(args, f"{s.size}_{workload}", compiled)
   params = sum(x.size for x in jax.tree.leaves(holder["state"].params))
   attn = model.config.attention if model.config.attn_dropout == 0.0 else "xla"
   extra = {"compile_s": compile_s, "loss": float(metrics["loss"]), "finite": float(metrics["finite"]),
-           "params_m": params / 1e6, "tokenizer_mode": args.tokenizer, "tokenizer_chunks": args.tokenizer_chunks,
+           "params_m": params / 1e6, "tokenizer_mode": "cached" if cached else args.tokenizer,
+           "tokenizer_chunks": args.tokenizer_chunks,
            "scan": model.config.scan, "remat": model.config.remat_policy, "attention_path": attn,
            "mesh": dict(s.mesh.shape), **compiled_stats(compiled), "hlo": hlo_summary(compiled.as_text()),
            "matmul_dtypes": matmul_dtypes(lowered.as_text())}
-  return _row(s, "pretrain", batch=s.batch, seconds=seconds, flops_per_image=s.flops.pretrain,
-              images_per_call=s.batch, extra=extra)
+  return _row(s, workload, batch=s.batch, seconds=seconds,
+              flops_per_image=s.flops.pretrain_cached if cached else s.flops.pretrain, images_per_call=s.batch,
+              extra=extra)
 
 
 def run_generate(s: Setup) -> dict:
@@ -566,8 +579,8 @@ def run_size(size: str, args: argparse.Namespace) -> list[dict]:
   s = build_setup(size, args)
   rows = []
   for workload in args.workloads:
-    if workload == "pretrain":
-      rows.append(_guarded(run_pretrain, s, workload))
+    if workload in ("pretrain", "pretrain_cached"):
+      rows.append(_guarded(run_pretrain, s, workload, workload == "pretrain_cached"))
     elif workload == "generate":
       rows.append(_guarded(run_generate, s, workload))
     elif workload == "encode":
@@ -621,7 +634,7 @@ def format_table(env: dict, rows: list[dict]) -> str:
                    [:300])
       continue
     notes = []
-    if r["workload"] == "pretrain":
+    if r["workload"] in ("pretrain", "pretrain_cached"):
       notes.append(f"tok={r['tokenizer_mode']} attn={r['attention_path']} scan={r['scan']} remat={r['remat']}")
     if r["workload"] == "generate":
       notes.append(f"{r['num_steps']} steps tok={r['tokenizer_mode']} attn={r['attention_path']}")

@@ -6,8 +6,8 @@ embedding gathers, pooling and the optimizer update are left out); a trained for
 (forward + backward with respect to activations and weights); the frozen tokenizer costs one forward.
 
 At 256 px with the released sizes this gives ViT-B pretraining 292 GFLOP/img (of which the tokenizer
-encoder 129), ViT-L pretraining 535, ViT-B generation with 20 steps 1751 (20 × 78 + 187 for the VQGAN
-decoder); `tests/test_bench.py` checks these within 2%.
+encoder 129; 163 on cached token ids), ViT-L pretraining 535, ViT-B generation with 20 steps 1751 (20 × 78 +
+187 for the VQGAN decoder); `tests/test_bench.py` checks these within 2%.
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ class FlopCounts:
   mage_train_forward: float
   mage_generation_step: float
   pretrain: float     # tokenizer forward + 3 × MAGE forward on the dropped sequence
+  pretrain_cached: float  # 3 × MAGE forward: the step on cached token ids (input.tokens)
   generation: float   # num_steps × full-sequence forward + tokenizer decode
   encode: float       # tokenizer forward alone
   num_steps: int
@@ -129,5 +130,5 @@ def flop_counts(model: MAGEConfig, tokenizer: VQGANConfig, *, num_steps: int = 2
   train_fwd = mage_forward_flops(model, pretrain_encoder_tokens(model, drop_ratio))
   gen_step = mage_forward_flops(model, model.num_tokens + 1)
   return FlopCounts(tokenizer_forward=tok_fwd, tokenizer_decode=tok_dec, mage_train_forward=train_fwd,
-                    mage_generation_step=gen_step, pretrain=tok_fwd + 3.0 * train_fwd,
+                    mage_generation_step=gen_step, pretrain=tok_fwd + 3.0 * train_fwd, pretrain_cached=3.0 * train_fwd,
                     generation=num_steps * gen_step + tok_dec, encode=tok_fwd, num_steps=num_steps)

@@ -96,6 +96,12 @@ def pretrain_step(state: TrainState, tokenizer_vars, batch, *, model, tokenizer,
                          label_smoothing=label_smoothing, schedule=schedule)
 
 
+def pretrain_ids_step(state: TrainState, extras, batch, **update_kwargs):
+  """`pretrain_step` on cached token ids {'ids': int32 [B, N]}: no tokenizer (`extras` is unused)."""
+  del extras
+  return pretrain_update(state, batch["ids"], None, **update_kwargs)
+
+
 def pretrain_update(state: TrainState, ids, plan: masking.MaskPlan | None, *, model, tx, masking_cfg: dict,
                     label_smoothing: float, schedule=None):
   """One MAGE update on token ids: masked-token loss, gradient, guarded optimizer step.

@@ -29,6 +29,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("name, variant, expected", [
     ("pretrain", "B", 292 * GF), ("tokenizer_forward", "B", 129 * GF), ("pretrain", "L", 535 * GF),
+    ("pretrain_cached", "B", 163 * GF),
     ("generation", "B", 1751 * GF), ("mage_generation_step", "B", 78 * GF), ("tokenizer_decode", "B", 187 * GF),
 ])
 def test_flops_match_issue_figures(name, variant, expected):
@@ -171,7 +172,7 @@ def test_tiny_benchmark_runs_every_workload_and_writes_json(tmp_path):
   assert result["backend"] == "cpu" and result["device_kind"]
   rows = result["results"]
   kinds = [(r["workload"], r["dtype"]) for r in rows]
-  assert [k[0] for k in kinds] == ["pretrain", "generate", "encode", "encode", "encode", "input"]
+  assert [k[0] for k in kinds] == ["pretrain", "pretrain_cached", "generate", "encode", "encode", "encode", "input"]
   assert {r["dtype"] for r in rows if r["workload"] == "encode"} == set(benchmark.TOKENIZER_MODES)
   for r in rows:
     assert "error" not in r and "skipped" not in r, r
@@ -190,7 +191,9 @@ def test_tiny_benchmark_runs_every_workload_and_writes_json(tmp_path):
   assert dtypes["bf16 x bf16"]["ops"] >= 12, dtypes
   assert dtypes["f32 x f32 HIGHEST"]["ops"] == 1, dtypes
   assert pre["timed_calls"] == 2
-  assert rows[1]["ids_in_codebook"]
+  assert rows[1]["tokenizer_mode"] == "cached" and math.isfinite(rows[1]["loss"])
+  assert rows[1]["gflop_per_image"] < pre["gflop_per_image"]
+  assert rows[2]["ids_in_codebook"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY_VQGAN, apply_overrides, random_variables, tiny_train_config
+from conftest import TINY_MAGE, TINY_VQGAN, apply_overrides, random_variables, tiny_train_config
 from mage_jax import cached_tokens, params_io, trainer
 from mage_jax.data import pipeline, sources
 from mage_jax.jobs import cache_tokens, mage_c, pretrain
@@ -43,9 +43,10 @@ def _cache_config(image_folder, tokenizer, **overrides):
 
 
 def _train_config(image_folder, tokenizer, **overrides):
-  """The tiny MAGE config on one device (the sharded step is test_train's subject), 3 steps."""
+  """A one-block MAGE on one device (the sharded step is test_train's subject), 3 steps: compiles in seconds."""
+  model = {f"model.{k}": v for k, v in TINY_MAGE.items() if k != "num_tokens"}
   return tiny_train_config(image_folder, 3, num_devices=1, mesh="data=1,fsdp=1,model=1",
-                           **{"tokenizer.init": tokenizer, **overrides})
+                           **{"tokenizer.init": tokenizer, **model, **overrides})
 
 
 def _files(directory):

@@ -57,12 +57,6 @@ def fewshot_monitor(config: ml_collections.ConfigDict, model: MAGE, tokenizer: V
   return evaluate
 
 
-def _step_on_cached_ids(state, extras, batch, **update_kwargs):
-  """`Task.step` of cached-token pretraining: `pretrain_update` on the cached ids, no tokenizer."""
-  del extras  # the ids were encoded ahead of training
-  return steps.pretrain_update(state, batch["ids"], None, **update_kwargs)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) MAGE pretraining in `workdir`; returns the last logged metrics.
 
@@ -80,7 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        schedule=optim_cfg.schedule())
   if cache:
     cache.check_tokenizer(cached_tokens.tokenizer_fingerprint(tokenizer, tokenizer_vars, config.tokenizer))
-    step, extras, batch_keys = functools.partial(_step_on_cached_ids, **update_kwargs), {}, ("ids",)
+    step, extras, batch_keys = functools.partial(steps.pretrain_ids_step, **update_kwargs), {}, ("ids",)
     data = cached_tokens.train_data(cache, seed=config.seed, batch_size=config.input.batch_size)
   else:
     step = functools.partial(steps.pretrain_step, tokenizer=tokenizer,
