@@ -187,6 +187,13 @@ class TokenCache:
       labels.append(lab)
     self.labels = np.concatenate(labels)
 
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """`num_examples // batch_size`, as the image pipeline (the last partial batch of an epoch is dropped)."""
+    if self.num_examples < batch_size:
+      raise ValueError(f"global batch_size {batch_size} is larger than the token cache {self.directory} "
+                       f"({self.num_examples} examples)")
+    return self.num_examples // batch_size
+
   def check_tokenizer(self, fingerprint: dict) -> None:
     """Refuses training with another tokenizer than the one that wrote the ids."""
     diff = _differences(self.meta["tokenizer"], fingerprint)
@@ -223,9 +230,7 @@ def batch_views(step: int, *, seed: int, num_examples: int, views: int, batch_si
 
 def train_data(cache: TokenCache, *, seed: int, batch_size: int) -> Callable[[int], Iterator[dict]]:
   """`Task.data` of cached-token pretraining: this process's slice of {'ids': int32 `[B, tokens]`, 'label'}."""
-  if cache.num_examples < batch_size:
-    raise ValueError(f"global batch_size {batch_size} is larger than the token cache ({cache.num_examples} "
-                     "examples)")
+  cache.steps_per_epoch(batch_size)
   local = batch_size // jax.process_count()
   lo = jax.process_index() * local
 

@@ -69,7 +69,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 np.concatenate(labels)[:stop - start])
     done_examples += stop - start
     rate = done_examples * views / (time.perf_counter() - started)
-    left = sum(np.subtract(*cached_tokens.shard_range(meta, s)[::-1]) for s in todo if s > shard)
+    left = sum(b - a for a, b in (cached_tokens.shard_range(meta, s) for s in todo if s > shard))
     logging.info("shard %d/%d written: %.1f images/s, ETA %.0f s", shard + 1, meta["num_shards"], rate,
                  left * views / rate)
   return {"examples": meta["num_examples"], "shards_written": len(todo)}

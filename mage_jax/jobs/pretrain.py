@@ -64,7 +64,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   mesh, rules = trainer.mesh_and_rules(config)
   cache = cached_tokens.TokenCache(config.input.tokens) if config.input.get("tokens") else None
-  steps_per_epoch = (cache.num_examples // config.input.batch_size if cache
+  steps_per_epoch = (cache.steps_per_epoch(config.input.batch_size) if cache
                      else pipeline.steps_per_epoch(config.input))
   total_steps, warmup_steps = trainer.schedule_steps(config, steps_per_epoch)
   tx, optim_cfg = builders.pretrain_optimizer(config, total_steps, warmup_steps)
