@@ -46,7 +46,8 @@ def check_codebook(codebook_size: int) -> None:
 
 
 def refuse_cached_input(config: ml_collections.ConfigDict) -> None:
-  """For jobs that still tokenize in the step: `input.tokens` would otherwise be silently ignored."""
+  """For jobs that read images (MAGE-C, class-conditional, tokenizer training): `input.tokens` would otherwise be
+  silently ignored."""
   if config.input.get("tokens"):
     raise ValueError(f"input.tokens={config.input.tokens}: cached-token training is supported by mode 'pretrain' "
                      f"only, not {config.mode!r}; unset input.tokens")

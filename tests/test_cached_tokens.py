@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_MAGE, TINY_VQGAN, apply_overrides, random_variables, tiny_train_config
 from mage_jax import cached_tokens, params_io, trainer
 from mage_jax.data import pipeline, sources
-from mage_jax.jobs import cache_tokens, mage_c, pretrain
+from mage_jax.jobs import cache_tokens, class_cond, mage_c, pretrain, tokenizer
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
 
 VIEWS = 2
@@ -155,9 +155,29 @@ def test_refusals(cache_dir, image_folder, tokenizer_dir, tmp_path):
   with pytest.raises(ValueError, match="codebook_size 65537 does not fit the cache's uint16 ids"):
     cache_tokens.train_and_evaluate(_cache_config(image_folder, big), str(tmp_path / "big_codebook"))
   assert not os.path.exists(tmp_path / "big_codebook")
-  from configs import mage_c_fashion_mnist
-  with pytest.raises(ValueError, match="supported by mode 'pretrain' only, not 'mage_c'"):
-    mage_c.train_and_evaluate(apply_overrides(mage_c_fashion_mnist.get_config(), **{"input.tokens": cache_dir}),
-                              str(tmp_path / "mage_c"))
+  from configs import class_cond_fashion_mnist, mage_c_fashion_mnist, tokenizer_fashion_mnist
+  for job, config_module in ((mage_c, mage_c_fashion_mnist), (class_cond, class_cond_fashion_mnist),
+                             (tokenizer, tokenizer_fashion_mnist)):
+    config = apply_overrides(config_module.get_config(), **{"input.tokens": cache_dir})
+    with pytest.raises(ValueError, match=f"supported by mode 'pretrain' only, not '{config.mode}'"):
+      job.train_and_evaluate(config, str(tmp_path / config.mode))
   with pytest.raises(FileNotFoundError, match="is not a token cache"):
     cached_tokens.TokenCache(str(tmp_path))
+
+
+def test_process_slices_make_the_global_batches(monkeypatch):
+  """Each process encodes its contiguous slice of every global batch; in process order they are the batch."""
+  meta = {"num_examples": 14, "shard_examples": 8, "views": 2}
+  batch = 4
+  whole = [cache_tokens._process_examples(meta, shard, batch) for shard in (0, 1)]
+  np.testing.assert_array_equal(whole[1][0], [8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 13, 13, 13, 13])
+  np.testing.assert_array_equal(whole[1][1], [0, 1] * 8)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for shard in (0, 1):
+    parts = []
+    for p in range(2):
+      monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+      parts.append([a.reshape(-1, batch // 2 * meta["views"]) for a in cache_tokens._process_examples(meta, shard,
+                                                                                                      batch)])
+    for k in range(2):  # index, view
+      np.testing.assert_array_equal(np.concatenate([parts[0][k], parts[1][k]], axis=1).reshape(-1), whole[shard][k])

@@ -48,7 +48,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mage_jax import builders, config_views, image_metrics, images as images_lib, optim, params_io, sharding
+from mage_jax import builders, cached_tokens, config_views, image_metrics, images as images_lib, optim, params_io, sharding
 from mage_jax import tokenizer_losses as tl
 from mage_jax import tokenizer_step, trainer
 from mage_jax.data import pipeline
@@ -304,6 +304,7 @@ def evaluate_initial(task: trainer.Task, mesh, workdir: str, init: str) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) tokenizer training in `workdir`; returns the last logged metrics."""
+  cached_tokens.refuse_cached_input(config)
   start = time.perf_counter()
   task, mesh, rules = build_task(config, workdir)
   if task.initial_params is not None:
