@@ -264,7 +264,7 @@ def example_views(cfg: Any, *, seed: int, index: np.ndarray, view: np.ndarray, b
   if index.size and (index.min() < 0 or index.max() >= src.num_examples or view.min() < 0):
     raise ValueError(f"example_views: indices must lie in [0, {src.num_examples}) and views be >= 0")
   key = tf.constant(_purpose_key(seed, _CACHED_VIEW_PURPOSE), tf.int64)
-  transform = _transform(dataclasses.replace(c, views=1))
+  transform = _transform(c)
 
   def load(el):
     image, label = src.load(el["index"])
@@ -329,8 +329,8 @@ def train_iterator(
     seed_ = tf.stack([augment_key, el["sample"]])
 
     def view(v):
-      return transform(image, seed_ if v == 0 else tf.random.experimental.stateless_fold_in(seed_,
-                                                                                            VIEW_SEED_OFFSET + v))
+      view_seed = seed_ if v == 0 else tf.random.experimental.stateless_fold_in(seed_, VIEW_SEED_OFFSET + v)
+      return transform(image, view_seed)
 
     out = {"image": view(0) if c.views == 1 else tf.stack([view(v) for v in range(c.views)]), "label": label}
     if return_index:
