@@ -29,6 +29,9 @@ $(TEST_STAMP): $(STAMP) requirements-test.txt
 test: setup $(TEST_STAMP)
 	MAGE_JAX_REQUIRE_FID=1 $(PY) -m pytest -q tests
 
+lint: $(TEST_STAMP)
+	$(PY) -m ruff check --select F .
+
 quickstart: setup
 	$(PY) -m mage_jax.quickstart --workdir=runs/quickstart
 

@@ -1,9 +1,6 @@
 """Checkpoint import: safe unpickling, key reports, real model sizes, the CLI."""
 
-import io
-import os
 import pickle
-import shutil
 import subprocess
 import sys
 import zipfile

@@ -1,7 +1,6 @@
 """Careless and hostile command lines for the training and evaluation binaries: one line naming the problem,
 exit status 2 (usage) or 1 (runtime), no traceback, nothing outside the output touched."""
 
-import os
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 """Tests for mage_jax.probe: head math, known-answer probes, backbone features, resume, export."""
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

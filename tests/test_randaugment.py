@@ -154,6 +154,7 @@ def test_preprocess_with_rand_augment():
   plain = augment.preprocess(image, seed, size=24, mode="pretrain")
   augmented = augment.preprocess(image, seed, size=24, mode="pretrain", rand_augment=config)
   assert augmented.shape == (24, 24, 3)
+  assert not np.array_equal(augmented.numpy(), plain.numpy())  # RandAugment changed the pixels
   values = augmented.numpy() * 255.0
   np.testing.assert_allclose(values, np.round(values), atol=1e-3)  # uint8 grid, as PIL's images
   np.testing.assert_array_equal(augmented.numpy(),
