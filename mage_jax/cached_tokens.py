@@ -111,8 +111,11 @@ def read_meta(directory: str) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{directory} is not a token cache (no {META_FILE}; write one with "
                             "python -m mage_jax.main --config=configs/cache_tokens.py)")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{path} is unreadable ({e}): the token cache is damaged") from None
 
 
 def prepare_directory(directory: str, meta: dict) -> None:
@@ -161,6 +164,13 @@ def write_shard(directory: str, meta: dict, shard: int, ids: np.ndarray, labels:
     _write_atomically(shard_path(directory, shard, meta["num_shards"], what), buffer.getvalue())
 
 
+def _load_npy(path: str, mmap_mode: str | None) -> np.ndarray:
+  try:
+    return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is unreadable ({e}): the token cache is damaged") from None
+
+
 class TokenCache:
   """A finished cache, read-only: ids memory-mapped shard by shard, labels in memory."""
 
@@ -178,8 +188,8 @@ class TokenCache:
     self._ids, labels = [], []
     for s in range(meta["num_shards"]):
       start, stop = shard_range(meta, s)
-      ids = np.load(shard_path(directory, s, meta["num_shards"], "ids"), mmap_mode="r")
-      lab = np.load(shard_path(directory, s, meta["num_shards"], "labels"))
+      ids, lab = (_load_npy(shard_path(directory, s, meta["num_shards"], what), mmap)
+                  for what, mmap in (("ids", "r"), ("labels", None)))
       if ids.shape != (stop - start, self.views, self.num_tokens) or ids.dtype != np.uint16 or lab.shape != (
           stop - start,):
         raise ValueError(f"{directory}: shard {s} holds ids {ids.shape} {ids.dtype} and labels {lab.shape}, "

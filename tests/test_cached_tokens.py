@@ -163,6 +163,12 @@ def test_refusals(cache_dir, image_folder, tokenizer_dir, tmp_path):
       job.train_and_evaluate(config, str(tmp_path / config.mode))
   with pytest.raises(FileNotFoundError, match="is not a token cache"):
     cached_tokens.TokenCache(str(tmp_path))
+  damaged = tmp_path / "damaged"
+  damaged.mkdir()
+  for name, data in _files(cache_dir).items():
+    (damaged / name).write_bytes(data[:len(data) // 2] if name.endswith(".ids.npy") else data)
+  with pytest.raises(ValueError, match="shard-00000-of-00003.ids.npy is unreadable"):
+    cached_tokens.TokenCache(str(damaged))
 
 
 def test_process_slices_make_the_global_batches(monkeypatch):
