@@ -14,7 +14,8 @@ CONFIGS = [("fashion_mnist_tiny", None), ("mage_pretrain", "variant=B"),
            ("mage_pretrain", "variant=L,runlocal"), ("mage_c_imagenet", "variant=B"), ("mage_c_fashion_mnist", None),
            ("class_cond_fashion_mnist", "init=/x"), ("class_cond_imagenet", "variant=B,init=/x"),
            ("tokenizer_imagenet", None), ("tokenizer_fashion_mnist", None), ("eval_imagenet", "variant=B"),
-           ("eval_fashion_mnist", "finetune"), ("finetune_imagenet", "variant=L")]
+           ("eval_fashion_mnist", "finetune"), ("finetune_imagenet", "variant=L"), ("cache_tokens", "views=10"),
+           ("cache_tokens", "base=fashion_mnist_tiny,views=8")]
 
 
 def _config_path(name):
