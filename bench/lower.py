@@ -369,7 +369,8 @@ def linear_probe(size: str, devices: int) -> Program:
   cfg = config_views.from_config(job.ProbeConfig, lp, "config.linear_probe", num_classes=config.num_classes,
                                  seed=config.seed, batch_size=batch, **({"bn_group_size": 0} if size == "tiny" else {}))
   backbone, _, _, shardings = _eval_setup(config, size, batch)
-  tx, schedule = cfg.optimizer(_STEPS, _WARMUP)
+  ocfg = dataclasses.replace(cfg.optim(steps_per_epoch=1), total_steps=_STEPS, warmup_steps=_WARMUP)
+  tx, schedule = optim.probe_optimizer(ocfg), ocfg.schedule()
   step = functools.partial(job.probe_step, tx=tx, cfg=cfg, feature_fn=backbone.feature_fn(), dropout=dropout,
                            schedule=schedule)
   init_state = functools.partial(job.init_state, tx=tx, dim=backbone.dim, cfg=cfg)

@@ -135,7 +135,8 @@ def load_backbone(params_dir: str, *, global_pool: bool = True, dtype=jnp.float3
   the tokenizer's resolution in the meta.
   """
   variables, meta = params_io.load(params_dir)
-  params_io.check_finite(variables, params_dir)
+  # 'torch_unused' holds the source file's unused tensors (integer position ids among them) for exports only.
+  params_io.check_finite({k: v for k, v in variables.items() if k != "torch_unused"}, params_dir)
   kind = meta.get("kind", "mage")
   if kind not in ("mage", "vit"):
     raise ValueError(f"{params_dir}: checkpoint kind {kind!r} has no MAGE encoder; expected 'mage' or 'vit'")

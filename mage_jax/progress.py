@@ -11,15 +11,22 @@ are skipped with a warning.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Callable
 
 from absl import logging
 
-try:
-  from clu import metric_writers, periodic_actions
-except ImportError:  # clu's writers import TensorFlow
-  metric_writers = periodic_actions = None
+
+@functools.cache
+def _clu():
+  """clu's (metric_writers, periodic_actions), or (None, None) without TensorFlow. Imported on first use: they
+  import TensorFlow, which binaries that only read images or run a network (edit, fid) should not pay for."""
+  try:
+    from clu import metric_writers, periodic_actions
+  except ImportError:
+    return None, None
+  return metric_writers, periodic_actions
 
 
 class Progress:
@@ -109,6 +116,7 @@ class ReportProgress:
 def writer(workdir: str, is_main: bool):
   """The training loop's metric writer: clu's default (log + TensorBoard on the main process, asynchronous), or
   `LogWriter` where clu's writers cannot import."""
+  metric_writers, _ = _clu()
   if metric_writers is None:
     logging.warning("clu's metric writers need TensorFlow, which is not installed: metrics go to the log only")
     return LogWriter()
@@ -119,6 +127,7 @@ def training_hooks(total_steps: int, writer_, every_steps: int, *, profile_dir: 
                    first_profile: int) -> list:
   """[progress report, optional profiler window (with `profile_dir` and `profile_steps` > 0)]; the first one's
   `timed(name)` times other phases."""
+  _, periodic_actions = _clu()
   if periodic_actions is None:
     if profile_dir and profile_steps > 0:
       logging.warning("profiling needs clu's periodic actions (TensorFlow): profile_steps ignored")

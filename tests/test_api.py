@@ -52,7 +52,7 @@ def binaries(params_dir, tmp_path_factory):
                                          stderr=subprocess.PIPE, text=True)
   procs = {
       "generate": (start("mage_jax.generate", f"--params={params_dir}", f"--out={root / 'gen'}", *GENERATE_FLAGS,
-                         "--no_png", "--npz", "--grid=0"), root / "gen"),
+                         "--nopng", "--npz", "--grid=0"), root / "gen"),
       "edit": (start("mage_jax.edit", f"--params={params_dir}", f"--image={root / 'in.png'}",
                      f"--out={root / 'edit'}", *EDIT_FLAGS), root / "edit", editing.load_image(root / "in.png", 32))}
   yield procs

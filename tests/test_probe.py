@@ -212,6 +212,7 @@ def test_feature_cache_roundtrip_and_invalidation(tmp_path):
 @pytest.mark.parametrize("online", [False, True])
 def test_probe_resume_equals_uninterrupted(tiny_params_dir, mesh, tmp_path, online, monkeypatch):
   """Killed after epoch 1 (stop_after_epochs) and re-run == one uninterrupted run, bit for bit."""
+  chex.clear_trace_counter()  # chex counts per function across the parametrized cases
   monkeypatch.setattr(linear_probe, "probe_step", chex.assert_max_traces(linear_probe.probe_step, n=3))  # 3 runs
   rng = np.random.default_rng(0)
   if online:

@@ -330,7 +330,7 @@ def test_config_errors_and_perceptual_status(folder, tmp_path, caplog):
     tokenizer_step.LossConfig(rec_type="huber")
   c = small_config(folder)
   c.input.image_size = 17
-  with pytest.raises(ValueError, match="multiple of the tokenizer's downsampling factor 2"):
+  with pytest.raises(ValueError, match="not a multiple of its downsampling factor 2"):
     builders.tokenizer_config(c.tokenizer, c.input.image_size)
   c = small_config(folder)
   c.tokenizer.num_groups = 3
