@@ -118,15 +118,9 @@ def main(argv=None) -> dict:
   report = step_memory(args.size, overrides_from(args), args.attention, compile_=not args.no_compile)
   report["backend_note"] = "CPU compile: an approximation of GPU/TPU memory (see module docstring)"
   print(json.dumps(report, indent=1, default=float))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1, default=float)
+  benchmark.write_json(args.json, report)
   return report
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  benchmark.run_script(main)

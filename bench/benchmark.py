@@ -760,16 +760,28 @@ def main(argv=None) -> dict:
   result = {**env, "argv": argv, "results": rows,
             "flops_convention": "2 FLOPs/MAC; matmuls+convs only; trained part x3 (bench/flops.py)"}
   print(format_table(env, rows), flush=True)
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1, default=float)
+  write_json(args.json, result)
   return result
 
 
-if __name__ == "__main__":
+def write_json(path: str | None, result: dict) -> None:
+  """Writes a script's result as JSON to `path` (its directory created), when a path is given."""
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(result, f, indent=1, default=float)
+
+
+def run_script(main: Callable[[], Any]) -> None:
+  """Runs a bench script's `main`: an int result is the exit status; a ValueError (a bad flag or input) is one
+  `error:` line and status 2."""
   try:
-    main()
+    result = main()
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+  run_script(main)

@@ -37,7 +37,6 @@ import functools
 import glob
 import importlib
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -662,16 +661,9 @@ def main(argv=None) -> int:
   result = run(args)
   print(f"{sum('error' not in r and passed(r) for r in result['programs'].values())}/{len(result['programs'])} "
         f"programs lowered without problems in {result['wall_s']:.0f} s", flush=True)
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1, default=float)
+  benchmark.write_json(args.json, result)
   return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  benchmark.run_script(main)

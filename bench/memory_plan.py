@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import aot_memory, lower  # noqa: E402
+from bench import aot_memory, benchmark, lower  # noqa: E402
 
 # Device memory in GiB as the runtimes report it (nvidia-smi: H100 SXM 81,559 MiB, H200 143,771 MiB; Cloud TPU
 # docs: v4 32 GiB, v5e 16 GiB, v5p 95 GiB per chip).
@@ -152,15 +151,9 @@ def main(argv=None) -> dict:
   lower.use_cpu_devices(1, exact=False)
   result = plan(args.sizes, args.batches, tokenizer_chunks=args.tokenizer_chunks)
   print(markdown(result))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1, default=float)
+  benchmark.write_json(args.json, result)
   return result
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  benchmark.run_script(main)
