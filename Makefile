@@ -26,8 +26,12 @@ $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt -c requirements.txt
 	touch $(TEST_STAMP)
 
+# Two test processes (pytest-xdist, one per core), a test file per process: module fixtures are built once.
 test: setup $(TEST_STAMP)
-	MAGE_JAX_REQUIRE_FID=1 $(PY) -m pytest -q tests
+	MAGE_JAX_REQUIRE_FID=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not heavy" tests
+
+test-all: setup $(TEST_STAMP)
+	MAGE_JAX_REQUIRE_FID=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(TEST_STAMP)
 	$(PY) -m ruff check --select F .

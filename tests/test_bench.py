@@ -163,7 +163,7 @@ def test_bad_arguments_are_named():
 # The CI-sized run.
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the device-suite test runs the benchmark's pretraining and input rows in CI
 def test_tiny_benchmark_runs_every_workload_and_writes_json(tmp_path):
   out = tmp_path / "bench.json"
   benchmark.main(["--size=tiny", "--steps=2", "--warmup=1", "--gen-steps=4", "--gen-repeats=1",

@@ -256,7 +256,7 @@ def _restore(workdir, step):
   return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "default"))
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the loop's bitwise resume is checked in CI on pretraining; the quickstart tests consume tokenizer exports
 def test_resume_is_bitwise_identical_and_export_is_consumable(folder, tmp_path, monkeypatch):
   monkeypatch.setattr(tokenizer_step, "train_step", chex.assert_max_traces(tokenizer_step.train_step, n=3))
   # R1 and the perceptual net are covered by `gan_setup`; here: D from step 1 (both branches), LeCam, entropy

@@ -273,7 +273,7 @@ def test_class_cond_refuses_missing_or_mismatched_init(image_folder, tmp_path):
     config_from_meta({"model": _base_config().__dict__})
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the MAGE-C and class-conditional steps' tests above run in CI; this chains both jobs
 def test_mage_c_then_class_cond_end_to_end(image_folder, tmp_path):
   # MAGE-C: 3 steps on the 8-device mesh, exported in the pretraining layout + the head.
   mc = _variant_config("mage_c_fashion_mnist", "steps=3,batch=8", image_folder)
