@@ -48,6 +48,9 @@ from typing import Any, Callable
 if __package__ in (None, ""):
   # Run as a script: make `bench` and `mage_jax` importable from the repository root.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":
+  from mage_jax import allocator  # noqa: E402
+  allocator.maybe_reexec(script=True)  # timed as the binaries run: under tcmalloc where the system has it
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -60,7 +63,7 @@ from mage_jax.models import layers  # noqa: E402
 from mage_jax.models.mage import MAGE, config_for  # noqa: E402
 from mage_jax.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
 
-WORKLOADS = ("pretrain", "pretrain_cached", "generate", "encode", "input")
+WORKLOADS = ("pretrain", "pretrain_cached", "generate", "encode", "features", "input")
 TOKENIZER_MODES = ("float32", "tf32", "bfloat16")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense bf16 peak per device (datasheets), matched as a case-insensitive substring of device_kind, first hit
@@ -77,22 +80,27 @@ REFERENCE = {
 }
 # `--remat auto`: no rematerialisation where the activations fit one 80 GB device at batch 128; ViT-L saves
 # only the weight products (CPU compile estimate at batch 128: ~106 GiB without remat, ~42 GiB with this).
-REMAT_AUTO = {"tiny": "none", "B": "none", "L": "dots_with_no_batch_dims_saveable"}
+REMAT_AUTO = {"tiny": "none", "mid": "none", "B": "none", "L": "dots_with_no_batch_dims_saveable"}
 MASKING = dict(min_ratio=0.5, max_ratio=1.0, mu=0.55, std=0.25, drop_ratio=0.5)
 
 
 @dataclasses.dataclass(frozen=True)
 class Size:
-  """One benchmarked model size: MAGE variant, tokenizer config and default batch."""
+  """One benchmarked model size: MAGE variant (with `mage` overrides), tokenizer config and default batch."""
   variant: str
   tokenizer: VQGANConfig
   batch: int
+  mage: tuple = ()  # (field, value) pairs over the variant's sizes
 
 
 SIZES = {
     # The conformance fixture's tokenizer (32 px → 8×8 tokens) with the tiny MAGE: seconds on a CPU.
     "tiny": Size("tiny", VQGANConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=16, resolution=32),
                  batch=8),
+    # Where matmuls dominate on a CPU: 192 wide, 6+4 layers, 64x64 images (16x16 tokens), the same tokenizer.
+    "mid": Size("tiny", VQGANConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=16, resolution=64),
+                batch=64, mage=(("embed_dim", 192), ("depth", 6), ("num_heads", 3), ("decoder_embed_dim", 192),
+                                ("decoder_depth", 4), ("decoder_num_heads", 3))),
     "B": Size("B", VQGANConfig(), batch=128),
     "L": Size("L", VQGANConfig(), batch=128),
 }
@@ -344,7 +352,7 @@ def build_setup(size: str, args: argparse.Namespace) -> Setup:
   spec = SIZES[size]
   tok_cfg = spec.tokenizer
   n = tok_cfg.num_tokens
-  mcfg = config_for(spec.variant, num_tokens=n, codebook_size=tok_cfg.codebook_size,
+  mcfg = config_for(spec.variant, **dict(spec.mage), num_tokens=n, codebook_size=tok_cfg.codebook_size,
                     max_position_embeddings=max(257, n + 1), scan=bool(args.scan),
                     remat_policy=REMAT_AUTO[size] if args.remat == "auto" else args.remat,
                     attention=args.attention, dropout=args.dropout, attn_dropout=args.attn_dropout)
@@ -528,6 +536,40 @@ def run_encode(s: Setup, mode: str) -> dict:
   return row
 
 
+def run_features(s: Setup) -> dict:
+  """The linear probe's frozen features (`probe.make_feature_fn`: float32 tokenizer ids, the encoder over every
+  token, mean pool and fc_norm) of one batch of images, as `evaluate` extracts them."""
+  from mage_jax import probe  # pylint: disable=g-import-not-at-top
+  from mage_jax.models.vit import MAGEViT  # pylint: disable=g-import-not-at-top
+  args = s.args
+  vit = MAGEViT(s.model.config, head_type="none", dtype=s.model.dtype)
+  tok = VQGAN(s.spec.tokenizer, precision="highest")
+  repl, batch_sh = sharding.replicated(s.mesh), sharding.batch_sharding(s.mesh)
+  n = s.model.config.num_tokens
+  vit_params = nn.unbox(jax.jit(vit.init)(jax.random.key(args.seed), jnp.zeros((1, n), jnp.int32)))
+  variables = jax.device_put({"tokenizer": _tokenizer_vars(s.spec.tokenizer, args.seed + 1), "vit": vit_params},
+                             repl)
+  res = s.spec.tokenizer.resolution
+  images = [_random_images(jax.random.key(300 + i), s.batch, res, batch_sh) for i in range(2)]
+  feature_fn = probe.make_feature_fn(tok, vit)
+  fn = jax.jit(lambda v, x: feature_fn(v, x, None, True), in_shardings=(repl, batch_sh), out_shardings=batch_sh)
+  t0 = time.perf_counter()
+  compiled = fn.lower(variables, images[0]).compile()
+  compile_s = time.perf_counter() - t0
+  counter = {"i": 0}
+
+  def call():
+    counter["i"] += 1
+    return compiled(variables, images[counter["i"] % 2])
+
+  seconds = _median_time(call, 1, args.encode_repeats)
+  extra = {"compile_s": compile_s, "tokenizer_mode": "float32", **compiled_stats(compiled),
+           "hlo": hlo_summary(compiled.as_text())}
+  flops = s.flops.encode + flops_lib.mage_forward_flops(s.model.config, n + 1, decoder=False)
+  return _row(s, "features", batch=s.batch, seconds=seconds, flops_per_image=flops, images_per_call=s.batch,
+              extra=extra)
+
+
 def synthesize_jpegs(directory: str, count: int, width: int, height: int, seed: int = 0) -> str:
   """`count` smooth random JPEGs (quality 90): low-frequency colour fields plus mild noise, so the files
   have photo-like sizes (noise alone compresses badly and decodes slower than real photos)."""
@@ -585,6 +627,8 @@ def run_size(size: str, args: argparse.Namespace) -> list[dict]:
       rows.append(_guarded(run_generate, s, workload))
     elif workload == "encode":
       rows.extend(_guarded(run_encode, s, workload, mode) for mode in args.encode_modes)
+    elif workload == "features":
+      rows.append(_guarded(run_features, s, workload))
     elif workload == "input":
       rows.append(_guarded(run_input, s, workload))
     peak = device_peak_bytes()
@@ -652,7 +696,7 @@ def format_table(env: dict, rows: list[dict]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--size", default="tiny", choices=("tiny", "B", "L", "all"),
+  p.add_argument("--size", default="tiny", choices=("tiny", "mid", "B", "L", "all"),
                  help="'all' = B and L, each in its own process (clean memory figures, an OOM stays local)")
   p.add_argument("--batch", type=int, default=0, help="global batch (0: 8 for tiny, 128 for B/L)")
   p.add_argument("--steps", type=int, default=20, help="timed pretraining steps (median reported)")

@@ -5,9 +5,10 @@ matrix products and convolutions count (attention's QKᵀ and PV included; norms
 embedding gathers, pooling and the optimizer update are left out); a trained forward pass costs ×3
 (forward + backward with respect to activations and weights); the frozen tokenizer costs one forward.
 
-At 256 px with the released sizes this gives ViT-B pretraining 292 GFLOP/img (of which the tokenizer
-encoder 129; 163 on cached token ids), ViT-L pretraining 535, ViT-B generation with 20 steps 1751 (20 × 78 +
-187 for the VQGAN decoder); `tests/test_bench.py` checks these within 2%.
+At 256 px with the released sizes this gives ViT-B pretraining 291 GFLOP/img (of which the tokenizer
+encoder 129; 162 on cached token ids), ViT-L pretraining 534, ViT-B generation with 20 steps 1743 (20 × 78 +
+187 for the VQGAN decoder); `tests/test_bench.py` checks these within 2% of the official code's figures,
+which compute the 2,025-way head over all 257 positions.
 """
 
 from __future__ import annotations
@@ -82,14 +83,17 @@ def block_flops(tokens: int, dim: int, mlp_ratio: float) -> float:
   return linear + 4.0 * tokens * tokens * dim
 
 
-def mage_forward_flops(c: MAGEConfig, encoder_tokens: int) -> float:
-  """One MAGE forward pass: encoder on `encoder_tokens`, decoder and MLM head on the 1+N sequence."""
+def mage_forward_flops(c: MAGEConfig, encoder_tokens: int, decoder: bool = True) -> float:
+  """One MAGE forward pass: encoder on `encoder_tokens`, then (with `decoder`) the decoder on the 1+N sequence
+  and the MLM head on the N image positions over the codebook (`targets_only`: all the loss and sampling read)."""
   seq = c.num_tokens + 1
   flops = c.depth * block_flops(encoder_tokens, c.embed_dim, c.mlp_ratio)
+  if not decoder:
+    return flops
   flops += 2.0 * encoder_tokens * c.embed_dim * c.decoder_embed_dim            # decoder_embed
   flops += c.decoder_depth * block_flops(seq, c.decoder_embed_dim, c.mlp_ratio)
-  flops += 2.0 * seq * c.decoder_embed_dim * c.embed_dim                       # MLM fc
-  return flops + 2.0 * seq * c.embed_dim * c.vocab_size                        # tied output projection
+  flops += 2.0 * c.num_tokens * c.decoder_embed_dim * c.embed_dim              # MLM fc
+  return flops + 2.0 * c.num_tokens * c.embed_dim * c.codebook_size            # tied output projection
 
 
 def pretrain_encoder_tokens(c: MAGEConfig, drop_ratio: float = 0.5) -> int:

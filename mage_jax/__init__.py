@@ -1,12 +1,17 @@
 """mage_jax: MAGE (MAsked Generative Encoder) in JAX/Flax.
 
 `mage_jax.MAGE` (the Python API, `mage_jax.api.MAGE`) is imported on first use, so `import mage_jax` itself
-starts nothing (no JAX, no devices).
+starts nothing (no JAX, no devices). Started as `python -m mage_jax.<verb>`, a training, evaluation or
+generation binary first re-executes itself under tcmalloc when the system has it (see `allocator`).
 """
 
 import importlib
 
+from mage_jax import allocator
+
 __version__ = "0.1.0"
+
+allocator.maybe_reexec()  # `python -m mage_jax.<verb>`: under tcmalloc where the system has it (allocator.py)
 
 
 def __getattr__(name: str):

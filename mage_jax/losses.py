@@ -27,10 +27,15 @@ def masked_token_loss(logits, ids, masked, *, codebook_size: int, label_smoothin
   model"); the class slot is excluded.
 
   Args:
-    logits: [B, 1+N, V] model output including the class slot.
+    logits: [B, 1+N, V] model output including the class slot, or [B, N, codebook_size] (the model's
+      `targets_only` output, which is that slice).
     ids: int [B, N] tokenizer ids (targets).
     masked: bool [B, N].
   """
-  per_token = smoothed_cross_entropy(logits[:, 1:, :codebook_size], ids, label_smoothing)
+  if logits.shape[1] == ids.shape[1] + 1:
+    logits = logits[:, 1:]
+  if logits.shape[1] != ids.shape[1] or logits.shape[2] < codebook_size:
+    raise ValueError(f"logits {logits.shape} do not cover {ids.shape[1]} tokens x {codebook_size} codes")
+  per_token = smoothed_cross_entropy(logits[..., :codebook_size], ids, label_smoothing)
   weights = masked.astype(jnp.float32)
   return jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)

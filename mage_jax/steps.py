@@ -128,7 +128,8 @@ def pretrain_update(state: TrainState, ids, plan: masking.MaskPlan | None, *, mo
     ratio = jnp.mean(plan.masked.astype(jnp.float32))
 
   def loss_fn(params):
-    logits, _ = model.apply({"params": params}, ids, plan, False, rngs={"dropout": jax.random.fold_in(rng, 1)})
+    logits, _ = model.apply({"params": params}, ids, plan, False, targets_only=True,
+                            rngs={"dropout": jax.random.fold_in(rng, 1)})
     return losses.masked_token_loss(logits, ids, plan.masked, codebook_size=model.config.codebook_size,
                                     label_smoothing=label_smoothing)
 

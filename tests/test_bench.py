@@ -96,9 +96,10 @@ def test_analytic_flops_equal_the_traced_programs(scan):
   counts = flops.flop_counts(cfg, tok_cfg, num_steps=1)
 
   traced = lambda fn, *a: _jaxpr_flops(jax.make_jaxpr(fn)(*a).jaxpr) / b
-  assert traced(lambda p: model.apply(p, ids, plan, True), params) == counts.mage_train_forward
-  tokens = jnp.full((b, n + 1), cfg.mask_id, jnp.int32)
-  assert traced(lambda p: model.apply(p, tokens, method=MAGE.full_sequence), params) == counts.mage_generation_step
+  assert traced(lambda p: model.apply(p, ids, plan, True, targets_only=True), params) == counts.mage_train_forward
+  tokens = jnp.full((b, n), cfg.mask_id, jnp.int32)
+  assert traced(lambda p: model.apply(p, tokens, method=MAGE.image_token_logits), params) == \
+      counts.mage_generation_step
   assert traced(lambda p: tok.apply(p, images, method=VQGAN.encode_to_ids), tparams) == counts.tokenizer_forward
   assert traced(lambda p: tok.apply(p, ids, method=VQGAN.decode_ids), tparams) == counts.tokenizer_decode
 
@@ -172,7 +173,8 @@ def test_tiny_benchmark_runs_every_workload_and_writes_json(tmp_path):
   assert result["backend"] == "cpu" and result["device_kind"]
   rows = result["results"]
   kinds = [(r["workload"], r["dtype"]) for r in rows]
-  assert [k[0] for k in kinds] == ["pretrain", "pretrain_cached", "generate", "encode", "encode", "encode", "input"]
+  assert [k[0] for k in kinds] == ["pretrain", "pretrain_cached", "generate", "encode", "encode", "encode", "features",
+                                   "input"]
   assert {r["dtype"] for r in rows if r["workload"] == "encode"} == set(benchmark.TOKENIZER_MODES)
   for r in rows:
     assert "error" not in r and "skipped" not in r, r

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mage_jax import losses, masking
-from mage_jax.models import layers
+from mage_jax.models import layers, reductions
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
@@ -155,11 +155,11 @@ def test_bad_config_and_image_errors():
 def test_bf16_attention_logits_equal_float32_highest_on_the_same_values():
   """bf16 operands with float32 accumulation (the tensor-core path) equal float32 copies at HIGHEST precision:
   every bf16 x bf16 product is exact in float32, only the summation order may differ."""
-  q = jax.random.normal(jax.random.key(1), (2, 33, 4, 64)).astype(jnp.bfloat16)
-  k = jax.random.normal(jax.random.key(2), (2, 33, 4, 64)).astype(jnp.bfloat16)
+  q = jax.random.normal(jax.random.key(1), (2, 4, 33, 64)).astype(jnp.bfloat16)
+  k = jax.random.normal(jax.random.key(2), (2, 4, 33, 64)).astype(jnp.bfloat16)
   fast = jax.jit(layers.attention_logits)(q, k)
   assert fast.dtype == jnp.float32
-  exact = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64))
+  exact = np.einsum("bhqd,bhkd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64))
   np.testing.assert_allclose(np.asarray(fast), exact, rtol=0, atol=2e-5)
   # and the compiled dot consumes the bf16 values themselves (no float32 upcast feeding it)
   hlo = jax.jit(layers.attention_logits).lower(q, k).as_text()
@@ -184,3 +184,17 @@ def test_vqgan_config_refuses_impossible_sizes(fields, message):
   with pytest.raises(ValueError, match=message):
     VQGANConfig(**{"ch": 32, "ch_mult": (1, 2, 2), "resolution": 32, **fields})
 
+
+
+def test_two_pass_argmin_argmax_equal_jnp_with_ties_and_the_categorical_draw():
+  x = jax.random.normal(jax.random.key(0), (40, 300))
+  x = x.at[3, 10].set(-9.0).at[3, 20].set(-9.0).at[4, 7].set(9.0).at[4, 8].set(9.0)   # ties: the first wins
+  np.testing.assert_array_equal(reductions.argmin(x), jnp.argmin(x, axis=-1))
+  np.testing.assert_array_equal(reductions.argmax(x), jnp.argmax(x, axis=-1))
+  assert reductions.argmin(x).dtype == jnp.int32
+  assert int(reductions.argmin(jnp.array([[1.0, jnp.nan, 0.0]]))[0]) == 0   # NaN rows: index 0, in range
+  # the sampler's draw is jax.random.categorical's: the same Gumbel noise, the same ids
+  key, logits = jax.random.key(5), jax.random.normal(jax.random.key(1), (4, 16, 256)) * 3
+  np.testing.assert_array_equal(
+      reductions.argmax(jax.random.gumbel(key, logits.shape, jnp.float32) + logits / 4.5),
+      jax.random.categorical(key, logits / 4.5, axis=-1))

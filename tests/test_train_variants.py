@@ -190,7 +190,7 @@ def test_class_cond_logits_depend_on_label_and_guidance_formula(combine):
     return f(one), f(jnp.array([2, 2])), f(None), f(one, 0.0), f(one, 2.0)
 
   cond, other, uncond, w0, w2 = (np.asarray(x, np.float64) for x in all_logits(params))
-  assert cond.shape == (2, N_TOKENS, VOCAB)
+  assert cond.shape == (2, N_TOKENS, CODEBOOK)  # sampling reads the real ids only
   assert np.abs(cond - other).max() > 1e-4 and np.abs(cond - uncond).max() > 1e-4
   np.testing.assert_allclose(w0, cond, atol=1e-6)  # guidance-free default
   np.testing.assert_allclose(w2, uncond + 3.0 * (cond - uncond), atol=1e-4)

@@ -55,7 +55,7 @@ def class_cond_loss(params, ids, labels, rng, *, model: ClassCondMAGE, masking_c
   if label_drop_prob > 0:
     drop = jax.random.bernoulli(jax.random.fold_in(rng, _LABEL_DROP), label_drop_prob, labels.shape)
     labels = jnp.where(drop, model.config.null_class, labels)
-  logits, _ = model.apply({"params": params}, ids, plan, labels, deterministic,
+  logits, _ = model.apply({"params": params}, ids, plan, labels, deterministic, targets_only=True,
                           rngs={"dropout": jax.random.fold_in(rng, _DROPOUT)})
   loss = losses.masked_token_loss(logits, ids, plan.masked, codebook_size=model.config.codebook_size,
                                   label_smoothing=label_smoothing)

@@ -164,7 +164,7 @@ def mage_c_loss(params, ids, rng, *, model: MAGE, head: nn.Module, cfg: Contrast
     (loss, aux) with loss = rec + lam * con (float32 scalar), aux {'rec_loss', 'con_loss', 'mask_ratio'}.
   """
   plan, ratio = masking.sample_plan(jax.random.fold_in(rng, _MASK), ids.shape[0], ids.shape[1], **masking_cfg)
-  logits, aux = model.apply({"params": params["model"]}, ids, plan, deterministic,
+  logits, aux = model.apply({"params": params["model"]}, ids, plan, deterministic, targets_only=True,
                             rngs={"dropout": jax.random.fold_in(rng, _DROPOUT)})
   rec = losses.masked_token_loss(logits, ids, plan.masked, codebook_size=model.config.codebook_size,
                                  label_smoothing=label_smoothing)

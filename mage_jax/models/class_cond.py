@@ -122,7 +122,8 @@ class ClassCondMAGE(MAGE):
     """The frozen encoder: no dropout, no gradient."""
     return jax.lax.stop_gradient(self.encode(tokens, keep_idx, True))
 
-  def decode_with_labels(self, encoded, keep_idx, masked_full, labels, deterministic: bool):
+  def decode_with_labels(self, encoded, keep_idx, masked_full, labels, deterministic: bool,
+                         targets_only: bool = False):
     """MAGE's decoder (spec §2.5) with the label embedding joined to its input.
 
     Args:
@@ -131,25 +132,27 @@ class ClassCondMAGE(MAGE):
       masked_full: bool [B, 1+N], True where the decoder input is replaced by the class-slot output.
       labels: int [B] in [0, num_classes]; num_classes = no label.
       deterministic: disables decoder dropout.
+      targets_only: logits of the image positions over the codebook only (`MAGE.decoder_head`).
 
     Returns:
-      float32 logits [B, 1+N, V].
+      float32 logits [B, 1+N, V], or [B, N, codebook_size] with `targets_only`.
     """
     x = self.decoder_input(encoded, keep_idx, masked_full)
     label = self.class_emb(labels.astype(jnp.int32)).astype(jnp.float32)[:, None, :]  # [B, 1, Dd]
     if self.config.class_combine == "add":
-      return self.decoder_head(x + label, deterministic)
-    # The label token is dropped after the head: norm and head act per position, so this equals dropping
-    # it right after the blocks.
-    return self.decoder_head(jnp.concatenate([label, x], axis=1), deterministic)[:, 1:]
+      return self.decoder_head(x + label, deterministic, targets_only=targets_only)
+    # The label token attends in the blocks, then is left out of the norm and head.
+    return self.decoder_head(jnp.concatenate([label, x], axis=1), deterministic, skip=1,
+                             targets_only=targets_only)
 
-  def __call__(self, ids, plan: MaskPlan, labels, deterministic: bool = True):
-    """Training pass. ids int32 [B, N], labels int [B]. Returns (logits [B, 1+N, V] f32, aux)."""
+  def __call__(self, ids, plan: MaskPlan, labels, deterministic: bool = True, targets_only: bool = False):
+    """Training pass. ids int32 [B, N], labels int [B]. Returns (logits [B, 1+N, V] f32, or [B, N,
+    codebook_size] with `targets_only`; aux)."""
     c = self.config
     tokens = self._with_class_slot(jnp.where(plan.masked, c.mask_id, ids))
     masked_full = jnp.pad(plan.masked, ((0, 0), (1, 0)))
     encoded = self.frozen_encode(tokens, plan.keep_idx)
-    logits = self.decode_with_labels(encoded, plan.keep_idx, masked_full, labels, deterministic)
+    logits = self.decode_with_labels(encoded, plan.keep_idx, masked_full, labels, deterministic, targets_only)
     return logits, {"encoded": encoded}
 
   def full_sequence(self, tokens, labels=None, deterministic: bool = True):
@@ -176,16 +179,16 @@ class ClassCondMAGE(MAGE):
         guidance-free, conditional logits only). A Python 0 skips the unconditional pass entirely.
 
     Returns:
-      float32 logits [B, N, V].
+      float32 logits [B, N, codebook_size].
     """
     w = self.config.guidance_scale if guidance_scale is None else guidance_scale
     tokens = self._with_class_slot(image_tokens)
     masked_full = tokens == self.config.mask_id
     encoded = self.frozen_encode(tokens, None)
     cond_labels = self._labels_or_null(labels, tokens.shape[0])
-    cond = self.decode_with_labels(encoded, None, masked_full, cond_labels, True)[:, 1:]
+    cond = self.decode_with_labels(encoded, None, masked_full, cond_labels, True, targets_only=True)
     if labels is None or (isinstance(w, (int, float)) and w == 0):
       return cond
     uncond = self.decode_with_labels(encoded, None, masked_full, self._labels_or_null(None, tokens.shape[0]),
-                                     True)[:, 1:]
+                                     True, targets_only=True)
     return uncond + (1.0 + jnp.asarray(w, jnp.float32)) * (cond - uncond)

@@ -30,17 +30,18 @@ def layer_norm(eps, param_dtype, name, axis_name="embed"):
 
 
 def gelu(x):
-  # PyTorch nn.GELU is the exact erf form; flax defaults to the tanh approximation.
-  return nn.gelu(x, approximate=False)
+  # PyTorch nn.GELU's exact form, x·(1 + erf(x/√2))/2. jax.nn.gelu(approximate=False) goes through erfc,
+  # which XLA:CPU evaluates at 2.5x the cost of erf (measured on [4160, 256]: 0.67 vs 0.27 ms).
+  return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
 
 
 def attention_logits(q, k):
-  """q·kᵀ in float32, as the official code forces. For bf16 q and k, bf16 operands with float32 accumulation
-  give the same products as float32 copies at HIGHEST precision (a bf16 x bf16 product is exact in float32),
-  on the tensor cores instead of the float32 units (~15x slower on an H100)."""
+  """q·kᵀ in float32 for q, k [B, H, L, Dh], as the official code forces. For bf16 q and k, bf16 operands with
+  float32 accumulation give the same products as float32 copies at HIGHEST precision (a bf16 x bf16 product is
+  exact in float32), on the tensor cores instead of the float32 units (~15x slower on an H100)."""
   if q.dtype == jnp.float32:
-    return jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST)
-  return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    return jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
 
 
 # 'xla': explicit softmax (supports probability dropout); 'fused': jax.nn.dot_product_attention (XLA);
@@ -68,15 +69,18 @@ class Attention(nn.Module):
     qkv = dense(3 * d, ("embed", "qkv"), dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(x)
     # The output features are ordered (3, heads, head_dim): q block | k block | v block.
     qkv = qkv.reshape(b, l, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.implementation != "xla" and (deterministic or self.attn_dropout == 0.0):
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
       out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5,
                                          implementation="cudnn" if self.implementation == "cudnn" else None)
     else:
+      # Heads-major operands [B, H, L, Dh]: one transpose in and one out, and the two products become plain
+      # batched matmuls (on XLA:CPU 2.7x faster than contracting the [B, L, H, Dh] layout in place).
+      q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
       logits = attention_logits(q, k) * head_dim ** -0.5
       probs = jax.nn.softmax(logits, axis=-1)
       probs = nn.Dropout(self.attn_dropout)(probs, deterministic=deterministic)
-      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+      out = jnp.einsum("bhqk,bhkd->bqhd", probs.astype(self.dtype), v)
     out = out.reshape(b, l, d)
     out = dense(d, ("qkv_out", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
     return nn.Dropout(self.proj_dropout)(out, deterministic=deterministic)

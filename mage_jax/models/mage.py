@@ -125,16 +125,18 @@ class MlmLayer(nn.Module):
     self.bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "vocab")),
                            (1, 1, self.vocab_size), self.param_dtype)
 
-  def __call__(self, h, word_embeddings):
+  def __call__(self, h, word_embeddings, rows: int | None = None):
+    """Logits [B, L, rows] over the first `rows` ids of the vocabulary (all of it when None)."""
     h = self.ln(layers.gelu(self.fc(h))).astype(self.dtype)
+    rows = self.vocab_size if rows is None else rows
     # The official port reads `word_embeddings.weight.data.detach()`: no gradient through the output side.
-    table = jax.lax.stop_gradient(word_embeddings).astype(self.dtype)
+    table = jax.lax.stop_gradient(word_embeddings[:rows]).astype(self.dtype)
     if self.dtype != self.param_dtype:
       # Cast on each device's shard, then gathered (under FSDP) once in the compute dtype: the backward's
       # float32-cotangent product reads this copy instead of gathering the float32 table.
       table = nn.with_logical_constraint(nn.with_logical_constraint(table, ("vocab", "embed")), ("vocab", None))
     logits = jnp.einsum("bld,vd->blv", h, table, preferred_element_type=jnp.float32)
-    return logits + self.bias.astype(jnp.float32)
+    return logits + self.bias[..., :rows].astype(jnp.float32)
 
 
 def block_kwargs(c: MAGEConfig, num_heads, dtype, param_dtype, *, dropout=None, attn_dropout=None,
@@ -149,10 +151,12 @@ class MAGE(nn.Module):
   """Masked generative encoder: token ids in, logits over the vocabulary out.
 
   Methods (call through `apply(..., method=...)`):
-    `__call__(ids, plan, deterministic)`: pretraining pass with masking/dropping; logits [B, 1+N, V].
+    `__call__(ids, plan, deterministic, targets_only)`: pretraining pass with masking/dropping; logits
+      [B, 1+N, V], or with `targets_only` [B, N, codebook_size]: only what the loss reads.
     `full_sequence(tokens, deterministic)`: nothing dropped; tokens [B, 1+N] hold the class slot and mask ids
       where unknown; returns (logits [B, 1+N, V], encoder output [B, 1+N, D]) — the generation pass.
-    `image_token_logits(tokens)`: the generation pass for image tokens [B, N] with mask ids, logits [B, N, V].
+    `image_token_logits(tokens)`: the generation pass for image tokens [B, N] with mask ids; logits over the
+      real ids only, [B, N, codebook_size] (sampling reads nothing else).
   """
   config: MAGEConfig = MAGEConfig()
   dtype: Dtype = jnp.float32
@@ -202,22 +206,35 @@ class MAGE(nn.Module):
     canvas = jnp.where(masked_full[:, :, None], cls, canvas)
     return canvas.astype(jnp.float32) + self.decoder_pos_embed_learned.astype(jnp.float32)
 
-  def decoder_head(self, x, deterministic: bool):
-    """Decoder blocks, norm and the tied MLM head on a decoder input [B, L, Dd]."""
+  def decoder_head(self, x, deterministic: bool, *, skip: int = 0, targets_only: bool = False):
+    """Decoder blocks, norm and the tied MLM head on a decoder input [B, L, Dd].
+
+    `skip` leading positions are left out of the norm and the head (both act per position, so this equals
+    slicing the logits). `targets_only` also leaves out the class slot and every id outside the codebook:
+    logits [B, L - skip - 1, codebook_size]. The loss and sampling read nothing else, and on small models the
+    2,025-way head over every position is a large share of the step.
+    """
     x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "seq", "embed_act"))
     x = layers.run_block_stack(self.decoder_blocks, x, deterministic)
-    return self.mlm_layer(self.decoder_norm(x), self.token_emb.word_embeddings.embedding)
+    skip += int(targets_only)
+    rows = self.config.codebook_size if targets_only else None
+    return self.mlm_layer(self.decoder_norm(x[:, skip:]), self.token_emb.word_embeddings.embedding, rows)
 
-  def decode(self, encoded, keep_idx, masked_full, deterministic: bool):
-    return self.decoder_head(self.decoder_input(encoded, keep_idx, masked_full), deterministic)
+  def decode(self, encoded, keep_idx, masked_full, deterministic: bool, targets_only: bool = False):
+    return self.decoder_head(self.decoder_input(encoded, keep_idx, masked_full), deterministic,
+                             targets_only=targets_only)
 
-  def __call__(self, ids, plan: MaskPlan, deterministic: bool = True):
-    """Pretraining pass. ids: int32 [B, N] tokenizer ids. Returns (logits [B,1+N,V] f32, aux)."""
+  def __call__(self, ids, plan: MaskPlan, deterministic: bool = True, targets_only: bool = False):
+    """Pretraining pass. ids: int32 [B, N] tokenizer ids.
+
+    Returns (logits, aux): logits float32 [B, 1+N, V], or with `targets_only` [B, N, codebook_size] (the image
+    positions over the real ids: the loss's operand; `losses.masked_token_loss` takes either).
+    """
     c = self.config
     tokens = self._with_class_slot(jnp.where(plan.masked, c.mask_id, ids))
     masked_full = jnp.pad(plan.masked, ((0, 0), (1, 0)))
     encoded = self.encode(tokens, plan.keep_idx, deterministic)
-    logits = self.decode(encoded, plan.keep_idx, masked_full, deterministic)
+    logits = self.decode(encoded, plan.keep_idx, masked_full, deterministic, targets_only)
     return logits, {"encoded": encoded}
 
   def full_sequence(self, tokens, deterministic: bool = True):
@@ -226,8 +243,9 @@ class MAGE(nn.Module):
     return logits, encoded
 
   def image_token_logits(self, image_tokens):
-    logits, _ = self.full_sequence(self._with_class_slot(image_tokens), True)
-    return logits[:, 1:]
+    tokens = self._with_class_slot(image_tokens)
+    encoded = self.encode(tokens, None, True)
+    return self.decode(encoded, None, tokens == self.config.mask_id, True, targets_only=True)
 
   def encoder_features(self, ids, deterministic: bool = True):
     """Encoder output for unmasked ids [B, N] (nothing dropped): [B, 1+N, D]."""

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mage_jax.models import reductions
+
 Dtype = Any
 
 
@@ -68,6 +70,38 @@ def _conv(features, kernel, *, use_bias, dtype, param_dtype, name, precision="hi
           nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
           ("conv_h", "conv_w", "conv_in", "conv_out")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+
+
+class PatchConv(nn.Module):
+  """A stride-1 'same' convolution computed as one matmul over the k·k patches (im2col), with nn.Conv's
+  parameters (`kernel` [k, k, in, out] HWIO, `bias` [out]). For the image-facing conv_in: with 3 input
+  channels XLA:CPU's convolution runs at a fifth of its usual rate (64 images of 32x32: 5.4 ms against 1.9 ms
+  this way); wider inputs are faster as convolutions."""
+  features: int
+  kernel: int
+  use_bias: bool
+  dtype: Dtype
+  param_dtype: Dtype
+  precision: str = "highest"
+
+  @nn.compact
+  def __call__(self, x):
+    k, c = self.kernel, x.shape[-1]
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.variance_scaling(
+        1.0, "fan_in", "uniform"), ("conv_h", "conv_w", "conv_in", "conv_out")), (k, k, c, self.features),
+                        self.param_dtype)
+    pad = k // 2
+    h, w = x.shape[1], x.shape[2]
+    x = jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    # Feature (i·k + j)·c + ch of a patch is kernel[i, j, ch]: the HWIO kernel flattened row-major.
+    patches = jnp.concatenate([x[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], axis=-1)
+    y = jnp.einsum("bhwp,po->bhwo", patches, kernel.reshape(k * k * c, self.features).astype(self.dtype),
+                   precision=PRECISIONS[self.precision])
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 def _group_norm(num_groups, param_dtype, name):
@@ -160,8 +194,7 @@ class Encoder(nn.Module):
   def __call__(self, x):
     c = self.config
     kw = dict(num_groups=c.num_groups, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-    x = _conv(c.ch, 3, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in",
-              precision=self.precision)(x)
+    x = PatchConv(c.ch, 3, False, self.dtype, self.param_dtype, self.precision, name="conv_in")(x)
     last = len(c.ch_mult) - 1
     for level, mult in enumerate(c.ch_mult):
       x = _Level(c.ch * mult, c.num_res_blocks, None if level == last else "down", name=f"down_{level}", **kw)(x)
@@ -228,7 +261,7 @@ class VectorQuantizer(nn.Module):
     `commitment` = β·mean((sg(q) − z)²), `quantizer` = their sum.
     """
     distances = squared_distances(z, self.embedding.embedding)
-    ids = jnp.argmin(distances, axis=-1).astype(jnp.int32)
+    ids = reductions.argmin(distances)
     quantized = self.lookup(ids)
     z32 = z.astype(jnp.float32)
     codebook_loss = jnp.mean((quantized - jax.lax.stop_gradient(z32)) ** 2)
