@@ -640,10 +640,13 @@ def finetune_group_rows(fx: ProbeFixture) -> list[Row]:
                        f"weight_decay ({type(e).__name__}: {e})") from e
   tok_config, mage_config = _model_configs(cfg)
   params = _converted(fx.directory, "vit.pth", "vit", tok_config, mage_config).variables["model"]["params"]
+  # The groups are the fine-tuning model's, whose head is one Linear ('head.weight'): the probe's BatchNorm
+  # in front of it (`head_bn`, torch 'head.0') is not part of that model.
+  params = {k: v for k, v in params.items() if k != "head_bn"}
   ocfg = optim.FinetuneOptim(lr=1.0, total_steps=1, warmup_steps=0, depth=mage_config.depth,
                              layer_decay=_number(cfg, "finetune_groups.layer_decay"), min_lr=0.0,
                              weight_decay=_number(cfg, "finetune_groups.weight_decay"))
-  match = match_names(list(table), params, convert.PROBE_HEAD_RENAMES)
+  match = match_names(list(table), params)
   flat = lambda tree: {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
   scale = flat(optim.layerwise_lr_scales(params, ocfg.depth, ocfg.layer_decay))
   decay = {k: ocfg.weight_decay if m else 0.0 for k, m in flat(ocfg.decay_mask(params)).items()}

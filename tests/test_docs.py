@@ -61,3 +61,11 @@ def test_named_paths_exist(doc):
   missing = sorted({p for p in _named_paths(doc.read_text()) if not (REPO / p).exists()
                     and not (doc.parent / p).exists()})
   assert not missing, f"{doc.relative_to(REPO)} names files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_template_text_reaches_a_reader(doc):
+  """A placeholder left for a figure (RESULTS_PLACEHOLDER, COST_TABLE, CPU_..._AFTER) is a figure missing."""
+  leftovers = re.findall(r"\b[A-Z][A-Z0-9]*_(?:[A-Z0-9]+_)*(?:PLACEHOLDER|TABLE|NOTE|AFTER|BEFORE|TODO|TBD)\b",
+                         doc.read_text())
+  assert not leftovers, leftovers

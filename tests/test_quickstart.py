@@ -23,11 +23,24 @@ def test_quickstart_ci_budget(tmp_path):
     image = np.asarray(Image.open(workdir / png))
     assert image.ndim == 3 and image.shape[-1] == 3 and image.std() > 0, png
   table = (workdir / "results.md").read_text()
-  assert "linear probe top-1, mage" in table and "10-shot top-1 (ridge), pixels" in table
+  header = "| frozen features, top-1 on the held-out images | MAGE | same encoder at random init | raw pixels | " \
+           "random projection of the pixels |"
+  assert header in table and "logistic regression probe top-1" in table and "10-shot top-1 (ridge" in table
   results = json.loads((workdir / "results.json").read_text())
+  rep = results["representations"]
   numbers = [results["tokenizer"]["psnr"], results["mage"]["loss"], results["samples"]["images_per_sec"],
-             results["representations"]["mage"]["linear_probe"]["top1"],
-             results["representations"]["pixels"]["linear_probe"]["top1"]]
+             rep["mage"]["linear_probe"]["top1"], rep["pixels"]["linear_probe"]["top1"]]
+  numbers += [rep[name]["logistic"]["top1"] for name in ("mage", "random_init", "pixels", "random_proj")]
+  # MAGE trained on the token cache of stage 3
+  assert results["cache"]["views"] == 1 and (workdir / "tokens" / "cache.json").exists()
+  assert json.loads((workdir / "stages.json").read_text()).keys() >= {"cache", "mage"}
+  # the features the probes scored, for re-scoring elsewhere: 300 train / 200 test images at this budget
+  for split, n in (("train", 300), ("test", 200)):
+    with np.load(workdir / "features" / f"mage_{split}.npz") as f:
+      assert sorted(f.files) == ["features", "labels"]
+      assert f["features"].shape == (n, 64) and f["features"].dtype == np.float32
+      assert f["labels"].shape == (n,) and np.issubdtype(f["labels"].dtype, np.integer)
+  assert rep["random_proj"]["logistic"]["train_examples"] == 300
   if os.environ.get("MAGE_JAX_REQUIRE_FID") == "1":
     numbers.append(results["fid"]["fid"])
   assert all(isinstance(x, float) and math.isfinite(x) for x in numbers), numbers

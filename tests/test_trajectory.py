@@ -185,3 +185,20 @@ def test_unusable_input_exits_2(testdata, tmp_path):
   wrong_flag = _verify(testdata / PROBE, f"--mesh={MESH}")
   assert wrong_flag.returncode == 2 and "pretraining trajectories" in wrong_flag.stderr, wrong_flag.stderr
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Linear probe and fine-tuning groups, end to end through the command.
+
+
+@pytest.mark.slow
+def test_probe_replay_and_finetune_groups_match_official_run(testdata):
+  run = _verify(testdata / PROBE)
+  assert run.returncode == 0, run.stdout + run.stderr
+  statuses = _statuses(run.stdout)
+  assert not _failed(run.stdout), run.stdout
+  assert {"probe loss (every step)", "probe lr (every step)", "finetune groups: official names <-> params",
+          "finetune lr scale: layerwise_lr_scales", "finetune weight decay: FinetuneOptim.decay_mask",
+          "finetune_optimizer update: lr scale, decay"} <= set(statuses)
+  checks = sum(1 for s in statuses.values() if s == "ok")
+  assert f"{checks}/{checks} checks within tolerance" in run.stdout

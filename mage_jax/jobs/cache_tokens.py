@@ -9,14 +9,13 @@ process 0 writes. Shards are written atomically, so a rerun of the same command 
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import builders, cached_tokens, sharding, steps
+from mage_jax import builders, cached_tokens, progress, sharding, steps
 from mage_jax.data import pipeline
 
 
@@ -52,7 +51,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                    out_shardings=sharding.batch_sharding(mesh))
   variables = sharding.place(tokenizer_vars, sharding.replicated(mesh))
-  started, done_examples = time.perf_counter(), 0
+  left = sum(b - a for a, b in (cached_tokens.shard_range(meta, s) for s in todo))
+  meter = progress.Progress(left * views, "token cache", unit="images")
   for shard in todo:
     index, view = _process_examples(meta, shard, batch_size)
     batches = pipeline.example_views(config.input, seed=config.seed, index=index, view=view,
@@ -63,13 +63,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       out = sharding.to_host({"ids": encode(variables, arrays["image"]), "label": arrays["label"]})
       ids.append(out["ids"].reshape(batch_size, views, tokens))
       labels.append(out["label"].reshape(batch_size, views)[:, 0])
+      meter.update(min(batch_size * views, meter.total - meter.done))  # the padded last batch counts once
     start, stop = cached_tokens.shard_range(meta, shard)
     if jax.process_index() == 0:
       cached_tokens.write_shard(workdir, meta, shard, np.concatenate(ids)[:stop - start],
                                 np.concatenate(labels)[:stop - start])
-    done_examples += stop - start
-    rate = done_examples * views / (time.perf_counter() - started)
-    left = sum(b - a for a, b in (cached_tokens.shard_range(meta, s) for s in todo if s > shard))
-    logging.info("shard %d/%d written: %.1f images/s, ETA %.0f s", shard + 1, meta["num_shards"], rate,
-                 left * views / rate)
+    logging.info("shard %d/%d written; %s", shard + 1, meta["num_shards"], meter.line())
   return {"examples": meta["num_examples"], "shards_written": len(todo)}

@@ -1,9 +1,12 @@
 """Representation evals of a MAGE checkpoint: linear probe, few-shot, fine-tuning (spec §6.2-§6.4).
 
 The job behind `python -m mage_jax.evaluate`. The params directory is a params-only checkpoint (a MAGE
-pretraining export or `python -m mage_jax.convert mage-vitb-1600.pth DIR`). `config.evals` picks the evals;
-with `config.baseline_pixels=True` the linear probe and few-shot classifiers are also run on raw pixels (the
-flattened eval-transformed image), reported side by side.
+pretraining export or `python -m mage_jax.convert mage-vitb-1600.pth DIR`). `config.evals` picks the evals:
+'logistic' (a converged logistic regression on all the features, `logistic_probe`), 'linear_probe' (the
+paper's LARS probe), 'fewshot', 'finetune'. Controls, reported side by side with the same classifiers:
+`config.baseline_pixels=True` adds raw pixels (the flattened eval-transformed image); `config.baseline_random=True`
+adds 'random_proj' (the pixels through a fixed Gaussian projection to the backbone's width) and 'random_init'
+(the same encoder at its random initialisation, behind the same tokenizer): what pretraining adds.
 Re-running the same command resumes: the linear probe and fine-tuning continue from their per-epoch
 checkpoints, features come from the npz cache in WD/features.
 
@@ -19,15 +22,21 @@ import os
 import re
 import time
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import checkpointing, config_views, fewshot, probe, sharding
+from mage_jax import checkpointing, config_views, fewshot, logistic_probe, probe, sharding
 from mage_jax.jobs import linear_probe
+from mage_jax.models.vit import MAGEViT
+from mage_jax.models.vqgan import VQGAN
 
-EVALS = ("linear_probe", "fewshot", "finetune")
+EVALS = ("logistic", "linear_probe", "fewshot", "finetune")
+FEATURE_EVALS = ("logistic", "linear_probe", "fewshot")
+CONTROL_SEED = 1234  # the random projection and the random initialisation
 
 
 def _input_cfg(config: ml_collections.ConfigDict, split: str, batch_size: int, image_size: int,
@@ -42,11 +51,16 @@ def _split_tag(split: str) -> str:
 
 
 class FeatureSet:
-  """One kind of features (the MAGE backbone, or raw pixels) with per-split caching."""
+  """One kind of features (the MAGE backbone, or raw pixels) with per-split caching.
 
-  def __init__(self, name: str, feature_fn, variables, shardings, *, dim: int, cache_key: dict | None):
+  With `parent` (a set whose features hold these as `columns`), a split's features are sliced from the
+  parent's: several encoders behind one tokenizer pass (`feature_sets`).
+  """
+
+  def __init__(self, name: str, feature_fn, variables, shardings, *, dim: int, cache_key: dict | None,
+               parent: "FeatureSet | None" = None, columns: slice | None = None):
     self.name, self.feature_fn, self.variables, self.shardings = name, feature_fn, variables, shardings
-    self.dim, self.cache_key = dim, cache_key
+    self.dim, self.cache_key, self.parent, self.columns = dim, cache_key, parent, columns
     self._memo: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
   def features(self, split: str, config, image_size: int, mesh, workdir: str):
@@ -59,8 +73,14 @@ class FeatureSet:
       path = os.path.join(workdir, "features", f"{self.name}_{_split_tag(split)}.npz")
       key = probe.fingerprint(**self.cache_key, input=cfg)
     t0 = time.time()
-    out = probe.cached(path, key, lambda: probe.extract_features(self.feature_fn, self.variables, self.shardings,
-                                                                 cfg, mesh=mesh))
+
+    def compute():
+      if self.parent is not None:
+        feats, labels = self.parent.features(split, config, image_size, mesh, workdir)
+        return np.ascontiguousarray(feats[:, self.columns]), labels
+      return probe.extract_features(self.feature_fn, self.variables, self.shardings, cfg, mesh=mesh)
+
+    out = probe.cached(path, key, compute)
     logging.info("%s features of %s: %s in %.1f s", self.name, split, out[0].shape, time.time() - t0)
     self._memo[split] = out
     return out
@@ -73,11 +93,55 @@ def feature_sets(config, params_dir: str, mesh, rules) -> tuple[list[FeatureSet]
   with jax.set_mesh(mesh):
     variables = sharding.place(backbone.variables, shardings)
   key = {**probe.params_identity(params_dir), "global_pool": config.global_pool, "dtype": config.dtype}
-  sets = [FeatureSet("mage", backbone.feature_fn(), variables, shardings, dim=backbone.dim, cache_key=key)]
+  mage = FeatureSet("mage", backbone.feature_fn(), variables, shardings, dim=backbone.dim, cache_key=key)
+  sets = [mage]
+  side = backbone.image_size
   if config.baseline_pixels:
-    side = backbone.image_size
     sets.append(FeatureSet("pixels", probe.pixel_feature_fn, {}, {}, dim=side * side * 3, cache_key=None))
+  if config.get("baseline_random", False):
+    sets += control_sets(backbone, mage, mesh)
   return sets, backbone
+
+
+def control_sets(backbone: probe.Backbone, mage: FeatureSet, mesh) -> list[FeatureSet]:
+  """'random_proj': pixels [P] @ R [P, D] / √P with R ~ N(0, 1) seeded; 'random_init': the backbone's encoder
+  at a fresh initialisation (the laws training starts from), behind the trained tokenizer. D = backbone width.
+
+  The random encoder and MAGE's share one pass of the tokenizer over each split (`mage` becomes a column slice
+  of their joint features): the tokenizer is most of the cost of a feature pass.
+  """
+  side, dim = backbone.image_size, backbone.dim
+  pixels = side * side * 3
+  projection = np.random.default_rng(CONTROL_SEED).standard_normal((pixels, dim)).astype(np.float32)
+  projection /= np.sqrt(pixels)
+  repl = sharding.replicated(mesh)
+
+  def projected(v, images, rng, deterministic):
+    return probe.pixel_feature_fn({}, images, rng, deterministic) @ v["projection"]
+
+  ids = jnp.zeros((1, backbone.vit.config.num_tokens), jnp.int32)
+  fresh = nn.unbox(jax.jit(backbone.vit.init)(jax.random.key(CONTROL_SEED), ids))
+  trained = mage.variables["vit"]["params"]
+  fresh_params = jax.tree.map(lambda _, x: x, trained, probe._match(fresh["params"], trained))  # pylint: disable=protected-access
+  vit_shardings = mage.shardings["vit"]
+  with jax.set_mesh(mesh):
+    joint_vars = {**mage.variables, "vit_random": {"params": sharding.place(fresh_params, vit_shardings["params"])}}
+    proj_vars = {"projection": sharding.place(projection, repl)}
+  tokenizer, vit = backbone.tokenizer, backbone.vit
+
+  def both(v, images, rng, deterministic):
+    ids = tokenizer.apply(v["tokenizer"], images, method=VQGAN.encode_to_ids)
+    feats = [vit.apply(v[name], ids, True, method=MAGEViT.features)[0] for name in ("vit", "vit_random")]
+    return jax.lax.stop_gradient(jnp.concatenate(feats, axis=-1).astype(jnp.float32))
+
+  joint = FeatureSet("mage_and_random_init", both, joint_vars, {**mage.shardings, "vit_random": vit_shardings},
+                     dim=2 * dim, cache_key=None)
+  mage.parent, mage.columns = joint, slice(0, dim)
+  random_vars = {"tokenizer": mage.variables["tokenizer"], "vit": joint_vars["vit_random"]}
+  return [FeatureSet("random_proj", projected, proj_vars, {"projection": repl}, dim=dim, cache_key=None),
+          FeatureSet("random_init", backbone.feature_fn(), random_vars,
+                     {"tokenizer": mage.shardings["tokenizer"], "vit": vit_shardings}, dim=dim, cache_key=None,
+                     parent=joint, columns=slice(dim, 2 * dim))]
 
 
 def _probe_identity(config, params_dir: str, fs: FeatureSet, image_size: int) -> dict:
@@ -110,6 +174,15 @@ def run_linear_probe(fs: FeatureSet, config, image_size: int, mesh, workdir: str
   return results
 
 
+def run_logistic(fs: FeatureSet, config, image_size: int, mesh, workdir: str) -> dict:
+  train_x, train_y = fs.features(config.input.split, config, image_size, mesh, workdir)
+  test_x, test_y = fs.features(config.eval_split, config, image_size, mesh, workdir)
+  out = logistic_probe.evaluate(train_x, train_y, test_x, test_y, num_classes=config.num_classes, seed=config.seed)
+  logging.info("%s logistic probe: top-1 %.4f (l2 %g, %d train examples, %.1f s)", fs.name, out["top1"], out["l2"],
+               out["train_examples"], out["seconds"])
+  return out
+
+
 def run_fewshot(fs: FeatureSet, config, image_size: int, mesh, workdir: str) -> dict:
   f = config.fewshot
   train_x, train_y = fs.features(f.train_split or config.input.split, config, image_size, mesh, workdir)
@@ -134,7 +207,7 @@ def check_feasible(config: ml_collections.ConfigDict) -> None:
   unknown = sorted(set(config.evals) - set(EVALS))
   if unknown or not config.evals:
     raise ValueError(f"config.evals must name some of {EVALS}, got {tuple(config.evals)}")
-  if {"linear_probe", "fewshot"} & set(config.evals):
+  if set(FEATURE_EVALS) & set(config.evals):
     pipeline.num_examples(_input_cfg(config, config.eval_split, 1, 32))  # the split exists and can be read
   if "linear_probe" in config.evals:
     n = pipeline.num_examples(_input_cfg(config, config.input.split, 1, 32))
@@ -169,7 +242,7 @@ def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dic
   t_start = time.time()
   out = {"params": os.path.abspath(params_dir), "config": config.to_dict(), "results": {}, "seconds": {}}
   results, seconds = out["results"], out["seconds"]
-  if {"linear_probe", "fewshot"} & set(config.evals):
+  if set(FEATURE_EVALS) & set(config.evals):
     mesh, rules = sharding.mesh_from_config(config)
     sharding.check_batch_size(config.input.batch_size, mesh)
     sets, backbone = feature_sets(config, params_dir, mesh, rules)
@@ -179,7 +252,7 @@ def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dic
                             _probe_identity(config, params_dir, fs, backbone.image_size))
     for fs in sets:
       results[fs.name] = {}
-      for name, fn in (("linear_probe", run_linear_probe), ("fewshot", run_fewshot)):
+      for name, fn in (("logistic", run_logistic), ("linear_probe", run_linear_probe), ("fewshot", run_fewshot)):
         if name not in config.evals:
           continue
         t0 = time.time()
@@ -207,6 +280,8 @@ def table_rows(results: dict) -> list[tuple[str, dict[str, str]]]:
   """[(metric name, {feature set: formatted value})] in a stable order."""
   rows: dict[str, dict[str, str]] = {}
   for fs, evals in results.items():
+    if evals.get("logistic"):
+      rows.setdefault("logistic probe top-1", {})[fs] = _pct(evals["logistic"]["top1"])
     lp = evals.get("linear_probe")
     if lp:
       suffix = "" if lp["completed"] else f" (stopped at epoch {lp['epochs_done']})"

@@ -7,13 +7,14 @@ runs it on Fashion-MNIST). Offline, on a 2-core CPU; Fashion-MNIST in about 14 m
      checked, `data.json`; the held-out images at the training resolution, `heldout.npz`, are FID's reference);
   2. trains the tiny VQGAN tokenizer (32x32 images -> 8x8 tokens) from scratch, or fine-tunes a converted one
      (`tokenizer_init`), and writes a reconstruction PNG of held-out images;
-  3. pretrains tiny MAGE on the tokens;
-  4. samples a grid PNG with iterative decoding;
-  5. linear probe and few-shot evaluation of the MAGE features beside the same classifiers on raw pixels (for
+  3. caches the frozen tokenizer's ids of K augmented views of every training image (the `cache_tokens` job);
+  4. pretrains MAGE on the cached ids (`input.tokens`), with the recipe of docs/quickstart_recipe.md;
+  5. samples a grid PNG with iterative decoding;
+  6. linear probe and few-shot evaluation of the MAGE features beside the same classifiers on raw pixels (for
      folders when they have class subfolders with enough images; otherwise skipped, with the reason);
-  6. FID of samples against the held-out images (when the FID Inception weights are set up; a folder's
+  7. FID of samples against the held-out images (when the FID Inception weights are set up; a folder's
      reference statistics are computed once and kept with the data stage);
-  7. prints and saves a results table (results.md, results.json, with where the data came from).
+  8. prints and saves a results table (results.md, results.json, with where the data came from).
 
 Each stage's output is its completion marker, recorded in `stages.json` with what produced it (the data, the
 options of that stage and the stages before it): re-running the same command continues where it stopped (the
@@ -40,17 +41,23 @@ from mage_jax.jobs import quickstart_data
 from mage_jax.jobs.quickstart_data import Dataset
 
 BUDGETS = {
-    # tokenizer steps, MAGE steps, samples for FID (and for the test-split reference of Fashion-MNIST), sampling,
-    # linear-probe epochs and batch, few-shot classifiers and trials, the Fashion-MNIST examples the probes use.
-    # 'full' ran in 13.9 min on the idle 2-core CPU (tokenizer 339 s, MAGE 325 s, sampling 31 s, probes 44 s,
-    # FID 92 s); the tokenizer stops at 3,000 of its recipe's 4,000 steps to leave the 20-minute budget some margin.
-    "full": dict(tokenizer_steps=3000, mage_steps=1200, fid_samples=500, grid=64, sample_steps=12, probe_epochs=10,
-                 probe_batch=256, fewshot_classifiers=("ridge", "logreg"), fewshot_trials=5, fashion_train=10000,
-                 fashion_test=2000),
-    "ci": dict(tokenizer_steps=30, mage_steps=30, fid_samples=16, grid=16, sample_steps=4, probe_epochs=1,
+    # tokenizer steps, token views cached per image, MAGE steps and recipe (configs/fashion_mnist_tiny.py
+    # arguments; docs/quickstart_recipe.md has the sweep behind them), samples for FID (and for the test-split
+    # reference of Fashion-MNIST), sampling, the representation evals (`jobs/evaluate.py`) and whether the
+    # controls (raw pixels, a random projection of them, the encoder at random init) run beside MAGE, linear-probe
+    # epochs and batch, few-shot classifiers and trials, the Fashion-MNIST examples the probes use (0: all).
+    # 'sweep' is 'full' with MAGE's evals only: the recipe sweep's rows (docs/quickstart_recipe.md).
+    "full": dict(tokenizer_steps=2000, views=2, mage_steps=700,
+                 mage_recipe="batch=128,width=128,depth=4,decoder_depth=2,heads=4",
+                 fid_samples=1000, grid=64, sample_steps=12, evals=("logistic", "linear_probe", "fewshot"),
+                 controls=True, probe_epochs=10, probe_batch=256, fewshot_classifiers=("ridge",), fewshot_trials=5,
+                 fashion_train=0, fashion_test=0),
+    "ci": dict(tokenizer_steps=30, views=1, mage_steps=30, mage_recipe="batch=64", fid_samples=16, grid=16,
+               sample_steps=4, evals=("logistic", "linear_probe", "fewshot"), controls=True, probe_epochs=1,
                probe_batch=64, fewshot_classifiers=("ridge",), fewshot_trials=2, fashion_train=300,
                fashion_test=200),
 }
+BUDGETS["sweep"] = dict(BUDGETS["full"], evals=("logistic", "fewshot"), controls=False, fid_samples=500)
 FID_BATCH = 50  # images per Inception call (the last is padded): fewer when fewer samples are compared
 PAPER = {"MAGE ViT-B ImageNet: FID": "11.1", "MAGE ViT-B ImageNet: linear probe": "74.7%",
          "MAGE-C ViT-L ImageNet: 10-shot": "71.9%"}
@@ -67,11 +74,13 @@ class Options:
     data_dir: TFDS data dir (Fashion-MNIST).
     holdout: held-out images of a folder without split subfolders (< 0: 10%, at most 1000).
     image_size: side of the training images (a multiple of the tokenizer's downsampling factor).
-    model: MAGE variant (`models.mage.VARIANTS`).
+    model: '' for the budget's recipe, or a MAGE variant (`models.mage.VARIANTS`) whose sizes replace its.
     tokenizer_init: params dir of a tokenizer to fine-tune (kind 'tokenizer' or 'mage'); '' trains from scratch.
     freeze_codebook: fine-tuning keeps the codebook bit-identical (token ids keep their meaning).
     restart_dead_codes: fine-tuning re-initialises codes unused on the new data every this many steps (0: off).
     tokenizer_steps, mage_steps: > 0 replaces the budget's number of steps.
+    views: > 0 replaces the budget's number of cached views per training image.
+    mage_recipe: `configs/fashion_mnist_tiny.py` arguments over the budget's recipe (e.g. 'width=96,blr=0.004').
   """
   workdir: str
   budget: str = "full"
@@ -79,27 +88,33 @@ class Options:
   data_dir: str | None = None
   holdout: int = -1
   image_size: int = 32
-  model: str = "tiny"
+  model: str = ""
   tokenizer_init: str = ""
   freeze_codebook: bool = False
   restart_dead_codes: int = 0
   tokenizer_steps: int = 0
   mage_steps: int = 0
+  views: int = 0
+  mage_recipe: str = ""
 
   def check(self) -> None:
     """Refuses inconsistent options before any work (ValueError)."""
     from mage_jax.models.mage import VARIANTS  # pylint: disable=g-import-not-at-top
     if self.budget not in BUDGETS:
       raise ValueError(f"unknown budget {self.budget!r}; expected one of {sorted(BUDGETS)}")
-    if self.model not in VARIANTS:
+    if self.model and self.model not in VARIANTS:
       raise ValueError(f"unknown MAGE model {self.model!r}; expected one of {sorted(VARIANTS)}")
     if (self.freeze_codebook or self.restart_dead_codes) and not self.tokenizer_init:
       raise ValueError("--freeze_codebook and --restart_dead_codes fine-tune the codebook of --tokenizer_init; "
                        "without it the tokenizer trains from scratch")
     if self.freeze_codebook and self.restart_dead_codes:
       raise ValueError("--freeze_codebook keeps every code; --restart_dead_codes replaces unused ones: choose one")
-    if min(self.tokenizer_steps, self.mage_steps, self.restart_dead_codes, self.holdout + 1) < 0:
-      raise ValueError("the step counts must be >= 0 and --holdout >= -1")
+    if min(self.tokenizer_steps, self.mage_steps, self.views, self.restart_dead_codes, self.holdout + 1) < 0:
+      raise ValueError("the step and view counts must be >= 0 and --holdout >= -1")
+    if "steps" in [item.partition("=")[0] for item in self.mage_recipe.split(",")]:
+      raise ValueError("--mage_recipe sets no steps: use --mage_steps")
+    from configs import fashion_mnist_tiny  # pylint: disable=g-import-not-at-top
+    fashion_mnist_tiny.get_config(self.recipe())  # unknown or mistyped recipe arguments fail here
     factor = 2 ** (len(self.tokenizer_sizes()["ch_mult"]) - 1)
     if self.image_size % factor or self.image_size < 2 * factor:
       raise ValueError(f"--image_size={self.image_size}: the tokenizer downsamples by {factor}, so the image size "
@@ -116,7 +131,11 @@ class Options:
   def steps(self) -> dict:
     budget = BUDGETS[self.budget]
     return {"tokenizer": self.tokenizer_steps or budget["tokenizer_steps"],
-            "mage": self.mage_steps or budget["mage_steps"]}
+            "mage": self.mage_steps or budget["mage_steps"], "views": self.views or budget["views"]}
+
+  def recipe(self) -> str:
+    """The MAGE recipe: the budget's `configs/fashion_mnist_tiny.py` arguments, then `mage_recipe`'s."""
+    return ",".join(filter(None, (BUDGETS[self.budget]["mage_recipe"], self.mage_recipe)))
 
 
 def _stage(name: str):
@@ -148,11 +167,11 @@ def ensure_fashion_mnist(data_dir: str | None) -> None:
   sources.load_arrays("fashion_mnist", "test", data_dir, download=True)
 
 
-def _batch_sizes() -> dict:
+def _batch_sizes(options: Options) -> dict:
   """The training batches of the tokenizer and MAGE configs (a training split must hold one of each)."""
   from configs import fashion_mnist_tiny, tokenizer_fashion_mnist
   return {"tokenizer": tokenizer_fashion_mnist.get_config().input.batch_size,
-          "mage": fashion_mnist_tiny.get_config().input.batch_size}
+          "mage": fashion_mnist_tiny.get_config(options.recipe()).input.batch_size}
 
 
 def _eval_batch(num_examples: int, largest: int = 512) -> int:
@@ -161,13 +180,13 @@ def _eval_batch(num_examples: int, largest: int = 512) -> int:
   return max(n, min(largest, -(-num_examples // n) * n))
 
 
-def prepare_data(workdir: str, dataset: Dataset) -> dict:
+def prepare_data(workdir: str, dataset: Dataset, options: Options) -> dict:
   """Stage 1: `data.json` (the summary of `quickstart_data.summarize`) and, for folders, `heldout.npz`."""
   path = os.path.join(workdir, "data.json")
   if not os.path.exists(path):
     if not dataset.is_folder:
       ensure_fashion_mnist(dataset.data_dir)
-    summary = quickstart_data.summarize(dataset, max(_batch_sizes().values()))
+    summary = quickstart_data.summarize(dataset, max(_batch_sizes(options).values()))
     if dataset.is_folder:
       summary["fid_reference_images"] = quickstart_data.write_reference_images(
           dataset, os.path.join(workdir, "heldout.npz"))
@@ -218,15 +237,38 @@ def train_tokenizer(workdir: str, options: Options, dataset: Dataset, data: dict
   return metrics
 
 
-def pretrain_mage(workdir: str, options: Options, dataset: Dataset) -> dict:
+def cache_tokens(workdir: str, options: Options, dataset: Dataset) -> dict:
+  """Stage 3: the tokenizer's ids of `views` augmented views (the pretraining crop law) of every training
+  image, in `tokens/` (`configs/cache_tokens.py`); MAGE trains on them without running the tokenizer."""
+  from configs import cache_tokens as cache_config
+  from mage_jax.jobs import cache_tokens as cache_job
+  views = options.steps()["views"]
+  config = cache_config.get_config(f"base=fashion_mnist_tiny,views={views}")
+  _use_data(config, dataset)
+  config.tokenizer.init = os.path.join(workdir, "tokenizer", "params")
+  start = time.time()
+  out = cache_job.train_and_evaluate(config, os.path.join(workdir, "tokens"))
+  return {**out, "views": views, "seconds": time.time() - start}
+
+
+def mage_config(options: Options, dataset: Dataset, workdir: str):
+  """The MAGE stage's training config: the recipe on the cached tokens."""
   from configs import fashion_mnist_tiny
+  from mage_jax.models.mage import VARIANTS
+  config = fashion_mnist_tiny.get_config(f"steps={options.steps()['mage']},{options.recipe()}")
+  _use_data(config, dataset)
+  if options.model:
+    config.model.update(VARIANTS[options.model])
+  config.tokenizer.init = os.path.join(workdir, "tokenizer", "params")
+  config.input.tokens = os.path.join(workdir, "tokens")
+  return config
+
+
+def pretrain_mage(workdir: str, options: Options, dataset: Dataset) -> dict:
   from mage_jax.jobs import pretrain
   mage_dir = os.path.join(workdir, "mage")
   steps = options.steps()["mage"]
-  config = fashion_mnist_tiny.get_config(f"steps={steps}")
-  _use_data(config, dataset)
-  config.model.variant = options.model
-  config.tokenizer.init = os.path.join(workdir, "tokenizer", "params")
+  config = mage_config(options, dataset, workdir)
   if dataset.is_folder:
     config.fewshot_monitor.train_split = ""  # the representation stage evaluates the held-out split instead
   summary_path = os.path.join(mage_dir, "train_summary.json")
@@ -289,6 +331,8 @@ def evaluation_config(dataset: Dataset, budget: dict, data: dict):
     config.fewshot.shots = shots or quickstart_data.FEWSHOT_SHOTS
   config.fewshot.classifiers = budget["fewshot_classifiers"]
   config.fewshot.trials = budget["fewshot_trials"]
+  config.evals = tuple(e for e in budget["evals"] if e in config.evals or e == "logistic")
+  config.baseline_pixels = config.baseline_random = budget["controls"]
   return config, skipped
 
 
@@ -301,8 +345,25 @@ def evaluate_representations(workdir: str, budget: dict, dataset: Dataset, data:
     return {"skipped": skipped}
   if not os.path.exists(path):
     evaluate.run(config, os.path.join(workdir, "mage", "params"), eval_dir)
+    dump_features(eval_dir, config, os.path.join(workdir, "features"))
   with open(path) as f:
     return {**json.load(f)["results"], "skipped": skipped}
+
+
+def dump_features(eval_dir: str, config, out_dir: str) -> None:
+  """`features/mage_train.npz` and `mage_test.npz`: the frozen features the probes scored (`features` [N, D]
+  float32, `labels` [N] int64, in the dataset's order), for re-scoring with any classifier."""
+  from mage_jax.jobs import evaluate  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  for name, split in (("train", config.input.split), ("test", config.eval_split)):
+    source = os.path.join(eval_dir, "features", f"mage_{evaluate._split_tag(split)}.npz")  # pylint: disable=protected-access
+    if not os.path.exists(source):
+      continue
+    with np.load(source) as f:
+      features, labels = f["features"].astype(np.float32), f["labels"].astype(np.int64)
+    target = os.path.join(out_dir, f"mage_{name}.npz")
+    np.savez(target + ".tmp.npz", features=features, labels=labels)
+    os.replace(target + ".tmp.npz", target)
 
 
 def _reference_statistics(workdir: str, model, batch_size: int):
@@ -350,12 +411,39 @@ def _pct(x) -> str:
   return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
-def _fewshot_row(rep: dict) -> tuple[str, dict]:
-  """(the largest shot count evaluated, {feature set: its ridge accuracy or None})."""
-  per_set = {name: rep.get(name, {}).get("fewshot", {}).get("ridge", {}) for name in ("mage", "pixels")}
-  shots = sorted({int(k) for r in per_set.values() for k in r if k.isdigit()})
-  shot = str(shots[-1]) if shots else "10"
-  return shot, {name: r[shot]["mean"] if isinstance(r.get(shot), dict) else None for name, r in per_set.items()}
+# The feature sets of the representation table: MAGE and the controls that show what pretraining adds.
+FEATURE_SETS = (("mage", "MAGE"), ("random_init", "same encoder at random init"), ("pixels", "raw pixels"),
+                ("random_proj", "random projection of the pixels"))
+
+
+def representation_table(rep: dict) -> list[str]:
+  """Markdown rows: one column per feature set present, one row per classifier (and shot count)."""
+  sets = [(k, title) for k, title in FEATURE_SETS if isinstance(rep.get(k), dict)]
+  if not sets:
+    return []
+  skipped = rep.get("skipped", {})
+  dims = {k: rep[k].get("logistic", {}).get("train_examples") for k, _ in sets}
+  rows = []
+
+  def row(title, eval_name, value_of):
+    values = [value_of(rep[k].get(eval_name) or {}) for k, _ in sets]
+    if all(v is None for v in values) and eval_name not in skipped:
+      return
+    rows.append([title] + [_with_reason(v, skipped.get(eval_name)) for v in values])
+
+  train = next((n for n in dims.values() if n), None)
+  row(f"logistic regression probe top-1 (converged, {train or 'all'} train images)", "logistic",
+      lambda r: r.get("top1"))
+  row("linear probe top-1 (paper protocol: BN + linear, LARS)", "linear_probe", lambda r: r.get("top1"))
+  ridge = rep.get("mage", {}).get("fewshot", {}).get("ridge", {})
+  for shot in sorted((int(k) for k in ridge if k.isdigit()), reverse=True):
+    row(f"{shot}-shot top-1 (ridge, mean of {rep['mage']['fewshot'].get('trials', '?')} draws)", "fewshot",
+        lambda r, shot=shot: (r.get("ridge", {}).get(str(shot)) or {}).get("mean"))
+  if "fewshot" in skipped and not ridge:
+    row("few-shot top-1", "fewshot", lambda r: None)
+  lines = ["| frozen features, top-1 on the held-out images | " + " | ".join(t for _, t in sets) + " |",
+           "|---" * (len(sets) + 1) + "|"]
+  return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def results_table(results: dict) -> str:
@@ -373,12 +461,6 @@ def results_table(results: dict) -> str:
       ("MAGE training steps/s", f"{mage['steps'] / mage['seconds']:.2f}"),
       ("generation images/s", f"{gen['images_per_sec']:.1f}"),
   ]
-  skipped = rep.get("skipped", {})
-  shot, fewshot = _fewshot_row(rep)
-  for name in ("mage", "pixels"):
-    probe = rep.get(name, {}).get("linear_probe", {}).get("top1")
-    rows.append((f"linear probe top-1, {name}", _with_reason(probe, skipped.get("linear_probe"))))
-    rows.append((f"{shot}-shot top-1 (ridge), {name}", _with_reason(fewshot[name], skipped.get("fewshot"))))
   fid_value = fid.get("fid")
   where = ("test split" if heldout == "test"
            else f"{fid.get('num_reference', 0)} held-out images")
@@ -388,6 +470,11 @@ def results_table(results: dict) -> str:
   title = "Fashion-MNIST" if heldout == "test" else f"{os.path.basename(data['path'])}, {_counts(data)}"
   lines = [f"| quantity ({title}, this run) | value |", "|---|---|"]
   lines += [f"| {k} | {v} |" for k, v in rows]
+  features = representation_table(rep)
+  if features:
+    lines += [""] + features
+  elif rep.get("skipped"):
+    lines += ["", "representations skipped: " + "; ".join(f"{k}: {v}" for k, v in rep["skipped"].items())]
   lines += ["", "| paper (ImageNet 256, for scale) | value |", "|---|---|"]
   lines += [f"| {k} | {v} |" for k, v in PAPER.items()]
   return "\n".join(lines)
@@ -410,9 +497,10 @@ def _counts(data: dict) -> str:
 STAGE_OUTPUTS = {
     "data": ("data.json", "heldout.npz", "fid_reference"),
     "tokenizer": ("tokenizer", "reconstructions.png"),
+    "cache": ("tokens",),
     "mage": ("mage",),
     "samples": ("samples.npz", "samples_grid.png"),
-    "representations": ("eval",),
+    "representations": ("eval", "features"),
     "fid": ("fid.json",),
 }
 STAGES_FILE = "stages.json"
@@ -470,16 +558,18 @@ def run(options: Options) -> dict:
   options.check()
   budget = BUDGETS[options.budget]
   workdir = options.workdir
-  batches = _batch_sizes()
+  batches = _batch_sizes(options)
   dataset = quickstart_data.make_dataset(options.data, options.data_dir, holdout=options.holdout,
                                          image_size=options.image_size, min_train=max(batches.values()))
   stage_inputs = {
       "data": dataset.identity(),
       "tokenizer": {"steps": options.steps()["tokenizer"], "init": _init_identity(options.tokenizer_init),
                     "freeze_codebook": options.freeze_codebook, "restart_dead_codes": options.restart_dead_codes},
-      "mage": {"steps": options.steps()["mage"], "model": options.model},
+      "cache": {"views": options.steps()["views"]},
+      "mage": {"steps": options.steps()["mage"], "model": options.model, "recipe": options.recipe()},
       "samples": {k: budget[k] for k in ("fid_samples", "grid", "sample_steps")},
-      "representations": {k: budget[k] for k in ("probe_epochs", "probe_batch", "fashion_train", "fashion_test")},
+      "representations": {k: budget[k] for k in ("evals", "controls", "probe_epochs", "probe_batch",
+                                                  "fashion_train", "fashion_test")},
       "fid": {"fid_samples": budget["fid_samples"]},
   }
   os.makedirs(workdir, exist_ok=True)
@@ -501,14 +591,16 @@ def run(options: Options) -> dict:
     results[key] = value
     return value
 
-  data = run_stage(f"1/6 data: {dataset.title}", "data", prepare_data, workdir, dataset)
-  run_stage("2/6 tokenizer " + ("fine-tuning" if options.tokenizer_init else "training"), "tokenizer",
+  data = run_stage(f"1/7 data: {dataset.title}", "data", prepare_data, workdir, dataset, options)
+  run_stage("2/7 tokenizer " + ("fine-tuning" if options.tokenizer_init else "training"), "tokenizer",
             train_tokenizer, workdir, options, dataset, data)
-  run_stage("3/6 MAGE pretraining", "mage", pretrain_mage, workdir, options, dataset)
-  run_stage("4/6 sampling", "samples", sample, workdir, budget)
-  run_stage("5/6 linear probe and few-shot vs raw pixels", "representations", evaluate_representations, workdir,
+  run_stage(f"3/7 token cache ({options.steps()['views']} views per image)", "cache", cache_tokens, workdir, options,
+            dataset)
+  run_stage("4/7 MAGE pretraining", "mage", pretrain_mage, workdir, options, dataset)
+  run_stage("5/7 sampling", "samples", sample, workdir, budget)
+  run_stage("6/7 linear probe and few-shot vs raw pixels", "representations", evaluate_representations, workdir,
             budget, dataset, data)
-  run_stage("6/6 FID", "fid", compute_fid, workdir, budget, dataset)
+  run_stage("7/7 FID", "fid", compute_fid, workdir, budget, dataset)
   results["seconds"] = time.time() - start
   results["table"] = results_table(results)
   with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -74,9 +74,10 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5,
                                          implementation="cudnn" if self.implementation == "cudnn" else None)
     else:
-      # Heads-major operands [B, H, L, Dh]: one transpose in and one out, and the two products become plain
-      # batched matmuls (on XLA:CPU 2.7x faster than contracting the [B, L, H, Dh] layout in place).
-      q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
+      # Heads-major operands [B, H, L, Dh], each taken from the fused projection by its own transpose: the two
+      # products become plain batched matmuls (the tiny step 10% faster than contracting [B, L, H, Dh] in
+      # place on XLA:CPU, and 5% faster than one transpose of the whole [B, L, 3, H, Dh] block).
+      q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))
       logits = attention_logits(q, k) * head_dim ** -0.5
       probs = jax.nn.softmax(logits, axis=-1)
       probs = nn.Dropout(self.attn_dropout)(probs, deterministic=deterministic)
