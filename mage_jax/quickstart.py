@@ -58,7 +58,13 @@ def main(argv):
   except ValueError as e:
     raise runtime.UsageError(str(e)) from None
   runtime.start()
-  results = quickstart.run(options)
+  try:
+    results = quickstart.run(options)
+  except quickstart.StageInterrupted as e:
+    # A preemption notice (SIGTERM): the stage saved a checkpoint; status 0 as for any preempted training job.
+    logging.warning("%s", e)
+    print(f"\n{e}")
+    return 0
   print("\n" + results["table"])
   print(f"\nwrote {_WORKDIR.value}/results.md, results.json, samples_grid.png, reconstructions.png "
         f"({results['seconds'] / 60:.1f} min this invocation)")

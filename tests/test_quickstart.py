@@ -69,4 +69,51 @@ def test_stage_records_redo_changed_stages_and_refuse_foreign_outputs(tmp_path):
   assert (work / "mage" / "ckpt").read_text() == "ci"
   again.prepare("mage", "full-budget")  # other inputs: the stage's own output is removed and redone
   assert not (work / "mage").exists()
-  assert json.loads((work / "stages.json").read_text()) == {}
+  assert json.loads((work / "stages.json").read_text()) == {"mage": "started:full-budget"}
+  # an interrupted stage (started, never finished) resumes with the same inputs: its outputs are kept
+  (work / "mage").mkdir()
+  (work / "mage" / "checkpoint").write_text("step 10")
+  resumed = quickstart.StageRecords(str(work))
+  resumed.prepare("mage", "full-budget")
+  assert (work / "mage" / "checkpoint").read_text() == "step 10"
+  assert not resumed.done("mage", "full-budget")
+  resumed.finish("mage", "full-budget")
+  assert quickstart.StageRecords(str(work)).done("mage", "full-budget")
+
+
+def _wait_for(predicate, proc, timeout=600):
+  import time  # pylint: disable=g-import-not-at-top
+  end = time.time() + timeout
+  while time.time() < end and proc.poll() is None:
+    if predicate():
+      return True
+    time.sleep(0.5)
+  return False
+
+
+@pytest.mark.slow
+def test_interrupted_training_stages_resume(tmp_path):
+  """Ctrl-C in the tokenizer stage and a SIGTERM in the MAGE stage, each followed by the same command: the
+  quickstart resumes the stage from its checkpoint and finishes; nothing is refused or marked done early."""
+  import signal  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "qs"
+  cmd = [sys.executable, "-m", "mage_jax.quickstart", f"--workdir={workdir}", "--budget=ci",
+         "--tokenizer_steps=300", "--mage_steps=200"]
+  checkpoints = lambda stage: list((workdir / stage / "checkpoints").glob("*")) if (
+      workdir / stage / "checkpoints").exists() else []
+  for stage, sig, status in (("tokenizer", signal.SIGINT, 130), ("mage", signal.SIGTERM, 0)):
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # into the training loop: the stage is recorded as started and its first checkpoint is written
+    assert _wait_for(lambda: checkpoints(stage), proc), proc.communicate()[0][-3000:]
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == status, out[-3000:]
+    records = json.loads((workdir / "stages.json").read_text())
+    assert records[stage].startswith("started:"), records
+    if sig == signal.SIGTERM:
+      assert "rerun the same command to resume" in out
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  records = json.loads((workdir / "stages.json").read_text())
+  assert not any(v.startswith("started:") for v in records.values()), records
+  assert json.loads((workdir / "results.json").read_text())["mage"]["steps"] == 200

@@ -201,6 +201,18 @@ def _params_done(directory: str) -> bool:
   return os.path.exists(os.path.join(directory, "params", "mage_jax.json"))
 
 
+def _check_trained(directory: str, what: str) -> None:
+  """A training loop returns early after a SIGTERM, with a checkpoint and no export: the stage is not done."""
+  if not _params_done(directory):
+    raise StageInterrupted(f"{what} training stopped before its last step (its checkpoint is saved in "
+                           f"{directory}); rerun the same command to resume it")
+
+
+def _frequent_checkpoints(config, steps: int) -> None:
+  """At least four checkpoints per training stage: an interrupted stage loses at most a quarter of its steps."""
+  config.checkpoint_every_steps = max(1, min(config.checkpoint_every_steps, steps // 4))
+
+
 def _use_data(config, dataset: Dataset) -> None:
   """Points a training config's input at the dataset's training split."""
   config.input.name = dataset.name
@@ -217,6 +229,7 @@ def train_tokenizer(workdir: str, options: Options, dataset: Dataset, data: dict
   # Fine-tuning starts a fresh discriminator at mid-run (reconstruction only until then), with LeCam.
   arg = f"steps={steps},eval_every={max(steps // 3, 1)}" + (",disc" if options.tokenizer_init else "")
   config = tokenizer_fashion_mnist.get_config(arg)
+  _frequent_checkpoints(config, steps)
   _use_data(config, dataset)
   config.eval.split = dataset.heldout_split
   config.eval.batch_size = _eval_batch(data["splits"]["heldout"]["images"])
@@ -227,6 +240,7 @@ def train_tokenizer(workdir: str, options: Options, dataset: Dataset, data: dict
     config.codebook.restart_every = options.restart_dead_codes
   if not _params_done(tok_dir):
     tokenizer_job.train_and_evaluate(config, tok_dir)
+    _check_trained(tok_dir, "tokenizer")
   with open(os.path.join(tok_dir, tokenizer_job.METRICS_FILE)) as f:
     metrics = json.load(f)
   if options.tokenizer_init:
@@ -256,6 +270,7 @@ def mage_config(options: Options, dataset: Dataset, workdir: str):
   from configs import fashion_mnist_tiny
   from mage_jax.models.mage import VARIANTS
   config = fashion_mnist_tiny.get_config(f"steps={options.steps()['mage']},{options.recipe()}")
+  _frequent_checkpoints(config, options.steps()["mage"])
   _use_data(config, dataset)
   if options.model:
     config.model.update(VARIANTS[options.model])
@@ -275,6 +290,7 @@ def pretrain_mage(workdir: str, options: Options, dataset: Dataset) -> dict:
   if not _params_done(mage_dir):
     start = time.time()
     metrics = pretrain.train_and_evaluate(config, mage_dir)
+    _check_trained(mage_dir, "MAGE")
     with open(summary_path, "w") as f:
       json.dump({**metrics, "steps": steps, "seconds": time.time() - start}, f, indent=2)
   with open(summary_path) as f:
@@ -507,11 +523,16 @@ STAGES_FILE = "stages.json"
 
 
 class StageRecords:
-  """`stages.json`: for each finished stage, a hash of what produced it (its inputs and the stages before it).
+  """`stages.json`: per stage, a hash of what produces it (its inputs and the stages before it), recorded as
+  'started:<hash>' before the stage runs and '<hash>' once its outputs are complete.
 
-  A stage whose recorded hash differs from the current one is redone after removing its outputs; outputs that
-  exist without a record were not written by the quickstart, and are refused rather than touched.
+  A rerun skips a finished stage with the same hash, continues a started one with the same hash (the training
+  stages resume from their checkpoints, the token cache from its finished shards), and redoes a stage whose hash
+  changed after removing its outputs. Outputs that exist without any record were not written by the quickstart,
+  and are refused rather than touched.
   """
+
+  STARTED = "started:"
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, STAGES_FILE)
@@ -521,18 +542,23 @@ class StageRecords:
       with open(self.path) as f:
         self.records = json.load(f)
 
+  def done(self, stage: str, identity: str) -> bool:
+    return self.records.get(stage) == identity
+
   def prepare(self, stage: str, identity: str) -> None:
-    if self.records.get(stage) == identity:
+    """Makes the workdir ready for `stage`: nothing to do, resume, or start afresh (see the class)."""
+    record = self.records.get(stage)
+    if record in (identity, self.STARTED + identity):
       return
     present = [p for p in STAGE_OUTPUTS[stage] if os.path.exists(os.path.join(self.workdir, p))]
-    if present and stage not in self.records:
+    if present and record is None:
       raise ValueError(f"{self.workdir} holds {', '.join(present)} not written by the quickstart; use another "
                        "--workdir")
     for p in present:
       logging.warning("quickstart: redoing stage %s (its inputs changed): removing %s", stage, p)
       path = os.path.join(self.workdir, p)
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    self.records.pop(stage, None)
+    self.records[stage] = self.STARTED + identity
     self._write()
 
   def finish(self, stage: str, identity: str) -> None:
@@ -543,6 +569,11 @@ class StageRecords:
     with open(self.path + ".tmp", "w") as f:
       json.dump(self.records, f, indent=1)
     os.replace(self.path + ".tmp", self.path)
+
+
+class StageInterrupted(Exception):
+  """A training stage stopped before its end (SIGTERM: its checkpoint is saved); rerunning resumes it."""
+
 
 
 def _init_identity(path: str) -> dict:
