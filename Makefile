@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mage_jax_setup
 TEST_STAMP := $(VENV)/.mage_jax_test_deps
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup test quickstart bench wheels clean-venv
+.PHONY: setup test quickstart reference bench wheels clean-venv
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ lint: $(TEST_STAMP)
 
 quickstart: setup
 	$(PY) -m mage_jax.quickstart --workdir=runs/quickstart
+
+# MAGE's quality against training minutes (about 100 minutes on 2 cores; docs/reference_run.md). Rerun to resume.
+WORKDIR ?= $(HOME)/mage_runs/reference
+reference: setup
+	$(PY) -m mage_jax.reference --workdir=$(WORKDIR)
 
 bench: setup
 	$(PY) bench/benchmark.py --size=tiny

@@ -25,8 +25,8 @@ import sys
 ENV = "MAGE_JAX_TCMALLOC"
 # Training, evaluation and generation; conversion and verification run once and are bounded by their own
 # memory checks, which measure the default allocator.
-BINARIES = ("mage_jax.main", "mage_jax.quickstart", "mage_jax.evaluate", "mage_jax.generate", "mage_jax.edit",
-            "mage_jax.fid")
+BINARIES = ("mage_jax.main", "mage_jax.quickstart", "mage_jax.reference", "mage_jax.evaluate", "mage_jax.generate",
+            "mage_jax.edit", "mage_jax.fid")
 LIBRARIES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                 "/usr/local/lib")

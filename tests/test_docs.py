@@ -66,6 +66,6 @@ def test_named_paths_exist(doc):
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_no_template_text_reaches_a_reader(doc):
   """A placeholder left for a figure (RESULTS_PLACEHOLDER, COST_TABLE, CPU_..._AFTER) is a figure missing."""
-  leftovers = re.findall(r"\b[A-Z][A-Z0-9]*_(?:[A-Z0-9]+_)*(?:PLACEHOLDER|TABLE|NOTE|AFTER|BEFORE|TODO|TBD)\b",
+  leftovers = re.findall(r"\b[A-Z][A-Z0-9]*_(?:[A-Z0-9]+_)*(?:PLACEHOLDER|TABLE|NOTE|AFTER|BEFORE|TODO|TBD|RESULTS|READING)\b",
                          doc.read_text())
   assert not leftovers, leftovers

@@ -57,10 +57,13 @@ def fewshot_monitor(config: ml_collections.ConfigDict, model: MAGE, tokenizer: V
   return evaluate
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_step: int | None = None,
+                       export_dir: str | None = None) -> dict:
   """Runs (or resumes) MAGE pretraining in `workdir`; returns the last logged metrics.
 
   With `config.input.tokens` (a token cache, see `cached_tokens`) the steps read cached ids instead of images.
+  `stop_step` stops the run there with a checkpoint (the schedules still span the whole run; the next call
+  resumes it), and `export_dir` then receives the params at that step (the reference run's evaluation points).
   """
   mesh, rules = trainer.mesh_and_rules(config)
   cache = cached_tokens.TokenCache(config.input.tokens) if config.input.get("tokens") else None
@@ -89,13 +92,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, num_tokens), jnp.int32), plan)["params"]
     return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
 
+  export = lambda state, directory: builders.export_params(directory, model, state.params, tokenizer, tokenizer_vars,
+                                                           {"train_steps": int(jax.device_get(state.step))})
   task = trainer.Task(
       init_state=init_state,
-      step=step, extras=extras, data=data, batch_keys=batch_keys, total_steps=total_steps,
-      export=lambda state: builders.export_params(os.path.join(workdir, "params"), model, state.params, tokenizer,
-                                                  tokenizer_vars, {"train_steps": total_steps}),
+      step=step, extras=extras, data=data, batch_keys=batch_keys, total_steps=total_steps, stop_step=stop_step,
+      export=lambda state: export(state, os.path.join(workdir, "params")),
       initial_params=builders.initial_model_params(config, model),
       reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
       evaluate=fewshot_monitor(config, model, tokenizer, tokenizer_vars, mesh))
-  metrics, _ = trainer.run(config, workdir, task, mesh, rules)
+  metrics, state = trainer.run(config, workdir, task, mesh, rules)
+  if export_dir and int(jax.device_get(state.step)) == min(stop_step or total_steps, total_steps):
+    export(state, export_dir)
   return metrics

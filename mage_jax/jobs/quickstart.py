@@ -50,8 +50,8 @@ BUDGETS = {
     "full": dict(tokenizer_steps=2000, views=2, mage_steps=700,
                  mage_recipe="batch=128,width=128,depth=4,decoder_depth=2,heads=4",
                  fid_samples=1000, grid=64, sample_steps=12, evals=("logistic", "linear_probe", "fewshot"),
-                 controls=True, probe_epochs=10, probe_batch=256, fewshot_classifiers=("ridge",), fewshot_trials=5,
-                 fashion_train=0, fashion_test=0),
+                 controls=True, probe_epochs=10, probe_batch=256, fewshot_classifiers=("logreg", "ridge"),
+                 fewshot_trials=5, fashion_train=0, fashion_test=0),
     "ci": dict(tokenizer_steps=30, views=1, mage_steps=30, mage_recipe="batch=64", fid_samples=16, grid=16,
                sample_steps=4, evals=("logistic", "linear_probe", "fewshot"), controls=True, probe_epochs=1,
                probe_batch=64, fewshot_classifiers=("ridge",), fewshot_trials=2, fashion_train=300,
@@ -432,6 +432,9 @@ FEATURE_SETS = (("mage", "MAGE"), ("random_init", "same encoder at random init")
                 ("random_proj", "random projection of the pixels"))
 
 
+CLASSIFIERS = {"logreg": "logistic regression", "ridge": "ridge"}  # `fewshot`'s protocols
+
+
 def representation_table(rep: dict) -> list[str]:
   """Markdown rows: one column per feature set present, one row per classifier (and shot count)."""
   sets = [(k, title) for k, title in FEATURE_SETS if isinstance(rep.get(k), dict)]
@@ -451,11 +454,13 @@ def representation_table(rep: dict) -> list[str]:
   row(f"logistic regression probe top-1 (converged, {train or 'all'} train images)", "logistic",
       lambda r: r.get("top1"))
   row("linear probe top-1 (paper protocol: BN + linear, LARS)", "linear_probe", lambda r: r.get("top1"))
-  ridge = rep.get("mage", {}).get("fewshot", {}).get("ridge", {})
-  for shot in sorted((int(k) for k in ridge if k.isdigit()), reverse=True):
-    row(f"{shot}-shot top-1 (ridge, mean of {rep['mage']['fewshot'].get('trials', '?')} draws)", "fewshot",
-        lambda r, shot=shot: (r.get("ridge", {}).get(str(shot)) or {}).get("mean"))
-  if "fewshot" in skipped and not ridge:
+  fewshot = rep.get("mage", {}).get("fewshot", {})
+  for classifier in ("logreg", "ridge"):
+    per_shot = fewshot.get(classifier, {})
+    for shot in sorted((int(k) for k in per_shot if k.isdigit()), reverse=True):
+      row(f"{shot}-shot top-1 ({CLASSIFIERS[classifier]}, mean of {fewshot.get('trials', '?')} draws)", "fewshot",
+          lambda r, shot=shot, c=classifier: (r.get(c, {}).get(str(shot)) or {}).get("mean"))
+  if "fewshot" in skipped and not fewshot:
     row("few-shot top-1", "fewshot", lambda r: None)
   lines = ["| frozen features, top-1 on the held-out images | " + " | ".join(t for _, t in sets) + " |",
            "|---" * (len(sets) + 1) + "|"]
@@ -518,6 +523,7 @@ STAGE_OUTPUTS = {
     "samples": ("samples.npz", "samples_grid.png"),
     "representations": ("eval", "features"),
     "fid": ("fid.json",),
+    "points": ("mage", "points"),  # the reference run's MAGE stage (jobs/reference.py)
 }
 STAGES_FILE = "stages.json"
 
@@ -584,55 +590,69 @@ def _init_identity(path: str) -> dict:
   return {"path": os.path.abspath(path), "meta": params_io.read_meta(path)}
 
 
-def run(options: Options) -> dict:
-  """Runs (or continues) every stage in `options.workdir`; writes and returns the results (with the table)."""
-  options.check()
-  budget = BUDGETS[options.budget]
-  workdir = options.workdir
-  batches = _batch_sizes(options)
-  dataset = quickstart_data.make_dataset(options.data, options.data_dir, holdout=options.holdout,
-                                         image_size=options.image_size, min_train=max(batches.values()))
-  stage_inputs = {
-      "data": dataset.identity(),
-      "tokenizer": {"steps": options.steps()["tokenizer"], "init": _init_identity(options.tokenizer_init),
-                    "freeze_codebook": options.freeze_codebook, "restart_dead_codes": options.restart_dead_codes},
-      "cache": {"views": options.steps()["views"]},
-      "mage": {"steps": options.steps()["mage"], "model": options.model, "recipe": options.recipe()},
-      "samples": {k: budget[k] for k in ("fid_samples", "grid", "sample_steps")},
-      "representations": {k: budget[k] for k in ("evals", "controls", "probe_epochs", "probe_batch",
-                                                  "fashion_train", "fashion_test")},
-      "fid": {"fid_samples": budget["fid_samples"]},
-  }
-  os.makedirs(workdir, exist_ok=True)
-  records = StageRecords(workdir)
-  start = time.time()
-  results = {"budget": options.budget, "options": dataclasses.asdict(options),
-             "device": jax.devices()[0].device_kind, "stage_seconds": {}}
-  identity = hashlib.sha256()
+class Pipeline:
+  """The stages of one workdir: each runs (or is skipped, resumed or redone) through `StageRecords`, with an
+  identity covering its own inputs and, through a running hash, the stages before it."""
 
-  def run_stage(title, key, fn, *fn_args):
+  def __init__(self, options: Options, stage_inputs: dict | None = None):
+    options.check()
+    self.options, self.workdir = options, options.workdir
+    self.budget = budget = BUDGETS[options.budget]
+    self.dataset = quickstart_data.make_dataset(options.data, options.data_dir, holdout=options.holdout,
+                                                image_size=options.image_size,
+                                                min_train=max(_batch_sizes(options).values()))
+    self.stage_inputs = {
+        "data": self.dataset.identity(),
+        "tokenizer": {"steps": options.steps()["tokenizer"], "init": _init_identity(options.tokenizer_init),
+                      "freeze_codebook": options.freeze_codebook, "restart_dead_codes": options.restart_dead_codes},
+        "cache": {"views": options.steps()["views"]},
+        "mage": {"steps": options.steps()["mage"], "model": options.model, "recipe": options.recipe()},
+        "samples": {k: budget[k] for k in ("fid_samples", "grid", "sample_steps")},
+        "representations": {k: budget[k] for k in ("evals", "controls", "probe_epochs", "probe_batch",
+                                                    "fashion_train", "fashion_test")},
+        "fid": {"fid_samples": budget["fid_samples"]},
+        **(stage_inputs or {}),
+    }
+    os.makedirs(self.workdir, exist_ok=True)
+    self.records = StageRecords(self.workdir)
+    self.start = time.time()
+    self.results = {"budget": options.budget, "options": dataclasses.asdict(options),
+                    "device": jax.devices()[0].device_kind, "stage_seconds": {}}
+    self._identity = hashlib.sha256()
+
+  def stage(self, title: str, key: str, fn, *fn_args):
     _stage(title)
     stage_start = time.time()
-    # Each stage's identity covers its own inputs and, through the running hash, the stages before it.
-    identity.update(json.dumps({key: stage_inputs[key]}, sort_keys=True, default=str).encode())
-    records.prepare(key, identity.hexdigest())
+    self._identity.update(json.dumps({key: self.stage_inputs[key]}, sort_keys=True, default=str).encode())
+    self.records.prepare(key, self._identity.hexdigest())
     value = fn(*fn_args)
-    records.finish(key, identity.hexdigest())
-    results["stage_seconds"][key] = round(time.time() - stage_start, 1)
-    results[key] = value
+    self.records.finish(key, self._identity.hexdigest())
+    self.results["stage_seconds"][key] = round(time.time() - stage_start, 1)
+    self.results[key] = value
     return value
 
-  data = run_stage(f"1/7 data: {dataset.title}", "data", prepare_data, workdir, dataset, options)
-  run_stage("2/7 tokenizer " + ("fine-tuning" if options.tokenizer_init else "training"), "tokenizer",
-            train_tokenizer, workdir, options, dataset, data)
-  run_stage(f"3/7 token cache ({options.steps()['views']} views per image)", "cache", cache_tokens, workdir, options,
-            dataset)
-  run_stage("4/7 MAGE pretraining", "mage", pretrain_mage, workdir, options, dataset)
-  run_stage("5/7 sampling", "samples", sample, workdir, budget)
-  run_stage("6/7 linear probe and few-shot vs raw pixels", "representations", evaluate_representations, workdir,
-            budget, dataset, data)
-  run_stage("7/7 FID", "fid", compute_fid, workdir, budget, dataset)
-  results["seconds"] = time.time() - start
+  def prepare_tokens(self) -> dict:
+    """The data, tokenizer and token-cache stages (1-3 of 7); returns the data summary."""
+    o, w, d = self.options, self.workdir, self.dataset
+    data = self.stage(f"1/7 data: {d.title}", "data", prepare_data, w, d, o)
+    self.stage("2/7 tokenizer " + ("fine-tuning" if o.tokenizer_init else "training"), "tokenizer",
+               train_tokenizer, w, o, d, data)
+    self.stage(f"3/7 token cache ({o.steps()['views']} views per image)", "cache", cache_tokens, w, o, d)
+    return data
+
+
+def run(options: Options) -> dict:
+  """Runs (or continues) every stage in `options.workdir`; writes and returns the results (with the table)."""
+  p = Pipeline(options)
+  workdir, budget, dataset = p.workdir, p.budget, p.dataset
+  data = p.prepare_tokens()
+  p.stage("4/7 MAGE pretraining", "mage", pretrain_mage, workdir, options, dataset)
+  p.stage("5/7 sampling", "samples", sample, workdir, budget)
+  p.stage("6/7 linear probe and few-shot vs raw pixels", "representations", evaluate_representations, workdir,
+          budget, dataset, data)
+  p.stage("7/7 FID", "fid", compute_fid, workdir, budget, dataset)
+  results = p.results
+  results["seconds"] = time.time() - p.start
   results["table"] = results_table(results)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2, default=str)
