@@ -122,3 +122,32 @@ def test_imagenet_finetune_config_is_the_paper_recipe(variant, epochs, ld, dp):
   assert (m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.label_smoothing) == (0.8, 1.0, 1.0, 0.5, 0.1)
   assert (ft.input.rand_augment, ft.input.scale, ft.input.interpolation) == ("rand-m9-mstd0.5-inc1", (0.2, 1.0),
                                                                             "bicubic")
+
+
+def test_controls_share_one_tokenizer_pass_and_match_standalone_features(tiny_params_dir, fashion_data_dir,
+                                                                         tmp_path):
+  """MAGE's features sliced from the joint (MAGE | random init) pass equal MAGE's own pass; the random-init
+  encoder is not MAGE's; the random projection is pixels @ R / sqrt(P) with the documented seed."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mage_jax import probe, sharding  # pylint: disable=g-import-not-at-top
+  config = eval_fashion_mnist.get_config("train=64,test=64,batch=64")
+  config.input.data_dir = fashion_data_dir
+  config.input.image_size = 8
+  config.baseline_random = True
+  mesh, rules = sharding.mesh_from_config(config)
+  sets, backbone = evaluate.feature_sets(config, tiny_params_dir, mesh, rules)
+  by_name = {fs.name: fs for fs in sets}
+  assert sorted(by_name) == ["mage", "pixels", "random_init", "random_proj"]
+  split = "test[:64]"
+  mage, labels = by_name["mage"].features(split, config, 8, mesh, str(tmp_path))
+  alone, alone_labels = probe.extract_features(backbone.feature_fn(), by_name["mage"].variables,
+                                               by_name["mage"].shardings,
+                                               evaluate._input_cfg(config, split, 64, 8), mesh=mesh)  # pylint: disable=protected-access
+  np.testing.assert_allclose(mage, alone, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(labels, alone_labels)
+  random_init, _ = by_name["random_init"].features(split, config, 8, mesh, str(tmp_path))
+  assert random_init.shape == mage.shape and np.abs(random_init - mage).max() > 1e-3
+  pixels, _ = by_name["pixels"].features(split, config, 8, mesh, str(tmp_path))
+  projected, _ = by_name["random_proj"].features(split, config, 8, mesh, str(tmp_path))
+  r = np.random.default_rng(evaluate.CONTROL_SEED).standard_normal((pixels.shape[1], mage.shape[1]))
+  np.testing.assert_allclose(projected, pixels @ (r / np.sqrt(pixels.shape[1])), rtol=1e-4, atol=1e-4)

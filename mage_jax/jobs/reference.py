@@ -25,7 +25,7 @@ from mage_jax.jobs import quickstart
 BUDGETS = {
     # The quickstart's recipe for `mage_steps`, evaluated at `points` steps doubling up to it. 'full' is `make
     # reference` (~100 min on the 2-core CPU); 'ci' runs every stage at a tiny size (tests).
-    "full": dict(quickstart.BUDGETS["full"], tokenizer_steps=3000, views=4, mage_steps=4800, points=6,
+    "full": dict(quickstart.BUDGETS["full"], tokenizer_steps=3000, views=4, mage_steps=9600, points=6,
                  fid_samples=2000, evals=("logistic", "fewshot"), controls=True),
     "ci": dict(quickstart.BUDGETS["ci"], mage_steps=24, points=3, evals=("logistic", "fewshot"), controls=True),
 }
