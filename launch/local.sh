@@ -21,7 +21,7 @@ set -euo pipefail
 set_dry() {
   case "${1,,}" in
     1 | true | yes | on) dry=1 ;;
-    0 | false | no | off | "") ;;
+    0 | false | no | off) ;;
     *)
       echo "error: $2='$1' is not a yes/no value (use 1/true/yes/on or 0/false/no/off)" >&2
       exit 2

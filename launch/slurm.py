@@ -49,6 +49,7 @@ import common  # noqa: E402  (launch/common.py, beside this script)
 
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # slurm: [D-]HH[:MM[:SS]] or minutes
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_LIST = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.,-]*$")  # a partition or account, or a comma-separated list
 _MAX_SIGNAL_LEAD = 65535  # sbatch's limit on sig_time
 # The first lines of every script this launcher writes: the mark that lets a later run replace it without --force.
 _MARK = "# written by launch/slurm.py"
@@ -82,10 +83,15 @@ def _validate(args: argparse.Namespace) -> None:
     key, sep, _ = kv.partition("=")
     if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
       raise ValueError(f"--env expects KEY=VALUE with a shell variable name, got {kv!r}.")
-  for value, what in ((args.partition, "partition"), (args.account, "account"),
-                      (args.chdir, "chdir"), (args.output, "output")):
-    if value is not None and any(c in value for c in "\n\r"):
-      raise ValueError(f"--{what} contains a newline.")
+  # sbatch splits an #SBATCH line into options at whitespace: a value with a space or a leading '-' would add
+  # options of the user's choosing (`--partition='gpu --uid=0'`).
+  for value, what in ((args.partition, "partition"), (args.account, "account")):
+    if value is not None and not _LIST.match(value):
+      raise ValueError(f"--{what} {value!r}: use letters, digits and _ . , - only, not starting with '-'.")
+  for value, what in ((args.chdir, "chdir"), (args.output or _default_output(args), "output")):
+    if value is not None and (value.startswith("-") or re.search(r"[\s'\"\\]", value)):
+      raise ValueError(f"--{what} {value!r}: an #SBATCH path cannot hold whitespace, quotes or backslashes, "
+                       "or start with '-'.")
 
 
 def sbatch_script(args: argparse.Namespace) -> str:

@@ -34,8 +34,10 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +77,12 @@ def _validate(args: argparse.Namespace) -> None:
     value = getattr(args, what, None)
     if value is not None and not _SIMPLE.match(value):
       raise ValueError(f"--{what.replace('_', '-')} {value!r}: use letters, digits and _ . : - only.")
+  # git reads a value starting with '-' as an option (`--ref=--output=FILE` would write where the user named).
+  for what, bad in (("ref", r"[\s\x00-\x1f]"), ("repo_url", r"[\x00-\x1f]")):
+    value = getattr(args, what, None)
+    if value is not None and (not value or value.startswith("-") or re.search(bad, value)):
+      raise ValueError(f"--{what.replace('_', '-')} {value!r}: cannot be empty, start with '-' or hold "
+                       f"{'whitespace' if what == 'ref' else 'control characters'}.")
   if args.action == "all" and args.detach:
     raise ValueError("--detach with `all` would delete the TPU VM while training runs; use create, setup, "
                      "run --detach, then delete when the run is done.")
@@ -118,7 +126,7 @@ def setup_cmds(args: argparse.Namespace) -> list[list[str]]:
              f"git -C {src} fetch --tags origin {q(args.ref)} && "
              f"git -C {src} checkout --detach FETCH_HEAD")
   else:
-    local_archive = os.path.join(args.archive_dir, f"{args.name}-{_ARCHIVE}")
+    local_archive = os.path.join(args.private_dir, f"{args.name}-{_ARCHIVE}")
     cmds.append(["git", "-C", args.repo_root, "archive", "--format=tar.gz",
                  f"--output={local_archive}", args.ref])
     cmds.append([*_GCLOUD_TPU, "scp", local_archive, f"{args.name}:{_ARCHIVE}",
@@ -189,7 +197,8 @@ def _add_setup(p: argparse.ArgumentParser) -> None:
   p.add_argument("--ref", default="HEAD", help="Commit/branch/tag to ship or check out.")
   p.add_argument("--repo-root", default=os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), help="Local checkout to archive.")
-  p.add_argument("--archive-dir", default="/tmp", help="Where the local archive is written.")
+  p.add_argument("--archive-dir", default=None,
+                 help="Where the local archive's private directory is made (default: the system's temp dir).")
   p.add_argument("--python", default="python3.11", help="Interpreter for the venv (>= 3.11).")
 
 
@@ -259,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(args, "overrides"):
       args.overrides = overrides
     _validate(args)
+    args.private_dir = _private_dir(args)
     cmds = plan(args)
   except ValueError as e:
     parser.error(str(e))
@@ -272,6 +282,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: command failed with exit code {e.returncode}: {shlex.join(e.cmd)}",
           file=sys.stderr)
     return e.returncode or 1
+  finally:
+    if args.private_dir and os.path.isdir(args.private_dir):
+      shutil.rmtree(args.private_dir)  # made by this run (mkdtemp), holding only its archive
+
+
+def _private_dir(args: argparse.Namespace) -> str | None:
+  """A fresh directory only this user can enter, for the code archive: a fixed name in a shared /tmp could be
+  a link planted by another user, which `git archive --output` would follow. A dry run makes nothing and shows
+  where the directory would go."""
+  if args.action not in ("setup", "all") or args.repo_url:
+    return None
+  parent = args.archive_dir or tempfile.gettempdir()
+  if args.dry_run:
+    return os.path.join(parent, "mage_jax_archive-XXXXXXXX")
+  try:
+    return tempfile.mkdtemp(prefix="mage_jax_archive-", dir=parent)
+  except OSError as e:
+    raise ValueError(f"--archive-dir {parent}: cannot make a private directory there ({e.strerror}).") from None
 
 
 if __name__ == "__main__":

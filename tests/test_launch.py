@@ -202,6 +202,9 @@ if [[ "$*" == *mage_jax.main* ]]; then exit 3; fi
     (["delete", "--zone=us/../x"], "--zone"),
     (["delete", "--worker=0;reboot"], "--worker"),
     (["create", "--accelerator-type=v4 8"], "--accelerator-type"),
+    (["setup", "--ref=--output=/tmp/x"], "--ref"),
+    (["setup", "--repo-url=--upload-pack=touch x"], "--repo-url"),
+    (["setup", "--ref=main x"], "--ref"),
     (["all", "--config=c.py", "--workdir=gs://b", "--detach"], "would delete the TPU VM while training runs"),
 ])
 def test_tpu_bad_args(argv, match, capsys):
@@ -288,6 +291,11 @@ def test_slurm_submit_writes_script_that_runs(tmp_path, monkeypatch):
     (["--job-name=a b"], "--job-name"),
     (["--env=NOEQUALS"], "KEY=VALUE"),
     (["--", "config.lr=1"], "not a flag"),
+    (["--partition=gpu --uid=0"], "--partition"),
+    (["--account=-x"], "--account"),
+    (["--output=/runs/my log.out"], "--output"),
+    (["--chdir=--uid=0"], "--chdir"),
+    (["--script=my runs/j.sbatch"], "--output"),  # the default log path sits beside the script
 ])
 def test_slurm_bad_args(argv, match, capsys):
   with pytest.raises(SystemExit) as e:
@@ -510,10 +518,33 @@ def test_local_dry_run_flag_anywhere(args, tmp_path):
   assert not (tmp_path / "python.argv").exists() and "--dry" not in r.stdout
 
 
-@pytest.mark.parametrize("env,args", [({"DRY_RUN": "maybe"}, []), ({}, ["--dry-run=2"])])
+@pytest.mark.parametrize("env,args", [({"DRY_RUN": "maybe"}, []), ({}, ["--dry-run=2"]), ({}, ["--dry-run="])])
 def test_local_unrecognised_dry_run_value(env, args, tmp_path):
   fake = tmp_path / "python"
   _write_exe(fake, _RECORDER)
   r = _local([CONFIG, "runs/x", *args], tmp_path, PYTHON=str(fake), **env)
   assert r.returncode == 2 and "is not a yes/no value" in r.stderr
   assert not (tmp_path / "python.argv").exists()
+
+
+def test_tpu_archive_goes_to_a_private_directory_it_removes(recorded, tmp_path):
+  """The archive is written in a fresh 0700 directory made for this run, never at a fixed name a planted link
+  could hold, and the directory goes once the commands ran; a dry run makes nothing."""
+  planted_target = tmp_path / "victim"
+  (tmp_path / f"mage-test-{tpu_vm._ARCHIVE}").symlink_to(planted_target)  # pylint: disable=protected-access
+  made = []
+  real_mkdtemp = tpu_vm.tempfile.mkdtemp
+
+  def mkdtemp(**kw):
+    made.append(real_mkdtemp(**kw))
+    return made[-1]
+
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(tpu_vm.tempfile, "mkdtemp", mkdtemp)
+    assert tpu_vm.main(["setup", "--name=mage-test", "--zone=z", f"--archive-dir={tmp_path}", "--dry-run"]) == 0
+    assert made == []
+    assert tpu_vm.main(["setup", "--name=mage-test", "--zone=z", f"--archive-dir={tmp_path}"]) == 0
+  assert len(made) == 1 and os.path.dirname(made[0]) == str(tmp_path)
+  git = [c for c in recorded() if c.startswith("git ")]
+  assert git and f"--output={made[0]}/mage-test-{tpu_vm._ARCHIVE}" in git[0]  # pylint: disable=protected-access
+  assert not os.path.exists(made[0]) and not planted_target.exists()
