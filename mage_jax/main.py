@@ -16,7 +16,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mage_jax import runtime
+from mage_jax import config_ranges, runtime
 from mage_jax.jobs import MODES, run_mode
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: a python file in configs/ [:args] "
@@ -35,6 +35,10 @@ def main(argv):
     raise runtime.UsageError(f"--config={flags.FLAGS['config'].config_filename} is not a training config: {hint}")
   if config.mode not in MODES:
     raise runtime.UsageError(f"unknown config.mode {config.mode!r}; expected one of {', '.join(MODES)}")
+  try:
+    config_ranges.check(config)
+  except ValueError as e:
+    raise runtime.UsageError(str(e)) from None
   workdir = _WORKDIR.value
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise runtime.UsageError(f"--workdir={workdir} is a file, not a directory")

@@ -46,9 +46,9 @@ def test_main_refuses_bad_command_lines_before_any_work(image_folder, tmp_path):
   (tmp_path / "a_file").write_text("keep me")
   cases = [
       (["--config.optim.blrr=0.1"], 2, "blrr"),
-      (["--config.input.batch_size=0"], 1, "batch_size must be positive"),
+      (["--config.input.batch_size=0"], 2, "config.input.batch_size=0: must be a whole number >= 1"),
       (["--config.input.batch_size=12"], 1, "not divisible"),
-      (["--config.total_steps=-5"], 1, "must be >= 0"),
+      (["--config.total_steps=-5"], 2, "config.total_steps=-5: must be"),
       (["--config.mesh=data=3,fsdp=1"], 1, "mesh"),
       (["--config.sharding_rules=embed=nowhere"], 1, "nowhere"),
       (["--config.model.heads=3"], 2, "heads"),

@@ -118,7 +118,9 @@ class Options:
     if "steps" in [item.partition("=")[0] for item in self.mage_recipe.split(",")]:
       raise ValueError("--mage_recipe sets no steps: use --mage_steps")
     from configs import fashion_mnist_tiny  # pylint: disable=g-import-not-at-top
-    fashion_mnist_tiny.get_config(self.recipe())  # unknown or mistyped recipe arguments fail here
+    from mage_jax import config_ranges  # pylint: disable=g-import-not-at-top
+    # unknown or mistyped recipe arguments fail here, and values out of range (blr=-1, mask_min=1.5)
+    config_ranges.check(fashion_mnist_tiny.get_config(self.recipe()))
     factor = 2 ** (len(self.tokenizer_sizes()["ch_mult"]) - 1)
     if self.image_size % factor or self.image_size < 2 * factor:
       raise ValueError(f"--image_size={self.image_size}: the tokenizer downsamples by {factor}, so the image size "
