@@ -276,11 +276,14 @@ class ImageListing:
       into the dataset: each listed once, at its real place.
     unreadable: image-named entries that are no regular file (broken links, FIFOs, ...) and subfolders that
       could not be listed.
+    above: links to a folder that holds the dataset (its parent, `/`, ...), not followed: through one, the
+      walk would list the dataset again under another class, and everything beside it.
   """
   groups: tuple[tuple[str, ...], ...]
   ignored: int
   repeats: int
   unreadable: tuple[str, ...]
+  above: int = 0
 
   @property
   def paths(self) -> list[str]:
@@ -293,6 +296,8 @@ class ImageListing:
       parts.append(f"{self.ignored} non-image or hidden files ignored")
     if self.repeats:
       parts.append(f"{self.repeats} folders/files reached again through links listed once")
+    if self.above:
+      parts.append(f"{self.above} links to a folder above the dataset skipped")
     if self.unreadable:
       parts.append(f"{len(self.unreadable)} unreadable entries skipped (e.g. {self.unreadable[0]})")
     return "; ".join(parts)
@@ -314,8 +319,9 @@ def list_images(*roots: str, within: str | None = None) -> ImageListing:
   Every real directory is entered once and every real file listed once, so symlink cycles terminate and a file
   reached through two links is one example. A link that points into the dataset (`within`, default the roots)
   is not followed: what it points to is listed at its real place (with class folders as roots and their parent
-  as `within`, a file keeps the class of the folder it really is in). Links to elsewhere (a dataset assembled
-  from links) are followed; the first one found wins.
+  as `within`, a file keeps the class of the folder it really is in); nor is a link to a folder holding the
+  dataset (counted in `above`). Links to elsewhere (a dataset assembled from links) are followed; the first one
+  found wins.
 
   Args:
     *roots: folders.
@@ -342,7 +348,8 @@ def list_images(*roots: str, within: str | None = None) -> ImageListing:
     else:
       walk.run(root, found)
     groups.append(tuple(found))
-  return ImageListing(tuple(groups), walk.counts["ignored"], walk.counts["repeats"], tuple(walk.unreadable))
+  return ImageListing(tuple(groups), walk.counts["ignored"], walk.counts["repeats"], tuple(walk.unreadable),
+                      walk.counts["above"])
 
 
 class _Walk:
@@ -357,6 +364,10 @@ class _Walk:
   def _points_inside(self, path: str) -> bool:
     real = os.path.realpath(path)
     return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self.inside)
+
+  def _points_above(self, path: str) -> bool:
+    real = os.path.realpath(path).rstrip(os.sep) + os.sep
+    return any(r.startswith(real) and r.rstrip(os.sep) + os.sep != real for r in self.inside)
 
   def _first_time(self, key: tuple[int, int]) -> bool:
     if key in self.seen:
@@ -388,6 +399,9 @@ class _Walk:
       raise OSError("broken link")
     if is_link and self._points_inside(entry.path):
       self.counts["repeats"] += 1  # listed at its real place (or a cycle)
+      return
+    if is_link and self._points_above(entry.path):
+      self.counts["above"] += 1
       return
     if entry.is_dir():  # follows links
       if entry.name.startswith("."):

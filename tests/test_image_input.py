@@ -496,3 +496,18 @@ def test_fid_folders_refuse_hostile_sets_with_one_named_error(tmp_path, capsys):
   for samples, want in ((mixed, "images differ in size"), (corrupt, "b.png: cannot decode image")):
     assert_one_line_error(run_cli("mage_jax.fid", samples, f"--reference={stats}",
                                   f"--weights={tmp_path / 'w.npz'}"), 1, want)
+
+
+def test_links_to_a_folder_above_the_dataset_are_skipped_and_counted(tmp_path):
+  """Through a link to its parent (or to /), the walk would list the dataset again under another class and
+  everything beside it: such links are not followed, and the summary says how many."""
+  data = tmp_path / "data"
+  _tree(data, ["c1/x.png", "c2/y.png"])
+  _tree(tmp_path, ["beside.png"])
+  os.symlink("../..", data / "c2" / "up")  # -> tmp_path, the dataset's parent
+  os.symlink("/", data / "c1" / "root")
+  listing = images.list_images(str(data))
+  assert listing.paths == [str(data / "c1" / "x.png"), str(data / "c2" / "y.png")]
+  assert listing.above == 2 and "2 links to a folder above the dataset skipped" in listing.summary()
+  src = sources.FolderSource(str(data))
+  assert src.class_counts == {"c1": 1, "c2": 1}
