@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -50,12 +51,32 @@ _FORCE = flags.DEFINE_bool("force", False, "Replace the outputs of an earlier ru
 _DISTRIBUTED = runtime.define_distributed_flags()
 
 
+def _not_written_by_generate(images_dir: str) -> list[str]:
+  """What under OUT/images is not a PNG `images.image_path` names (digits.png, in digit-named shard folders one
+  level down); links count as foreign, never followed."""
+  png = re.compile(r"^\d+\.png$")
+  foreign = []
+  if not os.path.isdir(images_dir):
+    return ["(not a directory)"]
+  for entry in sorted(os.scandir(images_dir), key=lambda e: e.name):
+    if entry.is_file(follow_symlinks=False) and png.match(entry.name):
+      continue
+    if entry.is_dir(follow_symlinks=False) and entry.name.isdigit():
+      foreign += [os.path.join(entry.name, e.name) for e in sorted(os.scandir(entry.path), key=lambda e: e.name)
+                  if not (e.is_file(follow_symlinks=False) and png.match(e.name))]
+      continue
+    foreign.append(entry.name)
+  return foreign
+
+
 def prepare_out_dir(out: str, force: bool) -> None:
   """Refuses an OUT that is a file or holds anything but an earlier run's outputs; with force, removes those."""
   if os.path.exists(out) and not os.path.isdir(out):
     raise runtime.UsageError(f"--out={out} is a file, not a directory")
   present = sorted(os.listdir(out)) if os.path.isdir(out) else []
-  foreign = [name for name in present if name not in OUTPUTS]
+  foreign = [name for name in present if name not in OUTPUTS or os.path.islink(os.path.join(out, name))]
+  if "images" in present and not foreign:
+    foreign = [os.path.join("images", rel) for rel in _not_written_by_generate(os.path.join(out, "images"))]
   if foreign:
     raise runtime.UsageError(f"--out={out} holds files generate did not write ({', '.join(foreign[:3])}); "
                              "choose a new or empty directory")

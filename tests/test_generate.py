@@ -299,3 +299,28 @@ def test_parse_box():
   assert editing.parse_box("1, 2,3,4") == (1, 2, 3, 4)
   with pytest.raises(ValueError, match="four integers"):
     editing.parse_box("1,2,3")
+
+
+def test_force_keeps_what_generate_did_not_write_under_images(tmp_path):
+  """--force replaces an earlier run's PNGs, but a user's folder or file inside OUT/images (or a link there) is
+  foreign: refused, untouched."""
+  from mage_jax import generate, runtime  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "out"
+  (out / "images" / "000").mkdir(parents=True)
+  (out / "images" / "000" / "00000.png").write_bytes(b"png")
+  (out / "images" / "00001.png").write_bytes(b"png")
+  generate.prepare_out_dir(str(out), force=True)  # only generate's names: replaced
+  assert sorted(os.listdir(out)) == []
+  for plant in ("images/my_photos/a.jpg", "images/000/notes.txt", "images/000/sub/00000.png"):
+    (out / plant).parent.mkdir(parents=True, exist_ok=True)
+    (out / plant).write_text("mine")
+    with pytest.raises(runtime.UsageError, match="did not write"):
+      generate.prepare_out_dir(str(out), force=True)
+    assert (out / plant).read_text() == "mine"
+    (out / plant).unlink()
+  (tmp_path / "elsewhere").mkdir()
+  os.rmdir(out / "images" / "000" / "sub")
+  os.symlink(tmp_path / "elsewhere", out / "images" / "001")
+  with pytest.raises(runtime.UsageError, match="did not write"):
+    generate.prepare_out_dir(str(out), force=True)
+  assert (tmp_path / "elsewhere").is_dir()
