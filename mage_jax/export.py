@@ -17,7 +17,7 @@ import os
 from absl import flags
 
 from mage_jax import params_io, runtime
-from mage_jax.convert import to_torch
+from mage_jax.convert import convert, to_torch
 
 _FORMAT = flags.DEFINE_enum("format", None, to_torch.FORMATS,
                             "File format; default: 'safetensors' when OUT ends in .safetensors, else 'pth'.")
@@ -29,13 +29,33 @@ _VIT_IMG_SIZE = flags.DEFINE_integer("vit_img_size", to_torch.DEFAULT_VIT_IMG_SI
 _FORCE = flags.DEFINE_bool("force", False, "Overwrite OUT if it exists.")
 
 
+def _check_out(params_dir: str, out: str, force: bool) -> None:
+  """OUT may not lie in PARAMS_DIR (the export would replace its own source), and --force replaces only a file
+  this binary wrote (one carrying the embedded mage_jax meta), never a user's file, link or folder."""
+  real_out, real_params = os.path.realpath(out), os.path.realpath(params_dir)
+  if real_out == real_params or real_out.startswith(real_params.rstrip(os.sep) + os.sep):
+    raise runtime.UsageError(f"OUT {out} lies inside PARAMS_DIR {params_dir}; write the export elsewhere")
+  if not os.path.lexists(out):
+    return
+  if not force:
+    raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+  if os.path.islink(out) or not os.path.isfile(out):
+    raise runtime.UsageError(f"{out} is a link or not a regular file; --force replaces only a file export wrote")
+  try:
+    _, meta = convert.load_checkpoint(out)
+  except (convert.CheckpointError, OSError):
+    meta = None
+  if meta is None:
+    raise runtime.UsageError(f"{out} was not written by mage_jax.export (no embedded '{convert.META_KEY}' meta); "
+                             "--force replaces only such files: choose another OUT")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) != 3:
     raise runtime.UsageError(f"expected two arguments PARAMS_DIR OUT, got {argv[1:]}")
   params_dir, out = argv[1:]
   fmt = _FORMAT.value or ("safetensors" if out.endswith(".safetensors") else "pth")
-  if os.path.exists(out) and not _FORCE.value:
-    raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+  _check_out(params_dir, out, _FORCE.value)
   runtime.start()
   variables, meta = params_io.load(params_dir)
   kind = _KIND.value or meta.get("kind", "mage")

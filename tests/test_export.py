@@ -262,6 +262,17 @@ def test_cli_export_then_convert_back(testdata, tmp_path):
   again = _run("mage_jax.export", str(first), str(out))
   errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
   assert again.returncode == 1 and len(errors) == 1 and "--force" in errors[0], again.stderr
+  assert _run("mage_jax.export", str(first), str(out), "--force").returncode == 0  # its own earlier file
+  # --force never replaces a user's file, nor writes into the params it reads.
+  mine = tmp_path / "out" / "notes.pth"
+  mine.write_text("mine")
+  refused = _run("mage_jax.export", str(first), str(mine), "--force")
+  assert refused.returncode == 2 and "was not written by mage_jax.export" in refused.stderr, refused.stderr
+  assert mine.read_text() == "mine"
+  record = (first / "mage_jax.json").read_bytes()
+  inside = _run("mage_jax.export", str(first), str(first / "mage_jax.json"), "--force")
+  assert inside.returncode == 2 and "lies inside PARAMS_DIR" in inside.stderr, inside.stderr
+  assert (first / "mage_jax.json").read_bytes() == record
   # Converting the export back needs no --config: the file carries the head counts.
   second = tmp_path / "back"
   back = _run("mage_jax.convert", str(out), str(second))
