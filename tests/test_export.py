@@ -3,6 +3,8 @@ here), torch loading and strict loading, the recreated unused tensors, the write
 
 import dataclasses
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -207,6 +209,12 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
   with pytest.raises(FileExistsError, match="--force"):
     to_torch.write(str(target), sd, "tokenizer", tok_meta)
   assert target.read_text() == "keep me"
+  old_mask = os.umask(0o027)
+  try:  # the written file has the mode the umask gives new files, not mkstemp's 0600
+    to_torch.write(str(tmp_path / "mode.pth"), sd, "tokenizer", tok_meta)
+  finally:
+    os.umask(old_mask)
+  assert stat.S_IMODE(os.stat(tmp_path / "mode.pth").st_mode) == 0o640
   with pytest.raises(TypeError, match="set"):
     torch_save.save(str(tmp_path / "bad.pth"), {"x": {1, 2}})
 

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from mage_jax import params_io
+from mage_jax import atomic, params_io
 from mage_jax.convert import convert, safetensors_io, torch_save
 from mage_jax.models import layers
 
@@ -223,7 +223,7 @@ def write(path: str, sd: Mapping[str, np.ndarray], kind: str, meta: Mapping[str,
                             convert.META_KEY: embedded_meta(meta, kind)})
     else:
       safetensors_io.save(tmp, sd, {"format": "pt", convert.META_KEY: embedded_meta(meta, kind)})
-    os.replace(tmp, path)
+    atomic.publish(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

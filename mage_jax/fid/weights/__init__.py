@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mage_jax import atomic
 from mage_jax.convert import torch_pickle
 from mage_jax.fid import inception
 
@@ -336,7 +337,7 @@ def save_npz(weights: InceptionWeights, path: str | os.PathLike) -> pathlib.Path
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **arrays)
-    os.replace(tmp, path)
+    atomic.publish(tmp, str(path))
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
