@@ -1,17 +1,12 @@
 """`python -m mage_jax.reference` end to end at the ci budget: points, table, plot, resume."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli
 from PIL import Image
 
 from mage_jax.jobs import reference
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_points_double_up_to_the_last_step():
   assert reference.points(4800, 6) == [150, 300, 600, 1200, 2400, 4800]
@@ -22,8 +17,8 @@ def test_points_double_up_to_the_last_step():
 @pytest.mark.slow
 def test_reference_run_ci_budget_end_to_end_and_resume(tmp_path):
   workdir = tmp_path / "ref"
-  cmd = [sys.executable, "-m", "mage_jax.reference", f"--workdir={workdir}", "--budget=ci"]
-  run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+  args = (f"--workdir={workdir}", "--budget=ci")
+  run = run_cli("mage_jax.reference", *args, timeout=1800)
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
   results = json.loads((workdir / "results.json").read_text())
   rows = results["points"]
@@ -40,9 +35,9 @@ def test_reference_run_ci_budget_end_to_end_and_resume(tmp_path):
   assert "| 24 |" in table and "raw pixels (control)" in table
   assert Image.open(workdir / "plot.png").size[0] > 500
   # rerunning finds every point done; --plot_only redraws the plot from results.json
-  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+  again = run_cli("mage_jax.reference", *args, timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
   assert json.loads((workdir / "results.json").read_text())["points"] == rows
   (workdir / "plot.png").unlink()
-  redraw = subprocess.run(cmd + ["--plot_only"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  redraw = run_cli("mage_jax.reference", *args, "--plot_only", timeout=300)
   assert redraw.returncode == 0 and (workdir / "plot.png").exists(), redraw.stderr[-2000:]
