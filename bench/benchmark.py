@@ -15,6 +15,9 @@ backend in the header) and writes the same numbers as JSON:
   encode    tokenizer images → ids, once per tokenizer mode in `--encode-modes`.
   input     `data.pipeline.measure_throughput` on a folder of JPEGs (synthesised, ImageNet-like sizes,
             unless `--jpeg-dir`); needs TensorFlow (skipped where it is not installed).
+  checkpoint  (only when asked for) the pretraining train state saved with orbax into a temporary folder, then
+            what integrity costs: writing the step's manifest (`checkpointing.seal`), verifying it
+            (`manifest_problem`, the check before each restore) and the restore itself, in seconds and GB/s.
 
 MFU = analytic FLOPs per image (bench/flops.py) × images/s ÷ (dense bf16 peak per device × devices); it is
 printed only for devices in `PEAK_FLOPS`. Peak memory is the compiled executable's buffer assignment
@@ -64,6 +67,7 @@ from mage_jax.models.mage import MAGE, config_for  # noqa: E402
 from mage_jax.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
 
 WORKLOADS = ("pretrain", "pretrain_cached", "generate", "encode", "features", "input")
+EXTRA_WORKLOADS = ("checkpoint",)  # run only when named in --workloads
 TOKENIZER_MODES = ("float32", "tf32", "bfloat16")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense bf16 peak per device (datasheets), matched as a case-insensitive substring of device_kind, first hit
@@ -607,6 +611,41 @@ def run_input(s: Setup) -> dict:
   return row
 
 
+def _tree_bytes(directory: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
+
+
+def run_checkpoint(s: Setup) -> dict:
+  """Seconds to save the pretraining state, seal it (manifest), verify the manifest and restore it."""
+  from mage_jax import checkpointing  # noqa: PLC0415
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    prog = make_pretrain(s, cached=True)
+    state = jax.jit(lambda r: sharding.strip_boxes(prog.init_state(r)), out_shardings=prog.state_sharding)(
+        jax.random.key(s.args.seed))
+    target = checkpointing.abstract_with_shardings(sharding.strip_boxes(prog.abstract_state), prog.state_sharding)
+    with tempfile.TemporaryDirectory() as tmp:
+      mngr = checkpointing.manager(tmp, keep=1, async_save=False)
+      t0 = time.perf_counter()
+      checkpointing.save(mngr, 1, state)
+      mngr.wait_until_finished()
+      t1 = time.perf_counter()
+      checkpointing.seal(mngr)
+      t2 = time.perf_counter()
+      problem = checkpointing.manifest_problem(os.path.join(tmp, "checkpoints", "1"))
+      t3 = time.perf_counter()
+      jax.block_until_ready(checkpointing.restore(mngr, 1, target))
+      t4 = time.perf_counter()
+      size = _tree_bytes(os.path.join(tmp, "checkpoints", "1"))
+      mngr.close()
+  if problem is not None:
+    raise RuntimeError(f"a freshly sealed checkpoint fails its own manifest: {problem}")
+  row = _row(s, "checkpoint", batch=s.batch, seconds=[t3 - t2], flops_per_image=None, images_per_call=0, extra={
+      "checkpoint_bytes": size, "save_s": t1 - t0, "seal_s": t2 - t1, "verify_s": t3 - t2, "restore_s": t4 - t3,
+      "verify_gb_per_s": size / max(t3 - t2, 1e-9) / 1e9})
+  row.update(images_per_s=None, dtype="-")
+  return row
+
+
 def _guarded(fn, s: Setup, workload: str, *args) -> dict:
   """A failing workload (e.g. out of memory) is recorded, not fatal, unless --strict."""
   try:
@@ -631,6 +670,8 @@ def run_size(size: str, args: argparse.Namespace) -> list[dict]:
       rows.append(_guarded(run_features, s, workload))
     elif workload == "input":
       rows.append(_guarded(run_input, s, workload))
+    elif workload == "checkpoint":
+      rows.append(_guarded(run_checkpoint, s, workload))
     peak = device_peak_bytes()
     if peak is not None and rows:
       rows[-1]["device_peak_gib_so_far"] = peak / 2**30
@@ -684,6 +725,9 @@ def format_table(env: dict, rows: list[dict]) -> str:
       notes.append(f"{r['num_steps']} steps tok={r['tokenizer_mode']} attn={r['attention_path']}")
     if r["workload"] == "input":
       notes.append(f"{r['host_cpus']} host CPUs, {r['jpeg_dir']} JPEGs")
+    if r["workload"] == "checkpoint":
+      notes.append(f"{r['checkpoint_bytes'] / 1e9:.3g} GB: save {r['save_s']:.2f} s, seal {r['seal_s']:.2f} s, "
+                   f"verify {r['verify_s']:.2f} s ({r['verify_gb_per_s']:.2f} GB/s), restore {r['restore_s']:.2f} s")
     mem = r.get("memory", {}).get("total_gib")
     vals = (r["size"], r["workload"], str(r["batch"]), r["dtype"], _fmt(r["step_ms_median"], ".1f"),
             _fmt(r["images_per_s"], ".1f"), _fmt(r["reference_images_per_s"], ".1f"),
@@ -702,7 +746,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=20, help="timed pretraining steps (median reported)")
   p.add_argument("--warmup", type=int, default=3, help="untimed pretraining steps after compilation")
   p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="MAGE compute dtype")
-  p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
+  p.add_argument("--workloads", default=",".join(WORKLOADS),
+                 help="comma-separated subset of " + ",".join(WORKLOADS + EXTRA_WORKLOADS))
   p.add_argument("--json", default="", help="write the results here")
   p.add_argument("--tokenizer", default="tf32", choices=TOKENIZER_MODES,
                  help="tokenizer mode inside the pretraining step and generation")
@@ -735,9 +780,9 @@ def _parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
   args = _parser().parse_args(argv)
   args.workloads = [w for w in args.workloads.split(",") if w]
-  bad = sorted(set(args.workloads) - set(WORKLOADS))
+  bad = sorted(set(args.workloads) - set(WORKLOADS + EXTRA_WORKLOADS))
   if bad:
-    raise ValueError(f"unknown workloads {bad}; expected a subset of {WORKLOADS}")
+    raise ValueError(f"unknown workloads {bad}; expected a subset of {WORKLOADS + EXTRA_WORKLOADS}")
   args.encode_modes = [m for m in args.encode_modes.split(",") if m]
   bad = sorted(set(args.encode_modes) - set(TOKENIZER_MODES))
   if bad:

@@ -3,7 +3,9 @@
 Full train states live in `<workdir>/checkpoints/<step>/`; params-only exports (params_io) are what other
 binaries read. orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves the previous checkpoints intact and the partial one is never picked up. A complete step
-whose files were later damaged (a truncated copy, a lost file) is what `restore_newest` handles.
+whose files were later damaged (a truncated copy, a lost file, flipped bytes) is what `restore_newest` handles:
+after orbax finalizes a step, `seal` writes a manifest of every file's size and CRC-32 into it, and a step whose
+files no longer match is set aside before orbax reads it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging as std_logging
 import os
 import sys
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -34,7 +37,85 @@ def manager(workdir: str, *, keep: int = 3, save_interval_steps: int = 1, async_
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> bool:
+  seal(mngr)  # orbax waits for the previous save before starting this one anyway
   return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+MANIFEST = "mage_jax_manifest.json"
+_MANIFEST_MAX_BYTES = 1 << 24  # a crafted manifest must not make the check read without bound
+_CHUNK = 1 << 23
+
+
+def _crc32(path: str) -> tuple[int, str]:
+  size, crc = 0, 0
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      size, crc = size + len(chunk), zlib.crc32(chunk, crc)
+  return size, f"{crc:08x}"
+
+
+def _step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step))
+
+
+def write_manifest(step_dir: str) -> None:
+  """Records the size and CRC-32 of every file under `step_dir` (a finalized step) in its MANIFEST."""
+  files = {}
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel != MANIFEST and not os.path.islink(path):
+        files[rel] = list(_crc32(path))
+  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"format": 1, "files": dict(sorted(files.items()))}, f, indent=0)
+  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def seal(mngr: ocp.CheckpointManager) -> None:
+  """Waits for pending saves, then writes the manifest of each step newer than the newest sealed one.
+
+  Steps older than that without a manifest (written before manifests existed) stay unsealed: they were never
+  verified, so a manifest would certify whatever they hold now (`restore_newest` seals the one it resumes from).
+  Only the primary process writes.
+  """
+  mngr.wait_until_finished()
+  if jax.process_index() != 0:
+    return
+  steps = sorted(mngr.all_steps())
+  sealed = [s for s in steps if os.path.exists(os.path.join(_step_dir(mngr, s), MANIFEST))]
+  for step in steps:
+    if not sealed or step > sealed[-1]:
+      write_manifest(_step_dir(mngr, step))
+
+
+def manifest_problem(step_dir: str) -> str | None:
+  """What differs between `step_dir` and its manifest (one phrase), or None; None too when it has no manifest."""
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return None
+  if os.path.getsize(path) > _MANIFEST_MAX_BYTES:
+    return f"its {MANIFEST} is over {_MANIFEST_MAX_BYTES} bytes"
+  try:
+    with open(path) as f:
+      files = json.load(f)["files"]
+    entries = [(rel, int(size), str(crc)) for rel, (size, crc) in files.items()]
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    return f"its {MANIFEST} is unreadable ({type(e).__name__})"
+  for rel, size, crc in entries:
+    full = os.path.normpath(os.path.join(step_dir, rel))
+    if os.path.isabs(rel) or not full.startswith(os.path.normpath(step_dir) + os.sep):
+      return f"its {MANIFEST} names {rel!r}, outside the step"
+    if not os.path.isfile(full):
+      return f"{rel} is missing"
+    actual = os.path.getsize(full)
+    if actual != size:
+      return f"{rel} is {actual} bytes, {size} when saved"
+    now = _crc32(full)[1]
+    if now != crc:
+      return f"{rel} changed since it was saved (CRC-32 {now}, {crc} when saved)"
+  return None
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
@@ -134,7 +215,8 @@ def restore_newest(mngr: ocp.CheckpointManager, target: Any, *, corrupt: str = "
   A step that cannot be restored while an older one can is damaged (the older one proves the model/optimizer
   config matches): with corrupt='fallback' it is renamed `<step>.corrupt-<UTC time>` beside the others (kept
   for inspection, and out of orbax's sight, so that the run can save that step again and keep-K neither counts
-  nor deletes it) and a warning names it. With corrupt='refuse' the newest step's error is raised (one line
+  nor deletes it) and a warning names it. A step whose files differ from its manifest (see `seal`) is damaged
+  too, and is not handed to orbax at all. With corrupt='refuse' the newest step's error is raised (one line
   naming the step). When no step restores, nothing is renamed and the newest step's error is raised: that is a
   config mismatch rather than damage. Every process takes the same decision: a step counts as intact only if
   it restored on all of them.
@@ -152,11 +234,19 @@ def restore_newest(mngr: ocp.CheckpointManager, target: Any, *, corrupt: str = "
   steps = sorted(mngr.all_steps(), reverse=True)
   newest_error = None
   for step in steps:
-    try:
-      state, error = restore(mngr, step, target), None
-    except ValueError as e:
-      state, error = None, e
+    problem = manifest_problem(_step_dir(mngr, step)) if jax.process_index() == 0 else None
+    state, error = None, None
+    if not _on_all_processes(problem is None):
+      error = ValueError(f"checkpoint step {step} in {mngr.directory} is damaged: "
+                         f"{problem or 'its files differ from its manifest (checked by the primary process)'}")
+    else:
+      try:
+        state = restore(mngr, step, target)
+      except ValueError as e:
+        error = e
     if _on_all_processes(error is None):
+      if jax.process_index() == 0 and not os.path.exists(os.path.join(_step_dir(mngr, step), MANIFEST)):
+        write_manifest(_step_dir(mngr, step))  # read back whole by orbax: as verified as it can be; older ones stay
       bad = steps[: steps.index(step)]
       if bad:
         _set_aside(mngr, bad, step, newest_error)

@@ -229,13 +229,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
         if save_now:
           checkpointing.save(mngr, done, state, force=True)
         if preempted:
-          mngr.wait_until_finished()
+          checkpointing.seal(mngr)
           logging.warning("checkpoint %d written after %s; exiting", done,
                           stop.signal.name if stop.signal else "a signal to another process")
           break
     finally:
       stop.restore()
-      mngr.wait_until_finished()
+      checkpointing.seal(mngr)
       writer.flush()
     if int(jax.device_get(state.step)) == task.total_steps and task.export is not None:
       task.export(state)

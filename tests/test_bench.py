@@ -198,6 +198,18 @@ def test_tiny_benchmark_runs_every_workload_and_writes_json(tmp_path):
   assert rows[2]["ids_in_codebook"]
 
 
+def test_checkpoint_row_times_save_seal_verify_and_restore(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  benchmark.main(["--size=tiny", "--workloads=checkpoint", "--json", str(out), "--strict"])
+  (row,) = json.loads(out.read_text())["results"]
+  assert row["workload"] == "checkpoint" and row["images_per_s"] is None
+  assert row["checkpoint_bytes"] > 4 * 200_000  # params and two AdamW moments of the tiny MAGE, float32
+  for key in ("save_s", "seal_s", "verify_s", "restore_s", "verify_gb_per_s"):
+    assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+  assert row["step_ms_median"] == pytest.approx(row["verify_s"] * 1e3)
+  assert "verify" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer precision on the conformance fixture.
 
