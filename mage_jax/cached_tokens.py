@@ -111,11 +111,39 @@ def read_meta(directory: str) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{directory} is not a token cache (no {META_FILE}; write one with "
                             "python -m mage_jax.main --config=configs/cache_tokens.py)")
+  if os.path.getsize(path) > _META_MAX_BYTES:
+    raise ValueError(f"{path} is over {_META_MAX_BYTES} bytes: not a token cache's description")
   try:
     with open(path) as f:
-      return json.load(f)
+      meta = json.load(f)
   except ValueError as e:
     raise ValueError(f"{path} is unreadable ({e}): the token cache is damaged") from None
+  problem = _meta_problem(meta)
+  if problem:
+    raise ValueError(f"{path}: {problem}: the token cache is damaged")
+  return meta
+
+
+_META_MAX_BYTES = 1 << 20
+# What a cache's description may claim, so that a crafted one costs bounded work before it is refused: shard
+# names have five digits, ids are uint16.
+_META_RANGES = {"num_examples": (1, 10**11), "shard_examples": (1, 10**9), "views": (1, 1024),
+                "num_tokens": (1, 1 << 16), "codebook_size": (1, 1 << 16), "num_shards": (1, 99_999)}
+
+
+def _meta_problem(meta) -> str | None:
+  if not isinstance(meta, dict):
+    return f"a JSON {type(meta).__name__}, not an object"
+  for key, (low, high) in _META_RANGES.items():
+    value = meta.get(key)
+    if type(value) is not int or not low <= value <= high:  # noqa: E721 (bool is an int subclass)
+      return f"{key} is {value!r}, expected a whole number in [{low}, {high}]"
+  if meta["num_shards"] != -(-meta["num_examples"] // meta["shard_examples"]):
+    return (f"num_shards {meta['num_shards']} does not cover num_examples {meta['num_examples']} in shards of "
+            f"{meta['shard_examples']}")
+  if not isinstance(meta.get("tokenizer"), dict):
+    return "no tokenizer fingerprint"
+  return None
 
 
 def prepare_directory(directory: str, meta: dict) -> None:
@@ -142,7 +170,8 @@ def shard_range(meta: dict, shard: int) -> tuple[int, int]:
 
 
 def finished_shards(directory: str, meta: dict) -> set[int]:
-  return {s for s in range(meta["num_shards"]) if os.path.exists(shard_path(directory, s, meta["num_shards"], "ids"))}
+  names = set(os.listdir(directory))
+  return {s for s in range(meta["num_shards"]) if os.path.basename(shard_path("", s, meta["num_shards"], "ids")) in names}
 
 
 def write_shard(directory: str, meta: dict, shard: int, ids: np.ndarray, labels: np.ndarray) -> None:

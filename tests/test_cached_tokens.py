@@ -2,6 +2,7 @@
 
 import dataclasses
 import itertools
+import json
 import os
 
 import jax
@@ -169,6 +170,22 @@ def test_refusals(cache_dir, image_folder, tokenizer_dir, tmp_path):
     (damaged / name).write_bytes(data[:len(data) // 2] if name.endswith(".ids.npy") else data)
   with pytest.raises(ValueError, match="shard-00000-of-00003.ids.npy is unreadable"):
     cached_tokens.TokenCache(str(damaged))
+
+
+@pytest.mark.parametrize("claim, says", [
+    ({"num_examples": 10**9, "shard_examples": 100, "num_shards": 10**7}, r"num_shards is 10000000, expected"),
+    ({"num_shards": 2}, "num_shards 2 does not cover num_examples 96 in shards of 40"),
+    ({"views": True}, "views is True, expected a whole number"),
+    ({"shard_examples": 0}, r"shard_examples is 0, expected a whole number in \[1, "),
+    ({"tokenizer": None}, "no tokenizer fingerprint"),
+])
+def test_crafted_cache_description_is_refused_before_any_work(cache_dir, tmp_path, claim, says):
+  crafted = tmp_path / "crafted"
+  crafted.mkdir()
+  meta = json.loads(_files(cache_dir)[cached_tokens.META_FILE])
+  (crafted / cached_tokens.META_FILE).write_text(json.dumps({**meta, **claim}))
+  with pytest.raises(ValueError, match=f"cache.json: {says}"):
+    cached_tokens.TokenCache(str(crafted))
 
 
 def test_process_slices_make_the_global_batches(monkeypatch):
