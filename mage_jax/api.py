@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mage_jax import config_views, editing, images as image_io, params_io, sampling, sharding
+from mage_jax import config_ranges, config_views, editing, images as image_io, params_io, sampling, sharding
 from mage_jax.models.vqgan import VQGAN
 
 DEFAULT_BATCH_SIZE = 32
@@ -76,14 +76,18 @@ class MAGE:
     """
     if isinstance(dtype, str):
       dtype = config_views.dtype(dtype)
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_int("batch_size", batch_size, 1)
+    if devices is not None and (isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence) or not devices
+                                or not all(isinstance(d, jax.Device) for d in devices)):
+      raise ValueError(f"devices must be a non-empty sequence of jax.Device (e.g. jax.local_devices()[:2]), got "
+                       f"{devices!r}")
     meta = params_io.read_meta(params_dir)
     tok_config = params_io.tokenizer_config_from_meta(meta)
     models = params_io.models_from_meta(meta, dtype) if meta.get("kind", "mage") == "mage" else None
     variables, meta = params_io.load(params_dir)
-    mesh = sharding.data_mesh(devices=jax.local_devices() if devices is None else devices)
     kept = {k: variables[k] for k in (("tokenizer", "model") if models else ("tokenizer",))}
+    params_io.check_finite(kept, params_dir)  # as the binaries: NaN weights give black images, not an error
+    mesh = sharding.data_mesh(devices=jax.local_devices() if devices is None else list(devices))
     return cls(params_dir, meta, _round_up(batch_size, mesh.size), mesh, dtype,
                sharding.place(kept, sharding.replicated(mesh)), VQGAN(tok_config), models)
 
@@ -142,7 +146,8 @@ class MAGE:
     batch_size = self.batch_size if batch_size is None else batch_size
     _check_int("n", n, 1)
     _check_int("steps", steps, 1)
-    _check_int("seed", seed, 0)
+    _check_int("seed", seed, 0, config_ranges.MAX_SEED)
+    _check_int("batch_size", batch_size, 1)
     _check_temperature(temperature)
     batches = sampling.generate_images(model, tokenizer, self._variables, jax.random.key(seed), n, batch_size,
                                            steps, temperature, self.mesh, class_id=class_id)
@@ -176,7 +181,7 @@ class MAGE:
       if pixel_mask.dtype != np.bool_ or pixel_mask.shape != (self.resolution, self.resolution):
         raise ValueError(f"edit: mask must be bool [{self.resolution}, {self.resolution}], got {pixel_mask.dtype} "
                          f"{pixel_mask.shape}")
-    _check_int("seed", seed, 0)
+    _check_int("seed", seed, 0, config_ranges.MAX_SEED)
     _check_temperature(temperature)
     _check_int("num_samples", num_samples, 1)
     mesh = sharding.data_mesh(num_samples, self.mesh.devices.ravel())
@@ -279,9 +284,11 @@ def check_images(images, resolution: int, name: str = "images", keep_uint8: bool
   return images
 
 
-def _check_int(name: str, value, lower: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lower:
-    raise ValueError(f"{name} must be an integer >= {lower}, got {value!r}")
+def _check_int(name: str, value, lower: int, upper: int | None = None) -> None:
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lower
+      or (upper is not None and value > upper)):
+    bounds = f">= {lower}" if upper is None else f"in [{lower}, {upper}]"
+    raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
 
 
 def _check_temperature(value) -> None:

@@ -140,7 +140,7 @@ class _AbandonedReads(std_logging.Filter):
   orbax then closes its event loop while tensorstore completes the other reads: each reports `RuntimeError:
   Event loop is closed` through sys.unraisablehook, and their tasks `... exception was never retrieved`
   through the asyncio logger, with tracebacks (hundreds for a damaged step) that bury the one line naming the
-  bad step. Installed by the first restore.
+  bad step. Installed by the first restore (of a checkpoint or a params directory).
   """
 
   def __init__(self):
@@ -160,19 +160,23 @@ class _AbandonedReads(std_logging.Filter):
 
 
 @functools.cache
-def _silence_abandoned_reads() -> _AbandonedReads:
+def silence_abandoned_reads() -> _AbandonedReads:
   return _AbandonedReads()
+
+
+def read_failure(e: BaseException) -> str:
+  """orbax's error for a file it could not read, without the kilobytes of tensorstore spec JSON that follow."""
+  return str(e).split(" [tensorstore_spec=")[0]
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
   """Restores `step` into `target` (a tree of ShapeDtypeStruct with shardings; any mesh)."""
-  _silence_abandoned_reads()
+  silence_abandoned_reads()
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(target))
   except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-    reason = str(e).split(" [tensorstore_spec=")[0]  # the spec that follows is kilobytes of JSON
     raise ValueError(f"checkpoint step {step} in {mngr.directory} cannot be restored into this model "
-                     f"(corrupt, or written by a different model/optimizer config): {reason}") from e
+                     f"(corrupt, or written by a different model/optimizer config): {read_failure(e)}") from e
 
 
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+MAX_SEED = 2**63 - 1  # jax.random.key takes a C long
+
 # (dotted field, test, what the test means)
 RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("optim.blr", lambda v: v >= 0, ">= 0"),
@@ -33,6 +35,7 @@ RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("checkpoint_every_steps", lambda v: v >= 1 and v == int(v), "a whole number >= 1"),
     ("keep_checkpoints", lambda v: v >= 1 and v == int(v), "a whole number >= 1"),
     ("eval_every_steps", lambda v: v >= 0 and v == int(v), "a whole number >= 0 (0: at the end only)"),
+    ("seed", lambda v: 0 <= v <= MAX_SEED and v == int(v), "a whole number in [0, 2**63 - 1]"),
 )
 
 

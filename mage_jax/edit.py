@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from mage_jax import config_views, editing, images as image_io, params_io, runtime, sampling, sharding
+from mage_jax import config_ranges, config_views, editing, images as image_io, params_io, runtime, sampling, sharding
 
 _PARAMS = flags.DEFINE_string("params", None, "Params-only checkpoint directory (convert output or a training "
                               "export).", required=True)
@@ -30,7 +30,7 @@ _OUT = flags.DEFINE_string("out", None, "Output directory (new or empty; see --f
 _MODE = flags.DEFINE_enum("mode", "inpaint", list(editing.MODES), "Regenerate the box (inpaint) or the rest "
                           "(outpaint).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Samples drawn.", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0, upper_bound=config_ranges.MAX_SEED)
 _NUM_STEPS = flags.DEFINE_integer("num_steps", sampling.DEFAULT_NUM_STEPS, "Decoding steps T.", lower_bound=1)
 _TEMPERATURE = runtime.define_float("temperature", sampling.DEFAULT_TEMPERATURE,
                                     "Choice temperature tau0 of the annealed Gumbel noise.", lower=0.0)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from mage_jax import config_views, images as image_io, params_io, progress, runtime, sampling, sharding
+from mage_jax import config_ranges, config_views, images as image_io, params_io, progress, runtime, sampling, sharding
 
 NPZ_AUTO_LIMIT = 10000
 OUTPUTS = ("images", "images.npz", "grid.png", "generation.json")
@@ -38,7 +38,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch, a multiple o
 _NUM_STEPS = flags.DEFINE_integer("num_steps", sampling.DEFAULT_NUM_STEPS, "Decoding steps T.", lower_bound=1)
 _TEMPERATURE = runtime.define_float("temperature", sampling.DEFAULT_TEMPERATURE,
                                     "Choice temperature tau0 of the annealed Gumbel noise.", lower=0.0)
-_SEED = flags.DEFINE_integer("seed", 0, "Base seed; batch i uses fold_in(key(seed), i).", lower_bound=0)
+_SEED = flags.DEFINE_integer("seed", 0, "Base seed; batch i uses fold_in(key(seed), i).", lower_bound=0,
+                             upper_bound=config_ranges.MAX_SEED)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).")
 _CLASS_ID = flags.DEFINE_integer("class_id", None, "Class label, for class-conditional checkpoints only.",
                                  lower_bound=0)

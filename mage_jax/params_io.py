@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mage_jax import config_views
+from mage_jax import checkpointing, config_views
 from mage_jax.models.mage import MAGE, MAGEConfig
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
 
@@ -90,6 +90,7 @@ def save(directory: str, variables: dict, meta: dict, *, overwrite: bool = False
   checkpointer.save(os.path.join(directory, "variables"), variables, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
+    checkpointing.write_manifest(os.path.join(directory, "variables"))
     with open(meta_path + ".tmp", "w") as f:
       json.dump({"format_version": FORMAT_VERSION, **_to_jsonable(meta)}, f, indent=2)
     os.replace(meta_path + ".tmp", meta_path)
@@ -108,14 +109,19 @@ def read_meta(directory: str) -> dict:
 
 def load(directory: str, target: Any = None) -> tuple[dict, dict]:
   """Returns (variables, meta). With `target` (a tree of ShapeDtypeStruct with shardings), the arrays are
-  restored directly onto those shardings; without it, as host-local arrays."""
+  restored directly onto those shardings; without it, as host-local arrays. Files that differ from the
+  manifest `save` wrote (sizes, CRC-32) are refused before orbax reads them."""
   meta = read_meta(directory)
   checkpointer = ocp.StandardCheckpointer()
   path = os.path.join(os.path.abspath(directory), "variables")
+  problem = checkpointing.manifest_problem(path)  # exports written before manifests existed have none
+  if problem:
+    raise ValueError(f"params in {directory} are damaged (variables/): {problem}")
+  checkpointing.silence_abandoned_reads()
   try:
     variables = checkpointer.restore(path, target) if target is not None else checkpointer.restore(path)
   except (ValueError, KeyError, FileNotFoundError) as e:
-    raise ValueError(f"cannot restore params from {directory}: {e}") from e
+    raise ValueError(f"cannot restore params from {directory}: {checkpointing.read_failure(e)}") from e
   return variables, meta
 
 

@@ -163,6 +163,29 @@ def test_bad_inputs_are_one_clear_value_error(model, tmp_path):
     api.MAGE.load(str(tmp_path / "missing"))
 
 
+def test_arguments_and_weights_are_checked_as_the_binaries_do(model, params_dir, tmp_path):
+  cases = [
+      (lambda: model.generate(2, seed=2**70), r"seed must be an integer in \[0, 9223372036854775807\], got 1180"),
+      (lambda: model.generate(2, seed=-1), r"seed must be an integer in \[0, "),
+      (lambda: model.generate(2, batch_size=2.5), "batch_size must be an integer >= 1, got 2.5"),
+      (lambda: model.edit(_images(1)[0], box=(8, 8, 24, 24), seed=2**64), "seed must be an integer in"),
+      (lambda: api.MAGE.load(params_dir, batch_size=2.5), "batch_size must be an integer >= 1, got 2.5"),
+      (lambda: api.MAGE.load(params_dir, devices=[]), r"devices must be a non-empty sequence of jax.Device"),
+      (lambda: api.MAGE.load(params_dir, devices="cpu"), r"devices must be a non-empty sequence"),
+      (lambda: api.MAGE.load(params_dir, devices=[0]), r"devices must be a non-empty sequence"),
+  ]
+  for call, message in cases:
+    with pytest.raises(ValueError, match=message):
+      call()
+  assert api.MAGE.load(params_dir, devices=jax.local_devices()[:1]).mesh.size == 1
+  variables, meta = params_io.load(params_dir)
+  head = variables["model"]["params"]["mlm_layer"]
+  head["bias"] = np.full_like(head["bias"], np.nan)
+  params_io.save(str(tmp_path / "nan"), variables, meta)
+  with pytest.raises(ValueError, match=r"params in .*nan are unusable: model/params/mlm_layer/bias has \d+ NaN/Inf"):
+    api.MAGE.load(str(tmp_path / "nan"))
+
+
 def test_import_is_lazy_and_top_level_reexport():
   code = ("import sys, mage_jax; assert 'jax' not in sys.modules, 'import mage_jax started JAX'; "
           "from mage_jax.api import MAGE; assert mage_jax.MAGE is MAGE")

@@ -126,3 +126,22 @@ def test_oversized_manifest_is_refused_unread(tmp_path, monkeypatch):
   monkeypatch.setattr(checkpointing, "_MANIFEST_MAX_BYTES", 64)
   with pytest.raises(ValueError, match="step 8 .* damaged: its mage_jax_manifest.json is over 64 bytes"):
     checkpointing.restore_newest(mngr, _target(), corrupt="refuse")
+
+
+def test_params_export_is_sealed_and_damage_is_one_line(tmp_path):
+  from conftest import run_cli, tiny_params_dir
+  from mage_jax import params_io
+  params = tiny_params_dir(tmp_path / "params", "mage")
+  variables_dir = os.path.join(params, "variables")
+  assert checkpointing.manifest_problem(variables_dir) is None
+  assert os.path.exists(os.path.join(variables_dir, checkpointing.MANIFEST))
+  path = _biggest_file(variables_dir)
+  _flip(path)  # orbax alone reads these weights back without noticing
+  rel = os.path.relpath(path, variables_dir)
+  with pytest.raises(ValueError, match=f"params in .*params are damaged \\(variables/\\): {rel} changed since"):
+    params_io.load(params)
+  run = run_cli("mage_jax.generate", f"--params={params}", f"--out={tmp_path / 'out'}", "--num_images=2")
+  errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+  assert run.returncode == 1 and len(errors) == 1 and rel in errors[0], run.stderr[-3000:]
+  assert "Traceback" not in run.stderr and "Event loop" not in run.stderr
+  assert not list(tmp_path.glob("out/**/*.png"))
