@@ -14,12 +14,17 @@ def parse_arg(arg, **defaults):
     if key not in defaults:
       raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
     default = defaults[key]
+    if not eq and not isinstance(default, bool):
+      raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
     if not eq:
       value = True
     elif isinstance(default, bool):
       value = value.lower() in ("1", "true", "yes")
     elif default is not None:
-      value = type(default)(value)
+      try:
+        value = type(default)(value)
+      except ValueError:
+        raise ValueError(f"config argument {key}={value!r}: expected {type(default).__name__}") from None
     result[key] = value
   return result
 

@@ -4,7 +4,9 @@ rename)."""
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 
 def current_umask() -> int:
@@ -17,3 +19,20 @@ def publish(tmp: str, path: str) -> None:
   """Gives `tmp` the mode a new file would have (0666 & ~umask) and renames it to `path`."""
   os.chmod(tmp, 0o666 & ~current_umask())
   os.replace(tmp, path)
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` as JSON to `path` through a temporary file beside it: an earlier file stays whole until then."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, default=str)
+  os.replace(tmp, path)
+
+
+def record_config(config, workdir: str) -> None:
+  """`<workdir>/config.json`: the config a job runs with, written by the primary process once the job has checked
+  it (a refused run leaves the earlier run's record as it was)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, "config.json"), config.to_dict())

@@ -9,10 +9,8 @@ latest checkpoint (or the last finished token shard) in the workdir. Every confi
 
 from __future__ import annotations
 
-import json
 import os
 
-import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -43,11 +41,7 @@ def main(argv):
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise runtime.UsageError(f"--workdir={workdir} is a file, not a directory")
   runtime.start(_DISTRIBUTED, **dict(config.get("distributed", {})))
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, default=str)
-  run_mode(config, workdir)
+  run_mode(config, workdir)  # the job writes config.json once it has checked the config against the data
 
 
 if __name__ == "__main__":

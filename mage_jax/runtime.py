@@ -116,6 +116,10 @@ def start(distributed_flags=None, **timeouts) -> None:
 
 def _one_line(error: BaseException) -> str:
   text = str(error)
+  head, traceback_mark, trace = text.partition("Traceback (most recent call last):")
+  if traceback_mark:  # a library that wraps an error with its traceback as text: keep the error's own line
+    last = [line for line in trace.strip().splitlines() if line.strip()][-1:]
+    text = f"{head.strip()} {' '.join(last)}"
   if isinstance(error, (KeyError, AttributeError)):  # their str() is a repr: quotes and escaped newlines
     text = text.strip("'\"").replace("\\n", " ").replace("\\'", "'")
   text = " ".join(text.split()) or type(error).__name__

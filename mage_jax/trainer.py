@@ -22,7 +22,7 @@ import ml_collections
 from absl import logging
 from clu import parameter_overview
 
-from mage_jax import checkpointing, preemption, progress, sharding
+from mage_jax import atomic, checkpointing, preemption, progress, sharding
 
 
 @dataclasses.dataclass
@@ -187,6 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
     if start_step > task.total_steps:
       raise ValueError(f"the checkpoint in {workdir} is at step {start_step}, past this run's {task.total_steps} "
                        "steps: raise total_steps (or total_epochs) to continue it, or use a new workdir")
+    if "mode" in config:  # a job's own config (not a loop config an evaluator made)
+      atomic.record_config(config, workdir)
     if is_main:
       parameter_overview.log_parameter_overview(jax.device_get(state.params))
       writer.write_hparams(_flatten(config.to_dict()))

@@ -1,6 +1,7 @@
 """Careless and hostile command lines for the training and evaluation binaries: one line naming the problem,
 exit status 2 (usage) or 1 (runtime), no traceback, nothing outside the output touched."""
 
+import json
 
 import jax
 import jax.numpy as jnp
@@ -62,11 +63,29 @@ def test_main_refuses_bad_command_lines_before_any_work(image_folder, tmp_path):
                   "nope.py")
   assert_one_line_error(run_cli("mage_jax.main", f"--config={REPO}/configs/eval_fashion_mnist.py",
                           f"--workdir={tmp_path / 'w'}"), 2, "evaluation config", "mage_jax.evaluate")
+  # A config argument ml_collections reports with its traceback as text: one line, the error's own words.
+  for arg, needle in (("steps=x", "config argument steps='x': expected int"),
+                      ("steps", "config argument 'steps' needs a value (steps=...)")):
+    assert_one_line_error(run_cli("mage_jax.main", f"--config={REPO}/configs/fashion_mnist_tiny.py:{arg}",
+                                  f"--workdir={tmp_path / 'w'}"), 2, needle)
+  assert not (tmp_path / "w").exists()
 
 
 def test_main_model_init_must_hold_a_mage_model(image_folder, tmp_path, params_dirs):
   assert_one_line_error(_main(tmp_path / "w", image_folder, f"--config.model_init={params_dirs['tokenizer']}"), 1,
                   "holds no MAGE model")
+
+
+def test_config_json_records_the_run_and_survives_a_refused_one(image_folder, tmp_path):
+  workdir = tmp_path / "w"
+  first = _main(workdir, image_folder)
+  assert first.returncode == 0, first.stderr[-3000:]
+  record = (workdir / "config.json").read_text()
+  assert json.loads(record)["total_steps"] == 4
+  # Refused by the job (the batch does not split over the devices) after the range checks passed.
+  assert_one_line_error(_main(workdir, image_folder, "--config.total_steps=8", "--config.mesh=data=3,fsdp=1"), 1,
+                        "mesh")
+  assert (workdir / "config.json").read_text() == record
 
 
 def _evaluate(params, workdir, image_folder, *extra):

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import builders, cached_tokens, progress, sharding, steps
+from mage_jax import atomic, builders, cached_tokens, progress, sharding, steps
 from mage_jax.data import pipeline
 
 
@@ -40,10 +40,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cached_tokens.check_codebook(tokenizer.config.codebook_size)
   source = pipeline.make_source(config.input)
   meta = cached_tokens.describe(config, tokenizer, tokenizer_vars, source.num_examples)
-  cached_tokens.prepare_directory(workdir, meta)
-  todo = sorted(set(range(meta["num_shards"])) - cached_tokens.finished_shards(workdir, meta))
   mesh = sharding.data_mesh(devices=jax.devices()[:config.get("num_devices", 0) or None])
   sharding.check_batch_size(batch_size, mesh)
+  cached_tokens.prepare_directory(workdir, meta)
+  atomic.record_config(config, workdir)
+  todo = sorted(set(range(meta["num_shards"])) - cached_tokens.finished_shards(workdir, meta))
   views, tokens = meta["views"], meta["num_tokens"]
   logging.info("token cache %s: %d examples x %d views, %d of %d shards to write, %d devices", workdir,
                meta["num_examples"], views, len(todo), meta["num_shards"], mesh.size)
