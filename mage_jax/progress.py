@@ -61,6 +61,8 @@ class Progress:
     """Records `count` more items; logs the progress line when due (and at the end). Returns the line."""
     now = time.perf_counter()
     self.done += int(count)
+    if self.total is not None:
+      self.done = min(self.done, self.total)  # a padded last batch counts only its real items
     if self._first is None:
       self._first = (now, self.done)
     text = self.line()
