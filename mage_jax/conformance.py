@@ -101,14 +101,42 @@ def configs_from_json(cfg: dict) -> tuple[VQGANConfig, MAGEConfig]:
   return tok, model
 
 
+# The checkpoints a fixture may hold and the outputs each one is checked on.
+SOURCES = {"tokenizer.pth": "tokenizer/*", "mage.pth": "mage/tokenizer_ids, pretrain/*, generate/*",
+           "vit_probe.pth": "probe/*"}
+
+
+def skipped(directory: str) -> list[str]:
+  """One phrase per checkpoint the fixture lacks, naming the checks that therefore do not run."""
+  return [f"{name} (not in the fixture): {outputs}" for name, outputs in SOURCES.items()
+          if not os.path.exists(os.path.join(directory, name))]
+
+
+def _read_config(directory: str) -> tuple[dict, VQGANConfig, MAGEConfig]:
+  try:
+    with open(os.path.join(directory, "config.json")) as f:
+      cfg = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"config.json is not valid JSON ({e})") from None
+  try:
+    return cfg, *configs_from_json(cfg)
+  except KeyError as e:
+    raise ValueError(f"config.json has no {e.args[0]!r} entry (its tokenizer and mage sections give every size)"
+                     ) from None
+  except (TypeError, AttributeError) as e:
+    raise ValueError(f"config.json: its tokenizer and mage sections must map names to sizes ({e})") from None
+
+
 def run(directory: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES) -> list[Check]:
   """Runs every reference the directory provides; returns one Check per output (`max_bytes`: see
   `convert_file`)."""
-  with open(os.path.join(directory, "config.json")) as f:
-    cfg = json.load(f)
+  cfg, tok_config, mage_config = _read_config(directory)
   ref = np.load(os.path.join(directory, "reference.npz"))
-  tok_config, mage_config = configs_from_json(cfg)
   label_smoothing = cfg["mage"].get("label_smoothing", 0.1)
+  want = (tok_config.in_channels, tok_config.resolution, tok_config.resolution)
+  if ref["images_nchw"].ndim != 4 or ref["images_nchw"].shape[1:] != want:
+    raise ValueError(f"reference.npz: images_nchw is {list(ref['images_nchw'].shape)}, config.json's tokenizer "
+                     f"takes [N, {', '.join(map(str, want))}]")
   checks: list[Check] = []
 
   def converted(name, kind, mage_config=None):

@@ -33,6 +33,8 @@ def _forward(directory: str) -> int:
   except (FileNotFoundError, ValueError, KeyError, torch_pickle.CheckpointError) as e:
     raise runtime.UsageError(f"{directory}: {e}") from e
   print(conformance.format_table(checks))
+  for reason in conformance.skipped(directory):
+    print(f"skipped: {reason}")
   failed = [c.name for c in checks if not c.passed]
   print(f"{len(checks) - len(failed)}/{len(checks)} outputs within tolerance (rel L2 < "
         f"{conformance.REL_TOLERANCE:g})")

@@ -52,3 +52,29 @@ def test_verify_cli_exit_status(testdata, tmp_path):
   fail = subprocess.run([sys.executable, "-m", "mage_jax.verify", str(bad)], capture_output=True, text=True)
   assert fail.returncode == 1
   assert "pretrain/logits" in fail.stdout and "FAIL" in fail.stdout
+
+
+def test_verify_names_what_is_wrong_with_a_fixture_and_what_it_skips(testdata, tmp_path):
+  import json
+  import shutil
+  import numpy as np
+  from conftest import assert_one_line_error, run_cli
+  fixture = tmp_path / "f"
+  shutil.copytree(testdata / "official_tiny", fixture)
+  config = json.loads((fixture / "config.json").read_text())
+  (fixture / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "mage"}))
+  assert_one_line_error(run_cli("mage_jax.verify", fixture), 2, "config.json has no 'mage' entry")
+  (fixture / "config.json").write_text("{bad")
+  assert_one_line_error(run_cli("mage_jax.verify", fixture), 2, "config.json is not valid JSON (Expecting")
+  (fixture / "config.json").write_text(json.dumps(config))
+  ref = dict(np.load(fixture / "reference.npz"))
+  small = ref["images_nchw"][:, :, ::2, ::2]
+  np.savez(fixture / "reference.npz", **{**ref, "images_nchw": small})
+  assert_one_line_error(run_cli("mage_jax.verify", fixture), 2,
+                        f"images_nchw is {list(small.shape)}, config.json's tokenizer takes [N, 3, 32, 32]")
+  np.savez(fixture / "reference.npz", **ref)
+  (fixture / "vit_probe.pth").unlink()
+  run = run_cli("mage_jax.verify", fixture)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "skipped: vit_probe.pth (not in the fixture): probe/*" in run.stdout
+  assert "11/11 outputs within tolerance" in run.stdout
