@@ -49,7 +49,8 @@ def statistics(features) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), as pytorch-fid computes it.
 
-  d^2 = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 @ sigma2)), in float64.
+  d^2 = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 @ sigma2)), in float64; a round-off
+  below zero (equal statistics) is returned as 0.
 
   Raises:
     ValueError: shapes differ, or sqrtm leaves a significant imaginary part.
@@ -72,7 +73,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
       raise ValueError(f"FID: sqrtm has a significant imaginary component {np.max(np.abs(covmean.imag))}")
     covmean = covmean.real
-  return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+  distance = float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+  # Equal statistics give 0 up to the round-off of sqrtm, which may fall on either side; a distance is never
+  # negative (pytorch-fid would print -0.000).
+  return max(distance, 0.0)
 
 
 def inception_score(logits, splits: int = 10, shuffle: bool = True,
