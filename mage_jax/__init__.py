@@ -2,16 +2,20 @@
 
 `mage_jax.MAGE` (the Python API, `mage_jax.api.MAGE`) is imported on first use, so `import mage_jax` itself
 starts nothing (no JAX, no devices). Started as `python -m mage_jax.<verb>`, a training, evaluation or
-generation binary first re-executes itself under tcmalloc when the system has it (see `allocator`).
+generation binary first re-executes itself under tcmalloc when the system has it (see `allocator`), and every
+binary takes Ctrl-C over (see `interrupt`).
 """
 
 import importlib
 
-from mage_jax import allocator
+import sys
+
+from mage_jax import allocator, interrupt
 
 __version__ = "0.1.0"
 
 allocator.maybe_reexec()  # `python -m mage_jax.<verb>`: under tcmalloc where the system has it (allocator.py)
+interrupt.take_over(allocator.module_run(getattr(sys, "orig_argv", [])))  # Ctrl-C ends a binary at once
 
 
 def __getattr__(name: str):

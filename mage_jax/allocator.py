@@ -58,7 +58,7 @@ def reexec_command(argv: list[str], environ: dict) -> tuple[list[str], dict] | N
   return argv, env
 
 
-def _module_run(argv: list[str]) -> str:
+def module_run(argv: list[str]) -> str:
   """The module of `python [options] -m MODULE ...`, or ''."""
   i = 1
   while i < len(argv) and argv[i].startswith("-"):
@@ -72,7 +72,7 @@ def maybe_reexec(script: bool = False) -> None:
   """Re-executes the process under tcmalloc when it runs one of `BINARIES` (or, with `script`, any script:
   the benchmarks); returns only where there is nothing to do."""
   argv = list(getattr(sys, "orig_argv", []))
-  if not (script or _module_run(argv) in BINARIES):
+  if not (script or module_run(argv) in BINARIES):
     return
   command = reexec_command(argv, dict(os.environ))
   if command is None:

@@ -19,9 +19,7 @@ run.
 
 from __future__ import annotations
 
-import ctypes
 import signal
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,27 +27,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mage_jax import interrupt
+
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_SA_RESETHAND = ctypes.c_int(0x80000000).value  # <asm-generic/signal-defs.h>
-
-
-class _SigAction(ctypes.Structure):
-  """glibc's `struct sigaction` on Linux (x86-64 and aarch64)."""
-  _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16), ("flags", ctypes.c_int),
-              ("restorer", ctypes.c_void_p)]
-
-
-def _reset_when_delivered(signum: int) -> None:
-  """Adds SA_RESETHAND to the action Python installed for `signum`: the kernel puts the default action back as it
-  delivers the signal, before any Python code runs. Best effort: elsewhere than Linux a second Ctrl-C is only
-  handled once the interpreter runs Python again."""
-  if not sys.platform.startswith("linux"):
-    return
-  libc = ctypes.CDLL(None, use_errno=True)
-  action = _SigAction()
-  if libc.sigaction(signum, None, ctypes.byref(action)) == 0:
-    action.flags |= _SA_RESETHAND
-    libc.sigaction(signum, ctypes.byref(action), None)
 
 
 class Stop:
@@ -79,7 +59,7 @@ class Stop:
     signal.signal(signal.SIGTERM, self._handle)
     if self.signal != signal.SIGINT:
       signal.signal(signal.SIGINT, self._handle)
-      _reset_when_delivered(signal.SIGINT)
+      interrupt.reset_when_delivered(signal.SIGINT)
 
   def _handle(self, signum, frame):
     del frame
@@ -103,3 +83,5 @@ class Stop:
       # None: a handler installed outside Python, which Python cannot put back.
       if previous is not None and not (s == signal.SIGINT and self.signal == signal.SIGINT):
         signal.signal(s, previous)
+        if previous is interrupt.exit_at_once:
+          interrupt.reset_when_delivered(s)

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["python", "-m"], ""),
 ])
 def test_module_run_reads_the_interpreter_options_only(argv, module):
-  assert allocator._module_run(argv) == module  # pylint: disable=protected-access
+  assert allocator.module_run(argv) == module
 
 
 def test_reexec_command_preloads_tcmalloc_once(monkeypatch):

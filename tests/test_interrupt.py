@@ -1,0 +1,33 @@
+"""Ctrl-C at any moment of a binary's start (imports, data, state init, compilation) ends it with status 130,
+one 'interrupted' line and no traceback; importing mage_jax as a library leaves SIGINT alone."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+
+def test_library_import_keeps_the_default_handler():
+  code = ("import signal, mage_jax, mage_jax.preemption; "
+          "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+  run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert run.stdout.strip() == "True", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("delay", [1.0, 3.0, 6.0, 10.0])
+def test_ctrl_c_while_starting_ends_the_binary(tmp_path, delay):
+  workdir = tmp_path / "w"
+  proc = subprocess.Popen([sys.executable, "-m", "mage_jax.main", "--config=configs/fashion_mnist_tiny.py",
+                           f"--workdir={workdir}"],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(delay)
+  proc.send_signal(signal.SIGINT)
+  start = time.time()
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 130, (proc.returncode, stderr[-3000:])
+  assert "interrupted" in stderr and "Traceback" not in stderr, stderr[-3000:]
+  assert time.time() - start < 120
