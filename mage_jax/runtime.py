@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from typing import Callable
 
@@ -114,7 +115,25 @@ def start(distributed_flags=None, **timeouts) -> None:
                jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
 
 
+# `.NAME.XXXXXXXX.tmp` (tempfile.mkstemp beside NAME) or `NAME.tmp`: a file written and then renamed to NAME.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$|^(?P<plain>.+)\.tmp$")
+
+
+def _os_error_line(error: OSError) -> str:
+  """'PATH: what the system said', naming the file a user asked for rather than its temporary name."""
+  name = os.fsdecode(error.filename)
+  folder, base = os.path.split(name)
+  temporary = _TEMPORARY.match(base)
+  if temporary:
+    return f"cannot write {os.path.join(folder, temporary['name'] or temporary['plain'])}: {error.strerror}"
+  if isinstance(error, FileExistsError) and not os.path.isdir(name):
+    return f"{name} exists and is not a directory"
+  return f"{name}: {error.strerror}"
+
+
 def _one_line(error: BaseException) -> str:
+  if isinstance(error, OSError) and error.strerror and error.filename is not None:
+    return _os_error_line(error)
   text = str(error)
   head, traceback_mark, trace = text.partition("Traceback (most recent call last):")
   if traceback_mark:  # a library that wraps an error with its traceback as text: keep the error's own line

@@ -281,6 +281,12 @@ def test_cli_export_then_convert_back(testdata, tmp_path):
   inside = _run("mage_jax.export", str(first), str(first / "mage_jax.json"), "--force")
   assert inside.returncode == 2 and "lies inside PARAMS_DIR" in inside.stderr, inside.stderr
   assert (first / "mage_jax.json").read_bytes() == record
+  # A destination the system refuses is named as the user gave it, not by its temporary name.
+  for destination, says in (("/proc/mage.pth", "cannot write /proc/mage.pth: No such file or directory"),
+                            (f"{mine}/mage.pth", f"{mine} exists and is not a directory")):
+    failed = _run("mage_jax.export", str(first), destination)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert failed.returncode == 1 and errors == [f"error: {says}"] and ".tmp" not in failed.stderr, failed.stderr
   # Converting the export back needs no --config: the file carries the head counts.
   second = tmp_path / "back"
   back = _run("mage_jax.convert", str(out), str(second))

@@ -333,7 +333,7 @@ def save_npz(weights: InceptionWeights, path: str | os.PathLike) -> pathlib.Path
   arrays["__format__"] = np.array(FORMAT)
   arrays["__weights_id__"] = np.array(weights.weights_id)
   arrays["__source__"] = np.array(weights.source)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **arrays)
