@@ -24,10 +24,13 @@ def test_ctrl_c_while_starting_ends_the_binary(tmp_path, delay):
   proc = subprocess.Popen([sys.executable, "-m", "mage_jax.main", "--config=configs/fashion_mnist_tiny.py",
                            f"--workdir={workdir}"],
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  time.sleep(delay)
-  proc.send_signal(signal.SIGINT)
-  start = time.time()
-  _, stderr = proc.communicate(timeout=300)
+  try:
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    start = time.time()
+    _, stderr = proc.communicate(timeout=300)
+  finally:
+    proc.kill()  # a lost Ctrl-C must not leave the training running after the test
   assert proc.returncode == 130, (proc.returncode, stderr[-3000:])
   assert "interrupted" in stderr and "Traceback" not in stderr, stderr[-3000:]
   assert time.time() - start < 120
