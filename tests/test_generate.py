@@ -301,26 +301,42 @@ def test_parse_box():
     editing.parse_box("1,2,3")
 
 
-def test_force_keeps_what_generate_did_not_write_under_images(tmp_path):
-  """--force replaces an earlier run's PNGs, but a user's folder or file inside OUT/images (or a link there) is
-  foreign: refused, untouched."""
+def test_force_removes_only_what_an_earlier_run_listed(tmp_path):
+  """--force replaces the files an earlier run listed in its record before writing them (an interrupted run's
+  too); a file or folder of the user's anywhere in OUT, a file named like generate's own, or a link, is foreign:
+  refused, untouched."""
   from mage_jax import generate, runtime  # pylint: disable=g-import-not-at-top
   out = tmp_path / "out"
-  (out / "images" / "000").mkdir(parents=True)
-  (out / "images" / "000" / "00000.png").write_bytes(b"png")
-  (out / "images" / "00001.png").write_bytes(b"png")
-  generate.prepare_out_dir(str(out), force=True)  # only generate's names: replaced
-  assert sorted(os.listdir(out)) == []
-  for plant in ("images/my_photos/a.jpg", "images/000/notes.txt", "images/000/sub/00000.png"):
+  listed = generate.planned_outputs(str(out), 3, 2, png=True, npz=True, grid=False)
+  assert listed == ["images/000/00000.png", "images/000/00001.png", "images/001/00002.png", "images.npz",
+                    "generation.json"]
+  generate.write_record(str(out), listed)
+  for rel in listed[:2]:  # interrupted after two images
+    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+    (out / rel).write_bytes(b"png")
+  with pytest.raises(runtime.UsageError, match="pass --force"):
+    generate.prepare_out_dir(str(out), force=False)
+  generate.prepare_out_dir(str(out), force=True)
+  assert os.listdir(out) == []
+  generate.write_record(str(out), listed)
+  for plant in ("images/000/00003.png", "images/my_photos/a.jpg", "notes.txt"):
     (out / plant).parent.mkdir(parents=True, exist_ok=True)
     (out / plant).write_text("mine")
-    with pytest.raises(runtime.UsageError, match="did not write"):
+    with pytest.raises(runtime.UsageError, match=f"did not write \\({plant}"):
       generate.prepare_out_dir(str(out), force=True)
     assert (out / plant).read_text() == "mine"
     (out / plant).unlink()
+  with pytest.raises(runtime.UsageError, match="did not write \\(images/my_photos\\)"):  # an empty folder too
+    generate.prepare_out_dir(str(out), force=True)
+  os.rmdir(out / "images" / "my_photos")
   (tmp_path / "elsewhere").mkdir()
-  os.rmdir(out / "images" / "000" / "sub")
   os.symlink(tmp_path / "elsewhere", out / "images" / "001")
   with pytest.raises(runtime.UsageError, match="did not write"):
     generate.prepare_out_dir(str(out), force=True)
   assert (tmp_path / "elsewhere").is_dir()
+  os.unlink(out / "images" / "001")
+  os.remove(out / generate.RECORD)
+  (out / "images" / "000" / "00000.png").write_bytes(b"png")  # generate's name, but no record lists it
+  with pytest.raises(runtime.UsageError, match="did not write"):
+    generate.prepare_out_dir(str(out), force=True)
+  assert (out / "images" / "000" / "00000.png").exists()
