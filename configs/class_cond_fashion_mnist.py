@@ -3,8 +3,8 @@
   python -m mage_jax.main --config=configs/class_cond_fashion_mnist.py:init=runs/fmnist_mage/params \
       --workdir=runs/fmnist_class_cond
 
-The encoder stays frozen (spec §5.4); the decoder and the label embedding train. The run ends with
-`workdir/class_grid.png` (one row per class). Schedule and lr are ASSUMED (the sources give none, spec §9.7);
+The encoder stays frozen (MAGE paper, Appendix A.2); the decoder and the label embedding train. The run ends with
+`workdir/class_grid.png` (one row per class). Schedule and lr are ASSUMED (the sources give none, LTH14/mage #7);
 measured here (2-core CPU, from a 600-step tiny MAGE): at 4x the pretraining blr and 1500 steps the labels
 lower the masked loss by ~0.2 nats (vs ~0.02 at 1x and 400 steps), and the grid's rows become class-like
 with choice temperature 1.0 rather than MAGE's 4.5 (64 tokens per image, not 256).

@@ -1,11 +1,11 @@
-"""Class-conditional MAGE on ImageNet-1k 256 px (spec §5.4), fine-tuned from an unconditional checkpoint.
+"""Class-conditional MAGE on ImageNet-1k 256 px (MAGE paper, Appendix A.2), fine-tuned from an unconditional checkpoint.
 
   python -m mage_jax.main --config=configs/class_cond_imagenet.py:variant=B,init=ckpt/mage_b \
       --workdir=gs://bucket/mage_b_cond --config.input.manual_dir=/data/imagenet
 
 `init` is a params dir (e.g. `python -m mage_jax.convert mage-vitb-1600.pth ckpt/mage_b`), whose tokenizer is
 used. Only the decoder side and the label embedding train; the encoder is frozen. The fine-tuning schedule was
-asked and never answered [I#7]: epochs, lr and warm-up below are ASSUMED.
+asked and never answered (LTH14/mage issue #7): epochs, lr and warm-up below are ASSUMED.
 """
 
 from configs import class_cond_fashion_mnist

@@ -1,4 +1,4 @@
-"""Linear probe and few-shot evals of a MAGE checkpoint on ImageNet-1k with the paper settings (spec §6.2).
+"""Linear probe and few-shot evals of a MAGE checkpoint on ImageNet-1k with the paper settings (LTH14/mage README).
 
   python -m mage_jax.evaluate --params=ckpt/mage_vitb --config=configs/eval_imagenet.py:variant=B \
       --workdir=gs://bucket/mage_b_eval --config.input.manual_dir=/data/imagenet

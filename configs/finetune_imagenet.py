@@ -1,4 +1,4 @@
-"""Fine-tuning a MAGE encoder on ImageNet-1k with the paper recipe (spec §6.3).
+"""Fine-tuning a MAGE encoder on ImageNet-1k with the paper recipe (LTH14/mage README, `main_finetune.py`).
 
   python -m mage_jax.evaluate --params=ckpt/mage_vitb --config=configs/finetune_imagenet.py:variant=B \
       --workdir=gs://bucket/mage_b_ft --config.finetune.input.manual_dir=/data/imagenet

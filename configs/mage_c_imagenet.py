@@ -1,10 +1,10 @@
-"""MAGE-C (MAGE + contrastive co-training, spec §4) on ImageNet-1k 256 px, pretraining recipe of spec §3.
+"""MAGE-C (MAGE + contrastive co-training, from the paper) on ImageNet-1k 256 px, recipe of `main_pretrain.py`.
 
   python -m mage_jax.main --config=configs/mage_c_imagenet.py:variant=B --workdir=gs://bucket/mage_c_b \
       --config.input.manual_dir=/data/imagenet --config.tokenizer.init=ckpt/tokenizer
 
 variant=B|L; `runlocal` shrinks everything for a quick local run. The MAGE-C code was never released: every
-`contrastive.*` and `views.*` value below is ASSUMED (SimCLR-style defaults; spec §4, §9.1) and configurable,
+`contrastive.*` and `views.*` value below is ASSUMED (SimCLR-style defaults, no MAGE source) and configurable,
 e.g. `--config.contrastive.lam=0.05 --config.views.jitter_prob=0.8 --config.views.brightness=0.4`.
 The two views come from the input pipeline (`input.views=2`, the pretraining crop law on the original image).
 """
@@ -19,9 +19,9 @@ def contrastive_config(hidden_dim=2048, out_dim=128):
   return ml_collections.ConfigDict(dict(
       lam=0.1,            # ASSUMED weight of the contrastive term
       temperature=0.1,    # ASSUMED (SimCLR at large batch)
-      pool="mean",        # 'mean' | 'cls' | 'mean_visible'; spec recalls a global average pool
+      pool="mean",        # 'mean' | 'cls' | 'mean_visible'; paper (recalled, unverified): global average pool
       hidden_dim=hidden_dim, out_dim=out_dim,  # ASSUMED SimCLR v1 widths
-      num_layers=2,       # spec recalls a 2-layer MLP head
+      num_layers=2,       # paper (recalled, unverified): a 2-layer MLP head
       norm="none"))       # 'none' | 'layer'
 
 

@@ -1,4 +1,4 @@
-"""MAGE pretraining on ImageNet-1k 256 px with the paper recipe (spec §3).
+"""MAGE pretraining on ImageNet-1k 256 px with the paper recipe (LTH14/mage README, `main_pretrain.py`).
 
   python -m mage_jax.main --config=configs/mage_pretrain.py:variant=B --workdir=gs://bucket/mage_b \
       --config.input.manual_dir=/data/imagenet --config.tokenizer.init=ckpt/tokenizer
@@ -20,7 +20,7 @@ def get_config(arg=None):
                                 batch_size=1024))
   c.eval_every_steps = 10_000
   if args.variant == "L":
-    # ViT-L at batch 4096 does not fit replicated: shard params and optimizer state (spec: ~410M params).
+    # ViT-L at batch 4096 does not fit replicated: shard params and optimizer state (~410M params).
     c.model.scan = True
     c.model.remat_policy = "dots_with_no_batch_dims_saveable"
     c.tokenizer.chunks = 4

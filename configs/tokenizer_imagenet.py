@@ -1,4 +1,4 @@
-"""VQGAN tokenizer training on ImageNet-1k 256 px with the released architecture (spec §1.2, §1.6).
+"""VQGAN tokenizer training on ImageNet-1k 256 px with the released architecture (MaskGIT's `vqgan_tokenizer.py`).
 
   python -m mage_jax.main --config=configs/tokenizer_imagenet.py --workdir=gs://bucket/tokenizer \
       --config.input.manual_dir=/data/imagenet [--config.loss.perceptual_weights=/path/lpips_vgg16.npz]
@@ -11,7 +11,7 @@ non-saturating GAN with generator weight 0.1, R1 10) plus LeCam 0.001. Choices n
   * the discriminator starts at step 20k (MaskGIT states no start step; waiting for usable reconstructions
     is the usual practice and costs nothing before then);
   * augmentation: MAGE's pretraining crop (RandomResizedCrop scale 0.2-1 + flip) as the stand-in for the
-    unpublished "strong augmentation" (spec §9);
+    unpublished "strong augmentation" (LTH14/mage issue #6);
   * the perceptual network cannot be downloaded here: with `loss.perceptual_weights` empty (the default)
     training runs without it and the log says so. Pass an LPIPS-VGG16 .npz (`tokenizer_losses` layout).
 Compute in bfloat16 for the convolutions of both nets; params, optimizer states, EMA, GroupNorm statistics,

@@ -72,7 +72,7 @@ def mage_model(config: ml_collections.ConfigDict, tokenizer: VQGAN) -> MAGE:
 
 
 def pretrain_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int, frozen=None):
-  """The spec §3 AdamW recipe from `config.optim` with lr = blr·batch/256; returns (tx, PretrainOptim)."""
+  """AdamW of `main_pretrain.py` from `config.optim` with lr = blr·batch/256; returns (tx, PretrainOptim)."""
   o = config.optim
   optim_cfg = optim.PretrainOptim(lr=optim.scaled_lr(o.blr, config.input.batch_size), total_steps=total_steps,
                                   warmup_steps=warmup_steps, min_lr=o.min_lr, b1=o.b1, b2=o.b2,

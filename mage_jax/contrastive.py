@@ -1,10 +1,12 @@
 """MAGE-C contrastive co-training: pooling, projection head and NT-Xent loss.
 
-The MAGE-C code was never released (spec/MAGE.md §4, §9.1). What is known: a
-SimCLR-style InfoNCE loss on the encoder output, a 2-layer MLP projection head
-on the global average pool, total loss `L_rec + lambda * L_con`, two augmented
-views per image, no momentum encoder. Every default below that the sources do
-not state is marked ASSUMED and is configurable.
+The MAGE-C code was never released (LTH14/mage issue #5). What the MAGE paper
+is recalled to describe (only "a contrastive loss on the encoder output" was
+checked, in its Fig. 3 caption): a SimCLR-style InfoNCE loss on the encoder
+output, a 2-layer MLP projection head on the global average pool, total loss
+`L_rec + lambda * L_con`, two augmented views per image, no momentum encoder.
+Every default below that the sources do not state is marked ASSUMED and is
+configurable.
 
 Negatives are gathered across all devices and hosts by calling `nt_xent` on
 GLOBAL arrays inside `jax.jit`: the batch may be sharded over any mesh axes, and
@@ -75,8 +77,8 @@ def pool_tokens(
   Args:
     h: [b, 1 + L, d] encoder output, class slot first.
     mode: 'mean' averages the L image-token outputs, class slot excluded (like
-      the probe's global_pool, spec §6.1); 'cls' returns slot 0. ASSUMED
-      default 'mean' ("global average pool", spec §4, unverified).
+      the probe's global_pool of `models_vit_mage.py`); 'cls' returns slot 0. ASSUMED
+      default 'mean' ("global average pool", recalled from the paper, unverified).
     valid: optional bool [b, L]; with 'mean', only True positions are averaged
       (e.g. to leave [MASK] positions out). Rows with no True average to 0.
 
@@ -115,7 +117,7 @@ class ProjectionHead(nn.Module):
   Attributes:
     hidden_dim: width of the hidden layers (ASSUMED 2048).
     out_dim: output width (ASSUMED 128).
-    num_layers: number of Dense layers, >= 1 (ASSUMED 2, spec §4 recalls 2).
+    num_layers: number of Dense layers, >= 1 (ASSUMED 2, as the paper is recalled to say; unverified).
     norm: 'none' | 'batch' | 'layer', after each hidden Dense (ASSUMED 'none').
     use_bias: bias on the Dense layers (dropped automatically before a norm).
     dtype: compute dtype of the Dense layers.

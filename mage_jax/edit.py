@@ -1,4 +1,4 @@
-"""`python -m mage_jax.edit`: inpainting / outpainting of one image with a MAGE checkpoint (spec §5.5).
+"""`python -m mage_jax.edit`: inpainting / outpainting of one image with a MAGE checkpoint (LTH14/mage issue #3).
 
   python -m mage_jax.edit --params=DIR --image=in.png --box=top,left,bottom,right --out=OUT
       [--mode=inpaint|outpaint --num_samples=4 --seed=0 --num_steps=20 --temperature=6.0 --ring=1]

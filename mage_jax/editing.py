@@ -1,6 +1,6 @@
 """Image editing with MAGE (inpainting, outpainting, uncropping): mask logic on pixels and tokens.
 
-Recipe (spec §5.5, from the maintainer in LTH14/mage issue #3):
+Recipe (from the maintainer in LTH14/mage issues #3 and #49):
 
   1. Build a boolean pixel mask of the region to regenerate (`pixel_box_to_mask`, `outpaint_mask`, or
      any bool[H, W] array).
@@ -14,16 +14,16 @@ Recipe (spec §5.5, from the maintainer in LTH14/mage issue #3):
      each row's number of masked tokens, as in MaskGIT's `unknown_number_in_the_beginning`.
 
 Boxes are `(top, left, bottom, right)` in pixels with exclusive bottom/right, like Python slices:
-the spec's hole "64..191" is `(64, 64, 192, 192)`. Box helpers run on the host and return numpy
+issue #3's hole "64..191" is `(64, 64, 192, 192)`. Box helpers run on the host and return numpy
 arrays; the mask functions are jnp (traceable, accept numpy or jax inputs).
 
 `edit_image` is the whole edit of one image in one jitted call, and `load_image` reads a file as evaluation sees
 it: `images.read_image` (16-bit, palette, transparent (composited on white) and other modes handled; an image
 above the pixel budget is refused before decoding), then the evaluation transform of the data pipeline, the same
-function on the same pixels: shorter side to floor(R * 292 / 256), bicubic, then the centre R x R crop (spec §6:
-Resize(292) + CenterCrop(256) for R = 256), kept in float32 as evaluation feeds it to the tokenizer. Samples are
-the full VQGAN decodes; pixels outside the edit are the tokenizer's reconstruction, not pasted back from the input
-(the reference shows no compositing step).
+function on the same pixels: shorter side to floor(R * 292 / 256), bicubic, then the centre R x R crop (the
+official eval transform of `main_linprobe.py` / `main_finetune.py`: Resize(292) + CenterCrop(256) for R = 256),
+kept in float32 as evaluation feeds it to the tokenizer. Samples are the full VQGAN decodes; pixels outside the
+edit are the tokenizer's reconstruction, not pasted back from the input (the reference shows no compositing step).
 """
 
 from __future__ import annotations

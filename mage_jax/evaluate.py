@@ -1,4 +1,4 @@
-"""`python -m mage_jax.evaluate`: linear probe, few-shot and fine-tuning of a MAGE checkpoint (spec §6.2-§6.4).
+"""`python -m mage_jax.evaluate`: linear probe, few-shot and fine-tuning of a MAGE checkpoint (see docs/evals.md).
 
   python -m mage_jax.evaluate --params=DIR --config=configs/eval_fashion_mnist.py[:args] --workdir=WD \
       [--config.linear_probe.epochs=...]

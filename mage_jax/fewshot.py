@@ -1,12 +1,13 @@
 """Few-shot linear classification on frozen features.
 
-What is known (spec/MAGE.md §6.4, §7.4): the MAGE paper reports few-shot
-ImageNet accuracy of a linear classifier trained on frozen features with very
-few labelled images per class (the brief names 1/2/5/10 shots). Neither the
-LTH14/mage code nor the spec records the classifier, its regularisation, the
-feature preprocessing, or the number of random support draws. This module
-therefore offers two documented protocols; treat both as ASSUMPTIONS until the
-paper's appendix is transcribed:
+What is known (recalled from the MAGE paper, arXiv:2211.09117, not checked
+against its text): the paper reports few-shot ImageNet accuracy of a linear
+classifier trained on frozen features with very few labelled images per class
+(1, 2, 5 and 10 shots are what this module reports). The official LTH14/mage code has no few-shot
+script, and nothing checked here records the classifier, its regularisation,
+the feature preprocessing, or the number of random support draws. This module
+therefore offers two documented protocols; treat both as ASSUMPTIONS until
+they are checked against the paper's appendix:
 
 * `classifier='ridge'` — big_vision `evaluators/fewshot_lsr.py`: features
   standardised per dimension with the support set's mean and std (+1e-5), a

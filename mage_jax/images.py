@@ -28,7 +28,7 @@ once and lists each real file once (symlink cycles terminate; a file reached thr
 example), and counts what it leaves out (files without an image extension, hidden files, repeats, broken links
 or special files).
 
-Writing. `to_uint8` follows `gen_img_uncond.py` of LTH14/mage (spec §5.3): `clip(x * 255, 0, 255)` then a cast,
+Writing. `to_uint8` follows `gen_img_uncond.py` of LTH14/mage: `clip(x * 255, 0, 255)` then a cast,
 i.e. TRUNCATION, not rounding (0.999 -> 254). FID on PNGs written this way is what the paper reports; rounding
 shifts every pixel by half a level on average and changes FID measurably. Resized real images are quantised by
 `round_to_uint8` instead, as PIL does when it writes a resized image.

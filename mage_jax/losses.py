@@ -1,4 +1,4 @@
-"""Pretraining loss (spec §2.7)."""
+"""Pretraining loss, as `models_mage.py` of LTH14/mage computes it."""
 
 from __future__ import annotations
 

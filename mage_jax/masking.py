@@ -1,4 +1,4 @@
-"""Variable-ratio masking of MAGE pretraining (spec §2.3), with static shapes.
+"""Variable-ratio masking of MAGE pretraining (`models_mage.py` of LTH14/mage), with static shapes.
 
 The official code draws one ratio per step per process from a truncated Gaussian, masks the `ceil(N·r)`
 lowest-noise tokens and drops (removes from the encoder input) the `ceil(N·drop_ratio)` lowest, re-drawing

@@ -1,6 +1,6 @@
 """Mixup / CutMix with label smoothing, as timm's `Mixup` in batch mode.
 
-Fine-tuning recipe (spec/MAGE.md §6.3, `main_finetune.py` with timm 0.3.2):
+Fine-tuning recipe (LTH14/mage `main_finetune.py` with timm 0.3.2):
 mixup alpha 0.8, cutmix alpha 1.0, prob 1.0, switch prob 0.5, mode 'batch',
 label smoothing 0.1 folded into the soft targets, soft-target cross-entropy.
 

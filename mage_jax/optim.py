@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules for MAGE (optax).
 
-Matches the recipes of LTH14/mage (spec/MAGE.md §3, §6.2, §6.3):
+Matches the recipes of LTH14/mage (`main_pretrain.py`, `main_linprobe.py`,
+`main_finetune.py`):
 
 * `warmup_cosine_schedule`: `util/lr_sched.py` (linear warm-up, half-cycle
   cosine), expressed per optimizer step instead of per fractional epoch.
@@ -44,7 +45,7 @@ SCANNED_KEYS = ("blocks", "decoder_blocks")
 # Top-level names that timm's `get_layer_id_for_vit` puts in layer 0.
 EMBED_NAMES = ("token_emb", "cls_token", "pos_embed", "patch_embed")
 # timm `VisionTransformer.no_weight_decay()`; absent from the MAGE probe tree
-# (spec §8.21) but kept so a port that adds them gets the reference rule.
+# (`models_vit_mage.py` never uses them) but kept so a port that adds them gets the reference rule.
 FINETUNE_NO_DECAY_NAMES = ("pos_embed", "cls_token")
 
 
@@ -139,7 +140,8 @@ def weight_decay_mask(params: PyTree, *,
   Exempt: every param that is 1-D (or 0-D) per layer, every leaf named `bias`
   whatever its rank (`mlm_layer/bias` is 3-D), and every param with a path
   component in `no_decay_names`. Decayed: all other >=2-D weights, including
-  the word/position embeddings and `decoder_pos_embed_learned` (spec §8.13).
+  the word/position embeddings and `decoder_pos_embed_learned` (timm 0.3.2
+  `add_weight_decay`, as the official `main_pretrain.py` calls it).
   Under a scanned stack (a key in `scanned_keys`) the leading layer axis is
   not counted, so stacked LayerNorm scales (shape [depth, d]) are exempt.
 
@@ -197,7 +199,8 @@ def with_frozen(tx: optax.GradientTransformation,
 
   Frozen params are invisible to `tx`: no optimizer state, no weight decay
   and no share of the clipping norm — like PyTorch params without gradient
-  (spec §3 "unused params", §8.12), which AdamW skips entirely.
+  (e.g. the unused tensors of the official `models_mage.py`), which AdamW
+  skips entirely.
   """
   if frozen is None:
     return tx
@@ -318,7 +321,7 @@ class LarsState(NamedTuple):
 def lars(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
          weight_decay: float = 0.0,
          trust_coefficient: float = 0.001) -> optax.GradientTransformation:
-  """LARS exactly as MoCo v3 / MAGE `util/lars.py` (spec §6.2).
+  """LARS exactly as MoCo v3 / MAGE `util/lars.py` (LTH14/mage).
 
   Not `optax.lars`: that one scales by the learning rate before the momentum
   accumulates, while the reference keeps the momentum of unscaled steps and
@@ -380,7 +383,7 @@ def lars(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
 
 @dataclasses.dataclass(frozen=True)
 class PretrainOptim:
-  """MAGE pre-training optimizer (spec §3). `lr` is the batch-scaled peak."""
+  """MAGE pre-training optimizer (official `main_pretrain.py`). `lr` is the batch-scaled peak."""
   lr: float
   total_steps: int
   warmup_steps: int
@@ -403,7 +406,7 @@ class PretrainOptim:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneOptim:
-  """Fine-tuning optimizer (spec §6.3). `lr` is the batch-scaled peak."""
+  """Fine-tuning optimizer (official `main_finetune.py`). `lr` is the batch-scaled peak."""
   lr: float
   total_steps: int
   warmup_steps: int
@@ -430,7 +433,7 @@ class FinetuneOptim:
 
 @dataclasses.dataclass(frozen=True)
 class ProbeOptim:
-  """Linear-probe optimizer (spec §6.2): LARS, 10/90 epochs warm-up/cosine."""
+  """Linear-probe optimizer (official `main_linprobe.py`): LARS, 10/90 epochs warm-up/cosine."""
   lr: float
   total_steps: int
   warmup_steps: int
@@ -455,7 +458,7 @@ def pretrain_optimizer(cfg: PretrainOptim | Mapping[str, Any] | None = None,
       `kwargs` override or complete it (`lr`, `total_steps`, `warmup_steps`
       are required).
     frozen: params kept out of the optimizer (see `with_frozen`): e.g. unused
-      params (spec §8.12) or a frozen tokenizer if it shares the tree.
+      params (tensors `models_mage.py` defines but never reads) or a frozen tokenizer if it shares the tree.
     scanned_keys: names of `nn.scan` layer stacks.
 
   Returns:
@@ -482,7 +485,7 @@ def finetune_optimizer(cfg: FinetuneOptim | Mapping[str, Any] | None = None,
   is `layerwise_lr_scales` — PyTorch scales the group lr, which multiplies
   the decoupled decay as well. No decay for 1-D params, biases and
   `no_decay_names` (timm `no_weight_decay`: `pos_embed`, `cls_token`); the
-  2-D `token_emb` matrices are decayed (spec §6.3). No clipping by default.
+  2-D `token_emb` matrices are decayed (LTH14/mage `util/lr_decay.py`). No clipping by default.
 
   Args:
     cfg: a `FinetuneOptim`, a mapping/ConfigDict with its field names, or None;
@@ -509,7 +512,7 @@ def finetune_optimizer(cfg: FinetuneOptim | Mapping[str, Any] | None = None,
 def probe_optimizer(cfg: ProbeOptim | Mapping[str, Any] | None = None, *,
                     frozen: FrozenSpec = None,
                     **kwargs) -> optax.GradientTransformation:
-  """LARS(momentum 0.9, wd 0, trust 0.001) with warmup-cosine (spec §6.2).
+  """LARS(momentum 0.9, wd 0, trust 0.001) with warmup-cosine (official `main_linprobe.py`).
 
   Pass only the head params, or the whole tree with `frozen` matching the
   backbone (the reference freezes every non-head param).

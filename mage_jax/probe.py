@@ -1,4 +1,4 @@
-"""Frozen MAGE features for linear probing, few-shot and monitoring (spec §6.1, §6.2).
+"""Frozen MAGE features for linear probing, few-shot and monitoring (as `models_vit_mage.py` / `main_linprobe.py`).
 
 Pieces, usable on their own:
   * `backbone_params_from_mage` / `load_backbone`: a params-only MAGE export (or a converted ViT checkpoint)
@@ -120,7 +120,7 @@ def pixel_feature_fn(variables, images, rng, deterministic):
 def backbone_tokenizer(tok_config, dtype) -> VQGAN:
   """The frozen tokenizer of a backbone whose ViT computes in `dtype`.
 
-  Float32 activations whatever `dtype`: low-precision tokenisation changes ids (spec §8.19). Next to a bfloat16
+  Float32 activations whatever `dtype`: low-precision tokenisation changes ids (they are an argmin). Next to a bfloat16
   ViT the convolutions run at TF32-class precision ('high', as pretraining's `tokenizer.precision`), which keeps
   the float32 ids on the fixtures; a float32 run keeps them exact ('highest').
   """

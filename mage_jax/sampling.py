@@ -6,7 +6,7 @@ generation (every token starts as `mask_id`) and editing (only some tokens start
 (step `s` uses `fold_in(rng, s)`), and it runs unchanged under `jax.jit` with the batch sharded over a
 mesh (every operation is row-wise except the optional row-0 count of `count_mode='first'`).
 
-One step, as in MAGE's `gen_img_uncond.py` (spec §5.1):
+One step, as in `gen_image` of MAGE's official `gen_img_uncond.py` (schedule from MaskGIT's `parallel_decode.py`):
 
   sampled  = categorical(logits[..., :codebook_size])          # raw logits, temperature 1
   sampled  = where(unknown, sampled, tokens)                   # known tokens are kept
@@ -125,7 +125,7 @@ def sample_tokens(
   Args:
     rng: PRNG key.
     logits: float[B, N, V] with V >= codebook_size; only the first `codebook_size` entries are used
-      (spec pitfall 1: special ids must never be sampled). Computed in float32.
+      (as in the official `gen_img_uncond.py`: special ids must never be sampled). Computed in float32.
     tokens: int[B, N] current tokens, `mask_id` where unknown.
     mask_id: id of unknown positions.
     codebook_size: number of real token ids.
@@ -213,7 +213,7 @@ def decode(
     count_mode: str = "row",
     return_num_masked: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-  """Iterative parallel decoding (MAGE `gen_image`, spec §5.1), fully on device.
+  """Iterative parallel decoding (`gen_image` of MAGE's official `gen_img_uncond.py`), fully on device.
 
   To jit with model parameters, build `logits_fn` inside the jitted function so the parameters are
   arguments, not baked-in constants:

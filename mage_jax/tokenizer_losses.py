@@ -1,10 +1,10 @@
-"""Loss terms for training the VQGAN tokenizer from scratch (spec §1.3, §1.6; MaskGIT's recipe + LeCam).
+"""Loss terms for training the VQGAN tokenizer from scratch (MaskGIT's `libml/losses.py` recipe + LeCam).
 
 Everything here is a pure function of arrays (no model calls), so the training step can compute the pieces
 (reconstruction, quantizer outputs, discriminator logits, perceptual distance) and assemble them with
 `generator_loss_terms` / `discriminator_loss_terms`. All losses are computed and returned in float32.
 
-MaskGIT's ImageNet recipe in these terms (spec §1.6): vq convention 'maskgit' with β = 0.25, entropy weight
+MaskGIT's ImageNet recipe in these terms (`vqgan_config.py`): vq convention 'maskgit' with β = 0.25, entropy weight
 0.1 at temperature 0.01, perceptual weight 0.1, non-saturating GAN with generator weight 0.1, R1 cost 10, no
 LeCam; its reconstruction loss type (l1 or l2) is not stated.
 """

@@ -1,4 +1,4 @@
-"""One VQGAN tokenizer training step (spec §1.6): generator + discriminator updates, EMA, codebook care.
+"""One VQGAN tokenizer training step (MaskGIT's recipe + LeCam): generator + discriminator updates, EMA, codebook care.
 
 The generator loss (reconstruction + VQ codebook/commitment + optional entropy + optional perceptual +
 adversarial from `discriminator_start_step` on) is minimised with its own Adam; then one discriminator step

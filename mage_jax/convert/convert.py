@@ -36,7 +36,7 @@ from mage_jax.models.mage import MAGE, MAGEConfig
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
 from mage_jax.models.vit import MAGEViT
 
-# Tensors of the official modules that no computation reads (spec §2.10); conversion drops them silently.
+# Tensors of the official modules (`models_mage.py`) that no computation reads; conversion drops them silently.
 UNUSED_KEYS = re.compile(
     r"^(cls_token|pos_embed|mask_token|decoder_pos_embed|token_emb\.position_ids|patch_embed\..*|"
     r"decoder_pred\..*|.*num_batches_tracked)$")

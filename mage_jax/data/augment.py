@@ -2,7 +2,7 @@
 
 Every function takes ONE image `uint8|float [H, W, C]` (C in {1, 3}) and returns
 `float32 [size, size, 3]` in [0, 1]: no mean/std normalisation, as MAGE feeds
-[0, 1] pixels to the frozen VQGAN (spec §3).
+[0, 1] pixels to the frozen VQGAN (official `main_pretrain.py`).
 
 Randomness is stateless: each random op takes a `seed` int64 `[2]` tensor, so an
 example's augmentation is a pure function of (data seed, global sample number),
@@ -12,14 +12,15 @@ Modes (`preprocess(mode=...)`):
   * 'pretrain': torchvision `RandomResizedCrop(size, scale=(0.2, 1), ratio=(3/4, 4/3))`
     (10 tries, then the central-crop fallback) + horizontal flip (p=0.5).
     Interpolation: the issue asks for bicubic, which is this module's default,
-    but the official pretraining code (spec §3) uses torchvision's default
+    but the official pretraining code (`main_pretrain.py`) uses torchvision's default
     *bilinear*; pass `interpolation='bilinear'` for exact official parity.
   * 'probe': the linear-probe crop of the official code (MAE `util/crop.py`,
-    spec §6.2): ONE draw, width/height clipped to the image, bicubic by default,
+    as `main_linprobe.py` uses it): ONE draw, width/height clipped to the image, bicubic by default,
     + horizontal flip.
   * 'none' / eval: resize the shorter side to `floor(size / crop_ratio)` (292 for
     256 with the default crop_ratio 256/292) then center-crop `size`
-    (torchvision `Resize(292, bicubic) + CenterCrop(256)`, spec §6.2/§6.3).
+    (torchvision `Resize(292, bicubic) + CenterCrop(256)` of the official `main_linprobe.py`
+    and `util/datasets.py`).
 
 Resizing uses `tf.image.resize(antialias=True)` (the eval crop its op,
 ScaleAndTranslate, on the source window it reads: see `resize_center_crop`),

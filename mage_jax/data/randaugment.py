@@ -1,4 +1,4 @@
-"""RandAugment as timm builds it for the official fine-tuning (`rand-m9-mstd0.5-inc1`, spec §6.3), in TF ops.
+"""RandAugment as timm builds it for the official fine-tuning (`main_finetune.py`: `rand-m9-mstd0.5-inc1`), in TF ops.
 
 The official code runs timm's RandAugment on PIL images after the random crop and flip; this module reproduces
 timm's op list, magnitude sampling and level functions, and PIL's pixel arithmetic, on `uint8 [H, W, 3]`

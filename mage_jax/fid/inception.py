@@ -23,7 +23,7 @@ size. Resizing (a choice that moves FID by tenths of a point, so it is explicit)
 * `"tf1"` (default): TensorFlow 1.x `tf.image.resize_bilinear(align_corners=False)` semantics, i.e. source
   coordinate `dst * in/out` (no half-pixel offset), computed in float32 exactly as torch-fidelity's
   `interpolate_bilinear_2d_like_tensorflow1x(..., align_corners=False)` ("slow", bit-exact-on-CPU method)
-  does. torch-fidelity is the tool of MAGE's reported numbers (spec section 6.5) and StyleGAN2-ADA's
+  does. torch-fidelity is the tool of MAGE's reported numbers (LTH14/mage README) and StyleGAN2-ADA's
   `grid_sample` emulation computes the same sampling positions.
 * `"pytorch"`: `torch.nn.functional.interpolate(mode="bilinear", align_corners=False, antialias=False)`
   (half-pixel centres, source index clamped at 0), which pytorch-fid uses. Note pytorch-fid also scales
@@ -368,7 +368,7 @@ def preprocess(images, method: str = "tf1") -> jax.Array:
 
   Args:
     images: [N, H, W, 3], any H and W; either uint8 in [0, 255], or floating point in [0, 1], which is
-      multiplied by 255 WITHOUT quantisation. The reference protocol (spec section 5.3) measures PNGs, i.e.
+      multiplied by 255 WITHOUT quantisation. The reference protocol (official `gen_img_uncond.py`) measures PNGs, i.e.
       `uint8(clip(x * 255, 0, 255))` (truncation): pass such uint8 images to reproduce it exactly.
     method: resize method, "tf1" (default, torch-fidelity) or "pytorch" (pytorch-fid); see module doc.
 

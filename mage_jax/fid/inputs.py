@@ -5,8 +5,8 @@ image files of one size (searched recursively, like torch-fidelity's --samples-f
 `mage_jax.images`: a corrupt file, mixed sizes or an image above the pixel budget is an error naming the file).
 Reference: `fashion_mnist:test` / `imagenet2012:validation` (a dataset split: its statistics are cached per split;
 the small fixed-size sets at their stored size, any other set, e.g. ImageNet, as the paper's reference images:
-Resize(256) bilinear + CenterCrop(256), spec §6.5), a folder or `.npz` of images, or a statistics `.npz` holding
-`mu` and `sigma`.
+Resize(256) bilinear + CenterCrop(256), as the official `prepare_imgnet_val.py`), a folder or `.npz` of images, or a
+statistics `.npz` holding `mu` and `sigma`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from mage_jax import images as image_io
 from mage_jax.fid import metrics, weights
 
 
-# Spec §6.5: the reference images are Resize(256) (shorter side, torchvision's default bilinear) + CenterCrop(256).
+# The official prepare_imgnet_val.py (LTH14/mage) makes the reference images Resize(256) (shorter side,
+# torchvision's default bilinear) + CenterCrop(256).
 REFERENCE_SIZE = 256
 
 
@@ -59,7 +60,7 @@ def image_batches(source: str, batch_size: int = 50, max_images: int | None = No
 
 
 def reference_protocol_batches(name: str, split: str, data_dir: str | None, batch_size: int = 50):
-  """Yields uint8 [B, 256, 256, 3] batches of a dataset split prepared as the paper's FID reference (spec §6.5).
+  """Yields uint8 [B, 256, 256, 3] batches of a dataset split prepared as the paper's FID reference.
 
   The official prepare_imgnet_val.py saves each validation image as torchvision Resize(256) (bilinear) +
   CenterCrop(256) PNG. Here the same geometry and filter come from the data pipeline's one resize/centre-crop

@@ -1,6 +1,6 @@
 """FID and Inception Score from FID-Inception outputs, plus per-dataset reference-statistics caching.
 
-Formulas follow the reference tools (spec section 6.5: MAGE reports torch-fidelity numbers):
+Formulas follow the reference tools (the LTH14/mage README: MAGE reports torch-fidelity numbers):
 
 * `frechet_distance`: pytorch-fid's `calculate_frechet_distance` (float64, `scipy.linalg.sqrtm`, on a
   non-finite result retry with `eps` added to both diagonals, drop a negligible imaginary part).

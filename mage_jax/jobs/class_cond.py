@@ -1,4 +1,4 @@
-"""Class-conditional MAGE (config.mode 'class_cond', spec §5.4) fine-tuned from an unconditional checkpoint.
+"""Class-conditional MAGE (config.mode 'class_cond', paper Appendix A.2) fine-tuned from an unconditional checkpoint.
 
 See `models/class_cond.py` for the model and its documented choices.
   * fine-tunes from an unconditional params checkpoint (`config.model_init`, required); the tokenizer comes from

@@ -1,4 +1,4 @@
-"""Representation evals of a MAGE checkpoint: linear probe, few-shot, fine-tuning (spec §6.2-§6.4).
+"""Representation evals of a MAGE checkpoint: linear probe, few-shot, fine-tuning (protocols: docs/evals.md).
 
 The job behind `python -m mage_jax.evaluate`. The params directory is a params-only checkpoint (a MAGE
 pretraining export or `python -m mage_jax.convert mage-vitb-1600.pth DIR`). `config.evals` picks the evals:

@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning of a MAGE encoder for classification (spec §6.3), on the shared `trainer` loop.
+"""End-to-end fine-tuning of a MAGE encoder for classification (`main_finetune.py`), on the shared `trainer` loop.
 
 Recipe of `main_finetune.py` (LTH14/mage): the frozen VQGAN tokenises each (mixed) image, `MAGEViT` with
 global pooling + a fresh trainable `fc_norm` + a Linear head (trunc-normal std 2e-5) is trained with AdamW

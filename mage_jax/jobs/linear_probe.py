@@ -1,4 +1,4 @@
-"""Linear probing of frozen MAGE features (spec §6.2), as `main_linprobe.py` of LTH14/mage, on the shared loop.
+"""Linear probing of frozen MAGE features, as `main_linprobe.py` of LTH14/mage, on the shared loop.
 
 The head (`probe.init_head` / `probe.bn_linear_head`: BatchNorm1d(affine=False, eps 1e-6) -> Linear) is trained
 with LARS (`optim.probe_optimizer`), warm-up + half-cycle cosine, plain cross-entropy, by `trainer.run`:
@@ -8,7 +8,7 @@ checkpoints every epoch (a killed run resumes exactly), evaluation on the cached
 Two data modes for the head:
   * `OnlineImages` (the official protocol): every step draws augmented images ('probe' crop + flip) and
     recomputes features through the frozen backbone, with the token-embedding dropout ACTIVE (the official
-    model is in train() mode during probing, spec §8.17).
+    `main_linprobe.py` trains with `engine_finetune.py`'s loop, which puts the model in train() mode).
   * `CachedFeatures`: features computed once with the eval transform (no augmentation, no dropout) and
     held in memory; an epoch is a seeded permutation of them. Much cheaper; not the paper's protocol.
 
@@ -59,7 +59,7 @@ class ProbeState:
 
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
-  """Linear-probe recipe; defaults are the paper's ViT-B settings (spec §6.2)."""
+  """Linear-probe recipe; defaults are the official ViT-B settings (LTH14/mage README command, `main_linprobe.py`)."""
   num_classes: int
   epochs: int = 90
   warmup_epochs: float = 10.0

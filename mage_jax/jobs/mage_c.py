@@ -1,6 +1,6 @@
-"""MAGE-C: MAGE with contrastive co-training (config.mode 'mage_c', spec §4) on the shared loop.
+"""MAGE-C: MAGE with contrastive co-training (config.mode 'mage_c', outlined in the MAGE paper) on the shared loop.
 
-The MAGE-C code was never released, so every default not in the spec is ASSUMED and configurable:
+The MAGE-C code was never released (LTH14/mage #5): every default the paper does not give is ASSUMED and configurable:
   * two views per image from the input pipeline (`config.input.views = 2`): each an independent draw of MAGE's
     pretraining crop law (RandomResizedCrop on the original image + flip, `config.input.scale/ratio`),
     optionally followed on device by colour jitter / grayscale (`config.views`, off by default: MAGE-C is said
@@ -97,7 +97,7 @@ def color_jitter(rng: jax.Array, x: jax.Array, cfg: ColorAugment) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class ContrastiveConfig:
-  """`config.contrastive` (every default ASSUMED, spec §4/§9.1).
+  """`config.contrastive` (every default ASSUMED: no MAGE-C code was released; the paper's values were not checked).
 
   Attributes:
     lam: weight of the contrastive term, loss = rec + lam * con.

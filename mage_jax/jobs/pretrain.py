@@ -1,4 +1,5 @@
-"""MAGE pretraining (config.mode 'pretrain', spec §3) on the shared loop, with a few-shot monitor.
+"""MAGE pretraining (config.mode 'pretrain', recipe of the official `main_pretrain.py`) on the shared loop, with
+a few-shot monitor.
 
 The monitor (`config.fewshot_monitor`, every `config.eval_every_steps` steps and at the end) is big_vision's
 cheap representation check: frozen encoder features (global pool, as the linear probe) of a small labelled

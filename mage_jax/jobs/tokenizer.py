@@ -1,5 +1,5 @@
-"""VQGAN tokenizer training (spec §1.6), from scratch or fine-tuned, on the shared loop (`trainer.run`,
-config.mode='tokenizer').
+"""VQGAN tokenizer training (MaskGIT's recipe; MAGE never published its own), from scratch or fine-tuned, on
+the shared loop (`trainer.run`, config.mode='tokenizer').
 
 Fine-tuning: `config.tokenizer.init` names a params dir holding a tokenizer (kind 'tokenizer' or 'mage', e.g.
 `python -m mage_jax.convert vqgan_jax_strongaug.ckpt DIR`). The generator starts from it (its EMA too); its sizes

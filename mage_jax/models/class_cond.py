@@ -1,9 +1,10 @@
-"""Class-conditional MAGE (spec §5.4): a label embedding joins the decoder input; the encoder is frozen.
+"""Class-conditional MAGE (MAGE paper, Appendix A.2): a label embedding joins the decoder input; the encoder is frozen.
 
-What the sources fix [I#16, I#7]: the 1000 "class slots" of the vocabulary stay unused; a SEPARATE label
-embedding is "concatenated with the decoder input (the padded feature)"; the fake class token 1100 is still fed
-to the encoder, which is kept frozen during class-conditional training. Everything else (schedule, guidance,
-whether dropout runs in the frozen encoder) is unknown (spec §9.7) and is a documented choice here:
+What the sources fix (the maintainer in LTH14/mage issues #16 and #7): the 1000 "class slots" of the vocabulary
+stay unused; a SEPARATE label embedding is "concatenated with the decoder input (the padded feature)"; the fake
+class token 1100 is still fed to the encoder, which is kept frozen during class-conditional training. Everything
+else (schedule, guidance, whether dropout runs in the frozen encoder) is unknown (no released code; issue #7
+asked for the schedule, unanswered) and is a documented choice here:
 
 * `class_combine='token'` (default): the label embedding (width `decoder_embed_dim`) is CONCATENATED to the
   decoder input as one extra token in front of the padded, position-embedded canvas; the decoder blocks attend
@@ -14,7 +15,7 @@ whether dropout runs in the frozen encoder) is unknown (spec §9.7) and is a doc
 * The encoder (token embedding, encoder blocks, final norm) runs deterministically (no dropout) under
   `stop_gradient`: it is a frozen feature extractor. The training code also keeps these params out of the
   optimizer (`ENCODER_PARAM_PATTERNS`), so weight decay cannot move them either. The MLM head reads the token
-  embedding table through `stop_gradient` already (spec §2.6), so that table gets no gradient at all.
+  embedding table through `stop_gradient` already (`models_mage.py` detaches it), so that table gets no gradient at all.
 * The label table has `num_classes + 1` rows: row `num_classes` is the "no label" entry used for
   unconditional logits. Training with label dropout (`label_drop_prob > 0` in the trainer) teaches it; only
   then is classifier-free guidance meaningful. Default: guidance-free (`guidance_scale = 0`), i.e. sampling
@@ -124,7 +125,7 @@ class ClassCondMAGE(MAGE):
 
   def decode_with_labels(self, encoded, keep_idx, masked_full, labels, deterministic: bool,
                          targets_only: bool = False):
-    """MAGE's decoder (spec §2.5) with the label embedding joined to its input.
+    """MAGE's decoder (`forward_decoder` of `models_mage.py`) with the label embedding joined to its input.
 
     Args:
       encoded: [B, K, D] encoder output (K = 1 + kept tokens, or 1 + N when nothing is dropped).

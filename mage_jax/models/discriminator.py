@@ -1,4 +1,4 @@
-"""StyleGAN2-style image discriminator for VQGAN training (spec §1.6, MaskGIT's `nets/discriminator.py`).
+"""StyleGAN2-style image discriminator for VQGAN training (MaskGIT's `nets/discriminator.py`).
 
 3x3 conv -> lrelu -> one ResBlock per halving from the input resolution down to 4x4 -> 3x3 conv -> lrelu ->
 flatten -> Dense -> lrelu -> Dense(1). Each ResBlock: conv3x3 (same width), lrelu, BlurPool([1,3,3,1], /2),

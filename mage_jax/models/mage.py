@@ -1,4 +1,4 @@
-"""MAGE encoder-decoder (spec §2), matching `models_mage.py` of LTH14/mage.
+"""MAGE encoder-decoder, matching `models_mage.py` of LTH14/mage.
 
 Parameter names follow the PyTorch state_dict (`blocks.3.attn.qkv.weight` -> `blocks_3/attn/qkv/kernel`) so
 checkpoint conversion is a rename plus transposes. Unused tensors of the official module (sin-cos tables,
@@ -194,8 +194,8 @@ class MAGE(nn.Module):
     return self.norm(x)
 
   def decoder_input(self, encoded, keep_idx, masked_full):
-    """Decoder canvas: every dropped or masked position gets the class-slot output (spec §2.5), plus the
-    learned decoder positions. Returns float32 [B, 1+N, Dd]."""
+    """Decoder canvas: every dropped or masked position gets the class-slot output (`forward_decoder` of
+    `models_mage.py`), plus the learned decoder positions. Returns float32 [B, 1+N, Dd]."""
     y = self.decoder_embed(encoded.astype(self.dtype))
     cls = y[:, :1]
     if keep_idx is None:

@@ -1,4 +1,4 @@
-"""Probe / fine-tune backbone (spec §6.1), matching `models_vit_mage.py` (`VisionTransformerMage`) of LTH14/mage.
+"""Probe / fine-tune backbone, matching `models_vit_mage.py` (`VisionTransformerMage`) of LTH14/mage.
 
 Unmasked ids with the class slot go through the token embedding and the encoder blocks (no masking, no
 dropping); features are the mean of the image-token outputs then a fresh `fc_norm` (global_pool=True), or the
@@ -33,7 +33,7 @@ class MAGEViT(nn.Module):
   def setup(self):
     c = self.config
     # timm blocks of the fine-tune model run without dropout (rates default to 0); the token embedding keeps
-    # its 0.1 dropout, active whenever deterministic=False (spec §8 item 17).
+    # its 0.1 dropout, active whenever deterministic=False (as `models_vit_mage.py`, even while probing).
     self.token_emb = TokenEmbedding(c.vocab_size, c.max_position_embeddings, c.embed_dim, c.eps, c.dropout,
                                     self.dtype, self.param_dtype)
     kw = block_kwargs(c, c.num_heads, self.dtype, self.param_dtype, dropout=0.0, attn_dropout=0.0)

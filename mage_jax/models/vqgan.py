@@ -1,4 +1,4 @@
-"""The MaskGIT-architecture VQGAN tokenizer used by MAGE (spec §1).
+"""The MaskGIT-architecture VQGAN tokenizer used by MAGE (MaskGIT's `nets/vqgan_tokenizer.py`).
 
 Matches `taming/models/vqgan.py` + `taming/modules/diffusionmodules/model.py` + `quantize.py` of LTH14/mage
 (module names follow the PyTorch keys, so `encoder.down.2.block.0.conv1.weight` lives at
@@ -115,7 +115,7 @@ def _group_norm(num_groups, param_dtype, name):
 class ResBlock(nn.Module):
   """GN-swish-conv twice. Channel-changing blocks apply the 1x1 shortcut to the block OUTPUT and drop the
   input: MaskGIT's JAX ResBlock reassigns its input variable before the shortcut, and the released weights
-  were trained that way (spec §1.2), so a textbook shortcut would not reproduce them."""
+  were trained that way (MaskGIT's `nets/vqgan_tokenizer.py`), so a textbook shortcut would not reproduce them."""
   out_channels: int
   num_groups: int = 32
   dtype: Dtype = jnp.float32
