@@ -197,6 +197,9 @@ def test_generate_cli_writes_files(params_dir, loaded, tmp_path):
   np.testing.assert_array_equal(grid[36:68, 2:34], npz[8])
   summary = json.loads((out / "generation.json").read_text())
   assert summary["num_images"] == 10 and summary["images_per_s"] > 0
+  written = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+  record = json.loads((out / "mage_jax_generate.json").read_text())["files"]
+  assert sorted(record + ["mage_jax_generate.json"]) == written  # what --force may remove: exactly what it wrote
   # A second run into the same directory would leave stale PNGs for FID to count: refused without --force.
   again = run_cli("mage_jax.generate", *args[:2], "--num_images=8", "--batch_size=8", f"--num_steps={STEPS}")
   assert_one_line_error(again, 2, "--force")
