@@ -8,7 +8,7 @@ floor(R * 292 / 256), bicubic, centre R x R crop: `editing.load_image`); `--box`
 bottom/right exclusive. `inpaint` regenerates the box, `outpaint` everything outside it (the recipe is in
 mage_jax/editing.py). Writes OUT/input.png (the crop), OUT/masked.png (edited pixels zeroed),
 OUT/sample_{i}.png and OUT/overview.png (input, masked, samples side by side); OUT must be new or empty, or
-`--force` replaces what an earlier edit wrote there.
+`--force` replaces what an earlier edit listed in OUT/mage_jax_outputs.json (`mage_jax/outputs.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from mage_jax import config_ranges, config_views, editing, images as image_io, params_io, runtime, sampling, sharding
+from mage_jax import (config_ranges, config_views, editing, images as image_io, outputs, params_io, runtime, sampling,
+                      sharding)
 
 _PARAMS = flags.DEFINE_string("params", None, "Params-only checkpoint directory (convert output or a training "
                               "export).", required=True)
@@ -47,12 +48,6 @@ def _outputs(num_samples: int) -> list[str]:
 def main(argv):
   runtime.no_positional_arguments(argv)
   out = _OUT.value
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise runtime.UsageError(f"--out={out} is a file, not a directory")
-  present = sorted(os.listdir(out)) if os.path.isdir(out) else []
-  if present and not (_FORCE.value and set(present) <= {*_outputs(len(present)), *_outputs(_NUM_SAMPLES.value)}):
-    raise runtime.UsageError(f"--out={out} is not empty ({', '.join(present[:3])}); choose a new directory" +
-                             ("" if _FORCE.value else " or pass --force to replace an earlier edit"))
   box = editing.parse_box(_BOX.value)
   runtime.start()
   model, tokenizer = params_io.models_from_meta(params_io.read_meta(_PARAMS.value), config_views.dtype(_DTYPE.value))
@@ -61,12 +56,12 @@ def main(argv):
   image = editing.load_image(_IMAGE.value, res)
   variables, _ = params_io.load(_PARAMS.value)
   params_io.check_finite({"model": variables["model"], "tokenizer": variables["tokenizer"]}, _PARAMS.value)
+  outputs.prepare(out, _FORCE.value, "edit")
+  outputs.write_record(out, _outputs(_NUM_SAMPLES.value))
   result = editing.edit_image(model, tokenizer, variables, jax.random.key(_SEED.value), image, pixel_mask,
                               num_samples=_NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,
                               temperature=_TEMPERATURE.value, ring=_RING.value,
                               mesh=sharding.data_mesh(_NUM_SAMPLES.value))
-  for name in present:
-    os.remove(os.path.join(out, name))
   image = image_io.to_uint8(image)
   image_io.save_png(os.path.join(out, "input.png"), image)
   image_io.save_png(os.path.join(out, "masked.png"), result.masked_image)

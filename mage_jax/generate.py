@@ -7,11 +7,11 @@ Writes, on process 0:
   OUT/images.npz                   key 'images': uint8 [N, H, W, 3] (default on for N <= 10000)
   OUT/grid.png                     the first `--grid` images, 8 per row
   OUT/generation.json              settings and measured throughput
-  OUT/mage_jax_generate.json       every file above, listed before the first is written
+  OUT/mage_jax_outputs.json        every file above, listed before the first is written
 The protocol (the official `gen_img_uncond.py`) is `sampling.generate_images`; the defaults are the README
 command of the released ViT-B (temperature 6.0, 20 steps, 50,000 images). A class-conditional checkpoint
 (`configs/class_cond_*.py`) takes `--class_id`. OUT must be new or empty, or `--force` replaces what an earlier
-run listed in its mage_jax_generate.json; anything else in OUT (a file or folder of yours, a link) is refused.
+run listed in its mage_jax_outputs.json; anything else in OUT (a file or folder of yours, a link) is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from mage_jax import config_ranges, config_views, images as image_io, params_io, progress, runtime, sampling, sharding
+from mage_jax import (config_ranges, config_views, images as image_io, outputs, params_io, progress, runtime,
+                      sampling, sharding)
 
 NPZ_AUTO_LIMIT = 10000
 
@@ -51,73 +52,11 @@ _FORCE = flags.DEFINE_bool("force", False, "Replace the outputs of an earlier ru
 _DISTRIBUTED = runtime.define_distributed_flags()
 
 
-RECORD = "mage_jax_generate.json"  # every file a run will write, listed before it writes any: all --force removes
-_RECORD_MAX_BYTES = 1 << 28
-
-
 def planned_outputs(out: str, num_images: int, shard_size: int, *, png: bool, npz: bool, grid: bool) -> list[str]:
   """The files (relative to OUT) a run with these settings writes."""
   files = [os.path.relpath(image_io.image_path(out, i, num_images, shard_size), out)
            for i in range(num_images)] if png else []
   return files + ["images.npz"] * npz + ["grid.png"] * grid + ["generation.json"]
-
-
-def _recorded(out: str) -> set[str]:
-  path = os.path.join(out, RECORD)
-  if os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) > _RECORD_MAX_BYTES:
-    return set()
-  try:
-    with open(path) as f:
-      files = json.load(f)["files"]
-    return {name for name in files if isinstance(name, str)}
-  except (OSError, ValueError, KeyError, TypeError):
-    return set()
-
-
-def _tree(out: str) -> tuple[list[str], list[str], list[str]]:
-  """(files, folders, links) under OUT, relative; links are listed, never followed."""
-  files, folders, links = [], [], []
-  for root, dirs, names in os.walk(out):
-    for name in sorted(dirs) + sorted(names):
-      rel = os.path.relpath(os.path.join(root, name), out)
-      if os.path.islink(os.path.join(root, name)):
-        links.append(rel)
-      else:
-        (folders if name in dirs else files).append(rel)
-    dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
-  return files, folders, links
-
-
-def prepare_out_dir(out: str, force: bool) -> None:
-  """Refuses an OUT that is a file or holds anything an earlier run did not list in its RECORD; with force,
-  removes what that run listed (and the folders it leaves empty)."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise runtime.UsageError(f"--out={out} is a file, not a directory")
-  if not os.path.isdir(out):
-    return
-  files, folders, links = _tree(out)
-  recorded = _recorded(out)
-  parents = {os.path.dirname(f) for f in recorded} | {"images"}
-  foreign = links + [f for f in files if f not in recorded and f != RECORD] + [d for d in folders if d not in parents]
-  if foreign:
-    raise runtime.UsageError(f"--out={out} holds files generate did not write ({', '.join(foreign[:3])}); "
-                             "choose a new or empty directory")
-  if files and not force:
-    raise runtime.UsageError(f"--out={out} holds the images of an earlier run; pass --force to replace them "
-                             "(stale PNGs would otherwise be counted by FID)")
-  for rel in files:
-    os.remove(os.path.join(out, rel))
-  for rel in sorted(folders, key=lambda f: -f.count(os.sep)):
-    if not os.listdir(os.path.join(out, rel)):
-      os.rmdir(os.path.join(out, rel))
-
-
-def write_record(out: str, files: list[str]) -> None:
-  os.makedirs(out, exist_ok=True)
-  tmp = os.path.join(out, RECORD + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"files": files}, f)
-  os.replace(tmp, os.path.join(out, RECORD))
 
 
 def main(argv):
@@ -143,8 +82,8 @@ def main(argv):
   num_images = _NUM_IMAGES.value
   save_npz = _NPZ.value if _NPZ.value is not None else num_images <= NPZ_AUTO_LIMIT
   if is_main:
-    prepare_out_dir(_OUT.value, _FORCE.value)
-    write_record(_OUT.value, planned_outputs(_OUT.value, num_images, _SHARD_SIZE.value, png=_PNG.value,
+    outputs.prepare(_OUT.value, _FORCE.value, "generate")
+    outputs.write_record(_OUT.value, planned_outputs(_OUT.value, num_images, _SHARD_SIZE.value, png=_PNG.value,
                                              npz=save_npz, grid=_GRID.value > 0))
   logging.info("generating %d images: batch %d over %d devices (%d processes), %d steps, temperature %g, seed %d, "
                "dtype %s", num_images, _BATCH_SIZE.value, mesh.size, jax.process_count(), _NUM_STEPS.value,

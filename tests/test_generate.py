@@ -198,8 +198,8 @@ def test_generate_cli_writes_files(params_dir, loaded, tmp_path):
   summary = json.loads((out / "generation.json").read_text())
   assert summary["num_images"] == 10 and summary["images_per_s"] > 0
   written = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
-  record = json.loads((out / "mage_jax_generate.json").read_text())["files"]
-  assert sorted(record + ["mage_jax_generate.json"]) == written  # what --force may remove: exactly what it wrote
+  record = json.loads((out / "mage_jax_outputs.json").read_text())["files"]
+  assert sorted(record + ["mage_jax_outputs.json"]) == written  # what --force may remove: exactly what it wrote
   # A second run into the same directory would leave stale PNGs for FID to count: refused without --force.
   again = run_cli("mage_jax.generate", *args[:2], "--num_images=8", "--batch_size=8", f"--num_steps={STEPS}")
   assert_one_line_error(again, 2, "--force")
@@ -296,6 +296,9 @@ def test_edit_cli(params_dir, tmp_path):
       (["--temperature=nan", f"--out={tmp_path / 'o4'}"], 2, "finite")):
     assert_one_line_error(run_cli("mage_jax.edit", *args, *extra), status, needle)
   assert run_cli("mage_jax.edit", *args, "--force").returncode == 0
+  (out / "notes.txt").write_text("mine")
+  assert_one_line_error(run_cli("mage_jax.edit", *args, "--force"), 2, "edit did not write (notes.txt)")
+  assert (out / "notes.txt").read_text() == "mine" and (out / "sample_1.png").exists()
 
 
 def test_parse_box():
@@ -308,38 +311,38 @@ def test_force_removes_only_what_an_earlier_run_listed(tmp_path):
   """--force replaces the files an earlier run listed in its record before writing them (an interrupted run's
   too); a file or folder of the user's anywhere in OUT, a file named like generate's own, or a link, is foreign:
   refused, untouched."""
-  from mage_jax import generate, runtime  # pylint: disable=g-import-not-at-top
+  from mage_jax import generate, outputs, runtime  # pylint: disable=g-import-not-at-top
   out = tmp_path / "out"
   listed = generate.planned_outputs(str(out), 3, 2, png=True, npz=True, grid=False)
   assert listed == ["images/000/00000.png", "images/000/00001.png", "images/001/00002.png", "images.npz",
                     "generation.json"]
-  generate.write_record(str(out), listed)
+  outputs.write_record(str(out), listed)
   for rel in listed[:2]:  # interrupted after two images
     (out / rel).parent.mkdir(parents=True, exist_ok=True)
     (out / rel).write_bytes(b"png")
   with pytest.raises(runtime.UsageError, match="pass --force"):
-    generate.prepare_out_dir(str(out), force=False)
-  generate.prepare_out_dir(str(out), force=True)
+    outputs.prepare(str(out), False, "generate")
+  outputs.prepare(str(out), True, "generate")
   assert os.listdir(out) == []
-  generate.write_record(str(out), listed)
+  outputs.write_record(str(out), listed)
   for plant in ("images/000/00003.png", "images/my_photos/a.jpg", "notes.txt"):
     (out / plant).parent.mkdir(parents=True, exist_ok=True)
     (out / plant).write_text("mine")
     with pytest.raises(runtime.UsageError, match=f"did not write \\({plant}"):
-      generate.prepare_out_dir(str(out), force=True)
+      outputs.prepare(str(out), True, "generate")
     assert (out / plant).read_text() == "mine"
     (out / plant).unlink()
   with pytest.raises(runtime.UsageError, match="did not write \\(images/my_photos\\)"):  # an empty folder too
-    generate.prepare_out_dir(str(out), force=True)
+    outputs.prepare(str(out), True, "generate")
   os.rmdir(out / "images" / "my_photos")
   (tmp_path / "elsewhere").mkdir()
   os.symlink(tmp_path / "elsewhere", out / "images" / "001")
   with pytest.raises(runtime.UsageError, match="did not write"):
-    generate.prepare_out_dir(str(out), force=True)
+    outputs.prepare(str(out), True, "generate")
   assert (tmp_path / "elsewhere").is_dir()
   os.unlink(out / "images" / "001")
-  os.remove(out / generate.RECORD)
+  os.remove(out / outputs.RECORD)
   (out / "images" / "000" / "00000.png").write_bytes(b"png")  # generate's name, but no record lists it
   with pytest.raises(runtime.UsageError, match="did not write"):
-    generate.prepare_out_dir(str(out), force=True)
+    outputs.prepare(str(out), True, "generate")
   assert (out / "images" / "000" / "00000.png").exists()
