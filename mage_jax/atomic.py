@@ -21,12 +21,18 @@ def publish(tmp: str, path: str) -> None:
   os.replace(tmp, path)
 
 
-def write_json(path: str, value: Any) -> None:
-  """Writes `value` as JSON to `path` through a temporary file beside it: an earlier file stays whole until then."""
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` through a temporary file beside it: readers see the earlier file or the new one,
+  whole."""
   tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, default=str)
+  with open(tmp, "wb") as f:
+    f.write(data)
   os.replace(tmp, path)
+
+
+def write_json(path: str, value: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
+  """`write_bytes` of `value` as JSON; values JSON has no type for are written as their str()."""
+  write_bytes(path, json.dumps(value, indent=indent, sort_keys=sort_keys, default=str).encode())
 
 
 def record_config(config, workdir: str) -> None:

@@ -28,7 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mage_jax import optim
+from mage_jax import atomic, optim
 from mage_jax.data import pipeline
 from mage_jax.models.vqgan import VQGAN
 
@@ -98,14 +98,6 @@ def _differences(old, new, prefix: str = "") -> list[str]:
   return [] if old == new else [f"{prefix[:-1]} ({old!r} -> {new!r})"]
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-  """Writes a temporary file and renames it: readers see the whole file or none."""
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def read_meta(directory: str) -> dict:
   path = os.path.join(directory, META_FILE)
   if not os.path.isfile(path):
@@ -156,7 +148,7 @@ def prepare_directory(directory: str, meta: dict) -> None:
                        "use a new directory")
     return
   if jax.process_index() == 0:
-    _write_atomically(os.path.join(directory, META_FILE), json.dumps(meta, indent=1).encode())
+    atomic.write_bytes(os.path.join(directory, META_FILE), json.dumps(meta, indent=1).encode())
 
 
 def shard_path(directory: str, shard: int, num_shards: int, what: str) -> str:
@@ -171,7 +163,8 @@ def shard_range(meta: dict, shard: int) -> tuple[int, int]:
 
 def finished_shards(directory: str, meta: dict) -> set[int]:
   names = set(os.listdir(directory))
-  return {s for s in range(meta["num_shards"]) if os.path.basename(shard_path("", s, meta["num_shards"], "ids")) in names}
+  return {s for s in range(meta["num_shards"])
+          if os.path.basename(shard_path("", s, meta["num_shards"], "ids")) in names}
 
 
 def write_shard(directory: str, meta: dict, shard: int, ids: np.ndarray, labels: np.ndarray) -> None:
@@ -190,7 +183,7 @@ def write_shard(directory: str, meta: dict, shard: int, ids: np.ndarray, labels:
   for what, array in (("labels", labels.astype(np.int32)), ("ids", ids.astype(np.uint16))):
     buffer = io.BytesIO()
     np.save(buffer, array)
-    _write_atomically(shard_path(directory, shard, meta["num_shards"], what), buffer.getvalue())
+    atomic.write_bytes(shard_path(directory, shard, meta["num_shards"], what), buffer.getvalue())
 
 
 def _load_npy(path: str, mmap_mode: str | None) -> np.ndarray:

@@ -25,6 +25,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from mage_jax import atomic
+
 CORRUPT_POLICIES = ("fallback", "refuse")
 
 
@@ -67,10 +69,7 @@ def write_manifest(step_dir: str) -> None:
       rel = os.path.relpath(path, step_dir)
       if rel != MANIFEST and not os.path.islink(path):
         files[rel] = list(_crc32(path))
-  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"format": 1, "files": dict(sorted(files.items()))}, f, indent=0)
-  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+  atomic.write_json(os.path.join(step_dir, MANIFEST), {"format": 1, "files": dict(sorted(files.items()))}, indent=0)
 
 
 def seal(mngr: ocp.CheckpointManager) -> None:
@@ -208,9 +207,7 @@ def claim(directory: str, identity: dict) -> None:
     raise ValueError(f"{directory} holds checkpoints of an unknown run (no {IDENTITY_FILE}); use another workdir")
   if jax.process_index() == 0:
     os.makedirs(directory, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(identity, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    atomic.write_json(path, identity, indent=1, sort_keys=True)
 
 
 def restore_newest(mngr: ocp.CheckpointManager, target: Any, *, corrupt: str = "fallback") -> tuple[int, Any] | None:

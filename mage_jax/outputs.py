@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from mage_jax import runtime
+from mage_jax import atomic, runtime
 
 RECORD = "mage_jax_outputs.json"
 _RECORD_MAX_BYTES = 1 << 28  # a million PNG names; a larger claim is not a record this code wrote
@@ -77,7 +77,4 @@ def prepare(out: str, force: bool, binary: str) -> None:
 def write_record(out: str, files: list[str]) -> None:
   """Lists `files` (relative to OUT) as this run's outputs; call before writing the first of them."""
   os.makedirs(out, exist_ok=True)
-  tmp = os.path.join(out, RECORD + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"files": files}, f)
-  os.replace(tmp, os.path.join(out, RECORD))
+  atomic.write_json(os.path.join(out, RECORD), {"files": files}, indent=None)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mage_jax import checkpointing, config_views
+from mage_jax import atomic, checkpointing, config_views
 from mage_jax.models.mage import MAGE, MAGEConfig
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
 
@@ -91,9 +91,7 @@ def save(directory: str, variables: dict, meta: dict, *, overwrite: bool = False
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     checkpointing.write_manifest(os.path.join(directory, "variables"))
-    with open(meta_path + ".tmp", "w") as f:
-      json.dump({"format_version": FORMAT_VERSION, **_to_jsonable(meta)}, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
+    atomic.write_json(meta_path, {"format_version": FORMAT_VERSION, **_to_jsonable(meta)})
 
 
 def read_meta(directory: str) -> dict:

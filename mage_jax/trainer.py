@@ -114,9 +114,7 @@ class History:
   def record(self, step: int, result: dict) -> list[dict]:
     history = [h for h in self.read() if h["step"] < step] + [{"step": int(step), **result}]
     if jax.process_index() == 0:
-      with open(self.path + ".tmp", "w") as f:
-        json.dump(history, f, indent=1)
-      os.replace(self.path + ".tmp", self.path)
+      atomic.write_json(self.path, history, indent=1)
     return history
 
 

@@ -17,7 +17,6 @@ for MAGE features the probe as a 'vit' params export in params/), finetune/ (tra
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -29,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import checkpointing, config_views, fewshot, logistic_probe, probe, sharding
+from mage_jax import atomic, checkpointing, config_views, fewshot, logistic_probe, probe, sharding
 from mage_jax.jobs import linear_probe
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
@@ -226,9 +225,7 @@ def check_feasible(config: ml_collections.ConfigDict) -> None:
 def _write(workdir: str, out: dict) -> None:
   if jax.process_index() == 0:
     path = os.path.join(workdir, "results.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(out, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    atomic.write_json(path, out)
 
 
 def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dict:

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from mage_jax import atomic
 from mage_jax.jobs import quickstart_data
 from mage_jax.jobs.quickstart_data import Dataset
 
@@ -196,9 +197,7 @@ def prepare_data(workdir: str, dataset: Dataset, options: Options) -> dict:
     if dataset.is_folder:
       summary["fid_reference_images"] = quickstart_data.write_reference_images(
           dataset, os.path.join(workdir, "heldout.npz"))
-    with open(path + ".tmp", "w") as f:
-      json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic.write_json(path, summary)
   with open(path) as f:
     return json.load(f)
 
@@ -422,9 +421,7 @@ def compute_fid(workdir: str, budget: dict, dataset: Dataset) -> dict:
     else:
       summary = inputs.compute(samples, "fashion_mnist:test", max_images=budget["fid_samples"],
                                data_dir=dataset.data_dir)
-    with open(path + ".tmp", "w") as f:
-      json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic.write_json(path, summary)
   with open(path) as f:
     return json.load(f)
 
@@ -578,9 +575,7 @@ class StageRecords:
     self._write()
 
   def _write(self):
-    with open(self.path + ".tmp", "w") as f:
-      json.dump(self.records, f, indent=1)
-    os.replace(self.path + ".tmp", self.path)
+    atomic.write_json(self.path, self.records, indent=1)
 
 
 class StageInterrupted(Exception):

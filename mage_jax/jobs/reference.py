@@ -20,6 +20,7 @@ import time
 
 from absl import logging
 
+from mage_jax import atomic
 from mage_jax.jobs import quickstart
 
 BUDGETS = {
@@ -86,9 +87,7 @@ def train_and_evaluate_points(pipeline: quickstart.Pipeline, data: dict) -> list
     train_seconds += time.time() - start
     row = {**evaluate_point(pipeline, data, step, first=i == 0), "train_seconds": round(train_seconds, 1)}
     rows.append(row)
-    with open(rows_path + ".tmp", "w") as f:
-      json.dump(rows, f, indent=1, default=str)
-    os.replace(rows_path + ".tmp", rows_path)
+    atomic.write_json(rows_path, rows, indent=1)
     write_results(workdir, pipeline.results, rows)
   return rows
 
@@ -129,9 +128,7 @@ def table(results: dict) -> str:
 def write_results(workdir: str, results: dict, rows: list[dict]) -> dict:
   results = {**results, "points": rows}
   results["table"] = table(results)
-  with open(os.path.join(workdir, RESULTS_FILE + ".tmp"), "w") as f:
-    json.dump(results, f, indent=2, default=str)
-  os.replace(os.path.join(workdir, RESULTS_FILE + ".tmp"), os.path.join(workdir, RESULTS_FILE))
+  atomic.write_json(os.path.join(workdir, RESULTS_FILE), results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(results["table"] + "\n")
   return results

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 
@@ -48,7 +47,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from mage_jax import builders, cached_tokens, config_views, image_metrics, images as images_lib, optim, params_io, sharding
+from mage_jax import (atomic, builders, cached_tokens, config_views, image_metrics, images as images_lib, optim,
+                      params_io, sharding)
 from mage_jax import tokenizer_losses as tl
 from mage_jax import tokenizer_step, trainer
 from mage_jax.data import pipeline
@@ -222,9 +222,7 @@ class Evaluator:
     metrics["codebook_perplexity"] = image_metrics.codebook_perplexity(hist)
     if jax.process_index() == 0:
       path = os.path.join(self.workdir, metrics_file)
-      with open(path + ".tmp", "w") as f:
-        json.dump({**header, "split": self.input_cfg["split"], **metrics}, f, indent=2)
-      os.replace(path + ".tmp", path)
+      atomic.write_json(path, {**header, "split": self.input_cfg["split"], **metrics})
     logging.info("eval %s (%d images): PSNR %.2f dB, SSIM %.4f, codebook usage %.1f%%, perplexity %.1f", header,
                  int(count), metrics["psnr"], metrics["ssim"], 100 * metrics["codebook_usage"],
                  metrics["codebook_perplexity"])
