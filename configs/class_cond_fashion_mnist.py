@@ -17,7 +17,7 @@ from configs import fashion_mnist_tiny
 
 
 def class_cond_config(num_classes, grid_num_classes, grid_temperature=4.5):
-  """`config.class_cond` (see train_variants / models/class_cond.py)."""
+  """`config.class_cond` (see jobs/class_cond.py and models/class_cond.py)."""
   return ml_collections.ConfigDict(dict(
       num_classes=num_classes,
       combine="token",        # label embedding as an extra decoder token ('add': summed into every position)

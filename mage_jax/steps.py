@@ -1,4 +1,4 @@
-"""Pure step functions (no jit here: train.py binds the Python-level arguments and jits with shardings)."""
+"""Pure step functions (no jit here: `sharding.jit_train_step` binds the Python-level arguments and jits)."""
 
 from __future__ import annotations
 
