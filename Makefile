@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mage_jax_setup
 TEST_STAMP := $(VENV)/.mage_jax_test_deps
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup test quickstart reference bench wheels clean-venv
+.PHONY: setup test test-all lint quickstart reference bench wheels clean-venv
 
 setup: $(STAMP)
 
@@ -37,7 +37,7 @@ test-all: setup $(TEST_STAMP)
 	MAGE_JAX_REQUIRE_FID=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(TEST_STAMP)
-	$(PY) -m ruff check --select F .
+	$(PY) -m ruff check .
 
 quickstart: setup
 	$(PY) -m mage_jax.quickstart --workdir=runs/quickstart

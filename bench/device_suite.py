@@ -92,8 +92,9 @@ def steps(out: str) -> list[Step]:
            180, check="benchmark", json_out=f"{out}/bench_B.json"),
       Step("bench_L", [*bench, "--size=L", "--workloads=pretrain", f"--json={out}/bench_L.json"], 150,
            check="benchmark", json_out=f"{out}/bench_L.json"),
-      Step("lower", ["bench/lower.py", "--platforms=cuda", "--size=B", "--programs=pretrain_cudnn,generate_cudnn,pretrain_fused",
-                     f"--json={out}/lower_cuda.json"], 120, check="lower"),
+      Step("lower", ["bench/lower.py", "--platforms=cuda", "--size=B",
+                     "--programs=pretrain_cudnn,generate_cudnn,pretrain_fused", f"--json={out}/lower_cuda.json"], 120,
+           check="lower"),
   ]
 
 

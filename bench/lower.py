@@ -55,8 +55,17 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import benchmark  # noqa: E402
-from mage_jax import builders, checkpointing, config_views, optim, params_io, sampling, sharding, steps  # noqa: E402
-from mage_jax import trainer  # noqa: E402
+from mage_jax import (  # noqa: E402
+  builders,
+  checkpointing,
+  config_views,
+  optim,
+  params_io,
+  sampling,
+  sharding,
+  steps,
+  trainer,
+)
 
 PLATFORMS = ("cuda", "rocm", "tpu")
 SIZES = ("tiny", "B", "L")

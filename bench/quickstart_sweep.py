@@ -129,6 +129,7 @@ def logreg_fewshot(row_dir: str) -> dict:
   path = os.path.join(row_dir, "fewshot_logreg.json")
   if not os.path.exists(path):
     import numpy as np  # pylint: disable=g-import-not-at-top
+
     from mage_jax import fewshot  # pylint: disable=g-import-not-at-top
     with np.load(os.path.join(row_dir, "features", "mage_train.npz")) as tr, \
         np.load(os.path.join(row_dir, "features", "mage_test.npz")) as te:

@@ -12,8 +12,7 @@ with choice temperature 1.0 rather than MAGE's 4.5 (64 tokens per image, not 256
 
 import ml_collections
 
-from configs import common
-from configs import fashion_mnist_tiny
+from configs import common, fashion_mnist_tiny
 
 
 def class_cond_config(num_classes, grid_num_classes, grid_temperature=4.5):

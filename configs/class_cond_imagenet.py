@@ -8,8 +8,7 @@ used. Only the decoder side and the label embedding train; the encoder is frozen
 asked and never answered (LTH14/mage issue #7): epochs, lr and warm-up below are ASSUMED.
 """
 
-from configs import class_cond_fashion_mnist
-from configs import common
+from configs import class_cond_fashion_mnist, common
 
 
 def get_config(arg=None):

@@ -13,8 +13,7 @@ only ~lr*1e-3 of its norm per step.
 
 import ml_collections
 
-from configs import common
-from configs import finetune_imagenet
+from configs import common, finetune_imagenet
 
 
 def get_config(arg=None):

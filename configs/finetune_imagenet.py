@@ -28,9 +28,10 @@ def finetune_section(variant: str = "B") -> ml_collections.ConfigDict:
   c.sharding_rules = ""
   # image_size 0: the checkpoint tokenizer's resolution (256 for the released models).
   c.input = ml_collections.ConfigDict(dict(
-      name="imagenet2012", split="train", data_dir=common.optional_str(), manual_dir=common.optional_str(), batch_size=1024,
-      image_size=0, augment="pretrain", interpolation="bicubic", scale=(0.2, 1.0), crop_ratio=256 / 292,
-      eval_interpolation="bicubic", rand_augment="rand-m9-mstd0.5-inc1", num_workers=0, download=False))
+      name="imagenet2012", split="train", data_dir=common.optional_str(), manual_dir=common.optional_str(),
+      batch_size=1024, image_size=0, augment="pretrain", interpolation="bicubic", scale=(0.2, 1.0),
+      crop_ratio=256 / 292, eval_interpolation="bicubic", rand_augment="rand-m9-mstd0.5-inc1", num_workers=0,
+      download=False))
   c.eval_split = "validation"
   c.eval_batch_size = 1024
   c.num_classes = 1000

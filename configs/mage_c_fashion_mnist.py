@@ -8,9 +8,7 @@ at the same budget (MAGE-C runs MAGE on 2 views, i.e. twice the sequences per st
 down for the 64-wide model (ASSUMED, as every contrastive value: see configs/mage_c_imagenet.py).
 """
 
-from configs import common
-from configs import fashion_mnist_tiny
-from configs import mage_c_imagenet
+from configs import common, fashion_mnist_tiny, mage_c_imagenet
 
 
 def get_config(arg=None):

@@ -27,8 +27,7 @@ mid-run, and `--config.codebook.freeze=true` to keep its codebook (see mage_jax/
 Args (`:steps=4000,batch=8,disc,perceptual=/path.npz,eval_every=1000`).
 """
 
-from configs import common
-from configs import tokenizer_imagenet
+from configs import common, tokenizer_imagenet
 
 
 def get_config(arg=None):

@@ -7,7 +7,6 @@ binary takes Ctrl-C over (see `interrupt`).
 """
 
 import importlib
-
 import sys
 
 from mage_jax import allocator, interrupt

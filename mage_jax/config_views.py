@@ -26,8 +26,8 @@ def dtype(name: str):
 def from_config(cls: type[T], cfg: Any, what: str, **overrides) -> T:
   """The frozen dataclass `cls` from a ConfigDict, mapping or instance (None: the defaults) plus `overrides`.
 
-  Unknown and missing required keys are errors naming `what` (e.g. 'config.contrastive'); lists become tuples (dataclasses are
-  hashed by jit caches and JSON turns tuples into lists).
+  Unknown and missing required keys are errors naming `what` (e.g. 'config.contrastive'); lists become tuples
+  (dataclasses are hashed by jit caches and JSON turns tuples into lists).
   """
   if isinstance(cfg, cls) and not overrides:
     return cfg

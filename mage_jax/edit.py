@@ -19,8 +19,17 @@ import jax
 import numpy as np
 from absl import flags
 
-from mage_jax import (config_ranges, config_views, editing, images as image_io, outputs, params_io, runtime, sampling,
-                      sharding)
+from mage_jax import (
+  config_ranges,
+  config_views,
+  editing,
+  images as image_io,
+  outputs,
+  params_io,
+  runtime,
+  sampling,
+  sharding,
+)
 
 _PARAMS = flags.DEFINE_string("params", None, "Params-only checkpoint directory (convert output or a training "
                               "export).", required=True)

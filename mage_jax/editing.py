@@ -207,8 +207,9 @@ def load_image(path: str, resolution: int) -> np.ndarray:
   for the same file. TensorFlow is imported here, when an image is loaded (one image, eagerly: about 10 ms).
   """
   image = image_io.read_image(path)
-  from mage_jax.data import augment  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  from mage_jax.data import augment  # pylint: disable=import-outside-toplevel
   return augment.preprocess(tf.constant(image), None, size=resolution, mode="none").numpy()
 
 

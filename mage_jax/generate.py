@@ -24,8 +24,17 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from mage_jax import (config_ranges, config_views, images as image_io, outputs, params_io, progress, runtime,
-                      sampling, sharding)
+from mage_jax import (
+  config_ranges,
+  config_views,
+  images as image_io,
+  outputs,
+  params_io,
+  progress,
+  runtime,
+  sampling,
+  sharding,
+)
 
 NPZ_AUTO_LIMIT = 10000
 

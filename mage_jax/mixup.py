@@ -184,7 +184,7 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array,
   k_draw, k_box = jax.random.split(key)
   lam, use_cutmix = _draw(k_draw, cfg, g)
   mixed, targets, aux = jax.vmap(
-      lambda k, x, y, l, c: _mix_group(k, x, y, l, c, cfg))(
+      lambda k, x, y, lam_g, c: _mix_group(k, x, y, lam_g, c, cfg))(
           jax.random.split(k_box, g),
           images.reshape((g, b // g) + images.shape[1:]),
           labels.reshape(g, b // g), lam, use_cutmix)

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mage_jax import image_metrics, steps
-from mage_jax import tokenizer_losses as tl
+from mage_jax import image_metrics, steps, tokenizer_losses as tl
 from mage_jax.models.discriminator import Discriminator
 from mage_jax.models.vqgan import VQGAN
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:

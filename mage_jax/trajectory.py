@@ -40,8 +40,8 @@ import numpy as np
 from flax import traverse_util
 
 from mage_jax import builders, conformance, masking, optim, probe, sharding, steps, trainer
-from mage_jax.jobs import linear_probe
 from mage_jax.convert import convert
+from mage_jax.jobs import linear_probe
 from mage_jax.models.mage import MAGE, MAGEConfig
 from mage_jax.models.vqgan import VQGANConfig
 

@@ -82,6 +82,7 @@ def fashion_data_dir(tmp_path_factory):
 def write_fashion_pngs(root, data_dir, num_images: int, split: str = "test"):
   """The first `num_images` Fashion-MNIST images of `split` as gray PNGs in class subfolders `root/<label>/`."""
   from PIL import Image
+
   from mage_jax.data import sources
   images, labels = sources.load_arrays("fashion_mnist", split, data_dir)
   for i in range(num_images):
@@ -184,9 +185,11 @@ def tiny_params_dir(directory, kind="mage", seed=0):
   (linear-probe ViT with BatchNorm statistics) or 'tokenizer'.
   """
   import dataclasses
+
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from mage_jax import contrastive, masking, params_io
   from mage_jax.models.class_cond import ClassCondMAGE, class_cond_config
   from mage_jax.models.mage import MAGE, MAGEConfig

@@ -11,10 +11,10 @@ import pytest
 
 from bench import benchmark, flops
 from mage_jax import masking
+from mage_jax.conformance import configs_from_json
 from mage_jax.convert import convert, torch_pickle
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig, squared_distances
-from mage_jax.conformance import configs_from_json
 
 GF = 1e9
 
@@ -291,7 +291,7 @@ def test_chunked_tokenizer_gives_the_same_ids(fixture_tokenizer):
   tok_cfg, variables, images, ids32 = fixture_tokenizer
   for mode in ("float32", "tf32"):
     tok = benchmark.Tokenizer(benchmark.tokenizer_module(tok_cfg, mode), mode, chunks=2)
-    ids = jax.jit(lambda v, x: tok.apply(v, x, method=VQGAN.encode_to_ids))(variables, images)
+    ids = jax.jit(lambda v, x, tok=tok: tok.apply(v, x, method=VQGAN.encode_to_ids))(variables, images)
     assert np.array_equal(np.asarray(ids), ids32)
   with pytest.raises(ValueError, match="divisible"):
     benchmark.Tokenizer(VQGAN(tok_cfg), chunks=3).apply(variables, images, method=VQGAN.encode_to_ids)

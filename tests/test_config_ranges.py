@@ -3,8 +3,8 @@
 import importlib.util
 
 import pytest
-from conftest import REPO, assert_one_line_error, run_cli
 
+from conftest import REPO, assert_one_line_error, run_cli
 from mage_jax import config_ranges
 
 

@@ -42,8 +42,9 @@ def test_verify_cli_exit_status(testdata, tmp_path):
   assert ok.returncode == 0, ok.stderr
   assert "13/13 outputs within tolerance" in ok.stdout
   # A reference perturbed beyond tolerance must make the command fail.
-  import numpy as np
   import shutil
+
+  import numpy as np
   bad = tmp_path / "bad"
   shutil.copytree(testdata / "official_tiny", bad)
   ref = dict(np.load(bad / "reference.npz"))
@@ -57,7 +58,9 @@ def test_verify_cli_exit_status(testdata, tmp_path):
 def test_verify_names_what_is_wrong_with_a_fixture_and_what_it_skips(testdata, tmp_path):
   import json
   import shutil
+
   import numpy as np
+
   from conftest import assert_one_line_error, run_cli
   fixture = tmp_path / "f"
   shutil.copytree(testdata / "official_tiny", fixture)

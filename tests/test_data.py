@@ -12,14 +12,12 @@ import os
 import tarfile
 
 import numpy as np
-from PIL import Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
-from mage_jax.data import augment
-from mage_jax.data import pipeline
-from mage_jax.data import sources
+from mage_jax.data import augment, pipeline, sources
 
 DEBIAN_DIR = sources.DEBIAN_FASHION_MNIST_DIR
 
@@ -113,7 +111,7 @@ def test_random_resized_crop_box_respects_scale_and_ratio():
   aspect = cw / ch
   assert aspect.min() >= 0.75 * 0.97 and aspect.max() <= 4 / 3 * 1.03
   # Offsets are uniform over the valid range, not always centred.
-  assert len({(t, l) for t, l, _, _ in boxes}) > 250
+  assert len({(top, left) for top, left, _, _ in boxes}) > 250
 
 
 def test_random_resized_crop_box_fallback_is_torchvision_center_crop():

@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO as ROOT
 
 from bench import device_suite
+from conftest import REPO as ROOT
 from mage_jax.data import pipeline, synthetic
 
 SUPPORT = ROOT / "tests" / "support"  # sitecustomize.py: MAGE_JAX_BLOCK_IMPORTS makes packages look uninstalled

@@ -4,6 +4,7 @@ import re
 import shlex
 
 import pytest
+
 from conftest import REPO, run_cli
 
 DOCS = [REPO / "README.md", REPO / "launch" / "README.md", REPO / "bench" / "README.md",
@@ -35,7 +36,7 @@ def test_docs_show_commands():
   assert len(COMMANDS) >= 10, COMMANDS
 
 
-@pytest.mark.parametrize("doc,line", COMMANDS, ids=[f"{d}:{l[:60]}" for d, l in COMMANDS])
+@pytest.mark.parametrize("doc,line", COMMANDS, ids=[f"{doc}:{line[:60]}" for doc, line in COMMANDS])
 def test_documented_command_parses(doc, line, tmp_path):
   """Each command goes through its binary's real flag parsing (and config loading), with stand-in paths for
   shell variables (a one-letter variable is a loop index: 0)."""
@@ -66,8 +67,8 @@ def test_named_paths_exist(doc):
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_no_template_text_reaches_a_reader(doc):
   """A placeholder left for a figure (RESULTS_PLACEHOLDER, COST_TABLE, CPU_..._AFTER) is a figure missing."""
-  leftovers = re.findall(r"\b[A-Z][A-Z0-9]*_(?:[A-Z0-9]+_)*(?:PLACEHOLDER|TABLE|NOTE|AFTER|BEFORE|TODO|TBD|RESULTS|READING)\b",
-                         doc.read_text())
+  leftovers = re.findall(r"\b[A-Z][A-Z0-9]*_(?:[A-Z0-9]+_)*"
+                         r"(?:PLACEHOLDER|TABLE|NOTE|AFTER|BEFORE|TODO|TBD|RESULTS|READING)\b", doc.read_text())
   assert not leftovers, leftovers
 
 

@@ -9,9 +9,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import random_variables
 
 from configs import eval_fashion_mnist, eval_imagenet, finetune_imagenet
+from conftest import random_variables
 from mage_jax import builders, masking
 from mage_jax.jobs import evaluate
 from mage_jax.models.mage import MAGE, config_for
@@ -86,7 +86,7 @@ def test_format_table_side_by_side():
                                   "epochs_done": 1}}}
   lines = evaluate.format_table(results).splitlines()
   assert lines[0].split()[-2:] == ["mage", "pixels"]
-  row = {l.split("  ")[0].strip(): l for l in lines[1:]}
+  row = {line.split("  ")[0].strip(): line for line in lines[1:]}
   assert row["linear probe top-1"].split()[-6:] == ["50.00", "25.00", "(stopped", "at", "epoch", "1)"]
   assert "30.00 ± 1.00" in row["10-shot ridge"] and row["10-shot ridge"].rstrip().endswith("-")
 
@@ -129,6 +129,7 @@ def test_controls_share_one_tokenizer_pass_and_match_standalone_features(tiny_pa
   """MAGE's features sliced from the joint (MAGE | random init) pass equal MAGE's own pass; the random-init
   encoder is not MAGE's; the random projection is pixels @ R / sqrt(P) with the documented seed."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from mage_jax import probe, sharding  # pylint: disable=g-import-not-at-top
   config = eval_fashion_mnist.get_config("train=64,test=64,batch=64")
   config.input.data_dir = fashion_data_dir

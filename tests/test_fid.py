@@ -8,9 +8,7 @@ import pytest
 import scipy.linalg
 import scipy.special
 
-from mage_jax.fid import inception
-from mage_jax.fid import metrics
-from mage_jax.fid import weights
+from mage_jax.fid import inception, metrics, weights
 
 FIX = "inception_fid"
 

@@ -7,11 +7,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
-from mage_jax import editing, images, params_io, sampling, sharding
 from conftest import assert_one_line_error, run_cli
+from mage_jax import editing, images, params_io, sampling, sharding
 from mage_jax.convert import job as convert_job
 from mage_jax.models.mage import MAGE, MAGEConfig
 
@@ -146,7 +146,8 @@ def test_generate_deterministic_and_prefix_stable(loaded):
 def test_generate_rejects_bad_sizes(loaded):
   model, tokenizer, variables = loaded
   with pytest.raises(ValueError, match="multiple of the number of devices"):
-    sampling.generate_images(model, tokenizer, variables, jax.random.key(0), 6, 6, 2, 6.0, sharding.create_mesh((("data", -1),)))
+    sampling.generate_images(model, tokenizer, variables, jax.random.key(0), 6, 6, 2, 6.0,
+                             sharding.create_mesh((("data", -1),)))
   with pytest.raises(ValueError, match="unconditional"):
     sampling.generate_images(model, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0, class_id=3)
 

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, assert_one_line_error, random_variables, run_cli
 
+from conftest import REPO, assert_one_line_error, random_variables, run_cli
 from mage_jax import builders, masking, params_io
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig

@@ -22,8 +22,8 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error
 
+from conftest import assert_one_line_error
 from mage_jax.convert import torch_pickle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

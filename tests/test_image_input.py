@@ -17,15 +17,14 @@ import time
 import zlib
 
 import numpy as np
-from PIL import Image
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from conftest import assert_one_line_error, run_cli
 from mage_jax import editing, images
 from mage_jax.data import augment, pipeline, sources
-from mage_jax.fid import inputs as fid_inputs
-from mage_jax.fid import weights as fid_weights
+from mage_jax.fid import inputs as fid_inputs, weights as fid_weights
 from mage_jax.models.mage import MAGEConfig
 from mage_jax.models.vqgan import VQGANConfig
 

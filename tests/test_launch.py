@@ -232,8 +232,8 @@ def _slurm(nodes, procs, capsys, extra=()):
 
 
 def _directives(lines):
-  return dict(l[len("#SBATCH "):].split("=", 1) for l in lines
-              if l.startswith("#SBATCH --") and "=" in l)
+  return dict(line[len("#SBATCH "):].split("=", 1) for line in lines
+              if line.startswith("#SBATCH --") and "=" in line)
 
 
 @pytest.mark.parametrize("nodes", [1, 4])
@@ -247,10 +247,10 @@ def test_slurm_dry_run_well_formed(nodes, procs, tasks, capsys, tmp_path):
   assert d["--gpus-per-node"] == "8"
   assert d["--time"] == "12:00:00" and d["--partition"] == "gpu"
   assert shlex.split(lines[-1]) == ["sbatch", "runs/slurm/mage_jax.sbatch"]
-  sruns = [shlex.split(l) for l in lines[:-1] if "srun" in l]
+  sruns = [shlex.split(line) for line in lines[:-1] if "srun" in line]
   assert len(sruns) == 1
   assert sruns[0] == ["exec", "srun", "--kill-on-bad-exit=1", *_expected_main("/shared/runs/my run")]
-  exports = [l for l in lines if l.startswith("export JAX_LOCAL_DEVICE_IDS")]
+  exports = [line for line in lines if line.startswith("export JAX_LOCAL_DEVICE_IDS")]
   assert exports == (["export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7"] if procs == "host" else [])
   script = tmp_path / "s.sbatch"
   script.write_text("\n".join(lines[:-1]) + "\n")
@@ -258,7 +258,7 @@ def test_slurm_dry_run_well_formed(nodes, procs, tasks, capsys, tmp_path):
 
 
 def test_slurm_srun_identical_for_1_and_4_nodes(capsys):
-  srun = lambda lines: [l for l in lines if "srun" in l]  # noqa: E731
+  srun = lambda lines: [line for line in lines if "srun" in line]  # noqa: E731
   assert srun(_slurm(1, "gpu", capsys)) == srun(_slurm(4, "gpu", capsys))
 
 
@@ -434,7 +434,7 @@ def test_slurm_signal_settings(capsys, tmp_path):
   lines = _dry(slurm, _SLURM + ["--dry-run", "--signal-lead=600", "--requeue"], capsys)
   assert "#SBATCH --signal=TERM@600" in lines
   assert "#SBATCH --requeue" in lines and "#SBATCH --open-mode=append" in lines
-  directives = [l for l in lines if l.startswith("#SBATCH")]
+  directives = [line for line in lines if line.startswith("#SBATCH")]
   assert lines.index(directives[-1]) < lines.index("set -euo pipefail")  # sbatch stops at the first command
   for lead in ("0", "70000"):
     with pytest.raises(SystemExit):

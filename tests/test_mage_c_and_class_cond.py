@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import apply_overrides
 from PIL import Image
 
+from conftest import apply_overrides
 from mage_jax import config_views, masking, optim, params_io, sampling, steps
 from mage_jax.jobs import class_cond, mage_c
 from mage_jax.models.class_cond import ClassCondMAGE, class_cond_config, config_from_meta

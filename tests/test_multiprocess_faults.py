@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train import REPO, _main_cmd, _scalars
 
 from conftest import random_variables
-from test_train import REPO, _main_cmd, _scalars
 
 STEPS = 16  # the schedule every run here shares; checkpoints every 4 steps (3 kept) unless a test says otherwise
 TIMEOUT = 300  # seconds any single run may take on a loaded 2-core machine

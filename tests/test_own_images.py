@@ -9,9 +9,9 @@ import re
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
 from PIL import Image
 
+from conftest import assert_one_line_error, run_cli
 from mage_jax.data import sources
 from mage_jax.jobs import quickstart_data
 

@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_variables
 
+from conftest import random_variables
 from mage_jax import builders, config_views, masking, params_io, probe, sharding
-from mage_jax.jobs import linear_probe
 from mage_jax.data import sources
+from mage_jax.jobs import linear_probe
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
@@ -83,7 +83,8 @@ def test_probe_separable_clusters_reach_100_percent(mesh, tmp_path):
   xtr, ytr = _clusters(2048, 10, 32, seed=0)
   xte, yte = _clusters(1000, 10, 32, seed=1)
   cfg = linear_probe.ProbeConfig(num_classes=10, epochs=8, warmup_epochs=1, batch_size=128, blr=10.0)
-  res, _ = linear_probe.train_probe(linear_probe.CachedFeatures(xtr, ytr), xte, yte, cfg, workdir=str(tmp_path), mesh=mesh)
+  res, _ = linear_probe.train_probe(linear_probe.CachedFeatures(xtr, ytr), xte, yte, cfg, workdir=str(tmp_path),
+                                    mesh=mesh)
   assert res["completed"] and res["epochs_done"] == 8 and len(res["history"]) == 8
   assert res["top1"] >= 0.99, res["history"]
 
@@ -93,7 +94,8 @@ def test_probe_random_labels_is_chance(mesh, tmp_path):
   xtr, xte = rng.normal(size=(2048, 32)).astype(np.float32), rng.normal(size=(2000, 32)).astype(np.float32)
   ytr, yte = rng.integers(0, 4, 2048).astype(np.int32), rng.integers(0, 4, 2000).astype(np.int32)
   cfg = linear_probe.ProbeConfig(num_classes=4, epochs=8, warmup_epochs=1, batch_size=128, blr=10.0)
-  res, _ = linear_probe.train_probe(linear_probe.CachedFeatures(xtr, ytr), xte, yte, cfg, workdir=str(tmp_path), mesh=mesh)
+  res, _ = linear_probe.train_probe(linear_probe.CachedFeatures(xtr, ytr), xte, yte, cfg, workdir=str(tmp_path),
+                                    mesh=mesh)
   # 2000 test labels: the std of a chance accuracy is ~0.01.
   assert abs(res["top1"] - 0.25) < 0.05, res["top1"]
 

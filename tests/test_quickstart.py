@@ -104,7 +104,7 @@ def test_interrupted_training_stages_resume(tmp_path):
   for stage, sig, status in (("tokenizer", signal.SIGINT, 130), ("mage", signal.SIGTERM, 0)):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # into the training loop: the stage is recorded as started and its first checkpoint is written
-    assert _wait_for(lambda: checkpoints(stage), proc), proc.communicate()[0][-3000:]
+    assert _wait_for(lambda stage=stage: checkpoints(stage), proc), proc.communicate()[0][-3000:]
     proc.send_signal(sig)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == status, out[-3000:]

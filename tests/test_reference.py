@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from conftest import run_cli
 from PIL import Image
 
+from conftest import run_cli
 from mage_jax.jobs import reference
+
 
 def test_points_double_up_to_the_last_step():
   assert reference.points(4800, 6) == [150, 300, 600, 1200, 2400, 4800]

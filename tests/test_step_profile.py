@@ -46,6 +46,7 @@ def test_classify(op_name, path, function, expected):
   assert step_profile.classify(op_name, path, function) == expected
 
 
+# XLA's HLO text as it prints it: step_profile parses it a line at a time, so its long lines stay whole.
 HLO = """HloModule jit_step, is_scheduled=true, entry_computation_layout={(f32[8,64]{1,0})->f32[8,256]{1,0}}
 
 FileNames
@@ -98,7 +99,7 @@ ENTRY %main.9 (p0: f32[8,64], p1: f32[64,256], p2: f32[64]) -> (f32[8,256], f32[
   %reduce.9 = f32[8] reduce(%dot.3, %constant.4), dimensions={1}, to_apply=%max, metadata={op_name="jit(step)/jvp(jit(log_softmax))/reduce_max"}
   ROOT %tuple.10 = (f32[8,256]{1,0}, f32[]) tuple(%multiply_erf_fusion, %power.8)
 }
-"""
+"""  # noqa: E501
 
 
 def test_hlo_metadata_to_parts():

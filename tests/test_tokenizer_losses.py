@@ -266,7 +266,7 @@ def test_perceptual_matches_numpy(narrow_file, images, use_lin):
   loss = tl.PerceptualLoss.load(path, use_lin_heads=use_lin)
   assert loss.enabled and loss.use_lin_heads == use_lin and str(path) in loss.status
   x, y = images
-  got = np.asarray(jax.jit(lambda l, a, b: l(a, b))(loss, x, y))
+  got = np.asarray(jax.jit(lambda loss_fn, a, b: loss_fn(a, b))(loss, x, y))
   want = _np_lpips({k: v.astype(np.float64) for k, v in weights.items()}, x.astype(np.float64),
                    y.astype(np.float64), use_lin)
   assert got.shape == (3,)
@@ -277,13 +277,13 @@ def test_perceptual_properties(narrow_file, images):
   loss = tl.PerceptualLoss.load(narrow_file[0])  # auto: the file has lin heads
   assert loss.use_lin_heads
   x, y = images
-  f = jax.jit(lambda l, a, b: l(a, b))
+  f = jax.jit(lambda loss_fn, a, b: loss_fn(a, b))
   d_xy, d_yx, d_xx = (np.asarray(f(loss, a, b)) for a, b in ((x, y), (y, x), (x, x)))
   np.testing.assert_allclose(d_xx, 0.0, atol=1e-7)
   np.testing.assert_allclose(d_xy, d_yx, rtol=1e-5)
   assert np.all(d_xy > 1e-3)
   # Frozen: no gradient reaches the weights, but one reaches the images.
-  g_params, g_x = jax.jit(jax.grad(lambda l, a: jnp.sum(l(a, y)), argnums=(0, 1)))(loss, x)
+  g_params, g_x = jax.jit(jax.grad(lambda loss_fn, a: jnp.sum(loss_fn(a, y)), argnums=(0, 1)))(loss, x)
   assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree.leaves(g_params))
   assert float(jnp.abs(g_x).max()) > 0
 
@@ -293,7 +293,7 @@ def test_perceptual_disabled():
     loss = tl.PerceptualLoss.load(path)
     assert not loss.enabled
     assert loss.status == "perceptual loss disabled: no weights file"
-    out = jax.jit(lambda l, a: l(a, a + 1))(loss, jnp.zeros((2, 16, 16, 3)))
+    out = jax.jit(lambda loss_fn, a: loss_fn(a, a + 1))(loss, jnp.zeros((2, 16, 16, 3)))
     np.testing.assert_array_equal(np.asarray(out), [0.0, 0.0])
 
 
@@ -352,5 +352,5 @@ def test_full_size_vgg16_file(tmp_path):
   np.savez(tmp_path / "vgg.npz", **weights)
   loss = tl.PerceptualLoss.load(tmp_path / "vgg.npz")
   x = jnp.asarray(_rng(11).uniform(size=(2, 32, 32, 3)), jnp.float32)
-  d = np.asarray(jax.jit(lambda l, a, b: l(a, b))(loss, x, x[::-1]))
+  d = np.asarray(jax.jit(lambda loss_fn, a, b: loss_fn(a, b))(loss, x, x[::-1]))
   assert d.shape == (2,) and np.all(d > 0) and d[0] == pytest.approx(d[1], rel=1e-5)

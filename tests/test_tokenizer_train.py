@@ -17,11 +17,9 @@ from PIL import Image
 from scipy.signal import correlate2d
 
 from configs import tokenizer_fashion_mnist
-from mage_jax import image_metrics as im
-from mage_jax import builders, config_views, params_io, sharding, tokenizer_losses, tokenizer_step
+from mage_jax import builders, config_views, image_metrics as im, params_io, sharding, tokenizer_losses, tokenizer_step
 from mage_jax.jobs import tokenizer as tokenizer_job
 from mage_jax.models.vqgan import VQGAN
-
 
 # --- image metrics -------------------------------------------------------------------------------------------
 
@@ -256,7 +254,8 @@ def _restore(workdir, step):
   return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "default"))
 
 
-@pytest.mark.heavy  # the loop's bitwise resume is checked in CI on pretraining; the quickstart tests consume tokenizer exports
+# Heavy: the loop's bitwise resume is checked in CI on pretraining; the quickstart tests consume tokenizer exports.
+@pytest.mark.heavy
 def test_resume_is_bitwise_identical_and_export_is_consumable(folder, tmp_path, monkeypatch):
   monkeypatch.setattr(tokenizer_step, "train_step", chex.assert_max_traces(tokenizer_step.train_step, n=3))
   # R1 and the perceptual net are covered by `gan_setup`; here: D from step 1 (both branches), LeCam, entropy

@@ -33,8 +33,8 @@ from mage_jax.convert import safetensors_io, torch_pickle
 from mage_jax.convert.torch_pickle import CheckpointError
 from mage_jax.models.class_cond import ClassCondConfig, ClassCondMAGE, class_cond_config
 from mage_jax.models.mage import MAGE, MAGEConfig
-from mage_jax.models.vqgan import VQGAN, VQGANConfig
 from mage_jax.models.vit import MAGEViT
+from mage_jax.models.vqgan import VQGAN, VQGANConfig
 
 # Tensors of the official modules (`models_mage.py`) that no computation reads; conversion drops them silently.
 UNUSED_KEYS = re.compile(
@@ -199,7 +199,7 @@ def infer_tokenizer_config(sd: Mapping[str, np.ndarray], resolution: int = 256) 
   levels = _count(sd, r"encoder\.down\.(\d+)\.")
   if not levels:
     raise CheckpointError("tokenizer checkpoint has no 'encoder.down.*' tensors")
-  ch_mult = tuple(_shape(sd, f"encoder.down.{l}.block.0.conv1.weight", 4)[0] // ch for l in range(levels))
+  ch_mult = tuple(_shape(sd, f"encoder.down.{level}.block.0.conv1.weight", 4)[0] // ch for level in range(levels))
   return VQGANConfig(ch=ch, ch_mult=ch_mult, num_res_blocks=_count(sd, r"encoder\.down\.0\.block\.(\d+)\."),
                      z_channels=_shape(sd, "encoder.conv_out.weight", 4)[0], in_channels=in_channels,
                      out_ch=_shape(sd, "decoder.conv_out.weight", 4)[0], resolution=resolution,

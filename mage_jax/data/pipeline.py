@@ -12,8 +12,8 @@ keyed by (seed, e). Process p of P takes the contiguous slice j in
 [p * B/P, (p+1) * B/P). The augmentation of sample (s, j) is seeded by
 (seed, s * B + j); with `views` = K > 1 every example yields K independent
 augmentations [K, S, S, 3], view v seeded by fold_in((seed, s * B + j), VIEW_SEED_OFFSET + v) for v > 0
-(view 0 keeps the single-view seed, so K = 1 runs are unchanged). Everything is therefore a pure function of (seed, step): an
-iterator started at step k yields exactly the batches an uninterrupted one
+(view 0 keeps the single-view seed, so K = 1 runs are unchanged). Everything is therefore a pure function of
+(seed, step): an iterator started at step k yields exactly the batches an uninterrupted one
 yields from step k, on any number of processes (the global batch is the
 concatenation of the process slices in process order).
 
@@ -44,14 +44,13 @@ import numpy as np
 from etils import epy
 
 from mage_jax import data
-from mage_jax.data import augment as augment_lib
-from mage_jax.data import randaugment
-from mage_jax.data import synthetic
+from mage_jax.data import augment as augment_lib, randaugment, synthetic
 
 # TensorFlow (and TFDS, through `sources`) load when a tf.data pipeline or source is first built: the 'random'
 # input, model code and benchmarks run on hosts without them.
 with epy.lazy_imports(success_callback=data.tensorflow_loaded):
   import tensorflow as tf
+
   from mage_jax.data import sources
 
 # Purposes mixed into the user seed so that shuffling and augmentation draw
@@ -128,7 +127,8 @@ class InputConfig:
 
 def eval_input_config(cfg: Any, *, split: str, batch_size: int) -> dict:
   """The eval view of a training input config: another split and batch, the training-only augmentation (random
-  crop and flip, RandAugment, several views) switched off, as `eval_iterator` applies the eval transform whatever they say."""
+  crop and flip, RandAugment, several views) switched off, as `eval_iterator` applies the eval transform whatever
+  they say."""
   fields = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
   return {**fields, "split": split, "batch_size": batch_size, "augment": "none", "rand_augment": "", "views": 1}
 
@@ -404,8 +404,9 @@ def global_eval_batches(cfg: Any, mesh, *, keys=("image", "label"), limit: int |
   and for examples at or past `limit`, the number of leading examples to use; None: all). `cfg.batch_size`
   is the global batch.
   """
-  from mage_jax import sharding  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+
+  from mage_jax import sharding  # pylint: disable=g-import-not-at-top
   c = InputConfig.from_config(cfg)
   src = source or make_source(c)
   n = src.num_examples if limit is None else min(limit, src.num_examples)

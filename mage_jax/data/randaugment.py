@@ -299,7 +299,8 @@ def rand_augment(image: tf.Tensor, seed: tf.Tensor, config: RandAugmentConfig) -
     magnitude = config.magnitude + config.magnitude_std * tf.random.stateless_normal([], magnitude_seed)
     magnitude = tf.clip_by_value(magnitude, 0.0, MAX_LEVEL)
     negate = tf.random.stateless_uniform([], sign_seed) < 0.5
-    branches = [lambda name=name, x=out: apply_op(name, x, magnitude, negate, config) for name in ops]
-    out = tf.cond(applied, lambda branches=branches: tf.switch_case(index, branches), lambda x=out: x)
+    # tf.cond and tf.switch_case call the branches at once; the defaults bind this layer's values explicitly.
+    branches = [lambda name=name, x=out, m=magnitude, neg=negate: apply_op(name, x, m, neg, config) for name in ops]
+    out = tf.cond(applied, lambda branches=branches, index=index: tf.switch_case(index, branches), lambda x=out: x)
     out = tf.ensure_shape(out, image.shape)
   return tf.cast(out, tf.uint8)

@@ -19,7 +19,6 @@ import numpy as np
 from mage_jax import images as image_io
 from mage_jax.fid import metrics, weights
 
-
 # The official prepare_imgnet_val.py (LTH14/mage) makes the reference images Resize(256) (shorter side,
 # torchvision's default bilinear) + CenterCrop(256).
 REFERENCE_SIZE = 256

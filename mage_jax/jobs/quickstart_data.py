@@ -4,10 +4,10 @@
 held-out split, the image size. A folder's splits are
 
   * its `train/` and `test/` (else `val/`, `validation/`) subfolders, when it has both (and no other);
-  * otherwise (with `train/` as the only subfolder: within it) a held-out slice of `holdout` images (default: 10% of the images, at most 1000, at least
-    `MIN_HELDOUT`) and the rest for training, as the folder splits `[:-N]` / `[-N:]` of `sources.FolderSplit`:
-    slices of the files in a SHA-256 order of their relative paths, so the held-out set is the same on every
-    machine, independent of the listing order, and spread over the classes.
+  * otherwise (with `train/` as the only subfolder: within it) a held-out slice of `holdout` images (default: 10% of the
+    images, at most 1000, at least `MIN_HELDOUT`) and the rest for training, as the folder splits `[:-N]` / `[-N:]`
+    of `sources.FolderSplit`: slices of the files in a SHA-256 order of their relative paths, so the held-out set is
+    the same on every machine, independent of the listing order, and spread over the classes.
 
 Class subfolders (one per class, torchvision ImageFolder style) give labels; a flat folder has none.
 `summarize` (the quickstart's data stage) reads every file's header once and applies the dataset-level checks: an

@@ -113,7 +113,8 @@ def table(results: dict) -> str:
   for r in rows:
     mage = r["representations"].get("mage", {})
     fid = r["fid"].get("fid")
-    lines.append(f"| {r['step']} | {r['train_seconds'] / 60:.1f} | {quickstart._pct(mage.get('logistic', {}).get('top1'))} | "  # pylint: disable=protected-access
+    lines.append(f"| {r['step']} | {r['train_seconds'] / 60:.1f} | "
+                 f"{quickstart._pct(mage.get('logistic', {}).get('top1'))} | "  # pylint: disable=protected-access
                  f"{quickstart._pct(_fewshot(mage))} | "  # pylint: disable=protected-access
                  f"{'n/a' if fid is None else f'{fid:.1f}'} ({r['fid'].get('num_images', 0)} vs "
                  f"{r['fid'].get('num_reference', 0)}) |")

@@ -16,8 +16,8 @@ One step: the generator loss (reconstruction + VQ codebook/commitment + optional
 perceptual + adversarial from `discriminator_start_step` on) is minimised with its own Adam; then one
 discriminator step (non-saturating or hinge, LeCam, optional R1) on the same real batch and the
 stop-gradient reconstructions, with a second Adam. Before the discriminator starts, its forward/backward
-passes are skipped entirely (`lax.cond`), so the steps before it cost no discriminator compute. The generator weights are
-tracked by an EMA (exported, and used for evaluation). Optionally (`config.codebook`) the loop also scales
+passes are skipped entirely (`lax.cond`), so the steps before it cost no discriminator compute. The generator weights
+are tracked by an EMA (exported, and used for evaluation). Optionally (`config.codebook`) the loop also scales
 the codebook's learning rate and restarts dead codes from batch latents (off in both shipped configs: the
 entropy loss keeps the codes in use). A step whose losses or gradients are non-finite changes nothing but
 the step counter (see `steps.apply_gradients`).
@@ -47,10 +47,20 @@ import numpy as np
 import optax
 from absl import logging
 
-from mage_jax import (atomic, builders, cached_tokens, config_views, image_metrics, images as images_lib, optim,
-                      params_io, sharding)
-from mage_jax import tokenizer_losses as tl
-from mage_jax import tokenizer_step, trainer
+from mage_jax import (
+  atomic,
+  builders,
+  cached_tokens,
+  config_views,
+  image_metrics,
+  images as images_lib,
+  optim,
+  params_io,
+  sharding,
+  tokenizer_losses as tl,
+  tokenizer_step,
+  trainer,
+)
 from mage_jax.data import pipeline
 from mage_jax.models.discriminator import Discriminator
 from mage_jax.models.vqgan import VQGAN, VQGANConfig

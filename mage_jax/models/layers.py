@@ -64,11 +64,11 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    b, l, d = x.shape
+    b, seq_len, d = x.shape
     head_dim = d // self.num_heads
     qkv = dense(3 * d, ("embed", "qkv"), dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(x)
     # The output features are ordered (3, heads, head_dim): q block | k block | v block.
-    qkv = qkv.reshape(b, l, 3, self.num_heads, head_dim)
+    qkv = qkv.reshape(b, seq_len, 3, self.num_heads, head_dim)
     if self.implementation != "xla" and (deterministic or self.attn_dropout == 0.0):
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
       out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5,
@@ -82,7 +82,7 @@ class Attention(nn.Module):
       probs = jax.nn.softmax(logits, axis=-1)
       probs = nn.Dropout(self.attn_dropout)(probs, deterministic=deterministic)
       out = jnp.einsum("bhqk,bhkd->bqhd", probs.astype(self.dtype), v)
-    out = out.reshape(b, l, d)
+    out = out.reshape(b, seq_len, d)
     out = dense(d, ("qkv_out", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
     return nn.Dropout(self.proj_dropout)(out, deterministic=deterministic)
 
