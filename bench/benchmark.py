@@ -61,7 +61,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import flops as flops_lib  # noqa: E402
-from mage_jax import masking, optim, sampling, sharding, steps  # noqa: E402
+from mage_jax import config_views, masking, optim, sampling, sharding, steps  # noqa: E402
 from mage_jax.models import layers  # noqa: E402
 from mage_jax.models.mage import MAGE, config_for  # noqa: E402
 from mage_jax.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
@@ -69,7 +69,6 @@ from mage_jax.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
 WORKLOADS = ("pretrain", "pretrain_cached", "generate", "encode", "features", "input")
 EXTRA_WORKLOADS = ("checkpoint",)  # run only when named in --workloads
 TOKENIZER_MODES = ("float32", "tf32", "bfloat16")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense bf16 peak per device (datasheets), matched as a case-insensitive substring of device_kind, first hit
 # wins. 'TPU v5' without 'lite' is how v5p reports itself.
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("TPU v4", 275e12), ("TPU v5p", 459e12),
@@ -360,7 +359,7 @@ def build_setup(size: str, args: argparse.Namespace) -> Setup:
                     max_position_embeddings=max(257, n + 1), scan=bool(args.scan),
                     remat_policy=REMAT_AUTO[size] if args.remat == "auto" else args.remat,
                     attention=args.attention, dropout=args.dropout, attn_dropout=args.attn_dropout)
-  model = MAGE(mcfg, dtype=DTYPES[args.dtype], param_dtype=jnp.float32)
+  model = MAGE(mcfg, dtype=config_views.dtype(args.dtype), param_dtype=jnp.float32)
   mesh = sharding.create_mesh([("data", -1), ("fsdp", args.fsdp), ("model", 1)])
   batch = args.batch or spec.batch
   sharding.check_batch_size(batch, mesh)
@@ -745,7 +744,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--batch", type=int, default=0, help="global batch (0: 8 for tiny, 128 for B/L)")
   p.add_argument("--steps", type=int, default=20, help="timed pretraining steps (median reported)")
   p.add_argument("--warmup", type=int, default=3, help="untimed pretraining steps after compilation")
-  p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="MAGE compute dtype")
+  p.add_argument("--dtype", default="bfloat16", choices=config_views.DTYPE_NAMES, help="MAGE compute dtype")
   p.add_argument("--workloads", default=",".join(WORKLOADS),
                  help="comma-separated subset of " + ",".join(WORKLOADS + EXTRA_WORKLOADS))
   p.add_argument("--json", default="", help="write the results here")

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import config_views, optim, params_io
+from mage_jax import config_views, optim, params_io, sharding
 from mage_jax.models import layers
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
@@ -98,11 +98,11 @@ def export_params(directory: str, model: MAGE, params, tokenizer: VQGAN, tokeniz
   `extra_variables` (e.g. MAGE-C's projection head) are stored beside 'model' and 'tokenizer'; binaries that do
   not know them ignore them.
   """
-  params = layers.to_loop_layout(params_io.to_host(params), model.config.scan)
+  params = layers.to_loop_layout(sharding.to_host(params), model.config.scan)
   meta = {"kind": "mage", "model": dataclasses.asdict(dataclasses.replace(model.config, scan=False)),
           "tokenizer": dataclasses.asdict(tokenizer.config), **(extra_meta or {})}
-  variables = {"model": {"params": params}, "tokenizer": params_io.to_host(tokenizer_vars),
-               **params_io.to_host(extra_variables or {})}
+  variables = {"model": {"params": params}, "tokenizer": sharding.to_host(tokenizer_vars),
+               **sharding.to_host(extra_variables or {})}
   params_io.save(directory, variables, meta, overwrite=True)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 T = TypeVar("T")
 
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+DTYPE_NAMES = ("bfloat16", "float32")  # what flags offer; DTYPES also takes the short names
 
 
 def dtype(name: str):

@@ -39,14 +39,6 @@ def _to_jsonable(obj):
   return obj
 
 
-def to_host(tree):
-  """Global (possibly sharded, multi-process) arrays -> numpy on every process."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
-
-
 def check_destination(directory: str, *, overwrite: bool = False) -> None:
   """Refuses a destination `save` would damage or cannot write, before any work is spent on the params.
 

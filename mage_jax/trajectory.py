@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from mage_jax import builders, conformance, masking, optim, probe, sharding, steps, trainer
+from mage_jax import builders, config_views, conformance, masking, optim, probe, sharding, steps, trainer
 from mage_jax.convert import convert
 from mage_jax.jobs import linear_probe
 from mage_jax.models.mage import MAGE, MAGEConfig
@@ -50,7 +50,6 @@ PRETRAIN_FILE = "trajectory.npz"
 RECIPE_KEYS = ("batch", "steps_per_epoch", "epochs", "warmup_epochs", "blr", "lr", "min_lr", "b1", "b2", "eps",
                "weight_decay")
 PROBE_FILE = "probe_trajectory.npz"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Parameter groups are a table, not arithmetic: they must agree to rounding of the decimal values.
 GROUP_TOLERANCE = 1e-12
 # An update of the float32 fine-tuning optimizer reproduces lr scale × decay to float32 rounding.
@@ -447,7 +446,7 @@ def replay_pretrain(fx: PretrainFixture, *, mesh: Sequence[tuple[str, int]] = pa
     tx, ocfg = builders.pretrain_optimizer(config, total, warmup)
   except ValueError as e:
     raise FixtureError(f"{fx.directory}: {e}") from e
-  model = MAGE(fx.mage_config, dtype=DTYPES[dtype])
+  model = MAGE(fx.mage_config, dtype=config_views.dtype(dtype))
   a = fx.arrays
   update = functools.partial(_replay_step, num_dropped=fx.num_dropped, model=model, tx=tx, masking_cfg={},
                              label_smoothing=fx.label_smoothing, schedule=ocfg.schedule())

@@ -15,14 +15,14 @@ from __future__ import annotations
 import jax
 from absl import flags
 
-from mage_jax import conformance, runtime, trajectory
+from mage_jax import config_views, conformance, runtime, trajectory
 from mage_jax.convert import torch_pickle
 
 _MESH = flags.DEFINE_string(
     "mesh", "", "Pretraining replays: device mesh as axis=size pairs over data, fsdp, model (e.g. "
     "data=2,fsdp=2,model=2); empty runs on one device.")
 _DTYPE = flags.DEFINE_enum(
-    "dtype", "float32", sorted(trajectory.DTYPES), "Pretraining replays: compute dtype of the model (params and "
+    "dtype", "float32", list(config_views.DTYPE_NAMES), "Pretraining replays: compute dtype of the model (params and "
     "optimizer stay float32); bfloat16 is judged against a wider band.")
 _MAX_BYTES = torch_pickle.define_max_gb_flag()
 
