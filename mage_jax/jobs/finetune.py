@@ -65,13 +65,9 @@ def finetune_step(state: steps.TrainState, tokenizer_vars, batch, *, model: MAGE
     return mixup.soft_target_cross_entropy(logits, targets), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new_state = steps.apply_gradients(state, grads, tx, finite)
   # Accuracy against the unmixed labels: only a rough training signal under mixup.
   acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-  return new_state, {"loss": loss, "grad_norm": grad_norm, "train_accuracy": acc, "lr": schedule(state.step),
-                     "finite": finite.astype(jnp.float32)}
+  return steps.finish_step(state, loss, grads, tx, schedule=schedule, metrics={"train_accuracy": acc})
 
 
 def _counts(params, tokenizer_vars, images, labels, mask, *, model, tokenizer, k):
