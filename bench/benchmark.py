@@ -614,13 +614,25 @@ def _tree_bytes(directory: str) -> int:
   return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
 
 
+def _as_trained(state, rng):
+  """`state` with every floating-point array filled with noise (the bytes a trained state has)."""
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(rng, len(leaves))
+  return jax.tree.unflatten(treedef, [
+      jax.random.normal(k, x.shape, x.dtype) * 1e-2 if jnp.issubdtype(x.dtype, jnp.floating) else x
+      for k, x in zip(keys, leaves)])
+
+
 def run_checkpoint(s: Setup) -> dict:
-  """Seconds to save the pretraining state, seal it (manifest), verify the manifest and restore it."""
+  """Seconds to save the pretraining state (its floats as a trained state's), seal it (manifest), verify the
+  manifest and restore it."""
   from mage_jax import checkpointing  # noqa: PLC0415
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     prog = make_pretrain(s, cached=True)
     state = jax.jit(lambda r: sharding.strip_boxes(prog.init_state(r)), out_shardings=prog.state_sharding)(
         jax.random.key(s.args.seed))
+    # At init AdamW's moments are zeros, which orbax's compression shrinks to nothing; a trained state's are not.
+    state = jax.jit(_as_trained, out_shardings=prog.state_sharding)(state, jax.random.key(s.args.seed + 1))
     target = checkpointing.abstract_with_shardings(sharding.strip_boxes(prog.abstract_state), prog.state_sharding)
     with tempfile.TemporaryDirectory() as tmp:
       mngr = checkpointing.manager(tmp, keep=1, async_save=False)
