@@ -7,7 +7,8 @@ half-initialised extension could crash the interpreter at exit (status 139). Eve
 through a temporary name and a rename, so stopping it at once leaves nothing half-written; `python -m
 mage_jax.<verb>` therefore takes SIGINT over as soon as the package is imported. A training loop installs its
 own handler for its duration (`preemption.Stop`: a checkpoint at an agreed step, then status 130) and puts this
-one back after. A program that imports mage_jax as a library keeps its own SIGINT handling.
+one back after. A program that imports mage_jax as a library keeps its own SIGINT handling, and a binary started
+with SIGINT ignored (a background job of a shell, `nohup`) keeps ignoring it.
 """
 
 from __future__ import annotations
