@@ -44,6 +44,12 @@ ROWS = {
     "w64_b256": {"mage_recipe": "width=64,batch=256", "mage_steps": 950},
     "w64_k4": {"mage_recipe": "width=64", "mage_steps": 1850, "views": 4},
     "w64_tok4k": {"mage_recipe": "width=64", "mage_steps": 1850, "tokenizer_steps": 4000},
+    # The crop law: ImageNet's area range (0.2, 1) zooms a centred garment, and samples imitate the zoom.
+    "w64_blr4x_crop80": {"mage_recipe": "width=64,blr=0.0096,crop_min=0.8", "mage_steps": 1850},
+    "w64_blr4x_crop100": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850},
+    # The tokenizer's adversarial loss from mid-run: sharper reconstructions are FID's floor.
+    "w64_crop100_tokdisc": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850,
+                            "tokenizer_recipe": "disc"},
     "full": {"budget": "full"},  # `make quickstart` itself: the controls and the paper-protocol probe too
 }
 SHARED = (("data", ("data.json",)), ("tokenizer", ("tokenizer", "reconstructions.png")), ("cache", ("tokens",)))
@@ -58,7 +64,9 @@ def command(root: str, name: str) -> list[str]:
 def _stage_inputs(name: str) -> tuple:
   """What the shareable stages of a row depend on, stage by stage (prefixes match ⇒ those stages match)."""
   row = ROWS[name]
-  return (("data",), ("tokenizer", row.get("tokenizer_steps", 0)), ("cache", row.get("views", 0)))
+  recipe = dict(item.partition("=")[::2] for item in row.get("mage_recipe", "").split(",") if item)
+  return (("data",), ("tokenizer", row.get("tokenizer_steps", 0), row.get("tokenizer_recipe", "")),
+          ("cache", row.get("views", 0), recipe.get("crop_min", "0.2")))
 
 
 def seed_from_earlier(root: str, name: str) -> str | None:

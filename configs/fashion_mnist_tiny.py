@@ -8,7 +8,9 @@ Args (`:steps=2000,batch=64,width=64,...`), the recipe the quickstart sweeps (do
   width, depth, decoder_depth, heads: the encoder and decoder (equal widths and heads, MLP ratio 4);
   blr, warmup: base lr (lr = blr·batch/256) and the warm-up as a fraction of the steps, then cosine to 0;
   mask_min, mask_mu, mask_std: the truncated Gaussian of the masking ratio (on [mask_min, 1]);
-  smoothing: label smoothing of the masked-token loss.
+  smoothing: label smoothing of the masked-token loss;
+  crop_min: smallest area fraction of the random-resized crop (ImageNet's 0.2 zooms a centred garment until the
+    samples imitate the zoom).
 """
 
 from configs import common
@@ -16,11 +18,13 @@ from configs import common
 
 def get_config(arg=None):
   args = common.parse_arg(arg, steps=2000, batch=64, width=64, depth=2, decoder_depth=2, heads=4,
-                          blr=1.5e-4 * 16, warmup=0.05, mask_min=0.5, mask_mu=0.55, mask_std=0.25, smoothing=0.1)
+                          blr=1.5e-4 * 16, warmup=0.05, mask_min=0.5, mask_mu=0.55, mask_std=0.25, smoothing=0.1,
+                          crop_min=0.2)
   c = common.base_pretrain_config()
   c.input.name = "fashion_mnist"
   c.input.batch_size = args.batch
   c.input.image_size = 32
+  c.input.scale = (args.crop_min, 1.0)
   c.model.variant = "tiny"
   c.model.embed_dim = args.width
   c.model.depth = args.depth

@@ -111,10 +111,11 @@ def make_feature_fn(tokenizer: VQGAN, vit: MAGEViT) -> FeatureFn:
   return fn
 
 
-def pixel_feature_fn(variables, images, rng, deterministic):
-  """Raw-pixel baseline: the flattened image the backbone would see, [B, H*W*3] f32."""
+def pixel_feature_fn(variables, images, rng, deterministic, channels: int = 3):
+  """Raw-pixel baseline: the flattened image the backbone would see, [B, H*W*channels] f32 (channels=1 keeps
+  the first of a grayscale image's three repeated channels)."""
   del variables, rng, deterministic
-  return images.reshape(images.shape[0], -1).astype(jnp.float32)
+  return images[..., :channels].reshape(images.shape[0], -1).astype(jnp.float32)
 
 
 def backbone_tokenizer(tok_config, dtype) -> VQGAN:

@@ -40,6 +40,8 @@ _TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 0, "Tokenizer steps (
 _MAGE_STEPS = flags.DEFINE_integer("mage_steps", 0, "MAGE pretraining steps (0: the budget's).", lower_bound=0)
 _VIEWS = flags.DEFINE_integer("views", 0, "Augmented views of each training image in the token cache (0: the "
                               "budget's).", lower_bound=0)
+_TOKENIZER_RECIPE = flags.DEFINE_string("tokenizer_recipe", "", "configs/tokenizer_fashion_mnist.py arguments for "
+                                        "the tokenizer stage, e.g. 'disc' (its adversarial loss from mid-run).")
 _MAGE_RECIPE = flags.DEFINE_string("mage_recipe", "", "configs/fashion_mnist_tiny.py arguments over the budget's "
                                    "MAGE recipe, e.g. 'width=96,blr=0.004' (docs/quickstart_recipe.md).")
 
@@ -52,7 +54,8 @@ def main(argv):
       holdout=_HOLDOUT.value, image_size=_IMAGE_SIZE.value, model=_MODEL.value,
       tokenizer_init=_TOKENIZER_INIT.value, freeze_codebook=_FREEZE_CODEBOOK.value,
       restart_dead_codes=_RESTART_DEAD_CODES.value, tokenizer_steps=_TOKENIZER_STEPS.value,
-      mage_steps=_MAGE_STEPS.value, views=_VIEWS.value, mage_recipe=_MAGE_RECIPE.value)
+      mage_steps=_MAGE_STEPS.value, views=_VIEWS.value, mage_recipe=_MAGE_RECIPE.value,
+      tokenizer_recipe=_TOKENIZER_RECIPE.value)
   try:
     options.check()
   except ValueError as e:

@@ -150,5 +150,9 @@ def test_controls_share_one_tokenizer_pass_and_match_standalone_features(tiny_pa
   assert random_init.shape == mage.shape and np.abs(random_init - mage).max() > 1e-3
   pixels, _ = by_name["pixels"].features(split, config, 8, mesh, str(tmp_path))
   projected, _ = by_name["random_proj"].features(split, config, 8, mesh, str(tmp_path))
+  rgb, _ = probe.extract_features(probe.pixel_feature_fn, {}, {}, evaluate._input_cfg(config, split, 64, 8),  # pylint: disable=protected-access
+                                  mesh=mesh)
+  assert pixels.shape[1] == 8 * 8  # Fashion-MNIST is grayscale: one of the three repeated channels, nothing lost
+  np.testing.assert_array_equal(rgb.reshape(64, 64, 3), np.repeat(pixels[..., None], 3, axis=-1))
   r = np.random.default_rng(evaluate.CONTROL_SEED).standard_normal((pixels.shape[1], mage.shape[1]))
   np.testing.assert_allclose(projected, pixels @ (r / np.sqrt(pixels.shape[1])), rtol=1e-4, atol=1e-4)

@@ -315,10 +315,12 @@ class _FakeModel:
     self.cache_tag = "fake-tf1"
     self.shapes = []
 
-  def __call__(self, batch):
+  def __call__(self, batch, spatial=False):
     self.shapes.append(batch.shape)
-    f = batch.reshape(batch.shape[0], -1)[:, :6].astype(np.float32)
-    return f, (f @ np.ones((6, 4), np.float32) * np.arange(4) if self.with_logits else None)
+    flat = batch.reshape(batch.shape[0], -1).astype(np.float32)
+    f = flat[:, :6]
+    out = f, (f @ np.ones((6, 4), np.float32) * np.arange(4) if self.with_logits else None)
+    return (*out, flat[:, 6:10]) if spatial else out
 
 
 def _image_batches(seed, sizes):
@@ -370,3 +372,95 @@ def test_reference_stats_are_cached_per_dataset_split(tmp_path):
   assert len(calls) == 2
   with pytest.raises(ValueError, match="file name"):
     metrics.load_or_compute_reference_stats("../x", "train", images_fn, tmp_path, model=model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sFID and precision/recall.
+
+def _precision_recall_float64(ref, gen, k=3):
+  """Kynkaenniemi et al. 2019 from the definition: balls of k-th-neighbour radius around each point."""
+  ref, gen = np.asarray(ref, np.float64), np.asarray(gen, np.float64)
+
+  def sq(a, b):
+    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+  radius_ref = np.sort(sq(ref, ref), axis=1)[:, k]  # column 0: the point itself
+  radius_gen = np.sort(sq(gen, gen), axis=1)[:, k]
+  precision = np.mean([(sq(g[None], ref)[0] <= radius_ref).any() for g in gen])
+  recall = np.mean([(sq(r[None], gen)[0] <= radius_gen).any() for r in ref])
+  return precision, recall
+
+
+def test_precision_recall_match_float64_definition(monkeypatch):
+  monkeypatch.setattr(metrics, "_PR_BLOCK", 7)  # several blocks, the last one partial
+  rng = np.random.default_rng(3)
+  ref = np.concatenate([rng.normal(0, 1, (25, 5)), rng.normal(4, 0.5, (15, 5))])
+  gen = np.concatenate([rng.normal(0.5, 1.2, (20, 5)), rng.normal(9, 1, (13, 5))])
+  got = metrics.precision_recall(ref, gen)
+  want = _precision_recall_float64(ref, gen)
+  assert 0 < want[0] < 1 and 0 < want[1] < 1  # a case that can tell them apart
+  assert got == pytest.approx(want, abs=1e-12)
+  assert metrics.precision_recall(ref, ref) == (1.0, 1.0)
+  assert metrics.precision_recall(ref, ref + 100.0) == (0.0, 0.0)
+  with pytest.raises(ValueError, match="equal D"):
+    metrics.precision_recall(ref, gen[:, :3])
+  with pytest.raises(ValueError, match="N > 3"):
+    metrics.manifold_radii(ref[:3])
+
+
+def test_extras_give_sfid_precision_recall_and_survive_the_cache(tmp_path):
+  ref = metrics.compute_stats_for_images(_image_batches(6, [30]), _FakeModel(False), batch_size=8, extras=True)
+  flat = np.concatenate(_image_batches(6, [30])).reshape(30, -1).astype(np.float64)
+  np.testing.assert_allclose(ref.spatial.mu, flat[:, 6:10].mean(0), rtol=1e-12)
+  np.testing.assert_allclose(ref.spatial.sigma, np.cov(flat[:, 6:10].T), rtol=1e-10, atol=1e-9)
+  np.testing.assert_array_equal(ref.features, flat[:, :6].astype(np.float32))
+  res = metrics.evaluate(_image_batches(7, [20]), ref, _FakeModel(False), batch_size=8)
+  gen = np.concatenate(_image_batches(7, [20])).reshape(20, -1).astype(np.float64)
+  assert res.sfid == pytest.approx(metrics.frechet_distance(*metrics.statistics(gen[:, 6:10]), ref.spatial.mu,
+                                                            ref.spatial.sigma))
+  assert (res.precision, res.recall) == pytest.approx(_precision_recall_float64(flat[:, :6], gen[:, :6]))
+  metrics.save_stats(ref, tmp_path / "ref.npz")
+  back = metrics.load_stats(tmp_path / "ref.npz")
+  np.testing.assert_array_equal(back.spatial.sigma, ref.spatial.sigma)
+  np.testing.assert_array_equal(back.features, ref.features)
+  plain = metrics.evaluate(_image_batches(7, [20]), metrics.ImageStatistics(ref.mu, ref.sigma, 30),
+                           _FakeModel(False), batch_size=8)
+  assert plain.fid == pytest.approx(res.fid) and plain.sfid is None and plain.precision is None
+  np.savez(tmp_path / "bad.npz", mu=ref.mu, sigma=ref.sigma, num_images=np.int64(30), features=ref.features[:5])
+  with pytest.raises(ValueError, match="bad.npz: features of shape"):
+    metrics.load_stats(tmp_path / "bad.npz")
+
+
+def _block_input(params, x, block):
+  """The activations entering `block` (the trunk of `inception._network`, recomputed layer by layer)."""
+  # pylint: disable=protected-access
+  x = inception.preprocess(x)
+  for name in ("conv", "conv_1", "conv_2"):
+    x = inception._conv_bn_relu(params, name, x)
+  x = inception._max_pool(x, 2, 0)
+  x = inception._max_pool(inception._conv_bn_relu(params, "conv_4", inception._conv_bn_relu(params, "conv_3", x)),
+                          2, 0)
+  for name, kind, _ in inception.BLOCKS:
+    if name == block:
+      return np.asarray(x, np.float64)
+    x = inception._BLOCK_FNS[kind](params, name, x)
+  raise KeyError(block)
+
+
+@pytest.mark.slow  # ~20 s: two CPU compiles of the full network
+def test_spatial_features_are_the_first_7_channels_of_mixed_6_conv(torch_ref):
+  """sFID's features, as the ADM evaluator reads graph tensor `mixed_6/conv:0`[..., :7]: recomputed in float64
+  from the block's input (1x1 conv, batch norm, ReLU); the pool3 features are unchanged by the extra output."""
+  model = inception.FIDInception(weights.load_weights(_random_torchvision_state_dict(torch_ref)).params)
+  images = np.random.default_rng(5).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+  pool, logits, spatial = model(images, spatial=True)
+  plain_pool, plain_logits = model(images)
+  np.testing.assert_allclose(pool, plain_pool, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(logits, plain_logits, rtol=1e-5, atol=1e-5)
+  assert spatial.shape == (2, inception.SPATIAL_DIM) == (2, 2023)
+  p = {k: np.asarray(v, np.float64) for k, v in model.params["mixed_6.conv"].items()}
+  x = _block_input(model.params, images, "mixed_6")
+  y = np.einsum("nhwc,cd->nhwd", x, p["kernel"][0, 0])
+  y = np.maximum((y - p["mean"]) * p["gamma"] / np.sqrt(p["var"] + inception.BN_EPS) + p["beta"], 0)
+  want = y[..., :7].reshape(2, -1)
+  assert _rel_l2(spatial, want) < 1e-5

@@ -47,10 +47,13 @@ def test_cli_fid_of_a_set_with_itself_is_zero(tmp_path, have_weights):
   images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
   np.savez(tmp_path / "s.npz", images=images)
   out = tmp_path / "fid.json"
-  run = run_cli("mage_jax.fid", tmp_path / "s.npz", f"--reference={tmp_path / 's.npz'}", f"--json={out}")
+  run = run_cli("mage_jax.fid", tmp_path / "s.npz", f"--reference={tmp_path / 's.npz'}", f"--json={out}",
+                "--extras")
   assert run.returncode == 0, run.stderr[-2000:]
   result = json.loads(out.read_text())
   assert abs(result["fid"]) < 1e-3 and result["num_images"] == 6
+  assert abs(result["sfid"]) < 1e-3 and result["precision"] == result["recall"] == 1.0
+  assert "sFID" in run.stdout
   assert result["inception_score"] is None and "unavailable" in result["inception_score_note"]
   assert "FID" in run.stdout
 
@@ -62,6 +65,7 @@ def test_cli_errors_name_the_problem(tmp_path, have_weights):
   for args, status, needle in (
       ([tmp_path / "missing.npz", f"--reference={tmp_path / 'stats.npz'}"], 1, "missing.npz"),
       ([tmp_path / "s.npz", "--reference=nonsense"], 1, "neither a path nor a dataset split"),
+      ([tmp_path / "s.npz", f"--reference={tmp_path / 'stats.npz'}", "--extras"], 1, "need the reference images"),
       ([tmp_path / "s.npz", f"--reference={tmp_path / 'stats.npz'}", "--max_images=-1"], 2, "max_images"),
       ([tmp_path / "s.npz"], 2, "reference"),
       (["--reference=x"], 2, "SAMPLES")):

@@ -81,6 +81,19 @@ def test_stage_records_redo_changed_stages_and_refuse_foreign_outputs(tmp_path):
   assert quickstart.StageRecords(str(work)).done("mage", "full-budget")
 
 
+def test_recipes_reach_the_stages_they_change():
+  """The crop law of the MAGE recipe draws the cached views; a tokenizer recipe is checked like the MAGE one."""
+  from configs import fashion_mnist_tiny
+  from mage_jax.jobs import quickstart
+  default = list(fashion_mnist_tiny.get_config(quickstart.BUDGETS["full"]["mage_recipe"]).input.scale)
+  assert quickstart.Options("w").crop_scale() == default
+  assert quickstart.Options("w", mage_recipe="crop_min=0.5").crop_scale() == [0.5, 1.0]
+  with pytest.raises(ValueError, match="--tokenizer_recipe sets no steps: use --tokenizer_steps"):
+    quickstart.Options("w", tokenizer_recipe="disc,steps=5").check()
+  with pytest.raises(ValueError, match="--mage_recipe sets no steps: use --mage_steps"):
+    quickstart.Options("w", mage_recipe="steps=5").check()
+
+
 def _wait_for(predicate, proc, timeout=600):
   import time  # pylint: disable=g-import-not-at-top
   end = time.time() + timeout

@@ -24,7 +24,8 @@ def _finished_row(root, name, seconds):
 
 def test_rows_link_the_stages_they_share(tmp_path, monkeypatch):
   monkeypatch.setattr(sweep, "ROWS", {"base": {}, "wide": {"mage_recipe": "width=96"}, "k2": {"views": 2},
-                                      "tok": {"tokenizer_steps": 10}})
+                                      "tok": {"tokenizer_steps": 10}, "crop": {"mage_recipe": "crop_min=0.8"},
+                                      "disc": {"tokenizer_recipe": "disc"}})
   seconds = {"data": 6.0, "tokenizer": 300.0, "cache": 120.0, "mage": 400.0, "samples": 30.0,
              "representations": 90.0, "fid": 54.0}
   _finished_row(tmp_path, "base", seconds)
@@ -41,6 +42,10 @@ def test_rows_link_the_stages_they_share(tmp_path, monkeypatch):
   assert not (tmp_path / "k2" / "tokens").exists()
   assert sweep.seed_from_earlier(str(tmp_path), "tok") == "base"  # other tokenizer: only the data is shared
   assert set(json.loads((tmp_path / "tok" / "stages.json").read_text())) == {"data"}
+  assert sweep.seed_from_earlier(str(tmp_path), "crop") == "base"  # another crop law: other cached views
+  assert set(json.loads((tmp_path / "crop" / "stages.json").read_text())) == {"data", "tokenizer"}
+  assert sweep.seed_from_earlier(str(tmp_path), "disc") == "base"  # another tokenizer recipe: the data only
+  assert set(json.loads((tmp_path / "disc" / "stages.json").read_text())) == {"data"}
   assert sweep.seed_from_earlier(str(tmp_path), "wide") is None   # started rows resume by themselves
 
   # a finished linked row counts the linked stages' seconds: the time of a fresh run with its settings

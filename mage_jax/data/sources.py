@@ -55,6 +55,8 @@ FASHION_MNIST_FILES = {
 }
 # TFDS datasets small enough to hold in memory as uint8 arrays.
 IN_MEMORY_TFDS = frozenset({"fashion_mnist", "mnist", "cifar10", "cifar100"})
+# Single-channel datasets: the pipeline repeats their one channel into RGB.
+GRAYSCALE_TFDS = frozenset({"fashion_mnist", "mnist"})
 FOLDER_PREFIX = "folder:"
 # Give up after this many undecodable images in a row (the data is broken, not noisy).
 MAX_CONSECUTIVE_CORRUPT = 1000

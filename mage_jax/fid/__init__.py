@@ -6,6 +6,7 @@ Setup once: `python -m mage_jax.fid.weights setup` (see `weights`). Then:
   model = weights.load_inception()                                   # the cached npz
   ref = metrics.load_or_compute_reference_stats("imagenet256_val", "validation", images_fn)
   result = metrics.evaluate(generated_batches, ref, model)           # FID; IS when a classifier is loaded
+  # extras=True in load_or_compute_reference_stats: result.sfid, .precision, .recall too
 
 Submodules are imported lazily so that `python -m mage_jax.fid.weights` runs cleanly.
 """
@@ -16,7 +17,7 @@ _EXPORTS = {
     "FIDInception": "inception", "preprocess": "inception", "resize_bilinear": "inception",
     "FidIsResult": "metrics", "ImageStatistics": "metrics", "compute_stats_for_images": "metrics",
     "evaluate": "metrics", "frechet_distance": "metrics", "inception_score": "metrics",
-    "load_or_compute_reference_stats": "metrics", "statistics": "metrics",
+    "load_or_compute_reference_stats": "metrics", "statistics": "metrics", "precision_recall": "metrics",
     "default_weights_path": "weights", "load_inception": "weights", "load_weights": "weights",
 }
 

@@ -48,6 +48,8 @@ FEATURE_DIM = 2048
 NUM_LOGITS = 1008
 BN_EPS = 1e-3
 RESIZE_METHODS = ("tf1", "pytorch")
+SPATIAL_BLOCK, SPATIAL_CHANNELS = "mixed_6", 7  # sFID's features: 7 channels of mixed_6's 1x1 branch, 17x17
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
 
 # params[conv_name] = {"kernel": [kh, kw, in, out], "gamma"|"beta"|"mean"|"var": [out]};
 # params["fc"] = {"kernel": [2048, 1008], "bias": [1008]} when the classifier is present.
@@ -242,6 +244,27 @@ def _check_network_input(x) -> None:
                      f"{INPUT_SIZE}, 3]; got shape {tuple(x.shape)} (use preprocess() first)")
 
 
+def _network(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(pool3 features [N, 2048], sFID's spatial features [N, 17 * 17 * 7]) of scaled images."""
+  _check_network_input(x)
+  x = x.astype(jnp.float32)
+  x = _conv_bn_relu(params, "conv", x)
+  x = _conv_bn_relu(params, "conv_1", x)
+  x = _conv_bn_relu(params, "conv_2", x)
+  x = _max_pool(x, 2, 0)
+  x = _conv_bn_relu(params, "conv_3", x)
+  x = _conv_bn_relu(params, "conv_4", x)
+  x = _max_pool(x, 2, 0)
+  spatial = None
+  for name, kind, _ in BLOCKS:
+    if name == SPATIAL_BLOCK:
+      # The block computes this branch again; XLA merges the two identical convolutions.
+      spatial = _conv_bn_relu(params, f"{name}.conv", x)[..., :SPATIAL_CHANNELS]
+    x = _BLOCK_FNS[kind](params, name, x)
+  # pool2 is AvgPool2d(8) on the final 8x8 map: a plain spatial mean.
+  return jnp.mean(x, axis=(1, 2)), spatial.reshape(spatial.shape[0], -1)
+
+
 @jax.jit
 def pool_features(params: Params, x: jax.Array) -> jax.Array:
   """Pool3 features of scaled images.
@@ -253,19 +276,14 @@ def pool_features(params: Params, x: jax.Array) -> jax.Array:
   Returns:
     [N, 2048] float32 pool3 features (non-negative).
   """
-  _check_network_input(x)
-  x = x.astype(jnp.float32)
-  x = _conv_bn_relu(params, "conv", x)
-  x = _conv_bn_relu(params, "conv_1", x)
-  x = _conv_bn_relu(params, "conv_2", x)
-  x = _max_pool(x, 2, 0)
-  x = _conv_bn_relu(params, "conv_3", x)
-  x = _conv_bn_relu(params, "conv_4", x)
-  x = _max_pool(x, 2, 0)
-  for name, kind, _ in BLOCKS:
-    x = _BLOCK_FNS[kind](params, name, x)
-  # pool2 is AvgPool2d(8) on the final 8x8 map: a plain spatial mean.
-  return jnp.mean(x, axis=(1, 2))
+  return _network(params, x)[0]
+
+
+@jax.jit
+def pool_and_spatial_features(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Pool3 features [N, 2048] and the spatial features of sFID [N, 2023] (Nash et al. 2021, as the ADM
+  evaluator takes them: the first 7 channels of the graph's `mixed_6/conv` output, 17x17, flattened)."""
+  return _network(params, x)
 
 
 @jax.jit
@@ -410,10 +428,17 @@ class FIDInception:
     """Identifies everything that changes the features: the weights and the resize method."""
     return f"{self.weights_id[:12]}-{self.resize_method}"
 
-  def __call__(self, images) -> tuple[jax.Array, jax.Array | None]:
-    """images: [N, H, W, 3] uint8 or [0, 1] float -> ([N, 2048], [N, 1008] unbiased logits or None)."""
-    return features_and_logits(self.params, preprocess(images, self.resize_method))
+  def __call__(self, images, spatial: bool = False) -> tuple:
+    """images: [N, H, W, 3] uint8 or [0, 1] float -> ([N, 2048], [N, 1008] unbiased logits or None), and with
+    `spatial` sFID's [N, 2023] spatial features third."""
+    x = preprocess(images, self.resize_method)
+    if not spatial:
+      return features_and_logits(self.params, x)
+    pool, spatial_features = pool_and_spatial_features(self.params, x)
+    logits = jnp.dot(pool, self.params["fc"]["kernel"], precision=_HIGHEST) if self.has_logits else None
+    return pool, logits, spatial_features
 
   def pool_features(self, images) -> jax.Array:
     """images: [N, H, W, 3] uint8 or [0, 1] float -> [N, 2048] float32 pool3 features."""
     return pool_features(self.params, preprocess(images, self.resize_method))
+

@@ -74,15 +74,20 @@ def reference_protocol_batches(name: str, split: str, data_dir: str | None, batc
     yield image_io.round_to_uint8(batch["image"][batch["_mask"]])
 
 
-def reference_statistics(reference: str, model, max_images: int | None, data_dir: str | None):
+def reference_statistics(reference: str, model, max_images: int | None, data_dir: str | None,
+                         extras: bool = False):
   if os.path.isfile(reference) and reference.endswith(".npz"):
     with np.load(reference, allow_pickle=False) as z:
       is_stats = "mu" in z.files and "sigma" in z.files
     if is_stats:
-      return metrics.load_stats(reference)
+      stats = metrics.load_stats(reference)
+      if extras and (stats.spatial is None or stats.features is None):
+        raise ValueError(f"{reference}: statistics without spatial moments (mu_s, sigma_s) and features: sFID and "
+                         "precision/recall need the reference images, or statistics saved with them")
+      return stats
   if os.path.exists(reference):
     count, batches = image_batches(reference, max_images=max_images)
-    return metrics.compute_stats_for_images(batches, model, keep_logits=False, total=count)
+    return metrics.compute_stats_for_images(batches, model, keep_logits=False, total=count, extras=extras)
   name, _, split = reference.partition(":")
   if not split:
     raise ValueError(f"reference {reference!r} is neither a path nor a dataset split like fashion_mnist:test")
@@ -94,22 +99,28 @@ def reference_statistics(reference: str, model, max_images: int | None, data_dir
     images, _ = sources.load_arrays(name, split, data_dir)
     return (np.stack([image_io.as_rgb(im) for im in images[i:i + 50]]) for i in range(0, len(images), 50))
 
-  return metrics.load_or_compute_reference_stats(name, split, images_fn, model=model, max_images=max_images)
+  return metrics.load_or_compute_reference_stats(name, split, images_fn, model=model, max_images=max_images,
+                                                 extras=extras)
 
 
 def compute(samples: str, reference: str, *, max_images: int | None = None, weights_path: str | None = None,
-            resize: str = "tf1", data_dir: str | None = None) -> dict:
-  """FID (and IS when the weights carry the classifier) of `samples` against `reference` (see the module).
+            resize: str = "tf1", data_dir: str | None = None, extras: bool = False) -> dict:
+  """FID (and IS when the weights carry the classifier) of `samples` against `reference` (see the module); with
+  `extras` also sFID, precision and recall (k = 3).
 
   The samples are checked before the network is loaded, so a bad folder fails in a second.
 
   Returns:
-    {'fid', 'num_images', 'num_reference', 'inception_score', 'inception_score_std', 'inception_score_note'}.
+    {'fid', 'num_images', 'num_reference', 'inception_score', 'inception_score_std', 'inception_score_note'}, and
+    'sfid', 'precision', 'recall' with `extras`.
   """
   count, batches = image_batches(samples, max_images=max_images)
   model = weights.load_inception(weights_path, resize_method=resize)
-  ref = reference_statistics(reference, model, max_images, data_dir)
+  ref = reference_statistics(reference, model, max_images, data_dir, extras)
   result = metrics.evaluate(batches, ref, model, total=count)
-  return {"fid": result.fid, "num_images": result.num_images, "num_reference": ref.num_images,
-          "inception_score": result.inception_score, "inception_score_std": result.inception_score_std,
-          "inception_score_note": result.inception_score_note}
+  summary = {"fid": result.fid, "num_images": result.num_images, "num_reference": ref.num_images,
+             "inception_score": result.inception_score, "inception_score_std": result.inception_score_std,
+             "inception_score_note": result.inception_score_note}
+  if extras:
+    summary.update(sfid=result.sfid, precision=result.precision, recall=result.recall)
+  return summary

@@ -10,6 +10,11 @@ Formulas follow the reference tools (the LTH14/mage README: MAGE reports torch-f
   `np.random.RandomState(2020).permutation`, float64 softmax of the (unbiased) 1008 logits, split
   `[i*N//splits, (i+1)*N//splits)`, `exp(mean KL(p || mean p))` per split, mean and population std
   (`np.std`) over splits. Terms with p == 0 count as 0 (torch-fidelity would return nan there).
+* `precision_recall`: Kynkaenniemi et al. 2019 with k = 3, as the ADM evaluator runs it on pool3 features: a
+  set's manifold is the union of balls around its points, each with the radius of its k-th nearest other point;
+  precision is the fraction of samples inside the reference manifold, recall the fraction of reference images
+  inside the samples' manifold (squared Euclidean distances in float32, blocked).
+* sFID (Nash et al. 2021): `frechet_distance` of the spatial features (`inception.pool_and_spatial_features`).
 """
 
 from __future__ import annotations
@@ -115,6 +120,41 @@ def inception_score(logits, splits: int = 10, shuffle: bool = True,
   return float(np.mean(scores)), float(np.std(scores))
 
 
+PR_NEIGHBOURS = 3
+_PR_BLOCK = 2048  # rows of the distance matrix held at once: 2048 x N float32
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  d = (a * a).sum(1)[:, None] - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :]
+  return np.maximum(d, 0.0)
+
+
+def manifold_radii(features, k: int = PR_NEIGHBOURS) -> np.ndarray:
+  """[N] squared distance of each point to its k-th nearest other point of the same set."""
+  f = np.asarray(features, np.float32)
+  if f.ndim != 2 or f.shape[0] <= k:
+    raise ValueError(f"manifold radii need features [N > {k}, D], got shape {f.shape}")
+  # Column 0 of the partition is the point itself (distance 0), so column k is its k-th neighbour.
+  return np.concatenate([np.partition(_squared_distances(f[i:i + _PR_BLOCK], f), k, axis=1)[:, k]
+                         for i in range(0, len(f), _PR_BLOCK)])
+
+
+def _inside(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> np.ndarray:
+  """[len(points)] bool: within some ball (centres[j], radii[j])."""
+  return np.concatenate([(_squared_distances(points[i:i + _PR_BLOCK], centres) <= radii[None, :]).any(1)
+                         for i in range(0, len(points), _PR_BLOCK)])
+
+
+def precision_recall(reference, samples, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
+  """(precision, recall) of `samples` [M, D] against `reference` [N, D] features (see the module)."""
+  ref, gen = np.asarray(reference, np.float32), np.asarray(samples, np.float32)
+  if ref.ndim != 2 or gen.ndim != 2 or ref.shape[1] != gen.shape[1]:
+    raise ValueError(f"precision/recall need features [N, D] of equal D, got {ref.shape} and {gen.shape}")
+  precision = float(_inside(gen, ref, manifold_radii(ref, k)).mean())
+  recall = float(_inside(ref, gen, manifold_radii(gen, k)).mean())
+  return precision, recall
+
+
 # ----------------------------------------------------------------------------------------------------
 # Streaming statistics of images.
 
@@ -127,11 +167,15 @@ class ImageStatistics:
     sigma: [2048, 2048] float64 unbiased covariance.
     num_images: N.
     logits: [N, 1008] float32 unbiased logits when the classifier is loaded (for IS), else None.
+    spatial: the statistics of sFID's spatial features, when computed.
+    features: [N, 2048] float32 pool3 features, when kept (for precision and recall).
   """
   mu: np.ndarray
   sigma: np.ndarray
   num_images: int
   logits: np.ndarray | None = None
+  spatial: "ImageStatistics | None" = None
+  features: np.ndarray | None = None
 
 
 class _MomentAccumulator:
@@ -194,7 +238,7 @@ def _fixed_batches(images: Iterable, batch_size: int, max_images: int | None):
 
 def compute_stats_for_images(images: Iterable, model: inception.FIDInception, *, batch_size: int = 50,
                              max_images: int | None = None, keep_logits: bool = True,
-                             total: int | None = None) -> ImageStatistics:
+                             total: int | None = None, extras: bool = False) -> ImageStatistics:
   """Runs the jitted FID Inception over image batches and returns pool3 statistics.
 
   Args:
@@ -205,22 +249,29 @@ def compute_stats_for_images(images: Iterable, model: inception.FIDInception, *,
     max_images: stop after this many images.
     keep_logits: keep the unbiased logits for the Inception Score (if the classifier is loaded).
     total: the number of images, when known, for the progress line's ETA.
+    extras: also the spatial statistics (sFID) and the pool3 features (precision and recall).
 
   Returns:
     `ImageStatistics` (logits None without classifier or with keep_logits=False).
   """
-  acc = _MomentAccumulator()
-  logits = []
+  acc, spatial_acc = _MomentAccumulator(), _MomentAccumulator()
+  logits, features = [], []
   total = min(total, max_images) if total is not None and max_images is not None else (total or max_images)
   meter = progress.Progress(total, "FID Inception features")
   for batch, valid in _fixed_batches(images, batch_size, max_images):
-    feats, lg = model(batch)
-    acc.add(np.asarray(feats)[:valid])
+    feats, lg, *spatial = model(batch, spatial=True) if extras else model(batch)
+    feats = np.asarray(feats)[:valid]
+    acc.add(feats)
     meter.update(valid)
     if keep_logits and lg is not None:
       logits.append(np.asarray(lg)[:valid])
+    if extras:
+      spatial_acc.add(np.asarray(spatial[0])[:valid])
+      features.append(feats.astype(np.float32))
   mu, sigma = acc.result()
-  return ImageStatistics(mu, sigma, acc.n, np.concatenate(logits) if logits else None)
+  return ImageStatistics(mu, sigma, acc.n, np.concatenate(logits) if logits else None,
+                         ImageStatistics(*spatial_acc.result(), acc.n) if extras else None,
+                         np.concatenate(features) if extras else None)
 
 
 @dataclasses.dataclass
@@ -231,18 +282,29 @@ class FidIsResult:
   inception_score: float | None
   inception_score_std: float | None
   inception_score_note: str | None = None
+  sfid: float | None = None
+  precision: float | None = None
+  recall: float | None = None
 
 
 def evaluate(images: Iterable, reference: ImageStatistics, model: inception.FIDInception, *,
              batch_size: int = 50, max_images: int | None = None, is_splits: int = 10,
              total: int | None = None) -> FidIsResult:
-  """FID of `images` against `reference`, and their IS (None, with the reason, without a classifier)."""
-  stats = compute_stats_for_images(images, model, batch_size=batch_size, max_images=max_images, total=total)
+  """FID of `images` against `reference`, and their IS (None, with the reason, without a classifier); sFID,
+  precision and recall too when `reference` carries its spatial statistics and features (`extras`)."""
+  extras = reference.spatial is not None and reference.features is not None
+  stats = compute_stats_for_images(images, model, batch_size=batch_size, max_images=max_images, total=total,
+                                   extras=extras)
   fid = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
+  more = {}
+  if extras:
+    more["sfid"] = frechet_distance(stats.spatial.mu, stats.spatial.sigma, reference.spatial.mu,
+                                    reference.spatial.sigma)
+    more["precision"], more["recall"] = precision_recall(reference.features, stats.features)
   if stats.logits is None:
-    return FidIsResult(fid, stats.num_images, None, None, IS_UNAVAILABLE)
+    return FidIsResult(fid, stats.num_images, None, None, IS_UNAVAILABLE, **more)
   mean, std = inception_score(stats.logits, splits=is_splits)
-  return FidIsResult(fid, stats.num_images, mean, std)
+  return FidIsResult(fid, stats.num_images, mean, std, **more)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,26 +325,41 @@ def save_stats(stats: ImageStatistics, path: str | os.PathLike, **meta: str) -> 
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images),
+  extras = {} if stats.spatial is None else {"mu_s": stats.spatial.mu, "sigma_s": stats.spatial.sigma}
+  if stats.features is not None:
+    extras["features"] = stats.features
+  np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images), **extras,
            **{f"meta_{k}": np.array(v) for k, v in meta.items()})
   os.replace(tmp, path)
 
 
+def _moments(z, path, mu_key: str, sigma_key: str) -> tuple[np.ndarray, np.ndarray]:
+  mu, sigma = z[mu_key].astype(np.float64), z[sigma_key].astype(np.float64)
+  if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+    raise ValueError(f"{path}: inconsistent statistics shapes {mu_key} {mu.shape}, {sigma_key} {sigma.shape}")
+  return mu, sigma
+
+
 def load_stats(path: str | os.PathLike) -> ImageStatistics:
-  """Reads `mu`/`sigma` (and `num_images`) from an npz, e.g. one of ours or pytorch-fid's `--save-stats`."""
+  """Reads `mu`/`sigma` (and `num_images`) from an npz, e.g. one of ours or pytorch-fid's `--save-stats`; sFID's
+  `mu_s`/`sigma_s` (the ADM evaluator's names) and the pool3 `features` when present."""
   with np.load(path, allow_pickle=False) as z:
     if "mu" not in z.files or "sigma" not in z.files:
       raise ValueError(f"{path}: FID statistics need arrays 'mu' and 'sigma', found {z.files}")
-    mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    mu, sigma = _moments(z, path, "mu", "sigma")
     n = int(z["num_images"]) if "num_images" in z.files else -1
-  if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-    raise ValueError(f"{path}: inconsistent statistics shapes mu {mu.shape}, sigma {sigma.shape}")
-  return ImageStatistics(mu, sigma, n)
+    spatial = (ImageStatistics(*_moments(z, path, "mu_s", "sigma_s"), n)
+               if "mu_s" in z.files and "sigma_s" in z.files else None)
+    features = z["features"].astype(np.float32) if "features" in z.files else None
+  if features is not None and (features.ndim != 2 or features.shape[1] != mu.size or len(features) != n):
+    raise ValueError(f"{path}: features of shape {features.shape} do not match {n} images of {mu.size} features")
+  return ImageStatistics(mu, sigma, n, spatial=spatial, features=features)
 
 
 def load_or_compute_reference_stats(name: str, split: str, images_fn: Callable[[], Iterable],
                                     cache_dir=None, *, model: inception.FIDInception | None = None,
-                                    batch_size: int = 50, max_images: int | None = None) -> ImageStatistics:
+                                    batch_size: int = 50, max_images: int | None = None,
+                                    extras: bool = False) -> ImageStatistics:
   """Reference statistics of one dataset split, computed once and cached as npz.
 
   The cache key holds the dataset name and split, the weights id and the resize method (everything that
@@ -295,7 +372,7 @@ def load_or_compute_reference_stats(name: str, split: str, images_fn: Callable[[
       on a cache miss.
     cache_dir: folder for the npz files; default `<weights.cache_dir()>/fid_stats`.
     model: the network; default `weights.load_inception()` (loaded only on a miss).
-    batch_size, max_images: as in `compute_stats_for_images`.
+    batch_size, max_images, extras: as in `compute_stats_for_images` (`extras` are cached in their own file).
 
   Returns:
     `ImageStatistics` (no logits: the reference set only enters the FID).
@@ -306,13 +383,15 @@ def load_or_compute_reference_stats(name: str, split: str, images_fn: Callable[[
     tag = f"{weights_lib.weights_id_of(weights_lib.default_weights_path())[:12]}-tf1"
   if max_images is not None:
     tag += f"-n{max_images}"
+  if extras:
+    tag += "-extras"
   path = reference_stats_path(name, split, tag, cache_dir)
   if path.is_file():
     return load_stats(path)
   if model is None:
     model = weights_lib.load_inception()
   stats = compute_stats_for_images(images_fn(), model, batch_size=batch_size, max_images=max_images,
-                                   keep_logits=False)
+                                   keep_logits=False, extras=extras)
   save_stats(stats, path, name=name, split=split, cache_tag=tag)
   logging.info("saved FID reference statistics of %s/%s (%d images) to %s", name, split, stats.num_images,
                path)

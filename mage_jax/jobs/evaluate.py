@@ -4,7 +4,8 @@ The job behind `python -m mage_jax.evaluate`. The params directory is a params-o
 pretraining export or `python -m mage_jax.convert mage-vitb-1600.pth DIR`). `config.evals` picks the evals:
 'logistic' (a converged logistic regression on all the features, `logistic_probe`), 'linear_probe' (the
 paper's LARS probe), 'fewshot', 'finetune'. Controls, reported side by side with the same classifiers:
-`config.baseline_pixels=True` adds raw pixels (the flattened eval-transformed image); `config.baseline_random=True`
+`config.baseline_pixels=True` adds raw pixels (the flattened eval-transformed image; one channel of a grayscale
+dataset, whose three are copies: the same information at a third of the probe's cost); `config.baseline_random=True`
 adds 'random_proj' (the pixels through a fixed Gaussian projection to the backbone's width) and 'random_init'
 (the same encoder at its random initialisation, behind the same tokenizer): what pretraining adds.
 Re-running the same command resumes: the linear probe and fine-tuning continue from their per-epoch
@@ -17,6 +18,7 @@ for MAGE features the probe as a 'vit' params export in params/), finetune/ (tra
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -29,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from mage_jax import atomic, checkpointing, config_views, fewshot, logistic_probe, probe, sharding
+from mage_jax.data import sources
 from mage_jax.jobs import linear_probe
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
@@ -95,14 +98,19 @@ def feature_sets(config, params_dir: str, mesh, rules) -> tuple[list[FeatureSet]
   mage = FeatureSet("mage", backbone.feature_fn(), variables, shardings, dim=backbone.dim, cache_key=key)
   sets = [mage]
   side = backbone.image_size
+  pixel_fn = functools.partial(probe.pixel_feature_fn, channels=_pixel_channels(config))
   if config.baseline_pixels:
-    sets.append(FeatureSet("pixels", probe.pixel_feature_fn, {}, {}, dim=side * side * 3, cache_key=None))
+    sets.append(FeatureSet("pixels", pixel_fn, {}, {}, dim=side * side * _pixel_channels(config), cache_key=None))
   if config.get("baseline_random", False):
-    sets += control_sets(backbone, mage, mesh)
+    sets += control_sets(backbone, mage, mesh, pixel_fn, _pixel_channels(config))
   return sets, backbone
 
 
-def control_sets(backbone: probe.Backbone, mage: FeatureSet, mesh) -> list[FeatureSet]:
+def _pixel_channels(config) -> int:
+  return 1 if config.input.name in sources.GRAYSCALE_TFDS else 3
+
+
+def control_sets(backbone: probe.Backbone, mage: FeatureSet, mesh, pixel_fn, channels: int) -> list[FeatureSet]:
   """'random_proj': pixels [P] @ R [P, D] / √P with R ~ N(0, 1) seeded; 'random_init': the backbone's encoder
   at a fresh initialisation (the laws training starts from), behind the trained tokenizer. D = backbone width.
 
@@ -110,13 +118,13 @@ def control_sets(backbone: probe.Backbone, mage: FeatureSet, mesh) -> list[Featu
   of their joint features): the tokenizer is most of the cost of a feature pass.
   """
   side, dim = backbone.image_size, backbone.dim
-  pixels = side * side * 3
+  pixels = side * side * channels
   projection = np.random.default_rng(CONTROL_SEED).standard_normal((pixels, dim)).astype(np.float32)
   projection /= np.sqrt(pixels)
   repl = sharding.replicated(mesh)
 
   def projected(v, images, rng, deterministic):
-    return probe.pixel_feature_fn({}, images, rng, deterministic) @ v["projection"]
+    return pixel_fn({}, images, rng, deterministic) @ v["projection"]
 
   ids = jnp.zeros((1, backbone.vit.config.num_tokens), jnp.int32)
   fresh = nn.unbox(jax.jit(backbone.vit.init)(jax.random.key(CONTROL_SEED), ids))

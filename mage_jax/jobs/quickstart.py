@@ -49,7 +49,7 @@ BUDGETS = {
     # epochs and batch, few-shot classifiers and trials, the Fashion-MNIST examples the probes use (0: all).
     # 'sweep' is 'full' with MAGE's evals only: the recipe sweep's rows (docs/quickstart_recipe.md).
     "full": dict(tokenizer_steps=2000, views=2, mage_steps=1850,
-                 mage_recipe="batch=128,width=64,depth=4,decoder_depth=2,heads=4,blr=0.0096",
+                 mage_recipe="batch=128,width=64,depth=4,decoder_depth=2,heads=4,blr=0.0096,crop_min=1.0",
                  fid_samples=1000, grid=64, sample_steps=12, evals=("logistic", "linear_probe", "fewshot"),
                  controls=True, probe_epochs=10, probe_batch=256, fewshot_classifiers=("logreg", "ridge"),
                  fewshot_trials=5, fashion_train=0, fashion_test=0),
@@ -86,6 +86,7 @@ class Options:
     tokenizer_steps, mage_steps: > 0 replaces the budget's number of steps.
     views: > 0 replaces the budget's number of cached views per training image.
     mage_recipe: `configs/fashion_mnist_tiny.py` arguments over the budget's recipe (e.g. 'width=96,blr=0.004').
+    tokenizer_recipe: `configs/tokenizer_fashion_mnist.py` arguments for the tokenizer stage (e.g. 'disc').
   """
   workdir: str
   budget: str = "full"
@@ -101,6 +102,7 @@ class Options:
   mage_steps: int = 0
   views: int = 0
   mage_recipe: str = ""
+  tokenizer_recipe: str = ""
 
   def check(self) -> None:
     """Refuses inconsistent options before any work (ValueError)."""
@@ -116,8 +118,9 @@ class Options:
       raise ValueError("--freeze_codebook keeps every code; --restart_dead_codes replaces unused ones: choose one")
     if min(self.tokenizer_steps, self.mage_steps, self.views, self.restart_dead_codes, self.holdout + 1) < 0:
       raise ValueError("the step and view counts must be >= 0 and --holdout >= -1")
-    if "steps" in [item.partition("=")[0] for item in self.mage_recipe.split(",")]:
-      raise ValueError("--mage_recipe sets no steps: use --mage_steps")
+    for flag, recipe in (("mage_recipe", self.mage_recipe), ("tokenizer_recipe", self.tokenizer_recipe)):
+      if "steps" in [item.partition("=")[0] for item in recipe.split(",")]:
+        raise ValueError(f"--{flag} sets no steps: use --{flag.split('_')[0]}_steps")
     from configs import fashion_mnist_tiny  # pylint: disable=g-import-not-at-top
     from mage_jax import config_ranges  # pylint: disable=g-import-not-at-top
     # unknown or mistyped recipe arguments fail here, and values out of range (blr=-1, mask_min=1.5)
@@ -143,6 +146,11 @@ class Options:
   def recipe(self) -> str:
     """The MAGE recipe: the budget's `configs/fashion_mnist_tiny.py` arguments, then `mage_recipe`'s."""
     return ",".join(filter(None, (BUDGETS[self.budget]["mage_recipe"], self.mage_recipe)))
+
+  def crop_scale(self) -> list[float]:
+    """The recipe's random-resized-crop area range: the cached views are drawn with it."""
+    from configs import fashion_mnist_tiny  # pylint: disable=g-import-not-at-top
+    return list(fashion_mnist_tiny.get_config(self.recipe()).input.scale)
 
 
 def _stage(name: str):
@@ -232,7 +240,8 @@ def train_tokenizer(workdir: str, options: Options, dataset: Dataset, data: dict
   tok_dir = os.path.join(workdir, "tokenizer")
   steps = options.steps()["tokenizer"]
   # Fine-tuning starts a fresh discriminator at mid-run (reconstruction only until then), with LeCam.
-  arg = f"steps={steps},eval_every={max(steps // 3, 1)}" + (",disc" if options.tokenizer_init else "")
+  arg = ",".join(filter(None, (f"steps={steps},eval_every={max(steps // 3, 1)}",
+                               "disc" if options.tokenizer_init else "", options.tokenizer_recipe)))
   config = tokenizer_fashion_mnist.get_config(arg)
   _frequent_checkpoints(config, steps)
   _use_data(config, dataset)
@@ -264,6 +273,7 @@ def cache_tokens(workdir: str, options: Options, dataset: Dataset) -> dict:
   views = options.steps()["views"]
   config = cache_config.get_config(f"base=fashion_mnist_tiny,views={views}")
   _use_data(config, dataset)
+  config.input.scale = tuple(options.crop_scale())
   config.tokenizer.init = os.path.join(workdir, "tokenizer", "params")
   start = time.time()
   out = cache_job.train_and_evaluate(config, os.path.join(workdir, "tokens"))
@@ -398,7 +408,7 @@ def _reference_statistics(workdir: str, model, batch_size: int):
     return inputs.image_batches(images)[1]
 
   return metrics.load_or_compute_reference_stats("heldout", digest, batches, os.path.join(workdir, "fid_reference"),
-                                                 model=model, batch_size=batch_size)
+                                                 model=model, batch_size=batch_size, extras=True)
 
 
 def compute_fid(workdir: str, budget: dict, dataset: Dataset) -> dict:
@@ -417,10 +427,11 @@ def compute_fid(workdir: str, budget: dict, dataset: Dataset) -> dict:
       count, batches = inputs.image_batches(samples, max_images=budget["fid_samples"])
       result = metrics.evaluate(batches, reference, model, batch_size=batch_size, total=count)
       summary = {"fid": result.fid, "num_images": result.num_images, "num_reference": reference.num_images,
-                 "reference": "heldout.npz"}
+                 "reference": "heldout.npz", "sfid": result.sfid, "precision": result.precision,
+                 "recall": result.recall}
     else:
       summary = inputs.compute(samples, "fashion_mnist:test", max_images=budget["fid_samples"],
-                               data_dir=dataset.data_dir)
+                               data_dir=dataset.data_dir, extras=True)
     atomic.write_json(path, summary)
   with open(path) as f:
     return json.load(f)
@@ -490,6 +501,9 @@ def results_table(results: dict) -> str:
            else f"{fid.get('num_reference', 0)} held-out images")
   rows.append((f"FID vs {where} ({fid.get('num_images', 0)} samples)",
                f"{fid_value:.2f}" if fid_value is not None else "n/a (FID weights not set up)"))
+  if fid.get("sfid") is not None:
+    rows += [("sFID (spatial Inception features)", f"{fid['sfid']:.2f}"),
+             ("precision / recall of the samples (k = 3)", f"{_pct(fid['precision'])} / {_pct(fid['recall'])}")]
   rows.append(("wall time of this invocation (min)", f"{results['seconds'] / 60:.1f}"))
   title = "Fashion-MNIST" if heldout == "test" else f"{os.path.basename(data['path'])}, {_counts(data)}"
   lines = [f"| quantity ({title}, this run) | value |", "|---|---|"]
@@ -605,8 +619,10 @@ class Pipeline:
     self.stage_inputs = {
         "data": self.dataset.identity(),
         "tokenizer": {"steps": options.steps()["tokenizer"], "init": _init_identity(options.tokenizer_init),
-                      "freeze_codebook": options.freeze_codebook, "restart_dead_codes": options.restart_dead_codes},
-        "cache": {"views": options.steps()["views"]},
+                      "freeze_codebook": options.freeze_codebook, "restart_dead_codes": options.restart_dead_codes,
+                      # Only when set: the identity of a tokenizer trained without it stays what it was.
+                      **({"recipe": options.tokenizer_recipe} if options.tokenizer_recipe else {})},
+        "cache": {"views": options.steps()["views"], "crop_scale": options.crop_scale()},
         "mage": {"steps": options.steps()["mage"], "model": options.model, "recipe": options.recipe()},
         "samples": {k: budget[k] for k in ("fid_samples", "grid", "sample_steps")},
         "representations": {k: budget[k] for k in ("evals", "controls", "probe_epochs", "probe_batch",
