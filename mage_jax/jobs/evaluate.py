@@ -31,7 +31,6 @@ import numpy as np
 from absl import logging
 
 from mage_jax import atomic, checkpointing, config_views, fewshot, logistic_probe, probe, sharding
-from mage_jax.data import sources
 from mage_jax.jobs import linear_probe
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
@@ -107,6 +106,7 @@ def feature_sets(config, params_dir: str, mesh, rules) -> tuple[list[FeatureSet]
 
 
 def _pixel_channels(config) -> int:
+  from mage_jax.data import sources  # pylint: disable=g-import-not-at-top  (TensorFlow: not for --help)
   return 1 if config.input.name in sources.GRAYSCALE_TFDS else 3
 
 
