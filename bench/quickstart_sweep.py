@@ -63,10 +63,11 @@ def command(root: str, name: str) -> list[str]:
 
 def _stage_inputs(name: str) -> tuple:
   """What the shareable stages of a row depend on, stage by stage (prefixes match ⇒ those stages match)."""
+  from mage_jax.jobs import quickstart  # pylint: disable=g-import-not-at-top
   row = ROWS[name]
-  recipe = dict(item.partition("=")[::2] for item in row.get("mage_recipe", "").split(",") if item)
+  crop = quickstart.Options("", budget=row.get("budget", "sweep"), mage_recipe=row.get("mage_recipe", "")).crop_scale()
   return (("data",), ("tokenizer", row.get("tokenizer_steps", 0), row.get("tokenizer_recipe", "")),
-          ("cache", row.get("views", 0), recipe.get("crop_min", "0.2")))
+          ("cache", row.get("views", 0), *crop))
 
 
 def seed_from_earlier(root: str, name: str) -> str | None:

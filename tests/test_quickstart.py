@@ -90,6 +90,8 @@ def test_recipes_reach_the_stages_they_change():
   assert quickstart.Options("w", mage_recipe="crop_min=0.5").crop_scale() == [0.5, 1.0]
   with pytest.raises(ValueError, match="--tokenizer_recipe sets no steps: use --tokenizer_steps"):
     quickstart.Options("w", tokenizer_recipe="disc,steps=5").check()
+  with pytest.raises(ValueError, match="unknown config argument 'dsic'"):
+    quickstart.Options("w", tokenizer_recipe="dsic").check()
   with pytest.raises(ValueError, match="--mage_recipe sets no steps: use --mage_steps"):
     quickstart.Options("w", mage_recipe="steps=5").check()
 

@@ -58,6 +58,15 @@ def test_rows_link_the_stages_they_share(tmp_path, monkeypatch):
   assert "| wide | mage_recipe=width=96 |" in sweep.table(str(tmp_path))
 
 
+def test_rows_the_docs_name_exist():
+  import re  # pylint: disable=g-import-not-at-top
+
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  doc = (REPO / "docs" / "quickstart_recipe.md").read_text()
+  named = re.findall(r"quickstart_sweep\.py [^\n]*--rows=([\w,]+)", doc)
+  assert named and all(row in sweep.ROWS for rows in named for row in rows.split(",")), named
+
+
 def test_every_row_is_a_quickstart_command(tmp_path):
   for name in sweep.ROWS:
     cmd = sweep.command(str(tmp_path), name)

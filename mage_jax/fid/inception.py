@@ -286,10 +286,14 @@ def pool_and_spatial_features(params: Params, x: jax.Array) -> tuple[jax.Array, 
   return _network(params, x)
 
 
+def _unbiased_logits(params: Params, feats: jax.Array) -> jax.Array:
+  return jnp.dot(feats, params["fc"]["kernel"], precision=_HIGHEST)
+
+
 @jax.jit
 def _features_and_logits(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
   feats = pool_features(params, x)
-  return feats, jnp.dot(feats, params["fc"]["kernel"], precision=_HIGHEST)
+  return feats, _unbiased_logits(params, feats)
 
 
 def features_and_logits(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
@@ -435,10 +439,9 @@ class FIDInception:
     if not spatial:
       return features_and_logits(self.params, x)
     pool, spatial_features = pool_and_spatial_features(self.params, x)
-    logits = jnp.dot(pool, self.params["fc"]["kernel"], precision=_HIGHEST) if self.has_logits else None
+    logits = _unbiased_logits(self.params, pool) if self.has_logits else None
     return pool, logits, spatial_features
 
   def pool_features(self, images) -> jax.Array:
     """images: [N, H, W, 3] uint8 or [0, 1] float -> [N, 2048] float32 pool3 features."""
     return pool_features(self.params, preprocess(images, self.resize_method))
-

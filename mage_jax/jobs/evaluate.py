@@ -96,12 +96,12 @@ def feature_sets(config, params_dir: str, mesh, rules) -> tuple[list[FeatureSet]
   key = {**probe.params_identity(params_dir), "global_pool": config.global_pool, "dtype": config.dtype}
   mage = FeatureSet("mage", backbone.feature_fn(), variables, shardings, dim=backbone.dim, cache_key=key)
   sets = [mage]
-  side = backbone.image_size
-  pixel_fn = functools.partial(probe.pixel_feature_fn, channels=_pixel_channels(config))
+  side, channels = backbone.image_size, _pixel_channels(config)
+  pixel_fn = functools.partial(probe.pixel_feature_fn, channels=channels)
   if config.baseline_pixels:
-    sets.append(FeatureSet("pixels", pixel_fn, {}, {}, dim=side * side * _pixel_channels(config), cache_key=None))
+    sets.append(FeatureSet("pixels", pixel_fn, {}, {}, dim=side * side * channels, cache_key=None))
   if config.get("baseline_random", False):
-    sets += control_sets(backbone, mage, mesh, pixel_fn, _pixel_channels(config))
+    sets += control_sets(backbone, mage, mesh, pixel_fn, channels)
   return sets, backbone
 
 

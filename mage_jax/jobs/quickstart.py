@@ -121,10 +121,11 @@ class Options:
     for flag, recipe in (("mage_recipe", self.mage_recipe), ("tokenizer_recipe", self.tokenizer_recipe)):
       if "steps" in [item.partition("=")[0] for item in recipe.split(",")]:
         raise ValueError(f"--{flag} sets no steps: use --{flag.split('_')[0]}_steps")
-    from configs import fashion_mnist_tiny  # pylint: disable=g-import-not-at-top
+    from configs import fashion_mnist_tiny, tokenizer_fashion_mnist  # pylint: disable=g-import-not-at-top
     from mage_jax import config_ranges  # pylint: disable=g-import-not-at-top
     # unknown or mistyped recipe arguments fail here, and values out of range (blr=-1, mask_min=1.5)
     config_ranges.check(fashion_mnist_tiny.get_config(self.recipe()))
+    tokenizer_fashion_mnist.get_config(self.tokenizer_recipe)
     factor = 2 ** (len(self.tokenizer_sizes()["ch_mult"]) - 1)
     if self.image_size % factor or self.image_size < 2 * factor:
       raise ValueError(f"--image_size={self.image_size}: the tokenizer downsamples by {factor}, so the image size "
