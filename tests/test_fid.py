@@ -97,6 +97,33 @@ def test_resize_matches_torch(torch_ref, case, method):
   np.testing.assert_allclose(got, want, rtol=0, atol=5e-4)
 
 
+# One layer of each geometry in the graph: (kernel, stride, padding) -> its first layer.
+_CONV_GEOMETRIES = {(s.kernel, s.stride, s.padding): s.name for s in reversed(inception.CONVS)}
+
+
+@pytest.mark.parametrize("name", sorted(_CONV_GEOMETRIES.values()))
+def test_conv_as_matmuls_is_the_convolution(name):
+  """CPU's formulation of the convolution (and the convolution itself) against float64 NumPy, one layer of each
+  geometry: 3x3 valid and same, strides 1 and 2, 1x1, 5x5, 1x7, 7x1, 1x3, 3x1."""
+  spec = inception.CONV_BY_NAME[name]
+  rng = np.random.default_rng(0)
+  side = 19 if spec.stride == 1 else 21
+  x = rng.standard_normal((2, side, side, spec.in_ch)).astype(np.float32)
+  kernel = (rng.standard_normal(spec.kernel + (spec.in_ch, spec.out_ch)) / np.sqrt(spec.in_ch)).astype(np.float32)
+  (kh, kw), (ph, pw), stride = spec.kernel, spec.padding, spec.stride
+  padded = np.pad(x.astype(np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  out_h, out_w = (padded.shape[1] - kh) // stride + 1, (padded.shape[2] - kw) // stride + 1
+  want = np.zeros((2, out_h, out_w, spec.out_ch))
+  for i in range(kh):
+    for j in range(kw):
+      window = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+      want += window @ kernel[i, j].astype(np.float64)
+  got = np.asarray(inception._conv_as_matmuls(spec, x, kernel))
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+  np.testing.assert_allclose(np.asarray(inception._conv(spec, x, kernel)), want, rtol=0,
+                             atol=2e-5 * np.abs(want).max())
+
+
 def test_preprocess_scaling_and_dtypes():
   rng = np.random.default_rng(0)
   u8 = rng.integers(0, 256, (2, 299, 299, 3), dtype=np.uint8)
