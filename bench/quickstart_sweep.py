@@ -53,6 +53,9 @@ ROWS = {
     # A shorter tokenizer: 4,000 steps made the masked-token task harder and the features worse.
     "w64_crop100_tok1k": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850,
                           "tokenizer_steps": 1000},
+    # From here on a row's cached views alternate flips (`pipeline.example_views`, cache format 2): K = 2 views are the
+    # image and its mirror; the rows above drew each view's flip by itself (both views the same in half the images).
+    "w64_crop100_mirror": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850},
     "full": {"budget": "full"},  # `make quickstart` itself: the controls and the paper-protocol probe too
 }
 SHARED = (("data", ("data.json",)), ("tokenizer", ("tokenizer", "reconstructions.png")), ("cache", ("tokens",)))
@@ -73,6 +76,15 @@ def _stage_inputs(name: str) -> tuple:
           ("cache", row.get("views", 0), *crop))
 
 
+def _current_cache_format(tokens_dir: str) -> bool:
+  from mage_jax import cached_tokens  # pylint: disable=g-import-not-at-top
+  try:
+    with open(os.path.join(tokens_dir, cached_tokens.META_FILE)) as f:
+      return json.load(f).get("format_version") == cached_tokens.FORMAT_VERSION
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
 def seed_from_earlier(root: str, name: str) -> str | None:
   """Links the longest run of shareable stages a finished earlier row has in common; returns that row."""
   mine = _stage_inputs(name)
@@ -86,6 +98,8 @@ def seed_from_earlier(root: str, name: str) -> str | None:
     common = 0
     while common < len(mine) and _stage_inputs(other)[common] == mine[common]:
       common += 1
+    if common == len(SHARED) and not _current_cache_format(os.path.join(root, other, "tokens")):
+      common -= 1  # the cache of an older view law: its tokenizer still serves
     if common > depth:
       best, depth = other, common
   if best is None:

@@ -2,8 +2,8 @@
 
 MAGE's tokenizer is frozen, so re-encoding every image at every step (44 % of a ViT-B step's FLOPs at 256 px)
 can be paid once: `python -m mage_jax.main --config=configs/cache_tokens.py` encodes K views of every example
-(the pretraining crop + flip, view v of example i a pure function of (seed, i, v); see
-`pipeline.example_views`) and pretraining with `input.tokens=DIR` draws one of the K views per example each
+(the pretraining crop + flip, view v of example i a pure function of (seed, i, v), the flip alternating
+from view to view; see `pipeline.example_views`) and pretraining with `input.tokens=DIR` draws one of the K views per example each
 epoch and skips the tokenizer. The trade-off: K fixed views instead of a fresh crop every epoch.
 
 Directory layout (`DIR`):
@@ -33,7 +33,7 @@ from mage_jax.data import pipeline
 from mage_jax.models.vqgan import VQGAN
 
 META_FILE = "cache.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a view's flip alternates with its parity (`pipeline.example_views`)
 MAX_CODEBOOK = 1 << 16  # ids are stored as uint16
 _VIEW_CHOICE_PURPOSE = 6  # which of the K views an epoch uses: a stream apart from the pipeline's
 

@@ -74,6 +74,24 @@ def test_cache_contents(cache_dir, image_folder):
   assert np.mean(ids[:, 0] != ids[:, 1]) > 0.2  # the views are different crops
 
 
+def test_views_alternate_flips(image_folder, tokenizer_dir):
+  """With the whole image as every crop (the flip-only law), views 0 and 1 of each example are mirror images and
+  views 0 and 2 the same image: K = 2 views hold the image and its mirror, whichever the example's coin put first."""
+  cfg = _cache_config(image_folder, tokenizer_dir, **{"input.scale": (1.0, 1.0)}).input
+  index = np.repeat(np.arange(24), 3)
+  view = np.tile(np.arange(3), 24)
+  images = next(pipeline.example_views(cfg, seed=0, index=index, view=view, batch=72))["image"].reshape(24, 3, 16,
+                                                                                                         16, 3)
+  asymmetric = np.any(images[:, 0] != images[:, 0, :, ::-1], axis=(1, 2, 3))
+  assert asymmetric.sum() > 20  # the check below can fail
+  np.testing.assert_array_equal(images[:, 1], images[:, 0, :, ::-1])
+  np.testing.assert_array_equal(images[:, 2], images[:, 0])
+  plain = next(pipeline.eval_iterator({**cfg.to_dict(), "augment": "none", "batch_size": 24}))["image"]
+  distance = lambda a, b: np.abs(a - b).sum(axis=(1, 2, 3))
+  first_flipped = distance(images[:, 0], plain[:, :, ::-1]) < distance(images[:, 0], plain)
+  assert 0 < first_flipped[asymmetric].sum() < asymmetric.sum()  # each example's coin, not one for all
+
+
 def _exported(workdir):
   return params_io.load(os.path.join(workdir, "params"))[0]["model"]["params"]
 

@@ -3,14 +3,15 @@
 import json
 
 from bench import quickstart_sweep as sweep
+from mage_jax import cached_tokens
 
 
-def _finished_row(root, name, seconds):
+def _finished_row(root, name, seconds, cache_format=cached_tokens.FORMAT_VERSION):
   d = root / name
   (d / "tokenizer" / "params").mkdir(parents=True)
   (d / "tokenizer" / "params" / "w").write_text("tok")
   (d / "tokens").mkdir()
-  (d / "tokens" / "cache.json").write_text("{}")
+  (d / "tokens" / "cache.json").write_text(json.dumps({"format_version": cache_format}))
   (d / "data.json").write_text("{}")
   (d / "mage").mkdir()
   stages = {s: f"hash-{s}" for s in ("data", "tokenizer", "cache", "mage", "samples", "representations", "fid")}
@@ -47,6 +48,14 @@ def test_rows_link_the_stages_they_share(tmp_path, monkeypatch):
   assert sweep.seed_from_earlier(str(tmp_path), "disc") == "base"  # another tokenizer recipe: the data only
   assert set(json.loads((tmp_path / "disc" / "stages.json").read_text())) == {"data"}
   assert sweep.seed_from_earlier(str(tmp_path), "wide") is None   # started rows resume by themselves
+
+  _finished_row(tmp_path, "old", seconds, cache_format=cached_tokens.FORMAT_VERSION - 1)
+  (tmp_path / "base" / "results.json").unlink()
+  monkeypatch.setitem(sweep.ROWS, "old", {})
+  monkeypatch.setitem(sweep.ROWS, "same", {})
+  assert sweep.seed_from_earlier(str(tmp_path), "same") == "old"  # a cache of an older view law: not linked
+  assert set(json.loads((tmp_path / "same" / "stages.json").read_text())) == {"data", "tokenizer"}
+  (tmp_path / "base" / "results.json").write_text((tmp_path / "old" / "results.json").read_text())
 
   # a finished linked row counts the linked stages' seconds: the time of a fresh run with its settings
   own = {"mage": 200.0, "samples": 30.0, "representations": 60.0, "fid": 50.0}

@@ -176,9 +176,10 @@ def random_resized_crop(
   return _resize(_to_float(crop), size, size, interpolation)
 
 
-def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """Horizontal flip with probability 0.5. `image`: `[H, W, C]`."""
-  flip = tf.random.stateless_uniform([], seed) < 0.5
+def random_flip(image: tf.Tensor, seed: tf.Tensor, flip: tf.Tensor | None = None) -> tf.Tensor:
+  """Horizontal flip with probability 0.5, or as `flip` (a bool scalar) says. `image`: `[H, W, C]`."""
+  if flip is None:
+    flip = tf.random.stateless_uniform([], seed) < 0.5
   return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
 
@@ -288,6 +289,7 @@ def preprocess(
     crop_ratio: float = EVAL_CROP_RATIO,
     eval_interpolation: str = "bicubic",
     rand_augment: randaugment.RandAugmentConfig | None = None,
+    flip: tf.Tensor | None = None,
 ) -> tf.Tensor:
   """The full per-example transform.
 
@@ -301,6 +303,7 @@ def preprocess(
     crop_ratio, eval_interpolation: the 'none' transform.
     rand_augment: timm RandAugment after the crop and flip (random modes only), applied like timm to the
       uint8 image the crop would have produced in PIL (hence the rounding to 1/255 before it).
+    flip: whether to flip (bool scalar) instead of the seed's draw; the crop's draw is the same either way.
 
   Returns:
     float32 `[size, size, 3]` in [0, 1].
@@ -319,7 +322,7 @@ def preprocess(
     out = random_resized_crop(image, crop_seed, size, scale=scale, ratio=ratio,
                               interpolation=interpolation,
                               single_draw=(mode == "probe"))
-    out = random_flip(out, flip_seed)
+    out = random_flip(out, flip_seed, flip)
     if rand_augment is not None:
       # A seed of its own (not a third split) keeps the crop and flip draws of existing runs unchanged.
       ra_seed = tf.random.experimental.stateless_fold_in(seed, 1)

@@ -60,6 +60,7 @@ _AUGMENT_PURPOSE = 2
 _CACHED_VIEW_PURPOSE = 5  # `example_views`: views keyed by example index, not by sample number
 # Views v > 0 fold this plus v into the sample's seed; far from the small constants the transforms fold in.
 VIEW_SEED_OFFSET = 1 << 20
+FLIP_COIN_OFFSET = VIEW_SEED_OFFSET - 1  # `example_views`' per-example flip coin: below every view's seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,11 +229,11 @@ def _finish(ds: tf.data.Dataset, load_fn, c: InputConfig, local: int):
 
 
 def _transform(c: InputConfig):
-  """(image, seed) -> the configured training transform of one image (`augment.preprocess`)."""
+  """(image, seed, flip=None) -> the configured training transform of one image (`augment.preprocess`)."""
   rand_augment = randaugment.parse(c.rand_augment) if c.rand_augment else None
-  return lambda image, seed: augment_lib.preprocess(
+  return lambda image, seed, flip=None: augment_lib.preprocess(
       image, seed, size=c.image_size, mode=c.augment, interpolation=c.interpolation, scale=c.scale, ratio=c.ratio,
-      crop_ratio=c.crop_ratio, eval_interpolation=c.eval_interpolation, rand_augment=rand_augment)
+      crop_ratio=c.crop_ratio, eval_interpolation=c.eval_interpolation, rand_augment=rand_augment, flip=flip)
 
 
 def example_views(cfg: Any, *, seed: int, index: np.ndarray, view: np.ndarray, batch: int,
@@ -240,7 +241,10 @@ def example_views(cfg: Any, *, seed: int, index: np.ndarray, view: np.ndarray, b
   """View `view[m]` of example `index[m]`, m = 0..M-1 in order, `batch` images at a time (cached-token views).
 
   The view is the configured training transform seeded by fold_in((seed, index), VIEW_SEED_OFFSET + view): a
-  pure function of (seed, example index, view), whoever computes it and in whatever batch.
+  pure function of (seed, example index, view), whoever computes it and in whatever batch. Its flip alternates
+  with the view's parity from a coin per example (`FLIP_COIN_OFFSET`): two views of an image are never both
+  flipped or both not, so K = 2 views of the flip-only law are the image and its mirror, not one of them twice
+  in half of the examples.
 
   Args:
     cfg: input config (module docstring); its `batch_size` is not used.
@@ -268,8 +272,10 @@ def example_views(cfg: Any, *, seed: int, index: np.ndarray, view: np.ndarray, b
 
   def load(el):
     image, label = src.load(el["index"])
-    seed_ = tf.random.experimental.stateless_fold_in(tf.stack([key, el["index"]]), VIEW_SEED_OFFSET + el["view"])
-    return {"image": transform(image, seed_), "label": label}
+    example = tf.stack([key, el["index"]])
+    seed_ = tf.random.experimental.stateless_fold_in(example, VIEW_SEED_OFFSET + el["view"])
+    coin = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(example, FLIP_COIN_OFFSET)) < 0.5
+    return {"image": transform(image, seed_, tf.not_equal(coin, el["view"] % 2 == 1)), "label": label}
 
   ds = tf.data.Dataset.from_tensor_slices({"index": index, "view": view}).batch(batch)
   return DataIterator(_finish(ds, load, c, batch), src, num_batches=index.size // batch)

@@ -41,6 +41,11 @@ from mage_jax import atomic
 from mage_jax.jobs import quickstart_data
 from mage_jax.jobs.quickstart_data import Dataset
 
+def _cache_format() -> int:
+  from mage_jax import cached_tokens  # pylint: disable=g-import-not-at-top  (TensorFlow: not for --help)
+  return cached_tokens.FORMAT_VERSION
+
+
 BUDGETS = {
     # tokenizer steps, token views cached per image, MAGE steps and recipe (configs/fashion_mnist_tiny.py
     # arguments; docs/quickstart_recipe.md has the sweep behind them), samples for FID (and for the test-split
@@ -623,7 +628,8 @@ class Pipeline:
                       "freeze_codebook": options.freeze_codebook, "restart_dead_codes": options.restart_dead_codes,
                       # Only when set: the identity of a tokenizer trained without it stays what it was.
                       **({"recipe": options.tokenizer_recipe} if options.tokenizer_recipe else {})},
-        "cache": {"views": options.steps()["views"], "crop_scale": options.crop_scale()},
+        "cache": {"views": options.steps()["views"], "crop_scale": options.crop_scale(),
+                  "format": _cache_format()},
         "mage": {"steps": options.steps()["mage"], "model": options.model, "recipe": options.recipe()},
         "samples": {k: budget[k] for k in ("fid_samples", "grid", "sample_steps")},
         "representations": {k: budget[k] for k in ("evals", "controls", "probe_epochs", "probe_batch",
