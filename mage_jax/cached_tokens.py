@@ -2,9 +2,9 @@
 
 MAGE's tokenizer is frozen, so re-encoding every image at every step (44 % of a ViT-B step's FLOPs at 256 px)
 can be paid once: `python -m mage_jax.main --config=configs/cache_tokens.py` encodes K views of every example
-(the pretraining crop + flip, view v of example i a pure function of (seed, i, v), the flip alternating
-from view to view; see `pipeline.example_views`) and pretraining with `input.tokens=DIR` draws one of the K views per example each
-epoch and skips the tokenizer. The trade-off: K fixed views instead of a fresh crop every epoch.
+(the pretraining crop + flip, view v of example i a pure function of (seed, i, v), the flip alternating from view
+to view; see `pipeline.example_views`) and pretraining with `input.tokens=DIR` draws one of the K views per
+example each epoch and skips the tokenizer. The trade-off: K fixed views instead of a fresh crop every epoch.
 
 Directory layout (`DIR`):
   `cache.json`                          what the ids are (see `describe`): written first, compared on every rerun

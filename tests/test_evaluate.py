@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import pytest
 
 from configs import eval_fashion_mnist, eval_imagenet, finetune_imagenet
 from conftest import random_variables
-from mage_jax import builders, masking
+from mage_jax import builders, evals, masking
 from mage_jax.jobs import evaluate
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
@@ -99,6 +101,58 @@ def test_unknown_eval_is_an_error(tmp_path):
     evaluate.run(c, str(tmp_path / "params"), str(tmp_path / "wd"))
 
 
+@pytest.mark.slow  # ~40 s: the evaluate binary twice on 300 Fashion-MNIST images
+def test_architecture_doc_evaluator_recipe_runs(tiny_params_dir, fashion_data_dir, tmp_path):
+  """docs/architecture.md's "Adding an evaluator", as written: its module in a package of one's own, its
+  command's evals; the table carries the new row and the result is the nearest class mean of the cached features."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  doc = open(os.path.join(ROOT, "docs", "architecture.md")).read()
+  section = doc[doc.index("## Adding an evaluator"):doc.index("## What a run leaves on disk")]
+  (package := tmp_path / "my_evals").mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "nearest_mean.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+  command = re.sub(r"\\\n\s*", " ", re.search(r"```bash\n(.*?)```", section, re.S).group(1))
+  evals_flag = next(w for w in shlex.split(command) if w.startswith("--config.evals="))
+  workdir = tmp_path / "eval"
+  cmd = [sys.executable, "-m", "mage_jax.evaluate", f"--params={tiny_params_dir}", f"--workdir={workdir}",
+         f"--config={ROOT}/configs/eval_fashion_mnist.py:train=200,test=100,batch=50",
+         f"--config.input.data_dir={fashion_data_dir}", evals_flag]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, str(tmp_path)])}
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  results = json.loads((workdir / "results.json").read_text())["results"]
+  assert sorted(results["mage"]) == ["logistic", "my_evals.nearest_mean"]
+  with np.load(workdir / "features" / "mage_train_200.npz") as z:  # MAGE's features are the cached ones
+    train_x, train_y = z["features"], z["labels"]
+  with np.load(workdir / "features" / "mage_test_100.npz") as z:
+    test_x, test_y = z["features"], z["labels"]
+  means = np.stack([train_x[train_y == k].mean(0) for k in range(10)])
+  guess = np.argmin(np.linalg.norm(test_x[:, None] - means[None], axis=-1), axis=1)
+  assert results["mage"]["my_evals.nearest_mean"]["top1"] == pytest.approx(np.mean(guess == test_y))
+  assert results["pixels"]["my_evals.nearest_mean"]["top1"] > 0.4  # Fashion-MNIST's class means: far above chance
+  row = next(line for line in proc.stdout.splitlines() if line.startswith("nearest class mean top-1"))
+  assert len(row.split()) == 4 + 2  # one value per feature set
+  assert "logistic probe top-1" in proc.stdout
+
+
+def test_evaluator_contract_is_checked(tmp_path, monkeypatch):
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "__init__.py").write_text("")
+  (tmp_path / "mine" / "half_done.py").write_text("FEATURES = True\ndef run(context, features):\n  return {}\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(ValueError, match="mine.half_done is not an evaluator .it lacks rows"):
+    evals.load("mine.half_done")
+  with pytest.raises(ValueError, match="unknown evaluator 'knn'.*fewshot, finetune, linear_probe, logistic"):
+    evals.load("knn")
+  with pytest.raises(ValueError, match="cannot be imported"):
+    evals.load("no_such_package.evaluator")
+  c = eval_fashion_mnist.get_config()
+  with c.unlocked():
+    c.evals = ("fewshot", "fewshot")
+  with pytest.raises(ValueError, match="once each"):
+    evaluate.evaluators(c)
+
+
 @pytest.mark.parametrize("variant,blr", [("B", 0.1), ("L", 0.05)])
 def test_imagenet_linear_probe_config_is_the_paper_recipe(variant, blr):
   c = eval_imagenet.get_config(f"variant={variant}")
@@ -143,14 +197,14 @@ def test_controls_share_one_tokenizer_pass_and_match_standalone_features(tiny_pa
   mage, labels = by_name["mage"].features(split, config, 8, mesh, str(tmp_path))
   alone, alone_labels = probe.extract_features(backbone.feature_fn(), by_name["mage"].variables,
                                                by_name["mage"].shardings,
-                                               evaluate._input_cfg(config, split, 64, 8), mesh=mesh)  # pylint: disable=protected-access
+                                               evals.input_config(config, split, 64, 8), mesh=mesh)
   np.testing.assert_allclose(mage, alone, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(labels, alone_labels)
   random_init, _ = by_name["random_init"].features(split, config, 8, mesh, str(tmp_path))
   assert random_init.shape == mage.shape and np.abs(random_init - mage).max() > 1e-3
   pixels, _ = by_name["pixels"].features(split, config, 8, mesh, str(tmp_path))
   projected, _ = by_name["random_proj"].features(split, config, 8, mesh, str(tmp_path))
-  rgb, _ = probe.extract_features(probe.pixel_feature_fn, {}, {}, evaluate._input_cfg(config, split, 64, 8),  # pylint: disable=protected-access
+  rgb, _ = probe.extract_features(probe.pixel_feature_fn, {}, {}, evals.input_config(config, split, 64, 8),
                                   mesh=mesh)
   assert pixels.shape[1] == 8 * 8  # Fashion-MNIST is grayscale: one of the three repeated channels, nothing lost
   np.testing.assert_array_equal(rgb.reshape(64, 64, 3), np.repeat(pixels[..., None], 3, axis=-1))

@@ -1,15 +1,15 @@
-"""Representation evals of a MAGE checkpoint: linear probe, few-shot, fine-tuning (protocols: docs/evals.md).
+"""Representation evals of a MAGE checkpoint (protocols: docs/evals.md): the job behind `python -m mage_jax.evaluate`.
 
-The job behind `python -m mage_jax.evaluate`. The params directory is a params-only checkpoint (a MAGE
-pretraining export or `python -m mage_jax.convert mage-vitb-1600.pth DIR`). `config.evals` picks the evals:
-'logistic' (a converged logistic regression on all the features, `logistic_probe`), 'linear_probe' (the
-paper's LARS probe), 'fewshot', 'finetune'. Controls, reported side by side with the same classifiers:
-`config.baseline_pixels=True` adds raw pixels (the flattened eval-transformed image; one channel of a grayscale
-dataset, whose three are copies: the same information at a third of the probe's cost); `config.baseline_random=True`
-adds 'random_proj' (the pixels through a fixed Gaussian projection to the backbone's width) and 'random_init'
-(the same encoder at its random initialisation, behind the same tokenizer): what pretraining adds.
-Re-running the same command resumes: the linear probe and fine-tuning continue from their per-epoch
-checkpoints, features come from the npz cache in WD/features.
+The params directory is a params-only checkpoint (a MAGE pretraining export or `python -m mage_jax.convert
+mage-vitb-1600.pth DIR`). `config.evals` names the evaluators (`mage_jax/evals/`: 'logistic', 'linear_probe',
+'fewshot', 'finetune', or a module of your own); this job builds the feature sets they run on and prints what
+they return. Controls, reported side by side with the same evaluators: `config.baseline_pixels=True` adds raw
+pixels (the flattened eval-transformed image; one channel of a grayscale dataset, whose three are copies: the
+same information at a third of the probe's cost); `config.baseline_random=True` adds 'random_proj' (the pixels
+through a fixed Gaussian projection to the backbone's width) and 'random_init' (the same encoder at its random
+initialisation, behind the same tokenizer): what pretraining adds. Re-running the same command resumes: the
+linear probe and fine-tuning continue from their per-epoch checkpoints, features come from the npz cache in
+WD/features.
 
 Writes (process 0) WD/results.json {'params', 'config', 'results': {features: {eval: ...}}, 'seconds'} and
 prints a table. Layout of WD: features/<set>_<split>.npz, linear_probe/<set>/ (checkpoints, history, and
@@ -30,21 +30,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import atomic, checkpointing, config_views, fewshot, logistic_probe, probe, sharding
-from mage_jax.jobs import linear_probe
+from mage_jax import atomic, config_views, evals, probe, sharding
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
 
-EVALS = ("logistic", "linear_probe", "fewshot", "finetune")
-FEATURE_EVALS = ("logistic", "linear_probe", "fewshot")
 CONTROL_SEED = 1234  # the random projection and the random initialisation
-
-
-def _input_cfg(config: ml_collections.ConfigDict, split: str, batch_size: int, image_size: int,
-               augment: str = "none") -> dict:
-  """`config.input` for one split, batch and augmentation at the checkpoint's resolution."""
-  return {**config.input.to_dict(), "split": split, "batch_size": batch_size, "image_size": image_size,
-          "augment": augment}
 
 
 def _split_tag(split: str) -> str:
@@ -67,7 +57,7 @@ class FeatureSet:
   def features(self, split: str, config, image_size: int, mesh, workdir: str):
     if split in self._memo:
       return self._memo[split]
-    cfg = _input_cfg(config, split, config.input.batch_size, image_size)
+    cfg = evals.input_config(config, split, config.input.batch_size, image_size)
     path = None
     key = ""
     if self.cache_key is not None and config.features.cache:
@@ -151,83 +141,20 @@ def control_sets(backbone: probe.Backbone, mage: FeatureSet, mesh, pixel_fn, cha
                      parent=joint, columns=slice(dim, 2 * dim))]
 
 
-def _probe_identity(config, params_dir: str, fs: FeatureSet, image_size: int) -> dict:
-  """What a linear-probe workdir's checkpoints depend on: the features (model, data) and the recipe."""
-  model = probe.params_identity(params_dir) if fs.name == "mage" else "raw pixels"
-  return {"features": fs.name, "model": model, "input": _input_cfg(config, config.input.split, 0, image_size),
-          "eval_split": config.eval_split, "linear_probe": config.linear_probe.to_dict(), "seed": config.seed}
-
-
-def run_linear_probe(fs: FeatureSet, config, image_size: int, mesh, workdir: str, backbone=None) -> dict:
-  lp = config.linear_probe.to_dict()
-  stop = lp.pop("stop_after_epochs", 0) or None
-  augment = lp.pop("augment")
-  dropout = lp.pop("dropout")
-  cfg = config_views.from_config(linear_probe.ProbeConfig, lp, "config.linear_probe",
-                                 num_classes=config.num_classes, seed=config.seed)
-  val_x, val_y = fs.features(config.eval_split, config, image_size, mesh, workdir)
-  if augment == "none":
-    train_x, train_y = fs.features(config.input.split, config, image_size, mesh, workdir)
-    data = linear_probe.CachedFeatures(train_x, train_y)
-  else:
-    data = linear_probe.OnlineImages(_input_cfg(config, config.input.split, cfg.batch_size, image_size, augment),
-                                     fs.feature_fn, fs.variables, fs.shardings, dropout=dropout)
-  pw = os.path.join(workdir, "linear_probe", fs.name)
-  results, _ = linear_probe.train_probe(data, val_x, val_y, cfg, workdir=pw, mesh=mesh, dim=fs.dim,
-                                        stop_after_epochs=stop, export_dir=os.path.join(pw, "params"),
-                                        backbone=backbone)
-  results["protocol"] = ("official: augmented images through the backbone every step" if augment != "none"
-                         else "cached features (eval transform, no augmentation, no dropout)")
-  return results
-
-
-def run_logistic(fs: FeatureSet, config, image_size: int, mesh, workdir: str) -> dict:
-  train_x, train_y = fs.features(config.input.split, config, image_size, mesh, workdir)
-  test_x, test_y = fs.features(config.eval_split, config, image_size, mesh, workdir)
-  out = logistic_probe.evaluate(train_x, train_y, test_x, test_y, num_classes=config.num_classes, seed=config.seed)
-  logging.info("%s logistic probe: top-1 %.4f (l2 %g, %d train examples, %.1f s)", fs.name, out["top1"], out["l2"],
-               out["train_examples"], out["seconds"])
-  return out
-
-
-def run_fewshot(fs: FeatureSet, config, image_size: int, mesh, workdir: str) -> dict:
-  f = config.fewshot
-  train_x, train_y = fs.features(f.train_split or config.input.split, config, image_size, mesh, workdir)
-  test_x, test_y = fs.features(config.eval_split, config, image_size, mesh, workdir)
-  out = {}
-  for classifier in f.classifiers:
-    t0 = time.time()
-    reg = f.get(f"l2_{classifier}", -1.0)
-    accs = fewshot.evaluate_fewshot(train_x, train_y, test_x, test_y, shots=tuple(f.shots), trials=f.trials,
-                                    seed=config.seed, classifier=classifier,
-                                    l2_reg=None if reg is None or reg < 0 else reg,
-                                    num_classes=config.num_classes)
-    out[classifier] = {str(s): {"mean": m, "std": sd} for s, (m, sd) in accs.items()}
-    out[classifier]["seconds"] = time.time() - t0
-  out["trials"] = f.trials
-  return out
-
-
-def check_feasible(config: ml_collections.ConfigDict) -> None:
-  """Refuses, before any work, evals whose splits cannot serve them (e.g. fewer examples than the shots need)."""
+def evaluators(config: ml_collections.ConfigDict) -> list[tuple[str, object]]:
+  """(name, module) of each of `config.evals`, after each one's feasibility check: refusals come before any work."""
   from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  unknown = sorted(set(config.evals) - set(EVALS))
-  if unknown or not config.evals:
-    raise ValueError(f"config.evals must name some of {EVALS}, got {tuple(config.evals)}")
-  if set(FEATURE_EVALS) & set(config.evals):
-    pipeline.num_examples(_input_cfg(config, config.eval_split, 1, 32))  # the split exists and can be read
-  if "linear_probe" in config.evals:
-    n = pipeline.num_examples(_input_cfg(config, config.input.split, 1, 32))
-    if n < config.linear_probe.batch_size:
-      raise ValueError(f"linear probe: batch_size {config.linear_probe.batch_size} is larger than the train "
-                       f"split {config.input.split!r} ({n} examples)")
-  if "fewshot" in config.evals:
-    split = config.fewshot.train_split or config.input.split
-    n = pipeline.num_examples(_input_cfg(config, split, 1, 32))
-    need = max(config.fewshot.shots) * config.num_classes
-    if n < need:
-      raise ValueError(f"few-shot: {max(config.fewshot.shots)} shots of {config.num_classes} classes need at least "
-                       f"{need} training examples, the split {split!r} has {n}")
+  names = tuple(config.evals)
+  if not names or len(set(names)) != len(names):
+    raise ValueError(f"config.evals must name evaluators once each (built in: {', '.join(evals.builtin())}), got "
+                     f"{names}")
+  chosen = [(name, evals.load(name)) for name in names]
+  if any(ev.FEATURES for _, ev in chosen):
+    pipeline.num_examples(evals.input_config(config, config.eval_split, 1, 32))  # the split exists and can be read
+  for _, ev in chosen:
+    if hasattr(ev, "check"):
+      ev.check(config)
+  return chosen
 
 
 def _write(workdir: str, out: dict) -> None:
@@ -237,72 +164,47 @@ def _write(workdir: str, out: dict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dict:
-  """Runs `config.evals` on `params_dir`; returns (and on process 0 writes, after each eval) the results dict.
-
-  Linear-probe and fine-tuning workdirs are claimed for this model and config (`checkpointing.claim`), so a
-  workdir left by another model or data slice is refused instead of resumed.
-  """
-  check_feasible(config)
+  """Runs `config.evals` on `params_dir`; returns (and on process 0 writes, after each eval) the results dict."""
+  chosen = evaluators(config)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
   out = {"params": os.path.abspath(params_dir), "config": config.to_dict(), "results": {}, "seconds": {}}
   results, seconds = out["results"], out["seconds"]
-  if set(FEATURE_EVALS) & set(config.evals):
+
+  def record(set_name: str, name: str, ev, context, fs) -> None:
+    t0 = time.time()
+    results.setdefault(set_name, {})[name] = ev.run(context, fs)
+    seconds[f"{set_name}/{name}"] = time.time() - t0
+    _write(workdir, out)
+
+  on_features = [(name, ev) for name, ev in chosen if ev.FEATURES]
+  if on_features:
     mesh, rules = sharding.mesh_from_config(config)
     sharding.check_batch_size(config.input.batch_size, mesh)
     sets, backbone = feature_sets(config, params_dir, mesh, rules)
-    if "linear_probe" in config.evals:
-      for fs in sets:
-        checkpointing.claim(os.path.join(workdir, "linear_probe", fs.name),
-                            _probe_identity(config, params_dir, fs, backbone.image_size))
+    context = evals.Context(config, params_dir, workdir, backbone.image_size, mesh, backbone)
+    for _, ev in on_features:
+      if hasattr(ev, "start"):
+        ev.start(context, sets)
     for fs in sets:
-      results[fs.name] = {}
-      for name, fn in (("logistic", run_logistic), ("linear_probe", run_linear_probe), ("fewshot", run_fewshot)):
-        if name not in config.evals:
-          continue
-        t0 = time.time()
-        kw = {"backbone": backbone} if name == "linear_probe" and fs.name == "mage" else {}
-        results[fs.name][name] = fn(fs, config, backbone.image_size, mesh, workdir, **kw)
-        seconds[f"{fs.name}/{name}"] = time.time() - t0
-        _write(workdir, out)
-  if "finetune" in config.evals:
-    from mage_jax.jobs import finetune  # pylint: disable=g-import-not-at-top
-    t0 = time.time()
-    ft_dir = os.path.join(workdir, "finetune")
-    checkpointing.claim(ft_dir, {"model": probe.params_identity(params_dir), "finetune": config.finetune.to_dict()})
-    results.setdefault("mage", {})["finetune"] = finetune.run(config.finetune, params_dir, ft_dir)
-    seconds["mage/finetune"] = time.time() - t0
+      for name, ev in on_features:
+        record(fs.name, name, ev, context, fs)
+  for name, ev in chosen:
+    if not ev.FEATURES:
+      record("mage", name, ev, evals.Context(config, params_dir, workdir), None)
   seconds["total"] = time.time() - t_start
   _write(workdir, out)
   return out
 
 
-def _pct(x: float) -> str:
-  return f"{100 * x:.2f}"
-
-
 def table_rows(results: dict) -> list[tuple[str, dict[str, str]]]:
-  """[(metric name, {feature set: formatted value})] in a stable order."""
+  """[(metric name, {feature set: formatted value})]: each evaluator's `rows`, in the order they first appear."""
   rows: dict[str, dict[str, str]] = {}
-  for fs, evals in results.items():
-    if evals.get("logistic"):
-      rows.setdefault("logistic probe top-1", {})[fs] = _pct(evals["logistic"]["top1"])
-    lp = evals.get("linear_probe")
-    if lp:
-      suffix = "" if lp["completed"] else f" (stopped at epoch {lp['epochs_done']})"
-      rows.setdefault("linear probe top-1", {})[fs] = _pct(lp["top1"]) + suffix
-      rows.setdefault("linear probe top-5", {})[fs] = _pct(lp["top5"])
-      rows.setdefault("linear probe best top-1", {})[fs] = _pct(lp["best_top1"])
-    for classifier, per_shot in (evals.get("fewshot") or {}).items():
-      if not isinstance(per_shot, dict):
-        continue
-      for shot, v in per_shot.items():
-        if isinstance(v, dict):
-          rows.setdefault(f"{shot}-shot {classifier}", {})[fs] = f"{_pct(v['mean'])} ± {_pct(v['std'])}"
-    ft = evals.get("finetune")
-    if ft:
-      rows.setdefault("fine-tune top-1", {})[fs] = _pct(ft["top1"])
-      rows.setdefault("fine-tune best top-1", {})[fs] = _pct(ft["best_top1"])
+  for fs, per_eval in results.items():
+    for name, result in per_eval.items():
+      if result:
+        for metric, text in evals.load(name).rows(result):
+          rows.setdefault(metric, {})[fs] = text
   return list(rows.items())
 
 

@@ -41,6 +41,7 @@ from mage_jax import atomic
 from mage_jax.jobs import quickstart_data
 from mage_jax.jobs.quickstart_data import Dataset
 
+
 def _cache_format() -> int:
   from mage_jax import cached_tokens  # pylint: disable=g-import-not-at-top  (TensorFlow: not for --help)
   return cached_tokens.FORMAT_VERSION
