@@ -56,6 +56,10 @@ ROWS = {
     # From here on a row's cached views alternate flips (`pipeline.example_views`, cache format 2): K = 2 views are the
     # image and its mirror; the rows above drew each view's flip by itself (both views the same in half the images).
     "w64_crop100_mirror": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850},
+    "w64_crop100_tok1k_mirror": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850,
+                                 "tokenizer_steps": 1000},
+    "w64_crop100_tok500_mirror": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850,
+                                  "tokenizer_steps": 500},
     "full": {"budget": "full"},  # `make quickstart` itself: the controls and the paper-protocol probe too
 }
 SHARED = (("data", ("data.json",)), ("tokenizer", ("tokenizer", "reconstructions.png")), ("cache", ("tokens",)))
