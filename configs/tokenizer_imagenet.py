@@ -54,8 +54,9 @@ def get_config(arg=None):
       lr=1e-4, d_lr=1e-4, b1=0.0, b2=0.99, eps=1e-8, warmup_steps=0, warmup_epochs=0.0, min_lr=1e-4,
       grad_clip_norm=0.0, ema_decay=0.999))
   c.total_steps = 1_000_000
+  # num_examples: images of each periodic eval; final_examples: of the eval at the last step (0: the whole split).
   c.eval = ml_collections.ConfigDict(dict(split="validation", batch_size=256, num_examples=10_000,
-                                          num_images=16))
+                                          final_examples=0, num_images=16))
   c.eval_every_steps = 10_000
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5000

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import types
 
 import chex
 import flax.linen as nn
@@ -347,3 +348,17 @@ def test_configs_sizes():
   assert big.loss.perceptual_weights == "" and big.tokenizer.dtype == "bfloat16"
   tiny = builders.tokenizer_config(tokenizer_fashion_mnist.get_config().tokenizer, 32)
   assert tiny.resolution == 32 and tiny.token_grid == 8
+
+
+@pytest.mark.parametrize("num_examples,final_examples,want", [(100, 0, (100, None)), (100, 30, (100, 30)),
+                                                              (0, 30, (None, 30)), (0, 0, (None, None))])
+def test_eval_reads_its_configured_images(num_examples, final_examples, want):
+  """Periodic evals read eval.num_examples images and the eval at the last step eval.final_examples (0: all)."""
+  evaluator = object.__new__(tokenizer_job.Evaluator)
+  evaluator.total_steps, evaluator.num_examples, evaluator.final_examples = 10, num_examples, final_examples
+  limits = []
+  evaluator.evaluate = lambda params, png, metrics_file, header, limit=None: limits.append(limit)
+  state = types.SimpleNamespace(ema_params=None)
+  evaluator(state, 5)
+  evaluator(state, 10)
+  assert tuple(limits) == want

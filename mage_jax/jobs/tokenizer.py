@@ -186,8 +186,8 @@ def comparison_grid(originals: np.ndarray, reconstructions: np.ndarray, cols: in
 class Evaluator:
   """`__call__(state, step)`: metrics of the EMA generator on the held-out split (every process calls it).
 
-  Periodic evals read the first `eval.num_examples` images (0 = all); the final one (step == total) always
-  reads the whole split. Process 0 writes the PNG and `eval_metrics.json`.
+  Periodic evals read the first `eval.num_examples` images, the final one (step == total) the first
+  `eval.final_examples` (0 = all, for both). Process 0 writes the PNG and `eval_metrics.json`.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, vqgan: VQGAN, mesh, total_steps: int):
@@ -197,13 +197,14 @@ class Evaluator:
     sharding.check_batch_size(e.batch_size, mesh)
     self.source = pipeline.make_source(self.input_cfg)
     self.num_examples = int(e.get("num_examples", 0))
+    self.final_examples = int(e.get("final_examples", 0))
     self.num_images = int(e.get("num_images", 16))
     repl = sharding.replicated(mesh)
     self._sums = jax.jit(functools.partial(eval_sums, vqgan=vqgan), out_shardings=repl)
     self._reconstruct = jax.jit(functools.partial(_reconstruct, vqgan=vqgan), out_shardings=repl)
 
   def __call__(self, state: tokenizer_step.TokenizerState, step: int) -> dict:
-    limit = self.num_examples if step < self.total_steps and self.num_examples > 0 else None
+    limit = (self.num_examples if step < self.total_steps else self.final_examples) or None
     return self.evaluate(state.ema_params, f"step_{step:07d}.png", METRICS_FILE, {"step": int(step), "weights": "ema"},
                          limit)
 
@@ -307,7 +308,8 @@ def evaluate_initial(task: trainer.Task, mesh, workdir: str, init: str) -> None:
   with jax.set_mesh(mesh):
     params = sharding.place(task.initial_params["generator"], sharding.replicated(mesh))
     task.evaluate.evaluate(params, "init.png", INIT_METRICS_FILE, {"step": 0, "weights": "tokenizer.init",
-                                                                   "init": os.path.abspath(init)})
+                                                                   "init": os.path.abspath(init)},
+                           task.evaluate.final_examples or None)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
