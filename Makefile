@@ -38,6 +38,7 @@ test-all: setup $(TEST_STAMP)
 
 lint: $(TEST_STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 quickstart: setup
 	$(PY) -m mage_jax.quickstart --workdir=runs/quickstart

@@ -65,9 +65,13 @@ def step_memory(size: str, overrides: dict, attention: str = "xla", compile_: bo
   """Lowers (and compiles) the pretraining step with the config `overrides`; its per-device memory figures."""
   program = lower.pretrain(size, overrides.get("num_devices", 1), attention, overrides)
   state = program.args[0]
-  report = {"size": size, "mesh": program.info["mesh"], **program.info,
-            "params_m": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
-            "state_gib_per_device": state_gib_per_device(state)}
+  report = {
+    "size": size,
+    "mesh": program.info["mesh"],
+    **program.info,
+    "params_m": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+    "state_gib_per_device": state_gib_per_device(state),
+  }
   devices = math.prod(program.info["mesh"].values())
   report["per_device_batch"] = report["batch"] / devices
   with program.context():
@@ -84,8 +88,9 @@ def step_memory(size: str, overrides: dict, attention: str = "xla", compile_: bo
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                              allow_abbrev=False)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+  )
   p.add_argument("--size", default="L", choices=lower.SIZES)
   p.add_argument("--devices", type=int, default=8, help="CPU devices in the mesh")
   p.add_argument("--fsdp", type=int, default=8, help="'fsdp' mesh axis size (the rest is 'data')")

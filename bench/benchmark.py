@@ -53,6 +53,7 @@ if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if __name__ == "__main__":
   from mage_jax import allocator  # noqa: E402
+
   allocator.maybe_reexec(script=True)  # timed as the binaries run: under tcmalloc where the system has it
 
 import flax.linen as nn  # noqa: E402
@@ -71,15 +72,22 @@ EXTRA_WORKLOADS = ("checkpoint",)  # run only when named in --workloads
 TOKENIZER_MODES = ("float32", "tf32", "bfloat16")
 # Dense bf16 peak per device (datasheets), matched as a case-insensitive substring of device_kind, first hit
 # wins. 'TPU v5' without 'lite' is how v5p reports itself.
-PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("TPU v4", 275e12), ("TPU v5p", 459e12),
-              ("TPU v5 lite", 197e12), ("TPU v5", 459e12))
+PEAK_FLOPS = (
+  ("H200", 989e12),
+  ("H100", 989e12),
+  ("A100", 312e12),
+  ("TPU v4", 275e12),
+  ("TPU v5p", 459e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5", 459e12),
+)
 # Official PyTorch implementation on one H200 (the issue's figures), images/s.
 REFERENCE = {
-    ("B", "pretrain"): (396.0, "official fp16, batch 128 (361 at 64)"),
-    ("L", "pretrain"): (257.0, "official fp16"),
-    ("B", "generate"): (23.4, "official fp32"),
-    ("B", "encode"): (890.0, "official fp32 (cuDNN TF32 convs), batch 128"),
-    ("L", "encode"): (890.0, "official fp32 (cuDNN TF32 convs), batch 128"),
+  ("B", "pretrain"): (396.0, "official fp16, batch 128 (361 at 64)"),
+  ("L", "pretrain"): (257.0, "official fp16"),
+  ("B", "generate"): (23.4, "official fp32"),
+  ("B", "encode"): (890.0, "official fp32 (cuDNN TF32 convs), batch 128"),
+  ("L", "encode"): (890.0, "official fp32 (cuDNN TF32 convs), batch 128"),
 }
 # `--remat auto`: no rematerialisation where the activations fit one 80 GB device at batch 128; ViT-L saves
 # only the weight products (CPU compile estimate at batch 128: ~106 GiB without remat, ~42 GiB with this).
@@ -90,6 +98,7 @@ MASKING = dict(min_ratio=0.5, max_ratio=1.0, mu=0.55, std=0.25, drop_ratio=0.5)
 @dataclasses.dataclass(frozen=True)
 class Size:
   """One benchmarked model size: MAGE variant (with `mage` overrides), tokenizer config and default batch."""
+
   variant: str
   tokenizer: VQGANConfig
   batch: int
@@ -97,15 +106,24 @@ class Size:
 
 
 SIZES = {
-    # The conformance fixture's tokenizer (32 px → 8×8 tokens) with the tiny MAGE: seconds on a CPU.
-    "tiny": Size("tiny", VQGANConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=16, resolution=32),
-                 batch=8),
-    # Where matmuls dominate on a CPU: 192 wide, 6+4 layers, 64x64 images (16x16 tokens), the same tokenizer.
-    "mid": Size("tiny", VQGANConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=16, resolution=64),
-                batch=64, mage=(("embed_dim", 192), ("depth", 6), ("num_heads", 3), ("decoder_embed_dim", 192),
-                                ("decoder_depth", 4), ("decoder_num_heads", 3))),
-    "B": Size("B", VQGANConfig(), batch=128),
-    "L": Size("L", VQGANConfig(), batch=128),
+  # The conformance fixture's tokenizer (32 px → 8×8 tokens) with the tiny MAGE: seconds on a CPU.
+  "tiny": Size("tiny", VQGANConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=16, resolution=32), batch=8),
+  # Where matmuls dominate on a CPU: 192 wide, 6+4 layers, 64x64 images (16x16 tokens), the same tokenizer.
+  "mid": Size(
+    "tiny",
+    VQGANConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=16, resolution=64),
+    batch=64,
+    mage=(
+      ("embed_dim", 192),
+      ("depth", 6),
+      ("num_heads", 3),
+      ("decoder_embed_dim", 192),
+      ("decoder_depth", 4),
+      ("decoder_num_heads", 3),
+    ),
+  ),
+  "B": Size("B", VQGANConfig(), batch=128),
+  "L": Size("L", VQGANConfig(), batch=128),
 }
 
 
@@ -115,16 +133,21 @@ SIZES = {
 
 def _override_conv(module: nn.Conv, x, precision, operand_fn):
   """nn.Conv.__call__ for the stride-1, undilated, ungrouped convs of the VQGAN, at `precision`."""
-  if (module.strides not in (None, 1, (1, 1)) or module.input_dilation not in (None, 1, (1, 1))
-      or module.kernel_dilation not in (None, 1, (1, 1)) or module.feature_group_count != 1):
+  if (
+    module.strides not in (None, 1, (1, 1))
+    or module.input_dilation not in (None, 1, (1, 1))
+    or module.kernel_dilation not in (None, 1, (1, 1))
+    or module.feature_group_count != 1
+  ):
     raise ValueError(f"conv precision override supports plain stride-1 convs only, got {module}")
   dtype = module.dtype or jnp.float32
   kernel = module.get_variable("params", "kernel").astype(dtype)
   x = x.astype(dtype)
   if operand_fn is not None:
     x, kernel = operand_fn(x), operand_fn(kernel)
-  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), module.padding,
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+  y = jax.lax.conv_general_dilated(
+    x, kernel, (1, 1), module.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
+  )
   if module.use_bias:
     y = y + module.get_variable("params", "bias").astype(dtype)
   return y
@@ -147,14 +170,16 @@ def conv_precision(precision, operand_fn: Callable[[jax.Array], jax.Array] | Non
 def tokenizer_module(config: VQGANConfig, mode: str) -> VQGAN:
   if mode not in TOKENIZER_MODES:
     raise ValueError(f"unknown tokenizer mode {mode!r}; expected one of {TOKENIZER_MODES}")
-  return VQGAN(config, dtype=jnp.bfloat16 if mode == "bfloat16" else jnp.float32,
-               precision="high" if mode == "tf32" else "highest")
+  return VQGAN(
+    config, dtype=jnp.bfloat16 if mode == "bfloat16" else jnp.float32, precision="high" if mode == "tf32" else "highest"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
   """Stands in for the `VQGAN` module where the code only calls `.apply` (generate's sampler, encode rows):
   adds chunking of the batch (`steps.map_in_chunks`, as pretraining's `tokenizer.chunks`)."""
+
   module: VQGAN
   mode: str = "float32"
   chunks: int = 1
@@ -175,11 +200,32 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\S+)\s.*?(?<![\w.\-])([a
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _ARRAY = re.compile(r"^([a-z]+[0-9]*)\[([0-9,]*)\]")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+}
 HOST_OPS = ("infeed", "outfeed", "send", "recv", "send-done", "recv-done")
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
-               "all-reduce-start", "all-gather-start", "collective-permute-start")
+COLLECTIVES = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "all-to-all",
+  "collective-permute",
+  "all-reduce-start",
+  "all-gather-start",
+  "collective-permute-start",
+)
 
 
 def _array_bytes(hlo_type: str) -> int:
@@ -224,25 +270,27 @@ def hlo_summary(hlo_text: str) -> dict:
   callbacks = sum(n for t, n in targets.items() if "callback" in t.lower())
   both = lambda op: top.get(op, 0) + fused.get(op, 0)
   return {
-      "instructions": sum(top.values()),
-      "fusions": top.get("fusion", 0),
-      "while_loops": top.get("while", 0),
-      "dots": both("dot"),
-      "convolutions": both("convolution"),
-      "transposes": top.get("transpose", 0),
-      "transpose_mib": top_bytes.get("transpose", 0) / 2**20,
-      "transposes_in_fusions": fused.get("transpose", 0),
-      "copies": top.get("copy", 0) + top.get("copy-start", 0),
-      "copy_mib": (top_bytes.get("copy", 0) + top_bytes.get("copy-start", 0)) / 2**20,
-      "collectives": {op: top[op] for op in COLLECTIVES if op in top},
-      "collective_dtypes": collective_dtypes,  # op -> {result element type (first of a tuple): count}
-      "host_transfers": sum(top.get(op, 0) for op in HOST_OPS) + callbacks,
-      "custom_calls": targets,
+    "instructions": sum(top.values()),
+    "fusions": top.get("fusion", 0),
+    "while_loops": top.get("while", 0),
+    "dots": both("dot"),
+    "convolutions": both("convolution"),
+    "transposes": top.get("transpose", 0),
+    "transpose_mib": top_bytes.get("transpose", 0) / 2**20,
+    "transposes_in_fusions": fused.get("transpose", 0),
+    "copies": top.get("copy", 0) + top.get("copy-start", 0),
+    "copy_mib": (top_bytes.get("copy", 0) + top_bytes.get("copy-start", 0)) / 2**20,
+    "collectives": {op: top[op] for op in COLLECTIVES if op in top},
+    "collective_dtypes": collective_dtypes,  # op -> {result element type (first of a tuple): count}
+    "host_transfers": sum(top.get(op, 0) for op in HOST_OPS) + callbacks,
+    "custom_calls": targets,
   }
 
 
-_MATMUL = re.compile(r"stablehlo\.(dot_general|convolution)\b.*:\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->\s*"
-                     r"(tensor<[^>]*>)")
+_MATMUL = re.compile(
+  r"stablehlo\.(dot_general|convolution)\b.*:\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->\s*"
+  r"(tensor<[^>]*>)"
+)
 _TENSOR = re.compile(r"tensor<((?:\d+x)*)([a-z]+\d*)>")
 _CONTRACTING = re.compile(r"contracting_dims = \[([\d, ]*)\]")
 _RHS_SPEC = re.compile(r"dim_numbers = \[[^\]]*\]x\[([^\]]*)\]")
@@ -294,12 +342,12 @@ def compiled_stats(compiled) -> dict:
   if mem is not None:
     live = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     out["memory"] = {
-        "argument_gib": mem.argument_size_in_bytes / 2**30,
-        "output_gib": mem.output_size_in_bytes / 2**30,
-        "alias_gib": mem.alias_size_in_bytes / 2**30,
-        "temp_gib": mem.temp_size_in_bytes / 2**30,
-        "total_gib": (live + mem.temp_size_in_bytes) / 2**30,
-        "reported_peak_gib": getattr(mem, "peak_memory_in_bytes", 0) / 2**30,  # CPU: arguments only
+      "argument_gib": mem.argument_size_in_bytes / 2**30,
+      "output_gib": mem.output_size_in_bytes / 2**30,
+      "alias_gib": mem.alias_size_in_bytes / 2**30,
+      "temp_gib": mem.temp_size_in_bytes / 2**30,
+      "total_gib": (live + mem.temp_size_in_bytes) / 2**30,
+      "reported_peak_gib": getattr(mem, "peak_memory_in_bytes", 0) / 2**30,  # CPU: arguments only
     }
   try:
     cost = compiled.cost_analysis()
@@ -341,6 +389,7 @@ def _median_time(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float
 @dataclasses.dataclass
 class Setup:
   """What every workload of one size shares."""
+
   size: str
   spec: Size
   model: MAGE
@@ -355,10 +404,18 @@ def build_setup(size: str, args: argparse.Namespace) -> Setup:
   spec = SIZES[size]
   tok_cfg = spec.tokenizer
   n = tok_cfg.num_tokens
-  mcfg = config_for(spec.variant, **dict(spec.mage), num_tokens=n, codebook_size=tok_cfg.codebook_size,
-                    max_position_embeddings=max(257, n + 1), scan=bool(args.scan),
-                    remat_policy=REMAT_AUTO[size] if args.remat == "auto" else args.remat,
-                    attention=args.attention, dropout=args.dropout, attn_dropout=args.attn_dropout)
+  mcfg = config_for(
+    spec.variant,
+    **dict(spec.mage),
+    num_tokens=n,
+    codebook_size=tok_cfg.codebook_size,
+    max_position_embeddings=max(257, n + 1),
+    scan=bool(args.scan),
+    remat_policy=REMAT_AUTO[size] if args.remat == "auto" else args.remat,
+    attention=args.attention,
+    dropout=args.dropout,
+    attn_dropout=args.attn_dropout,
+  )
   model = MAGE(mcfg, dtype=config_views.dtype(args.dtype), param_dtype=jnp.float32)
   mesh = sharding.create_mesh([("data", -1), ("fsdp", args.fsdp), ("model", 1)])
   batch = args.batch or spec.batch
@@ -378,18 +435,33 @@ def _tokenizer_vars(config: VQGANConfig, seed: int):
   return jax.device_get(nn.unbox(jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, side, side, 3)))))
 
 
-def _row(s: Setup, workload: str, *, batch: int, seconds: list[float], flops_per_image: float | None,
-         images_per_call: int, extra: dict) -> dict:
+def _row(
+  s: Setup,
+  workload: str,
+  *,
+  batch: int,
+  seconds: list[float],
+  flops_per_image: float | None,
+  images_per_call: int,
+  extra: dict,
+) -> dict:
   med = statistics.median(seconds)
   ips = images_per_call / med
   ref = REFERENCE.get((s.size, workload))
   row = {
-      "size": s.size, "workload": workload, "batch": batch, "dtype": s.args.dtype,
-      "step_ms_median": med * 1e3, "step_ms_min": min(seconds) * 1e3, "step_ms_max": max(seconds) * 1e3,
-      "timed_calls": len(seconds), "images_per_s": ips,
-      "gflop_per_image": None if flops_per_image is None else flops_per_image / 1e9,
-      "tflops_per_s": None if flops_per_image is None else flops_per_image * ips / 1e12,
-      "reference_images_per_s": ref[0] if ref else None, "reference_note": ref[1] if ref else None,
+    "size": s.size,
+    "workload": workload,
+    "batch": batch,
+    "dtype": s.args.dtype,
+    "step_ms_median": med * 1e3,
+    "step_ms_min": min(seconds) * 1e3,
+    "step_ms_max": max(seconds) * 1e3,
+    "timed_calls": len(seconds),
+    "images_per_s": ips,
+    "gflop_per_image": None if flops_per_image is None else flops_per_image / 1e9,
+    "tflops_per_s": None if flops_per_image is None else flops_per_image * ips / 1e12,
+    "reference_images_per_s": ref[0] if ref else None,
+    "reference_note": ref[1] if ref else None,
   }
   row.update(extra)
   return row
@@ -398,9 +470,10 @@ def _row(s: Setup, workload: str, *, batch: int, seconds: list[float], flops_per
 @dataclasses.dataclass
 class PretrainProgram:
   """The jitted pretraining step of a Setup and what it needs (built inside `jax.set_mesh` + logical rules)."""
-  step: Any            # jitted (state, tokenizer_vars, batch) -> (state, metrics), state donated
+
+  step: Any  # jitted (state, tokenizer_vars, batch) -> (state, metrics), state donated
   init_state: Callable  # rng key -> TrainState (params boxed with logical axis names)
-  abstract_state: Any   # boxed ShapeDtypeStruct tree of init_state
+  abstract_state: Any  # boxed ShapeDtypeStruct tree of init_state
   state_sharding: Any
   replicated: Any
   batch_sharding: Any
@@ -422,13 +495,17 @@ def make_pretrain(s: Setup, cached: bool = False) -> PretrainProgram:
     return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
 
   update_kwargs = dict(model=model, tx=tx, masking_cfg=MASKING, label_smoothing=0.1)
-  step = (functools.partial(steps.pretrain_ids_step, **update_kwargs) if cached
-          else functools.partial(steps.pretrain_step, tokenizer=tok, **update_kwargs))
+  step = (
+    functools.partial(steps.pretrain_ids_step, **update_kwargs)
+    if cached
+    else functools.partial(steps.pretrain_step, tokenizer=tok, **update_kwargs)
+  )
   boxed = jax.eval_shape(init_state, jax.random.key(args.seed))
   state_sh = sharding.logical_shardings(boxed, s.mesh, s.rules)
   fn = sharding.jit_train_step(step, state_sh, s.mesh)
-  return PretrainProgram(fn, init_state, boxed, state_sh, sharding.replicated(s.mesh), sharding.batch_sharding(s.mesh),
-                         tok)
+  return PretrainProgram(
+    fn, init_state, boxed, state_sh, sharding.replicated(s.mesh), sharding.batch_sharding(s.mesh), tok
+  )
 
 
 def run_pretrain(s: Setup, cached: bool = False) -> dict:
@@ -438,12 +515,23 @@ def run_pretrain(s: Setup, cached: bool = False) -> dict:
     prog = make_pretrain(s, cached)
     fn, repl, batch_sh = prog.step, prog.replicated, prog.batch_sharding
     state = jax.jit(lambda r: sharding.strip_boxes(prog.init_state(r)), out_shardings=prog.state_sharding)(
-        jax.random.key(args.seed))
+      jax.random.key(args.seed)
+    )
     if cached:
       tok_vars = {}
-      batches = [{"ids": jax.device_put(np.asarray(jax.random.randint(
-          jax.random.key(100 + i), (s.batch, model.config.num_tokens), 0, model.config.codebook_size)), batch_sh)}
-                 for i in range(2)]
+      batches = [
+        {
+          "ids": jax.device_put(
+            np.asarray(
+              jax.random.randint(
+                jax.random.key(100 + i), (s.batch, model.config.num_tokens), 0, model.config.codebook_size
+              )
+            ),
+            batch_sh,
+          )
+        }
+        for i in range(2)
+      ]
     else:
       tok_vars = jax.device_put(_tokenizer_vars(s.spec.tokenizer, args.seed + 1), repl)
       res = s.spec.tokenizer.resolution
@@ -465,15 +553,30 @@ def run_pretrain(s: Setup, cached: bool = False) -> dict:
   _dump_hlo(args, f"{s.size}_{workload}", compiled)
   params = sum(x.size for x in jax.tree.leaves(holder["state"].params))
   attn = model.config.attention if model.config.attn_dropout == 0.0 else "xla"
-  extra = {"compile_s": compile_s, "loss": float(metrics["loss"]), "finite": float(metrics["finite"]),
-           "params_m": params / 1e6, "tokenizer_mode": "cached" if cached else args.tokenizer,
-           "tokenizer_chunks": args.tokenizer_chunks,
-           "scan": model.config.scan, "remat": model.config.remat_policy, "attention_path": attn,
-           "mesh": dict(s.mesh.shape), **compiled_stats(compiled), "hlo": hlo_summary(compiled.as_text()),
-           "matmul_dtypes": matmul_dtypes(lowered.as_text())}
-  return _row(s, workload, batch=s.batch, seconds=seconds,
-              flops_per_image=s.flops.pretrain_cached if cached else s.flops.pretrain, images_per_call=s.batch,
-              extra=extra)
+  extra = {
+    "compile_s": compile_s,
+    "loss": float(metrics["loss"]),
+    "finite": float(metrics["finite"]),
+    "params_m": params / 1e6,
+    "tokenizer_mode": "cached" if cached else args.tokenizer,
+    "tokenizer_chunks": args.tokenizer_chunks,
+    "scan": model.config.scan,
+    "remat": model.config.remat_policy,
+    "attention_path": attn,
+    "mesh": dict(s.mesh.shape),
+    **compiled_stats(compiled),
+    "hlo": hlo_summary(compiled.as_text()),
+    "matmul_dtypes": matmul_dtypes(lowered.as_text()),
+  }
+  return _row(
+    s,
+    workload,
+    batch=s.batch,
+    seconds=seconds,
+    flops_per_image=s.flops.pretrain_cached if cached else s.flops.pretrain,
+    images_per_call=s.batch,
+    extra=extra,
+  )
 
 
 def run_generate(s: Setup) -> dict:
@@ -483,12 +586,14 @@ def run_generate(s: Setup) -> dict:
   mesh = sharding.data_mesh()
   repl = sharding.replicated(mesh)
   params = jax.jit(model.init, static_argnames="method")(
-      jax.random.key(args.seed), jnp.zeros((1, n), jnp.int32), method=MAGE.image_token_logits)
+    jax.random.key(args.seed), jnp.zeros((1, n), jnp.int32), method=MAGE.image_token_logits
+  )
   variables = {"model": nn.unbox(params), "tokenizer": _tokenizer_vars(s.spec.tokenizer, args.seed + 1)}
   sampler = sampling.make_sampler(model, tok, s.batch, args.gen_steps, mesh)
   model_vars, tok_vars = sharding.place((variables["model"], variables["tokenizer"]), repl)
   key_data, temp, label = sharding.place(
-      (np.asarray(jax.random.key_data(jax.random.key(args.seed))), np.float32(6.0), np.int32(0)), repl)
+    (np.asarray(jax.random.key_data(jax.random.key(args.seed))), np.float32(6.0), np.int32(0)), repl
+  )
   idx = [sharding.place(np.int32(i), repl) for i in range(2)]
   t0 = time.perf_counter()
   compiled = sampler.lower(model_vars, tok_vars, key_data, idx[0], temp, label).compile()
@@ -503,12 +608,25 @@ def run_generate(s: Setup) -> dict:
   images, ids = jax.device_get(call())
   _dump_hlo(args, f"{s.size}_generate", compiled)
   attn = model.config.attention
-  extra = {"compile_s": compile_s, "num_steps": args.gen_steps, "tokenizer_mode": args.tokenizer,
-           "attention_path": attn, "ids_in_codebook": bool(np.all((ids >= 0) & (ids < model.config.codebook_size))),
-           "image_mean": float(np.mean(images)), **compiled_stats(compiled),
-           "hlo": hlo_summary(compiled.as_text())}
-  return _row(s, "generate", batch=s.batch, seconds=seconds, flops_per_image=s.flops.generation,
-              images_per_call=s.batch, extra=extra)
+  extra = {
+    "compile_s": compile_s,
+    "num_steps": args.gen_steps,
+    "tokenizer_mode": args.tokenizer,
+    "attention_path": attn,
+    "ids_in_codebook": bool(np.all((ids >= 0) & (ids < model.config.codebook_size))),
+    "image_mean": float(np.mean(images)),
+    **compiled_stats(compiled),
+    "hlo": hlo_summary(compiled.as_text()),
+  }
+  return _row(
+    s,
+    "generate",
+    batch=s.batch,
+    seconds=seconds,
+    flops_per_image=s.flops.generation,
+    images_per_call=s.batch,
+    extra=extra,
+  )
 
 
 def run_encode(s: Setup, mode: str) -> dict:
@@ -518,8 +636,9 @@ def run_encode(s: Setup, mode: str) -> dict:
   tok_vars = jax.device_put(_tokenizer_vars(s.spec.tokenizer, args.seed + 1), repl)
   res = s.spec.tokenizer.resolution
   images = [_random_images(jax.random.key(200 + i), s.batch, res, batch_sh) for i in range(2)]
-  fn = jax.jit(lambda v, x: tok.apply(v, x, method=VQGAN.encode_to_ids), in_shardings=(repl, batch_sh),
-               out_shardings=batch_sh)
+  fn = jax.jit(
+    lambda v, x: tok.apply(v, x, method=VQGAN.encode_to_ids), in_shardings=(repl, batch_sh), out_shardings=batch_sh
+  )
   t0 = time.perf_counter()
   compiled = fn.lower(tok_vars, images[0]).compile()
   compile_s = time.perf_counter() - t0
@@ -531,10 +650,15 @@ def run_encode(s: Setup, mode: str) -> dict:
 
   seconds = _median_time(call, 1, args.encode_repeats)
   _dump_hlo(args, f"{s.size}_encode_{mode}", compiled)
-  extra = {"compile_s": compile_s, "tokenizer_mode": mode, **compiled_stats(compiled),
-           "hlo": hlo_summary(compiled.as_text())}
-  row = _row(s, "encode", batch=s.batch, seconds=seconds, flops_per_image=s.flops.encode,
-             images_per_call=s.batch, extra=extra)
+  extra = {
+    "compile_s": compile_s,
+    "tokenizer_mode": mode,
+    **compiled_stats(compiled),
+    "hlo": hlo_summary(compiled.as_text()),
+  }
+  row = _row(
+    s, "encode", batch=s.batch, seconds=seconds, flops_per_image=s.flops.encode, images_per_call=s.batch, extra=extra
+  )
   row["dtype"] = mode
   return row
 
@@ -544,14 +668,14 @@ def run_features(s: Setup) -> dict:
   token, mean pool and fc_norm) of one batch of images, as `evaluate` extracts them."""
   from mage_jax import probe  # pylint: disable=g-import-not-at-top
   from mage_jax.models.vit import MAGEViT  # pylint: disable=g-import-not-at-top
+
   args = s.args
   vit = MAGEViT(s.model.config, head_type="none", dtype=s.model.dtype)
   tok = VQGAN(s.spec.tokenizer, precision="highest")
   repl, batch_sh = sharding.replicated(s.mesh), sharding.batch_sharding(s.mesh)
   n = s.model.config.num_tokens
   vit_params = nn.unbox(jax.jit(vit.init)(jax.random.key(args.seed), jnp.zeros((1, n), jnp.int32)))
-  variables = jax.device_put({"tokenizer": _tokenizer_vars(s.spec.tokenizer, args.seed + 1), "vit": vit_params},
-                             repl)
+  variables = jax.device_put({"tokenizer": _tokenizer_vars(s.spec.tokenizer, args.seed + 1), "vit": vit_params}, repl)
   res = s.spec.tokenizer.resolution
   images = [_random_images(jax.random.key(300 + i), s.batch, res, batch_sh) for i in range(2)]
   feature_fn = probe.make_feature_fn(tok, vit)
@@ -566,17 +690,23 @@ def run_features(s: Setup) -> dict:
     return compiled(variables, images[counter["i"] % 2])
 
   seconds = _median_time(call, 1, args.encode_repeats)
-  extra = {"compile_s": compile_s, "tokenizer_mode": "float32", **compiled_stats(compiled),
-           "hlo": hlo_summary(compiled.as_text())}
+  extra = {
+    "compile_s": compile_s,
+    "tokenizer_mode": "float32",
+    **compiled_stats(compiled),
+    "hlo": hlo_summary(compiled.as_text()),
+  }
   flops = s.flops.encode + flops_lib.mage_forward_flops(s.model.config, n + 1, decoder=False)
-  return _row(s, "features", batch=s.batch, seconds=seconds, flops_per_image=flops, images_per_call=s.batch,
-              extra=extra)
+  return _row(
+    s, "features", batch=s.batch, seconds=seconds, flops_per_image=flops, images_per_call=s.batch, extra=extra
+  )
 
 
 def synthesize_jpegs(directory: str, count: int, width: int, height: int, seed: int = 0) -> str:
   """`count` smooth random JPEGs (quality 90): low-frequency colour fields plus mild noise, so the files
   have photo-like sizes (noise alone compresses badly and decodes slower than real photos)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   os.makedirs(directory, exist_ok=True)
   rng = np.random.default_rng(seed)
   for i in range(count):
@@ -592,20 +722,30 @@ def run_input(s: Setup) -> dict:
   if importlib.util.find_spec("tensorflow") is None:
     return {"size": s.size, "workload": "input", "skipped": "the input pipeline needs TensorFlow, not installed"}
   from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   res = s.spec.tokenizer.resolution
   with tempfile.TemporaryDirectory() as tmp:
     root = args.jpeg_dir
     if not root:
       w, h = (500, 375) if res >= 128 else (64, 48)
       root = synthesize_jpegs(os.path.join(tmp, "jpegs"), max(args.jpeg_count, s.batch), w, h, args.seed)
-    cfg = dict(name=f"folder:{root}", split="train", batch_size=s.batch, image_size=res, augment="pretrain",
-               num_workers=args.input_workers)
+    cfg = dict(
+      name=f"folder:{root}",
+      split="train",
+      batch_size=s.batch,
+      image_size=res,
+      augment="pretrain",
+      num_workers=args.input_workers,
+    )
     stats = pipeline.measure_throughput(cfg, args.input_batches, warmup=2, seed=args.seed)
   seconds = [stats["seconds"] / stats["batches"]]
-  extra = {"startup_s": stats["startup_s"], "jpeg_dir": args.jpeg_dir or "synthesized", "host_cpus": os.cpu_count(),
-           "timed_batches": int(stats["batches"])}
-  row = _row(s, "input", batch=s.batch, seconds=seconds, flops_per_image=None, images_per_call=s.batch,
-             extra=extra)
+  extra = {
+    "startup_s": stats["startup_s"],
+    "jpeg_dir": args.jpeg_dir or "synthesized",
+    "host_cpus": os.cpu_count(),
+    "timed_batches": int(stats["batches"]),
+  }
+  row = _row(s, "input", batch=s.batch, seconds=seconds, flops_per_image=None, images_per_call=s.batch, extra=extra)
   row["dtype"] = "-"
   return row
 
@@ -618,19 +758,25 @@ def _as_trained(state, rng):
   """`state` with every floating-point array filled with noise (the bytes a trained state has)."""
   leaves, treedef = jax.tree.flatten(state)
   keys = jax.random.split(rng, len(leaves))
-  return jax.tree.unflatten(treedef, [
+  return jax.tree.unflatten(
+    treedef,
+    [
       jax.random.normal(k, x.shape, x.dtype) * 1e-2 if jnp.issubdtype(x.dtype, jnp.floating) else x
-      for k, x in zip(keys, leaves)])
+      for k, x in zip(keys, leaves)
+    ],
+  )
 
 
 def run_checkpoint(s: Setup) -> dict:
   """Seconds to save the pretraining state (its floats as a trained state's), seal it (manifest), verify the
   manifest and restore it."""
   from mage_jax import checkpointing  # noqa: PLC0415
+
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     prog = make_pretrain(s, cached=True)
     state = jax.jit(lambda r: sharding.strip_boxes(prog.init_state(r)), out_shardings=prog.state_sharding)(
-        jax.random.key(s.args.seed))
+      jax.random.key(s.args.seed)
+    )
     # At init AdamW's moments are zeros, which orbax's compression shrinks to nothing; a trained state's are not.
     state = jax.jit(_as_trained, out_shardings=prog.state_sharding)(state, jax.random.key(s.args.seed + 1))
     target = checkpointing.abstract_with_shardings(sharding.strip_boxes(prog.abstract_state), prog.state_sharding)
@@ -650,9 +796,22 @@ def run_checkpoint(s: Setup) -> dict:
       mngr.close()
   if problem is not None:
     raise RuntimeError(f"a freshly sealed checkpoint fails its own manifest: {problem}")
-  row = _row(s, "checkpoint", batch=s.batch, seconds=[t3 - t2], flops_per_image=None, images_per_call=0, extra={
-      "checkpoint_bytes": size, "save_s": t1 - t0, "seal_s": t2 - t1, "verify_s": t3 - t2, "restore_s": t4 - t3,
-      "verify_gb_per_s": size / max(t3 - t2, 1e-9) / 1e9})
+  row = _row(
+    s,
+    "checkpoint",
+    batch=s.batch,
+    seconds=[t3 - t2],
+    flops_per_image=None,
+    images_per_call=0,
+    extra={
+      "checkpoint_bytes": size,
+      "save_s": t1 - t0,
+      "seal_s": t2 - t1,
+      "verify_s": t3 - t2,
+      "restore_s": t4 - t3,
+      "verify_gb_per_s": size / max(t3 - t2, 1e-9) / 1e9,
+    },
+  )
   row.update(images_per_s=None, dtype="-")
   return row
 
@@ -698,8 +857,13 @@ ENV_KEYS = ("device_kind", "backend", "num_devices", "jax_version", "peak_flops_
 
 def environment() -> dict:
   dev = jax.devices()[0]
-  return {"device_kind": dev.device_kind, "backend": jax.default_backend(), "num_devices": jax.device_count(),
-          "jax_version": jax.__version__, "peak_flops_per_device": peak_flops(dev.device_kind)}
+  return {
+    "device_kind": dev.device_kind,
+    "backend": jax.default_backend(),
+    "num_devices": jax.device_count(),
+    "jax_version": jax.__version__,
+    "peak_flops_per_device": peak_flops(dev.device_kind),
+  }
 
 
 def add_mfu(rows: list[dict], env: dict) -> None:
@@ -719,15 +883,30 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(env: dict, rows: list[dict]) -> str:
   peak = env["peak_flops_per_device"]
-  head = (f"device: {env['device_kind']} (backend {env['backend']}, {env['num_devices']} device(s), jax "
-          f"{env['jax_version']}; peak {('%.0f TFLOP/s bf16 per device' % (peak / 1e12)) if peak else 'n/a'})")
-  cols = ("size", "workload", "batch", "dtype", "ms/call", "img/s", "ref img/s", "GF/img", "TFLOP/s", "MFU",
-          "mem GiB", "notes")
+  head = (
+    f"device: {env['device_kind']} (backend {env['backend']}, {env['num_devices']} device(s), jax "
+    f"{env['jax_version']}; peak {('%.0f TFLOP/s bf16 per device' % (peak / 1e12)) if peak else 'n/a'})"
+  )
+  cols = (
+    "size",
+    "workload",
+    "batch",
+    "dtype",
+    "ms/call",
+    "img/s",
+    "ref img/s",
+    "GF/img",
+    "TFLOP/s",
+    "MFU",
+    "mem GiB",
+    "notes",
+  )
   lines = [head, "  ".join(f"{c:>9s}" for c in cols)]
   for r in rows:
     if "error" in r or "skipped" in r:
-      lines.append(f"{r['size']:>9s}  {r['workload']:>9s}  {('ERROR ' + r['error']) if 'error' in r else r['skipped']}"
-                   [:300])
+      lines.append(
+        f"{r['size']:>9s}  {r['workload']:>9s}  {('ERROR ' + r['error']) if 'error' in r else r['skipped']}"[:300]
+      )
       continue
     notes = []
     if r["workload"] in ("pretrain", "pretrain_cached"):
@@ -737,43 +916,73 @@ def format_table(env: dict, rows: list[dict]) -> str:
     if r["workload"] == "input":
       notes.append(f"{r['host_cpus']} host CPUs, {r['jpeg_dir']} JPEGs")
     if r["workload"] == "checkpoint":
-      notes.append(f"{r['checkpoint_bytes'] / 1e9:.3g} GB: save {r['save_s']:.2f} s, seal {r['seal_s']:.2f} s, "
-                   f"verify {r['verify_s']:.2f} s ({r['verify_gb_per_s']:.2f} GB/s), restore {r['restore_s']:.2f} s")
+      notes.append(
+        f"{r['checkpoint_bytes'] / 1e9:.3g} GB: save {r['save_s']:.2f} s, seal {r['seal_s']:.2f} s, "
+        f"verify {r['verify_s']:.2f} s ({r['verify_gb_per_s']:.2f} GB/s), restore {r['restore_s']:.2f} s"
+      )
     mem = r.get("memory", {}).get("total_gib")
-    vals = (r["size"], r["workload"], str(r["batch"]), r["dtype"], _fmt(r["step_ms_median"], ".1f"),
-            _fmt(r["images_per_s"], ".1f"), _fmt(r["reference_images_per_s"], ".1f"),
-            _fmt(r["gflop_per_image"], ".4g"), _fmt(r["tflops_per_s"], ".3g"),
-            _fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f") + ("%" if r["mfu"] is not None else ""),
-            _fmt(mem, ".2f"), "; ".join(notes))
+    vals = (
+      r["size"],
+      r["workload"],
+      str(r["batch"]),
+      r["dtype"],
+      _fmt(r["step_ms_median"], ".1f"),
+      _fmt(r["images_per_s"], ".1f"),
+      _fmt(r["reference_images_per_s"], ".1f"),
+      _fmt(r["gflop_per_image"], ".4g"),
+      _fmt(r["tflops_per_s"], ".3g"),
+      _fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f") + ("%" if r["mfu"] is not None else ""),
+      _fmt(mem, ".2f"),
+      "; ".join(notes),
+    )
     lines.append("  ".join(f"{v:>9s}" for v in vals[:-1]) + "  " + vals[-1])
   return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--size", default="tiny", choices=("tiny", "mid", "B", "L", "all"),
-                 help="'all' = B and L, each in its own process (clean memory figures, an OOM stays local)")
+  p.add_argument(
+    "--size",
+    default="tiny",
+    choices=("tiny", "mid", "B", "L", "all"),
+    help="'all' = B and L, each in its own process (clean memory figures, an OOM stays local)",
+  )
   p.add_argument("--batch", type=int, default=0, help="global batch (0: 8 for tiny, 128 for B/L)")
   p.add_argument("--steps", type=int, default=20, help="timed pretraining steps (median reported)")
   p.add_argument("--warmup", type=int, default=3, help="untimed pretraining steps after compilation")
   p.add_argument("--dtype", default="bfloat16", choices=config_views.DTYPE_NAMES, help="MAGE compute dtype")
-  p.add_argument("--workloads", default=",".join(WORKLOADS),
-                 help="comma-separated subset of " + ",".join(WORKLOADS + EXTRA_WORKLOADS))
+  p.add_argument(
+    "--workloads",
+    default=",".join(WORKLOADS),
+    help="comma-separated subset of " + ",".join(WORKLOADS + EXTRA_WORKLOADS),
+  )
   p.add_argument("--json", default="", help="write the results here")
-  p.add_argument("--tokenizer", default="tf32", choices=TOKENIZER_MODES,
-                 help="tokenizer mode inside the pretraining step and generation")
+  p.add_argument(
+    "--tokenizer",
+    default="tf32",
+    choices=TOKENIZER_MODES,
+    help="tokenizer mode inside the pretraining step and generation",
+  )
   p.add_argument("--tokenizer-chunks", type=int, default=1, help="tokenize the batch in this many slices")
   p.add_argument("--encode-modes", default=",".join(TOKENIZER_MODES), help="tokenizer modes the encode workload times")
   p.add_argument("--scan", type=int, default=1, help="nn.scan over layers (1) or a Python loop (0)")
-  p.add_argument("--remat", default="auto",
-                 help="'auto' (none for tiny/B, dots_with_no_batch_dims_saveable for L), 'none', 'full' or a "
-                      "jax.checkpoint_policies name")
-  p.add_argument("--attention", default="fused", choices=layers.ATTENTION_IMPLEMENTATIONS,
-                 help="'fused' = jax.nn.dot_product_attention, 'cudnn' = its cuDNN kernel (NVIDIA, bf16); training "
-                      "falls back to 'xla' while attn dropout > 0")
+  p.add_argument(
+    "--remat",
+    default="auto",
+    help="'auto' (none for tiny/B, dots_with_no_batch_dims_saveable for L), 'none', 'full' or a "
+    "jax.checkpoint_policies name",
+  )
+  p.add_argument(
+    "--attention",
+    default="fused",
+    choices=layers.ATTENTION_IMPLEMENTATIONS,
+    help="'fused' = jax.nn.dot_product_attention, 'cudnn' = its cuDNN kernel (NVIDIA, bf16); training "
+    "falls back to 'xla' while attn dropout > 0",
+  )
   p.add_argument("--dropout", type=float, default=0.1)
-  p.add_argument("--attn-dropout", type=float, default=0.1,
-                 help="the recipe's 0.1; 0 lets training use fused attention")
+  p.add_argument(
+    "--attn-dropout", type=float, default=0.1, help="the recipe's 0.1; 0 lets training use fused attention"
+  )
   p.add_argument("--fsdp", type=int, default=1, help="size of the 'fsdp' mesh axis (the rest is 'data')")
   p.add_argument("--gen-steps", type=int, default=20)
   p.add_argument("--gen-repeats", type=int, default=5, help="timed generation batches")
@@ -829,8 +1038,14 @@ def _run_isolated(size: str, argv: list[str], workloads: list[str]) -> tuple[dic
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, f"{size}.json")
     keep = _strip_args(argv, ("--size", "--json", "--workloads"))
-    cmd = [sys.executable, os.path.abspath(__file__), f"--size={size}", f"--json={out}",
-           f"--workloads={','.join(workloads)}", *keep]
+    cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      f"--size={size}",
+      f"--json={out}",
+      f"--workloads={','.join(workloads)}",
+      *keep,
+    ]
     proc = subprocess.run(cmd, check=False)
     if proc.returncode != 0 or not os.path.exists(out):
       return None, [{"size": size, "workload": ",".join(workloads), "error": f"child exited with {proc.returncode}"}]
@@ -857,8 +1072,12 @@ def main(argv=None) -> dict:
     env = environment()
     rows = run_size(args.size, args)
   add_mfu(rows, env)
-  result = {**env, "argv": argv, "results": rows,
-            "flops_convention": "2 FLOPs/MAC; matmuls+convs only; trained part x3 (bench/flops.py)"}
+  result = {
+    **env,
+    "argv": argv,
+    "results": rows,
+    "flops_convention": "2 FLOPs/MAC; matmuls+convs only; trained part x3 (bench/flops.py)",
+  }
   print(format_table(env, rows), flush=True)
   write_json(args.json, result)
   return result

@@ -44,15 +44,15 @@ WHEEL_DIR = os.path.join(ROOT, ".cache", "wheels")
 NEEDED = {"ml_collections": "ml-collections", "clu": "clu", "pytest": "pytest"}
 FIXTURES = "tests/testdata/official_tiny"
 BF16_TESTS = (
-    "tests/test_models.py::test_bf16_compute_keeps_float32_params_and_logits",
-    "tests/test_models.py::test_bf16_attention_logits_equal_float32_highest_on_the_same_values",
-    "tests/test_contrastive.py::test_nt_xent_bf16_inputs_computed_in_float32",
-    "tests/test_discriminator.py::test_bf16_compute_keeps_fp32_params_and_logits",
-    "tests/test_bench.py::test_conv_override_reproduces_the_module",
-    "tests/test_bench.py::test_tf32_convs_keep_float32_ids",
-    "tests/test_bench.py::test_bf16_tokenizer_flips_are_near_ties",
-    "tests/test_bench.py::test_bf16_tokenizer_ids_equal_float32",
-    "tests/test_bench.py::test_chunked_tokenizer_gives_the_same_ids",
+  "tests/test_models.py::test_bf16_compute_keeps_float32_params_and_logits",
+  "tests/test_models.py::test_bf16_attention_logits_equal_float32_highest_on_the_same_values",
+  "tests/test_contrastive.py::test_nt_xent_bf16_inputs_computed_in_float32",
+  "tests/test_discriminator.py::test_bf16_compute_keeps_fp32_params_and_logits",
+  "tests/test_bench.py::test_conv_override_reproduces_the_module",
+  "tests/test_bench.py::test_tf32_convs_keep_float32_ids",
+  "tests/test_bench.py::test_bf16_tokenizer_flips_are_near_ties",
+  "tests/test_bench.py::test_bf16_tokenizer_ids_equal_float32",
+  "tests/test_bench.py::test_chunked_tokenizer_gives_the_same_ids",
 )
 TRAIN_CONFIG = "configs/fashion_mnist_tiny.py"
 
@@ -60,51 +60,100 @@ TRAIN_CONFIG = "configs/fashion_mnist_tiny.py"
 @dataclasses.dataclass
 class Step:
   name: str
-  argv: list[str]           # after the Python executable
+  argv: list[str]  # after the Python executable
   timeout_s: int
   env: dict = dataclasses.field(default_factory=dict)
-  check: str = ""           # what the dry run validates: 'benchmark' | 'lower' | 'main' | 'pytest' | 'path'
-  json_out: str = ""        # the step's own results; rows with an 'error' fail the step
-  expect: str = ""          # text the log must hold for the step to pass
+  check: str = ""  # what the dry run validates: 'benchmark' | 'lower' | 'main' | 'pytest' | 'path'
+  json_out: str = ""  # the step's own results; rows with an 'error' fail the step
+  expect: str = ""  # text the log must hold for the step to pass
 
 
 def _train_argv(workdir: str, steps: int) -> list[str]:
-  return ["-m", "mage_jax.main", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}", "--config.input.name=random",
-          f"--config.total_steps={steps}", "--config.optim.warmup_steps=2", "--config.log_every_steps=5",
-          "--config.checkpoint_every_steps=10", "--config.async_checkpoints=False",
-          "--config.fewshot_monitor.train_split="]  # no few-shot monitor: features of random images say nothing
+  return [
+    "-m",
+    "mage_jax.main",
+    f"--config={TRAIN_CONFIG}",
+    f"--workdir={workdir}",
+    "--config.input.name=random",
+    f"--config.total_steps={steps}",
+    "--config.optim.warmup_steps=2",
+    "--config.log_every_steps=5",
+    "--config.checkpoint_every_steps=10",
+    "--config.async_checkpoints=False",
+    "--config.fewshot_monitor.train_split=",
+  ]  # no few-shot monitor: features of random images say nothing
 
 
 def steps(out: str) -> list[Step]:
   """The suite, in the order it runs."""
   train_dir = os.path.join(out, "train")
-  bench = ["bench/benchmark.py", "--steps=10", "--warmup=2", "--gen-repeats=2", "--encode-repeats=3",
-           "--encode-modes=tf32,bfloat16"]
+  bench = [
+    "bench/benchmark.py",
+    "--steps=10",
+    "--warmup=2",
+    "--gen-repeats=2",
+    "--encode-repeats=3",
+    "--encode-modes=tf32,bfloat16",
+  ]
   return [
-      Step("device", ["-c", "from bench import device_suite; device_suite.print_device()"], 60),
-      Step("verify", ["-m", "mage_jax.verify", FIXTURES], 120, check="path"),
-      # conftest.py defaults JAX_PLATFORMS to cpu: name the accelerator explicitly.
-      Step("bf16_checks", ["-m", "pytest", "-q", "-p", "no:cacheprovider", *BF16_TESTS], 150,
-           env={"JAX_PLATFORMS": "cuda"}, check="pytest"),
-      Step("train", _train_argv(train_dir, 10), 90, check="main"),
-      Step("train_resume", _train_argv(train_dir, 20), 90, check="main", expect="resuming from checkpoint step 10"),
-      Step("bench_B", [*bench, "--size=B", "--workloads=pretrain,generate,encode", f"--json={out}/bench_B.json"],
-           180, check="benchmark", json_out=f"{out}/bench_B.json"),
-      Step("bench_L", [*bench, "--size=L", "--workloads=pretrain", f"--json={out}/bench_L.json"], 150,
-           check="benchmark", json_out=f"{out}/bench_L.json"),
-      Step("lower", ["bench/lower.py", "--platforms=cuda", "--size=B",
-                     "--programs=pretrain_cudnn,generate_cudnn,pretrain_fused", f"--json={out}/lower_cuda.json"], 120,
-           check="lower"),
+    Step("device", ["-c", "from bench import device_suite; device_suite.print_device()"], 60),
+    Step("verify", ["-m", "mage_jax.verify", FIXTURES], 120, check="path"),
+    # conftest.py defaults JAX_PLATFORMS to cpu: name the accelerator explicitly.
+    Step(
+      "bf16_checks",
+      ["-m", "pytest", "-q", "-p", "no:cacheprovider", *BF16_TESTS],
+      150,
+      env={"JAX_PLATFORMS": "cuda"},
+      check="pytest",
+    ),
+    Step("train", _train_argv(train_dir, 10), 90, check="main"),
+    Step("train_resume", _train_argv(train_dir, 20), 90, check="main", expect="resuming from checkpoint step 10"),
+    Step(
+      "bench_B",
+      [*bench, "--size=B", "--workloads=pretrain,generate,encode", f"--json={out}/bench_B.json"],
+      180,
+      check="benchmark",
+      json_out=f"{out}/bench_B.json",
+    ),
+    Step(
+      "bench_L",
+      [*bench, "--size=L", "--workloads=pretrain", f"--json={out}/bench_L.json"],
+      150,
+      check="benchmark",
+      json_out=f"{out}/bench_L.json",
+    ),
+    Step(
+      "lower",
+      [
+        "bench/lower.py",
+        "--platforms=cuda",
+        "--size=B",
+        "--programs=pretrain_cudnn,generate_cudnn,pretrain_fused",
+        f"--json={out}/lower_cuda.json",
+      ],
+      120,
+      check="lower",
+    ),
   ]
 
 
 def print_device() -> None:
   """The `device` step: one JSON line on the accelerator JAX sees."""
   import jax  # pylint: disable=g-import-not-at-top
+
   devices = jax.devices()
   stats = devices[0].memory_stats() or {}
-  print(json.dumps({"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
-                    "count": len(devices), "jax": jax.__version__, "bytes_limit": stats.get("bytes_limit")}))
+  print(
+    json.dumps(
+      {
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "count": len(devices),
+        "jax": jax.__version__,
+        "bytes_limit": stats.get("bytes_limit"),
+      }
+    )
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,10 +179,12 @@ def check_step(step: Step, python: str) -> str:
     return f"{FIXTURES} holds the fixtures"
   if step.check == "benchmark":
     from bench import benchmark  # pylint: disable=g-import-not-at-top
+
     benchmark.parse_args(step.argv[1:])
     return "benchmark flags parse"
   if step.check == "lower":
     from bench import lower  # pylint: disable=g-import-not-at-top
+
     lower.parse_args(step.argv[1:])
     return "lower flags parse"
   if step.check in ("main", "pytest"):
@@ -164,8 +215,10 @@ def dry_run(out: str, python: str) -> int:
     print(f"would install {NEEDED[module]} from {wheel or '(no wheel in .cache/wheels: run `make wheels`)'}")
   problems = []
   for step in steps(out):
-    print(f"[{step.name}] {' '.join(f'{k}={v}' for k, v in step.env.items())}{' ' if step.env else ''}"
-          f"{shlex.join([python, *step.argv])}  (limit {step.timeout_s} s)")
+    print(
+      f"[{step.name}] {' '.join(f'{k}={v}' for k, v in step.env.items())}{' ' if step.env else ''}"
+      f"{shlex.join([python, *step.argv])}  (limit {step.timeout_s} s)"
+    )
     if step.check in ("main", "pytest") and missing:
       print(f"  not checked here: needs {missing}")
       continue
@@ -186,8 +239,7 @@ def install_missing(python: str) -> None:
   """pip-installs the missing NEEDED packages (and their dependencies) from WHEEL_DIR, offline."""
   dists = [NEEDED[m] for m in _missing_modules()]
   if dists:
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--find-links", WHEEL_DIR, *dists],
-                   check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--find-links", WHEEL_DIR, *dists], check=True)
 
 
 def run_step(step: Step, out: str, python: str, limit_s: float) -> dict:
@@ -195,23 +247,40 @@ def run_step(step: Step, out: str, python: str, limit_s: float) -> dict:
   log = os.path.join(out, f"{step.name}.log")
   t0 = time.perf_counter()
   with open(log, "w") as f:
-    proc = subprocess.Popen([python, *step.argv], cwd=ROOT, env={**os.environ, **step.env}, stdout=f,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+      [python, *step.argv],
+      cwd=ROOT,
+      env={**os.environ, **step.env},
+      stdout=f,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+    )
     try:
       rc, timed_out = proc.wait(timeout=limit_s), False
     except subprocess.TimeoutExpired:
       os.killpg(proc.pid, signal.SIGKILL)
       rc, timed_out = proc.wait(), True
-  record = {"name": step.name, "command": shlex.join([python, *step.argv]), "env": step.env, "rc": rc,
-            "timed_out": timed_out, "seconds": time.perf_counter() - t0, "limit_s": limit_s, "log": log,
-            "errors": _result_errors(step.json_out)}
+  record = {
+    "name": step.name,
+    "command": shlex.join([python, *step.argv]),
+    "env": step.env,
+    "rc": rc,
+    "timed_out": timed_out,
+    "seconds": time.perf_counter() - t0,
+    "limit_s": limit_s,
+    "log": log,
+    "errors": _result_errors(step.json_out),
+  }
   if step.expect:
     with open(log) as f:
       if step.expect not in f.read():
         record["errors"].append(f"the log lacks {step.expect!r}")
   record["passed"] = rc == 0 and not record["errors"]
-  print(f"[{step.name}] {'TIMED OUT' if timed_out else 'rc ' + str(rc)} in {record['seconds']:.0f} s"
-        f"{'; errors: ' + '; '.join(record['errors']) if record['errors'] else ''}", flush=True)
+  print(
+    f"[{step.name}] {'TIMED OUT' if timed_out else 'rc ' + str(rc)} in {record['seconds']:.0f} s"
+    f"{'; errors: ' + '; '.join(record['errors']) if record['errors'] else ''}",
+    flush=True,
+  )
   return record
 
 
@@ -239,8 +308,13 @@ def run(out: str, python: str, budget_s: float, force: bool) -> int:
       records.append({"name": step.name, "skipped": "suite time budget spent"})
       continue
     records.append(run_step(step, out, python, min(step.timeout_s, left)))
-  summary = {"out": out, "seconds": time.perf_counter() - start, "budget_s": budget_s, "steps": records,
-             "passed": all(r.get("passed") for r in records)}
+  summary = {
+    "out": out,
+    "seconds": time.perf_counter() - start,
+    "budget_s": budget_s,
+    "steps": records,
+    "passed": all(r.get("passed") for r in records),
+  }
   with open(os.path.join(out, "suite.json"), "w") as f:
     json.dump(summary, f, indent=1)
   passed = sum(bool(r.get("passed")) for r in records)
@@ -249,13 +323,18 @@ def run(out: str, python: str, budget_s: float, force: bool) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                              allow_abbrev=False)
-  p.add_argument("--out", default=os.environ.get("OUT", "device_suite_out"),
-                 help="output folder (default: $OUT, else ./device_suite_out)")
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+  )
+  p.add_argument(
+    "--out",
+    default=os.environ.get("OUT", "device_suite_out"),
+    help="output folder (default: $OUT, else ./device_suite_out)",
+  )
   p.add_argument("--budget-s", type=float, default=470.0, help="wall-clock budget of all steps together")
-  p.add_argument("--dry-run", action="store_true",
-                 help="print the steps and check their paths and flags; launch nothing")
+  p.add_argument(
+    "--dry-run", action="store_true", help="print the steps and check their paths and flags; launch nothing"
+  )
   p.add_argument("--force", action="store_true", help="run in a non-empty --out (its train/ folder is replaced)")
   return p
 

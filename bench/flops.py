@@ -90,10 +90,10 @@ def mage_forward_flops(c: MAGEConfig, encoder_tokens: int, decoder: bool = True)
   flops = c.depth * block_flops(encoder_tokens, c.embed_dim, c.mlp_ratio)
   if not decoder:
     return flops
-  flops += 2.0 * encoder_tokens * c.embed_dim * c.decoder_embed_dim            # decoder_embed
+  flops += 2.0 * encoder_tokens * c.embed_dim * c.decoder_embed_dim  # decoder_embed
   flops += c.decoder_depth * block_flops(seq, c.decoder_embed_dim, c.mlp_ratio)
-  flops += 2.0 * c.num_tokens * c.decoder_embed_dim * c.embed_dim              # MLM fc
-  return flops + 2.0 * c.num_tokens * c.embed_dim * c.codebook_size            # tied output projection
+  flops += 2.0 * c.num_tokens * c.decoder_embed_dim * c.embed_dim  # MLM fc
+  return flops + 2.0 * c.num_tokens * c.embed_dim * c.codebook_size  # tied output projection
 
 
 def pretrain_encoder_tokens(c: MAGEConfig, drop_ratio: float = 0.5) -> int:
@@ -104,22 +104,29 @@ def pretrain_encoder_tokens(c: MAGEConfig, drop_ratio: float = 0.5) -> int:
 @dataclasses.dataclass(frozen=True)
 class FlopCounts:
   """FLOPs per image of each benchmarked workload."""
+
   tokenizer_forward: float
   tokenizer_decode: float
   mage_train_forward: float
   mage_generation_step: float
-  pretrain: float     # tokenizer forward + 3 × MAGE forward on the dropped sequence
+  pretrain: float  # tokenizer forward + 3 × MAGE forward on the dropped sequence
   pretrain_cached: float  # 3 × MAGE forward: the step on cached token ids (input.tokens)
-  generation: float   # num_steps × full-sequence forward + tokenizer decode
-  encode: float       # tokenizer forward alone
+  generation: float  # num_steps × full-sequence forward + tokenizer decode
+  encode: float  # tokenizer forward alone
   num_steps: int
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
 
 
-def flop_counts(model: MAGEConfig, tokenizer: VQGANConfig, *, num_steps: int = 20, drop_ratio: float = 0.5,
-                image_size: int | None = None) -> FlopCounts:
+def flop_counts(
+  model: MAGEConfig,
+  tokenizer: VQGANConfig,
+  *,
+  num_steps: int = 20,
+  drop_ratio: float = 0.5,
+  image_size: int | None = None,
+) -> FlopCounts:
   """Every per-image count the benchmark reports, from the two configs.
 
   Raises:
@@ -133,6 +140,14 @@ def flop_counts(model: MAGEConfig, tokenizer: VQGANConfig, *, num_steps: int = 2
   tok_dec = tokenizer_decoder_flops(tokenizer, res)
   train_fwd = mage_forward_flops(model, pretrain_encoder_tokens(model, drop_ratio))
   gen_step = mage_forward_flops(model, model.num_tokens + 1)
-  return FlopCounts(tokenizer_forward=tok_fwd, tokenizer_decode=tok_dec, mage_train_forward=train_fwd,
-                    mage_generation_step=gen_step, pretrain=tok_fwd + 3.0 * train_fwd, pretrain_cached=3.0 * train_fwd,
-                    generation=num_steps * gen_step + tok_dec, encode=tok_fwd, num_steps=num_steps)
+  return FlopCounts(
+    tokenizer_forward=tok_fwd,
+    tokenizer_decode=tok_dec,
+    mage_train_forward=train_fwd,
+    mage_generation_step=gen_step,
+    pretrain=tok_fwd + 3.0 * train_fwd,
+    pretrain_cached=3.0 * train_fwd,
+    generation=num_steps * gen_step + tok_dec,
+    encode=tok_fwd,
+    num_steps=num_steps,
+  )

@@ -75,8 +75,10 @@ COLLECTIVES = tuple(dict.fromkeys(op.replace("-start", "").replace("-", "_") for
 HOST_OPS = ("infeed", "outfeed", "send", "recv")
 _OP = re.compile(r"\bstablehlo\.([a-z_]+)")
 _CUSTOM_CALL = re.compile(r"stablehlo\.custom_call @([\w.$\-]+)")
-_F32_HIGHEST = re.compile(r"stablehlo\.(?:dot_general|convolution)\b.*HIGHEST.*:\s*\(tensor<([\dx]*)f32>,\s*"
-                          r"tensor<([\dx]*)f32>\)")
+_F32_HIGHEST = re.compile(
+  r"stablehlo\.(?:dot_general|convolution)\b.*HIGHEST.*:\s*\(tensor<([\dx]*)f32>,\s*"
+  r"tensor<([\dx]*)f32>\)"
+)
 GENERATE_BATCH_PER_DEVICE = 32
 TINY_BATCH_PER_DEVICE = 2
 FID_BATCH = 50  # python -m mage_jax.fid's batch; the FID network runs on one device
@@ -91,11 +93,12 @@ _STEPS, _WARMUP = 1000, 100
 @dataclasses.dataclass
 class Program:
   """One jitted program with abstract, sharded inputs."""
-  fn: Callable          # jitted as its binary jits it
-  args: tuple           # ShapeDtypeStruct trees (with shardings)
-  mesh: Any             # jax.sharding.Mesh, or None for a single-device program
-  rules: Any            # flax logical axis rules in force while tracing
-  info: dict            # what a reader needs: dtypes, batch, mesh, attention, ...
+
+  fn: Callable  # jitted as its binary jits it
+  args: tuple  # ShapeDtypeStruct trees (with shardings)
+  mesh: Any  # jax.sharding.Mesh, or None for a single-device program
+  rules: Any  # flax logical axis rules in force while tracing
+  info: dict  # what a reader needs: dtypes, batch, mesh, attention, ...
 
   @contextlib.contextmanager
   def context(self):
@@ -149,8 +152,7 @@ def mage_config(module: str, size: str, devices: int, overrides: dict | None = N
 
 
 def _abstract_vars(module, *init_args, **init_kw):
-  return sharding.strip_boxes(jax.eval_shape(functools.partial(module.init, **init_kw), jax.random.key(0),
-                                             *init_args))
+  return sharding.strip_boxes(jax.eval_shape(functools.partial(module.init, **init_kw), jax.random.key(0), *init_args))
 
 
 def _replicated(tree, mesh):
@@ -158,8 +160,9 @@ def _replicated(tree, mesh):
   return checkpointing.abstract_with_shardings(tree, jax.tree.map(lambda _: repl, tree))
 
 
-def _train_program(config, init_state, step, extras, batch: dict, info: dict, extras_shardings=None,
-                   rules=None) -> Program:
+def _train_program(
+  config, init_state, step, extras, batch: dict, info: dict, extras_shardings=None, rules=None
+) -> Program:
   """A (state, extras, batch) step as `trainer.run` jits it: logical state shardings, extras replicated unless
   `extras_shardings`, traced under the config's logical rules unless `rules`.
 
@@ -171,20 +174,33 @@ def _train_program(config, init_state, step, extras, batch: dict, info: dict, ex
     boxed = jax.eval_shape(init_state, jax.random.key(0))
     state_sh = sharding.logical_shardings(boxed, mesh, rules)
   state = checkpointing.abstract_with_shardings(sharding.strip_boxes(boxed), state_sh)
-  extras = (_replicated(extras, mesh) if extras_shardings is None
-            else checkpointing.abstract_with_shardings(extras, extras_shardings))
+  extras = (
+    _replicated(extras, mesh)
+    if extras_shardings is None
+    else checkpointing.abstract_with_shardings(extras, extras_shardings)
+  )
   batch_sh = sharding.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in batch.items()}
-  return Program(sharding.jit_train_step(step, state_sh, mesh, extras_shardings), (state, extras, batch), mesh,
-                 rules, {"mesh": dict(mesh.shape), **info})
+  return Program(
+    sharding.jit_train_step(step, state_sh, mesh, extras_shardings),
+    (state, extras, batch),
+    mesh,
+    rules,
+    {"mesh": dict(mesh.shape), **info},
+  )
 
 
 def _mage_info(config) -> dict:
   m, t = config.model, config.tokenizer
-  return {"batch": config.input.batch_size, "dtype": m.dtype, "scan": bool(m.scan), "remat": m.remat_policy,
-          "attention": m.attention, "attn_dropout": m.attn_dropout,
-          "tokenizer": f"{t.get('dtype', 'float32')}, precision {t.get('precision', 'highest')}, "
-                       f"chunks {t.get('chunks', 1)}"}
+  return {
+    "batch": config.input.batch_size,
+    "dtype": m.dtype,
+    "scan": bool(m.scan),
+    "remat": m.remat_policy,
+    "attention": m.attention,
+    "attn_dropout": m.attn_dropout,
+    "tokenizer": f"{t.get('dtype', 'float32')}, precision {t.get('precision', 'highest')}, chunks {t.get('chunks', 1)}",
+  }
 
 
 def _frozen_tokenizer(config):
@@ -204,14 +220,19 @@ def _image_batch(config, **extra) -> dict:
 def _mage_state(model, config, tx, *extra_inputs, head=None):
   """The jobs' `init_state` of a MAGE-like model (MAGE-C's with `head`, class-conditional's with a label)."""
   from mage_jax import masking  # pylint: disable=g-import-not-at-top
+
   n = model.config.num_tokens
 
   def init_state(rng):
     plan, _ = masking.sample_plan(jax.random.key(0), 1, n, **config.masking)
     params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, n), jnp.int32), plan, *extra_inputs)["params"]
     if head is not None:
-      params = {"model": params, "projection_head": head.init(
-          jax.random.fold_in(rng, 2), jnp.zeros((1, model.config.embed_dim), jnp.float32))["params"]}
+      params = {
+        "model": params,
+        "projection_head": head.init(jax.random.fold_in(rng, 2), jnp.zeros((1, model.config.embed_dim), jnp.float32))[
+          "params"
+        ],
+      }
     return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
 
   return init_state
@@ -226,16 +247,25 @@ def pretrain(size: str, devices: int, attention: str = "xla", overrides: dict | 
   tok, tok_vars = _frozen_tokenizer(config)
   model = builders.mage_model(config, tok)
   tx, optim_cfg = builders.pretrain_optimizer(config, _STEPS, _WARMUP)
-  step = functools.partial(steps.pretrain_step, model=model, tokenizer=tok, tx=tx, masking_cfg=dict(config.masking),
-                           label_smoothing=config.label_smoothing, schedule=optim_cfg.schedule(),
-                           tokenizer_chunks=config.tokenizer.get("chunks", 1))
-  return _train_program(config, _mage_state(model, config, tx), step, tok_vars, _image_batch(config),
-                        _mage_info(config))
+  step = functools.partial(
+    steps.pretrain_step,
+    model=model,
+    tokenizer=tok,
+    tx=tx,
+    masking_cfg=dict(config.masking),
+    label_smoothing=config.label_smoothing,
+    schedule=optim_cfg.schedule(),
+    tokenizer_chunks=config.tokenizer.get("chunks", 1),
+  )
+  return _train_program(
+    config, _mage_state(model, config, tx), step, tok_vars, _image_batch(config), _mage_info(config)
+  )
 
 
 def mage_c(size: str, devices: int) -> Program:
   """`configs/mage_c_imagenet.py` (jobs/mage_c.py): two views per image, MAGE + projection head, NT-Xent."""
   from mage_jax.jobs import mage_c as job  # pylint: disable=g-import-not-at-top
+
   config = mage_config("mage_c_imagenet", size, devices)
   cfg = config_views.from_config(job.ContrastiveConfig, config.contrastive, "config.contrastive")
   color = config_views.from_config(job.ColorAugment, config.views, "config.views")
@@ -243,31 +273,52 @@ def mage_c(size: str, devices: int) -> Program:
   model = builders.mage_model(config, tok)
   head = cfg.head(model.dtype, model.param_dtype)
   tx, optim_cfg = builders.pretrain_optimizer(config, _STEPS, _WARMUP)
-  step = functools.partial(job.mage_c_step, tokenizer=tok, color=color, model=model, head=head, tx=tx, cfg=cfg,
-                           masking_cfg=dict(config.masking), label_smoothing=config.label_smoothing,
-                           schedule=optim_cfg.schedule())
-  return _train_program(config, _mage_state(model, config, tx, head=head), step, tok_vars, _image_batch(config),
-                        _mage_info(config))
+  step = functools.partial(
+    job.mage_c_step,
+    tokenizer=tok,
+    color=color,
+    model=model,
+    head=head,
+    tx=tx,
+    cfg=cfg,
+    masking_cfg=dict(config.masking),
+    label_smoothing=config.label_smoothing,
+    schedule=optim_cfg.schedule(),
+  )
+  return _train_program(
+    config, _mage_state(model, config, tx, head=head), step, tok_vars, _image_batch(config), _mage_info(config)
+  )
 
 
 def class_cond(size: str, devices: int) -> Program:
   """`configs/class_cond_imagenet.py` (jobs/class_cond.py): label embedding + decoder on the frozen encoder."""
   from mage_jax.jobs import class_cond as job  # pylint: disable=g-import-not-at-top
   from mage_jax.models import class_cond as cc_model  # pylint: disable=g-import-not-at-top
+
   config = mage_config("class_cond_imagenet", size, devices)
   cc = config.class_cond
   tok, tok_vars = _frozen_tokenizer(config)
   base = builders.mage_model(config, tok)
-  model = cc_model.ClassCondMAGE(cc_model.class_cond_config(
-      base.config, num_classes=cc.num_classes, class_combine=cc.combine, guidance_scale=cc.guidance_scale),
-      dtype=base.dtype, param_dtype=base.param_dtype)
+  model = cc_model.ClassCondMAGE(
+    cc_model.class_cond_config(
+      base.config, num_classes=cc.num_classes, class_combine=cc.combine, guidance_scale=cc.guidance_scale
+    ),
+    dtype=base.dtype,
+    param_dtype=base.param_dtype,
+  )
   tx, optim_cfg = builders.pretrain_optimizer(config, _STEPS, _WARMUP, frozen=cc_model.ENCODER_PARAM_PATTERNS)
-  step = functools.partial(job.class_cond_step, tokenizer=tok, model=model, tx=tx, masking_cfg=dict(config.masking),
-                           label_smoothing=config.label_smoothing, label_drop_prob=cc.label_drop_prob,
-                           schedule=optim_cfg.schedule())
+  step = functools.partial(
+    job.class_cond_step,
+    tokenizer=tok,
+    model=model,
+    tx=tx,
+    masking_cfg=dict(config.masking),
+    label_smoothing=config.label_smoothing,
+    label_drop_prob=cc.label_drop_prob,
+    schedule=optim_cfg.schedule(),
+  )
   init_state = _mage_state(model, config, tx, jnp.zeros((1,), jnp.int32))
-  return _train_program(config, init_state, step, tok_vars, _image_batch(config, label=jnp.int32),
-                        _mage_info(config))
+  return _train_program(config, init_state, step, tok_vars, _image_batch(config, label=jnp.int32), _mage_info(config))
 
 
 def tokenizer(size: str, devices: int) -> Program:
@@ -275,6 +326,7 @@ def tokenizer(size: str, devices: int) -> Program:
   abstract weights)."""
   from mage_jax import tokenizer_losses as tl, tokenizer_step  # pylint: disable=g-import-not-at-top
   from mage_jax.jobs import tokenizer as job  # pylint: disable=g-import-not-at-top
+
   config = _config("tokenizer_imagenet", **({"runlocal": True} if size == "tiny" else {}))
   config.input.batch_size = _batch(size, config.input.batch_size, devices)
   if size == "tiny":
@@ -287,14 +339,30 @@ def tokenizer(size: str, devices: int) -> Program:
   d_tx, _ = job.make_optimizer(o.get("d_lr", o.lr), _STEPS, 0, o)
   # The LPIPS network as a loaded weights file gives it (the file itself is not needed to lower).
   lpips = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in tl.random_perceptual_weights().items()}
-  step = functools.partial(tokenizer_step.train_step, vqgan=vqgan, disc=disc, g_tx=g_tx, d_tx=d_tx, loss=loss,
-                           ema_decay=float(o.ema_decay), g_schedule=g_schedule, codebook=codebook)
+  step = functools.partial(
+    tokenizer_step.train_step,
+    vqgan=vqgan,
+    disc=disc,
+    g_tx=g_tx,
+    d_tx=d_tx,
+    loss=loss,
+    ema_decay=float(o.ema_decay),
+    g_schedule=g_schedule,
+    codebook=codebook,
+  )
   init_state = functools.partial(tokenizer_step.init_state, vqgan=vqgan, disc=disc, g_tx=g_tx, d_tx=d_tx)
-  info = {"batch": config.input.batch_size, "dtype": config.tokenizer.dtype,
-          "discriminator": config.discriminator.dtype, "perceptual": "LPIPS-VGG16", "gan": loss.gan_type,
-          "r1": loss.r1_cost, "lecam": loss.lecam_weight}
-  return _train_program(config, init_state, step, tl.PerceptualLoss(params=lpips, use_lin_heads=True),
-                        _image_batch(config), info)
+  info = {
+    "batch": config.input.batch_size,
+    "dtype": config.tokenizer.dtype,
+    "discriminator": config.discriminator.dtype,
+    "perceptual": "LPIPS-VGG16",
+    "gan": loss.gan_type,
+    "r1": loss.r1_cost,
+    "lecam": loss.lecam_weight,
+  }
+  return _train_program(
+    config, init_state, step, tl.PerceptualLoss(params=lpips, use_lin_heads=True), _image_batch(config), info
+  )
 
 
 def _checkpoint_meta(size: str, attention: str = "xla") -> dict:
@@ -302,8 +370,11 @@ def _checkpoint_meta(size: str, attention: str = "xla") -> dict:
   config = mage_config("mage_pretrain", size, 1, {"model.attention": attention})
   tok, _ = _frozen_tokenizer(config)
   model = builders.mage_model(config, tok)
-  return {"kind": "mage", "model": dataclasses.asdict(dataclasses.replace(model.config, scan=False)),
-          "tokenizer": dataclasses.asdict(tok.config)}
+  return {
+    "kind": "mage",
+    "model": dataclasses.asdict(dataclasses.replace(model.config, scan=False)),
+    "tokenizer": dataclasses.asdict(tok.config),
+  }
 
 
 def generate(size: str, devices: int, dtype: str = "float32", attention: str = "xla") -> Program:
@@ -313,13 +384,23 @@ def generate(size: str, devices: int, dtype: str = "float32", attention: str = "
   batch = (TINY_BATCH_PER_DEVICE if size == "tiny" else GENERATE_BATCH_PER_DEVICE) * mesh.size
   sampler = sampling.make_sampler(model, vq, batch, sampling.DEFAULT_NUM_STEPS, mesh)
   side = 2 ** (len(vq.config.ch_mult) - 1)
-  variables = (_abstract_vars(model, jnp.zeros((1, model.config.num_tokens), jnp.int32),
-                              method="image_token_logits"),
-               _abstract_vars(vq, jnp.zeros((1, side, side, 3))))
-  scalars = (jax.ShapeDtypeStruct((2,), jnp.uint32), jax.ShapeDtypeStruct((), jnp.int32),  # key data, batch index
-             jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))  # temperature, class id
-  info = {"batch": batch, "dtype": dtype, "num_steps": sampling.DEFAULT_NUM_STEPS,
-          "attention": model.config.attention, "mesh": dict(mesh.shape)}
+  variables = (
+    _abstract_vars(model, jnp.zeros((1, model.config.num_tokens), jnp.int32), method="image_token_logits"),
+    _abstract_vars(vq, jnp.zeros((1, side, side, 3))),
+  )
+  scalars = (
+    jax.ShapeDtypeStruct((2,), jnp.uint32),
+    jax.ShapeDtypeStruct((), jnp.int32),  # key data, batch index
+    jax.ShapeDtypeStruct((), jnp.float32),
+    jax.ShapeDtypeStruct((), jnp.int32),
+  )  # temperature, class id
+  info = {
+    "batch": batch,
+    "dtype": dtype,
+    "num_steps": sampling.DEFAULT_NUM_STEPS,
+    "attention": model.config.attention,
+    "mesh": dict(mesh.shape),
+  }
   return Program(sampler, _replicated((*variables, *scalars), mesh), mesh, (), info)
 
 
@@ -327,27 +408,37 @@ def fid_inception(size: str, devices: int) -> Program:
   """The FID network as `mage_jax.fid` runs it: uint8 images, TF1 bilinear resize to 299, pool3 (one device)."""
   del devices
   from mage_jax.fid import inception, weights  # pylint: disable=g-import-not-at-top
+
   params = weights.params_from_canonical(
-      {k: np.zeros(s, np.float32) for k, s in weights.expected_shapes(with_fc=False).items()})
+    {k: np.zeros(s, np.float32) for k, s in weights.expected_shapes(with_fc=False).items()}
+  )
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   res = benchmark.SIZES[size].tokenizer.resolution
   batch = 4 if size == "tiny" else FID_BATCH
   fn = jax.jit(lambda p, images: inception.pool_features(p, inception.preprocess(images)))
-  return Program(fn, (params, jax.ShapeDtypeStruct((batch, res, res, 3), jnp.uint8)), None, (),
-                 {"batch": batch, "dtype": "float32", "image_size": res})
+  return Program(
+    fn,
+    (params, jax.ShapeDtypeStruct((batch, res, res, 3), jnp.uint8)),
+    None,
+    (),
+    {"batch": batch, "dtype": "float32", "image_size": res},
+  )
 
 
 def _backbone(size: str, dtype, global_pool: bool):
   """`probe.load_backbone`'s modules for a pretraining export at `size`, with abstract variables."""
   from mage_jax import probe  # pylint: disable=g-import-not-at-top
   from mage_jax.models.vit import MAGEViT  # pylint: disable=g-import-not-at-top
+
   meta = _checkpoint_meta(size)
   mcfg = params_io.mage_config_from_meta(meta)
   tok = probe.backbone_tokenizer(params_io.tokenizer_config_from_meta(meta), dtype)
   vit = MAGEViT(mcfg, num_classes=0, global_pool=global_pool, head_type="none", dtype=dtype)
   side = 2 ** (len(tok.config.ch_mult) - 1)
-  variables = {"tokenizer": _abstract_vars(tok, jnp.zeros((1, side, side, 3))),
-               "vit": _abstract_vars(vit, jnp.zeros((1, mcfg.num_tokens), jnp.int32))}
+  variables = {
+    "tokenizer": _abstract_vars(tok, jnp.zeros((1, side, side, 3))),
+    "vit": _abstract_vars(vit, jnp.zeros((1, mcfg.num_tokens), jnp.int32)),
+  }
   return probe.Backbone(tok, vit, variables, tok.config.resolution, meta)
 
 
@@ -358,6 +449,7 @@ def _eval_config(size: str):
 def _eval_setup(config, size: str, batch: int):
   """(backbone, mesh, rules, backbone shardings) of `mage_jax.evaluate` with `configs/eval_imagenet.py`."""
   from mage_jax import probe  # pylint: disable=g-import-not-at-top
+
   backbone = _backbone(size, config_views.dtype(config.dtype), config.global_pool)
   mesh, rules = sharding.mesh_from_config(config)
   sharding.check_batch_size(batch, mesh)
@@ -368,33 +460,50 @@ def linear_probe(size: str, devices: int) -> Program:
   """`mage_jax.evaluate` linear probe, the paper protocol (jobs/linear_probe.py): augmented images through the
   frozen backbone (dropout on) + BN/linear head with LARS, on the shared loop."""
   from mage_jax.jobs import linear_probe as job  # pylint: disable=g-import-not-at-top
+
   config = _eval_config(size)
   lp = config.linear_probe.to_dict()
   dropout = lp.pop("dropout")
   for key in ("augment", "stop_after_epochs"):
     lp.pop(key)
   batch = _batch(size, lp["batch_size"], devices)
-  cfg = config_views.from_config(job.ProbeConfig, lp, "config.linear_probe", num_classes=config.num_classes,
-                                 seed=config.seed, batch_size=batch, **({"bn_group_size": 0} if size == "tiny" else {}))
+  cfg = config_views.from_config(
+    job.ProbeConfig,
+    lp,
+    "config.linear_probe",
+    num_classes=config.num_classes,
+    seed=config.seed,
+    batch_size=batch,
+    **({"bn_group_size": 0} if size == "tiny" else {}),
+  )
   backbone, _, _, shardings = _eval_setup(config, size, batch)
   ocfg = dataclasses.replace(cfg.optim(steps_per_epoch=1), total_steps=_STEPS, warmup_steps=_WARMUP)
   tx, schedule = optim.probe_optimizer(ocfg), ocfg.schedule()
-  step = functools.partial(job.probe_step, tx=tx, cfg=cfg, feature_fn=backbone.feature_fn(), dropout=dropout,
-                           schedule=schedule)
+  step = functools.partial(
+    job.probe_step, tx=tx, cfg=cfg, feature_fn=backbone.feature_fn(), dropout=dropout, schedule=schedule
+  )
   init_state = functools.partial(job.init_state, tx=tx, dim=backbone.dim, cfg=cfg)
   loop = {"mesh": config.mesh, "sharding_rules": config.sharding_rules, "input": {"batch_size": batch}}
   res = backbone.image_size
   info = {"batch": batch, "dtype": config.dtype, "dropout": dropout, "bn_group_size": cfg.bn_group_size}
   # train_probe runs the loop without logical rules (the head state is replicated), the backbone where
   # `backbone_shardings` places it.
-  return _train_program(ml_collections.ConfigDict(loop), init_state, step, backbone.variables,
-                        {"image": ((batch, res, res, 3), jnp.float32), "label": ((batch,), jnp.int32)}, info,
-                        extras_shardings=shardings, rules=())
+  return _train_program(
+    ml_collections.ConfigDict(loop),
+    init_state,
+    step,
+    backbone.variables,
+    {"image": ((batch, res, res, 3), jnp.float32), "label": ((batch,), jnp.int32)},
+    info,
+    extras_shardings=shardings,
+    rules=(),
+  )
 
 
 def probe_features(size: str, devices: int) -> Program:
   """`probe.extract_features`: frozen features of a split (validation, cached probes, few-shot)."""
   from mage_jax import probe  # pylint: disable=g-import-not-at-top
+
   config = _eval_config(size)
   batch = _batch(size, config.input.batch_size, devices)
   backbone, mesh, rules, shardings = _eval_setup(config, size, batch)
@@ -402,51 +511,85 @@ def probe_features(size: str, devices: int) -> Program:
   fn = probe._extract_fn(backbone.feature_fn(), batch_sh)  # pylint: disable=protected-access
   res = backbone.image_size
   images = jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32, sharding=batch_sh)
-  return Program(fn, (checkpointing.abstract_with_shardings(backbone.variables, shardings), images), mesh, rules,
-                 {"batch": batch, "dtype": config.dtype, "mesh": dict(mesh.shape)})
+  return Program(
+    fn,
+    (checkpointing.abstract_with_shardings(backbone.variables, shardings), images),
+    mesh,
+    rules,
+    {"batch": batch, "dtype": config.dtype, "mesh": dict(mesh.shape)},
+  )
 
 
 def finetune(size: str, devices: int) -> Program:
   """`configs/finetune_imagenet.py` (jobs/finetune.py: Mixup/CutMix, tokenizer, ViT, layer-decayed AdamW)."""
   from mage_jax.jobs import finetune as job  # pylint: disable=g-import-not-at-top
   from mage_jax.models.vit import MAGEViT  # pylint: disable=g-import-not-at-top
+
   config = _config("finetune_imagenet", variant="B" if size == "tiny" else size).finetune
   compute_dtype = config_views.dtype(config.dtype)
   backbone = _backbone(size, compute_dtype, config.global_pool)
   mcfg = backbone.vit.config
-  model = MAGEViT(mcfg, num_classes=config.num_classes, global_pool=config.global_pool, head_type="linear",
-                  head_init_std=config.head_init_std, drop_path=config.drop_path, dtype=compute_dtype)
+  model = MAGEViT(
+    mcfg,
+    num_classes=config.num_classes,
+    global_pool=config.global_pool,
+    head_type="linear",
+    head_init_std=config.head_init_std,
+    drop_path=config.drop_path,
+    dtype=compute_dtype,
+  )
   config.input.batch_size = _batch(size, config.input.batch_size, devices)
   config.input.image_size = backbone.image_size
   if size == "tiny":
     config.mixup.group_size = 0
   o = config.optim
-  ocfg = optim.FinetuneOptim(lr=optim.scaled_lr(o.blr, config.input.batch_size), total_steps=_STEPS,
-                             warmup_steps=_WARMUP, depth=mcfg.depth, layer_decay=o.layer_decay, min_lr=o.min_lr,
-                             b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+  ocfg = optim.FinetuneOptim(
+    lr=optim.scaled_lr(o.blr, config.input.batch_size),
+    total_steps=_STEPS,
+    warmup_steps=_WARMUP,
+    depth=mcfg.depth,
+    layer_decay=o.layer_decay,
+    min_lr=o.min_lr,
+    b1=o.b1,
+    b2=o.b2,
+    weight_decay=o.weight_decay,
+  )
   tx = optim.finetune_optimizer(ocfg)
   group = config.mixup.get("group_size", 0)
   mix_groups = config.input.batch_size // group if group else 1
-  step = functools.partial(job.finetune_step, model=model, tokenizer=backbone.tokenizer, tx=tx,
-                           mix=job.mixup_config(config.mixup, config.num_classes), mix_groups=mix_groups,
-                           label_smoothing=config.mixup.label_smoothing, schedule=ocfg.schedule())
+  step = functools.partial(
+    job.finetune_step,
+    model=model,
+    tokenizer=backbone.tokenizer,
+    tx=tx,
+    mix=job.mixup_config(config.mixup, config.num_classes),
+    mix_groups=mix_groups,
+    label_smoothing=config.mixup.label_smoothing,
+    schedule=ocfg.schedule(),
+  )
 
   def init_state(rng):
     params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, mcfg.num_tokens), jnp.int32))["params"]
     return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
 
-  info = {"batch": config.input.batch_size, "dtype": config.dtype, "drop_path": config.drop_path,
-          "mixup_groups": mix_groups}
-  return _train_program(config, init_state, step, backbone.variables["tokenizer"],
-                        _image_batch(config, label=jnp.int32), info)
+  info = {
+    "batch": config.input.batch_size,
+    "dtype": config.dtype,
+    "drop_path": config.drop_path,
+    "mixup_groups": mix_groups,
+  }
+  return _train_program(
+    config, init_state, step, backbone.variables["tokenizer"], _image_batch(config, label=jnp.int32), info
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """How to build one program, and where it exists."""
-  build: Callable[[str, int], Program]   # (size, devices) -> Program
-  only: tuple[str, ...] = ()             # the platforms it exists on (empty: all)
-  needs_plugin: tuple[str, ...] = ()     # platforms whose device plugin must be installed to build and lower it
+
+  build: Callable[[str, int], Program]  # (size, devices) -> Program
+  only: tuple[str, ...] = ()  # the platforms it exists on (empty: all)
+  needs_plugin: tuple[str, ...] = ()  # platforms whose device plugin must be installed to build and lower it
   # Custom-call targets jax.export guarantees no serialization compatibility for (the check is waived for them:
   # nothing exported here is stored).
   unstable_targets: tuple[str, ...] = ()
@@ -454,21 +597,29 @@ class Entry:
 
 # Program name -> how to build it: the one place that says how each user-facing program is built.
 PROGRAMS: dict[str, Entry] = {
-    "pretrain": Entry(pretrain),
-    "pretrain_fused": Entry(functools.partial(pretrain, attention="fused")),
-    "pretrain_cudnn": Entry(functools.partial(pretrain, attention="cudnn"), only=("cuda",), needs_plugin=("cuda",),
-                            unstable_targets=("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")),
-    "mage_c": Entry(mage_c),
-    "class_cond": Entry(class_cond),
-    "tokenizer": Entry(tokenizer),
-    "generate": Entry(generate),
-    "generate_bf16": Entry(functools.partial(generate, dtype="bfloat16")),
-    "generate_cudnn": Entry(functools.partial(generate, dtype="bfloat16", attention="cudnn"), only=("cuda",),
-                            needs_plugin=("cuda",), unstable_targets=("__cudnn$fmhaSoftmax",)),
-    "fid_inception": Entry(fid_inception),
-    "linear_probe": Entry(linear_probe),
-    "probe_features": Entry(probe_features),
-    "finetune": Entry(finetune),
+  "pretrain": Entry(pretrain),
+  "pretrain_fused": Entry(functools.partial(pretrain, attention="fused")),
+  "pretrain_cudnn": Entry(
+    functools.partial(pretrain, attention="cudnn"),
+    only=("cuda",),
+    needs_plugin=("cuda",),
+    unstable_targets=("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"),
+  ),
+  "mage_c": Entry(mage_c),
+  "class_cond": Entry(class_cond),
+  "tokenizer": Entry(tokenizer),
+  "generate": Entry(generate),
+  "generate_bf16": Entry(functools.partial(generate, dtype="bfloat16")),
+  "generate_cudnn": Entry(
+    functools.partial(generate, dtype="bfloat16", attention="cudnn"),
+    only=("cuda",),
+    needs_plugin=("cuda",),
+    unstable_targets=("__cudnn$fmhaSoftmax",),
+  ),
+  "fid_inception": Entry(fid_inception),
+  "linear_probe": Entry(linear_probe),
+  "probe_features": Entry(probe_features),
+  "finetune": Entry(finetune),
 }
 
 
@@ -487,13 +638,13 @@ def stablehlo_census(text: str) -> dict:
   callbacks = sum(n for target, n in custom.items() if "callback" in target.lower())
   dims = lambda s: [int(d) for d in s.split("x") if d]
   return {
-      "matmuls": benchmark.matmul_dtypes(text),
-      # operand shapes of the float32 x float32 HIGHEST products (what a bf16 step should have only for ids)
-      "f32_highest": [(dims(lhs), dims(rhs)) for lhs, rhs in _F32_HIGHEST.findall(text)],
-      "custom_calls": custom,
-      "collectives": {op: ops[op] for op in COLLECTIVES if op in ops},
-      "host_transfers": sum(ops.get(op, 0) for op in HOST_OPS) + callbacks,
-      "while_loops": ops.get("while", 0),
+    "matmuls": benchmark.matmul_dtypes(text),
+    # operand shapes of the float32 x float32 HIGHEST products (what a bf16 step should have only for ids)
+    "f32_highest": [(dims(lhs), dims(rhs)) for lhs, rhs in _F32_HIGHEST.findall(text)],
+    "custom_calls": custom,
+    "collectives": {op: ops[op] for op in COLLECTIVES if op in ops},
+    "host_transfers": sum(ops.get(op, 0) for op in HOST_OPS) + callbacks,
+    "while_loops": ops.get("while", 0),
   }
 
 
@@ -503,8 +654,10 @@ def skip_reason(entry: Entry, platform: str) -> str | None:
     return f"no such path on {platform} (exists on {', '.join(entry.only)})"
   modules = PLUGINS.get(platform, ())
   if platform in entry.needs_plugin and not any(importlib.util.find_spec(m) is not None for m in modules):
-    return (f"needs the {platform.upper()} device plugin ({' or '.join(modules)}), which is not installed here: "
-            "lower it on a GPU host")
+    return (
+      f"needs the {platform.upper()} device plugin ({' or '.join(modules)}), which is not installed here: "
+      "lower it on a GPU host"
+    )
   return None
 
 
@@ -520,8 +673,13 @@ def partitioned_hlo(program: Program) -> str:
   with tempfile.TemporaryDirectory() as dump, program.context():
     lowered = program.fn.lower(*program.args)
     # Nothing after the partitioner matters here: no LLVM optimisation.
-    lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_pass_re": "spmd-partitioning",
-                                      "xla_backend_optimization_level": 0})
+    lowered.compile(
+      compiler_options={
+        "xla_dump_to": dump,
+        "xla_dump_hlo_pass_re": "spmd-partitioning",
+        "xla_backend_optimization_level": 0,
+      }
+    )
     files = sorted(glob.glob(os.path.join(dump, "*after_spmd-partitioning*")))
     if not files:
       raise RuntimeError("XLA wrote no HLO after the SPMD partitioner (is the program sharded?)")
@@ -537,19 +695,30 @@ def lower_program(program: Program, platforms, partition: bool, unstable_targets
     try:
       exported = export(program, platform, unstable_targets)
     except Exception as e:  # pylint: disable=broad-except
-      row["platforms"][platform] = {"status": "error", "error": f"{type(e).__name__}: {str(e)[:2000]}",
-                                    "lower_s": time.perf_counter() - t0}
+      row["platforms"][platform] = {
+        "status": "error",
+        "error": f"{type(e).__name__}: {str(e)[:2000]}",
+        "lower_s": time.perf_counter() - t0,
+      }
       continue
     lower_s = time.perf_counter() - t0
     census = stablehlo_census(exported.mlir_module())
     status = "ok" if census["host_transfers"] == 0 else "fail"
-    row["platforms"][platform] = {"status": status, "lower_s": lower_s, "devices": exported.nr_devices,
-                                  "serialized_mib": len(exported.mlir_module_serialized) / 2**20, **census}
+    row["platforms"][platform] = {
+      "status": status,
+      "lower_s": lower_s,
+      "devices": exported.nr_devices,
+      "serialized_mib": len(exported.mlir_module_serialized) / 2**20,
+      **census,
+    }
   if partition:
     t0 = time.perf_counter()
     summary = benchmark.hlo_summary(partitioned_hlo(program))
-    row["partitioned"] = {"collectives": summary["collectives"], "collective_dtypes": summary["collective_dtypes"],
-                          "compile_s": time.perf_counter() - t0}
+    row["partitioned"] = {
+      "collectives": summary["collectives"],
+      "collective_dtypes": summary["collective_dtypes"],
+      "compile_s": time.perf_counter() - t0,
+    }
   return row
 
 
@@ -597,29 +766,38 @@ def program_lines(name: str, row: dict) -> list[str]:
       extra = [f"custom calls {p['custom_calls']}"] if p["custom_calls"] else []
       if p["host_transfers"]:
         extra.append(f"HOST TRANSFERS {p['host_transfers']}")
-      lines.append(f"{name:15s} {platform:5s} {p['status']:4s} {p['lower_s']:6.1f} s  "
-                   + "; ".join([_short_matmuls(p["matmuls"])] + extra))
+      lines.append(
+        f"{name:15s} {platform:5s} {p['status']:4s} {p['lower_s']:6.1f} s  "
+        + "; ".join([_short_matmuls(p["matmuls"])] + extra)
+      )
   if "partitioned" in row:
     lines.append(f"{name:15s} {'spmd':5s} collectives {row['partitioned']['collective_dtypes']}")
   return lines
 
 
 def format_table(result: dict) -> str:
-  head = (f"lowered for {', '.join(result['platforms'])} at size {result['size']} on {result['devices']} CPU "
-          f"devices (jax {result['jax_version']}); matmul ops by operand dtypes, most FLOPs first")
+  head = (
+    f"lowered for {', '.join(result['platforms'])} at size {result['size']} on {result['devices']} CPU "
+    f"devices (jax {result['jax_version']}); matmul ops by operand dtypes, most FLOPs first"
+  )
   return "\n".join([head] + [line for name, row in result["programs"].items() for line in program_lines(name, row)])
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                              allow_abbrev=False)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+  )
   p.add_argument("--platforms", default="cuda,tpu", help=f"comma-separated subset of {','.join(PLATFORMS)}")
   p.add_argument("--size", default="tiny", choices=SIZES, help="model/image/batch sizes (B and L: the configs')")
-  p.add_argument("--programs", default="", help="comma-separated subset of the programs (default: all): "
-                 + ",".join(PROGRAMS))
+  p.add_argument(
+    "--programs", default="", help="comma-separated subset of the programs (default: all): " + ",".join(PROGRAMS)
+  )
   p.add_argument("--devices", type=int, default=8, help="CPU devices the configs' meshes are laid over")
-  p.add_argument("--partition", action="store_true",
-                 help="also compile on CPU and record the collectives XLA's SPMD partitioner inserts")
+  p.add_argument(
+    "--partition",
+    action="store_true",
+    help="also compile on CPU and record the collectives XLA's SPMD partitioner inserts",
+  )
   p.add_argument("--json", default="", help="write the results here")
   return p
 
@@ -649,8 +827,10 @@ def use_cpu_devices(count: int, exact: bool = True) -> None:
     pass  # JAX already started in this process (e.g. under pytest): check what it has below
   have = jax.device_count()
   if jax.default_backend() != "cpu" or have < count or (exact and have != count):
-    raise ValueError(f"{count} CPU devices needed, but this process already runs JAX on {have} "
-                     f"{jax.default_backend()} device(s): start a new process")
+    raise ValueError(
+      f"{count} CPU devices needed, but this process already runs JAX on {have} "
+      f"{jax.default_backend()} device(s): start a new process"
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -660,16 +840,25 @@ def run(args: argparse.Namespace) -> dict:
   for name in args.programs:
     programs[name] = lower_entry(PROGRAMS[name], args.size, args.devices, args.platforms, args.partition)
     print("\n".join(program_lines(name, programs[name])), flush=True)
-  return {"size": args.size, "platforms": args.platforms, "devices": args.devices, "jax_version": jax.__version__,
-          "programs": programs, "wall_s": time.perf_counter() - t0,
-          "ok": all("error" not in row and passed(row) for row in programs.values())}
+  return {
+    "size": args.size,
+    "platforms": args.platforms,
+    "devices": args.devices,
+    "jax_version": jax.__version__,
+    "programs": programs,
+    "wall_s": time.perf_counter() - t0,
+    "ok": all("error" not in row and passed(row) for row in programs.values()),
+  }
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
   result = run(args)
-  print(f"{sum('error' not in r and passed(r) for r in result['programs'].values())}/{len(result['programs'])} "
-        f"programs lowered without problems in {result['wall_s']:.0f} s", flush=True)
+  print(
+    f"{sum('error' not in r and passed(r) for r in result['programs'].values())}/{len(result['programs'])} "
+    f"programs lowered without problems in {result['wall_s']:.0f} s",
+    flush=True,
+  )
   benchmark.write_json(args.json, result)
   return 0 if result["ok"] else 1
 

@@ -41,6 +41,7 @@ MIN_BUSY_BATCH = 64
 @dataclasses.dataclass(frozen=True)
 class Fit:
   """Per-device GiB = fixed + per_image * batch, from two compiled points."""
+
   fixed: float
   per_image: float
 
@@ -66,15 +67,28 @@ def fit_policy(size: str, policy: str, batches: tuple[int, int], overrides: dict
   """Compiles the step at both batches with `policy` (and config `overrides`); the points and their line."""
   points = []
   for b in batches:
-    points.append(aot_memory.step_memory(size, {"num_devices": 1, "input.batch_size": b,
-                                                "model.remat_policy": policy, **(overrides or {})}))
-    print(f"ViT-{size} remat {policy} batch {b}: {points[-1]['memory']['total_gib']:.2f} GiB "
-          f"(compiled in {points[-1]['compile_s']:.0f} s)", file=sys.stderr, flush=True)
+    points.append(
+      aot_memory.step_memory(
+        size, {"num_devices": 1, "input.batch_size": b, "model.remat_policy": policy, **(overrides or {})}
+      )
+    )
+    print(
+      f"ViT-{size} remat {policy} batch {b}: {points[-1]['memory']['total_gib']:.2f} GiB "
+      f"(compiled in {points[-1]['compile_s']:.0f} s)",
+      file=sys.stderr,
+      flush=True,
+    )
   gib = [p["memory"]["total_gib"] for p in points]
   fit = Fit.through(batches[0], gib[0], batches[1], gib[1])
-  return {"batches": list(batches), "total_gib": gib, "fixed_gib": fit.fixed, "per_image_gib": fit.per_image,
-          "state_gib": points[0]["state_gib_per_device"], "tokenizer": points[0]["tokenizer"],
-          "compile_s": [p["compile_s"] for p in points]}
+  return {
+    "batches": list(batches),
+    "total_gib": gib,
+    "fixed_gib": fit.fixed,
+    "per_image_gib": fit.per_image,
+    "state_gib": points[0]["state_gib_per_device"],
+    "tokenizer": points[0]["tokenizer"],
+    "compile_s": [p["compile_s"] for p in points],
+  }
 
 
 def plan_target(fits: dict[str, Fit], capacity_gib: float, multiple: int) -> dict:
@@ -83,9 +97,13 @@ def plan_target(fits: dict[str, Fit], capacity_gib: float, multiple: int) -> dic
   busy = [p for p in fits if best[p] >= MIN_BUSY_BATCH]
   chosen = busy[0] if busy else max(fits, key=lambda p: best[p])
   batch = best[chosen]
-  return {"max_batch": best, "remat": chosen, "batch": batch,
-          "devices_for_4096": GLOBAL_BATCH // batch if batch else None,
-          "gib_at_plan": fits[chosen].gib(batch) if batch else None}
+  return {
+    "max_batch": best,
+    "remat": chosen,
+    "batch": batch,
+    "devices_for_4096": GLOBAL_BATCH // batch if batch else None,
+    "gib_at_plan": fits[chosen].gib(batch) if batch else None,
+  }
 
 
 def plan(sizes, batches: tuple[int, int], policies=POLICIES, targets=TARGETS, tokenizer_chunks: int = 0) -> dict:
@@ -97,30 +115,37 @@ def plan(sizes, batches: tuple[int, int], policies=POLICIES, targets=TARGETS, to
     multiple = lower.mage_config("mage_pretrain", size, 1, overrides).tokenizer.get("chunks", 1)
     policy_fits = {p: fit_policy(size, p, batches, overrides) for p in policies}
     fits = {p: Fit(f["fixed_gib"], f["per_image_gib"]) for p, f in policy_fits.items()}
-    out["sizes"][size] = {"policies": policy_fits, "chunks": multiple,
-                          "targets": {name: {"gib": gib, **plan_target(fits, gib, multiple)}
-                                      for name, gib in targets}}
+    out["sizes"][size] = {
+      "policies": policy_fits,
+      "chunks": multiple,
+      "targets": {name: {"gib": gib, **plan_target(fits, gib, multiple)} for name, gib in targets},
+    }
   return out
 
 
 def markdown(result: dict) -> str:
   """The plan as a markdown table (one row per target and size)."""
   short = {"none": "none", "dots_with_no_batch_dims_saveable": "dots", "nothing_saveable": "nothing"}
-  lines = ["| target (GiB) | model | largest per-device batch: no remat / dots saveable / nothing saveable | "
-           "plan: batch, remat | devices for 4096 | est. GiB at plan |", "|---|---|---|---|---|---|"]
+  lines = [
+    "| target (GiB) | model | largest per-device batch: no remat / dots saveable / nothing saveable | "
+    "plan: batch, remat | devices for 4096 | est. GiB at plan |",
+    "|---|---|---|---|---|---|",
+  ]
   for size, s in result["sizes"].items():
     for name, t in s["targets"].items():
       maxes = " / ".join(str(t["max_batch"].get(p, "-")) for p in POLICIES)
       planned = f"{t['batch']}, {short[t['remat']]}" if t["batch"] else "does not fit"
       gib = f"{t['gib_at_plan']:.1f}" if t["batch"] else "-"
-      lines.append(f"| {name} ({t['gib']:g}) | ViT-{size} | {maxes} | {planned} | {t['devices_for_4096'] or '-'} | "
-                   f"{gib} |")
+      lines.append(
+        f"| {name} ({t['gib']:g}) | ViT-{size} | {maxes} | {planned} | {t['devices_for_4096'] or '-'} | {gib} |"
+      )
   return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                              allow_abbrev=False)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+  )
   p.add_argument("--sizes", default="B,L", help="comma-separated subset of tiny,B,L")
   p.add_argument("--batches", default="16,64", help="the two per-device batches compiled per policy")
   p.add_argument("--tokenizer-chunks", type=int, default=0, help="frozen tokenizer slices (0: the config's)")

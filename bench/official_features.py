@@ -47,11 +47,18 @@ def main():
   m = cfg["mage"]
   torch.manual_seed(0)
   model = models_mage.MaskedGenerativeEncoderViT(
-      img_size=m["img_size"], patch_size=m["patch_size"], mlp_ratio=m["mlp_ratio"],
-      norm_layer=functools.partial(torch.nn.LayerNorm, eps=m["layer_norm_eps"]), vqgan_ckpt_path=None,
-      embed_dim=m["embed_dim"], depth=m["depth"], num_heads=m["num_heads"],
-      decoder_embed_dim=m["decoder_embed_dim"], decoder_depth=m["decoder_depth"],
-      decoder_num_heads=m["decoder_num_heads"]).eval()
+    img_size=m["img_size"],
+    patch_size=m["patch_size"],
+    mlp_ratio=m["mlp_ratio"],
+    norm_layer=functools.partial(torch.nn.LayerNorm, eps=m["layer_norm_eps"]),
+    vqgan_ckpt_path=None,
+    embed_dim=m["embed_dim"],
+    depth=m["depth"],
+    num_heads=m["num_heads"],
+    decoder_embed_dim=m["decoder_embed_dim"],
+    decoder_depth=m["decoder_depth"],
+    decoder_num_heads=m["decoder_num_heads"],
+  ).eval()
   fc_norm = torch.nn.LayerNorm(m["embed_dim"], eps=m["layer_norm_eps"])
   rng = np.random.default_rng(0)
   size = m["img_size"]
@@ -71,8 +78,19 @@ def main():
       if i >= args.warmup:
         times.append(time.perf_counter() - t0)
   med = float(np.median(times))
-  print(json.dumps({"impl": "official-pytorch", "what": "features", "threads": args.threads, "batch": args.batch,
-                    "median_s": med, "min_s": float(np.min(times)), "images_per_s": args.batch / med}))
+  print(
+    json.dumps(
+      {
+        "impl": "official-pytorch",
+        "what": "features",
+        "threads": args.threads,
+        "batch": args.batch,
+        "median_s": med,
+        "min_s": float(np.min(times)),
+        "images_per_s": args.batch / med,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -30,58 +30,77 @@ from bench import benchmark  # noqa: E402  (write_json, run_script)
 
 # name -> quickstart flags over `--budget=sweep` (whose recipe is the quickstart's 'full' budget).
 ROWS = {
-    # The first base recipe (the quickstart's 'full' budget of the time, without its controls), then one change at
-    # a time at about the same MAGE minutes (steps scaled by the measured step time); w64 won, and the rows after
-    # it change one thing from w64.
-    "base": {"mage_recipe": "width=128", "mage_steps": 700},
-    "w96": {"mage_recipe": "width=96", "mage_steps": 1150},
-    "w64": {"mage_recipe": "width=64", "mage_steps": 1850},
-    "b64": {"mage_recipe": "width=128,batch=64", "mage_steps": 1350},
-    "w64_blr2x": {"mage_recipe": "width=64,blr=0.0048", "mage_steps": 1850},
-    "w64_blr4x": {"mage_recipe": "width=64,blr=0.0096", "mage_steps": 1850},
-    "w64_mask_low": {"mage_recipe": "width=64,mask_min=0.3,mask_mu=0.4", "mage_steps": 1850},
-    "w64_d6": {"mage_recipe": "width=64,depth=6", "mage_steps": 1450},
-    "w64_b256": {"mage_recipe": "width=64,batch=256", "mage_steps": 950},
-    "w64_k4": {"mage_recipe": "width=64", "mage_steps": 1850, "views": 4},
-    "w64_tok4k": {"mage_recipe": "width=64", "mage_steps": 1850, "tokenizer_steps": 4000},
-    # The crop law: ImageNet's area range (0.2, 1) zooms a centred garment, and samples imitate the zoom.
-    "w64_blr4x_crop80": {"mage_recipe": "width=64,blr=0.0096,crop_min=0.8", "mage_steps": 1850},
-    "w64_blr4x_crop100": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850},
-    # The tokenizer's adversarial loss from mid-run: sharper reconstructions are FID's floor.
-    "w64_crop100_tokdisc": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850,
-                            "tokenizer_recipe": "disc"},
-    # A shorter tokenizer: 4,000 steps made the masked-token task harder and the features worse.
-    "w64_crop100_tok1k": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850,
-                          "tokenizer_steps": 1000},
-    # From here on a row's cached views alternate flips (`pipeline.example_views`, cache format 2): K = 2 views are the
-    # image and its mirror; the rows above drew each view's flip by itself (both views the same in half the images).
-    "w64_crop100_mirror": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850},
-    "w64_crop100_tok1k_mirror": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850,
-                                 "tokenizer_steps": 1000},
-    "w64_crop100_tok500_mirror": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850,
-                                  "tokenizer_steps": 500},
-    "full": {"budget": "full"},  # `make quickstart` itself: the controls and the paper-protocol probe too
+  # The first base recipe (the quickstart's 'full' budget of the time, without its controls), then one change at
+  # a time at about the same MAGE minutes (steps scaled by the measured step time); w64 won, and the rows after
+  # it change one thing from w64.
+  "base": {"mage_recipe": "width=128", "mage_steps": 700},
+  "w96": {"mage_recipe": "width=96", "mage_steps": 1150},
+  "w64": {"mage_recipe": "width=64", "mage_steps": 1850},
+  "b64": {"mage_recipe": "width=128,batch=64", "mage_steps": 1350},
+  "w64_blr2x": {"mage_recipe": "width=64,blr=0.0048", "mage_steps": 1850},
+  "w64_blr4x": {"mage_recipe": "width=64,blr=0.0096", "mage_steps": 1850},
+  "w64_mask_low": {"mage_recipe": "width=64,mask_min=0.3,mask_mu=0.4", "mage_steps": 1850},
+  "w64_d6": {"mage_recipe": "width=64,depth=6", "mage_steps": 1450},
+  "w64_b256": {"mage_recipe": "width=64,batch=256", "mage_steps": 950},
+  "w64_k4": {"mage_recipe": "width=64", "mage_steps": 1850, "views": 4},
+  "w64_tok4k": {"mage_recipe": "width=64", "mage_steps": 1850, "tokenizer_steps": 4000},
+  # The crop law: ImageNet's area range (0.2, 1) zooms a centred garment, and samples imitate the zoom.
+  "w64_blr4x_crop80": {"mage_recipe": "width=64,blr=0.0096,crop_min=0.8", "mage_steps": 1850},
+  "w64_blr4x_crop100": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850},
+  # The tokenizer's adversarial loss from mid-run: sharper reconstructions are FID's floor.
+  "w64_crop100_tokdisc": {
+    "mage_recipe": "width=64,blr=0.0096,crop_min=1.0",
+    "mage_steps": 1850,
+    "tokenizer_recipe": "disc",
+  },
+  # A shorter tokenizer: 4,000 steps made the masked-token task harder and the features worse.
+  "w64_crop100_tok1k": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850, "tokenizer_steps": 1000},
+  # From here on a row's cached views alternate flips (`pipeline.example_views`, cache format 2): K = 2 views are the
+  # image and its mirror; the rows above drew each view's flip by itself (both views the same in half the images).
+  "w64_crop100_mirror": {"mage_recipe": "width=64,blr=0.0096,crop_min=1.0", "mage_steps": 1850},
+  "w64_crop100_tok1k_mirror": {
+    "mage_recipe": "width=64,blr=0.0096,crop_min=1.0",
+    "mage_steps": 1850,
+    "tokenizer_steps": 1000,
+  },
+  "w64_crop100_tok500_mirror": {
+    "mage_recipe": "width=64,blr=0.0096,crop_min=1.0",
+    "mage_steps": 1850,
+    "tokenizer_steps": 500,
+  },
+  "full": {"budget": "full"},  # `make quickstart` itself: the controls and the paper-protocol probe too
 }
 SHARED = (("data", ("data.json",)), ("tokenizer", ("tokenizer", "reconstructions.png")), ("cache", ("tokens",)))
 
 
 def command(root: str, name: str) -> list[str]:
   flags = [f"--{k}={v}" for k, v in sorted(ROWS[name].items())]
-  return [sys.executable, "-m", "mage_jax.quickstart", "--budget=sweep", f"--workdir={os.path.join(root, name)}",
-          *flags]
+  return [
+    sys.executable,
+    "-m",
+    "mage_jax.quickstart",
+    "--budget=sweep",
+    f"--workdir={os.path.join(root, name)}",
+    *flags,
+  ]
 
 
 def _stage_inputs(name: str) -> tuple:
   """What the shareable stages of a row depend on, stage by stage (prefixes match ⇒ those stages match)."""
   from mage_jax.jobs import quickstart  # pylint: disable=g-import-not-at-top
+
   row = ROWS[name]
   crop = quickstart.Options("", budget=row.get("budget", "sweep"), mage_recipe=row.get("mage_recipe", "")).crop_scale()
-  return (("data",), ("tokenizer", row.get("tokenizer_steps", 0), row.get("tokenizer_recipe", "")),
-          ("cache", row.get("views", 0), *crop))
+  return (
+    ("data",),
+    ("tokenizer", row.get("tokenizer_steps", 0), row.get("tokenizer_recipe", "")),
+    ("cache", row.get("views", 0), *crop),
+  )
 
 
 def _current_cache_format(tokens_dir: str) -> bool:
   from mage_jax import cached_tokens  # pylint: disable=g-import-not-at-top
+
   try:
     with open(os.path.join(tokens_dir, cached_tokens.META_FILE)) as f:
       return json.load(f).get("format_version") == cached_tokens.FORMAT_VERSION
@@ -145,12 +164,19 @@ def row_result(root: str, name: str) -> dict | None:
   rep = r["representations"].get("mage", {})
   fewshot = rep.get("fewshot", {})
   shots = fewshot.get("logreg") or logreg_fewshot(os.path.join(root, name))
-  return {"row": name, "flags": ROWS.get(name, {}), "stage_seconds": seconds,
-          "minutes": sum(seconds.values()) / 60, "logistic": rep.get("logistic", {}).get("top1"),
-          **{f"{k}_shot": (shots.get(k) or {}).get("mean") for k in ("1", "5", "10")},
-          "10_shot_ridge": (fewshot.get("ridge", {}).get("10") or {}).get("mean"),
-          "fid": r["fid"].get("fid"), "psnr": r["tokenizer"]["psnr"], "loss": r["mage"]["loss"],
-          "mage_steps_per_s": r["mage"]["steps"] / r["mage"]["seconds"]}
+  return {
+    "row": name,
+    "flags": ROWS.get(name, {}),
+    "stage_seconds": seconds,
+    "minutes": sum(seconds.values()) / 60,
+    "logistic": rep.get("logistic", {}).get("top1"),
+    **{f"{k}_shot": (shots.get(k) or {}).get("mean") for k in ("1", "5", "10")},
+    "10_shot_ridge": (fewshot.get("ridge", {}).get("10") or {}).get("mean"),
+    "fid": r["fid"].get("fid"),
+    "psnr": r["tokenizer"]["psnr"],
+    "loss": r["mage"]["loss"],
+    "mage_steps_per_s": r["mage"]["steps"] / r["mage"]["seconds"],
+  }
 
 
 def logreg_fewshot(row_dir: str) -> dict:
@@ -161,10 +187,22 @@ def logreg_fewshot(row_dir: str) -> dict:
     import numpy as np  # pylint: disable=g-import-not-at-top
 
     from mage_jax import fewshot  # pylint: disable=g-import-not-at-top
-    with np.load(os.path.join(row_dir, "features", "mage_train.npz")) as tr, \
-        np.load(os.path.join(row_dir, "features", "mage_test.npz")) as te:
-      acc = fewshot.evaluate_fewshot(tr["features"], tr["labels"], te["features"], te["labels"], shots=(1, 5, 10),
-                                     trials=5, seed=0, classifier="logreg", num_classes=10)
+
+    with (
+      np.load(os.path.join(row_dir, "features", "mage_train.npz")) as tr,
+      np.load(os.path.join(row_dir, "features", "mage_test.npz")) as te,
+    ):
+      acc = fewshot.evaluate_fewshot(
+        tr["features"],
+        tr["labels"],
+        te["features"],
+        te["labels"],
+        shots=(1, 5, 10),
+        trials=5,
+        seed=0,
+        classifier="logreg",
+        num_classes=10,
+      )
     with open(path, "w") as f:
       json.dump({str(k): {"mean": m, "std": sd} for k, (m, sd) in acc.items()}, f)
   with open(path) as f:
@@ -176,16 +214,21 @@ def _pct(x):
 
 
 def table(root: str) -> str:
-  lines = ["| row | settings (over the base recipe) | minutes | MAGE min | logistic | 10-shot | 5-shot | 1-shot | "
-           "10-shot ridge | FID |", "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| row | settings (over the base recipe) | minutes | MAGE min | logistic | 10-shot | 5-shot | 1-shot | "
+    "10-shot ridge | FID |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for name in ROWS:
     r = row_result(root, name)
     if r is None:
       continue
     settings = ", ".join(f"{k}={v}" for k, v in sorted(r["flags"].items())) or "base"
-    lines.append(f"| {name} | {settings} | {r['minutes']:.1f} | {r['stage_seconds'].get('mage', 0) / 60:.1f} | "
-                 f"{_pct(r['logistic'])} | {_pct(r['10_shot'])} | {_pct(r['5_shot'])} | {_pct(r['1_shot'])} | "
-                 f"{_pct(r['10_shot_ridge'])} | {'-' if r['fid'] is None else format(r['fid'], '.1f')} |")
+    lines.append(
+      f"| {name} | {settings} | {r['minutes']:.1f} | {r['stage_seconds'].get('mage', 0) / 60:.1f} | "
+      f"{_pct(r['logistic'])} | {_pct(r['10_shot'])} | {_pct(r['5_shot'])} | {_pct(r['1_shot'])} | "
+      f"{_pct(r['10_shot_ridge'])} | {'-' if r['fid'] is None else format(r['fid'], '.1f')} |"
+    )
   return "\n".join(lines)
 
 
@@ -206,8 +249,9 @@ def main(argv=None) -> int:
       print(f"{name}: {' '.join(command(root, name))}")
   for name in names:
     seeded = seed_from_earlier(root, name)
-    print(f"[{time.strftime('%H:%M:%S')}] row {name}" + (f" (stages linked from {seeded})" if seeded else ""),
-          flush=True)
+    print(
+      f"[{time.strftime('%H:%M:%S')}] row {name}" + (f" (stages linked from {seeded})" if seeded else ""), flush=True
+    )
     log = os.path.join(root, f"{name}.log")
     os.makedirs(root, exist_ok=True)
     with open(log, "a") as f:

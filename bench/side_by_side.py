@@ -46,14 +46,26 @@ from mage_jax import allocator  # noqa: E402
 
 SIZES = ("tiny", "mid")
 # The official code reads its sizes from a fixture-style config.json; these describe benchmark.SIZES.
-OFFICIAL_TOKENIZER = {"double_z": False, "z_channels": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
-                      "ch_mult": [1, 1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
-                      "n_embed": 1024, "embed_dim": 16}
+OFFICIAL_TOKENIZER = {
+  "double_z": False,
+  "z_channels": 16,
+  "in_channels": 3,
+  "out_ch": 3,
+  "ch": 32,
+  "ch_mult": [1, 1, 2],
+  "num_res_blocks": 1,
+  "attn_resolutions": [],
+  "dropout": 0.0,
+  "n_embed": 1024,
+  "embed_dim": 16,
+}
 OFFICIAL_MAGE = {
-    "tiny": dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-                 img_size=32),
-    "mid": dict(embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3,
-                img_size=64),
+  "tiny": dict(
+    embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, img_size=32
+  ),
+  "mid": dict(
+    embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3, img_size=64
+  ),
 }
 GENERATE_STEPS = 12
 GENERATE_TEMPERATURE = 4.5
@@ -62,8 +74,16 @@ GENERATE_TEMPERATURE = 4.5
 def official_config(size: str) -> dict:
   mage = dict(OFFICIAL_MAGE[size])
   res = mage["img_size"]
-  mage.update(mlp_ratio=4, layer_norm_eps=1e-6, patch_size=4, num_tokens=(res // 4) ** 2, vocab_size=2025,
-              fake_class_id=1100, mask_id=2024, label_smoothing=0.1)
+  mage.update(
+    mlp_ratio=4,
+    layer_norm_eps=1e-6,
+    patch_size=4,
+    num_tokens=(res // 4) ** 2,
+    vocab_size=2025,
+    fake_class_id=1100,
+    mask_id=2024,
+    label_smoothing=0.1,
+  )
   return {"tokenizer": {**OFFICIAL_TOKENIZER, "resolution": res}, "mage": mage}
 
 
@@ -74,8 +94,13 @@ def _check_sizes_agree(size: str) -> None:
   ours = dict(benchmark.config_for(spec.variant, **dict(spec.mage)).__dict__)
   mismatched = {k: (v, ours[k]) for k, v in mage.items() if k in ours and ours[k] != v}
   tok = spec.tokenizer
-  if (mismatched or mage["img_size"] != tok.resolution or list(tok.ch_mult) != OFFICIAL_TOKENIZER["ch_mult"]
-      or tok.ch != OFFICIAL_TOKENIZER["ch"] or tok.z_channels != OFFICIAL_TOKENIZER["z_channels"]):
+  if (
+    mismatched
+    or mage["img_size"] != tok.resolution
+    or list(tok.ch_mult) != OFFICIAL_TOKENIZER["ch_mult"]
+    or tok.ch != OFFICIAL_TOKENIZER["ch"]
+    or tok.z_channels != OFFICIAL_TOKENIZER["z_channels"]
+  ):
     raise ValueError(f"official and mage_jax sizes differ for {size}: {mismatched or 'tokenizer'}")
 
 
@@ -107,8 +132,11 @@ class Official:
 
   def __init__(self, anchor: str, size: str, batch: int, threads: int, steps: int, tmp: str, allocator_name: str):
     self.anchor, self.batch, self.threads, self.steps = anchor, batch, threads, steps
-    self.python = subprocess.run(["bash", os.path.join(anchor, "setup.sh")], capture_output=True, text=True,
-                                 check=True).stdout.strip().splitlines()[-1]
+    self.python = (
+      subprocess.run(["bash", os.path.join(anchor, "setup.sh")], capture_output=True, text=True, check=True)
+      .stdout.strip()
+      .splitlines()[-1]
+    )
     self.config = os.path.join(tmp, f"official_{size}.json")
     with open(self.config, "w") as f:
       json.dump(official_config(size), f)
@@ -121,30 +149,96 @@ class Official:
       self.env["LD_PRELOAD"] = library
 
   def step(self) -> dict:
-    return _run_json(_pinned([self.python, os.path.join(self.anchor, "official_step.py"), "--config", self.config,
-                              "--batch", str(self.batch), "--steps", str(self.steps), "--threads",
-                              str(self.threads)], self.threads), self.env)
+    return _run_json(
+      _pinned(
+        [
+          self.python,
+          os.path.join(self.anchor, "official_step.py"),
+          "--config",
+          self.config,
+          "--batch",
+          str(self.batch),
+          "--steps",
+          str(self.steps),
+          "--threads",
+          str(self.threads),
+        ],
+        self.threads,
+      ),
+      self.env,
+    )
 
   def generate(self) -> dict:
-    return _run_json(_pinned([self.python, os.path.join(self.anchor, "official_step.py"), "--config", self.config,
-                              "--batch", str(self.batch), "--steps", str(max(self.steps // 4, 3)), "--threads",
-                              str(self.threads), "--what", "generate", "--num_iter", str(GENERATE_STEPS),
-                              "--temperature", str(GENERATE_TEMPERATURE)], self.threads), self.env)
+    return _run_json(
+      _pinned(
+        [
+          self.python,
+          os.path.join(self.anchor, "official_step.py"),
+          "--config",
+          self.config,
+          "--batch",
+          str(self.batch),
+          "--steps",
+          str(max(self.steps // 4, 3)),
+          "--threads",
+          str(self.threads),
+          "--what",
+          "generate",
+          "--num_iter",
+          str(GENERATE_STEPS),
+          "--temperature",
+          str(GENERATE_TEMPERATURE),
+        ],
+        self.threads,
+      ),
+      self.env,
+    )
 
   def features(self) -> dict:
-    return _run_json(_pinned([self.python, os.path.join(ROOT, "bench", "official_features.py"), "--anchor",
-                              self.anchor, "--config", self.config, "--batch", str(self.batch), "--steps",
-                              str(self.steps), "--threads", str(self.threads)], self.threads), self.env)
+    return _run_json(
+      _pinned(
+        [
+          self.python,
+          os.path.join(ROOT, "bench", "official_features.py"),
+          "--anchor",
+          self.anchor,
+          "--config",
+          self.config,
+          "--batch",
+          str(self.batch),
+          "--steps",
+          str(self.steps),
+          "--threads",
+          str(self.threads),
+        ],
+        self.threads,
+      ),
+      self.env,
+    )
 
 
 def mage_jax_rows(size: str, batch: int, threads: int, steps: int, tmp: str) -> dict:
   """mage_jax's rows from one `bench/benchmark.py` child (float32, dropout off, the loop layout): name -> s/call."""
   out = os.path.join(tmp, "mage_jax.json")
-  command = [sys.executable, os.path.join(ROOT, "bench", "benchmark.py"), f"--size={size}", f"--batch={batch}",
-             "--dtype=float32", "--tokenizer=float32", "--encode-modes=float32", "--dropout=0", "--attn-dropout=0",
-             "--attention=xla", "--scan=0", f"--steps={steps}", f"--encode-repeats={steps}",
-             f"--gen-steps={GENERATE_STEPS}", f"--gen-repeats={max(steps // 4, 3)}",
-             "--workloads=pretrain,pretrain_cached,encode,generate,features", f"--json={out}"]
+  command = [
+    sys.executable,
+    os.path.join(ROOT, "bench", "benchmark.py"),
+    f"--size={size}",
+    f"--batch={batch}",
+    "--dtype=float32",
+    "--tokenizer=float32",
+    "--encode-modes=float32",
+    "--dropout=0",
+    "--attn-dropout=0",
+    "--attention=xla",
+    "--scan=0",
+    f"--steps={steps}",
+    f"--encode-repeats={steps}",
+    f"--gen-steps={GENERATE_STEPS}",
+    f"--gen-repeats={max(steps // 4, 3)}",
+    "--workloads=pretrain,pretrain_cached,encode,generate,features",
+    f"--json={out}",
+  ]
   result = _run_json(_pinned(command, threads), output=out)
   rows = {}
   for row in result["results"]:
@@ -156,8 +250,12 @@ def mage_jax_rows(size: str, batch: int, threads: int, steps: int, tmp: str) -> 
 
 def _official_rows(official: Official) -> dict:
   step = official.step()
-  return {"pretrain": step["median_s"], "encode": step["encode_median_s"],
-          "generate": official.generate()["median_s"], "features": official.features()["median_s"]}
+  return {
+    "pretrain": step["median_s"],
+    "encode": step["encode_median_s"],
+    "generate": official.generate()["median_s"],
+    "features": official.features()["median_s"],
+  }
 
 
 def load_average() -> str:
@@ -168,8 +266,13 @@ def load_average() -> str:
 
 
 # Which official row each mage_jax row is compared with.
-AGAINST = {"pretrain": "pretrain", "pretrain_cached": "pretrain", "encode": "encode", "generate": "generate",
-           "features": "features"}
+AGAINST = {
+  "pretrain": "pretrain",
+  "pretrain_cached": "pretrain",
+  "encode": "encode",
+  "generate": "generate",
+  "features": "features",
+}
 
 
 def summarize(rounds: dict[str, list[dict]], batch: int) -> list[dict]:
@@ -207,10 +310,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--steps", type=int, default=20, help="timed calls per program per round (median)")
   p.add_argument("--rounds", type=int, default=2, help="alternations of the two implementations")
-  p.add_argument("--anchor", default=os.path.join(ROOT, "..", "shared", "anchor"),
-                 help="the official code (setup.sh, official_step.py); '' or a missing folder: mage_jax alone")
-  p.add_argument("--official-allocators", default="default",
-                 help="comma-separated: 'default' (glibc) and/or 'tcmalloc'")
+  p.add_argument(
+    "--anchor",
+    default=os.path.join(ROOT, "..", "shared", "anchor"),
+    help="the official code (setup.sh, official_step.py); '' or a missing folder: mage_jax alone",
+  )
+  p.add_argument(
+    "--official-allocators", default="default", help="comma-separated: 'default' (glibc) and/or 'tcmalloc'"
+  )
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
   for name in ("batch", "threads", "steps", "rounds"):
@@ -230,8 +337,14 @@ def main(argv=None) -> dict:
   has_anchor = bool(anchor) and os.path.isfile(os.path.join(anchor, "official_step.py"))
   load_before = load_average()
   with tempfile.TemporaryDirectory() as tmp:
-    officials = {f"official ({a})": Official(anchor, args.size, args.batch, args.threads, args.steps, tmp, a)
-                 for a in args.official_allocators} if has_anchor else {}
+    officials = (
+      {
+        f"official ({a})": Official(anchor, args.size, args.batch, args.threads, args.steps, tmp, a)
+        for a in args.official_allocators
+      }
+      if has_anchor
+      else {}
+    )
     rounds: dict[str, list[dict]] = {"mage_jax": [], **{k: [] for k in officials}}
     for i in range(args.rounds):
       for label, official in officials.items():
@@ -240,12 +353,19 @@ def main(argv=None) -> dict:
       rounds["mage_jax"].append(mage_jax_rows(args.size, args.batch, args.threads, args.steps, tmp))
       print(f"round {i + 1}: mage_jax: {rounds['mage_jax'][-1]}", file=sys.stderr, flush=True)
   table = summarize(rounds, args.batch)
-  header = (f"{args.size} sizes, batch {args.batch}, float32, {args.threads} threads, {args.rounds} rounds x "
-            f"{args.steps} calls, {time.strftime('%Y-%m-%d')}, load average {load_before} -> {load_average()}"
-            + ("" if has_anchor else "; official code not found: mage_jax alone"))
+  header = (
+    f"{args.size} sizes, batch {args.batch}, float32, {args.threads} threads, {args.rounds} rounds x "
+    f"{args.steps} calls, {time.strftime('%Y-%m-%d')}, load average {load_before} -> {load_average()}"
+    + ("" if has_anchor else "; official code not found: mage_jax alone")
+  )
   print(format_table(table, header), flush=True)
-  result = {"args": vars(args), "header": header, "table": table, "rounds": rounds,
-            "mage_jax_allocator": "tcmalloc" if allocator.find_tcmalloc() else "default"}
+  result = {
+    "args": vars(args),
+    "header": header,
+    "table": table,
+    "rounds": rounds,
+    "mage_jax_allocator": "tcmalloc" if allocator.find_tcmalloc() else "default",
+  }
   benchmark.write_json(args.json, result)
   return result
 

@@ -52,6 +52,7 @@ if __package__ in (None, ""):
   sys.path.insert(0, ROOT)
 if __name__ == "__main__":
   from mage_jax import allocator  # noqa: E402
+
   allocator.maybe_reexec(script=True)  # profiled as the binaries run: under tcmalloc where the system has it
 
 import flax.linen as nn  # noqa: E402
@@ -63,8 +64,14 @@ from mage_jax import sharding  # noqa: E402
 
 CATEGORIES = ("MLM head", "attention", "GELU", "dense matmuls", "LayerNorm", "optimizer", "other")
 # `benchmark.py` flags of side_by_side's mage_jax child (`mage_jax_rows`), which times this step.
-BENCH_FLAGS = ("--dtype=float32", "--tokenizer=float32", "--dropout=0", "--attn-dropout=0", "--attention=xla",
-               "--scan=0")
+BENCH_FLAGS = (
+  "--dtype=float32",
+  "--tokenizer=float32",
+  "--dropout=0",
+  "--attn-dropout=0",
+  "--attention=xla",
+  "--scan=0",
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # HLO metadata -> part of the model.
@@ -83,8 +90,7 @@ def _classify_one(op_name: str, path: str, function: str) -> str | None:
   # The MLM layer's own fc, GELU and LayerNorm belong to the head, hence first.
   if "mlm_layer" in op_name or "log_softmax" in op_name or file == "losses.py":
     return "MLM head"
-  if "/optax/" in path or file == "optim.py" or (file == "steps.py"
-                                                  and function.split(".")[0] in _OPTIMIZER_FUNCTIONS):
+  if "/optax/" in path or file == "optim.py" or (file == "steps.py" and function.split(".")[0] in _OPTIMIZER_FUNCTIONS):
     return "optimizer"
   if function == "gelu" or _GELU_PATH.search(op_name):
     return "GELU"
@@ -122,7 +128,7 @@ class Instruction:
 class Hlo:
   instructions: dict[str, Instruction]
   computations: dict[str, list[str]]  # computation -> its instructions, in order
-  users: dict[str, list[str]]         # instruction -> the instructions that read it
+  users: dict[str, list[str]]  # instruction -> the instructions that read it
 
   def _metadata_category(self, name: str) -> str | None:
     instr = self.instructions[name]
@@ -180,7 +186,7 @@ def _strip_type(rest: str) -> str:
   """`rest` of an instruction line after its result type (a tuple type holds spaces and parentheses)."""
   if not rest.startswith("("):
     return rest.split(" ", 1)[1] if " " in rest else ""
-  return rest[_closing(rest, 0) + 1:]
+  return rest[_closing(rest, 0) + 1 :]
 
 
 def _frames(lines: list[str]) -> dict[int, tuple[str, str]]:
@@ -204,8 +210,10 @@ def _frames(lines: list[str]) -> dict[int, tuple[str, str]]:
   locations = {}
   for i, row in tables.get("FileLocations", {}).items():
     f = {k: int(v) for k, v in _FIELDS.findall(row)}
-    locations[i] = (files.get(f.get("file_name_id"), "").strip('"'),
-                    functions.get(f.get("function_name_id"), "").strip('"'))
+    locations[i] = (
+      files.get(f.get("file_name_id"), "").strip('"'),
+      functions.get(f.get("function_name_id"), "").strip('"'),
+    )
   frames = {}
   for i, row in tables.get("StackFrames", {}).items():
     f = {k: int(v) for k, v in _FIELDS.findall(row)}
@@ -232,14 +240,14 @@ def parse_hlo(text: str) -> Hlo:
     op = _OPCODE.match(rest)
     instr = Instruction(m.group(1), op.group(1) if op else "")
     if op:
-      instr.operands = tuple(_OPERAND.findall(rest[op.end() - 1:_closing(rest, op.end() - 1)]))
-    if (name := _OP_NAME.search(rest)):
+      instr.operands = tuple(_OPERAND.findall(rest[op.end() - 1 : _closing(rest, op.end() - 1)]))
+    if name := _OP_NAME.search(rest):
       instr.op_name = name.group(1)
-    if (frame := _FRAME.search(rest)):
+    if frame := _FRAME.search(rest):
       instr.path, instr.function = frames.get(int(frame.group(1)), ("", ""))
-    elif (source := _SOURCE_FILE.search(rest)):
+    elif source := _SOURCE_FILE.search(rest):
       instr.path = source.group(1)
-    if (calls := _CALLS.search(rest)):
+    if calls := _CALLS.search(rest):
       instr.calls = calls.group(1)
     instructions[instr.name] = instr
     current.append(instr.name)
@@ -258,8 +266,11 @@ def module_name(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Trace events -> thread time per HLO instruction.
 
-START, STOP, RECORD = ("ThreadpoolListener::StartRegion", "ThreadpoolListener::StopRegion",
-                       "ThreadpoolListener::Record")
+START, STOP, RECORD = (
+  "ThreadpoolListener::StartRegion",
+  "ThreadpoolListener::StopRegion",
+  "ThreadpoolListener::Record",
+)
 
 
 def load_trace_events(trace_dir: str) -> tuple[list[dict], str]:
@@ -270,6 +281,7 @@ def load_trace_events(trace_dir: str) -> tuple[list[dict], str]:
   for path in sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)):
     try:
       from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
+
       data = ProfileData.from_file(path)
     except (ImportError, OSError, RuntimeError, ValueError):
       break
@@ -277,8 +289,17 @@ def load_trace_events(trace_dir: str) -> tuple[list[dict], str]:
     for plane in data.planes:
       for line in plane.lines:
         tid = f"{plane.name}/{line.name}"
-        events.extend({"ph": "X", "tid": tid, "ts": e.start_ns / 1e3, "dur": e.duration_ns / 1e3,
-                       "name": e.name, "args": dict(e.stats)} for e in line.events)
+        events.extend(
+          {
+            "ph": "X",
+            "tid": tid,
+            "ts": e.start_ns / 1e3,
+            "dur": e.duration_ns / 1e3,
+            "name": e.name,
+            "args": dict(e.stats),
+          }
+          for e in line.events
+        )
     if events:
       return events, "xplane"
   paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
@@ -304,10 +325,11 @@ class _Op:
 @dataclasses.dataclass
 class Attribution:
   """Thread µs per instruction and execution (run id) of the module, and each execution's span."""
-  op_us: dict[str, dict[str, float]]   # instruction -> run -> own events (nested ones excluded) + pool tasks
+
+  op_us: dict[str, dict[str, float]]  # instruction -> run -> own events (nested ones excluded) + pool tasks
   own_us: dict[str, dict[str, float]]  # the own-event part
-  span_us: dict[str, float]            # run -> first thunk start to last thunk completion
-  linked: bool                         # pool tasks could be linked to thunks (producer/consumer ids present)
+  span_us: dict[str, float]  # run -> first thunk start to last thunk completion
+  linked: bool  # pool tasks could be linked to thunks (producer/consumer ids present)
 
   @property
   def runs(self) -> list[str]:
@@ -318,7 +340,7 @@ def _pair_completions(ops: list[_Op], ends: list[dict]) -> None:
   by_context = {e["args"].get("_c"): e for e in ends if e["args"].get("_c") is not None}
   by_name = collections.defaultdict(list)
   for e in ends:
-    by_name[e["name"][len("end: "):]].append(e["ts"] + e["dur"])
+    by_name[e["name"][len("end: ") :]].append(e["ts"] + e["dur"])
   unpaired = collections.defaultdict(list)
   for op in ops:
     end = by_context.get(op.producer) if op.producer is not None else None
@@ -361,8 +383,7 @@ def attribute(events: list[dict], module: str | None = None) -> Attribution:
     elif e["name"].startswith("end: "):
       ends.append({**e, "args": args})
     elif e["name"] in (START, STOP, RECORD):
-      by_tid[e["tid"]].append({"kind": e["name"], "ts": e["ts"], "id": args.get("_c" if e["name"] == START
-                                                                             else "_p")})
+      by_tid[e["tid"]].append({"kind": e["name"], "ts": e["ts"], "id": args.get("_c" if e["name"] == START else "_p")})
   _pair_completions(ops, ends)
 
   record_owner: dict[object, tuple] = {}
@@ -428,8 +449,12 @@ def attribute(events: list[dict], module: str | None = None) -> Attribution:
     span = spans[op.run]
     span[0], span[1] = min(span[0], op.start), max(span[1], op.end, op.done)
   linked = any(e.get("id") is not None for items in by_tid.values() for e in items if e["kind"] == START)
-  return Attribution({k: dict(v) for k, v in op_us.items()}, {k: dict(v) for k, v in own_us.items()},
-                     {r: b - a for r, (a, b) in spans.items()}, linked)
+  return Attribution(
+    {k: dict(v) for k, v in op_us.items()},
+    {k: dict(v) for k, v in own_us.items()},
+    {r: b - a for r, (a, b) in spans.items()},
+    linked,
+  )
 
 
 def summarize(attribution: Attribution, hlo: Hlo, wall_ms: float, top: int = 10) -> dict:
@@ -447,21 +472,42 @@ def summarize(attribution: Attribution, hlo: Hlo, wall_ms: float, top: int = 10)
     per_part[part] += ms
     own[part] += median_ms(attribution.own_us.get(name, {}))
   total = sum(per_part.values())
-  parts = [{"part": c, "ms_per_step": per_part[c], "own_events_ms_per_step": own[c],
-            "share": per_part[c] / total if total else 0.0,
-            "wall_ms_per_step": wall_ms * per_part[c] / total if total else 0.0} for c in CATEGORIES]
+  parts = [
+    {
+      "part": c,
+      "ms_per_step": per_part[c],
+      "own_events_ms_per_step": own[c],
+      "share": per_part[c] / total if total else 0.0,
+      "wall_ms_per_step": wall_ms * per_part[c] / total if total else 0.0,
+    }
+    for c in CATEGORIES
+  ]
   instructions = []
   for name, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]:
     instr = hlo.instructions.get(name)
-    instructions.append({"instruction": name, "part": hlo.category(name), "ms_per_step": ms,
-                         "op_name": instr.op_name if instr else "", "opcode": instr.opcode if instr else ""})
+    instructions.append(
+      {
+        "instruction": name,
+        "part": hlo.category(name),
+        "ms_per_step": ms,
+        "op_name": instr.op_name if instr else "",
+        "opcode": instr.opcode if instr else "",
+      }
+    )
   span_ms = statistics.median(attribution.span_us.values()) / 1e3 if runs else 0.0
   mean_total = sum(sum(per_run.values()) for per_run in attribution.op_us.values()) / 1e3 / max(len(runs), 1)
-  return {"parts": parts, "total_ms_per_step": total, "mean_total_ms_per_step": mean_total,
-          "wall_ms_per_step": wall_ms, "trace_span_ms_per_step": span_ms,
-          "own_events_ms_per_step": sum(own.values()),
-          "parallelism": total / span_ms if span_ms else float("nan"), "traced_runs": len(runs),
-          "tasks_linked": attribution.linked, "top_instructions": instructions}
+  return {
+    "parts": parts,
+    "total_ms_per_step": total,
+    "mean_total_ms_per_step": mean_total,
+    "wall_ms_per_step": wall_ms,
+    "trace_span_ms_per_step": span_ms,
+    "own_events_ms_per_step": sum(own.values()),
+    "parallelism": total / span_ms if span_ms else float("nan"),
+    "traced_runs": len(runs),
+    "tasks_linked": attribution.linked,
+    "top_instructions": instructions,
+  }
 
 
 def format_table(summary: dict, header: str) -> str:
@@ -470,11 +516,13 @@ def format_table(summary: dict, header: str) -> str:
     lines.append(f"| {p['part']} | {p['ms_per_step']:.1f} | {100 * p['share']:.1f}% | {p['wall_ms_per_step']:.1f} |")
   lines.append(f"| total | {summary['total_ms_per_step']:.1f} | 100.0% | {summary['wall_ms_per_step']:.1f} |")
   lines.append("")
-  lines.append(f"thread time {summary['total_ms_per_step']:.1f} ms per step (own thunk events "
-               f"{summary['own_events_ms_per_step']:.1f}, the rest their pool tasks) over a trace span of "
-               f"{summary['trace_span_ms_per_step']:.1f} ms per step (parallelism {summary['parallelism']:.2f}); "
-               f"measured step {summary['wall_ms_per_step']:.1f} ms (median, untraced), "
-               f"{summary.get('traced_wall_ms_per_step', float('nan')):.1f} ms traced")
+  lines.append(
+    f"thread time {summary['total_ms_per_step']:.1f} ms per step (own thunk events "
+    f"{summary['own_events_ms_per_step']:.1f}, the rest their pool tasks) over a trace span of "
+    f"{summary['trace_span_ms_per_step']:.1f} ms per step (parallelism {summary['parallelism']:.2f}); "
+    f"measured step {summary['wall_ms_per_step']:.1f} ms (median, untraced), "
+    f"{summary.get('traced_wall_ms_per_step', float('nan')):.1f} ms traced"
+  )
   if not summary["tasks_linked"]:
     lines.append("WARNING: the trace has no producer/consumer ids: pool tasks (most matmul work) are not charged")
   if summary["top_instructions"]:
@@ -505,17 +553,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _profile_step(args, trace_dir: str) -> dict:
-  bench_args = benchmark.parse_args([f"--size={args.size}", f"--batch={args.batch}", *BENCH_FLAGS,
-                                     "--workloads=pretrain_cached"])
+  bench_args = benchmark.parse_args(
+    [f"--size={args.size}", f"--batch={args.batch}", *BENCH_FLAGS, "--workloads=pretrain_cached"]
+  )
   s = benchmark.build_setup(args.size, bench_args)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     prog = benchmark.make_pretrain(s, cached=True)
     state = jax.jit(lambda r: sharding.strip_boxes(prog.init_state(r)), out_shardings=prog.state_sharding)(
-        jax.random.key(bench_args.seed))
+      jax.random.key(bench_args.seed)
+    )
     # The batches run_pretrain draws for the same row.
-    batches = [{"ids": jax.device_put(np.asarray(jax.random.randint(
-        jax.random.key(100 + i), (s.batch, s.model.config.num_tokens), 0, s.model.config.codebook_size)),
-        prog.batch_sharding)} for i in range(2)]
+    batches = [
+      {
+        "ids": jax.device_put(
+          np.asarray(
+            jax.random.randint(
+              jax.random.key(100 + i), (s.batch, s.model.config.num_tokens), 0, s.model.config.codebook_size
+            )
+          ),
+          prog.batch_sharding,
+        )
+      }
+      for i in range(2)
+    ]
     compiled = prog.step.lower(state, {}, batches[0]).compile()
     holder = {"state": state, "i": 0}
 
@@ -544,20 +604,30 @@ def main(argv=None) -> dict:
     events, source = load_trace_events(trace_dir)
   attribution = attribute(events, run["module"])
   if not attribution.runs:
-    raise ValueError(f"the trace ({source}) has no thunk events of {run['module']}; its event names: "
-                     f"{sorted({e['name'] for e in events})[:40]}")
+    raise ValueError(
+      f"the trace ({source}) has no thunk events of {run['module']}; its event names: "
+      f"{sorted({e['name'] for e in events})[:40]}"
+    )
   wall_ms = 1e3 * statistics.median(run["untraced_s"])
   summary = summarize(attribution, parse_hlo(run["hlo"]), wall_ms, args.top)
   summary["traced_wall_ms_per_step"] = 1e3 * statistics.mean(run["traced_s"])
   preload = os.environ.get("LD_PRELOAD", "")
-  header = (f"{args.size} size, pretrain_cached, batch {args.batch}, float32, {args.steps} traced steps, "
-            f"{jax.devices()[0].device_kind} ({os.cpu_count()} CPUs), jax {jax.__version__}, "
-            f"{'tcmalloc' if 'tcmalloc' in preload else 'default allocator'}, trace from the {source}, "
-            f"{time.strftime('%Y-%m-%d')}, load average {load_before} -> {side_by_side.load_average()}")
+  header = (
+    f"{args.size} size, pretrain_cached, batch {args.batch}, float32, {args.steps} traced steps, "
+    f"{jax.devices()[0].device_kind} ({os.cpu_count()} CPUs), jax {jax.__version__}, "
+    f"{'tcmalloc' if 'tcmalloc' in preload else 'default allocator'}, trace from the {source}, "
+    f"{time.strftime('%Y-%m-%d')}, load average {load_before} -> {side_by_side.load_average()}"
+  )
   print(format_table(summary, header), flush=True)
-  result = {"args": vars(args), "header": header, "module": run["module"], "trace_source": source,
-            "untraced_step_ms": [1e3 * t for t in run["untraced_s"]],
-            "traced_step_ms": [1e3 * t for t in run["traced_s"]], **summary}
+  result = {
+    "args": vars(args),
+    "header": header,
+    "module": run["module"],
+    "trace_source": source,
+    "untraced_step_ms": [1e3 * t for t in run["untraced_s"]],
+    "traced_step_ms": [1e3 * t for t in run["traced_s"]],
+    **summary,
+  }
   benchmark.write_json(args.json, result)
   return result
 

@@ -17,12 +17,18 @@ from configs import common, fashion_mnist_tiny
 
 def class_cond_config(num_classes, grid_num_classes, grid_temperature=4.5):
   """`config.class_cond` (see jobs/class_cond.py and models/class_cond.py)."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       num_classes=num_classes,
-      combine="token",        # label embedding as an extra decoder token ('add': summed into every position)
-      label_drop_prob=0.0,    # > 0 trains the no-label row (needed for guidance_scale > 0)
-      guidance_scale=0.0,     # guidance-free sampling by default
-      grid_per_class=8, grid_num_classes=grid_num_classes, grid_num_steps=12, grid_temperature=grid_temperature))
+      combine="token",  # label embedding as an extra decoder token ('add': summed into every position)
+      label_drop_prob=0.0,  # > 0 trains the no-label row (needed for guidance_scale > 0)
+      guidance_scale=0.0,  # guidance-free sampling by default
+      grid_per_class=8,
+      grid_num_classes=grid_num_classes,
+      grid_num_steps=12,
+      grid_temperature=grid_temperature,
+    )
+  )
 
 
 def get_config(arg=None):

@@ -22,8 +22,8 @@ def get_config(arg=None):
   if args.variant == "L":
     c.model.scan = True
     c.model.remat_policy = "nothing_saveable"
-  c.total_epochs = 50.0           # ASSUMED
-  c.optim.warmup_epochs = 5.0     # ASSUMED
+  c.total_epochs = 50.0  # ASSUMED
+  c.optim.warmup_epochs = 5.0  # ASSUMED
   c.class_cond = class_cond_fashion_mnist.class_cond_config(1000, 10)
   if args.runlocal:
     c.input.batch_size = 8

@@ -46,26 +46,68 @@ def base_pretrain_config():
   c = ml_collections.ConfigDict()
   c.mode = "pretrain"
   c.seed = 0
-  c.input = ml_collections.ConfigDict(dict(
-      name="imagenet2012", split="train", data_dir=optional_str(), manual_dir=optional_str(), batch_size=4096,
-      image_size=256, augment="pretrain", interpolation="bicubic", num_workers=0, download=False, views=1,
-      tokens=""))  # tokens: a token cache (configs/cache_tokens.py) to train on instead of images
+  c.input = ml_collections.ConfigDict(
+    dict(
+      name="imagenet2012",
+      split="train",
+      data_dir=optional_str(),
+      manual_dir=optional_str(),
+      batch_size=4096,
+      image_size=256,
+      augment="pretrain",
+      interpolation="bicubic",
+      num_workers=0,
+      download=False,
+      views=1,
+      tokens="",
+    )
+  )  # tokens: a token cache (configs/cache_tokens.py) to train on instead of images
   # attention: 'xla' | 'fused' (jax.nn.dot_product_attention) | 'cudnn' (its cuDNN kernel, NVIDIA GPUs); the fused
   # kinds need attn_dropout=0 to be used in training.
-  c.model = ml_collections.ConfigDict(dict(variant="B", dtype="bfloat16", param_dtype="float32", dropout=0.1,
-                                           attn_dropout=0.1, scan=False, remat_policy="none", attention="xla"))
+  c.model = ml_collections.ConfigDict(
+    dict(
+      variant="B",
+      dtype="bfloat16",
+      param_dtype="float32",
+      dropout=0.1,
+      attn_dropout=0.1,
+      scan=False,
+      remat_policy="none",
+      attention="xla",
+    )
+  )
   # The frozen tokenizer: a params dir (converted vqgan_jax_strongaug.ckpt, or trained with mode=tokenizer).
   # The sizes below are used only when init is empty (random frozen tokenizer, for smoke tests).
   # dtype/precision/chunks: how the frozen tokenizer runs inside the step. precision 'high' (TF32 on GPUs,
   # bf16x3 on TPUs) keeps the float32 ids on the fixtures; bf16 dtype does not. chunks > 1 encodes the batch
   # in slices to bound activation memory (ViT-L at batch 4096).
-  c.tokenizer = ml_collections.ConfigDict(dict(init="", ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                                               z_channels=256, codebook_size=1024, dtype="float32",
-                                               precision="highest", chunks=1))
+  c.tokenizer = ml_collections.ConfigDict(
+    dict(
+      init="",
+      ch=128,
+      ch_mult=(1, 1, 2, 2, 4),
+      num_res_blocks=2,
+      z_channels=256,
+      codebook_size=1024,
+      dtype="float32",
+      precision="highest",
+      chunks=1,
+    )
+  )
   c.masking = ml_collections.ConfigDict(dict(min_ratio=0.5, max_ratio=1.0, mu=0.55, std=0.25, drop_ratio=0.5))
   c.label_smoothing = 0.1
-  c.optim = ml_collections.ConfigDict(dict(blr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05, grad_clip_norm=3.0,
-                                           warmup_epochs=40.0, warmup_steps=-1, min_lr=0.0))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      blr=1.5e-4,
+      b1=0.9,
+      b2=0.95,
+      weight_decay=0.05,
+      grad_clip_norm=3.0,
+      warmup_epochs=40.0,
+      warmup_steps=-1,
+      min_lr=0.0,
+    )
+  )
   c.total_epochs = 1600.0
   c.total_steps = 0  # > 0 overrides total_epochs
   c.mesh = MESH
@@ -81,11 +123,13 @@ def base_pretrain_config():
   # Multi-process runs (jax.distributed.initialize): how long to wait for every process to join, after how many
   # seconds without heartbeats a process counts as dead (the others then exit naming it), and how long an
   # exiting process waits for the others. See docs/faults.md.
-  c.distributed = ml_collections.ConfigDict(dict(initialization_timeout=300, heartbeat_timeout_seconds=100,
-                                                 shutdown_timeout_seconds=300))
+  c.distributed = ml_collections.ConfigDict(
+    dict(initialization_timeout=300, heartbeat_timeout_seconds=100, shutdown_timeout_seconds=300)
+  )
   c.profile_steps = 0
   # Few-shot ridge on frozen encoder features every eval_every_steps (and at the end); empty splits: off.
-  c.fewshot_monitor = ml_collections.ConfigDict(dict(train_split="", test_split="", shots=(10,), trials=1,
-                                                     batch_size=256, num_classes=0))
+  c.fewshot_monitor = ml_collections.ConfigDict(
+    dict(train_split="", test_split="", shots=(10,), trials=1, batch_size=256, num_classes=0)
+  )
   c.eval_every_steps = 0
   return c

@@ -17,8 +17,7 @@ from configs import common, finetune_imagenet
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, train=0, test=0, epochs=10, augment="none", finetune=False, ft_steps=300,
-                          batch=256)
+  args = common.parse_arg(arg, train=0, test=0, epochs=10, augment="none", finetune=False, ft_steps=300, batch=256)
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.mesh = common.MESH
@@ -33,18 +32,44 @@ def get_config(arg=None):
   # The train split's pipeline (batch_size: the feature-extraction batch; image_size 0: the checkpoint
   # tokenizer's resolution; scale: the 'probe' crop). crop_ratio 1: the 28x28 image is resized to the
   # tokenizer's 32x32 whole (no center crop).
-  c.input = ml_collections.ConfigDict(dict(
-      name="fashion_mnist", split=train_split, data_dir=common.optional_str(), manual_dir=common.optional_str(),
-      download=False, batch_size=256, image_size=0, crop_ratio=1.0, interpolation="bicubic",
-      eval_interpolation="bicubic", num_workers=0, scale=(0.2, 1.0)))
+  c.input = ml_collections.ConfigDict(
+    dict(
+      name="fashion_mnist",
+      split=train_split,
+      data_dir=common.optional_str(),
+      manual_dir=common.optional_str(),
+      download=False,
+      batch_size=256,
+      image_size=0,
+      crop_ratio=1.0,
+      interpolation="bicubic",
+      eval_interpolation="bicubic",
+      num_workers=0,
+      scale=(0.2, 1.0),
+    )
+  )
   c.eval_split = test_split
   c.features = ml_collections.ConfigDict(dict(cache=True))
-  c.linear_probe = ml_collections.ConfigDict(dict(
-      epochs=args.epochs, warmup_epochs=max(args.epochs / 9, 0.0), batch_size=args.batch, blr=5.0, min_lr=0.0,
-      momentum=0.9, weight_decay=0.0, bn_group_size=0, head_init_std=0.01, eval_every_epochs=1,
-      augment=args.augment, dropout=True, stop_after_epochs=0))
-  c.fewshot = ml_collections.ConfigDict(dict(shots=(1, 2, 5, 10), trials=5, classifiers=("ridge", "logreg"),
-                                             train_split="", l2_ridge=-1.0, l2_logreg=-1.0))
+  c.linear_probe = ml_collections.ConfigDict(
+    dict(
+      epochs=args.epochs,
+      warmup_epochs=max(args.epochs / 9, 0.0),
+      batch_size=args.batch,
+      blr=5.0,
+      min_lr=0.0,
+      momentum=0.9,
+      weight_decay=0.0,
+      bn_group_size=0,
+      head_init_std=0.01,
+      eval_every_epochs=1,
+      augment=args.augment,
+      dropout=True,
+      stop_after_epochs=0,
+    )
+  )
+  c.fewshot = ml_collections.ConfigDict(
+    dict(shots=(1, 2, 5, 10), trials=5, classifiers=("ridge", "logreg"), train_split="", l2_ridge=-1.0, l2_logreg=-1.0)
+  )
   ft = finetune_imagenet.finetune_section("B")
   ft.input.update(dict(name="fashion_mnist", split=train_split, batch_size=64, crop_ratio=1.0))
   ft.eval_split = test_split

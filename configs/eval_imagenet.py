@@ -33,20 +33,48 @@ def get_config(arg=None):
   c.global_pool = True
   # The train split's pipeline (batch_size: the feature-extraction batch; image_size 0: the checkpoint
   # tokenizer's resolution; scale: the 'probe' crop).
-  c.input = ml_collections.ConfigDict(dict(
-      name="imagenet2012", split="train", data_dir=common.optional_str(), manual_dir=common.optional_str(),
-      download=False, batch_size=1024, image_size=0, crop_ratio=256 / 292, interpolation="bicubic",
-      eval_interpolation="bicubic", num_workers=0, scale=(0.2, 1.0)))
+  c.input = ml_collections.ConfigDict(
+    dict(
+      name="imagenet2012",
+      split="train",
+      data_dir=common.optional_str(),
+      manual_dir=common.optional_str(),
+      download=False,
+      batch_size=1024,
+      image_size=0,
+      crop_ratio=256 / 292,
+      interpolation="bicubic",
+      eval_interpolation="bicubic",
+      num_workers=0,
+      scale=(0.2, 1.0),
+    )
+  )
   c.eval_split = "validation"
   c.features = ml_collections.ConfigDict(dict(cache=True))
-  c.linear_probe = ml_collections.ConfigDict(dict(
-      epochs=90, warmup_epochs=10.0, batch_size=4096, blr=BLR[args.variant], min_lr=0.0, momentum=0.9,
-      weight_decay=0.0, bn_group_size=128, head_init_std=0.01, eval_every_epochs=1, augment=args.augment,
-      dropout=True, stop_after_epochs=0))
+  c.linear_probe = ml_collections.ConfigDict(
+    dict(
+      epochs=90,
+      warmup_epochs=10.0,
+      batch_size=4096,
+      blr=BLR[args.variant],
+      min_lr=0.0,
+      momentum=0.9,
+      weight_decay=0.0,
+      bn_group_size=128,
+      head_init_std=0.01,
+      eval_every_epochs=1,
+      augment=args.augment,
+      dropout=True,
+      stop_after_epochs=0,
+    )
+  )
   # Assumed protocol (docs/evals.md): MSN-style logistic regression on frozen features for 1/2/5 images per
   # class and ~1% labels (13/class), plus the big_vision ridge monitor; 3 support draws.
-  c.fewshot = ml_collections.ConfigDict(dict(shots=(1, 2, 5, 10, 13), trials=3, classifiers=("logreg", "ridge"),
-                                             train_split="", l2_ridge=-1.0, l2_logreg=-1.0))
+  c.fewshot = ml_collections.ConfigDict(
+    dict(
+      shots=(1, 2, 5, 10, 13), trials=3, classifiers=("logreg", "ridge"), train_split="", l2_ridge=-1.0, l2_logreg=-1.0
+    )
+  )
   if args.runlocal:
     c.input.split = "train[:64]"
     c.eval_split = "validation[:32]"

@@ -17,9 +17,22 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, steps=2000, batch=64, width=64, depth=2, decoder_depth=2, heads=4,
-                          blr=1.5e-4 * 16, warmup=0.05, mask_min=0.5, mask_mu=0.55, mask_std=0.25, smoothing=0.1,
-                          crop_min=0.2)
+  args = common.parse_arg(
+    arg,
+    steps=2000,
+    batch=64,
+    width=64,
+    depth=2,
+    decoder_depth=2,
+    heads=4,
+    blr=1.5e-4 * 16,
+    warmup=0.05,
+    mask_min=0.5,
+    mask_mu=0.55,
+    mask_std=0.25,
+    smoothing=0.1,
+    crop_min=0.2,
+  )
   c = common.base_pretrain_config()
   c.input.name = "fashion_mnist"
   c.input.batch_size = args.batch

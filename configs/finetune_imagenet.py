@@ -13,8 +13,7 @@ import ml_collections
 
 from configs import common
 
-RECIPE = {"B": dict(epochs=100, layer_decay=0.65, drop_path=0.1),
-          "L": dict(epochs=50, layer_decay=0.75, drop_path=0.2)}
+RECIPE = {"B": dict(epochs=100, layer_decay=0.65, drop_path=0.1), "L": dict(epochs=50, layer_decay=0.75, drop_path=0.2)}
 
 
 def finetune_section(variant: str = "B") -> ml_collections.ConfigDict:
@@ -27,11 +26,24 @@ def finetune_section(variant: str = "B") -> ml_collections.ConfigDict:
   c.mesh = common.MESH
   c.sharding_rules = ""
   # image_size 0: the checkpoint tokenizer's resolution (256 for the released models).
-  c.input = ml_collections.ConfigDict(dict(
-      name="imagenet2012", split="train", data_dir=common.optional_str(), manual_dir=common.optional_str(),
-      batch_size=1024, image_size=0, augment="pretrain", interpolation="bicubic", scale=(0.2, 1.0),
-      crop_ratio=256 / 292, eval_interpolation="bicubic", rand_augment="rand-m9-mstd0.5-inc1", num_workers=0,
-      download=False))
+  c.input = ml_collections.ConfigDict(
+    dict(
+      name="imagenet2012",
+      split="train",
+      data_dir=common.optional_str(),
+      manual_dir=common.optional_str(),
+      batch_size=1024,
+      image_size=0,
+      augment="pretrain",
+      interpolation="bicubic",
+      scale=(0.2, 1.0),
+      crop_ratio=256 / 292,
+      eval_interpolation="bicubic",
+      rand_augment="rand-m9-mstd0.5-inc1",
+      num_workers=0,
+      download=False,
+    )
+  )
   c.eval_split = "validation"
   c.eval_batch_size = 1024
   c.num_classes = 1000
@@ -41,14 +53,24 @@ def finetune_section(variant: str = "B") -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"
   c.total_epochs = float(r["epochs"])
   c.total_steps = 0
-  c.optim = ml_collections.ConfigDict(dict(blr=2.5e-4, warmup_epochs=5.0, warmup_steps=-1, min_lr=1e-6,
-                                           layer_decay=r["layer_decay"], weight_decay=0.05, b1=0.9,
-                                           b2=0.999))
-  c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5,
-                                           label_smoothing=0.1, group_size=32))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      blr=2.5e-4,
+      warmup_epochs=5.0,
+      warmup_steps=-1,
+      min_lr=1e-6,
+      layer_decay=r["layer_decay"],
+      weight_decay=0.05,
+      b1=0.9,
+      b2=0.999,
+    )
+  )
+  c.mixup = ml_collections.ConfigDict(
+    dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, label_smoothing=0.1, group_size=32)
+  )
   c.log_every_steps = 100
   c.checkpoint_every_steps = 0  # 0: every epoch
-  c.eval_every_steps = 0        # 0: every epoch
+  c.eval_every_steps = 0  # 0: every epoch
   c.keep_checkpoints = 2
   c.async_checkpoints = True
   c.nonfinite = "stop"

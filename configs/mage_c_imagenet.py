@@ -16,19 +16,24 @@ from configs import mage_pretrain
 
 def contrastive_config(hidden_dim=2048, out_dim=128):
   """`config.contrastive`: loss = rec + lam * NT-Xent(head(pool(encoder output)) / temperature). ASSUMED values."""
-  return ml_collections.ConfigDict(dict(
-      lam=0.1,            # ASSUMED weight of the contrastive term
-      temperature=0.1,    # ASSUMED (SimCLR at large batch)
-      pool="mean",        # 'mean' | 'cls' | 'mean_visible'; paper (recalled, unverified): global average pool
-      hidden_dim=hidden_dim, out_dim=out_dim,  # ASSUMED SimCLR v1 widths
-      num_layers=2,       # paper (recalled, unverified): a 2-layer MLP head
-      norm="none"))       # 'none' | 'layer'
+  return ml_collections.ConfigDict(
+    dict(
+      lam=0.1,  # ASSUMED weight of the contrastive term
+      temperature=0.1,  # ASSUMED (SimCLR at large batch)
+      pool="mean",  # 'mean' | 'cls' | 'mean_visible'; paper (recalled, unverified): global average pool
+      hidden_dim=hidden_dim,
+      out_dim=out_dim,  # ASSUMED SimCLR v1 widths
+      num_layers=2,  # paper (recalled, unverified): a 2-layer MLP head
+      norm="none",
+    )
+  )  # 'none' | 'layer'
 
 
 def views_config():
   """`config.views`: colour augmentation of each view, on device (jobs/mage_c.ColorAugment). ASSUMED: none."""
-  return ml_collections.ConfigDict(dict(jitter_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0,
-                                        grayscale_prob=0.0))
+  return ml_collections.ConfigDict(
+    dict(jitter_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0, grayscale_prob=0.0)
+  )
 
 
 def as_mage_c(c, **head):

@@ -16,8 +16,9 @@ def get_config(arg=None):
   c.mesh = common.mesh(args.fsdp)
   c.tokenizer.precision = "high"
   # ~50 training images per class for the few-shot monitor (TFDS stores the train split shuffled).
-  c.fewshot_monitor.update(dict(train_split="train[:50000]", test_split="validation[:10000]", shots=(1, 5, 10),
-                                batch_size=1024))
+  c.fewshot_monitor.update(
+    dict(train_split="train[:50000]", test_split="validation[:10000]", shots=(1, 5, 10), batch_size=1024)
+  )
   c.eval_every_steps = 10_000
   if args.variant == "L":
     # ViT-L at batch 4096 does not fit replicated: shard params and optimizer state (~410M params).

@@ -35,28 +35,63 @@ def get_config(arg=None):
   c.input.image_size = 256
   c.input.augment = "pretrain"
   # init: a params dir holding a tokenizer to fine-tune (its sizes must match these); '' trains from scratch.
-  c.tokenizer = ml_collections.ConfigDict(dict(
-      init="", ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, codebook_size=1024,
-      num_groups=32, commitment_cost=0.25, dtype="bfloat16"))
+  c.tokenizer = ml_collections.ConfigDict(
+    dict(
+      init="",
+      ch=128,
+      ch_mult=(1, 1, 2, 2, 4),
+      num_res_blocks=2,
+      z_channels=256,
+      codebook_size=1024,
+      num_groups=32,
+      commitment_cost=0.25,
+      dtype="bfloat16",
+    )
+  )
   # None: the StyleGAN2 width table for the input resolution; or ((resolution, width), ...).
   c.discriminator = ml_collections.ConfigDict(dict(widths=None, channel_multiplier=1, dtype="bfloat16"))
   c.discriminator.widths = ml_collections.FieldReference(None, field_type=tuple)
-  c.loss = ml_collections.ConfigDict(dict(
-      rec_type="l2", rec_weight=1.0, entropy_weight=0.1, entropy_temperature=0.01,
-      perceptual_weight=0.1, perceptual_weights=args.perceptual,
-      adv_weight=0.1, disc_weight=1.0, gan_type="non_saturating", discriminator_start_step=20_000,
-      lecam_weight=0.001, lecam_decay=0.999, r1_cost=10.0))
+  c.loss = ml_collections.ConfigDict(
+    dict(
+      rec_type="l2",
+      rec_weight=1.0,
+      entropy_weight=0.1,
+      entropy_temperature=0.01,
+      perceptual_weight=0.1,
+      perceptual_weights=args.perceptual,
+      adv_weight=0.1,
+      disc_weight=1.0,
+      gan_type="non_saturating",
+      discriminator_start_step=20_000,
+      lecam_weight=0.001,
+      lecam_decay=0.999,
+      r1_cost=10.0,
+    )
+  )
   # Codebook care by the loop (off: MaskGIT relies on the entropy loss); see tokenizer_step.CodebookConfig.
   # freeze: no update at all (fine-tuning that keeps the token ids of tokenizer.init).
-  c.codebook = ml_collections.ConfigDict(dict(lr_multiplier=1.0, restart_every=0, usage_decay=0.99,
-                                              dead_ratio=0.03, freeze=False))
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-4, d_lr=1e-4, b1=0.0, b2=0.99, eps=1e-8, warmup_steps=0, warmup_epochs=0.0, min_lr=1e-4,
-      grad_clip_norm=0.0, ema_decay=0.999))
+  c.codebook = ml_collections.ConfigDict(
+    dict(lr_multiplier=1.0, restart_every=0, usage_decay=0.99, dead_ratio=0.03, freeze=False)
+  )
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      lr=1e-4,
+      d_lr=1e-4,
+      b1=0.0,
+      b2=0.99,
+      eps=1e-8,
+      warmup_steps=0,
+      warmup_epochs=0.0,
+      min_lr=1e-4,
+      grad_clip_norm=0.0,
+      ema_decay=0.999,
+    )
+  )
   c.total_steps = 1_000_000
   # num_examples: images of each periodic eval; final_examples: of the eval at the last step (0: the whole split).
-  c.eval = ml_collections.ConfigDict(dict(split="validation", batch_size=256, num_examples=10_000,
-                                          final_examples=0, num_images=16))
+  c.eval = ml_collections.ConfigDict(
+    dict(split="validation", batch_size=256, num_examples=10_000, final_examples=0, num_images=16)
+  )
   c.eval_every_steps = 10_000
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5000

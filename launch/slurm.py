@@ -55,8 +55,7 @@ _MAX_SIGNAL_LEAD = 65535  # sbatch's limit on sig_time
 _MARK = "# written by launch/slurm.py"
 
 
-def main_argv(config: str, workdir: str, overrides: Sequence[str],
-              python: str = "python") -> list[str]:
+def main_argv(config: str, workdir: str, overrides: Sequence[str], python: str = "python") -> list[str]:
   return common.main_argv(config, workdir, overrides, python, workdir_hint="a path all nodes share")
 
 
@@ -90,8 +89,9 @@ def _validate(args: argparse.Namespace) -> None:
       raise ValueError(f"--{what} {value!r}: use letters, digits and _ . , - only, not starting with '-'.")
   for value, what in ((args.chdir, "chdir"), (args.output or _default_output(args), "output")):
     if value is not None and (value.startswith("-") or re.search(r"[\s'\"\\]", value)):
-      raise ValueError(f"--{what} {value!r}: an #SBATCH path cannot hold whitespace, quotes or backslashes, "
-                       "or start with '-'.")
+      raise ValueError(
+        f"--{what} {value!r}: an #SBATCH path cannot hold whitespace, quotes or backslashes, or start with '-'."
+      )
 
 
 def sbatch_script(args: argparse.Namespace) -> str:
@@ -100,13 +100,13 @@ def sbatch_script(args: argparse.Namespace) -> str:
   ntasks = tasks_per_node(args.procs_per_node, args.gpus_per_node)
   q = shlex.quote
   lines = [
-      "#!/bin/bash",
-      _MARK,
-      f"#SBATCH --job-name={args.job_name}",
-      f"#SBATCH --nodes={args.nodes}",
-      f"#SBATCH --ntasks-per-node={ntasks}",
-      f"#SBATCH --gpus-per-node={args.gpus_per_node}",
-      f"#SBATCH --time={args.time}",
+    "#!/bin/bash",
+    _MARK,
+    f"#SBATCH --job-name={args.job_name}",
+    f"#SBATCH --nodes={args.nodes}",
+    f"#SBATCH --ntasks-per-node={ntasks}",
+    f"#SBATCH --gpus-per-node={args.gpus_per_node}",
+    f"#SBATCH --time={args.time}",
   ]
   # #SBATCH lines are not parsed by a shell: values go in unquoted.
   if args.cpus_per_task:
@@ -139,8 +139,7 @@ def sbatch_script(args: argparse.Namespace) -> str:
 
 def _default_output(args: argparse.Namespace) -> str:
   # Absolute: with --chdir, a relative log path would resolve elsewhere.
-  return os.path.join(os.path.abspath(os.path.dirname(script_path(args)) or "."),
-                      "%x-%j.out")
+  return os.path.join(os.path.abspath(os.path.dirname(script_path(args)) or "."), "%x-%j.out")
 
 
 def _written_here(path: str) -> bool:
@@ -184,33 +183,46 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="Output dir shared by all nodes.")
   p.add_argument("--nodes", type=int, default=1)
   p.add_argument("--gpus-per-node", type=int, default=8)
-  p.add_argument("--procs-per-node", choices=("gpu", "host"), default="gpu",
-                 help="One process per GPU (default) or one per node.")
+  p.add_argument(
+    "--procs-per-node", choices=("gpu", "host"), default="gpu", help="One process per GPU (default) or one per node."
+  )
   p.add_argument("--time", default="24:00:00", help="Wall-clock limit.")
   p.add_argument("--partition", default=None)
   p.add_argument("--account", default=None)
   p.add_argument("--cpus-per-task", type=int, default=None)
   p.add_argument("--exclusive", action="store_true", help="Whole nodes only.")
   p.add_argument("--job-name", default="mage_jax")
-  p.add_argument("--chdir", default=None,
-                 help="Working dir of the job (default: where sbatch is run).")
+  p.add_argument("--chdir", default=None, help="Working dir of the job (default: where sbatch is run).")
   p.add_argument("--output", default=None, help="Slurm log path pattern.")
   p.add_argument("--venv", default=None, help="Virtualenv to activate in the job.")
   p.add_argument("--python", default="python", help="Interpreter inside the job.")
-  p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                 help="Exported before srun (repeatable), e.g. XLA_FLAGS=...")
+  p.add_argument(
+    "--env",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="Exported before srun (repeatable), e.g. XLA_FLAGS=...",
+  )
   p.add_argument("--script", default=None, help="Where to write the sbatch script.")
-  p.add_argument("--force", action="store_true",
-                 help="Overwrite --script even if it is not a script this launcher wrote.")
-  p.add_argument("--signal-lead", type=int, default=180,
-                 help="Seconds before the time limit at which the tasks get SIGTERM (checkpoint and exit).")
-  p.add_argument("--requeue", action="store_true",
-                 help="Let SLURM requeue the job after a preemption or node failure; it resumes from --workdir.")
-  p.add_argument("--sbatch-arg", action="append", default=[],
-                 help="Extra argument for the sbatch command line (repeatable).")
+  p.add_argument(
+    "--force", action="store_true", help="Overwrite --script even if it is not a script this launcher wrote."
+  )
+  p.add_argument(
+    "--signal-lead",
+    type=int,
+    default=180,
+    help="Seconds before the time limit at which the tasks get SIGTERM (checkpoint and exit).",
+  )
+  p.add_argument(
+    "--requeue",
+    action="store_true",
+    help="Let SLURM requeue the job after a preemption or node failure; it resumes from --workdir.",
+  )
+  p.add_argument(
+    "--sbatch-arg", action="append", default=[], help="Extra argument for the sbatch command line (repeatable)."
+  )
   common.add_dry_run(p, "the script and the sbatch command; write")
-  p.add_argument("overrides", nargs="*",
-                 help="Flags passed through to mage_jax.main, after `--`.")
+  p.add_argument("overrides", nargs="*", help="Flags passed through to mage_jax.main, after `--`.")
   return p
 
 

@@ -52,8 +52,7 @@ _SIMPLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _WORKER = re.compile(r"^(all|\d+(,\d+)*)$")
 
 
-def main_argv(config: str, workdir: str, overrides: Sequence[str],
-              python: str = "python") -> list[str]:
+def main_argv(config: str, workdir: str, overrides: Sequence[str], python: str = "python") -> list[str]:
   return common.main_argv(config, workdir, overrides, python, workdir_hint="e.g. gs://bucket/runs/name")
 
 
@@ -62,15 +61,17 @@ def _rel_path(value: str, what: str) -> str:
   # expanding inside a quoted string.
   if not _SAFE_REL_PATH.match(value) or ".." in value.split("/"):
     raise ValueError(
-        f"--{what} must be a simple path relative to the worker's home directory "
-        f"(letters, digits, _ . / -), got {value!r}.")
+      f"--{what} must be a simple path relative to the worker's home directory "
+      f"(letters, digits, _ . / -), got {value!r}."
+    )
   return value
 
 
 def _validate(args: argparse.Namespace) -> None:
   if not _NAME.match(args.name):
-    raise ValueError(f"--name {args.name!r}: a TPU name is lowercase letters, digits and hyphens, starting with "
-                     "a letter (at most 63).")
+    raise ValueError(
+      f"--name {args.name!r}: a TPU name is lowercase letters, digits and hyphens, starting with a letter (at most 63)."
+    )
   if not _WORKER.match(args.worker):
     raise ValueError(f"--worker {args.worker!r}: use 'all' or worker indices such as 0 or 0,1.")
   for what in ("zone", "project", "accelerator_type", "version"):
@@ -81,11 +82,15 @@ def _validate(args: argparse.Namespace) -> None:
   for what, bad in (("ref", r"[\s\x00-\x1f]"), ("repo_url", r"[\x00-\x1f]")):
     value = getattr(args, what, None)
     if value is not None and (not value or value.startswith("-") or re.search(bad, value)):
-      raise ValueError(f"--{what.replace('_', '-')} {value!r}: cannot be empty, start with '-' or hold "
-                       f"{'whitespace' if what == 'ref' else 'control characters'}.")
+      raise ValueError(
+        f"--{what.replace('_', '-')} {value!r}: cannot be empty, start with '-' or hold "
+        f"{'whitespace' if what == 'ref' else 'control characters'}."
+      )
   if args.action == "all" and args.detach:
-    raise ValueError("--detach with `all` would delete the TPU VM while training runs; use create, setup, "
-                     "run --detach, then delete when the run is done.")
+    raise ValueError(
+      "--detach with `all` would delete the TPU VM while training runs; use create, setup, "
+      "run --detach, then delete when the run is done."
+    )
 
 
 def _common_flags(args: argparse.Namespace) -> list[str]:
@@ -96,13 +101,18 @@ def _common_flags(args: argparse.Namespace) -> list[str]:
 
 
 def _ssh(args: argparse.Namespace, remote: str) -> list[str]:
-  return [*_GCLOUD_TPU, "ssh", args.name, *_common_flags(args),
-          f"--worker={args.worker}", f"--command={remote}"]
+  return [*_GCLOUD_TPU, "ssh", args.name, *_common_flags(args), f"--worker={args.worker}", f"--command={remote}"]
 
 
 def create_cmds(args: argparse.Namespace) -> list[list[str]]:
-  cmd = [*_GCLOUD_TPU, "create", args.name, *_common_flags(args),
-         f"--accelerator-type={args.accelerator_type}", f"--version={args.version}"]
+  cmd = [
+    *_GCLOUD_TPU,
+    "create",
+    args.name,
+    *_common_flags(args),
+    f"--accelerator-type={args.accelerator_type}",
+    f"--version={args.version}",
+  ]
   if args.spot:
     cmd.append("--spot")
   return [cmd]
@@ -122,24 +132,27 @@ def setup_cmds(args: argparse.Namespace) -> list[list[str]]:
     q = shlex.quote
     # Fetch the ref even right after cloning, and check out FETCH_HEAD detached,
     # so a re-run of setup moves to the remote's current commit for branches.
-    fetch = (f"(test -d {src}/.git || git clone {q(args.repo_url)} {src}) && "
-             f"git -C {src} fetch --tags origin {q(args.ref)} && "
-             f"git -C {src} checkout --detach FETCH_HEAD")
+    fetch = (
+      f"(test -d {src}/.git || git clone {q(args.repo_url)} {src}) && "
+      f"git -C {src} fetch --tags origin {q(args.ref)} && "
+      f"git -C {src} checkout --detach FETCH_HEAD"
+    )
   else:
     local_archive = os.path.join(args.private_dir, f"{args.name}-{_ARCHIVE}")
-    cmds.append(["git", "-C", args.repo_root, "archive", "--format=tar.gz",
-                 f"--output={local_archive}", args.ref])
-    cmds.append([*_GCLOUD_TPU, "scp", local_archive, f"{args.name}:{_ARCHIVE}",
-                 *_common_flags(args), f"--worker={args.worker}"])
+    cmds.append(["git", "-C", args.repo_root, "archive", "--format=tar.gz", f"--output={local_archive}", args.ref])
+    cmds.append(
+      [*_GCLOUD_TPU, "scp", local_archive, f"{args.name}:{_ARCHIVE}", *_common_flags(args), f"--worker={args.worker}"]
+    )
     fetch = f"rm -rf {src} && mkdir -p {src} && tar -xzf {_ARCHIVE} -C {src}"
   q_py = shlex.quote(py)
-  install = " && ".join([
-      f"(command -v {q_py} >/dev/null || (sudo apt-get update -q && "
-      f"sudo apt-get install -y -q {q_py} {q_py}-venv))",
+  install = " && ".join(
+    [
+      f"(command -v {q_py} >/dev/null || (sudo apt-get update -q && sudo apt-get install -y -q {q_py} {q_py}-venv))",
       f"{q_py} -m venv {venv}",
       f"{venv}/bin/pip install -q -U pip",
       f"{venv}/bin/pip install -q -e {shlex.quote('./' + src + '[tpu]')}",
-  ])
+    ]
+  )
   cmds.append(_ssh(args, f"set -e; {fetch} && {install}"))
   return cmds
 
@@ -167,8 +180,11 @@ def run_remote_command(args: argparse.Namespace) -> str:
 
 def run_cmds(args: argparse.Namespace) -> list[list[str]]:
   if not args.workdir.startswith("gs://"):
-    print(f"warning: --workdir={args.workdir!r} is not a gs:// path; on a multi-host "
-          "slice every worker would write its own local copy.", file=sys.stderr)
+    print(
+      f"warning: --workdir={args.workdir!r} is not a gs:// path; on a multi-host "
+      "slice every worker would write its own local copy.",
+      file=sys.stderr,
+    )
   return [_ssh(args, run_remote_command(args))]
 
 
@@ -180,8 +196,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--name", required=True, help="TPU VM name.")
   p.add_argument("--zone", required=True, help="e.g. us-central2-b.")
   p.add_argument("--project", default=None, help="GCP project (default: gcloud's).")
-  p.add_argument("--worker", default="all",
-                 help="Workers to ssh/scp to (default all; an index for debugging).")
+  p.add_argument("--worker", default="all", help="Workers to ssh/scp to (default all; an index for debugging).")
   common.add_dry_run(p, "the commands, one per line,")
 
 
@@ -192,13 +207,18 @@ def _add_create(p: argparse.ArgumentParser) -> None:
 
 
 def _add_setup(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--repo-url", default=None,
-                 help="git clone this on the workers instead of shipping `git archive`.")
+  p.add_argument("--repo-url", default=None, help="git clone this on the workers instead of shipping `git archive`.")
   p.add_argument("--ref", default="HEAD", help="Commit/branch/tag to ship or check out.")
-  p.add_argument("--repo-root", default=os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), help="Local checkout to archive.")
-  p.add_argument("--archive-dir", default=None,
-                 help="Where the local archive's private directory is made (default: the system's temp dir).")
+  p.add_argument(
+    "--repo-root",
+    default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    help="Local checkout to archive.",
+  )
+  p.add_argument(
+    "--archive-dir",
+    default=None,
+    help="Where the local archive's private directory is made (default: the system's temp dir).",
+  )
   p.add_argument("--python", default="python3.11", help="Interpreter for the venv (>= 3.11).")
 
 
@@ -210,24 +230,27 @@ def _add_paths(p: argparse.ArgumentParser) -> None:
 def _add_run(p: argparse.ArgumentParser) -> None:
   p.add_argument("--config", required=True, help="configs/<file>.py[:args], repo-relative.")
   p.add_argument("--workdir", required=True, help="Shared output dir, normally gs://...")
-  p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                 help="Environment variable exported before the run (repeatable).")
-  p.add_argument("--detach", action="store_true",
-                 help="Run under nohup in the background; output goes to --log.")
+  p.add_argument(
+    "--env",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="Environment variable exported before the run (repeatable).",
+  )
+  p.add_argument("--detach", action="store_true", help="Run under nohup in the background; output goes to --log.")
   p.add_argument("--log", default="mage_run.log", help="Log file (with --detach).")
-  p.add_argument("overrides", nargs="*",
-                 help="Flags passed through to mage_jax.main, after `--`.")
+  p.add_argument("overrides", nargs="*", help="Flags passed through to mage_jax.main, after `--`.")
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
   sub = parser.add_subparsers(dest="action", required=True)
   for name, adders in (
-      ("create", [_add_create]),
-      ("setup", [_add_setup, _add_paths]),
-      ("run", [_add_paths, _add_run]),
-      ("delete", []),
-      ("all", [_add_create, _add_setup, _add_paths, _add_run]),
+    ("create", [_add_create]),
+    ("setup", [_add_setup, _add_paths]),
+    ("run", [_add_paths, _add_run]),
+    ("delete", []),
+    ("all", [_add_create, _add_setup, _add_paths, _add_run]),
   ):
     p = sub.add_parser(name, allow_abbrev=False)
     _add_common(p)
@@ -240,8 +263,7 @@ def plan(args: argparse.Namespace) -> list[list[str]]:
   """All commands for the chosen subcommand, in order."""
   if args.action == "all":
     return create_cmds(args) + setup_cmds(args) + run_cmds(args) + delete_cmds(args)
-  return {"create": create_cmds, "setup": setup_cmds, "run": run_cmds,
-          "delete": delete_cmds}[args.action](args)
+  return {"create": create_cmds, "setup": setup_cmds, "run": run_cmds, "delete": delete_cmds}[args.action](args)
 
 
 def execute(args: argparse.Namespace, cmds: list[list[str]]) -> int:
@@ -279,8 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return execute(args, cmds)
   except subprocess.CalledProcessError as e:
-    print(f"error: command failed with exit code {e.returncode}: {shlex.join(e.cmd)}",
-          file=sys.stderr)
+    print(f"error: command failed with exit code {e.returncode}: {shlex.join(e.cmd)}", file=sys.stderr)
     return e.returncode or 1
   finally:
     if args.private_dir and os.path.isdir(args.private_dir):

@@ -25,11 +25,17 @@ import sys
 ENV = "MAGE_JAX_TCMALLOC"
 # Training, evaluation and generation; conversion and verification run once and are bounded by their own
 # memory checks, which measure the default allocator.
-BINARIES = ("mage_jax.main", "mage_jax.quickstart", "mage_jax.reference", "mage_jax.evaluate", "mage_jax.generate",
-            "mage_jax.edit", "mage_jax.fid")
+BINARIES = (
+  "mage_jax.main",
+  "mage_jax.quickstart",
+  "mage_jax.reference",
+  "mage_jax.evaluate",
+  "mage_jax.generate",
+  "mage_jax.edit",
+  "mage_jax.fid",
+)
 LIBRARIES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
-LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
-                "/usr/local/lib")
+LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 KNOWN_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
 
 
@@ -46,8 +52,9 @@ def find_tcmalloc() -> str | None:
 def reexec_command(argv: list[str], environ: dict) -> tuple[list[str], dict] | None:
   """(argv, environment) to re-execute this process with tcmalloc preloaded, or None to carry on as is."""
   preload = environ.get("LD_PRELOAD", "")
-  if (environ.get(ENV) == "0" or not sys.platform.startswith("linux")
-      or any(name in preload for name in KNOWN_ALLOCATORS)):
+  if (
+    environ.get(ENV) == "0" or not sys.platform.startswith("linux") or any(name in preload for name in KNOWN_ALLOCATORS)
+  ):
     return None
   library = find_tcmalloc()
   if library is None:

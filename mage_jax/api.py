@@ -49,20 +49,27 @@ class MAGE:
     batch_size: images per device call, a multiple of the device count.
     mesh: the 1-D ('data',) mesh over the local devices.
   """
+
   params_dir: str
   meta: dict
   batch_size: int
   mesh: Mesh
   _dtype: Any
-  _variables: dict            # replicated on `mesh`: {'tokenizer': ..., 'model': ... (kind mage)}
-  _tokenizer: VQGAN           # float32, for encode / decode
-  _models: tuple | None       # (MAGE module, VQGAN in `dtype`) of a 'mage' directory, as the binaries build them
-  _backbone: Any = None       # (probe.Backbone, its replicated variables), built on the first `features` call
+  _variables: dict  # replicated on `mesh`: {'tokenizer': ..., 'model': ... (kind mage)}
+  _tokenizer: VQGAN  # float32, for encode / decode
+  _models: tuple | None  # (MAGE module, VQGAN in `dtype`) of a 'mage' directory, as the binaries build them
+  _backbone: Any = None  # (probe.Backbone, its replicated variables), built on the first `features` call
   _placed: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def load(cls, params_dir: str, *, dtype: str | Any = "float32", batch_size: int = DEFAULT_BATCH_SIZE,
-           devices: Sequence[jax.Device] | None = None) -> "MAGE":
+  def load(
+    cls,
+    params_dir: str,
+    *,
+    dtype: str | Any = "float32",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    devices: Sequence[jax.Device] | None = None,
+  ) -> "MAGE":
     """Loads a params directory (`python -m mage_jax.convert` output or a training export).
 
     Args:
@@ -77,10 +84,15 @@ class MAGE:
     if isinstance(dtype, str):
       dtype = config_views.dtype(dtype)
     _check_int("batch_size", batch_size, 1)
-    if devices is not None and (isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence) or not devices
-                                or not all(isinstance(d, jax.Device) for d in devices)):
-      raise ValueError(f"devices must be a non-empty sequence of jax.Device (e.g. jax.local_devices()[:2]), got "
-                       f"{devices!r}")
+    if devices is not None and (
+      isinstance(devices, (str, bytes))
+      or not isinstance(devices, Sequence)
+      or not devices
+      or not all(isinstance(d, jax.Device) for d in devices)
+    ):
+      raise ValueError(
+        f"devices must be a non-empty sequence of jax.Device (e.g. jax.local_devices()[:2]), got {devices!r}"
+      )
     meta = params_io.read_meta(params_dir)
     tok_config = params_io.tokenizer_config_from_meta(meta)
     models = params_io.models_from_meta(meta, dtype) if meta.get("kind", "mage") == "mage" else None
@@ -88,8 +100,16 @@ class MAGE:
     kept = {k: variables[k] for k in (("tokenizer", "model") if models else ("tokenizer",))}
     params_io.check_finite(kept, params_dir)  # as the binaries: NaN weights give black images, not an error
     mesh = sharding.data_mesh(devices=jax.local_devices() if devices is None else list(devices))
-    return cls(params_dir, meta, _round_up(batch_size, mesh.size), mesh, dtype,
-               sharding.place(kept, sharding.replicated(mesh)), VQGAN(tok_config), models)
+    return cls(
+      params_dir,
+      meta,
+      _round_up(batch_size, mesh.size),
+      mesh,
+      dtype,
+      sharding.place(kept, sharding.replicated(mesh)),
+      VQGAN(tok_config),
+      models,
+    )
 
   @property
   def resolution(self) -> int:
@@ -120,6 +140,7 @@ class MAGE:
       raise ValueError(f"{self.params_dir} holds only a tokenizer; features need a MAGE encoder")
     if self._backbone is None:
       from mage_jax import probe  # pylint: disable=g-import-not-at-top  (TensorFlow: only for features)
+
       backbone = probe.load_backbone(self.params_dir, dtype=self._dtype)
       self._backbone = backbone, sharding.place(backbone.variables, sharding.replicated(self.mesh))
     backbone, variables = self._backbone
@@ -128,9 +149,15 @@ class MAGE:
   # -------------------------------------------------------------------------------------------------------
   # Generation and editing.
 
-  def generate(self, n: int, steps: int = sampling.DEFAULT_NUM_STEPS,
-               temperature: float = sampling.DEFAULT_TEMPERATURE, seed: int = 0, class_id: int | None = None,
-               batch_size: int | None = None) -> np.ndarray:
+  def generate(
+    self,
+    n: int,
+    steps: int = sampling.DEFAULT_NUM_STEPS,
+    temperature: float = sampling.DEFAULT_TEMPERATURE,
+    seed: int = 0,
+    class_id: int | None = None,
+    batch_size: int | None = None,
+  ) -> np.ndarray:
     """`n` images by iterative decoding from fully masked tokens: uint8 [n, R, R, 3].
 
     Args:
@@ -149,13 +176,33 @@ class MAGE:
     _check_int("seed", seed, 0, config_ranges.MAX_SEED)
     _check_int("batch_size", batch_size, 1)
     _check_temperature(temperature)
-    batches = sampling.generate_images(model, tokenizer, self._variables, jax.random.key(seed), n, batch_size,
-                                           steps, temperature, self.mesh, class_id=class_id)
+    batches = sampling.generate_images(
+      model,
+      tokenizer,
+      self._variables,
+      jax.random.key(seed),
+      n,
+      batch_size,
+      steps,
+      temperature,
+      self.mesh,
+      class_id=class_id,
+    )
     return np.concatenate(list(batches))
 
-  def edit(self, image: np.ndarray, mask: np.ndarray | None = None, box: Sequence[int] | None = None, *,
-           mode: str = "inpaint", num_samples: int = 4, steps: int = sampling.DEFAULT_NUM_STEPS,
-           temperature: float = sampling.DEFAULT_TEMPERATURE, seed: int = 0, ring: int = 1) -> np.ndarray:
+  def edit(
+    self,
+    image: np.ndarray,
+    mask: np.ndarray | None = None,
+    box: Sequence[int] | None = None,
+    *,
+    mode: str = "inpaint",
+    num_samples: int = 4,
+    steps: int = sampling.DEFAULT_NUM_STEPS,
+    temperature: float = sampling.DEFAULT_TEMPERATURE,
+    seed: int = 0,
+    ring: int = 1,
+  ) -> np.ndarray:
     """Regenerates part of one image `num_samples` times: uint8 [num_samples, R, R, 3].
 
     Args:
@@ -169,8 +216,10 @@ class MAGE:
     model, tokenizer = self._generator()
     image = np.asarray(image)
     if image.shape != (self.resolution,) * 2 + (3,):
-      raise ValueError(f"image: expected one image [{self.resolution}, {self.resolution}, 3], got shape "
-                       f"{image.shape} (read a file with mage_jax.editing.load_image(path, R))")
+      raise ValueError(
+        f"image: expected one image [{self.resolution}, {self.resolution}, 3], got shape "
+        f"{image.shape} (read a file with mage_jax.editing.load_image(path, R))"
+      )
     image = check_images(image[None], self.resolution, "image", keep_uint8=True)[0]
     if (mask is None) == (box is None):
       raise ValueError("edit: give exactly one of mask (bool [R, R]) and box (top, left, bottom, right)")
@@ -179,15 +228,26 @@ class MAGE:
     else:
       pixel_mask = np.asarray(mask)
       if pixel_mask.dtype != np.bool_ or pixel_mask.shape != (self.resolution, self.resolution):
-        raise ValueError(f"edit: mask must be bool [{self.resolution}, {self.resolution}], got {pixel_mask.dtype} "
-                         f"{pixel_mask.shape}")
+        raise ValueError(
+          f"edit: mask must be bool [{self.resolution}, {self.resolution}], got {pixel_mask.dtype} {pixel_mask.shape}"
+        )
     _check_int("seed", seed, 0, config_ranges.MAX_SEED)
     _check_temperature(temperature)
     _check_int("num_samples", num_samples, 1)
     mesh = sharding.data_mesh(num_samples, self.mesh.devices.ravel())
-    result = editing.edit_image(model, tokenizer, self._variables_on(mesh), jax.random.key(seed), image,
-                                 pixel_mask, num_samples=num_samples, num_steps=steps, temperature=temperature,
-                                 ring=ring, mesh=mesh)
+    result = editing.edit_image(
+      model,
+      tokenizer,
+      self._variables_on(mesh),
+      jax.random.key(seed),
+      image,
+      pixel_mask,
+      num_samples=num_samples,
+      num_steps=steps,
+      temperature=temperature,
+      ring=ring,
+      mesh=mesh,
+    )
     return result.samples
 
   # -------------------------------------------------------------------------------------------------------
@@ -195,8 +255,10 @@ class MAGE:
 
   def _generator(self):
     if self._models is None:
-      raise ValueError(f"{self.params_dir} holds a {self.meta.get('kind')!r} checkpoint; generation and editing "
-                       "need a MAGE pretraining checkpoint (kind 'mage')")
+      raise ValueError(
+        f"{self.params_dir} holds a {self.meta.get('kind')!r} checkpoint; generation and editing "
+        "need a MAGE pretraining checkpoint (kind 'mage')"
+      )
     return self._models
 
   def _variables_on(self, mesh: Mesh) -> dict:
@@ -213,9 +275,9 @@ class MAGE:
     size = min(self.batch_size, _round_up(len(inputs), self.mesh.size))
     outputs = []
     for start in range(0, len(inputs), size):
-      chunk = inputs[start:start + size]
+      chunk = inputs[start : start + size]
       padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
-      outputs.append(np.asarray(fn(variables, padded))[:len(chunk)])
+      outputs.append(np.asarray(fn(variables, padded))[: len(chunk)])
     return np.concatenate(outputs)
 
   def _images(self, images) -> np.ndarray:
@@ -228,8 +290,9 @@ class MAGE:
     if ids.ndim == 3 and ids.shape[1:] == (grid, grid):
       ids = ids.reshape(len(ids), -1)
     if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 2 or ids.shape[1] != self.num_tokens or not len(ids):
-      raise ValueError(f"ids: expected integers [N, {self.num_tokens}] or [N, {grid}, {grid}], got {ids.dtype} "
-                       f"{ids.shape}")
+      raise ValueError(
+        f"ids: expected integers [N, {self.num_tokens}] or [N, {grid}, {grid}], got {ids.dtype} {ids.shape}"
+      )
     if ids.min() < 0 or ids.max() >= codebook:
       raise ValueError(f"ids: values must lie in [0, {codebook}), got [{ids.min()}, {ids.max()}]")
     return ids.astype(np.int32)
@@ -256,6 +319,7 @@ def _tokenizer_fn(tokenizer: VQGAN, method: str, mesh: Mesh) -> Callable:
 @functools.lru_cache(maxsize=16)
 def _feature_fn(tokenizer: VQGAN, vit, mesh: Mesh) -> Callable:
   from mage_jax import probe  # pylint: disable=g-import-not-at-top
+
   feature_fn = probe.make_feature_fn(tokenizer, vit)
   return _batch_jit(lambda variables, images: feature_fn(variables, images, None, True), mesh)
 
@@ -285,8 +349,12 @@ def check_images(images, resolution: int, name: str = "images", keep_uint8: bool
 
 
 def _check_int(name: str, value, lower: int, upper: int | None = None) -> None:
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lower
-      or (upper is not None and value > upper)):
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, np.integer))
+    or value < lower
+    or (upper is not None and value > upper)
+  ):
     bounds = f">= {lower}" if upper is None else f"in [{lower}, {upper}]"
     raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
 

@@ -39,6 +39,7 @@ def record_config(config, workdir: str) -> None:
   """`<workdir>/config.json`: the config a job runs with, written by the primary process once the job has checked
   it (a refused run leaves the earlier run's record as it was)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())

@@ -35,8 +35,9 @@ def tokenizer_config(tokenizer_cfg: Any, image_size: int) -> VQGANConfig:
 def tokenizer_module(config: ml_collections.ConfigDict, tok_config: VQGANConfig) -> VQGAN:
   """The frozen tokenizer as the steps run it (`config.tokenizer.dtype` / `precision`)."""
   tcfg = config.tokenizer
-  return VQGAN(tok_config, dtype=config_views.dtype(tcfg.get("dtype", "float32")),
-               precision=tcfg.get("precision", "highest"))
+  return VQGAN(
+    tok_config, dtype=config_views.dtype(tcfg.get("dtype", "float32")), precision=tcfg.get("precision", "highest")
+  )
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> tuple[VQGAN, dict]:
@@ -65,18 +66,33 @@ def mage_model(config: ml_collections.ConfigDict, tokenizer: VQGAN) -> MAGE:
   m = config.model
   num_tokens = tokenizer.config.num_tokens
   overrides = {k: v for k, v in m.items() if k not in ("variant", "dtype", "param_dtype")}
-  mcfg = config_for(m.variant, num_tokens=num_tokens, codebook_size=tokenizer.config.codebook_size,
-                    max_position_embeddings=max(257, num_tokens + 1), **overrides)
-  return MAGE(mcfg, dtype=config_views.dtype(m.get("dtype", "float32")),
-              param_dtype=config_views.dtype(m.get("param_dtype", "float32")))
+  mcfg = config_for(
+    m.variant,
+    num_tokens=num_tokens,
+    codebook_size=tokenizer.config.codebook_size,
+    max_position_embeddings=max(257, num_tokens + 1),
+    **overrides,
+  )
+  return MAGE(
+    mcfg,
+    dtype=config_views.dtype(m.get("dtype", "float32")),
+    param_dtype=config_views.dtype(m.get("param_dtype", "float32")),
+  )
 
 
 def pretrain_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int, frozen=None):
   """AdamW of `main_pretrain.py` from `config.optim` with lr = blr·batch/256; returns (tx, PretrainOptim)."""
   o = config.optim
-  optim_cfg = optim.PretrainOptim(lr=optim.scaled_lr(o.blr, config.input.batch_size), total_steps=total_steps,
-                                  warmup_steps=warmup_steps, min_lr=o.min_lr, b1=o.b1, b2=o.b2,
-                                  weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm or None)
+  optim_cfg = optim.PretrainOptim(
+    lr=optim.scaled_lr(o.blr, config.input.batch_size),
+    total_steps=total_steps,
+    warmup_steps=warmup_steps,
+    min_lr=o.min_lr,
+    b1=o.b1,
+    b2=o.b2,
+    weight_decay=o.weight_decay,
+    grad_clip_norm=o.grad_clip_norm or None,
+  )
   return optim.pretrain_optimizer(optim_cfg, frozen=frozen), optim_cfg
 
 
@@ -86,23 +102,33 @@ def initial_model_params(config: ml_collections.ConfigDict, model: MAGE) -> dict
     return None
   variables, _ = params_io.load(config.model_init)
   if "model" not in variables:
-    raise ValueError(f"config.model_init={config.model_init} holds no MAGE model (keys {sorted(variables)}); "
-                     "a tokenizer export cannot initialise MAGE")
+    raise ValueError(
+      f"config.model_init={config.model_init} holds no MAGE model (keys {sorted(variables)}); "
+      "a tokenizer export cannot initialise MAGE"
+    )
   return layers.to_scan_layout(variables["model"]["params"], model.config.scan)
 
 
-def export_params(directory: str, model: MAGE, params, tokenizer: VQGAN, tokenizer_vars, extra_meta=None,
-                  extra_variables=None) -> None:
+def export_params(
+  directory: str, model: MAGE, params, tokenizer: VQGAN, tokenizer_vars, extra_meta=None, extra_variables=None
+) -> None:
   """Params-only export in the converter's (loop) layout, consumed by generation and probing.
 
   `extra_variables` (e.g. MAGE-C's projection head) are stored beside 'model' and 'tokenizer'; binaries that do
   not know them ignore them.
   """
   params = layers.to_loop_layout(sharding.to_host(params), model.config.scan)
-  meta = {"kind": "mage", "model": dataclasses.asdict(dataclasses.replace(model.config, scan=False)),
-          "tokenizer": dataclasses.asdict(tokenizer.config), **(extra_meta or {})}
-  variables = {"model": {"params": params}, "tokenizer": sharding.to_host(tokenizer_vars),
-               **sharding.to_host(extra_variables or {})}
+  meta = {
+    "kind": "mage",
+    "model": dataclasses.asdict(dataclasses.replace(model.config, scan=False)),
+    "tokenizer": dataclasses.asdict(tokenizer.config),
+    **(extra_meta or {}),
+  }
+  variables = {
+    "model": {"params": params},
+    "tokenizer": sharding.to_host(tokenizer_vars),
+    **sharding.to_host(extra_variables or {}),
+  }
   params_io.save(directory, variables, meta, overwrite=True)
 
 

@@ -30,12 +30,15 @@ from mage_jax import atomic
 CORRUPT_POLICIES = ("fallback", "refuse")
 
 
-def manager(workdir: str, *, keep: int = 3, save_interval_steps: int = 1, async_save: bool = True
-            ) -> ocp.CheckpointManager:
+def manager(
+  workdir: str, *, keep: int = 3, save_interval_steps: int = 1, async_save: bool = True
+) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_interval_steps,
-                                           enable_async_checkpointing=async_save, create=True))
+    os.path.join(os.path.abspath(workdir), "checkpoints"),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save, create=True
+    ),
+  )
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> bool:
@@ -123,14 +126,16 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   Empty nodes of `tree` (optax's MaskedNode where params are frozen), to which the logical rules assign a
   sharding all the same, stay as they are.
   """
-  return jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) if hasattr(x, "shape") else x,
-                      shardings, tree)
+  return jax.tree.map(
+    lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) if hasattr(x, "shape") else x, shardings, tree
+  )
 
 
 def _is_abandoned_read(exc: BaseException | None) -> bool:
   text = str(exc)
   return (isinstance(exc, RuntimeError) and text == "Event loop is closed") or (
-      isinstance(exc, ValueError) and "tensorstore_spec" in text)
+    isinstance(exc, ValueError) and "tensorstore_spec" in text
+  )
 
 
 class _AbandonedReads(std_logging.Filter):
@@ -153,9 +158,11 @@ class _AbandonedReads(std_logging.Filter):
       self.previous_hook(unraisable)
 
   def filter(self, record):
-    return not (str(record.msg).startswith(("Task exception was never retrieved",
-                                            "Future exception was never retrieved"))
-                and record.exc_info and _is_abandoned_read(record.exc_info[1]))
+    return not (
+      str(record.msg).startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
+      and record.exc_info
+      and _is_abandoned_read(record.exc_info[1])
+    )
 
 
 @functools.cache
@@ -174,8 +181,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(target))
   except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-    raise ValueError(f"checkpoint step {step} in {mngr.directory} cannot be restored into this model "
-                     f"(corrupt, or written by a different model/optimizer config): {read_failure(e)}") from e
+    raise ValueError(
+      f"checkpoint step {step} in {mngr.directory} cannot be restored into this model "
+      f"(corrupt, or written by a different model/optimizer config): {read_failure(e)}"
+    ) from e
 
 
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:
@@ -199,9 +208,11 @@ def claim(directory: str, identity: dict) -> None:
       earlier = json.load(f)
     differ = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
     if differ:
-      raise ValueError(f"{directory} holds a run of a different {', '.join(differ)} (e.g. {differ[0]}: "
-                       f"{earlier.get(differ[0])!r} there, {identity.get(differ[0])!r} now); use another "
-                       "workdir, or remove that directory to start over")
+      raise ValueError(
+        f"{directory} holds a run of a different {', '.join(differ)} (e.g. {differ[0]}: "
+        f"{earlier.get(differ[0])!r} there, {identity.get(differ[0])!r} now); use another "
+        "workdir, or remove that directory to start over"
+      )
     return
   if os.path.isdir(os.path.join(directory, "checkpoints")) and os.listdir(os.path.join(directory, "checkpoints")):
     raise ValueError(f"{directory} holds checkpoints of an unknown run (no {IDENTITY_FILE}); use another workdir")
@@ -238,8 +249,10 @@ def restore_newest(mngr: ocp.CheckpointManager, target: Any, *, corrupt: str = "
     problem = manifest_problem(_step_dir(mngr, step)) if jax.process_index() == 0 else None
     state, error = None, None
     if not _on_all_processes(problem is None):
-      error = ValueError(f"checkpoint step {step} in {mngr.directory} is damaged: "
-                         f"{problem or 'its files differ from its manifest (checked by the primary process)'}")
+      error = ValueError(
+        f"checkpoint step {step} in {mngr.directory} is damaged: "
+        f"{problem or 'its files differ from its manifest (checked by the primary process)'}"
+      )
     else:
       try:
         state = restore(mngr, step, target)
@@ -252,8 +265,7 @@ def restore_newest(mngr: ocp.CheckpointManager, target: Any, *, corrupt: str = "
       if bad:
         _set_aside(mngr, bad, step, newest_error)
       return step, state
-    error = error or ValueError(f"checkpoint step {step} in {mngr.directory} could not be read by another "
-                                "process")
+    error = error or ValueError(f"checkpoint step {step} in {mngr.directory} could not be read by another process")
     if corrupt == "refuse":
       raise error
     newest_error = newest_error or error
@@ -278,5 +290,10 @@ def _set_aside(mngr: ocp.CheckpointManager, bad: list[int], restored: int, error
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("mage_jax:set_aside_corrupt_checkpoints")
   mngr.reload()
-  logging.warning("%s. Resuming from step %d, the newest intact checkpoint; set aside for inspection: %s (set "
-                  "corrupt_checkpoint='refuse' to stop instead)", error, restored, ", ".join(moved))
+  logging.warning(
+    "%s. Resuming from step %d, the newest intact checkpoint; set aside for inspection: %s (set "
+    "corrupt_checkpoint='refuse' to stop instead)",
+    error,
+    restored,
+    ", ".join(moved),
+  )

@@ -41,8 +41,11 @@ def from_config(cls: type[T], cfg: Any, what: str, **overrides) -> T:
   unknown = sorted(set(values) - set(fields))
   if unknown:
     raise ValueError(f"unknown {what} keys {unknown}; known: {sorted(fields)}")
-  missing = sorted(n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING)
+  missing = sorted(
+    n
+    for n, f in fields.items()
+    if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+  )
   if missing:
     raise ValueError(f"{what}: missing required keys {missing}")
   return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

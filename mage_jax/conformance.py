@@ -32,7 +32,7 @@ class Check:
   name: str
   max_abs: float
   rel_l2: float
-  ids_equal: str = ""     # "" for float outputs; "64/64" or "63/64 (1 tie)" for ids
+  ids_equal: str = ""  # "" for float outputs; "64/64" or "63/64 (1 tie)" for ids
   passed: bool = True
 
 
@@ -66,8 +66,14 @@ def _nhwc(x):
   return np.asarray(x).transpose(0, 2, 3, 1)
 
 
-def convert_file(path: str, kind: str, *, tokenizer_config: VQGANConfig, mage_config: MAGEConfig | None = None,
-                 max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES) -> convert.Converted:
+def convert_file(
+  path: str,
+  kind: str,
+  *,
+  tokenizer_config: VQGANConfig,
+  mage_config: MAGEConfig | None = None,
+  max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES,
+) -> convert.Converted:
   """An official `.pth` converted with the sizes of config.json; ValueError naming what does not fit.
 
   `max_bytes` caps what the file may make the loader allocate (see `torch_pickle.load`).
@@ -85,31 +91,54 @@ def configs_from_json(cfg: dict) -> tuple[VQGANConfig, MAGEConfig]:
   `mage.dropout` / `mage.attn_dropout`, when present, set the model's dropout rates (the official defaults,
   0.1, otherwise)."""
   t = cfg["tokenizer"]
-  tok = VQGANConfig(ch=t["ch"], ch_mult=tuple(t["ch_mult"]), num_res_blocks=t["num_res_blocks"],
-                    z_channels=t["z_channels"], in_channels=t["in_channels"], out_ch=t["out_ch"],
-                    resolution=t["resolution"], codebook_size=t["n_embed"])
+  tok = VQGANConfig(
+    ch=t["ch"],
+    ch_mult=tuple(t["ch_mult"]),
+    num_res_blocks=t["num_res_blocks"],
+    z_channels=t["z_channels"],
+    in_channels=t["in_channels"],
+    out_ch=t["out_ch"],
+    resolution=t["resolution"],
+    codebook_size=t["n_embed"],
+  )
   if t.get("embed_dim", t["z_channels"]) != t["z_channels"]:
     raise ValueError("config.json: tokenizer embed_dim must equal z_channels (no quant_conv in this VQGAN)")
   m = cfg["mage"]
   model = MAGEConfig(
-      embed_dim=m["embed_dim"], depth=m["depth"], num_heads=m["num_heads"],
-      decoder_embed_dim=m["decoder_embed_dim"], decoder_depth=m["decoder_depth"],
-      decoder_num_heads=m["decoder_num_heads"], mlp_ratio=m["mlp_ratio"], eps=m["layer_norm_eps"],
-      codebook_size=t["n_embed"], vocab_size=m["vocab_size"], fake_class_id=m["fake_class_id"],
-      mask_id=m["mask_id"], num_tokens=m["num_tokens"], max_position_embeddings=m.get("max_positions", 257),
-      **{k: m[k] for k in ("dropout", "attn_dropout") if k in m})
+    embed_dim=m["embed_dim"],
+    depth=m["depth"],
+    num_heads=m["num_heads"],
+    decoder_embed_dim=m["decoder_embed_dim"],
+    decoder_depth=m["decoder_depth"],
+    decoder_num_heads=m["decoder_num_heads"],
+    mlp_ratio=m["mlp_ratio"],
+    eps=m["layer_norm_eps"],
+    codebook_size=t["n_embed"],
+    vocab_size=m["vocab_size"],
+    fake_class_id=m["fake_class_id"],
+    mask_id=m["mask_id"],
+    num_tokens=m["num_tokens"],
+    max_position_embeddings=m.get("max_positions", 257),
+    **{k: m[k] for k in ("dropout", "attn_dropout") if k in m},
+  )
   return tok, model
 
 
 # The checkpoints a fixture may hold and the outputs each one is checked on.
-SOURCES = {"tokenizer.pth": "tokenizer/*", "mage.pth": "mage/tokenizer_ids, pretrain/*, generate/*",
-           "vit_probe.pth": "probe/*"}
+SOURCES = {
+  "tokenizer.pth": "tokenizer/*",
+  "mage.pth": "mage/tokenizer_ids, pretrain/*, generate/*",
+  "vit_probe.pth": "probe/*",
+}
 
 
 def skipped(directory: str) -> list[str]:
   """One phrase per checkpoint the fixture lacks, naming the checks that therefore do not run."""
-  return [f"{name} (not in the fixture): {outputs}" for name, outputs in SOURCES.items()
-          if not os.path.exists(os.path.join(directory, name))]
+  return [
+    f"{name} (not in the fixture): {outputs}"
+    for name, outputs in SOURCES.items()
+    if not os.path.exists(os.path.join(directory, name))
+  ]
 
 
 def _read_config(directory: str) -> tuple[dict, VQGANConfig, MAGEConfig]:
@@ -121,8 +150,9 @@ def _read_config(directory: str) -> tuple[dict, VQGANConfig, MAGEConfig]:
   try:
     return cfg, *configs_from_json(cfg)
   except KeyError as e:
-    raise ValueError(f"config.json has no {e.args[0]!r} entry (its tokenizer and mage sections give every size)"
-                     ) from None
+    raise ValueError(
+      f"config.json has no {e.args[0]!r} entry (its tokenizer and mage sections give every size)"
+    ) from None
   except (TypeError, AttributeError) as e:
     raise ValueError(f"config.json: its tokenizer and mage sections must map names to sizes ({e})") from None
 
@@ -135,8 +165,10 @@ def run(directory: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES) -> list
   label_smoothing = cfg["mage"].get("label_smoothing", 0.1)
   want = (tok_config.in_channels, tok_config.resolution, tok_config.resolution)
   if ref["images_nchw"].ndim != 4 or ref["images_nchw"].shape[1:] != want:
-    raise ValueError(f"reference.npz: images_nchw is {list(ref['images_nchw'].shape)}, config.json's tokenizer "
-                     f"takes [N, {', '.join(map(str, want))}]")
+    raise ValueError(
+      f"reference.npz: images_nchw is {list(ref['images_nchw'].shape)}, config.json's tokenizer "
+      f"takes [N, {', '.join(map(str, want))}]"
+    )
   checks: list[Check] = []
 
   def converted(name, kind, mage_config=None):
@@ -155,11 +187,17 @@ def run(directory: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES) -> list
     checks.append(_compare("tokenizer/z", z, _nhwc(ref["tokenizer_z_nchw"])))
     checks.append(_compare_ids("tokenizer/ids", ids, ref["tokenizer_indices"], distances))
     checks.append(_compare("tokenizer/z_q", z_q, _nhwc(ref["tokenizer_zq_nchw"])))
-    checks.append(_compare("tokenizer/decoded", vqgan.apply(tv, z_q, method=VQGAN.decode),
-                           _nhwc(ref["tokenizer_decoded_nchw"])))
+    checks.append(
+      _compare("tokenizer/decoded", vqgan.apply(tv, z_q, method=VQGAN.decode), _nhwc(ref["tokenizer_decoded_nchw"]))
+    )
     ref_ids = jnp.asarray(ref["tokenizer_indices"].reshape(ref["tokenizer_indices"].shape[0], -1))
-    checks.append(_compare("tokenizer/decoded_from_ids", vqgan.apply(tv, ref_ids, method=VQGAN.decode_ids),
-                           _nhwc(ref["tokenizer_decoded_from_ids_nchw"])))
+    checks.append(
+      _compare(
+        "tokenizer/decoded_from_ids",
+        vqgan.apply(tv, ref_ids, method=VQGAN.decode_ids),
+        _nhwc(ref["tokenizer_decoded_from_ids_nchw"]),
+      )
+    )
 
   mage = converted("mage.pth", "mage", mage_config=mage_config)
   if mage is not None:
@@ -176,11 +214,11 @@ def run(directory: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES) -> list
     logits, aux = model.apply(mv, gt, plan)
     checks.append(_compare("pretrain/encoder_out", aux["encoded"], ref["pretrain_encoder_out"]))
     checks.append(_compare("pretrain/logits", logits, ref["pretrain_logits"]))
-    loss = losses.masked_token_loss(logits, gt, masked, codebook_size=mage_config.codebook_size,
-                                    label_smoothing=label_smoothing)
+    loss = losses.masked_token_loss(
+      logits, gt, masked, codebook_size=mage_config.codebook_size, label_smoothing=label_smoothing
+    )
     checks.append(_compare("pretrain/loss", loss, ref["pretrain_loss"]))
-    gen_logits, gen_encoded = model.apply(mv, jnp.asarray(ref["generate_input_tokens"]),
-                                          method=MAGE.full_sequence)
+    gen_logits, gen_encoded = model.apply(mv, jnp.asarray(ref["generate_input_tokens"]), method=MAGE.full_sequence)
     checks.append(_compare("generate/encoder_out", gen_encoded, ref["generate_encoder_out"]))
     checks.append(_compare("generate/logits", gen_logits, ref["generate_logits"]))
 
@@ -199,6 +237,5 @@ def run(directory: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES) -> list
 def format_table(checks: list[Check]) -> str:
   rows = [f"{'output':28s} {'max abs err':>12s} {'rel L2 err':>12s}  {'ids':>14s}  status"]
   for c in checks:
-    rows.append(f"{c.name:28s} {c.max_abs:12.3e} {c.rel_l2:12.3e}  {c.ids_equal:>14s}  "
-                f"{'ok' if c.passed else 'FAIL'}")
+    rows.append(f"{c.name:28s} {c.max_abs:12.3e} {c.rel_l2:12.3e}  {c.ids_equal:>14s}  {'ok' if c.passed else 'FAIL'}")
   return "\n".join(rows)

@@ -29,10 +29,11 @@ DEFAULT_TEMPERATURE = 0.1
 DEFAULT_HIDDEN_DIM = 2048
 DEFAULT_OUT_DIM = 128
 
+
 def nt_xent(
-    z1: jax.Array,
-    z2: jax.Array,
-    temperature: float | jax.Array = DEFAULT_TEMPERATURE,
+  z1: jax.Array,
+  z2: jax.Array,
+  temperature: float | jax.Array = DEFAULT_TEMPERATURE,
 ) -> jax.Array:
   """SimCLR NT-Xent (normalised-temperature cross-entropy) over a global batch.
 
@@ -68,9 +69,9 @@ def nt_xent(
 
 
 def pool_tokens(
-    h: jax.Array,
-    mode: Literal["mean", "cls"] = "mean",
-    valid: jax.Array | None = None,
+  h: jax.Array,
+  mode: Literal["mean", "cls"] = "mean",
+  valid: jax.Array | None = None,
 ) -> jax.Array:
   """Pools encoder outputs whose slot 0 is the class ("fake class" 1100) token.
 
@@ -86,8 +87,7 @@ def pool_tokens(
     float32 [b, d].
   """
   if h.ndim != 3 or h.shape[1] < 2:
-    raise ValueError(
-        f"pool_tokens expects [b, 1 + L, d] with L >= 1; got shape {h.shape}.")
+    raise ValueError(f"pool_tokens expects [b, 1 + L, d] with L >= 1; got shape {h.shape}.")
   h = h.astype(jnp.float32)
   if mode == "cls":
     if valid is not None:
@@ -100,8 +100,8 @@ def pool_tokens(
     return jnp.mean(tokens, axis=1)
   if valid.shape != tokens.shape[:2]:
     raise ValueError(
-        f"pool_tokens: valid has shape {valid.shape}, expected {tokens.shape[:2]} "
-        "(the class slot is excluded).")
+      f"pool_tokens: valid has shape {valid.shape}, expected {tokens.shape[:2]} (the class slot is excluded)."
+    )
   w = valid.astype(jnp.float32)[..., None]
   return jnp.sum(tokens * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
@@ -123,6 +123,7 @@ class ProjectionHead(nn.Module):
     dtype: compute dtype of the Dense layers.
     param_dtype: parameter dtype.
   """
+
   hidden_dim: int = DEFAULT_HIDDEN_DIM
   out_dim: int = DEFAULT_OUT_DIM
   num_layers: int = 2
@@ -145,35 +146,37 @@ class ProjectionHead(nn.Module):
     if self.num_layers < 1:
       raise ValueError(f"ProjectionHead.num_layers must be >= 1, got {self.num_layers}.")
     if self.norm not in ("none", "batch", "layer"):
-      raise ValueError(
-          f"ProjectionHead.norm must be 'none', 'batch' or 'layer', got {self.norm!r}.")
+      raise ValueError(f"ProjectionHead.norm must be 'none', 'batch' or 'layer', got {self.norm!r}.")
     init = nn.initializers.lecun_normal()
     for i in range(self.num_layers - 1):
       x = nn.Dense(
-          self.hidden_dim,
-          use_bias=self.use_bias and self.norm == "none",
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          kernel_init=nn.with_logical_partitioning(
-              init, ("embed" if i == 0 else None, "mlp")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-          name=f"hidden_{i}")(x)
+        self.hidden_dim,
+        use_bias=self.use_bias and self.norm == "none",
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(init, ("embed" if i == 0 else None, "mlp")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+        name=f"hidden_{i}",
+      )(x)
       if self.norm == "batch":
         # Statistics in float32 even for bf16 activations.
         x = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5,
-            dtype=jnp.float32, param_dtype=self.param_dtype, name=f"norm_{i}")(x)
+          use_running_average=not train,
+          momentum=0.9,
+          epsilon=1e-5,
+          dtype=jnp.float32,
+          param_dtype=self.param_dtype,
+          name=f"norm_{i}",
+        )(x)
       elif self.norm == "layer":
-        x = nn.LayerNorm(
-            epsilon=1e-6, dtype=jnp.float32, param_dtype=self.param_dtype,
-            name=f"norm_{i}")(x)
+        x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=self.param_dtype, name=f"norm_{i}")(x)
       x = nn.relu(x).astype(self.dtype)
     return nn.Dense(
-        self.out_dim,
-        use_bias=self.use_bias,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(
-            init, ("mlp" if self.num_layers > 1 else "embed", None)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-        name="out")(x)
+      self.out_dim,
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.with_logical_partitioning(init, ("mlp" if self.num_layers > 1 else "embed", None)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+      name="out",
+    )(x)

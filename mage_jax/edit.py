@@ -31,21 +31,26 @@ from mage_jax import (
   sharding,
 )
 
-_PARAMS = flags.DEFINE_string("params", None, "Params-only checkpoint directory (convert output or a training "
-                              "export).", required=True)
+_PARAMS = flags.DEFINE_string(
+  "params", None, "Params-only checkpoint directory (convert output or a training export).", required=True
+)
 _IMAGE = flags.DEFINE_string("image", None, "Input image file (any PIL format).", required=True)
-_BOX = flags.DEFINE_string("box", None, "top,left,bottom,right in pixels of the square crop (exclusive end).",
-                           required=True)
+_BOX = flags.DEFINE_string(
+  "box", None, "top,left,bottom,right in pixels of the square crop (exclusive end).", required=True
+)
 _OUT = flags.DEFINE_string("out", None, "Output directory (new or empty; see --force).", required=True)
-_MODE = flags.DEFINE_enum("mode", "inpaint", list(editing.MODES), "Regenerate the box (inpaint) or the rest "
-                          "(outpaint).")
+_MODE = flags.DEFINE_enum(
+  "mode", "inpaint", list(editing.MODES), "Regenerate the box (inpaint) or the rest (outpaint)."
+)
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Samples drawn.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0, upper_bound=config_ranges.MAX_SEED)
 _NUM_STEPS = flags.DEFINE_integer("num_steps", sampling.DEFAULT_NUM_STEPS, "Decoding steps T.", lower_bound=1)
-_TEMPERATURE = runtime.define_float("temperature", sampling.DEFAULT_TEMPERATURE,
-                                    "Choice temperature tau0 of the annealed Gumbel noise.", lower=0.0)
-_RING = flags.DEFINE_integer("ring", 1, "Extra rings of masked tokens around the edited cells (MAGE: 1).",
-                             lower_bound=0)
+_TEMPERATURE = runtime.define_float(
+  "temperature", sampling.DEFAULT_TEMPERATURE, "Choice temperature tau0 of the annealed Gumbel noise.", lower=0.0
+)
+_RING = flags.DEFINE_integer(
+  "ring", 1, "Extra rings of masked tokens around the edited cells (MAGE: 1).", lower_bound=0
+)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).")
 _FORCE = flags.DEFINE_bool("force", False, "Replace the outputs of an earlier edit in OUT.")
 
@@ -67,10 +72,19 @@ def main(argv):
   params_io.check_finite({"model": variables["model"], "tokenizer": variables["tokenizer"]}, _PARAMS.value)
   outputs.prepare(out, _FORCE.value, "edit")
   outputs.write_record(out, _outputs(_NUM_SAMPLES.value))
-  result = editing.edit_image(model, tokenizer, variables, jax.random.key(_SEED.value), image, pixel_mask,
-                              num_samples=_NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,
-                              temperature=_TEMPERATURE.value, ring=_RING.value,
-                              mesh=sharding.data_mesh(_NUM_SAMPLES.value))
+  result = editing.edit_image(
+    model,
+    tokenizer,
+    variables,
+    jax.random.key(_SEED.value),
+    image,
+    pixel_mask,
+    num_samples=_NUM_SAMPLES.value,
+    num_steps=_NUM_STEPS.value,
+    temperature=_TEMPERATURE.value,
+    ring=_RING.value,
+    mesh=sharding.data_mesh(_NUM_SAMPLES.value),
+  )
   image = image_io.to_uint8(image)
   image_io.save_png(os.path.join(out, "input.png"), image)
   image_io.save_png(os.path.join(out, "masked.png"), result.masked_image)
@@ -78,8 +92,11 @@ def main(argv):
     image_io.save_png(os.path.join(out, f"sample_{i}.png"), sample)
   overview = np.concatenate([image[None], result.masked_image[None], result.samples])
   image_io.save_png(os.path.join(out, "overview.png"), image_io.make_grid(overview, len(overview), pad=2))
-  print(f"{_MODE.value}: regenerated {int(result.token_mask.sum())}/{result.token_mask.size} tokens, "
-        f"{_NUM_SAMPLES.value} samples; wrote {out}", flush=True)
+  print(
+    f"{_MODE.value}: regenerated {int(result.token_mask.sum())}/{result.token_mask.size} tokens, "
+    f"{_NUM_SAMPLES.value} samples; wrote {out}",
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,9 @@ def _check_box(h: int, w: int, box: Sequence[int], name: str) -> tuple[int, int,
   top, left, bottom, right = (int(v) for v in box)
   if not (0 <= top < bottom <= h and 0 <= left < right <= w):
     raise ValueError(
-        f"{name}: box (top, left, bottom, right)={box!r} must satisfy 0 <= top < bottom <= {h} and "
-        f"0 <= left < right <= {w} (bottom/right are exclusive)")
+      f"{name}: box (top, left, bottom, right)={box!r} must satisfy 0 <= top < bottom <= {h} and "
+      f"0 <= left < right <= {w} (bottom/right are exclusive)"
+    )
   return top, left, bottom, right
 
 
@@ -80,9 +81,9 @@ def _dilate(mask: jax.Array, ring: int) -> jax.Array:
 
 
 def token_mask_from_pixel_mask(
-    pixel_mask: jax.Array | np.ndarray,
-    token_grid: tuple[int, int] = (16, 16),
-    ring: int = 1,
+  pixel_mask: jax.Array | np.ndarray,
+  token_grid: tuple[int, int] = (16, 16),
+  ring: int = 1,
 ) -> jax.Array:
   """Token cells to regenerate for a pixel mask.
 
@@ -102,13 +103,11 @@ def token_mask_from_pixel_mask(
   """
   pixel_mask = jnp.asarray(pixel_mask).astype(bool)
   if pixel_mask.ndim < 2:
-    raise ValueError(
-        f"token_mask_from_pixel_mask: pixel_mask must be bool[..., H, W], got shape {pixel_mask.shape}")
+    raise ValueError(f"token_mask_from_pixel_mask: pixel_mask must be bool[..., H, W], got shape {pixel_mask.shape}")
   gh, gw = token_grid
   h, w = pixel_mask.shape[-2:]
   if gh < 1 or gw < 1 or h % gh or w % gw:
-    raise ValueError(
-        f"token_mask_from_pixel_mask: image {h}x{w} is not divisible by the token grid {gh}x{gw}")
+    raise ValueError(f"token_mask_from_pixel_mask: image {h}x{w} is not divisible by the token grid {gh}x{gw}")
   if ring < 0:
     raise ValueError(f"token_mask_from_pixel_mask: ring must be >= 0, got {ring}")
   lead = pixel_mask.shape[:-2]
@@ -134,23 +133,24 @@ def zero_pixels(images: jax.Array | np.ndarray, pixel_mask: jax.Array | np.ndarr
     mask = jnp.broadcast_to(pixel_mask, images.shape[:-1])
   except ValueError:
     raise ValueError(
-        f"zero_pixels: pixel_mask shape {pixel_mask.shape} does not broadcast to the image's "
-        f"[..., H, W] = {images.shape[:-1]}") from None
+      f"zero_pixels: pixel_mask shape {pixel_mask.shape} does not broadcast to the image's "
+      f"[..., H, W] = {images.shape[:-1]}"
+    ) from None
   return jnp.where(mask[..., None], jnp.zeros((), images.dtype), images)
 
 
 def edit_tokens(
-    rng: jax.Array,
-    ids: jax.Array,
-    token_mask: jax.Array | np.ndarray,
-    logits_fn: sampling.LogitsFn,
-    *,
-    num_steps: int,
-    choice_temperature: float,
-    mask_id: int,
-    codebook_size: int,
-    schedule: str = "cosine",
-    sample_temperature: float = 1.0,
+  rng: jax.Array,
+  ids: jax.Array,
+  token_mask: jax.Array | np.ndarray,
+  logits_fn: sampling.LogitsFn,
+  *,
+  num_steps: int,
+  choice_temperature: float,
+  mask_id: int,
+  codebook_size: int,
+  schedule: str = "cosine",
+  sample_temperature: float = 1.0,
 ) -> jax.Array:
   """Regenerates the masked tokens of `ids` with iterative decoding; the others are kept exactly.
 
@@ -182,13 +182,23 @@ def edit_tokens(
     mask = token_mask.reshape(batch, length)
   else:
     raise ValueError(
-        f"edit_tokens: token_mask shape {token_mask.shape} matches neither one grid of {length} tokens "
-        f"nor one per row for ids of shape {ids.shape}")
+      f"edit_tokens: token_mask shape {token_mask.shape} matches neither one grid of {length} tokens "
+      f"nor one per row for ids of shape {ids.shape}"
+    )
   tokens = jnp.where(mask, jnp.int32(mask_id), ids.reshape(batch, length).astype(jnp.int32))
   out = sampling.decode(
-      rng, tokens, logits_fn, num_steps=num_steps, choice_temperature=choice_temperature,
-      mask_id=mask_id, codebook_size=codebook_size, num_unknown=None, schedule=schedule,
-      sample_temperature=sample_temperature, count_mode="row")
+    rng,
+    tokens,
+    logits_fn,
+    num_steps=num_steps,
+    choice_temperature=choice_temperature,
+    mask_id=mask_id,
+    codebook_size=codebook_size,
+    num_unknown=None,
+    schedule=schedule,
+    sample_temperature=sample_temperature,
+    count_mode="row",
+  )
   return out.reshape(ids.shape)
 
 
@@ -210,6 +220,7 @@ def load_image(path: str, resolution: int) -> np.ndarray:
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   from mage_jax.data import augment  # pylint: disable=import-outside-toplevel
+
   return augment.preprocess(tf.constant(image), None, size=resolution, mode="none").numpy()
 
 
@@ -237,11 +248,12 @@ def pixel_mask_for(mode: str, resolution: int, box) -> np.ndarray:
 @dataclasses.dataclass
 class EditResult:
   """Outputs of `edit_image` (host numpy)."""
-  input_ids: np.ndarray      # int32 [N]: tokens of the zeroed input, the known tokens of every sample
-  token_mask: np.ndarray     # bool [g, g]: tokens that were regenerated (overlap + ring)
-  sample_ids: np.ndarray     # int32 [S, N]
-  masked_image: np.ndarray   # uint8 [H, W, 3]: input with the edited pixels zeroed
-  samples: np.ndarray        # uint8 [S, H, W, 3]
+
+  input_ids: np.ndarray  # int32 [N]: tokens of the zeroed input, the known tokens of every sample
+  token_mask: np.ndarray  # bool [g, g]: tokens that were regenerated (overlap + ring)
+  sample_ids: np.ndarray  # int32 [S, N]
+  masked_image: np.ndarray  # uint8 [H, W, 3]: input with the edited pixels zeroed
+  samples: np.ndarray  # uint8 [S, H, W, 3]
 
 
 @functools.lru_cache(maxsize=8)
@@ -251,25 +263,42 @@ def _edit_fn(model, tokenizer, num_samples: int, num_steps: int, ring: int, mesh
 
   def run(model_vars, tok_vars, rng, image, pixel_mask, temperature):
     zeroed = zero_pixels(image[None], pixel_mask)
-    ids = tokenizer.apply(tok_vars, zeroed, method="encode_to_ids")                 # [1, N]
+    ids = tokenizer.apply(tok_vars, zeroed, method="encode_to_ids")  # [1, N]
     token_mask = token_mask_from_pixel_mask(pixel_mask, (grid, grid), ring)  # [g, g]
     logits_fn = lambda t: model.apply(model_vars, t, method="image_token_logits")
     tiled = jnp.tile(ids, (num_samples, 1))
     if mesh is not None:
       tiled = jax.lax.with_sharding_constraint(tiled, NamedSharding(mesh, P("data")))
     sample_ids = edit_tokens(
-        rng, tiled, token_mask, logits_fn, num_steps=num_steps,
-        choice_temperature=temperature, mask_id=c.mask_id, codebook_size=c.codebook_size)
+      rng,
+      tiled,
+      token_mask,
+      logits_fn,
+      num_steps=num_steps,
+      choice_temperature=temperature,
+      mask_id=c.mask_id,
+      codebook_size=c.codebook_size,
+    )
     samples = image_io.to_uint8(tokenizer.apply(tok_vars, sample_ids, method="decode_ids"))
     return ids[0], token_mask, sample_ids, samples
 
   return jax.jit(run)
 
 
-def edit_image(model, tokenizer, variables: dict, rng: jax.Array, image: np.ndarray, pixel_mask: np.ndarray, *,
-               num_samples: int = 4, num_steps: int = sampling.DEFAULT_NUM_STEPS,
-               temperature: float = sampling.DEFAULT_TEMPERATURE, ring: int = 1,
-               mesh: Mesh | None = None) -> EditResult:
+def edit_image(
+  model,
+  tokenizer,
+  variables: dict,
+  rng: jax.Array,
+  image: np.ndarray,
+  pixel_mask: np.ndarray,
+  *,
+  num_samples: int = 4,
+  num_steps: int = sampling.DEFAULT_NUM_STEPS,
+  temperature: float = sampling.DEFAULT_TEMPERATURE,
+  ring: int = 1,
+  mesh: Mesh | None = None,
+) -> EditResult:
   """Regenerates the masked region of one image `num_samples` times (one jitted call).
 
   Args:
@@ -289,16 +318,18 @@ def edit_image(model, tokenizer, variables: dict, rng: jax.Array, image: np.ndar
   res = tokenizer.config.resolution
   image = np.asarray(image)
   if image.shape != (res, res, 3):
-    raise ValueError(f"edit_image: image must be [{res}, {res}, 3] (the tokenizer's resolution), got "
-                     f"{image.shape}; use load_image")
+    raise ValueError(
+      f"edit_image: image must be [{res}, {res}, 3] (the tokenizer's resolution), got {image.shape}; use load_image"
+    )
   pixel_mask = np.asarray(pixel_mask, dtype=bool)
   if pixel_mask.shape != (res, res):
     raise ValueError(f"edit_image: pixel_mask must be bool[{res}, {res}], got {pixel_mask.shape}")
   if not pixel_mask.any():
     raise ValueError("edit_image: pixel_mask selects no pixel; nothing to edit")
   if num_samples < 1 or num_steps < 1 or ring < 0:
-    raise ValueError(f"edit_image: need num_samples >= 1, num_steps >= 1, ring >= 0; got {num_samples}, "
-                     f"{num_steps}, {ring}")
+    raise ValueError(
+      f"edit_image: need num_samples >= 1, num_steps >= 1, ring >= 0; got {num_samples}, {num_steps}, {ring}"
+    )
   if mesh is not None and num_samples % mesh.size:
     raise ValueError(f"edit_image: num_samples={num_samples} must be a multiple of the mesh size {mesh.size}")
   if image.dtype == np.uint8:
@@ -308,7 +339,7 @@ def edit_image(model, tokenizer, variables: dict, rng: jax.Array, image: np.ndar
     image = image.astype(np.float32)
     masked_u8 = image_io.to_uint8(np.where(pixel_mask[..., None], 0.0, image))
   fn = _edit_fn(model, tokenizer, num_samples, num_steps, ring, mesh)
-  ids, token_mask, sample_ids, samples = jax.device_get(fn(
-      variables["model"], variables["tokenizer"], rng, image, pixel_mask, np.float32(temperature)))
-  return EditResult(np.asarray(ids), np.asarray(token_mask), np.asarray(sample_ids), masked_u8,
-                    np.asarray(samples))
+  ids, token_mask, sample_ids, samples = jax.device_get(
+    fn(variables["model"], variables["tokenizer"], rng, image, pixel_mask, np.float32(temperature))
+  )
+  return EditResult(np.asarray(ids), np.asarray(token_mask), np.asarray(sample_ids), masked_u8, np.asarray(samples))

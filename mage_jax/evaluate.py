@@ -19,8 +19,12 @@ from ml_collections import config_flags
 from mage_jax import runtime
 from mage_jax.jobs import evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config: a python file in configs/ [:args] "
-                                          "(e.g. configs/eval_fashion_mnist.py).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "Eval config: a python file in configs/ [:args] (e.g. configs/eval_fashion_mnist.py).",
+  lock_config=True,
+)
 _PARAMS = flags.DEFINE_string("params", None, "Params-only checkpoint directory to evaluate.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (results.json, caches, checkpoints).")
 _DISTRIBUTED = runtime.define_distributed_flags()
@@ -31,8 +35,10 @@ def main(argv):
   runtime.no_positional_arguments(argv)
   config = runtime.config_value(_CONFIG)
   if "evals" not in config:
-    raise runtime.UsageError(f"--config={flags.FLAGS['config'].config_filename} is not an eval config (it has no "
-                             "'evals'); training configs run with python -m mage_jax.main")
+    raise runtime.UsageError(
+      f"--config={flags.FLAGS['config'].config_filename} is not an eval config (it has no "
+      "'evals'); training configs run with python -m mage_jax.main"
+    )
   runtime.start(_DISTRIBUTED)
   out = evaluate.run(config, _PARAMS.value, _WORKDIR.value)
   if jax.process_index() == 0:

@@ -19,13 +19,19 @@ from absl import flags
 from mage_jax import params_io, runtime
 from mage_jax.convert import convert, to_torch
 
-_FORMAT = flags.DEFINE_enum("format", None, to_torch.FORMATS,
-                            "File format; default: 'safetensors' when OUT ends in .safetensors, else 'pth'.")
-_KIND = flags.DEFINE_enum("kind", None, ["mage", "vit", "tokenizer"],
-                          "Layout to write; default: the kind of the params directory.")
-_VIT_IMG_SIZE = flags.DEFINE_integer("vit_img_size", to_torch.DEFAULT_VIT_IMG_SIZE,
-                                     "Image size of the official ViT module (sets the shape of its unused "
-                                     "pos_embed when the params directory does not hold it).", lower_bound=1)
+_FORMAT = flags.DEFINE_enum(
+  "format", None, to_torch.FORMATS, "File format; default: 'safetensors' when OUT ends in .safetensors, else 'pth'."
+)
+_KIND = flags.DEFINE_enum(
+  "kind", None, ["mage", "vit", "tokenizer"], "Layout to write; default: the kind of the params directory."
+)
+_VIT_IMG_SIZE = flags.DEFINE_integer(
+  "vit_img_size",
+  to_torch.DEFAULT_VIT_IMG_SIZE,
+  "Image size of the official ViT module (sets the shape of its unused "
+  "pos_embed when the params directory does not hold it).",
+  lower_bound=1,
+)
 _FORCE = flags.DEFINE_bool("force", False, "Overwrite OUT if it exists.")
 
 
@@ -46,8 +52,10 @@ def _check_out(params_dir: str, out: str, force: bool) -> None:
   except (convert.CheckpointError, OSError):
     meta = None
   if meta is None:
-    raise runtime.UsageError(f"{out} was not written by mage_jax.export (no embedded '{convert.META_KEY}' meta); "
-                             "--force replaces only such files: choose another OUT")
+    raise runtime.UsageError(
+      f"{out} was not written by mage_jax.export (no embedded '{convert.META_KEY}' meta); "
+      "--force replaces only such files: choose another OUT"
+    )
 
 
 def main(argv: list[str]) -> None:

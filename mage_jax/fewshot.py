@@ -63,13 +63,11 @@ def _check_feats(feats, labels, name: str) -> np.ndarray:
   if feats.ndim != 2:
     raise ValueError(f"{name} must be [n, d], got shape {feats.shape}")
   if feats.shape[0] != labels.shape[0]:
-    raise ValueError(f"{name} has {feats.shape[0]} rows but its labels have "
-                     f"{labels.shape[0]}")
+    raise ValueError(f"{name} has {feats.shape[0]} rows but its labels have {labels.shape[0]}")
   return feats
 
 
-def sample_support(labels, shots: int, seed: Seed,
-                   num_classes: int | None = None) -> np.ndarray:
+def sample_support(labels, shots: int, seed: Seed, num_classes: int | None = None) -> np.ndarray:
   """Class-balanced support-set indices, reproducible from `seed`.
 
   Args:
@@ -95,8 +93,7 @@ def sample_support(labels, shots: int, seed: Seed,
     classes = np.unique(labels)
   else:
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-      raise ValueError(f"labels must be in [0, {num_classes}), got range "
-                       f"[{labels.min()}, {labels.max()}]")
+      raise ValueError(f"labels must be in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
     classes = np.arange(num_classes)
   if classes.size == 0:
     raise ValueError("labels is empty: no class to sample from")
@@ -109,8 +106,7 @@ def sample_support(labels, shots: int, seed: Seed,
   short = np.flatnonzero(counts < shots)
   if short.size:
     detail = ", ".join(f"class {classes[i]}: {counts[i]}" for i in short[:10])
-    raise ValueError(f"{short.size} class(es) have fewer than shots={shots} "
-                     f"examples ({detail})")
+    raise ValueError(f"{short.size} class(es) have fewer than shots={shots} examples ({detail})")
   rng = np.random.default_rng(seed)
   picks = [rng.permutation(order[s:e])[:shots] for s, e in zip(starts, ends)]
   return np.concatenate(picks).astype(np.int64)
@@ -159,8 +155,7 @@ def predict_ridge(model: dict, x) -> np.ndarray:
   x = np.asarray(x)
   out = []
   for i in range(0, x.shape[0], _PREDICT_CHUNK):
-    xc = (np.asarray(x[i:i + _PREDICT_CHUNK], np.float64) - model["mean"]
-         ) / model["std"]
+    xc = (np.asarray(x[i : i + _PREDICT_CHUNK], np.float64) - model["mean"]) / model["std"]
     out.append(np.argmax(_pad_bias(xc) @ model["w"], axis=1))
   return np.concatenate(out) if out else np.zeros((0,), np.int64)
 
@@ -183,8 +178,7 @@ def _lbfgs_logreg(x, y, lam, tol, *, num_classes: int, max_iter: int):
 
   def objective(w):
     logp = jax.nn.log_softmax(x @ w, axis=-1)
-    return -jnp.mean(jnp.sum(onehot * logp, axis=-1)) + 0.5 * lam * jnp.sum(
-        w * w)
+    return -jnp.mean(jnp.sum(onehot * logp, axis=-1)) + 0.5 * lam * jnp.sum(w * w)
 
   opt = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(objective)
@@ -192,8 +186,7 @@ def _lbfgs_logreg(x, y, lam, tol, *, num_classes: int, max_iter: int):
   def step(carry):
     w, state = carry
     value, grad = value_and_grad(w, state=state)
-    updates, state = opt.update(grad, state, w, value=value, grad=grad,
-                                value_fn=objective)
+    updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=objective)
     return optax.apply_updates(w, updates), state
 
   def keep_going(carry):
@@ -207,8 +200,7 @@ def _lbfgs_logreg(x, y, lam, tol, *, num_classes: int, max_iter: int):
   return w, optax.tree.get(state, "count")
 
 
-def fit_logreg(x, y, num_classes: int, lambd: float = LOGREG_LAMBDA,
-               max_iter: int = 500, tol: float = 1e-5) -> dict:
+def fit_logreg(x, y, num_classes: int, lambd: float = LOGREG_LAMBDA, max_iter: int = 500, tol: float = 1e-5) -> dict:
   """L2-regularised multinomial logistic regression (no intercept).
 
   Args:
@@ -226,9 +218,14 @@ def fit_logreg(x, y, num_classes: int, lambd: float = LOGREG_LAMBDA,
   if lambd <= 0:
     raise ValueError(f"lambd must be > 0, got {lambd}")
   x = _row_normalize(x)
-  w, it = _lbfgs_logreg(x, jnp.asarray(y, jnp.int32),
-                        jnp.float32(lambd / x.shape[0]), jnp.float32(tol),
-                        num_classes=num_classes, max_iter=max_iter)
+  w, it = _lbfgs_logreg(
+    x,
+    jnp.asarray(y, jnp.int32),
+    jnp.float32(lambd / x.shape[0]),
+    jnp.float32(tol),
+    num_classes=num_classes,
+    max_iter=max_iter,
+  )
   return {"w": np.asarray(w), "iterations": int(it)}
 
 
@@ -236,11 +233,11 @@ def predict_logreg(model: dict, x) -> np.ndarray:
   """Class indices [n] (int64) for features x [n, d] under `fit_logreg`."""
   x = np.asarray(x)
   w = jnp.asarray(model["w"])
-  out = [np.asarray(jnp.argmax(_row_normalize(x[i:i + _PREDICT_CHUNK]) @ w,
-                               axis=1))
-         for i in range(0, x.shape[0], _PREDICT_CHUNK)]
-  return (np.concatenate(out) if out else np.zeros((0,), np.int64)).astype(
-      np.int64)
+  out = [
+    np.asarray(jnp.argmax(_row_normalize(x[i : i + _PREDICT_CHUNK]) @ w, axis=1))
+    for i in range(0, x.shape[0], _PREDICT_CHUNK)
+  ]
+  return (np.concatenate(out) if out else np.zeros((0,), np.int64)).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------
@@ -248,11 +245,17 @@ def predict_logreg(model: dict, x) -> np.ndarray:
 
 
 def evaluate_fewshot(
-    train_feats, train_labels, test_feats, test_labels,
-    shots: Sequence[int] = (1, 2, 5, 10), trials: int = 5, seed: int = 0,
-    classifier: Literal["ridge", "logreg"] = "ridge",
-    l2_reg: float | None = None,
-    num_classes: int | None = None) -> dict[int, tuple[float, float]]:
+  train_feats,
+  train_labels,
+  test_feats,
+  test_labels,
+  shots: Sequence[int] = (1, 2, 5, 10),
+  trials: int = 5,
+  seed: int = 0,
+  classifier: Literal["ridge", "logreg"] = "ridge",
+  l2_reg: float | None = None,
+  num_classes: int | None = None,
+) -> dict[int, tuple[float, float]]:
   """Few-shot top-1 accuracy, averaged over `trials` support draws.
 
   Trial `t` draws its support with `sample_support(..., seed=(seed, t))`, the
@@ -280,24 +283,22 @@ def evaluate_fewshot(
   train_feats = _check_feats(train_feats, train_labels, "train_feats")
   test_feats = _check_feats(test_feats, test_labels, "test_feats")
   if train_feats.shape[1] != test_feats.shape[1]:
-    raise ValueError(f"feature dims differ: train {train_feats.shape[1]}, "
-                     f"test {test_feats.shape[1]}")
+    raise ValueError(f"feature dims differ: train {train_feats.shape[1]}, test {test_feats.shape[1]}")
   if classifier not in ("ridge", "logreg"):
-    raise ValueError(f"classifier must be 'ridge' or 'logreg', got "
-                     f"{classifier!r}")
+    raise ValueError(f"classifier must be 'ridge' or 'logreg', got {classifier!r}")
   if trials < 1:
     raise ValueError(f"trials must be >= 1, got {trials}")
   if test_labels.size == 0:
     raise ValueError("test set is empty")
-  classes = (np.arange(num_classes) if num_classes is not None
-             else np.unique(train_labels))
+  classes = np.arange(num_classes) if num_classes is not None else np.unique(train_labels)
   test_idx = np.searchsorted(classes, test_labels)
-  bad = (test_idx >= classes.size) | (
-      classes[np.minimum(test_idx, classes.size - 1)] != test_labels)
+  bad = (test_idx >= classes.size) | (classes[np.minimum(test_idx, classes.size - 1)] != test_labels)
   if bad.any():
-    raise ValueError(f"{int(bad.sum())} test labels are not among the "
-                     f"{classes.size} train classes, e.g. "
-                     f"{test_labels[bad][:5].tolist()}")
+    raise ValueError(
+      f"{int(bad.sum())} test labels are not among the "
+      f"{classes.size} train classes, e.g. "
+      f"{test_labels[bad][:5].tolist()}"
+    )
   c = classes.size
 
   if classifier == "ridge":

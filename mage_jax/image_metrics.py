@@ -39,7 +39,7 @@ def psnr(x: jax.Array, y: jax.Array, max_val: float = 1.0) -> jax.Array:
   _check_pair(x, y, "psnr")
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
   mse = jnp.mean(jnp.square(x - y), axis=(1, 2, 3))
-  return 10.0 * jnp.log10(max_val ** 2 / jnp.maximum(mse, MSE_FLOOR))
+  return 10.0 * jnp.log10(max_val**2 / jnp.maximum(mse, MSE_FLOOR))
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
@@ -47,7 +47,7 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
   if size < 1 or sigma <= 0:
     raise ValueError(f"gaussian window needs size >= 1 and sigma > 0, got size={size}, sigma={sigma}")
   t = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
-  g = np.exp(-t ** 2 / (2.0 * sigma ** 2))
+  g = np.exp(-(t**2) / (2.0 * sigma**2))
   return g / g.sum()
 
 
@@ -56,7 +56,7 @@ def _valid_filter_matrix(n: int, taps: np.ndarray) -> np.ndarray:
   k = taps.shape[0]
   m = np.zeros((n - k + 1, n), np.float64)
   for i in range(n - k + 1):
-    m[i, i:i + k] = taps
+    m[i, i : i + k] = taps
   return m
 
 
@@ -73,8 +73,15 @@ def _filter_valid(x: jax.Array, taps: np.ndarray) -> jax.Array:
   return jnp.einsum("pw,bowc->bopc", mw, x, precision=hi)
 
 
-def ssim(x: jax.Array, y: jax.Array, max_val: float = 1.0, filter_size: int = 11,
-         filter_sigma: float = 1.5, k1: float = SSIM_K1, k2: float = SSIM_K2) -> jax.Array:
+def ssim(
+  x: jax.Array,
+  y: jax.Array,
+  max_val: float = 1.0,
+  filter_size: int = 11,
+  filter_sigma: float = 1.5,
+  k1: float = SSIM_K1,
+  k2: float = SSIM_K2,
+) -> jax.Array:
   """Per-image SSIM (module docstring).
 
   Args:
@@ -84,17 +91,16 @@ def ssim(x: jax.Array, y: jax.Array, max_val: float = 1.0, filter_size: int = 11
   """
   _check_pair(x, y, "ssim")
   if min(x.shape[1:3]) < filter_size:
-    raise ValueError(f"ssim with an {filter_size}x{filter_size} window needs images at least that large, "
-                     f"got {x.shape}")
+    raise ValueError(f"ssim with an {filter_size}x{filter_size} window needs images at least that large, got {x.shape}")
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
   taps = gaussian_window(filter_size, filter_sigma)
   c1, c2 = (k1 * max_val) ** 2, (k2 * max_val) ** 2
   mu_x, mu_y = _filter_valid(x, taps), _filter_valid(y, taps)
   # Second moments as E[xy] − E[x]E[y] (biased, no sample-covariance correction), as Wang et al.
-  var_x = _filter_valid(x * x, taps) - mu_x ** 2
-  var_y = _filter_valid(y * y, taps) - mu_y ** 2
+  var_x = _filter_valid(x * x, taps) - mu_x**2
+  var_y = _filter_valid(y * y, taps) - mu_y**2
   cov = _filter_valid(x * y, taps) - mu_x * mu_y
-  luminance = (2.0 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1)
+  luminance = (2.0 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
   contrast_structure = (2.0 * cov + c2) / (var_x + var_y + c2)
   return jnp.mean(luminance * contrast_structure, axis=(1, 2, 3))
 

@@ -68,6 +68,7 @@ class PixelBudgetError(ImageError):
 # ----------------------------------------------------------------------------------------------------
 # Reading.
 
+
 def default_max_pixels() -> int:
   """The pixel budget: `$MAGE_JAX_MAX_IMAGE_PIXELS` when set, else `DEFAULT_MAX_PIXELS`."""
   text = os.environ.get(MAX_PIXELS_ENV)
@@ -94,8 +95,10 @@ def _budget(max_pixels: int | None) -> int:
 
 
 def _budget_message(name: str, width: int, height: int, budget: int) -> str:
-  return (f"{name}: {width}x{height} = {width * height / 1e6:.1f} Mpx is above the pixel budget of "
-          f"{budget / 1e6:.1f} Mpx (raise it with {MAX_PIXELS_ENV}=N or max_pixels=N)")
+  return (
+    f"{name}: {width}x{height} = {width * height / 1e6:.1f} Mpx is above the pixel budget of "
+    f"{budget / 1e6:.1f} Mpx (raise it with {MAX_PIXELS_ENV}=N or max_pixels=N)"
+  )
 
 
 def _open(source: str | os.PathLike | bytes, name: str, budget: int) -> Image.Image:
@@ -111,8 +114,9 @@ def _open(source: str | os.PathLike | bytes, name: str, budget: int) -> Image.Im
   try:
     im = Image.open(fp)
   except Image.DecompressionBombError as e:  # only when PIL's limit is below ours: still ours to report
-    raise PixelBudgetError(f"{name}: {e} (pixel budget {budget / 1e6:.1f} Mpx; raise it with "
-                           f"{MAX_PIXELS_ENV}=N or max_pixels=N)") from e
+    raise PixelBudgetError(
+      f"{name}: {e} (pixel budget {budget / 1e6:.1f} Mpx; raise it with {MAX_PIXELS_ENV}=N or max_pixels=N)"
+    ) from e
   except Image.UnidentifiedImageError as e:
     raise ImageError(f"{name}: not an image file (no image format recognised)") from e
   except Exception as e:  # pylint: disable=broad-except
@@ -130,8 +134,9 @@ def _name(source: str | os.PathLike | bytes, name: str | None) -> str:
   return "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
 
 
-def read_size(source: str | os.PathLike | bytes, *, name: str | None = None,
-              max_pixels: int | None = None) -> tuple[int, int]:
+def read_size(
+  source: str | os.PathLike | bytes, *, name: str | None = None, max_pixels: int | None = None
+) -> tuple[int, int]:
   """(height, width) from the header alone; the same checks as `read_image` short of decoding."""
   name = _name(source, name)
   with _open(source, name, _budget(max_pixels)) as im:
@@ -172,15 +177,19 @@ def _gray_to_8bit(im: Image.Image, name: str) -> tuple[np.ndarray, np.ndarray]:
   if mode == "I":
     lo, hi = int(raw.min()), int(raw.max())
     if lo < 0 or hi > 65535:
-      raise ImageError(f"{name}: 32-bit integer image with values in [{lo}, {hi}]; only 16-bit values "
-                       "[0, 65535] have a defined mapping to 8 bits")
+      raise ImageError(
+        f"{name}: 32-bit integer image with values in [{lo}, {hi}]; only 16-bit values "
+        "[0, 65535] have a defined mapping to 8 bits"
+      )
     return (raw.astype(np.uint32) >> 8).astype(np.uint8), raw
   # mode "F"
   finite = np.isfinite(raw)
   lo, hi = (float(raw[finite].min()), float(raw[finite].max())) if finite.any() else (math.nan, math.nan)
   if not finite.all() or lo < 0.0 or hi > 1.0:
-    raise ImageError(f"{name}: float image with values in [{lo:g}, {hi:g}]"
-                     f"{'' if finite.all() else ' and NaN/inf'}; expected values in [0, 1]")
+    raise ImageError(
+      f"{name}: float image with values in [{lo:g}, {hi:g}]"
+      f"{'' if finite.all() else ' and NaN/inf'}; expected values in [0, 1]"
+    )
   return np.rint(raw.astype(np.float64) * 255.0).astype(np.uint8), raw
 
 
@@ -207,8 +216,9 @@ def _decode_rgb(im: Image.Image, name: str) -> np.ndarray:
     raise ImageError(f"{name}: unsupported image mode {im.mode} ({e})") from e
 
 
-def read_image(source: str | os.PathLike | bytes, *, name: str | None = None,
-               max_pixels: int | None = None) -> np.ndarray:
+def read_image(
+  source: str | os.PathLike | bytes, *, name: str | None = None, max_pixels: int | None = None
+) -> np.ndarray:
   """Reads one image file (or its encoded bytes) as RGB by the rules of the module docstring.
 
   Args:
@@ -253,8 +263,10 @@ def require_one_size(sizes: Iterable[tuple[str, tuple[int, ...]]], what: str, hi
     first.setdefault(size, name)
     count[size] += 1
   if len(first) > 1:
-    parts = [f"{'x'.join(map(str, s))} ({first[s]}" + (f" and {count[s] - 1} more)" if count[s] > 1 else ")")
-             for s in sorted(first, key=lambda s: (-count[s], s))]
+    parts = [
+      f"{'x'.join(map(str, s))} ({first[s]}" + (f" and {count[s] - 1} more)" if count[s] > 1 else ")")
+      for s in sorted(first, key=lambda s: (-count[s], s))
+    ]
     shown = "; ".join(parts[:4]) + (f"; and {len(parts) - 4} more sizes" if len(parts) > 4 else "")
     raise ImageError(f"{what}: images differ in size (height x width): {shown}. {hint}")
   if not first:
@@ -264,6 +276,7 @@ def require_one_size(sizes: Iterable[tuple[str, tuple[int, ...]]], what: str, hi
 
 # ----------------------------------------------------------------------------------------------------
 # Listing.
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageListing:
@@ -279,6 +292,7 @@ class ImageListing:
     above: links to a folder that holds the dataset (its parent, `/`, ...), not followed: through one, the
       walk would list the dataset again under another class, and everything beside it.
   """
+
   groups: tuple[tuple[str, ...], ...]
   ignored: int
   repeats: int
@@ -343,13 +357,14 @@ def list_images(*roots: str, within: str | None = None) -> ImageListing:
   groups = []
   for root, real in zip(roots, real_roots):
     found: list[str] = []
-    if real in real_roots[:len(groups)]:  # the same folder twice (a class folder linking to another)
+    if real in real_roots[: len(groups)]:  # the same folder twice (a class folder linking to another)
       walk.counts["repeats"] += 1
     else:
       walk.run(root, found)
     groups.append(tuple(found))
-  return ImageListing(tuple(groups), walk.counts["ignored"], walk.counts["repeats"], tuple(walk.unreadable),
-                      walk.counts["above"])
+  return ImageListing(
+    tuple(groups), walk.counts["ignored"], walk.counts["repeats"], tuple(walk.unreadable), walk.counts["above"]
+  )
 
 
 class _Walk:
@@ -427,6 +442,7 @@ class _Walk:
 # ----------------------------------------------------------------------------------------------------
 # Writing.
 
+
 def to_uint8(x):
   """Float images in [0, 1] -> uint8 by `clip(x * 255, 0, 255)` and truncation.
 
@@ -497,7 +513,7 @@ def make_grid(images: np.ndarray, cols: int = 8, pad: int = 0, pad_value: int = 
   for i in range(n):
     r, q = divmod(i, cols)
     top, left = pad + r * (h + pad), pad + q * (w + pad)
-    grid[top:top + h, left:left + w] = images[i]
+    grid[top : top + h, left : left + w] = images[i]
   return grid
 
 

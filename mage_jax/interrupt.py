@@ -23,8 +23,13 @@ _SA_RESETHAND = ctypes.c_int(0x80000000).value  # <asm-generic/signal-defs.h>
 
 class _SigAction(ctypes.Structure):
   """glibc's `struct sigaction` on Linux (x86-64 and aarch64)."""
-  _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16), ("flags", ctypes.c_int),
-              ("restorer", ctypes.c_void_p)]
+
+  _fields_ = [
+    ("handler", ctypes.c_void_p),
+    ("mask", ctypes.c_ulong * 16),
+    ("flags", ctypes.c_int),
+    ("restorer", ctypes.c_void_p),
+  ]
 
 
 def reset_when_delivered(signum: int) -> None:

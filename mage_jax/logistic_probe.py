@@ -31,14 +31,22 @@ def _standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
   mean = train.mean(axis=0, dtype=np.float64)
   std = train.std(axis=0, dtype=np.float64)
   scale = np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 0.0)
-  return [np.concatenate([((x - mean) * scale).astype(np.float32), np.ones((len(x), 1), np.float32)], axis=1)
-          for x in (train, *others)]
+  return [
+    np.concatenate([((x - mean) * scale).astype(np.float32), np.ones((len(x), 1), np.float32)], axis=1)
+    for x in (train, *others)
+  ]
 
 
 def _fit(x, y, num_classes: int, l2: float, max_iter: int, tol: float) -> tuple[np.ndarray, int]:
   # pylint: disable=protected-access
-  w, iterations = fewshot._lbfgs_logreg(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.float32(l2),
-                                        jnp.float32(tol), num_classes=num_classes, max_iter=max_iter)
+  w, iterations = fewshot._lbfgs_logreg(
+    jnp.asarray(x),
+    jnp.asarray(y, jnp.int32),
+    jnp.float32(l2),
+    jnp.float32(tol),
+    num_classes=num_classes,
+    max_iter=max_iter,
+  )
   return np.asarray(w), int(iterations)
 
 
@@ -46,8 +54,20 @@ def _accuracy(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
   return float(np.mean(np.argmax(x @ w, axis=1) == y))
 
 
-def evaluate(train_x, train_y, test_x, test_y, *, num_classes: int, l2_grid=L2_GRID, val_fraction: float = 0.1,
-             search_examples: int = 10000, seed: int = 0, max_iter: int = 300, tol: float = 1e-3) -> dict:
+def evaluate(
+  train_x,
+  train_y,
+  test_x,
+  test_y,
+  *,
+  num_classes: int,
+  l2_grid=L2_GRID,
+  val_fraction: float = 0.1,
+  search_examples: int = 10000,
+  seed: int = 0,
+  max_iter: int = 300,
+  tol: float = 1e-3,
+) -> dict:
   """Test top-1 of the probe fitted on all of `train` with the l2 that did best on a validation slice of it.
 
   Returns:
@@ -73,5 +93,11 @@ def evaluate(train_x, train_y, test_x, test_y, *, num_classes: int, l2_grid=L2_G
   best = max(l2_grid, key=lambda l2: (val_top1[l2], l2))  # ties: the stronger regularisation
   x_train, x_test = _standardize(train_x, test_x)
   w, iterations = _fit(x_train, train_y, num_classes, best, max_iter, tol)
-  return {"top1": _accuracy(w, x_test, test_y), "l2": best, "val_top1": {str(k): v for k, v in val_top1.items()},
-          "iterations": iterations, "train_examples": int(len(train_x)), "seconds": time.time() - start}
+  return {
+    "top1": _accuracy(w, x_test, test_y),
+    "l2": best,
+    "val_top1": {str(k): v for k, v in val_top1.items()},
+    "iterations": iterations,
+    "train_examples": int(len(train_x)),
+    "seconds": time.time() - start,
+  }

@@ -17,8 +17,12 @@ from ml_collections import config_flags
 from mage_jax import config_ranges, runtime
 from mage_jax.jobs import MODES, run_mode
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: a python file in configs/ [:args] "
-                                          "(e.g. configs/fashion_mnist_tiny.py:steps=200).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "Training config: a python file in configs/ [:args] (e.g. configs/fashion_mnist_tiny.py:steps=200).",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and exports.")
 _DISTRIBUTED = runtime.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
@@ -28,8 +32,11 @@ def main(argv):
   runtime.no_positional_arguments(argv)
   config = runtime.config_value(_CONFIG)
   if "mode" not in config:
-    hint = ("it is an evaluation config: run python -m mage_jax.evaluate --params=DIR --config=... --workdir=..."
-            if "evals" in config else f"it sets no config.mode ({', '.join(MODES)})")
+    hint = (
+      "it is an evaluation config: run python -m mage_jax.evaluate --params=DIR --config=... --workdir=..."
+      if "evals" in config
+      else f"it sets no config.mode ({', '.join(MODES)})"
+    )
     raise runtime.UsageError(f"--config={flags.FLAGS['config'].config_filename} is not a training config: {hint}")
   if config.mode not in MODES:
     raise runtime.UsageError(f"unknown config.mode {config.mode!r}; expected one of {', '.join(MODES)}")

@@ -25,6 +25,7 @@ class MaskPlan:
     keep_idx: int32 [B, 1 + N − n_drop], positions in the class-slot-prefixed sequence (0 = class slot) that
       the encoder sees, in their original order.
   """
+
   masked: jax.Array
   dropped: jax.Array
   keep_idx: jax.Array
@@ -56,8 +57,9 @@ def plan_from_masks(dropped, masked, n_drop: int) -> MaskPlan:
   return MaskPlan(masked=masked, dropped=dropped, keep_idx=keep_idx)
 
 
-def sample_plan(rng, batch_size: int, num_tokens: int, *, min_ratio=0.5, max_ratio=1.0, mu=0.55, std=0.25,
-                drop_ratio=0.5) -> tuple[MaskPlan, jax.Array]:
+def sample_plan(
+  rng, batch_size: int, num_tokens: int, *, min_ratio=0.5, max_ratio=1.0, mu=0.55, std=0.25, drop_ratio=0.5
+) -> tuple[MaskPlan, jax.Array]:
   """Draws one ratio for the batch and a random token order per sample.
 
   Returns:

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class MixupConfig:
   """timm `Mixup` arguments used by the MAGE/MAE fine-tuning recipe."""
+
   mixup_alpha: float = 0.8
   cutmix_alpha: float = 1.0
   prob: float = 1.0
@@ -49,22 +50,18 @@ class MixupConfig:
     if self.mode != "batch":
       raise ValueError(f"only mode='batch' is implemented, got {self.mode!r}")
     if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-      raise ValueError("mixup_alpha and cutmix_alpha must be >= 0, got "
-                       f"{self.mixup_alpha}, {self.cutmix_alpha}")
+      raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {self.mixup_alpha}, {self.cutmix_alpha}")
     if self.mixup_alpha == 0 and self.cutmix_alpha == 0:
       raise ValueError("one of mixup_alpha, cutmix_alpha must be > 0")
     if not 0 <= self.prob <= 1 or not 0 <= self.switch_prob <= 1:
-      raise ValueError(f"prob and switch_prob must be in [0, 1], got "
-                       f"{self.prob}, {self.switch_prob}")
+      raise ValueError(f"prob and switch_prob must be in [0, 1], got {self.prob}, {self.switch_prob}")
     if not 0 <= self.label_smoothing < 1:
-      raise ValueError(f"label_smoothing must be in [0, 1), got "
-                       f"{self.label_smoothing}")
+      raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
     if self.num_classes < 1:
       raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
 
 
-def smooth_one_hot(labels: jax.Array, num_classes: int,
-                   smoothing: float) -> jax.Array:
+def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
   """timm one_hot with `off = smoothing / C`, `on = 1 - smoothing + off`.
 
   Args:
@@ -77,20 +74,17 @@ def smooth_one_hot(labels: jax.Array, num_classes: int,
   """
   off = smoothing / num_classes
   on = 1.0 - smoothing + off
-  return jnp.where(jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_), on,
-                   off).astype(jnp.float32)
+  return jnp.where(jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_), on, off).astype(jnp.float32)
 
 
-def mixup_target(labels: jax.Array, num_classes: int, lam: jax.Array,
-                 smoothing: float = 0.0) -> jax.Array:
+def mixup_target(labels: jax.Array, num_classes: int, lam: jax.Array, smoothing: float = 0.0) -> jax.Array:
   """`lam * smooth(y) + (1 - lam) * smooth(flip(y))`: [b, C] float32."""
   y1 = smooth_one_hot(labels, num_classes, smoothing)
   y2 = smooth_one_hot(labels[::-1], num_classes, smoothing)
   return lam * y1 + (1.0 - lam) * y2
 
 
-def rand_bbox(key: jax.Array, height: int, width: int,
-              lam: jax.Array) -> tuple[jax.Array, ...]:
+def rand_bbox(key: jax.Array, height: int, width: int, lam: jax.Array) -> tuple[jax.Array, ...]:
   """timm `rand_bbox` (margin 0): (y_lo, y_hi, x_lo, x_hi) int32 scalars."""
   ratio = jnp.sqrt(1.0 - lam)
   cut_h = jnp.floor(height * ratio).astype(jnp.int32)
@@ -145,12 +139,12 @@ def _mix_group(key, images, labels, lam, use_cutmix, cfg: MixupConfig):
   mixed = jnp.where(use_cutmix, cut, blend)
   lam = jnp.where(use_cutmix, lam_cut, lam)
   targets = mixup_target(labels, cfg.num_classes, lam, cfg.label_smoothing)
-  return mixed, targets, {"lam": lam, "use_cutmix": use_cutmix,
-                          "box": jnp.stack(box)}
+  return mixed, targets, {"lam": lam, "use_cutmix": use_cutmix, "box": jnp.stack(box)}
 
 
-def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array,
-              cfg: MixupConfig = MixupConfig(), num_groups: int = 1):
+def mix_batch(
+  key: jax.Array, images: jax.Array, labels: jax.Array, cfg: MixupConfig = MixupConfig(), num_groups: int = 1
+):
   """Applies timm batch-mode Mixup/CutMix and builds smoothed soft targets.
 
   Args:
@@ -178,22 +172,21 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array,
   if labels.shape != (b,):
     raise ValueError(f"labels must have shape ({b},), got {labels.shape}")
   if num_groups < 1 or b % num_groups or (b // num_groups) % 2:
-    raise ValueError(f"batch {b} must split into num_groups={num_groups} "
-                     "groups of even size")
+    raise ValueError(f"batch {b} must split into num_groups={num_groups} groups of even size")
   g = num_groups
   k_draw, k_box = jax.random.split(key)
   lam, use_cutmix = _draw(k_draw, cfg, g)
-  mixed, targets, aux = jax.vmap(
-      lambda k, x, y, lam_g, c: _mix_group(k, x, y, lam_g, c, cfg))(
-          jax.random.split(k_box, g),
-          images.reshape((g, b // g) + images.shape[1:]),
-          labels.reshape(g, b // g), lam, use_cutmix)
-  return (mixed.reshape(images.shape), targets.reshape(b, cfg.num_classes),
-          aux)
+  mixed, targets, aux = jax.vmap(lambda k, x, y, lam_g, c: _mix_group(k, x, y, lam_g, c, cfg))(
+    jax.random.split(k_box, g),
+    images.reshape((g, b // g) + images.shape[1:]),
+    labels.reshape(g, b // g),
+    lam,
+    use_cutmix,
+  )
+  return (mixed.reshape(images.shape), targets.reshape(b, cfg.num_classes), aux)
 
 
-def soft_target_cross_entropy(logits: jax.Array,
-                              targets: jax.Array) -> jax.Array:
+def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """timm `SoftTargetCrossEntropy`: mean over the batch of -sum(t log p).
 
   Args:

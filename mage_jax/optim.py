@@ -60,9 +60,7 @@ def scaled_lr(blr: float, global_batch: int) -> float:
   return blr * global_batch / 256
 
 
-def warmup_cosine_schedule(base_lr: float, total_steps: int,
-                           warmup_steps: int,
-                           min_lr: float = 0.0) -> optax.Schedule:
+def warmup_cosine_schedule(base_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> optax.Schedule:
   """Linear warm-up from 0, then half-cycle cosine from `base_lr` to `min_lr`.
 
   For `step < warmup_steps`: `base_lr * step / warmup_steps`; afterwards
@@ -90,8 +88,7 @@ def warmup_cosine_schedule(base_lr: float, total_steps: int,
   if total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {total_steps}")
   if not 0 <= warmup_steps <= total_steps:
-    raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}],"
-                     f" got {warmup_steps}")
+    raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
   warmup = float(warmup_steps)
   decay_span = float(max(total_steps - warmup_steps, 1))
 
@@ -102,8 +99,7 @@ def warmup_cosine_schedule(base_lr: float, total_steps: int,
     # integer step count: float32 1 + cos(.) cancels near the end of the decay (relative error 2.8e-4 at the
     # last of 300 steps); this form stays within 1e-6 of the float64 reference at every step.
     remaining = jnp.clip((total_steps - step) / decay_span, 0.0, 1.0)
-    cosine = min_lr + (base_lr - min_lr) * jnp.square(
-        jnp.sin(0.5 * math.pi * remaining))
+    cosine = min_lr + (base_lr - min_lr) * jnp.square(jnp.sin(0.5 * math.pi * remaining))
     return jnp.where(step < warmup, warm, cosine)
 
   return schedule
@@ -114,8 +110,7 @@ def warmup_cosine_schedule(base_lr: float, total_steps: int,
 
 
 def _dict_keys(path) -> tuple[str, ...]:
-  return tuple(str(k.key) for k in path
-               if isinstance(k, jax.tree_util.DictKey))
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def path_str(path) -> str:
@@ -132,9 +127,9 @@ def _is_scanned(names: tuple[str, ...], scanned_keys: Iterable[str]) -> bool:
   return any(n in scanned_keys for n in names)
 
 
-def weight_decay_mask(params: PyTree, *,
-                      no_decay_names: Iterable[str] = (),
-                      scanned_keys: Iterable[str] = SCANNED_KEYS) -> PyTree:
+def weight_decay_mask(
+  params: PyTree, *, no_decay_names: Iterable[str] = (), scanned_keys: Iterable[str] = SCANNED_KEYS
+) -> PyTree:
   """Which params get weight decay (True) — timm 0.3.2 `add_weight_decay`.
 
   Exempt: every param that is 1-D (or 0-D) per layer, every leaf named `bias`
@@ -174,8 +169,7 @@ def _frozen_predicate(frozen: FrozenSpec) -> Callable[[str], bool]:
   if callable(frozen):
     return frozen
   if isinstance(frozen, str):
-    raise ValueError("frozen must be a predicate or a list of regexes, got "
-                     f"the bare string {frozen!r}")
+    raise ValueError(f"frozen must be a predicate or a list of regexes, got the bare string {frozen!r}")
   patterns = [re.compile(p) for p in frozen]
   return lambda path: any(p.search(path) for p in patterns)
 
@@ -189,12 +183,10 @@ def trainable_mask(params: PyTree, frozen: FrozenSpec) -> PyTree:
       'blocks_0/attn/qkv/kernel'), or regexes `re.search`-ed in that path.
   """
   is_frozen = _frozen_predicate(frozen)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: not is_frozen(path_str(path)), params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: not is_frozen(path_str(path)), params)
 
 
-def with_frozen(tx: optax.GradientTransformation,
-                frozen: FrozenSpec) -> optax.GradientTransformation:
+def with_frozen(tx: optax.GradientTransformation, frozen: FrozenSpec) -> optax.GradientTransformation:
   """Runs `tx` on the trainable params only; frozen params get zero updates.
 
   Frozen params are invisible to `tx`: no optimizer state, no weight decay
@@ -207,20 +199,18 @@ def with_frozen(tx: optax.GradientTransformation,
   is_frozen = _frozen_predicate(frozen)
 
   def labels(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "freeze" if is_frozen(path_str(path)) else "train",
-        params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: "freeze" if is_frozen(path_str(path)) else "train", params)
 
-  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
-                               labels)
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
 # ---------------------------------------------------------------------------
 # Layer-wise lr decay (util/lr_decay.py).
 
 
-def _layer_ids(names: tuple[str, ...], shape: tuple[int, ...], depth: int,
-               scanned_keys: tuple[str, ...]) -> np.ndarray | int:
+def _layer_ids(
+  names: tuple[str, ...], shape: tuple[int, ...], depth: int, scanned_keys: tuple[str, ...]
+) -> np.ndarray | int:
   """timm `get_layer_id_for_vit` on a flax path; array for scanned stacks."""
   num_layers = depth + 1
   for name in names:
@@ -230,13 +220,13 @@ def _layer_ids(names: tuple[str, ...], shape: tuple[int, ...], depth: int,
     if m:
       i = int(m.group(1))
       if i >= depth:
-        raise ValueError(f"param {'/'.join(names)} is block {i} but depth is "
-                         f"{depth}")
+        raise ValueError(f"param {'/'.join(names)} is block {i} but depth is {depth}")
       return i + 1
     if name == "blocks" and name in scanned_keys:
       if not shape or shape[0] != depth:
-        raise ValueError(f"scanned param {'/'.join(names)} has shape {shape};"
-                         f" expected a leading layer axis of size {depth}")
+        raise ValueError(
+          f"scanned param {'/'.join(names)} has shape {shape}; expected a leading layer axis of size {depth}"
+        )
       return np.arange(1, depth + 1)
   return num_layers
 
@@ -248,8 +238,9 @@ def _check_layer_decay(depth: int, decay: float) -> None:
     raise ValueError(f"layer decay must be in (0, 1], got {decay}")
 
 
-def layerwise_lr_scales(params: PyTree, depth: int, decay: float, *,
-                        scanned_keys: Iterable[str] = SCANNED_KEYS) -> PyTree:
+def layerwise_lr_scales(
+  params: PyTree, depth: int, decay: float, *, scanned_keys: Iterable[str] = SCANNED_KEYS
+) -> PyTree:
   """Per-param lr multipliers `decay ** (depth + 1 - layer_id)`.
 
   Layer id 0: `token_emb` (and `cls_token`, `pos_embed`, `patch_embed`);
@@ -284,8 +275,7 @@ def layerwise_lr_scales(params: PyTree, depth: int, decay: float, *,
 
 
 def scale_by_layerwise_lr_decay(
-    depth: int, decay: float, *,
-    scanned_keys: Iterable[str] = SCANNED_KEYS
+  depth: int, decay: float, *, scanned_keys: Iterable[str] = SCANNED_KEYS
 ) -> optax.GradientTransformation:
   """Multiplies each update by its `layerwise_lr_scales` factor, read off the update tree.
 
@@ -301,10 +291,8 @@ def scale_by_layerwise_lr_decay(
 
   def update_fn(updates, state, params=None):
     del params
-    scales = layerwise_lr_scales(updates, depth, decay,
-                                 scanned_keys=scanned_keys)
-    return jax.tree.map(lambda u, s: (u * s).astype(u.dtype), updates,
-                        scales), state
+    scales = layerwise_lr_scales(updates, depth, decay, scanned_keys=scanned_keys)
+    return jax.tree.map(lambda u, s: (u * s).astype(u.dtype), updates, scales), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -318,9 +306,9 @@ class LarsState(NamedTuple):
   mu: PyTree  # momentum buffers, like params
 
 
-def lars(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
-         weight_decay: float = 0.0,
-         trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+def lars(
+  learning_rate: ScalarOrSchedule, momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 0.001
+) -> optax.GradientTransformation:
   """LARS exactly as MoCo v3 / MAGE `util/lars.py` (LTH14/mage).
 
   Not `optax.lars`: that one scales by the learning rate before the momentum
@@ -348,8 +336,7 @@ def lars(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
   """
 
   def init_fn(params):
-    return LarsState(count=jnp.zeros((), jnp.int32),
-                     mu=jax.tree.map(jnp.zeros_like, params))
+    return LarsState(count=jnp.zeros((), jnp.int32), mu=jax.tree.map(jnp.zeros_like, params))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -362,14 +349,12 @@ def lars(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
       p_norm = jnp.linalg.norm(p.astype(jnp.float32))
       g_norm = jnp.linalg.norm(g.astype(jnp.float32))
       ok = (p_norm > 0) & (g_norm > 0)
-      q = jnp.where(ok, trust_coefficient * p_norm / jnp.where(ok, g_norm, 1.0),
-                    1.0)
+      q = jnp.where(ok, trust_coefficient * p_norm / jnp.where(ok, g_norm, 1.0), 1.0)
       return (g * q).astype(g.dtype)
 
     g = jax.tree.map(precondition, updates, params)
     mu = jax.tree.map(lambda m, gi: momentum * m + gi, state.mu, g)
-    lr = learning_rate(state.count) if callable(learning_rate) else (
-        learning_rate)
+    lr = learning_rate(state.count) if callable(learning_rate) else (learning_rate)
     new_updates = jax.tree.map(lambda m: (-lr * m).astype(m.dtype), mu)
     count = optax.safe_increment(state.count)
     return new_updates, LarsState(count=count, mu=mu)
@@ -384,6 +369,7 @@ def lars(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
 @dataclasses.dataclass(frozen=True)
 class PretrainOptim:
   """MAGE pre-training optimizer (official `main_pretrain.py`). `lr` is the batch-scaled peak."""
+
   lr: float
   total_steps: int
   warmup_steps: int
@@ -395,11 +381,9 @@ class PretrainOptim:
   grad_clip_norm: float | None = 3.0
 
   def schedule(self) -> optax.Schedule:
-    return warmup_cosine_schedule(self.lr, self.total_steps,
-                                  self.warmup_steps, self.min_lr)
+    return warmup_cosine_schedule(self.lr, self.total_steps, self.warmup_steps, self.min_lr)
 
-  def decay_mask(self, params: PyTree,
-                 scanned_keys: Iterable[str] = SCANNED_KEYS) -> PyTree:
+  def decay_mask(self, params: PyTree, scanned_keys: Iterable[str] = SCANNED_KEYS) -> PyTree:
     """The params AdamW decays (timm `add_weight_decay`, no extra names)."""
     return weight_decay_mask(params, scanned_keys=scanned_keys)
 
@@ -407,6 +391,7 @@ class PretrainOptim:
 @dataclasses.dataclass(frozen=True)
 class FinetuneOptim:
   """Fine-tuning optimizer (official `main_finetune.py`). `lr` is the batch-scaled peak."""
+
   lr: float
   total_steps: int
   warmup_steps: int
@@ -421,19 +406,17 @@ class FinetuneOptim:
   grad_clip_norm: float | None = None
 
   def schedule(self) -> optax.Schedule:
-    return warmup_cosine_schedule(self.lr, self.total_steps,
-                                  self.warmup_steps, self.min_lr)
+    return warmup_cosine_schedule(self.lr, self.total_steps, self.warmup_steps, self.min_lr)
 
-  def decay_mask(self, params: PyTree,
-                 scanned_keys: Iterable[str] = SCANNED_KEYS) -> PyTree:
+  def decay_mask(self, params: PyTree, scanned_keys: Iterable[str] = SCANNED_KEYS) -> PyTree:
     """The params AdamW decays: 1-D params, biases and `no_decay_names` are exempt."""
-    return weight_decay_mask(params, no_decay_names=self.no_decay_names,
-                             scanned_keys=scanned_keys)
+    return weight_decay_mask(params, no_decay_names=self.no_decay_names, scanned_keys=scanned_keys)
 
 
 @dataclasses.dataclass(frozen=True)
 class ProbeOptim:
   """Linear-probe optimizer (official `main_linprobe.py`): LARS, 10/90 epochs warm-up/cosine."""
+
   lr: float
   total_steps: int
   warmup_steps: int
@@ -443,14 +426,16 @@ class ProbeOptim:
   trust_coefficient: float = 0.001
 
   def schedule(self) -> optax.Schedule:
-    return warmup_cosine_schedule(self.lr, self.total_steps,
-                                  self.warmup_steps, self.min_lr)
+    return warmup_cosine_schedule(self.lr, self.total_steps, self.warmup_steps, self.min_lr)
 
 
-def pretrain_optimizer(cfg: PretrainOptim | Mapping[str, Any] | None = None,
-                       *, frozen: FrozenSpec = None,
-                       scanned_keys: Iterable[str] = SCANNED_KEYS,
-                       **kwargs) -> optax.GradientTransformation:
+def pretrain_optimizer(
+  cfg: PretrainOptim | Mapping[str, Any] | None = None,
+  *,
+  frozen: FrozenSpec = None,
+  scanned_keys: Iterable[str] = SCANNED_KEYS,
+  **kwargs,
+) -> optax.GradientTransformation:
   """clip_by_global_norm(3.0) -> AdamW(0.9, 0.95, 1e-8, wd 0.05, timm mask).
 
   Args:
@@ -470,15 +455,17 @@ def pretrain_optimizer(cfg: PretrainOptim | Mapping[str, Any] | None = None,
   parts = []
   if c.grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(c.grad_clip_norm))
-  parts.append(optax.adamw(c.schedule(), b1=c.b1, b2=c.b2, eps=c.eps,
-                           weight_decay=c.weight_decay, mask=mask))
+  parts.append(optax.adamw(c.schedule(), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask))
   return with_frozen(optax.chain(*parts), frozen)
 
 
-def finetune_optimizer(cfg: FinetuneOptim | Mapping[str, Any] | None = None,
-                       *, frozen: FrozenSpec = None,
-                       scanned_keys: Iterable[str] = SCANNED_KEYS,
-                       **kwargs) -> optax.GradientTransformation:
+def finetune_optimizer(
+  cfg: FinetuneOptim | Mapping[str, Any] | None = None,
+  *,
+  frozen: FrozenSpec = None,
+  scanned_keys: Iterable[str] = SCANNED_KEYS,
+  **kwargs,
+) -> optax.GradientTransformation:
   """AdamW(0.9, 0.999, wd 0.05) with layer-wise lr decay and warmup-cosine.
 
   Per param: `p <- p - lr_t * scale * (adam(g) + wd * mask * p)` where `scale`
@@ -500,24 +487,22 @@ def finetune_optimizer(cfg: FinetuneOptim | Mapping[str, Any] | None = None,
   if c.grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(c.grad_clip_norm))
   parts += [
-      optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps),
-      optax.add_decayed_weights(c.weight_decay, mask),
-      scale_by_layerwise_lr_decay(c.depth, c.layer_decay,
-                                  scanned_keys=scanned_keys),
-      optax.scale_by_learning_rate(c.schedule()),
+    optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps),
+    optax.add_decayed_weights(c.weight_decay, mask),
+    scale_by_layerwise_lr_decay(c.depth, c.layer_decay, scanned_keys=scanned_keys),
+    optax.scale_by_learning_rate(c.schedule()),
   ]
   return with_frozen(optax.chain(*parts), frozen)
 
 
-def probe_optimizer(cfg: ProbeOptim | Mapping[str, Any] | None = None, *,
-                    frozen: FrozenSpec = None,
-                    **kwargs) -> optax.GradientTransformation:
+def probe_optimizer(
+  cfg: ProbeOptim | Mapping[str, Any] | None = None, *, frozen: FrozenSpec = None, **kwargs
+) -> optax.GradientTransformation:
   """LARS(momentum 0.9, wd 0, trust 0.001) with warmup-cosine (official `main_linprobe.py`).
 
   Pass only the head params, or the whole tree with `frozen` matching the
   backbone (the reference freezes every non-head param).
   """
   c = config_views.from_config(ProbeOptim, cfg, "ProbeOptim", **kwargs)
-  tx = lars(c.schedule(), momentum=c.momentum, weight_decay=c.weight_decay,
-            trust_coefficient=c.trust_coefficient)
+  tx = lars(c.schedule(), momentum=c.momentum, weight_decay=c.weight_decay, trust_coefficient=c.trust_coefficient)
   return with_frozen(tx, frozen)

@@ -46,7 +46,7 @@ def _tree(out: str) -> tuple[list[str], list[str], list[str]]:
 
 def _ancestors(rel: str) -> list[str]:
   folders = []
-  while (rel := os.path.dirname(rel)):
+  while rel := os.path.dirname(rel):
     folders.append(rel)
   return folders
 
@@ -63,8 +63,9 @@ def prepare(out: str, force: bool, binary: str) -> None:
   parents = {folder for f in recorded for folder in _ancestors(f)}
   foreign = links + [f for f in files if f not in recorded and f != RECORD] + [d for d in folders if d not in parents]
   if foreign:
-    raise runtime.UsageError(f"--out={out} holds files {binary} did not write ({', '.join(foreign[:3])}); choose a "
-                             "new or empty directory")
+    raise runtime.UsageError(
+      f"--out={out} holds files {binary} did not write ({', '.join(foreign[:3])}); choose a new or empty directory"
+    )
   if files and not force:
     raise runtime.UsageError(f"--out={out} holds the outputs of an earlier {binary}; pass --force to replace them")
   for rel in files:

@@ -52,12 +52,15 @@ def check_destination(directory: str, *, overwrite: bool = False) -> None:
     raise FileExistsError(f"{directory} exists and is not a directory")
   entries = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
   if META_FILE in entries and not overwrite:
-    raise FileExistsError(f"{directory} already holds a mage_jax checkpoint; pass overwrite=True (--force) to "
-                          "replace it")
+    raise FileExistsError(
+      f"{directory} already holds a mage_jax checkpoint; pass overwrite=True (--force) to replace it"
+    )
   if entries and META_FILE not in entries and not overwrite:
-    raise FileExistsError(f"{directory} is not empty and is not a mage_jax params checkpoint (it holds "
-                          f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); choose a new or empty "
-                          "directory, or pass overwrite=True (--force) to write into it")
+    raise FileExistsError(
+      f"{directory} is not empty and is not a mage_jax params checkpoint (it holds "
+      f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); choose a new or empty "
+      "directory, or pass overwrite=True (--force) to write into it"
+    )
   existing = directory
   while not os.path.lexists(existing):
     existing = os.path.dirname(existing)
@@ -91,8 +94,10 @@ def read_meta(directory: str) -> dict:
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"params checkpoint directory not found: {directory}")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{directory} is not a complete mage_jax params checkpoint (no {META_FILE}; an "
-                            "interrupted write, or a training workdir: export params from it first)")
+    raise FileNotFoundError(
+      f"{directory} is not a complete mage_jax params checkpoint (no {META_FILE}; an "
+      "interrupted write, or a training workdir: export params from it first)"
+    )
   with open(path) as f:
     return json.load(f)
 
@@ -122,11 +127,14 @@ def load(directory: str, target: Any = None) -> tuple[dict, dict]:
 def mage_config_from_meta(meta: dict) -> MAGEConfig:
   """MAGEConfig from `meta['model']`. Raises ValueError for missing/unknown fields or unsupported models."""
   if "model" not in meta:
-    raise ValueError(f"checkpoint meta has no 'model' entry (kind={meta.get('kind')!r}); a MAGE checkpoint is "
-                     "needed (python -m mage_jax.convert mage-vitb-1600.pth OUT)")
+    raise ValueError(
+      f"checkpoint meta has no 'model' entry (kind={meta.get('kind')!r}); a MAGE checkpoint is "
+      "needed (python -m mage_jax.convert mage-vitb-1600.pth OUT)"
+    )
   fields = meta["model"]
   if isinstance(fields, dict) and fields.get("num_classes"):
     from mage_jax.models import class_cond
+
     return class_cond.config_from_meta(meta)
   if isinstance(fields, dict) and "num_classes" in fields:
     fields = {k: v for k, v in fields.items() if k != "num_classes"}  # num_classes 0/None: unconditional
@@ -136,8 +144,10 @@ def mage_config_from_meta(meta: dict) -> MAGEConfig:
 def tokenizer_config_from_meta(meta: dict) -> VQGANConfig:
   """VQGANConfig from `meta['tokenizer']`."""
   if "tokenizer" not in meta:
-    raise ValueError(f"checkpoint meta has no 'tokenizer' entry (kind={meta.get('kind')!r}); generation needs "
-                     "the VQGAN tokenizer inside the params directory (convert a MAGE .pth, which holds it)")
+    raise ValueError(
+      f"checkpoint meta has no 'tokenizer' entry (kind={meta.get('kind')!r}); generation needs "
+      "the VQGAN tokenizer inside the params directory (convert a MAGE .pth, which holds it)"
+    )
   return config_views.from_config(VQGANConfig, meta["tokenizer"], "checkpoint meta['tokenizer']")
 
 
@@ -149,18 +159,24 @@ def models_from_meta(meta: dict, dtype: Any = jnp.float32) -> tuple[MAGE, VQGAN]
   """
   kind = meta.get("kind", "mage")
   if kind != "mage":
-    raise ValueError(f"checkpoint kind is {kind!r}; a MAGE pretraining checkpoint (kind 'mage', model + "
-                     "tokenizer) is needed")
+    raise ValueError(
+      f"checkpoint kind is {kind!r}; a MAGE pretraining checkpoint (kind 'mage', model + tokenizer) is needed"
+    )
   model_config = mage_config_from_meta(meta)
   tok_config = tokenizer_config_from_meta(meta)
   if model_config.num_tokens != tok_config.num_tokens:
-    raise ValueError(f"checkpoint meta is inconsistent: the model expects {model_config.num_tokens} tokens per "
-                     f"image, the tokenizer ({tok_config.resolution}px, ch_mult={tok_config.ch_mult}) makes "
-                     f"{tok_config.num_tokens}")
+    raise ValueError(
+      f"checkpoint meta is inconsistent: the model expects {model_config.num_tokens} tokens per "
+      f"image, the tokenizer ({tok_config.resolution}px, ch_mult={tok_config.ch_mult}) makes "
+      f"{tok_config.num_tokens}"
+    )
   if model_config.codebook_size != tok_config.codebook_size:
-    raise ValueError(f"checkpoint meta is inconsistent: model codebook_size={model_config.codebook_size}, "
-                     f"tokenizer codebook_size={tok_config.codebook_size}")
+    raise ValueError(
+      f"checkpoint meta is inconsistent: model codebook_size={model_config.codebook_size}, "
+      f"tokenizer codebook_size={tok_config.codebook_size}"
+    )
   from mage_jax.models import class_cond
+
   cls = class_cond.ClassCondMAGE if isinstance(model_config, class_cond.ClassCondConfig) else MAGE
   return cls(model_config, dtype=dtype), VQGAN(tok_config, dtype=dtype)
 

@@ -67,8 +67,11 @@ class Stop:
       signal.signal(signal.SIGINT, signal.SIG_DFL)  # already so on Linux (SA_RESETHAND)
     if self.signal is None:
       self.signal = signal.Signals(signum)
-      logging.warning("%s received: saving a checkpoint at a step all processes agree on, then exiting%s",
-                      self.signal.name, " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else "")
+      logging.warning(
+        "%s received: saving a checkpoint at a step all processes agree on, then exiting%s",
+        self.signal.name,
+        " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else "",
+      )
 
   def reached(self) -> bool:
     """Whether every process stops after the step just dispatched. Call it once per step, on every process."""

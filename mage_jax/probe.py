@@ -82,6 +82,7 @@ def backbone_params_from_mage(mage_params: PyTree, global_pool: bool) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Backbone:
   """The frozen feature extractor: tokenizer + `MAGEViT(head_type='none')` and their host variables."""
+
   tokenizer: VQGAN
   vit: MAGEViT
   variables: dict  # {'tokenizer': tokenizer variables, 'vit': {'params': backbone params}}
@@ -128,8 +129,9 @@ def backbone_tokenizer(tok_config, dtype) -> VQGAN:
   return VQGAN(tok_config, dtype=jnp.float32, precision="highest" if dtype == jnp.float32 else "high")
 
 
-def load_backbone(params_dir: str, *, global_pool: bool = True, dtype=jnp.float32,
-                  image_size: int | None = None) -> Backbone:
+def load_backbone(
+  params_dir: str, *, global_pool: bool = True, dtype=jnp.float32, image_size: int | None = None
+) -> Backbone:
   """Reads a params-only checkpoint (kind 'mage', or a converted/exported 'vit') as a frozen backbone.
 
   `dtype` is the ViT's compute dtype (see `backbone_tokenizer` for the tokenizer's). `image_size` defaults to
@@ -148,13 +150,19 @@ def load_backbone(params_dir: str, *, global_pool: bool = True, dtype=jnp.float3
   if image_size:
     tok_config = dataclasses.replace(tok_config, resolution=int(image_size))
   if tok_config.num_tokens != config.num_tokens:
-    raise ValueError(f"image_size {tok_config.resolution} gives {tok_config.num_tokens} tokens but the model "
-                     f"expects {config.num_tokens}")
+    raise ValueError(
+      f"image_size {tok_config.resolution} gives {tok_config.num_tokens} tokens but the model "
+      f"expects {config.num_tokens}"
+    )
   params = backbone_params_from_mage(variables["model"]["params"], global_pool)
   vit = MAGEViT(config, num_classes=0, global_pool=global_pool, head_type="none", dtype=dtype)
-  return Backbone(backbone_tokenizer(tok_config, dtype), vit,
-                  {"tokenizer": variables["tokenizer"], "vit": {"params": params}}, tok_config.resolution,
-                  meta)
+  return Backbone(
+    backbone_tokenizer(tok_config, dtype),
+    vit,
+    {"tokenizer": variables["tokenizer"], "vit": {"params": params}},
+    tok_config.resolution,
+    meta,
+  )
 
 
 def backbone_shardings(backbone: Backbone, mesh: Mesh, rules) -> PyTree:
@@ -162,9 +170,10 @@ def backbone_shardings(backbone: Backbone, mesh: Mesh, rules) -> PyTree:
   ids = jnp.zeros((1, backbone.vit.config.num_tokens), jnp.int32)
   side = backbone.image_size
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = {"tokenizer": jax.eval_shape(backbone.tokenizer.init, jax.random.key(0),
-                                         jnp.zeros((1, side, side, 3))),
-             "vit": jax.eval_shape(backbone.vit.init, jax.random.key(0), ids)}
+    boxed = {
+      "tokenizer": jax.eval_shape(backbone.tokenizer.init, jax.random.key(0), jnp.zeros((1, side, side, 3))),
+      "vit": jax.eval_shape(backbone.vit.init, jax.random.key(0), ids),
+    }
     shardings = sharding.logical_shardings(boxed, mesh, rules)
   # Only what the checkpoint holds (e.g. no batch_stats).
   return jax.tree.map(lambda _, s: s, backbone.variables, _match(shardings, backbone.variables))
@@ -193,8 +202,9 @@ def _agree(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
-def extract_features(feature_fn: FeatureFn, variables: PyTree, variable_shardings: PyTree, input_cfg: dict,
-                     *, mesh: Mesh, source=None) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+  feature_fn: FeatureFn, variables: PyTree, variable_shardings: PyTree, input_cfg: dict, *, mesh: Mesh, source=None
+) -> tuple[np.ndarray, np.ndarray]:
   """Features of a whole split with the eval transform, dropout off.
 
   Args:
@@ -210,6 +220,7 @@ def extract_features(feature_fn: FeatureFn, variables: PyTree, variable_sharding
     (features float32 [N, D], labels int32 [N]) in the split's stored order, on every process.
   """
   from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   cfg = {k: v for k, v in dict(input_cfg).items() if k != "augment"}
   sharding.check_batch_size(cfg["batch_size"], mesh)
   source = source or pipeline.make_source(cfg)
@@ -245,8 +256,9 @@ def params_identity(params_dir: str) -> dict:
   return {"params": os.path.abspath(params_dir), "meta_size": st.st_size, "meta_mtime_ns": st.st_mtime_ns}
 
 
-def cached(path: str | None, key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
-           ) -> tuple[np.ndarray, np.ndarray]:
+def cached(
+  path: str | None, key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
   """`compute()` through an npz cache at `path` (None: no cache); a different `key` recomputes.
 
   Process 0 decides hit or miss for all processes; on a hit every process reads `path`, so with several
@@ -281,15 +293,22 @@ def init_head(key: jax.Array, dim: int, num_classes: int, init_std: float = 0.01
   Weight ~ N(0, std²) truncated to [-2, 2] (absolute bounds, as timm's trunc_normal_), bias 0; running
   mean 0, var 1 (torch BatchNorm1d init).
   """
-  kernel = init_std * jax.random.truncated_normal(key, -2.0 / init_std, 2.0 / init_std, (dim, num_classes),
-                                                  jnp.float32)
+  kernel = init_std * jax.random.truncated_normal(key, -2.0 / init_std, 2.0 / init_std, (dim, num_classes), jnp.float32)
   params = {"head": {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}}
   stats = {"head_bn": {"mean": jnp.zeros((dim,), jnp.float32), "var": jnp.ones((dim,), jnp.float32)}}
   return params, stats
 
 
-def bn_linear_head(params: dict, batch_stats: dict, feats: jax.Array, *, train: bool, bn_group_size: int = 0,
-                   momentum: float = 0.9, eps: float = 1e-6) -> tuple[jax.Array, dict]:
+def bn_linear_head(
+  params: dict,
+  batch_stats: dict,
+  feats: jax.Array,
+  *,
+  train: bool,
+  bn_group_size: int = 0,
+  momentum: float = 0.9,
+  eps: float = 1e-6,
+) -> tuple[jax.Array, dict]:
   """BatchNorm1d(affine=False) then Linear, as `torch.nn.Sequential(BatchNorm1d(D, affine=False), head)`.
 
   Training normalises with the biased variance of each group of `bn_group_size` consecutive examples
@@ -317,8 +336,10 @@ def bn_linear_head(params: dict, batch_stats: dict, feats: jax.Array, *, train: 
     var = jnp.mean(jnp.square(xg - mean), axis=1, keepdims=True)
     y = ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(b, d)
     unbiased = var[:, 0] * (group / (group - 1))
-    stats = {"mean": momentum * stats["mean"] + (1 - momentum) * jnp.mean(mean[:, 0], axis=0),
-             "var": momentum * stats["var"] + (1 - momentum) * jnp.mean(unbiased, axis=0)}
+    stats = {
+      "mean": momentum * stats["mean"] + (1 - momentum) * jnp.mean(mean[:, 0], axis=0),
+      "var": momentum * stats["var"] + (1 - momentum) * jnp.mean(unbiased, axis=0),
+    }
   else:
     y = (x - stats["mean"]) * jax.lax.rsqrt(stats["var"] + eps)
   head = params["head"]
@@ -327,14 +348,17 @@ def bn_linear_head(params: dict, batch_stats: dict, feats: jax.Array, *, train: 
   return logits, {"head_bn": stats}
 
 
-def head_predict_numpy(params: dict, batch_stats: dict, feats: np.ndarray, eps: float = 1e-6,
-                       chunk: int = 8192) -> np.ndarray:
+def head_predict_numpy(
+  params: dict, batch_stats: dict, feats: np.ndarray, eps: float = 1e-6, chunk: int = 8192
+) -> np.ndarray:
   """Eval-mode logits on the host (float32 numpy), [N, C]: no device collectives, same on every process."""
   p = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params)
   s = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), batch_stats)["head_bn"]
   inv = 1.0 / np.sqrt(s["var"] + eps)
-  out = [((np.asarray(feats[i:i + chunk], np.float32) - s["mean"]) * inv) @ p["head"]["kernel"]
-         + p["head"]["bias"] for i in range(0, len(feats), chunk)]
+  out = [
+    ((np.asarray(feats[i : i + chunk], np.float32) - s["mean"]) * inv) @ p["head"]["kernel"] + p["head"]["bias"]
+    for i in range(0, len(feats), chunk)
+  ]
   return np.concatenate(out) if out else np.zeros((0, p["head"]["bias"].shape[0]), np.float32)
 
 
@@ -346,6 +370,6 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[str
   order = np.argsort(-logits, axis=1, kind="stable")
   out = {}
   for k in ks:
-    hit = (order[:, :min(k, logits.shape[1])] == labels[:, None]).any(axis=1)
+    hit = (order[:, : min(k, logits.shape[1])] == labels[:, None]).any(axis=1)
     out[f"top{k}"] = float(np.mean(hit))
   return out

@@ -32,8 +32,15 @@ def _clu():
 class Progress:
   """`update(n)` after each chunk of work; logs `done/total unit, rate, ETA` at most every `interval` s."""
 
-  def __init__(self, total: int | None, what: str, *, unit: str = "images", interval: float = 10.0,
-               log: Callable[[str], None] | None = None):
+  def __init__(
+    self,
+    total: int | None,
+    what: str,
+    *,
+    unit: str = "images",
+    interval: float = 10.0,
+    log: Callable[[str], None] | None = None,
+  ):
     self.total = None if total is None else int(total)
     self.what, self.unit, self.interval = what, unit, interval
     self.log = log or (lambda line: logging.info("%s", line))
@@ -52,8 +59,10 @@ class Progress:
     count = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
     rate = self.rate()
     if rate is None:
-      return (f"{self.what}: {count} {self.unit}; the first chunk (with compilation) took "
-              f"{time.perf_counter() - self.start:.1f} s")
+      return (
+        f"{self.what}: {count} {self.unit}; the first chunk (with compilation) took "
+        f"{time.perf_counter() - self.start:.1f} s"
+      )
     eta = "" if self.total is None else f", ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s"
     return f"{self.what}: {count} {self.unit}, {rate:.1f} {self.unit}/s{eta}"
 
@@ -125,8 +134,9 @@ def writer(workdir: str, is_main: bool):
   return metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
 
 
-def training_hooks(total_steps: int, writer_, every_steps: int, *, profile_dir: str | None, profile_steps: int,
-                   first_profile: int) -> list:
+def training_hooks(
+  total_steps: int, writer_, every_steps: int, *, profile_dir: str | None, profile_steps: int, first_profile: int
+) -> list:
   """[progress report, optional profiler window (with `profile_dir` and `profile_steps` > 0)]; the first one's
   `timed(name)` times other phases."""
   _, periodic_actions = _clu()
@@ -136,6 +146,7 @@ def training_hooks(total_steps: int, writer_, every_steps: int, *, profile_dir: 
     return [ReportProgress(total_steps, writer_, every_steps)]
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer_, every_steps=every_steps)]
   if profile_dir and profile_steps > 0:
-    hooks.append(periodic_actions.Profile(logdir=profile_dir, num_profile_steps=profile_steps,
-                                          first_profile=first_profile))
+    hooks.append(
+      periodic_actions.Profile(logdir=profile_dir, num_profile_steps=profile_steps, first_profile=first_profile)
+    )
   return hooks

@@ -13,8 +13,7 @@ from absl import flags, logging
 
 from mage_jax import runtime
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes (keep it outside the checkout; rerun to "
-                               "resume).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes (keep it outside the checkout; rerun to resume).")
 _BUDGET = flags.DEFINE_enum("budget", "full", ["full", "ci"], "'full': the documented run; 'ci': every stage tiny.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir for Fashion-MNIST (default: TFDS's).")
 _PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only redraw DIR/plot.png from DIR/results.json.")
@@ -24,6 +23,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   runtime.no_positional_arguments(argv)
   from mage_jax.jobs import quickstart, reference  # pylint: disable=g-import-not-at-top
+
   if _PLOT_ONLY.value:
     print(f"wrote {reference.plot(_WORKDIR.value)}")
     return 0

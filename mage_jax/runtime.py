@@ -35,8 +35,9 @@ class UsageError(ValueError):
   """The command line is wrong (exit status 2)."""
 
 
-def define_float(name: str, default: float | None, help_text: str, *, lower: float | None = None,
-                 upper: float | None = None) -> flags.FlagHolder:
+def define_float(
+  name: str, default: float | None, help_text: str, *, lower: float | None = None, upper: float | None = None
+) -> flags.FlagHolder:
   """A float flag that refuses NaN/inf (absl's bounds let NaN through) and values outside [lower, upper]."""
   holder = flags.DEFINE_float(name, default, help_text, lower_bound=lower, upper_bound=upper)
   flags.register_validator(name, lambda v: v is None or math.isfinite(v), message=f"--{name} must be finite")
@@ -46,12 +47,11 @@ def define_float(name: str, default: float | None, help_text: str, *, lower: flo
 def define_distributed_flags() -> tuple[flags.FlagHolder, flags.FlagHolder, flags.FlagHolder]:
   """Flags for an explicit multi-process coordinator (TPU pods and SLURM jobs are detected without them)."""
   return (
-      flags.DEFINE_string("coordinator_address", None,
-                          "host:port of process 0, for multi-process runs that are not auto-detected."),
-      flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).",
-                           lower_bound=1),
-      flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).",
-                           lower_bound=0),
+    flags.DEFINE_string(
+      "coordinator_address", None, "host:port of process 0, for multi-process runs that are not auto-detected."
+    ),
+    flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).", lower_bound=1),
+    flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).", lower_bound=0),
   )
 
 
@@ -63,8 +63,9 @@ def cluster_detected() -> bool:
   return slurm or tpu_pod
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, **timeouts) -> None:
+def initialize_distributed(
+  coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None, **timeouts
+) -> None:
   """Explicit coordinator if given, else auto-detection on clusters, else a single process (no call).
 
   `timeouts`: jax.distributed.initialize's `initialization_timeout`, `heartbeat_timeout_seconds`,
@@ -86,8 +87,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   # would install a C-level SIGTERM handler that only sets a flag it reads: a SIGTERM arriving before the loop
   # takes the signal over (or in a binary without a loop) would be swallowed instead of ending the process.
   jax.config.update("jax_enable_preemption_service", False)
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id, **timeouts)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, **timeouts
+  )
 
 
 class QuietOrbax(logging.logging.Filter):
@@ -111,8 +113,14 @@ def start(distributed_flags=None, **timeouts) -> None:
   quiet_orbax_logs()
   if distributed_flags is not None:
     initialize_distributed(*(f.value for f in distributed_flags), **timeouts)
-  logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
+  logging.info(
+    "process %d/%d, %d local / %d global devices (%s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
+  )
 
 
 # `.NAME.XXXXXXXX.tmp` (tempfile.mkstemp beside NAME) or `NAME.tmp`: a file written and then renamed to NAME.

@@ -88,8 +88,8 @@ def mask_schedule(ratio: ArrayLike, kind: str = "cosine") -> ArrayLike:
       raise ValueError(f"mask_schedule: bad power schedule name {kind!r}; expected e.g. 'pow2'") from None
   else:
     raise ValueError(
-        f"mask_schedule: unknown schedule {kind!r}; expected 'cosine', 'linear'/'uniform', "
-        "'square', 'cubic' or 'pow<k>'")
+      f"mask_schedule: unknown schedule {kind!r}; expected 'cosine', 'linear'/'uniform', 'square', 'cubic' or 'pow<k>'"
+    )
   return 1.0 - ratio**exponent
 
 
@@ -112,13 +112,13 @@ def mask_count_table(num_steps: int, max_unknown: int, kind: str = "cosine") -> 
 
 
 def sample_tokens(
-    rng: jax.Array,
-    logits: jax.Array,
-    tokens: jax.Array,
-    *,
-    mask_id: int,
-    codebook_size: int,
-    temperature: float = 1.0,
+  rng: jax.Array,
+  logits: jax.Array,
+  tokens: jax.Array,
+  *,
+  mask_id: int,
+  codebook_size: int,
+  temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
   """Samples every position and scores it by the log-probability of the sampled id.
 
@@ -154,10 +154,10 @@ def sample_tokens(
 
 
 def mask_by_random_topk(
-    rng: jax.Array,
-    log_conf: jax.Array,
-    n_mask: jax.Array,
-    temperature: ArrayLike,
+  rng: jax.Array,
+  log_conf: jax.Array,
+  n_mask: jax.Array,
+  temperature: ArrayLike,
 ) -> jax.Array:
   """Chooses the `n_mask` positions per row with the lowest Gumbel-perturbed log-confidence.
 
@@ -199,19 +199,19 @@ def _initial_unknown(tokens: jax.Array, mask_id: int, num_unknown) -> jax.Array:
 
 
 def decode(
-    rng: jax.Array,
-    tokens: jax.Array,
-    logits_fn: LogitsFn,
-    *,
-    num_steps: int,
-    choice_temperature: ArrayLike,
-    mask_id: int,
-    codebook_size: int,
-    num_unknown: int | jax.Array | None = None,
-    schedule: str = "cosine",
-    sample_temperature: float = 1.0,
-    count_mode: str = "row",
-    return_num_masked: bool = False,
+  rng: jax.Array,
+  tokens: jax.Array,
+  logits_fn: LogitsFn,
+  *,
+  num_steps: int,
+  choice_temperature: ArrayLike,
+  mask_id: int,
+  codebook_size: int,
+  num_unknown: int | jax.Array | None = None,
+  schedule: str = "cosine",
+  sample_temperature: float = 1.0,
+  count_mode: str = "row",
+  return_num_masked: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Iterative parallel decoding (`gen_image` of MAGE's official `gen_img_uncond.py`), fully on device.
 
@@ -267,8 +267,9 @@ def decode(
     raise ValueError(f"decode: codebook_size must be >= 1, got {codebook_size}")
   if 0 <= mask_id < codebook_size:
     raise ValueError(
-        f"decode: mask_id={mask_id} lies inside the codebook [0, {codebook_size}); sampled ids could "
-        "not be told apart from unknown positions")
+      f"decode: mask_id={mask_id} lies inside the codebook [0, {codebook_size}); sampled ids could "
+      "not be told apart from unknown positions"
+    )
   if count_mode not in _COUNT_MODES:
     raise ValueError(f"decode: count_mode must be one of {_COUNT_MODES}, got {count_mode!r}")
   if sample_temperature < 0:
@@ -284,11 +285,12 @@ def decode(
     logits = logits_fn(cur)
     if logits.shape[:2] != (batch, length) or logits.ndim != 3 or logits.shape[-1] < codebook_size:
       raise ValueError(
-          f"decode: logits_fn must return float[{batch}, {length}, V>={codebook_size}], got {logits.shape}")
+        f"decode: logits_fn must return float[{batch}, {length}, V>={codebook_size}], got {logits.shape}"
+      )
     key_sample, key_choice = jax.random.split(jax.random.fold_in(rng, s))
     sampled, log_conf = sample_tokens(
-        key_sample, logits, cur, mask_id=mask_id, codebook_size=codebook_size,
-        temperature=sample_temperature)
+      key_sample, logits, cur, mask_id=mask_id, codebook_size=codebook_size, temperature=sample_temperature
+    )
     unknown_count = jnp.sum(cur == mask_id, axis=-1, dtype=jnp.int32)
     n_mask = jnp.maximum(1, jnp.minimum(unknown_count - 1, table[s, n0]))
     if count_mode == "first":
@@ -313,8 +315,15 @@ def _num_classes(model) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def make_sampler(model, tokenizer, batch_size: int, num_steps: int, mesh: Mesh, conditional: bool = False,
-                 key_impl: str = "threefry2x32"):
+def make_sampler(
+  model,
+  tokenizer,
+  batch_size: int,
+  num_steps: int,
+  mesh: Mesh,
+  conditional: bool = False,
+  key_impl: str = "threefry2x32",
+):
   """One jitted function: iterative decoding of a fully masked batch + VQGAN decode + uint8.
 
   Args are static (modules and mesh are hashable); the function is cached so repeated calls reuse the
@@ -329,26 +338,33 @@ def make_sampler(model, tokenizer, batch_size: int, num_steps: int, mesh: Mesh, 
     unless `conditional`.
   """
   if batch_size % mesh.size:
-    raise ValueError(f"batch_size={batch_size} must be a multiple of the number of devices ({mesh.size}): "
-                     "the batch is split evenly over the 'data' mesh axis")
+    raise ValueError(
+      f"batch_size={batch_size} must be a multiple of the number of devices ({mesh.size}): "
+      "the batch is split evenly over the 'data' mesh axis"
+    )
   c = model.config
   replicated = NamedSharding(mesh, P())
   batch_sharded = NamedSharding(mesh, P("data"))
 
   def sample(model_vars, tok_vars, key_data, batch_index, temperature, class_id):
     rng = jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=key_impl), batch_index)
-    tokens = jax.lax.with_sharding_constraint(
-        jnp.full((batch_size, c.num_tokens), c.mask_id, jnp.int32), batch_sharded)
+    tokens = jax.lax.with_sharding_constraint(jnp.full((batch_size, c.num_tokens), c.mask_id, jnp.int32), batch_sharded)
     kwargs = {}
     if conditional:
-      kwargs["labels"] = jax.lax.with_sharding_constraint(
-          jnp.full((batch_size,), class_id, jnp.int32), batch_sharded)
+      kwargs["labels"] = jax.lax.with_sharding_constraint(jnp.full((batch_size,), class_id, jnp.int32), batch_sharded)
 
     def logits_fn(t):
       return model.apply(model_vars, t, method="image_token_logits", **kwargs)
 
-    ids = decode(rng, tokens, logits_fn, num_steps=num_steps, choice_temperature=temperature,
-                  mask_id=c.mask_id, codebook_size=c.codebook_size)
+    ids = decode(
+      rng,
+      tokens,
+      logits_fn,
+      num_steps=num_steps,
+      choice_temperature=temperature,
+      mask_id=c.mask_id,
+      codebook_size=c.codebook_size,
+    )
     ids = jax.lax.with_sharding_constraint(ids, batch_sharded)
     pixels = tokenizer.apply(tok_vars, ids, method="decode_ids")
     return image_io.to_uint8(pixels), ids
@@ -356,10 +372,20 @@ def make_sampler(model, tokenizer, batch_size: int, num_steps: int, mesh: Mesh, 
   return jax.jit(sample, in_shardings=(replicated,) * 6, out_shardings=(batch_sharded, batch_sharded))
 
 
-def generate_images(model, tokenizer, variables: dict, rng: jax.Array, num_images: int, batch_size: int,
-                    num_steps: int = DEFAULT_NUM_STEPS, temperature: float = DEFAULT_TEMPERATURE,
-                    mesh: Mesh | None = None, *, class_id: int | None = None,
-                    return_ids: bool = False) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, np.ndarray]]:
+def generate_images(
+  model,
+  tokenizer,
+  variables: dict,
+  rng: jax.Array,
+  num_images: int,
+  batch_size: int,
+  num_steps: int = DEFAULT_NUM_STEPS,
+  temperature: float = DEFAULT_TEMPERATURE,
+  mesh: Mesh | None = None,
+  *,
+  class_id: int | None = None,
+  return_ids: bool = False,
+) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, np.ndarray]]:
   """Generates `num_images` images in batches: an iterator of host numpy batches (every process gets all).
 
   Arguments are checked and the sampler built at the call; the first batch is dispatched on the first
@@ -387,8 +413,9 @@ def generate_images(model, tokenizer, variables: dict, rng: jax.Array, num_image
     ValueError: bad sizes, missing variables, or class_id for an unconditional model.
   """
   if num_images < 1 or batch_size < 1 or num_steps < 1:
-    raise ValueError(f"generate_images: num_images, batch_size and num_steps must be >= 1, got {num_images}, "
-                     f"{batch_size}, {num_steps}")
+    raise ValueError(
+      f"generate_images: num_images, batch_size and num_steps must be >= 1, got {num_images}, {batch_size}, {num_steps}"
+    )
   for name in ("model", "tokenizer"):
     if name not in variables:
       raise ValueError(f"generate_images: variables lack the {name!r} entry (have {sorted(variables)})")
@@ -406,8 +433,9 @@ def generate_images(model, tokenizer, variables: dict, rng: jax.Array, num_image
   sampler = make_sampler(model, tokenizer, batch_size, num_steps, mesh, conditional, key_impl)
   repl = sharding.replicated(mesh)
   model_vars, tok_vars = sharding.place((variables["model"], variables["tokenizer"]), repl)
-  scalars = sharding.place((np.asarray(jax.random.key_data(rng)), np.float32(temperature),
-                            np.int32(class_id if conditional else 0)), repl)
+  scalars = sharding.place(
+    (np.asarray(jax.random.key_data(rng)), np.float32(temperature), np.int32(class_id if conditional else 0)), repl
+  )
   key_data, temp, label = scalars
   return _batches(sampler, model_vars, tok_vars, key_data, temp, label, mesh, num_images, batch_size, return_ids)
 
@@ -417,8 +445,7 @@ def _batches(sampler, model_vars, tok_vars, key_data, temp, label, mesh, num_ima
   num_batches = math.ceil(num_images / batch_size)
 
   def launch(i):
-    return sampler(model_vars, tok_vars, key_data, sharding.place(np.int32(i), sharding.replicated(mesh)), temp,
-                   label)
+    return sampler(model_vars, tok_vars, key_data, sharding.place(np.int32(i), sharding.replicated(mesh)), temp, label)
 
   pending = launch(0)
   for i in range(num_batches):

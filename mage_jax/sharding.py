@@ -21,24 +21,24 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DEFAULT_MESH = (("data", -1), ("fsdp", 1), ("model", 1))
 BATCH_AXES = ("data", "fsdp")
 DEFAULT_RULES = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
-    ("decoder_embed", "fsdp"),
-    ("mlp", "model"),
-    ("qkv", "model"),
-    ("qkv_out", "model"),
-    ("vocab", None),
-    ("positions", None),
-    ("classes", None),
-    ("layers", None),
-    ("seq", None),
-    ("embed_act", None),
-    ("codebook", None),
-    ("code_dim", None),
-    ("conv_h", None),
-    ("conv_w", None),
-    ("conv_in", None),
-    ("conv_out", None),
+  ("batch", BATCH_AXES),
+  ("embed", "fsdp"),
+  ("decoder_embed", "fsdp"),
+  ("mlp", "model"),
+  ("qkv", "model"),
+  ("qkv_out", "model"),
+  ("vocab", None),
+  ("positions", None),
+  ("classes", None),
+  ("layers", None),
+  ("seq", None),
+  ("embed_act", None),
+  ("codebook", None),
+  ("code_dim", None),
+  ("conv_h", None),
+  ("conv_w", None),
+  ("conv_in", None),
+  ("conv_out", None),
 )
 
 
@@ -105,7 +105,7 @@ def mesh_from_config(config) -> tuple[Mesh, tuple]:
   mesh = create_mesh(parse_mesh(config.get("mesh") or DEFAULT_MESH), devices)
   rules = parse_rules(config.get("sharding_rules") or ())
   for _, axes in rules:
-    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+    for axis in axes if isinstance(axes, tuple) else (axes,):
       if axis is not None and axis not in mesh.axis_names:
         raise ValueError(f"sharding_rules map onto mesh axis {axis!r}, which the mesh {dict(mesh.shape)} lacks")
   return mesh, rules
@@ -123,7 +123,7 @@ def data_mesh(divides: int | None = None, devices=None) -> Mesh:
   batch of `divides` evenly (sample batches whose random draws depend on their size are split, never padded)."""
   devices = list(jax.devices() if devices is None else devices)
   if divides is not None:
-    devices = devices[:int(np.gcd(int(divides), len(devices)))]
+    devices = devices[: int(np.gcd(int(divides), len(devices)))]
   return create_mesh((("data", -1),), devices)
 
 
@@ -139,16 +139,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def place(tree: Any, shardings: Any) -> Any:
   """Puts every leaf (numpy or jax) on its sharding (a tree, or one sharding for all); works across processes."""
   if isinstance(shardings, jax.sharding.Sharding):
-    return jax.tree.map(lambda x: jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), shardings),
-                        tree)
-  return jax.tree.map(lambda x, s: jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), s), tree,
-                      shardings)
+    return jax.tree.map(lambda x: jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), shardings), tree)
+  return jax.tree.map(lambda x, s: jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), s), tree, shardings)
 
 
 def to_host(tree: Any) -> Any:
   """Global (possibly sharded, multi-process) arrays -> numpy on every process."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.device_get(tree)
 
@@ -159,14 +158,21 @@ def jit_train_step(step, state_shardings: Any, mesh: Mesh, extras_shardings: Any
   metrics replicated, the batch split over the batch axes."""
   repl = replicated(mesh)
   extras_shardings = repl if extras_shardings is None else extras_shardings
-  return jax.jit(step, in_shardings=(state_shardings, extras_shardings, batch_sharding(mesh)),
-                 out_shardings=(state_shardings, repl), donate_argnums=(0,))
+  return jax.jit(
+    step,
+    in_shardings=(state_shardings, extras_shardings, batch_sharding(mesh)),
+    out_shardings=(state_shardings, repl),
+    donate_argnums=(0,),
+  )
 
 
 def strip_boxes(tree: Any) -> Any:
   """Removes flax's LogicallyPartitioned boxes without applying constraints (works on abstract trees)."""
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
-                      tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return jax.tree.map(
+    lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+    tree,
+    is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+  )
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
@@ -184,8 +190,9 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
 def check_batch_size(global_batch_size: int, mesh: Mesh):
   shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
   if global_batch_size % shards:
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the {shards} batch shards of "
-                     f"the mesh {dict(mesh.shape)}")
+    raise ValueError(
+      f"global batch size {global_batch_size} is not divisible by the {shards} batch shards of "
+      f"the mesh {dict(mesh.shape)}"
+    )
   if global_batch_size % jax.process_count():
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the {jax.process_count()} "
-                     "processes")
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the {jax.process_count()} processes")

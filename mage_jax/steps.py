@@ -20,6 +20,7 @@ class TrainState:
   `first_nonfinite_step` is −1 until a step produces a non-finite loss or gradient; such updates are never
   applied, so the params stay the last good ones whatever the host does about it.
   """
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -29,8 +30,14 @@ class TrainState:
 
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation, rng):
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
-               first_nonfinite_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+    return cls(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=rng,
+      first_nonfinite_step=jnp.full((), -1, jnp.int32),
+      skipped_steps=jnp.zeros((), jnp.int32),
+    )
 
 
 def commit(state, finite, **updates):
@@ -41,11 +48,11 @@ def commit(state, finite, **updates):
   """
   keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   return state.replace(
-      step=state.step + 1,
-      **{name: keep_old(value, getattr(state, name)) for name, value in updates.items()},
-      first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
-                                     state.first_nonfinite_step),
-      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    step=state.step + 1,
+    **{name: keep_old(value, getattr(state, name)) for name, value in updates.items()},
+    first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step),
+    skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+  )
 
 
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, finite) -> TrainState:
@@ -85,15 +92,27 @@ def tokenize(tokenizer: VQGAN, tokenizer_vars, images, chunks: int = 1):
   return jax.lax.stop_gradient(map_in_chunks(encode, images, chunks))
 
 
-def pretrain_step(state: TrainState, tokenizer_vars, batch, *, model, tokenizer, tx, masking_cfg: dict,
-                  label_smoothing: float, schedule=None, tokenizer_chunks: int = 1):
+def pretrain_step(
+  state: TrainState,
+  tokenizer_vars,
+  batch,
+  *,
+  model,
+  tokenizer,
+  tx,
+  masking_cfg: dict,
+  label_smoothing: float,
+  schedule=None,
+  tokenizer_chunks: int = 1,
+):
   """One MAGE pretraining step on a global batch {'image': [B,H,W,3] in [0,1]}: tokenize, then `pretrain_update`.
 
   One masking ratio is drawn per step for the whole global batch (the official code draws one per process).
   """
   ids = tokenize(tokenizer, tokenizer_vars, batch["image"], tokenizer_chunks)
-  return pretrain_update(state, ids, None, model=model, tx=tx, masking_cfg=masking_cfg,
-                         label_smoothing=label_smoothing, schedule=schedule)
+  return pretrain_update(
+    state, ids, None, model=model, tx=tx, masking_cfg=masking_cfg, label_smoothing=label_smoothing, schedule=schedule
+  )
 
 
 def pretrain_ids_step(state: TrainState, extras, batch, **update_kwargs):
@@ -102,8 +121,17 @@ def pretrain_ids_step(state: TrainState, extras, batch, **update_kwargs):
   return pretrain_update(state, batch["ids"], None, **update_kwargs)
 
 
-def pretrain_update(state: TrainState, ids, plan: masking.MaskPlan | None, *, model, tx, masking_cfg: dict,
-                    label_smoothing: float, schedule=None):
+def pretrain_update(
+  state: TrainState,
+  ids,
+  plan: masking.MaskPlan | None,
+  *,
+  model,
+  tx,
+  masking_cfg: dict,
+  label_smoothing: float,
+  schedule=None,
+):
   """One MAGE update on token ids: masked-token loss, gradient, guarded optimizer step.
 
   Args:
@@ -128,10 +156,12 @@ def pretrain_update(state: TrainState, ids, plan: masking.MaskPlan | None, *, mo
     ratio = jnp.mean(plan.masked.astype(jnp.float32))
 
   def loss_fn(params):
-    logits, _ = model.apply({"params": params}, ids, plan, False, targets_only=True,
-                            rngs={"dropout": jax.random.fold_in(rng, 1)})
-    return losses.masked_token_loss(logits, ids, plan.masked, codebook_size=model.config.codebook_size,
-                                    label_smoothing=label_smoothing)
+    logits, _ = model.apply(
+      {"params": params}, ids, plan, False, targets_only=True, rngs={"dropout": jax.random.fold_in(rng, 1)}
+    )
+    return losses.masked_token_loss(
+      logits, ids, plan.masked, codebook_size=model.config.codebook_size, label_smoothing=label_smoothing
+    )
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   return finish_step(state, loss, grads, tx, schedule=schedule, metrics={"mask_ratio": ratio})

@@ -92,8 +92,9 @@ def generator_adversarial_loss(logits_fake: jax.Array, kind: str = "non_saturati
   return -jnp.mean(fake)
 
 
-def discriminator_adversarial_loss(logits_real: jax.Array, logits_fake: jax.Array,
-                                   kind: str = "non_saturating") -> jax.Array:
+def discriminator_adversarial_loss(
+  logits_real: jax.Array, logits_fake: jax.Array, kind: str = "non_saturating"
+) -> jax.Array:
   """'non_saturating': mean(softplus(−D(real))) + mean(softplus(D(fake)));
   'hinge': mean(relu(1 − D(real))) + mean(relu(1 + D(fake)))."""
   _check_gan_type(kind)
@@ -108,8 +109,9 @@ def adversarial_weight(step: jax.Array | int, start_step: int, weight: float) ->
   return jnp.where(jnp.asarray(step) >= start_step, jnp.asarray(weight, _F32), jnp.zeros((), _F32))
 
 
-def r1_gradient_penalty(logits_fn: Callable[[jax.Array], jax.Array], real: jax.Array,
-                        cost: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def r1_gradient_penalty(
+  logits_fn: Callable[[jax.Array], jax.Array], real: jax.Array, cost: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
   """R1 penalty cost · mean_b ‖∂D(real_b)/∂real_b‖² (MaskGIT's form; cost 10 in its recipe).
 
   The per-sample gradient is taken as the gradient of sum_b D(real_b), which equals it because the
@@ -123,6 +125,7 @@ def r1_gradient_penalty(logits_fn: Callable[[jax.Array], jax.Array], real: jax.A
   Returns:
     (penalty float32 scalar, logits of `real`, float32) — reuse the logits for the adversarial loss.
   """
+
   def summed(x):
     logits = _f32(logits_fn(x))
     return jnp.sum(logits), logits
@@ -135,6 +138,7 @@ def r1_gradient_penalty(logits_fn: Callable[[jax.Array], jax.Array], real: jax.A
 @flax.struct.dataclass
 class LeCamState:
   """Exponential moving averages of the discriminator's mean logits on real and fake images."""
+
   ema_real: jax.Array
   ema_fake: jax.Array
 
@@ -143,13 +147,13 @@ class LeCamState:
     return cls(ema_real=jnp.asarray(init, _F32), ema_fake=jnp.asarray(init, _F32))
 
 
-def lecam_update(state: LeCamState, logits_real: jax.Array, logits_fake: jax.Array,
-                 decay: float = 0.999) -> LeCamState:
+def lecam_update(state: LeCamState, logits_real: jax.Array, logits_fake: jax.Array, decay: float = 0.999) -> LeCamState:
   """ema ← decay·ema + (1 − decay)·mean(logits), with no gradient through the EMA."""
   real = jax.lax.stop_gradient(jnp.mean(_f32(logits_real)))
   fake = jax.lax.stop_gradient(jnp.mean(_f32(logits_fake)))
-  return LeCamState(ema_real=decay * state.ema_real + (1.0 - decay) * real,
-                    ema_fake=decay * state.ema_fake + (1.0 - decay) * fake)
+  return LeCamState(
+    ema_real=decay * state.ema_real + (1.0 - decay) * real, ema_fake=decay * state.ema_fake + (1.0 - decay) * fake
+  )
 
 
 def lecam_regularizer(logits_real: jax.Array, logits_fake: jax.Array, state: LeCamState) -> jax.Array:
@@ -157,12 +161,14 @@ def lecam_regularizer(logits_real: jax.Array, logits_fake: jax.Array, state: LeC
   mean(relu(D(real) − ema_fake)²) + mean(relu(ema_real − D(fake))²)."""
   ema_real = jax.lax.stop_gradient(state.ema_real)
   ema_fake = jax.lax.stop_gradient(state.ema_fake)
-  return (jnp.mean(jnp.square(jax.nn.relu(_f32(logits_real) - ema_fake)))
-          + jnp.mean(jnp.square(jax.nn.relu(ema_real - _f32(logits_fake)))))
+  return jnp.mean(jnp.square(jax.nn.relu(_f32(logits_real) - ema_fake))) + jnp.mean(
+    jnp.square(jax.nn.relu(ema_real - _f32(logits_fake)))
+  )
 
 
-def lecam_loss(state: LeCamState, logits_real: jax.Array, logits_fake: jax.Array,
-               decay: float = 0.999) -> tuple[jax.Array, LeCamState]:
+def lecam_loss(
+  state: LeCamState, logits_real: jax.Array, logits_fake: jax.Array, decay: float = 0.999
+) -> tuple[jax.Array, LeCamState]:
   """Update the EMAs with this batch, then regularise against the updated EMAs (the reference order)."""
   new_state = lecam_update(state, logits_real, logits_fake, decay)
   return lecam_regularizer(logits_real, logits_fake, new_state), new_state
@@ -173,20 +179,20 @@ def lecam_loss(state: LeCamState, logits_real: jax.Array, logits_fake: jax.Array
 
 
 def generator_loss_terms(
-    images: jax.Array,
-    reconstructions: jax.Array,
-    *,
-    codebook_loss: jax.Array,
-    commitment_loss: jax.Array,
-    entropy: jax.Array | float = 0.0,
-    perceptual: jax.Array | float = 0.0,
-    logits_fake: jax.Array | None = None,
-    rec_type: str = "l1",
-    rec_weight: float = 1.0,
-    entropy_weight: float = 0.1,
-    perceptual_weight: float = 0.1,
-    adv_weight: jax.Array | float = 0.1,
-    gan_type: str = "non_saturating",
+  images: jax.Array,
+  reconstructions: jax.Array,
+  *,
+  codebook_loss: jax.Array,
+  commitment_loss: jax.Array,
+  entropy: jax.Array | float = 0.0,
+  perceptual: jax.Array | float = 0.0,
+  logits_fake: jax.Array | None = None,
+  rec_type: str = "l1",
+  rec_weight: float = 1.0,
+  entropy_weight: float = 0.1,
+  perceptual_weight: float = 0.1,
+  adv_weight: jax.Array | float = 0.1,
+  gan_type: str = "non_saturating",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted generator (encoder + quantizer + decoder) objective.
 
@@ -202,11 +208,11 @@ def generator_loss_terms(
     (they sum to total), all float32 scalars.
   """
   terms = {
-      "rec": rec_weight * reconstruction_loss(images, reconstructions, rec_type),
-      "vq": _f32(codebook_loss),
-      "commit": _f32(commitment_loss),
-      "entropy": entropy_weight * _f32(entropy),
-      "perceptual": perceptual_weight * _f32(perceptual),
+    "rec": rec_weight * reconstruction_loss(images, reconstructions, rec_type),
+    "vq": _f32(codebook_loss),
+    "commit": _f32(commitment_loss),
+    "entropy": entropy_weight * _f32(entropy),
+    "perceptual": perceptual_weight * _f32(perceptual),
   }
   if logits_fake is None:
     terms["adv"] = jnp.zeros((), _F32)
@@ -216,15 +222,15 @@ def generator_loss_terms(
 
 
 def discriminator_loss_terms(
-    logits_real: jax.Array,
-    logits_fake: jax.Array,
-    *,
-    weight: jax.Array | float = 1.0,
-    gan_type: str = "non_saturating",
-    r1_penalty: jax.Array | float = 0.0,
-    lecam_state: LeCamState | None = None,
-    lecam_weight: float = 0.0,
-    lecam_decay: float = 0.999,
+  logits_real: jax.Array,
+  logits_fake: jax.Array,
+  *,
+  weight: jax.Array | float = 1.0,
+  gan_type: str = "non_saturating",
+  r1_penalty: jax.Array | float = 0.0,
+  lecam_state: LeCamState | None = None,
+  lecam_weight: float = 0.0,
+  lecam_decay: float = 0.999,
 ) -> tuple[jax.Array, dict[str, jax.Array], LeCamState | None]:
   """Weighted discriminator objective.
 
@@ -283,8 +289,9 @@ def perceptual_weight_names(use_lin_heads: bool = True) -> list[str]:
   return names
 
 
-def random_perceptual_weights(seed: int = 0, widths: tuple[int, ...] = (64, 128, 256, 512, 512),
-                              use_lin_heads: bool = True) -> dict[str, np.ndarray]:
+def random_perceptual_weights(
+  seed: int = 0, widths: tuple[int, ...] = (64, 128, 256, 512, 512), use_lin_heads: bool = True
+) -> dict[str, np.ndarray]:
   """He-initialised random weights in the file layout (for tests and smoke runs; not a real perceptual net)."""
   if len(widths) != len(_VGG16_STAGES):
     raise ValueError(f"need {len(_VGG16_STAGES)} stage widths, got {widths}")
@@ -293,8 +300,9 @@ def random_perceptual_weights(seed: int = 0, widths: tuple[int, ...] = (64, 128,
   for s, (_, n) in enumerate(_VGG16_STAGES):
     for i in range(n):
       name = f"conv{s + 1}_{i + 1}"
-      out[f"{name}.kernel"] = (rng.standard_normal((3, 3, c_in, widths[s])) * np.sqrt(2.0 / (9 * c_in))
-                               ).astype(np.float32)
+      out[f"{name}.kernel"] = (rng.standard_normal((3, 3, c_in, widths[s])) * np.sqrt(2.0 / (9 * c_in))).astype(
+        np.float32
+      )
       out[f"{name}.bias"] = (0.01 * rng.standard_normal(widths[s])).astype(np.float32)
       c_in = widths[s]
     if use_lin_heads:
@@ -302,13 +310,15 @@ def random_perceptual_weights(seed: int = 0, widths: tuple[int, ...] = (64, 128,
   return out
 
 
-def weights_from_torch(vgg_features: Mapping[str, Any],
-                       lpips_heads: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+def weights_from_torch(
+  vgg_features: Mapping[str, Any], lpips_heads: Mapping[str, Any] | None = None
+) -> dict[str, np.ndarray]:
   """torchvision `vgg16().features.state_dict()` (+ LPIPS `lin*` state dict), as numpy -> file layout.
 
   Keys read: `{idx}.weight`/`{idx}.bias` (optionally prefixed `features.`) for the conv indices 0, 2, 5, ...,
   28; `lin{k}.model.1.weight` [1, C, 1, 1] for the heads. Save the result with `np.savez(path, **weights)`.
   """
+
   def get(d, key):
     for k in (key, f"features.{key}"):
       if k in d:
@@ -331,8 +341,10 @@ def weights_from_torch(vgg_features: Mapping[str, Any],
 def _validate_weights(weights: Mapping[str, np.ndarray], use_lin_heads: bool, source: str) -> None:
   missing = [k for k in perceptual_weight_names(use_lin_heads) if k not in weights]
   if missing:
-    raise KeyError(f"perceptual weights {source} lack key {missing[0]!r}"
-                   + (f" (and {len(missing) - 1} more: {missing[1:]})" if len(missing) > 1 else ""))
+    raise KeyError(
+      f"perceptual weights {source} lack key {missing[0]!r}"
+      + (f" (and {len(missing) - 1} more: {missing[1:]})" if len(missing) > 1 else "")
+    )
   allowed = set(perceptual_weight_names(True))
   unexpected = sorted(k for k in weights if k not in allowed)
   if unexpected:
@@ -343,14 +355,16 @@ def _validate_weights(weights: Mapping[str, np.ndarray], use_lin_heads: bool, so
       name = f"conv{s + 1}_{i + 1}"
       kernel, bias = weights[f"{name}.kernel"], weights[f"{name}.bias"]
       if kernel.ndim != 4 or kernel.shape[:3] != (3, 3, c_in):
-        raise ValueError(f"perceptual weights {source}: {name}.kernel has shape {kernel.shape}, "
-                         f"expected (3, 3, {c_in}, C_out)")
+        raise ValueError(
+          f"perceptual weights {source}: {name}.kernel has shape {kernel.shape}, expected (3, 3, {c_in}, C_out)"
+        )
       c_in = kernel.shape[3]
       if bias.shape != (c_in,):
         raise ValueError(f"perceptual weights {source}: {name}.bias has shape {bias.shape}, expected ({c_in},)")
     if use_lin_heads and weights[f"lin{s}.kernel"].shape != (c_in,):
-      raise ValueError(f"perceptual weights {source}: lin{s}.kernel has shape {weights[f'lin{s}.kernel'].shape}, "
-                       f"expected ({c_in},)")
+      raise ValueError(
+        f"perceptual weights {source}: lin{s}.kernel has shape {weights[f'lin{s}.kernel'].shape}, expected ({c_in},)"
+      )
 
 
 def _vgg_taps(params: Mapping[str, jax.Array], x: jax.Array) -> list[jax.Array]:
@@ -361,8 +375,9 @@ def _vgg_taps(params: Mapping[str, jax.Array], x: jax.Array) -> list[jax.Array]:
       x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
     for i in range(n):
       name = f"conv{s + 1}_{i + 1}"
-      x = jax.lax.conv_general_dilated(x, params[f"{name}.kernel"], (1, 1), ((1, 1), (1, 1)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x = jax.lax.conv_general_dilated(
+        x, params[f"{name}.kernel"], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
       x = jax.nn.relu(x + params[f"{name}.bias"])
     taps.append(x)
   return taps
@@ -372,8 +387,13 @@ def _channel_normalize(f):
   return f / (jnp.sqrt(jnp.sum(jnp.square(f), axis=-1, keepdims=True)) + _NORM_EPS)
 
 
-def lpips_distance(params: Mapping[str, jax.Array], x: jax.Array, y: jax.Array, use_lin_heads: bool,
-                   input_range: tuple[float, float] = (0.0, 1.0)) -> jax.Array:
+def lpips_distance(
+  params: Mapping[str, jax.Array],
+  x: jax.Array,
+  y: jax.Array,
+  use_lin_heads: bool,
+  input_range: tuple[float, float] = (0.0, 1.0),
+) -> jax.Array:
   """LPIPS-style distance per sample.
 
   Both images are mapped to [-1, 1], then ((v − shift) / scale) per RGB channel, passed through VGG16; at
@@ -416,14 +436,19 @@ class PerceptualLoss:
   closing over it. `PerceptualLoss.load(None)` gives a disabled instance: `enabled` is False and calls
   return zeros, so the caller can log `status` ("perceptual loss disabled: no weights file") and go on.
   """
+
   params: dict[str, jax.Array] | None
   use_lin_heads: bool = flax.struct.field(pytree_node=False, default=False)
   input_range: tuple[float, float] = flax.struct.field(pytree_node=False, default=(0.0, 1.0))
   path: str | None = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
-  def load(cls, path: str | os.PathLike | None, use_lin_heads: bool | None = None,
-           input_range: tuple[float, float] = (0.0, 1.0)) -> "PerceptualLoss":
+  def load(
+    cls,
+    path: str | os.PathLike | None,
+    use_lin_heads: bool | None = None,
+    input_range: tuple[float, float] = (0.0, 1.0),
+  ) -> "PerceptualLoss":
     """Reads `path` (None or '' -> disabled).
 
     use_lin_heads: True requires the lin{k} heads, False ignores them (plain channel sum), None uses them

@@ -26,6 +26,7 @@ from mage_jax.models.vqgan import VQGAN
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """Typed view of `config.loss` (weights multiply the terms as in `tokenizer_losses`)."""
+
   rec_type: str = "l2"
   rec_weight: float = 1.0
   entropy_weight: float = 0.0
@@ -55,7 +56,6 @@ class LossConfig:
     return self.discriminator_start_step >= 0 and (self.adv_weight > 0 or self.disc_weight > 0)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class CodebookConfig:
   """Typed view of `config.codebook`: how the training loop (not the model) looks after the codebook.
@@ -71,6 +71,7 @@ class CodebookConfig:
     it starts from trained weights (`tokenizer.init`), since at step 0 no usage has been seen yet and every
     code would count as dead.
   """
+
   lr_multiplier: float = 1.0
   restart_every: int = 0
   usage_decay: float = 0.99
@@ -84,12 +85,12 @@ class CodebookConfig:
     if self.restart_every < 0:
       raise ValueError(f"codebook.restart_every must be >= 0, got {self.restart_every}")
     if self.freeze and self.restart_every:
-      raise ValueError(f"codebook.freeze keeps every code as it is; it cannot be combined with "
-                       f"codebook.restart_every={self.restart_every} (restarts replace dead codes)")
+      raise ValueError(
+        f"codebook.freeze keeps every code as it is; it cannot be combined with "
+        f"codebook.restart_every={self.restart_every} (restarts replace dead codes)"
+      )
     if not 0.0 <= self.usage_decay < 1.0:
       raise ValueError(f"codebook.usage_decay must be in [0, 1), got {self.usage_decay}")
-
-
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -102,6 +103,7 @@ class TokenizerState:
 
   params: {'generator': VQGAN params, 'discriminator': Discriminator params}.
   """
+
   step: jax.Array
   params: Any
   g_opt_state: Any
@@ -121,14 +123,17 @@ def init_state(rng: jax.Array, *, vqgan: VQGAN, disc: Discriminator, g_tx, d_tx)
   g_params = vqgan.init(jax.random.fold_in(rng, 0), dummy)["params"]
   d_params = disc.init(jax.random.fold_in(rng, 1), dummy)["params"]
   return TokenizerState(
-      step=jnp.zeros((), jnp.int32),
-      params={"generator": g_params, "discriminator": d_params},
-      g_opt_state=g_tx.init(g_params), d_opt_state=d_tx.init(d_params),
-      ema_params=jax.tree.map(jnp.copy, g_params),
-      lecam=tl.LeCamState.create(),
-      code_usage=jnp.zeros((vqgan.config.codebook_size,), jnp.float32),
-      rng=jax.random.key_data(jax.random.fold_in(rng, 2)),
-      first_nonfinite_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+    step=jnp.zeros((), jnp.int32),
+    params={"generator": g_params, "discriminator": d_params},
+    g_opt_state=g_tx.init(g_params),
+    d_opt_state=d_tx.init(d_params),
+    ema_params=jax.tree.map(jnp.copy, g_params),
+    lecam=tl.LeCamState.create(),
+    code_usage=jnp.zeros((vqgan.config.codebook_size,), jnp.float32),
+    rng=jax.random.key_data(jax.random.fold_in(rng, 2)),
+    first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    skipped_steps=jnp.zeros((), jnp.int32),
+  )
 
 
 def ema_update(ema, params, decay: float):
@@ -140,8 +145,9 @@ def _zeros_like_terms(keys):
   return {k: jnp.zeros((), jnp.float32) for k in keys}
 
 
-def restart_dead_codes(codebook: jax.Array, usage: jax.Array, z: jax.Array, rng: jax.Array, active: jax.Array,
-                       dead_ratio: float) -> tuple[jax.Array, jax.Array]:
+def restart_dead_codes(
+  codebook: jax.Array, usage: jax.Array, z: jax.Array, rng: jax.Array, active: jax.Array, dead_ratio: float
+) -> tuple[jax.Array, jax.Array]:
   """Replaces dead codes (usage < dead_ratio / K) by randomly drawn latents when `active`.
 
   Args:
@@ -173,9 +179,20 @@ def _with_codebook(g_params, codebook):
   return {**g_params, "quantize": q}
 
 
-def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, vqgan: VQGAN,
-               disc: Discriminator, g_tx, d_tx, loss: LossConfig, ema_decay: float, g_schedule=None,
-               codebook: CodebookConfig = CodebookConfig()):
+def train_step(
+  state: TokenizerState,
+  perceptual: tl.PerceptualLoss,
+  batch,
+  *,
+  vqgan: VQGAN,
+  disc: Discriminator,
+  g_tx,
+  d_tx,
+  loss: LossConfig,
+  ema_decay: float,
+  g_schedule=None,
+  codebook: CodebookConfig = CodebookConfig(),
+):
   """One generator + one discriminator update on a global batch {'image': [B, H, W, 3] in [0, 1]}.
 
   Returns (new state, metrics of float32 scalars).
@@ -188,19 +205,31 @@ def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, v
 
   def g_loss_fn(gp):
     recon, aux = vqgan.apply({"params": gp}, images)
-    entropy = (tl.entropy_loss(aux["distances"], loss.entropy_temperature) if loss.entropy_weight
-               else jnp.zeros((), jnp.float32))
+    entropy = (
+      tl.entropy_loss(aux["distances"], loss.entropy_temperature) if loss.entropy_weight else jnp.zeros((), jnp.float32)
+    )
     percep = jnp.mean(perceptual(images, recon)) if use_perceptual else jnp.zeros((), jnp.float32)
     total, terms = tl.generator_loss_terms(
-        images, recon, codebook_loss=aux["codebook"], commitment_loss=aux["commitment"], entropy=entropy,
-        perceptual=percep, logits_fake=None, rec_type=loss.rec_type, rec_weight=loss.rec_weight,
-        entropy_weight=loss.entropy_weight, perceptual_weight=loss.perceptual_weight)
+      images,
+      recon,
+      codebook_loss=aux["codebook"],
+      commitment_loss=aux["commitment"],
+      entropy=entropy,
+      perceptual=percep,
+      logits_fake=None,
+      rec_type=loss.rec_type,
+      rec_weight=loss.rec_weight,
+      entropy_weight=loss.entropy_weight,
+      perceptual_weight=loss.perceptual_weight,
+    )
     if loss.use_gan:
       # Before the start step the adversarial term has weight 0: skip D's forward/backward altogether.
       adv = jax.lax.cond(
-          gan_active,
-          lambda r: loss.adv_weight * tl.generator_adversarial_loss(disc.apply({"params": d_params}, r), loss.gan_type),
-          lambda r: jnp.zeros((), jnp.float32), recon)
+        gan_active,
+        lambda r: loss.adv_weight * tl.generator_adversarial_loss(disc.apply({"params": d_params}, r), loss.gan_type),
+        lambda r: jnp.zeros((), jnp.float32),
+        recon,
+      )
       terms["adv"] = adv
       total = total + adv
     return total, (terms, aux, recon)
@@ -212,8 +241,7 @@ def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, v
 
   k = vqgan.config.codebook_size
   batch_hist = image_metrics.code_histogram(aux["ids"], k)
-  code_usage = (codebook.usage_decay * state.code_usage
-                + (1.0 - codebook.usage_decay) * batch_hist / jnp.sum(batch_hist))
+  code_usage = codebook.usage_decay * state.code_usage + (1.0 - codebook.usage_decay) * batch_hist / jnp.sum(batch_hist)
   new_ema = ema_update(state.ema_params, new_g_params, ema_decay)
   restarted = jnp.zeros((), jnp.float32)
   if codebook.freeze:
@@ -224,8 +252,7 @@ def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, v
     due = step % codebook.restart_every == 0
     if not codebook.restart_at_start:
       due = due & (step > 0)
-    new_cb, dead = restart_dead_codes(codebook_of(new_g_params), code_usage, aux["z"], rng, due,
-                                      codebook.dead_ratio)
+    new_cb, dead = restart_dead_codes(codebook_of(new_g_params), code_usage, aux["z"], rng, due, codebook.dead_ratio)
     # A restarted code keeps its low usage: unless picked up, it is redrawn at the next restart. The EMA
     # copy takes the new code as it is (a blend of an abandoned and a fresh code is no code at all).
     new_g_params = _with_codebook(new_g_params, new_cb)
@@ -244,12 +271,23 @@ def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, v
         r1, logits_real = jnp.zeros((), jnp.float32), logits_fn(images)
       logits_fake = logits_fn(fake)
       total, terms, new_lecam = tl.discriminator_loss_terms(
-          logits_real, logits_fake, weight=loss.disc_weight, gan_type=loss.gan_type, r1_penalty=r1,
-          lecam_state=lecam_state if loss.lecam_weight > 0 else None, lecam_weight=loss.lecam_weight,
-          lecam_decay=loss.lecam_decay)
+        logits_real,
+        logits_fake,
+        weight=loss.disc_weight,
+        gan_type=loss.gan_type,
+        r1_penalty=r1,
+        lecam_state=lecam_state if loss.lecam_weight > 0 else None,
+        lecam_weight=loss.lecam_weight,
+        lecam_decay=loss.lecam_decay,
+      )
       new_lecam = lecam_state if new_lecam is None else new_lecam
-      stats = {"d_adv": terms["adv"], "d_lecam": terms["lecam"], "d_r1": terms["r1"],
-               "logits_real": jnp.mean(logits_real), "logits_fake": jnp.mean(logits_fake)}
+      stats = {
+        "d_adv": terms["adv"],
+        "d_lecam": terms["lecam"],
+        "d_r1": terms["r1"],
+        "logits_real": jnp.mean(logits_real),
+        "logits_fake": jnp.mean(logits_fake),
+      }
       return total, (stats, new_lecam)
 
     def d_update(operands):
@@ -264,22 +302,40 @@ def train_step(state: TokenizerState, perceptual: tl.PerceptualLoss, batch, *, v
       return dp, d_opt, lecam_state, _zeros_like_terms(d_keys)
 
     new_d_params, d_opt_state, lecam, d_stats = jax.lax.cond(
-        gan_active, d_update, d_skip, (d_params, state.d_opt_state, state.lecam))
+      gan_active, d_update, d_skip, (d_params, state.d_opt_state, state.lecam)
+    )
   else:
     new_d_params, d_opt_state, lecam, d_stats = d_params, state.d_opt_state, state.lecam, _zeros_like_terms(d_keys)
 
-  finite = (jnp.isfinite(g_loss) & jnp.isfinite(g_grad_norm) & jnp.isfinite(d_stats["d_loss"])
-            & jnp.isfinite(d_stats["d_grad_norm"]))
-  new_state = steps.commit(state, finite, params={"generator": new_g_params, "discriminator": new_d_params},
-                           g_opt_state=g_opt_state, d_opt_state=d_opt_state, ema_params=new_ema, lecam=lecam,
-                           code_usage=code_usage)
+  finite = (
+    jnp.isfinite(g_loss)
+    & jnp.isfinite(g_grad_norm)
+    & jnp.isfinite(d_stats["d_loss"])
+    & jnp.isfinite(d_stats["d_grad_norm"])
+  )
+  new_state = steps.commit(
+    state,
+    finite,
+    params={"generator": new_g_params, "discriminator": new_d_params},
+    g_opt_state=g_opt_state,
+    d_opt_state=d_opt_state,
+    ema_params=new_ema,
+    lecam=lecam,
+    code_usage=code_usage,
+  )
 
-  metrics = {"loss": g_loss, **{f"g_{n}": v for n, v in g_terms.items()}, "g_grad_norm": g_grad_norm,
-             **d_stats, "batch_code_usage": jnp.mean((batch_hist > 0).astype(jnp.float32)),
-             "alive_codes": jnp.mean((code_usage >= codebook.dead_ratio / k).astype(jnp.float32)),
-             "restarted_codes": restarted,
-             "batch_psnr": jnp.mean(image_metrics.psnr(images, jnp.clip(recon, 0.0, 1.0))),
-             "gan_active": gan_active.astype(jnp.float32), "finite": finite.astype(jnp.float32)}
+  metrics = {
+    "loss": g_loss,
+    **{f"g_{n}": v for n, v in g_terms.items()},
+    "g_grad_norm": g_grad_norm,
+    **d_stats,
+    "batch_code_usage": jnp.mean((batch_hist > 0).astype(jnp.float32)),
+    "alive_codes": jnp.mean((code_usage >= codebook.dead_ratio / k).astype(jnp.float32)),
+    "restarted_codes": restarted,
+    "batch_psnr": jnp.mean(image_metrics.psnr(images, jnp.clip(recon, 0.0, 1.0))),
+    "gan_active": gan_active.astype(jnp.float32),
+    "finite": finite.astype(jnp.float32),
+  }
   if g_schedule is not None:
     metrics["lr"] = g_schedule(step)
   return new_state, metrics

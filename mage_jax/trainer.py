@@ -48,6 +48,7 @@ class Task:
     evaluate: optional (state, step) -> dict of scalars, run every `config.eval_every_steps` steps and at the
       end (on every process); written as `eval/<name>`.
   """
+
   init_state: Callable[[jax.Array], Any]
   step: Callable[..., tuple[Any, dict]]
   extras: Any
@@ -72,12 +73,18 @@ def mesh_and_rules(config: ml_collections.ConfigDict):
 def image_data(config: ml_collections.ConfigDict) -> Callable[[int], Iterator[dict]]:
   """`Task.data` for the configured input pipeline (`config.input`, seeded by `config.seed`)."""
   from mage_jax.data import pipeline  # TensorFlow only where an input pipeline is built
+
   source = pipeline.make_source(config.input)
 
   def data(start_step: int):
-    return pipeline.train_iterator(config.input, seed=config.seed, start_step=start_step,
-                                   process_index=jax.process_index(), process_count=jax.process_count(),
-                                   source=source)
+    return pipeline.train_iterator(
+      config.input,
+      seed=config.seed,
+      start_step=start_step,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      source=source,
+    )
 
   return data
 
@@ -88,11 +95,16 @@ def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
   `total_steps` 0 means "use total_epochs"; a negative value is an error, not a silent fallback.
   """
   if config.get("total_steps", 0) < 0 or config.get("total_epochs", 0) < 0:
-    raise ValueError(f"total_steps ({config.get('total_steps')}) and total_epochs ({config.get('total_epochs')}) "
-                     "must be >= 0 (total_steps 0: run total_epochs)")
+    raise ValueError(
+      f"total_steps ({config.get('total_steps')}) and total_epochs ({config.get('total_epochs')}) "
+      "must be >= 0 (total_steps 0: run total_epochs)"
+    )
   total = config.total_steps if config.get("total_steps", 0) > 0 else int(config.total_epochs * steps_per_epoch)
-  warmup = config.optim.warmup_steps if config.optim.get("warmup_steps", -1) >= 0 else int(
-      config.optim.get("warmup_epochs", 0) * steps_per_epoch)
+  warmup = (
+    config.optim.warmup_steps
+    if config.optim.get("warmup_steps", -1) >= 0
+    else int(config.optim.get("warmup_epochs", 0) * steps_per_epoch)
+  )
   if total <= 0:
     raise ValueError("set total_steps or total_epochs to a positive number")
   return total, min(warmup, total)
@@ -125,13 +137,13 @@ def check_finite(state, config, mngr):
     return
   skipped = int(jax.device_get(state.skipped_steps))
   if config.nonfinite == "skip":
-    logging.warning("%d steps skipped so far for non-finite loss/gradients (first at step %d)", skipped,
-                    first_bad)
+    logging.warning("%d steps skipped so far for non-finite loss/gradients (first at step %d)", skipped, first_bad)
     return
   raise FloatingPointError(
-      f"non-finite loss or gradient at step {first_bad}; stopping (nonfinite='stop'). That update was not "
-      f"applied and the last checkpoint (step {checkpointing.latest_step(mngr)}) is intact. Set "
-      "--config.nonfinite=skip to skip such updates instead.")
+    f"non-finite loss or gradient at step {first_bad}; stopping (nonfinite='stop'). That update was not "
+    f"applied and the last checkpoint (step {checkpointing.latest_step(mngr)}) is intact. Set "
+    "--config.nonfinite=skip to skip such updates instead."
+  )
 
 
 def _flatten(d, prefix=""):
@@ -164,27 +176,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
     extras = sharding.place(task.extras, extras_shardings)
 
     mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
-    resumed = checkpointing.restore_newest(mngr, checkpointing.abstract_with_shardings(abstract, state_shardings),
-                                           corrupt=config.get("corrupt_checkpoint", "fallback"))
+    resumed = checkpointing.restore_newest(
+      mngr,
+      checkpointing.abstract_with_shardings(abstract, state_shardings),
+      corrupt=config.get("corrupt_checkpoint", "fallback"),
+    )
     if resumed is not None:
       logging.info("resuming from checkpoint step %d", resumed[0])
       state = resumed[1]
     else:
       state = jax.jit(lambda r: sharding.strip_boxes(task.init_state(r)), out_shardings=state_shardings)(
-          jax.random.key(config.seed))
+        jax.random.key(config.seed)
+      )
       if task.initial_params is not None:
         init, params_shardings = task.initial_params, state_shardings.params
         if isinstance(init, dict) and set(init) < set(state.params):  # some entries: the others stay fresh
-          state = state.replace(params={**state.params, **jax.device_put(init, {k: params_shardings[k]
-                                                                                for k in init})})
+          state = state.replace(params={**state.params, **jax.device_put(init, {k: params_shardings[k] for k in init})})
         else:
           state = state.replace(params=jax.device_put(init, params_shardings))
         if task.reinit_after_params is not None:
           state = jax.jit(task.reinit_after_params, out_shardings=state_shardings)(state)
     start_step = int(jax.device_get(state.step))
     if start_step > task.total_steps:
-      raise ValueError(f"the checkpoint in {workdir} is at step {start_step}, past this run's {task.total_steps} "
-                       "steps: raise total_steps (or total_epochs) to continue it, or use a new workdir")
+      raise ValueError(
+        f"the checkpoint in {workdir} is at step {start_step}, past this run's {task.total_steps} "
+        "steps: raise total_steps (or total_epochs) to continue it, or use a new workdir"
+      )
     if "mode" in config:  # a job's own config (not a loop config an evaluator made)
       atomic.record_config(config, workdir)
     if is_main:
@@ -194,9 +211,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
     step_fn = sharding.jit_train_step(task.step, state_shardings, mesh, extras_shardings)
     end_step = task.total_steps if task.stop_step is None else min(task.stop_step, task.total_steps)
     data = task.data(start_step) if start_step < end_step else iter(())
-    hooks = progress.training_hooks(end_step, writer, config.log_every_steps,
-                                    profile_dir=workdir if is_main else None,
-                                    profile_steps=config.get("profile_steps", 0), first_profile=start_step + 5)
+    hooks = progress.training_hooks(
+      end_step,
+      writer,
+      config.log_every_steps,
+      profile_dir=workdir if is_main else None,
+      profile_steps=config.get("profile_steps", 0),
+      first_profile=start_step + 5,
+    )
     stop = preemption.Stop(mesh)
     last_metrics: dict = {}
     try:
@@ -230,8 +252,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
           checkpointing.save(mngr, done, state, force=True)
         if preempted:
           checkpointing.seal(mngr)
-          logging.warning("checkpoint %d written after %s; exiting", done,
-                          stop.signal.name if stop.signal else "a signal to another process")
+          logging.warning(
+            "checkpoint %d written after %s; exiting",
+            done,
+            stop.signal.name if stop.signal else "a signal to another process",
+          )
           break
     finally:
       stop.restore()
@@ -243,4 +268,3 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
   if stop.signal == signal.SIGINT:
     raise KeyboardInterrupt  # after its checkpoint, a Ctrl-C ends the binary like any other (status 130)
   return last_metrics, state
-

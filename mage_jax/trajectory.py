@@ -47,8 +47,19 @@ from mage_jax.models.vqgan import VQGANConfig
 
 PRETRAIN_FILE = "trajectory.npz"
 # Numbers of config.json's `train` section that the replay uses (besides steps and grad_clip_norm).
-RECIPE_KEYS = ("batch", "steps_per_epoch", "epochs", "warmup_epochs", "blr", "lr", "min_lr", "b1", "b2", "eps",
-               "weight_decay")
+RECIPE_KEYS = (
+  "batch",
+  "steps_per_epoch",
+  "epochs",
+  "warmup_epochs",
+  "blr",
+  "lr",
+  "min_lr",
+  "b1",
+  "b2",
+  "eps",
+  "weight_decay",
+)
 PROBE_FILE = "probe_trajectory.npz"
 # Parameter groups are a table, not arithmetic: they must agree to rounding of the decimal values.
 GROUP_TOLERANCE = 1e-12
@@ -63,6 +74,7 @@ class FixtureError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class PretrainTolerances:
   """Largest relative errors a pretraining replay may show; None: reported, judged only for finiteness."""
+
   loss: float
   lr: float
   grad_norm: float | None
@@ -94,6 +106,7 @@ class Row:
   names the step, tensor or parameters the error is at. A `tolerance` of None reports a measurement that
   only has to be finite.
   """
+
   name: str
   error: float
   tolerance: float | None
@@ -123,8 +136,10 @@ def format_table(title: str, rows: Sequence[Row]) -> str:
     lines.append(f"{r.name:{NAME_WIDTH}s} {error} {tol}  {r.status:6s}  {r.where}")
   failed = sum(not r.passed for r in rows)
   info = sum(r.tolerance is None for r in rows)
-  lines.append(f"{len(rows) - failed}/{len(rows)} checks within tolerance"
-               + (f" ({info} reported, judged only for finiteness)" if info else ""))
+  lines.append(
+    f"{len(rows) - failed}/{len(rows)} checks within tolerance"
+    + (f" ({info} reported, judged only for finiteness)" if info else "")
+  )
   return "\n".join(lines)
 
 
@@ -169,15 +184,22 @@ def _number(cfg: dict, dotted: str, *, integer: bool = False, minimum: float = 0
   value = _field(cfg, dotted, dataclasses.MISSING if default is None else default)
   kinds = (int,) if integer else (int, float)
   if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value < minimum:
-    raise FixtureError(f"config.json: {dotted} must be a finite {'integer' if integer else 'number'} >= "
-                       f"{minimum:g}, got {value!r}")
+    raise FixtureError(
+      f"config.json: {dotted} must be a finite {'integer' if integer else 'number'} >= {minimum:g}, got {value!r}"
+    )
   return value
 
 
 def _snapshots(cfg: dict, dotted: str, steps_: int) -> tuple[int, ...]:
   snaps = _field(cfg, dotted)
-  if (not isinstance(snaps, list) or not snaps or any(isinstance(s, bool) or not isinstance(s, int) for s in snaps)
-      or sorted(set(snaps)) != snaps or snaps[0] < 1 or snaps[-1] > steps_):
+  if (
+    not isinstance(snaps, list)
+    or not snaps
+    or any(isinstance(s, bool) or not isinstance(s, int) for s in snaps)
+    or sorted(set(snaps)) != snaps
+    or snaps[0] < 1
+    or snaps[-1] > steps_
+  ):
     raise FixtureError(f"config.json: {dotted} must be increasing step counts in [1, {steps_}], got {snaps!r}")
   return tuple(snaps)
 
@@ -205,15 +227,18 @@ def _arrays(path: str, expected: dict[str, tuple[tuple[int, ...], str]]) -> dict
     a = out[k]
     kind_ok = a.dtype.kind in ("iu" if kind == "i" else kind)
     if a.shape != shape or not kind_ok:
-      raise FixtureError(f"{path}: {k} is {a.dtype}{list(a.shape)}, config.json implies "
-                         f"{ {'i': 'int', 'b': 'bool', 'f': 'float'}[kind]}{list(shape)}")
+      raise FixtureError(
+        f"{path}: {k} is {a.dtype}{list(a.shape)}, config.json implies "
+        f"{ {'i': 'int', 'b': 'bool', 'f': 'float'}[kind] }{list(shape)}"
+      )
     if kind == "f" and not np.all(np.isfinite(a)):
       raise FixtureError(f"{path}: {k} holds non-finite values")
   return out
 
 
-def _converted(directory: str, name: str, kind: str, tok_config: VQGANConfig,
-               mage_config: MAGEConfig) -> convert.Converted:
+def _converted(
+  directory: str, name: str, kind: str, tok_config: VQGANConfig, mage_config: MAGEConfig
+) -> convert.Converted:
   path = os.path.join(directory, name)
   if not os.path.isfile(path):
     raise FixtureError(f"{path}: no such file")
@@ -266,15 +291,19 @@ def _recipe_row(name: str, pairs: dict[str, tuple[float | None, float | None]]) 
 @dataclasses.dataclass
 class NameMatch:
   """How a list of official parameter names covers a project param tree (through the converter's mapping)."""
-  paths: dict[str, str]   # official name -> project param path ('blocks_0/attn/qkv/kernel')
+
+  paths: dict[str, str]  # official name -> project param path ('blocks_0/attn/qkv/kernel')
   no_gradient: list[str]  # official tensors the converter drops: no computation reads them
-  unmapped: list[str]     # official names with no project param
-  shared: list[str]       # project params named by more than one official name
-  left_out: list[str]     # project params no official name covers
+  unmapped: list[str]  # official names with no project param
+  shared: list[str]  # project params named by more than one official name
+  left_out: list[str]  # project params no official name covers
 
   def problems(self) -> list[str]:
-    return ([f"{n}: no project param" for n in self.unmapped] + [f"{p}: named twice" for p in self.shared]
-            + [f"{p}: not in the official groups" for p in self.left_out])
+    return (
+      [f"{n}: no project param" for n in self.unmapped]
+      + [f"{p}: named twice" for p in self.shared]
+      + [f"{p}: not in the official groups" for p in self.left_out]
+    )
 
 
 def match_names(names: Sequence[str], params, renames=None) -> NameMatch:
@@ -294,14 +323,20 @@ def match_names(names: Sequence[str], params, renames=None) -> NameMatch:
       paths[name] = "/".join(dest[1:])
   counts = collections.Counter(paths.values())
   every = ["/".join(k[1:]) for k in flat]
-  return NameMatch(paths, no_grad, unmapped, sorted(p for p, c in counts.items() if c > 1),
-                   [p for p in every if p not in counts])
+  return NameMatch(
+    paths, no_grad, unmapped, sorted(p for p, c in counts.items() if c > 1), [p for p in every if p not in counts]
+  )
 
 
 def _coverage_row(name: str, match: NameMatch) -> Row:
   problems = match.problems()
-  where = _listed(problems) if problems else (f"{len(match.paths)} params matched; no gradient in the official "
-                                               f"model: {_listed(match.no_gradient, 3) or 'none'}")
+  where = (
+    _listed(problems)
+    if problems
+    else (
+      f"{len(match.paths)} params matched; no gradient in the official model: {_listed(match.no_gradient, 3) or 'none'}"
+    )
+  )
   return Row(name, len(problems), 0, where)
 
 
@@ -312,6 +347,7 @@ def _coverage_row(name: str, match: NameMatch) -> Row:
 @dataclasses.dataclass(frozen=True)
 class PretrainFixture:
   """A recorded official pretraining run (trajectory.npz + config.json + init/after_<n>.pth)."""
+
   directory: str
   config: dict
   tok_config: VQGANConfig
@@ -320,7 +356,7 @@ class PretrainFixture:
   snapshots: tuple[int, ...]
   label_smoothing: float
   recipe: dict  # config.json `train` numbers (RECIPE_KEYS), validated; grad_clip_norm may be None
-  decayed: tuple[str, ...]    # official parameter names with weight decay
+  decayed: tuple[str, ...]  # official parameter names with weight decay
   undecayed: tuple[str, ...]  # and without
 
   @property
@@ -342,17 +378,25 @@ def load_pretrain_fixture(directory: str) -> PretrainFixture:
   cfg = _read_config(directory)
   tok_config, mage_config = _model_configs(cfg)
   if mage_config.dropout or mage_config.attn_dropout:
-    raise FixtureError("config.json: a replay needs mage.dropout = mage.attn_dropout = 0 (the official dropout "
-                       "masks are not recorded)")
+    raise FixtureError(
+      "config.json: a replay needs mage.dropout = mage.attn_dropout = 0 (the official dropout masks are not recorded)"
+    )
   if _field(cfg, "train.optimizer") != "AdamW" or _field(cfg, "train.dtype") != "float32":
     raise FixtureError("config.json: train.optimizer must be 'AdamW' and train.dtype 'float32'")
   num_steps = _number(cfg, "train.steps", integer=True, minimum=1)
   batch = _number(cfg, "train.batch", integer=True, minimum=1)
   n = mage_config.num_tokens
-  arrays = _arrays(os.path.join(directory, PRETRAIN_FILE), {
-      "ids": ((num_steps, batch, n), "i"), "dropped": ((num_steps, batch, n), "b"),
-      "masked": ((num_steps, batch, n), "b"), "loss": ((num_steps,), "f"), "lr": ((num_steps,), "f"),
-      "grad_norm": ((num_steps,), "f")})
+  arrays = _arrays(
+    os.path.join(directory, PRETRAIN_FILE),
+    {
+      "ids": ((num_steps, batch, n), "i"),
+      "dropped": ((num_steps, batch, n), "b"),
+      "masked": ((num_steps, batch, n), "b"),
+      "loss": ((num_steps,), "f"),
+      "lr": ((num_steps,), "f"),
+      "grad_norm": ((num_steps,), "f"),
+    },
+  )
   path = os.path.join(directory, PRETRAIN_FILE)
   ids, dropped, masked = arrays["ids"], arrays["dropped"], arrays["masked"]
   if ids.min() < 0 or ids.max() >= mage_config.codebook_size:
@@ -369,9 +413,18 @@ def load_pretrain_fixture(directory: str) -> PretrainFixture:
   recipe = {k: _number(cfg, f"train.{k}", integer=k in counts, minimum=int(k in counts)) for k in RECIPE_KEYS}
   clip = _field(cfg, "train.grad_clip_norm")
   recipe["grad_clip_norm"] = None if clip is None else _number(cfg, "train.grad_clip_norm")
-  return PretrainFixture(directory, cfg, tok_config, mage_config, arrays, snapshots,
-                         float(_number(cfg, "mage.label_smoothing")), recipe, _names(cfg, "train.decayed_params"),
-                         _names(cfg, "train.undecayed_params"))
+  return PretrainFixture(
+    directory,
+    cfg,
+    tok_config,
+    mage_config,
+    arrays,
+    snapshots,
+    float(_number(cfg, "mage.label_smoothing")),
+    recipe,
+    _names(cfg, "train.decayed_params"),
+    _names(cfg, "train.undecayed_params"),
+  )
 
 
 def _names(cfg: dict, dotted: str) -> tuple[str, ...]:
@@ -390,14 +443,26 @@ def _require_files(directory: str, names: Sequence[str]) -> None:
 def training_config(fx: PretrainFixture, mesh: Sequence[tuple[str, int]]) -> ml_collections.ConfigDict:
   """The fixture's recipe in the keys of a pretraining config (configs/common.py) that the builders read."""
   r = fx.recipe
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       "input": {"batch_size": r["batch"]},
-      "optim": {"blr": r["blr"], "b1": r["b1"], "b2": r["b2"], "weight_decay": r["weight_decay"],
-                "grad_clip_norm": r["grad_clip_norm"], "warmup_epochs": r["warmup_epochs"], "warmup_steps": -1,
-                "min_lr": r["min_lr"]},
-      "total_epochs": r["epochs"], "total_steps": 0,
-      "mesh": ",".join(f"{k}={v}" for k, v in mesh), "num_devices": int(np.prod([size for _, size in mesh])),
-      "sharding_rules": None})
+      "optim": {
+        "blr": r["blr"],
+        "b1": r["b1"],
+        "b2": r["b2"],
+        "weight_decay": r["weight_decay"],
+        "grad_clip_norm": r["grad_clip_norm"],
+        "warmup_epochs": r["warmup_epochs"],
+        "warmup_steps": -1,
+        "min_lr": r["min_lr"],
+      },
+      "total_epochs": r["epochs"],
+      "total_steps": 0,
+      "mesh": ",".join(f"{k}={v}" for k, v in mesh),
+      "num_devices": int(np.prod([size for _, size in mesh])),
+      "sharding_rules": None,
+    }
+  )
 
 
 def parse_mesh(text: str, num_devices: int | None = None) -> tuple[tuple[str, int], ...]:
@@ -410,17 +475,21 @@ def parse_mesh(text: str, num_devices: int | None = None) -> tuple[tuple[str, in
   spec = sharding.parse_mesh(text)
   needed = int(np.prod([size for _, size in spec]))
   if any(size < 1 for _, size in spec):
-    raise ValueError(f"mesh {text!r}: give every axis size (a replay fixes its device count), e.g. "
-                     "data=2,fsdp=2,model=2")
+    raise ValueError(
+      f"mesh {text!r}: give every axis size (a replay fixes its device count), e.g. data=2,fsdp=2,model=2"
+    )
   if num_devices is not None and needed > num_devices:
-    raise ValueError(f"mesh {text!r} needs {needed} devices, {num_devices} are available (on CPU: "
-                     f"XLA_FLAGS=--xla_force_host_platform_device_count={needed})")
+    raise ValueError(
+      f"mesh {text!r} needs {needed} devices, {num_devices} are available (on CPU: "
+      f"XLA_FLAGS=--xla_force_host_platform_device_count={needed})"
+    )
   return spec
 
 
 @dataclasses.dataclass
 class PretrainReplay:
   """What the replay measured: per step [S] float64, and the params after each snapshot (host numpy)."""
+
   loss: np.ndarray
   lr: np.ndarray
   grad_norm: np.ndarray
@@ -432,8 +501,9 @@ def _replay_step(state, ids, dropped, masked, *, num_dropped: int, **update_kw):
   return steps.pretrain_update(state, ids, plan, **update_kw)
 
 
-def replay_pretrain(fx: PretrainFixture, *, mesh: Sequence[tuple[str, int]] = parse_mesh(""),
-                    dtype: str = "float32") -> tuple[PretrainReplay, optim.PretrainOptim]:
+def replay_pretrain(
+  fx: PretrainFixture, *, mesh: Sequence[tuple[str, int]] = parse_mesh(""), dtype: str = "float32"
+) -> tuple[PretrainReplay, optim.PretrainOptim]:
   """Runs the recorded steps through the training update on `mesh` with `dtype` compute (float32 params).
 
   Returns:
@@ -448,8 +518,15 @@ def replay_pretrain(fx: PretrainFixture, *, mesh: Sequence[tuple[str, int]] = pa
     raise FixtureError(f"{fx.directory}: {e}") from e
   model = MAGE(fx.mage_config, dtype=config_views.dtype(dtype))
   a = fx.arrays
-  update = functools.partial(_replay_step, num_dropped=fx.num_dropped, model=model, tx=tx, masking_cfg={},
-                             label_smoothing=fx.label_smoothing, schedule=ocfg.schedule())
+  update = functools.partial(
+    _replay_step,
+    num_dropped=fx.num_dropped,
+    model=model,
+    tx=tx,
+    masking_cfg={},
+    label_smoothing=fx.label_smoothing,
+    schedule=ocfg.schedule(),
+  )
   rng = jax.random.key_data(jax.random.key(0))  # no randomness: masks are injected, dropout is off
   create = lambda params: steps.TrainState.create(params, tx, rng)
   init_params = fx.params("init.pth")
@@ -460,8 +537,12 @@ def replay_pretrain(fx: PretrainFixture, *, mesh: Sequence[tuple[str, int]] = pa
     state_sh = sharding.logical_shardings(jax.eval_shape(init), mesh_, rules)
     state = jax.jit(create, out_shardings=state_sh)(init_params)
     batch_sh = sharding.batch_sharding(mesh_)
-    step_fn = jax.jit(update, in_shardings=(state_sh, batch_sh, batch_sh, batch_sh),
-                      out_shardings=(state_sh, sharding.replicated(mesh_)), donate_argnums=(0,))
+    step_fn = jax.jit(
+      update,
+      in_shardings=(state_sh, batch_sh, batch_sh, batch_sh),
+      out_shardings=(state_sh, sharding.replicated(mesh_)),
+      donate_argnums=(0,),
+    )
     for i in range(fx.num_steps):
       batch = sharding.global_batch({k: a[k][i] for k in ("ids", "dropped", "masked")}, mesh_)
       state, m = step_fn(state, batch["ids"], batch["dropped"], batch["masked"])
@@ -480,9 +561,10 @@ def params_rows(label: str, got, want, tol: PretrainTolerances) -> list[Row]:
     raise FixtureError(f"{label}: params {_listed(sorted(set(g) ^ set(w)))} exist on one side only")
   errors = {k: conformance.relative_l2(g[k], w[k]) for k in sorted(w)}
   worst = max(errors, key=lambda k: (not math.isfinite(errors[k]), errors[k]))
-  return [Row(f"{label}: median over {len(errors)} tensors", float(np.median(list(errors.values()))),
-              tol.params_median),
-          Row(f"{label}: worst tensor", errors[worst], tol.params_worst, worst)]
+  return [
+    Row(f"{label}: median over {len(errors)} tensors", float(np.median(list(errors.values()))), tol.params_median),
+    Row(f"{label}: worst tensor", errors[worst], tol.params_worst, worst),
+  ]
 
 
 def pretrain_decay_rows(fx: PretrainFixture, ocfg: optim.PretrainOptim, params) -> list[Row]:
@@ -491,36 +573,55 @@ def pretrain_decay_rows(fx: PretrainFixture, ocfg: optim.PretrainOptim, params) 
   both = sorted(decayed & set(fx.undecayed))
   match = match_names(fx.decayed + fx.undecayed, params)
   mask = {"/".join(k): bool(v) for k, v in traverse_util.flatten_dict(ocfg.decay_mask(params)).items()}
-  wrong = [f"{name} (official: {'decayed' if name in decayed else 'not decayed'})"
-           for name, path in match.paths.items() if mask[path] != (name in decayed)]
+  wrong = [
+    f"{name} (official: {'decayed' if name in decayed else 'not decayed'})"
+    for name, path in match.paths.items()
+    if mask[path] != (name in decayed)
+  ]
   wrong += [f"{name}: in both groups" for name in both]
-  return [_coverage_row("decay groups: official names <-> params", match),
-          Row("decay groups: PretrainOptim.decay_mask", len(wrong), 0,
-              _listed(wrong) if wrong else f"{sum(mask.values())} decayed, {len(mask) - sum(mask.values())} not")]
+  return [
+    _coverage_row("decay groups: official names <-> params", match),
+    Row(
+      "decay groups: PretrainOptim.decay_mask",
+      len(wrong),
+      0,
+      _listed(wrong) if wrong else f"{sum(mask.values())} decayed, {len(mask) - sum(mask.values())} not",
+    ),
+  ]
 
 
-def check_pretrain(directory: str, *, mesh: Sequence[tuple[str, int]] = parse_mesh(""),
-                   dtype: str = "float32") -> tuple[str, list[Row]]:
+def check_pretrain(
+  directory: str, *, mesh: Sequence[tuple[str, int]] = parse_mesh(""), dtype: str = "float32"
+) -> tuple[str, list[Row]]:
   """Replays a pretraining fixture; returns (table title, rows)."""
   fx = load_pretrain_fixture(directory)
   replay, ocfg = replay_pretrain(fx, mesh=mesh, dtype=dtype)
   tol = TOLERANCES[dtype]
   a, r = fx.arrays, fx.recipe
   rows = [
-      _recipe_row("recipe: peak lr, betas, eps, decay, clip", {
-          "peak lr": (ocfg.lr, r["lr"]), "b1": (ocfg.b1, r["b1"]), "b2": (ocfg.b2, r["b2"]),
-          "eps": (ocfg.eps, r["eps"]), "weight decay": (ocfg.weight_decay, r["weight_decay"]),
-          "clip": (ocfg.grad_clip_norm, r["grad_clip_norm"])}),
-      _per_step_row("loss (every step)", replay.loss, a["loss"], tol.loss),
-      _per_step_row("lr (every step)", replay.lr, a["lr"], tol.lr),
-      _per_step_row("grad norm before clipping (every step)", replay.grad_norm, a["grad_norm"], tol.grad_norm),
+    _recipe_row(
+      "recipe: peak lr, betas, eps, decay, clip",
+      {
+        "peak lr": (ocfg.lr, r["lr"]),
+        "b1": (ocfg.b1, r["b1"]),
+        "b2": (ocfg.b2, r["b2"]),
+        "eps": (ocfg.eps, r["eps"]),
+        "weight decay": (ocfg.weight_decay, r["weight_decay"]),
+        "clip": (ocfg.grad_clip_norm, r["grad_clip_norm"]),
+      },
+    ),
+    _per_step_row("loss (every step)", replay.loss, a["loss"], tol.loss),
+    _per_step_row("lr (every step)", replay.lr, a["lr"], tol.lr),
+    _per_step_row("grad norm before clipping (every step)", replay.grad_norm, a["grad_norm"], tol.grad_norm),
   ]
   for n in fx.snapshots:
     rows += params_rows(f"params after {n}", replay.params[n], fx.params(f"after_{n}.pth"), tol)
   rows += pretrain_decay_rows(fx, ocfg, replay.params[fx.snapshots[-1]])
   mesh_text = ",".join(f"{k}={v}" for k, v in mesh)
-  title = (f"pretraining replay of {directory}: {fx.num_steps} steps, batch {a['ids'].shape[1]}, "
-           f"mesh {mesh_text}, {dtype} compute")
+  title = (
+    f"pretraining replay of {directory}: {fx.num_steps} steps, batch {a['ids'].shape[1]}, "
+    f"mesh {mesh_text}, {dtype} compute"
+  )
   return title, rows
 
 
@@ -531,6 +632,7 @@ def check_pretrain(directory: str, *, mesh: Sequence[tuple[str, int]] = parse_me
 @dataclasses.dataclass(frozen=True)
 class ProbeFixture:
   """A recorded official linear-probe run (probe_trajectory.npz + config.json + vit.pth)."""
+
   directory: str
   config: dict
   probe_config: linear_probe.ProbeConfig
@@ -548,7 +650,7 @@ class ProbeFixture:
     dim, classes = self.arrays["features"].shape[1], self.probe_config.num_classes
     params, stats = jax.eval_shape(lambda: probe.init_head(jax.random.key(0), dim, classes))
     prefix = f"head_{name}/"
-    sd = {"head." + k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
+    sd = {"head." + k[len(prefix) :]: v for k, v in self.arrays.items() if k.startswith(prefix)}
     variables, report = convert.convert_tree(sd, {"params": params, "batch_stats": stats}, convert.PROBE_HEAD_RENAMES)
     if not report.ok or report.unexpected:
       raise FixtureError(f"{PROBE_FILE}: head_{name}: {report.describe()}")
@@ -564,13 +666,19 @@ def load_probe_fixture(directory: str) -> ProbeFixture:
   defaults = linear_probe.ProbeConfig(num_classes=classes)
   try:
     pcfg = linear_probe.ProbeConfig(
-        num_classes=classes, epochs=p("epochs", integer=True, minimum=1), warmup_epochs=p("warmup_epochs"),
-        batch_size=batch, blr=p("blr"), min_lr=p("min_lr"), weight_decay=p("weight_decay"),
-        # Stated in words by the official fixture; numbers here when a fixture gives them.
-        momentum=p("momentum", default=defaults.momentum),
-        trust_coefficient=p("trust_coefficient", default=defaults.trust_coefficient),
-        bn_eps=p("bn_eps", default=defaults.bn_eps),
-        bn_momentum=1.0 - p("bn_momentum", default=1.0 - defaults.bn_momentum))  # torch's convention
+      num_classes=classes,
+      epochs=p("epochs", integer=True, minimum=1),
+      warmup_epochs=p("warmup_epochs"),
+      batch_size=batch,
+      blr=p("blr"),
+      min_lr=p("min_lr"),
+      weight_decay=p("weight_decay"),
+      # Stated in words by the official fixture; numbers here when a fixture gives them.
+      momentum=p("momentum", default=defaults.momentum),
+      trust_coefficient=p("trust_coefficient", default=defaults.trust_coefficient),
+      bn_eps=p("bn_eps", default=defaults.bn_eps),
+      bn_momentum=1.0 - p("bn_momentum", default=1.0 - defaults.bn_momentum),
+    )  # torch's convention
   except ValueError as e:
     raise FixtureError(f"config.json: {e}") from e
   path = os.path.join(directory, PROBE_FILE)
@@ -580,15 +688,28 @@ def load_probe_fixture(directory: str) -> ProbeFixture:
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
     raise FixtureError(f"{path}: no readable [N, D] features ({e})") from e
   if n // batch != spe:
-    raise FixtureError(f"{path}: {n} features in batches of {batch} give {n // batch} steps per epoch, "
-                       f"config.json says {spe}")
+    raise FixtureError(
+      f"{path}: {n} features in batches of {batch} give {n // batch} steps per epoch, config.json says {spe}"
+    )
   snapshots = _snapshots(cfg, "probe.snapshots", num_steps)
   # The head's torch state_dict: 0 = BatchNorm1d, 1 = Linear.
   shapes = {"0.running_mean": (dim,), "0.running_var": (dim,), "1.weight": (classes, dim), "1.bias": (classes,)}
-  heads = {f"head_{h}/{k}": (shape, "f") for h in ("init",) + tuple(f"after_{s}" for s in snapshots)
-           for k, shape in shapes.items()}
-  arrays = _arrays(path, {"features": ((n, dim), "f"), "labels": ((n,), "i"), "index": ((num_steps, batch), "i"),
-                          "loss": ((num_steps,), "f"), "lr": ((num_steps,), "f"), **heads})
+  heads = {
+    f"head_{h}/{k}": (shape, "f")
+    for h in ("init",) + tuple(f"after_{s}" for s in snapshots)
+    for k, shape in shapes.items()
+  }
+  arrays = _arrays(
+    path,
+    {
+      "features": ((n, dim), "f"),
+      "labels": ((n,), "i"),
+      "index": ((num_steps, batch), "i"),
+      "loss": ((num_steps,), "f"),
+      "lr": ((num_steps,), "f"),
+      **heads,
+    },
+  )
   if arrays["labels"].min() < 0 or arrays["labels"].max() >= classes:
     raise FixtureError(f"{path}: labels outside [0, {classes})")
   if arrays["index"].min() < 0 or arrays["index"].max() >= n:
@@ -609,11 +730,16 @@ def replay_probe(fx: ProbeFixture) -> tuple[ProbeReplay, optim.ProbeOptim]:
   """Runs the recorded batches through `linear_probe.probe_step` with the LARS recipe `probe.probe_optim` builds."""
   ocfg = fx.probe_config.optim(fx.steps_per_epoch)
   tx = optim.probe_optimizer(ocfg)
-  step_fn = jax.jit(functools.partial(linear_probe.probe_step, tx=tx, cfg=fx.probe_config, feature_fn=None,
-                                      dropout=False, schedule=ocfg.schedule()), donate_argnums=(0,))
+  step_fn = jax.jit(
+    functools.partial(
+      linear_probe.probe_step, tx=tx, cfg=fx.probe_config, feature_fn=None, dropout=False, schedule=ocfg.schedule()
+    ),
+    donate_argnums=(0,),
+  )
   init = jax.tree.map(jnp.asarray, fx.head("init"))
-  state = linear_probe.ProbeState.create({"head": init["head"]}, {"head_bn": init["head_bn"]}, tx,
-                                  jax.random.key_data(jax.random.key(0)))
+  state = linear_probe.ProbeState.create(
+    {"head": init["head"]}, {"head_bn": init["head_bn"]}, tx, jax.random.key_data(jax.random.key(0))
+  )
   a = fx.arrays
   metrics, heads = [], {}
   for i in range(fx.num_steps):
@@ -635,16 +761,24 @@ def finetune_group_rows(fx: ProbeFixture) -> list[Row]:
     want_scale = {k: float(v["lr_scale"]) for k, v in table.items()}
     want_decay = {k: float(v["weight_decay"]) for k, v in table.items()}
   except (AttributeError, TypeError, KeyError, ValueError) as e:
-    raise FixtureError("config.json: finetune_groups.table must map parameter names to lr_scale and "
-                       f"weight_decay ({type(e).__name__}: {e})") from e
+    raise FixtureError(
+      "config.json: finetune_groups.table must map parameter names to lr_scale and "
+      f"weight_decay ({type(e).__name__}: {e})"
+    ) from e
   tok_config, mage_config = _model_configs(cfg)
   params = _converted(fx.directory, "vit.pth", "vit", tok_config, mage_config).variables["model"]["params"]
   # The groups are the fine-tuning model's, whose head is one Linear ('head.weight'): the probe's BatchNorm
   # in front of it (`head_bn`, torch 'head.0') is not part of that model.
   params = {k: v for k, v in params.items() if k != "head_bn"}
-  ocfg = optim.FinetuneOptim(lr=1.0, total_steps=1, warmup_steps=0, depth=mage_config.depth,
-                             layer_decay=_number(cfg, "finetune_groups.layer_decay"), min_lr=0.0,
-                             weight_decay=_number(cfg, "finetune_groups.weight_decay"))
+  ocfg = optim.FinetuneOptim(
+    lr=1.0,
+    total_steps=1,
+    warmup_steps=0,
+    depth=mage_config.depth,
+    layer_decay=_number(cfg, "finetune_groups.layer_decay"),
+    min_lr=0.0,
+    weight_decay=_number(cfg, "finetune_groups.weight_decay"),
+  )
   match = match_names(list(table), params)
   flat = lambda tree: {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
   scale = flat(optim.layerwise_lr_scales(params, ocfg.depth, ocfg.layer_decay))
@@ -652,18 +786,25 @@ def finetune_group_rows(fx: ProbeFixture) -> list[Row]:
   update_scale, update_decay = _finetune_update_groups(ocfg, params)
 
   def row(name, ours, want, tolerance, relative=False):
-    errors = {n: float(np.max(np.abs(np.asarray(ours[p], np.float64) - want[n])))
-              / (max(abs(want[n]), 1e-30) if relative else 1.0) for n, p in match.paths.items()}
+    errors = {
+      n: float(np.max(np.abs(np.asarray(ours[p], np.float64) - want[n])))
+      / (max(abs(want[n]), 1e-30) if relative else 1.0)
+      for n, p in match.paths.items()
+    }
     worst = max(errors, key=errors.get, default=None)
     return Row(name, errors[worst] if worst else math.inf, tolerance, worst or "no official name matched")
 
-  by_update = [row("", update_scale, want_scale, FLOAT32_UPDATE_TOLERANCE, True),
-               row("", update_decay, want_decay, FLOAT32_UPDATE_TOLERANCE, True)]
+  by_update = [
+    row("", update_scale, want_scale, FLOAT32_UPDATE_TOLERANCE, True),
+    row("", update_decay, want_decay, FLOAT32_UPDATE_TOLERANCE, True),
+  ]
   update = max(by_update, key=lambda r: r.error)
-  return [_coverage_row("finetune groups: official names <-> params", match),
-          row("finetune lr scale: layerwise_lr_scales", scale, want_scale, GROUP_TOLERANCE),
-          row("finetune weight decay: FinetuneOptim.decay_mask", decay, want_decay, GROUP_TOLERANCE),
-          dataclasses.replace(update, name="finetune_optimizer update: lr scale, decay")]
+  return [
+    _coverage_row("finetune groups: official names <-> params", match),
+    row("finetune lr scale: layerwise_lr_scales", scale, want_scale, GROUP_TOLERANCE),
+    row("finetune weight decay: FinetuneOptim.decay_mask", decay, want_decay, GROUP_TOLERANCE),
+    dataclasses.replace(update, name="finetune_optimizer update: lr scale, decay"),
+  ]
 
 
 def _finetune_update_groups(ocfg: optim.FinetuneOptim, params) -> tuple[dict, dict]:
@@ -679,8 +820,7 @@ def _finetune_update_groups(ocfg: optim.FinetuneOptim, params) -> tuple[dict, di
   scale_update, _ = tx.update(jax.tree.map(lambda z: z + 1e4, zeros), tx.init(zeros), zeros)
   decay_update, _ = tx.update(zeros, tx.init(ones), ones)
   s, d = _flat(scale_update), _flat(decay_update)
-  return ({k: -s[k].astype(np.float64) for k in s},
-          {k: d[k].astype(np.float64) / s[k].astype(np.float64) for k in d})
+  return ({k: -s[k].astype(np.float64) for k in s}, {k: d[k].astype(np.float64) / s[k].astype(np.float64) for k in d})
 
 
 def check_probe(directory: str) -> tuple[str, list[Row]]:
@@ -688,15 +828,18 @@ def check_probe(directory: str) -> tuple[str, list[Row]]:
   fx = load_probe_fixture(directory)
   tol = ProbeTolerances()
   replay, ocfg = replay_probe(fx)
-  rows = [_recipe_row("probe recipe: peak lr (blr * batch / 256)", {"peak lr": (ocfg.lr, _number(fx.config,
-                                                                                              "probe.lr"))}),
-          _per_step_row("probe loss (every step)", replay.loss, fx.arrays["loss"], tol.loss),
-          _per_step_row("probe lr (every step)", replay.lr, fx.arrays["lr"], tol.lr)]
+  rows = [
+    _recipe_row("probe recipe: peak lr (blr * batch / 256)", {"peak lr": (ocfg.lr, _number(fx.config, "probe.lr"))}),
+    _per_step_row("probe loss (every step)", replay.loss, fx.arrays["loss"], tol.loss),
+    _per_step_row("probe lr (every step)", replay.lr, fx.arrays["lr"], tol.lr),
+  ]
   for n in fx.snapshots:
     want, got = _flat(fx.head(f"after_{n}")), _flat(replay.heads[n])
     rows += [Row(f"head after {n}: {k}", conformance.relative_l2(got[k], want[k]), tol.head) for k in sorted(want)]
   if "finetune_groups" in fx.config:
     rows += finetune_group_rows(fx)
-  title = (f"linear-probe replay of {directory}: {fx.num_steps} steps, batch {fx.probe_config.batch_size}, "
-           f"{fx.steps_per_epoch} steps per epoch")
+  title = (
+    f"linear-probe replay of {directory}: {fx.num_steps} steps, batch {fx.probe_config.batch_size}, "
+    f"{fx.steps_per_epoch} steps per epoch"
+  )
   return title, rows

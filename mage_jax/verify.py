@@ -19,11 +19,18 @@ from mage_jax import config_views, conformance, runtime, trajectory
 from mage_jax.convert import torch_pickle
 
 _MESH = flags.DEFINE_string(
-    "mesh", "", "Pretraining replays: device mesh as axis=size pairs over data, fsdp, model (e.g. "
-    "data=2,fsdp=2,model=2); empty runs on one device.")
+  "mesh",
+  "",
+  "Pretraining replays: device mesh as axis=size pairs over data, fsdp, model (e.g. "
+  "data=2,fsdp=2,model=2); empty runs on one device.",
+)
 _DTYPE = flags.DEFINE_enum(
-    "dtype", "float32", list(config_views.DTYPE_NAMES), "Pretraining replays: compute dtype of the model (params and "
-    "optimizer stay float32); bfloat16 is judged against a wider band.")
+  "dtype",
+  "float32",
+  list(config_views.DTYPE_NAMES),
+  "Pretraining replays: compute dtype of the model (params and "
+  "optimizer stay float32); bfloat16 is judged against a wider band.",
+)
 _MAX_BYTES = torch_pickle.define_max_gb_flag()
 
 
@@ -36,8 +43,7 @@ def _forward(directory: str) -> int:
   for reason in conformance.skipped(directory):
     print(f"skipped: {reason}")
   failed = [c.name for c in checks if not c.passed]
-  print(f"{len(checks) - len(failed)}/{len(checks)} outputs within tolerance (rel L2 < "
-        f"{conformance.REL_TOLERANCE:g})")
+  print(f"{len(checks) - len(failed)}/{len(checks)} outputs within tolerance (rel L2 < {conformance.REL_TOLERANCE:g})")
   return 1 if failed else 0
 
 
@@ -51,8 +57,7 @@ def main(argv: list[str]) -> int:
   except ValueError as e:
     raise runtime.UsageError(str(e)) from e
   if kind != "pretrain" and (_MESH.value or _DTYPE.value != "float32"):
-    raise runtime.UsageError(f"--mesh and --dtype apply to pretraining trajectories; {directory} is a {kind} "
-                             "fixture")
+    raise runtime.UsageError(f"--mesh and --dtype apply to pretraining trajectories; {directory} is a {kind} fixture")
   # Parity is judged at full float32 precision (no TF32 / bf16 passes on accelerators).
   jax.config.update("jax_default_matmul_precision", "highest")
   if kind == "forward":

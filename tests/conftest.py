@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices, set before JAX initialises, and one XLA compilation cache for the session."""
+
 import atexit
 import os
 import shutil
@@ -37,8 +38,14 @@ def assert_one_line_error(run: subprocess.CompletedProcess, status: int, *needle
 
 def run_cli(module: str, *args, timeout: float = 600, **env) -> subprocess.CompletedProcess:
   """Runs `python -m <module> args...` from the repository root as a user would (text output captured)."""
-  return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, env={**os.environ, **env})
+  return subprocess.run(
+    [sys.executable, "-m", module, *map(str, args)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env={**os.environ, **env},
+  )
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +58,7 @@ def image_folder(tmp_path_factory):
   """A tiny image-folder dataset (two classes of 28x28 RGB PNGs) for fast end-to-end training tests."""
   import numpy as np
   from PIL import Image
+
   root = tmp_path_factory.mktemp("images")
   rng = np.random.default_rng(0)
   for label in ("a", "b"):
@@ -58,9 +66,9 @@ def image_folder(tmp_path_factory):
     for i in range(48):
       base = np.zeros((28, 28, 3), np.uint8)
       if label == "a":
-        base[:, : 14] = 200
+        base[:, :14] = 200
       else:
-        base[: 14] = 200
+        base[:14] = 200
       noise = rng.integers(0, 40, size=base.shape, dtype=np.uint8)
       Image.fromarray(base + noise).save(root / label / f"{i:03d}.png")
   return root
@@ -70,10 +78,15 @@ def image_folder(tmp_path_factory):
 def fashion_data_dir(tmp_path_factory):
   """A TFDS data dir with fashion_mnist prepared offline from Debian's IDX files (~15-30 s, once per session)."""
   from mage_jax.data import sources
-  if not all(os.path.exists(os.path.join(sources.DEBIAN_FASHION_MNIST_DIR, f + ".gz"))
-             for f in sources.FASHION_MNIST_FILES.values()):
-    pytest.skip(f"Debian fashion-mnist files missing in {sources.DEBIAN_FASHION_MNIST_DIR} "
-                "(apt-get install -y dataset-fashion-mnist)")
+
+  if not all(
+    os.path.exists(os.path.join(sources.DEBIAN_FASHION_MNIST_DIR, f + ".gz"))
+    for f in sources.FASHION_MNIST_FILES.values()
+  ):
+    pytest.skip(
+      f"Debian fashion-mnist files missing in {sources.DEBIAN_FASHION_MNIST_DIR} "
+      "(apt-get install -y dataset-fashion-mnist)"
+    )
   data_dir = str(tmp_path_factory.mktemp("tfds_fashion"))
   sources.prepare_fashion_mnist(data_dir)
   return data_dir
@@ -84,6 +97,7 @@ def write_fashion_pngs(root, data_dir, num_images: int, split: str = "test"):
   from PIL import Image
 
   from mage_jax.data import sources
+
   images, labels = sources.load_arrays("fashion_mnist", split, data_dir)
   for i in range(num_images):
     folder = pathlib.Path(root) / f"{labels[i]:d}"
@@ -101,6 +115,7 @@ def fashion_png_folder(tmp_path_factory, fashion_data_dir):
 def tiny_train_config(image_folder, steps=12, **overrides):
   """The Fashion-MNIST tiny MAGE config on the image folder at 16 px (4x4 tokens)."""
   from configs import fashion_mnist_tiny
+
   config = fashion_mnist_tiny.get_config(f"steps={steps},batch=8")
   config.input.name = f"folder:{image_folder}"
   config.input.image_size = 16
@@ -128,6 +143,7 @@ def random_variables(module, seed, *args, spread=0.1):
   import flax.linen as nn
   import jax
   import numpy as np
+
   abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))
   rng = np.random.default_rng(seed)
 
@@ -138,7 +154,7 @@ def random_variables(module, seed, *args, spread=0.1):
       return 1.0 + spread * noise
     if "bias" in name:
       return spread * noise
-    fan_in = leaf.shape[-2] if len(leaf.shape) >= 2 and "embedding" not in name else 1.0 / 0.02 ** 2
+    fan_in = leaf.shape[-2] if len(leaf.shape) >= 2 and "embedding" not in name else 1.0 / 0.02**2
     return noise / np.sqrt(fan_in)
 
   return jax.tree_util.tree_map_with_path(fill, abstract)
@@ -147,6 +163,7 @@ def random_variables(module, seed, *args, spread=0.1):
 def fake_state_dict(shapes, value=lambda key: 0.5):
   """Zero-stride arrays of `value(key)`: full ViT-L shapes without allocating gigabytes."""
   import numpy as np
+
   return {k: np.broadcast_to(np.float32(value(k)), s) for k, s in shapes.items()}
 
 
@@ -154,6 +171,7 @@ def official_shapes_from_target(target, prefix=""):
   """The official key -> shape table of a param tree, by inverting the naming rules independently of
   mage_jax.convert (whose table it checks)."""
   from flax import traverse_util
+
   shapes = {}
   for path, leaf in traverse_util.flatten_dict(target["params"]).items():
     parts = []
@@ -173,8 +191,9 @@ def official_shapes_from_target(target, prefix=""):
 
 
 # A tiny model (32 px images, 8x8 tokens, one block per stack) that compiles in seconds.
-TINY_MAGE = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
-                 num_tokens=64)
+TINY_MAGE = dict(
+  embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, num_tokens=64
+)
 TINY_VQGAN = dict(ch=16, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=8, resolution=32, num_groups=8)
 
 
@@ -195,6 +214,7 @@ def tiny_params_dir(directory, kind="mage", seed=0):
   from mage_jax.models.mage import MAGE, MAGEConfig
   from mage_jax.models.vit import MAGEViT
   from mage_jax.models.vqgan import VQGAN, VQGANConfig
+
   tok_config = VQGANConfig(**TINY_VQGAN)
   variables = {"tokenizer": random_variables(VQGAN(tok_config), seed, jnp.zeros((1, 32, 32, 3)))}
   meta = {"kind": "tokenizer", "tokenizer": dataclasses.asdict(tok_config)}
@@ -216,8 +236,11 @@ def tiny_params_dir(directory, kind="mage", seed=0):
   elif kind == "vit":
     vit = MAGEViT(config, num_classes=5, global_pool=True, head_type="bn_linear")
     variables["model"] = random_variables(vit, seed + 1, ids)
-    meta.update(kind="vit", model=dataclasses.asdict(config),
-                vit={"num_classes": 5, "global_pool": True, "head_type": "bn_linear"})
+    meta.update(
+      kind="vit",
+      model=dataclasses.asdict(config),
+      vit={"num_classes": 5, "global_pool": True, "head_type": "bn_linear"},
+    )
   # float32 like a training export (random_variables' kernels come out float64).
   params_io.save(str(directory), jax.tree.map(lambda x: np.asarray(x, np.float32), variables), meta)
   return str(directory)

@@ -11,15 +11,18 @@ from mage_jax import allocator
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("argv, module", [
+@pytest.mark.parametrize(
+  "argv, module",
+  [
     (["python", "-m", "mage_jax.main", "--config=x"], "mage_jax.main"),
     (["python", "-u", "-X", "dev", "-m", "mage_jax.fid", "a.npz"], "mage_jax.fid"),
     (["python", "-W", "ignore", "-m", "mage_jax.quickstart"], "mage_jax.quickstart"),
-    (["python", "script.py", "-m", "mage_jax.main"], ""),   # a script's own '-m' argument
+    (["python", "script.py", "-m", "mage_jax.main"], ""),  # a script's own '-m' argument
     (["python", "-c", "import mage_jax"], ""),
     (["python"], ""),
     (["python", "-m"], ""),
-])
+  ],
+)
 def test_module_run_reads_the_interpreter_options_only(argv, module):
   assert allocator.module_run(argv) == module
 
@@ -45,12 +48,15 @@ def test_reexec_command_preloads_tcmalloc_once(monkeypatch):
   assert allocator.reexec_command(argv, {}) is None
 
 
-@pytest.mark.parametrize("argv, expected", [
+@pytest.mark.parametrize(
+  "argv, expected",
+  [
     (["python", "-m", "mage_jax.main", "--workdir=w"], True),
     (["python", "-m", "mage_jax.convert", "in.pth", "out"], False),  # not a compute-heavy binary
     (["python", "-m", "mage_jax.verify", "dir"], False),
     (["python", "my_script.py"], False),  # a library user's program chooses its allocator itself
-])
+  ],
+)
 def test_maybe_reexec_only_for_the_training_and_evaluation_binaries(monkeypatch, argv, expected):
   calls = []
   monkeypatch.setattr(sys, "orig_argv", argv, raising=False)
@@ -72,8 +78,14 @@ def test_maybe_reexec_only_for_the_training_and_evaluation_binaries(monkeypatch,
 def test_a_binary_runs_after_the_reexec():
   """The re-executed binary keeps its arguments and exit status (under tcmalloc where the system has it)."""
   env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV)}
-  proc = subprocess.run([sys.executable, "-m", "mage_jax.main", "--config=configs/fashion_mnist_tiny.py",
-                         "--workdir=unused"], cwd=ROOT, env={**env, "MAGE_JAX_PARSE_ONLY": "1"},
-                        capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-m", "mage_jax.main", "--config=configs/fashion_mnist_tiny.py", "--workdir=unused"],
+    cwd=ROOT,
+    env={**env, "MAGE_JAX_PARSE_ONLY": "1"},
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "flags parsed" in proc.stdout

@@ -48,13 +48,30 @@ def binaries(params_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("binaries")
   image = _images(1, seed=2)[0]
   Image.fromarray(image).save(root / "in.png")
-  start = lambda *args: subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True)
+  start = lambda *args: subprocess.Popen(
+    [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   procs = {
-      "generate": (start("mage_jax.generate", f"--params={params_dir}", f"--out={root / 'gen'}", *GENERATE_FLAGS,
-                         "--nopng", "--npz", "--grid=0"), root / "gen"),
-      "edit": (start("mage_jax.edit", f"--params={params_dir}", f"--image={root / 'in.png'}",
-                     f"--out={root / 'edit'}", *EDIT_FLAGS), root / "edit", editing.load_image(root / "in.png", 32))}
+    "generate": (
+      start(
+        "mage_jax.generate",
+        f"--params={params_dir}",
+        f"--out={root / 'gen'}",
+        *GENERATE_FLAGS,
+        "--nopng",
+        "--npz",
+        "--grid=0",
+      ),
+      root / "gen",
+    ),
+    "edit": (
+      start(
+        "mage_jax.edit", f"--params={params_dir}", f"--image={root / 'in.png'}", f"--out={root / 'edit'}", *EDIT_FLAGS
+      ),
+      root / "edit",
+      editing.load_image(root / "in.png", 32),
+    ),
+  }
   yield procs
   for proc, *_ in procs.values():
     proc.kill()
@@ -75,15 +92,19 @@ def test_encode_decode_agree_with_the_vqgan(model, params_dir):
   ids = model.encode(images)
   variables, meta = params_io.load(params_dir)
   tokenizer = VQGAN(params_io.tokenizer_config_from_meta(meta))
-  ref_ids = np.asarray(jax.jit(lambda v, x: tokenizer.apply(v, x, method="encode_to_ids"))(
-      variables["tokenizer"], images.astype(np.float32) / 255.0))
+  ref_ids = np.asarray(
+    jax.jit(lambda v, x: tokenizer.apply(v, x, method="encode_to_ids"))(
+      variables["tokenizer"], images.astype(np.float32) / 255.0
+    )
+  )
   assert ids.shape == (20, 64) and ids.dtype == np.int32
   np.testing.assert_array_equal(ids, ref_ids)
   np.testing.assert_array_equal(model.encode(images.astype(np.float32) / 255.0), ids)
   assert len(np.unique(ids)) > 10  # a collapsed tokenizer would make the comparison vacuous
   pixels = model.decode(ids)
-  ref_pixels = np.asarray(image_io.to_uint8(jax.jit(lambda v, i: tokenizer.apply(v, i, method="decode_ids"))(
-      variables["tokenizer"], ref_ids)))
+  ref_pixels = np.asarray(
+    image_io.to_uint8(jax.jit(lambda v, i: tokenizer.apply(v, i, method="decode_ids"))(variables["tokenizer"], ref_ids))
+  )
   assert pixels.shape == (20, 32, 32, 3) and pixels.dtype == np.uint8
   np.testing.assert_array_equal(pixels, ref_pixels)
   np.testing.assert_array_equal(model.decode(ids.reshape(20, 8, 8)), pixels)
@@ -96,9 +117,13 @@ def test_features_agree_with_the_probe_extraction(model, params_dir):
   backbone = probe.load_backbone(params_dir)
   shardings = probe.backbone_shardings(backbone, mesh, sharding.DEFAULT_RULES)
   ref, _ = probe.extract_features(
-      backbone.feature_fn(), sharding.place(backbone.variables, shardings), shardings,
-      dict(name="arrays", split="train", batch_size=8, image_size=32, augment="none", crop_ratio=1.0),
-      mesh=mesh, source=sources.ArraySource(images, np.zeros(20, np.int32)))
+    backbone.feature_fn(),
+    sharding.place(backbone.variables, shardings),
+    shardings,
+    dict(name="arrays", split="train", batch_size=8, image_size=32, augment="none", crop_ratio=1.0),
+    mesh=mesh,
+    source=sources.ArraySource(images, np.zeros(20, np.int32)),
+  )
   assert feats.shape == (20, 32) and feats.dtype == np.float32
   np.testing.assert_allclose(feats, ref, rtol=0, atol=1e-5)
 
@@ -107,8 +132,7 @@ def test_features_of_the_official_probe_model(testdata, tmp_path):
   """A converted official ViT: the API's features are the official code's (reference.npz)."""
   cfg = json.loads((testdata / "official_tiny" / "config.json").read_text())
   sd = torch_pickle.flatten_state_dict(torch_pickle.load(str(testdata / "official_tiny" / "vit_probe.pth")))
-  result = convert.convert_state_dict(sd, num_heads=cfg["mage"]["num_heads"],
-                                      resolution=cfg["tokenizer"]["resolution"])
+  result = convert.convert_state_dict(sd, num_heads=cfg["mage"]["num_heads"], resolution=cfg["tokenizer"]["resolution"])
   params_io.save(str(tmp_path / "vit"), result.variables, result.meta)
   ref = np.load(testdata / "official_tiny" / "reference.npz")
   feats = api.MAGE.load(str(tmp_path / "vit")).features(ref["images_nchw"].transpose(0, 2, 3, 1))
@@ -138,18 +162,18 @@ def test_edit_matches_the_binary(model, binaries):
 
 def test_bad_inputs_are_one_clear_value_error(model, tmp_path):
   cases = [
-      (lambda: model.encode(_images(2)[..., :1]), r"images: expected \[N, 32, 32, 3\].*shape \(2, 32, 32, 1\)"),
-      (lambda: model.encode(np.full((1, 32, 32, 3), 1.5)), r"values in \[1.5, 1.5\]"),
-      (lambda: model.encode(np.full((1, 32, 32, 3), np.nan)), r"values in \[nan, nan\]"),
-      (lambda: model.features(_images(1).astype(np.int16)), "dtype int16"),
-      (lambda: model.decode(np.full((1, 64), 1024)), r"values must lie in \[0, 1024\)"),
-      (lambda: model.decode(np.zeros((1, 63), np.int32)), r"ids: expected integers \[N, 64\]"),
-      (lambda: model.generate(0), "n must be an integer >= 1"),
-      (lambda: model.generate(2, temperature=float("inf")), "temperature"),
-      (lambda: model.generate(2, class_id=3), "class-unconditional"),
-      (lambda: model.edit(_images(1)[0], box=(0, 0, 8, 8), mask=np.ones((32, 32), bool)), "exactly one"),
-      (lambda: model.edit(_images(1)), r"one image \[32, 32, 3\]"),
-      (lambda: model.edit(_images(1)[0], box=(8, 8, 40, 40)), "box"),
+    (lambda: model.encode(_images(2)[..., :1]), r"images: expected \[N, 32, 32, 3\].*shape \(2, 32, 32, 1\)"),
+    (lambda: model.encode(np.full((1, 32, 32, 3), 1.5)), r"values in \[1.5, 1.5\]"),
+    (lambda: model.encode(np.full((1, 32, 32, 3), np.nan)), r"values in \[nan, nan\]"),
+    (lambda: model.features(_images(1).astype(np.int16)), "dtype int16"),
+    (lambda: model.decode(np.full((1, 64), 1024)), r"values must lie in \[0, 1024\)"),
+    (lambda: model.decode(np.zeros((1, 63), np.int32)), r"ids: expected integers \[N, 64\]"),
+    (lambda: model.generate(0), "n must be an integer >= 1"),
+    (lambda: model.generate(2, temperature=float("inf")), "temperature"),
+    (lambda: model.generate(2, class_id=3), "class-unconditional"),
+    (lambda: model.edit(_images(1)[0], box=(0, 0, 8, 8), mask=np.ones((32, 32), bool)), "exactly one"),
+    (lambda: model.edit(_images(1)), r"one image \[32, 32, 3\]"),
+    (lambda: model.edit(_images(1)[0], box=(8, 8, 40, 40)), "box"),
   ]
   for call, message in cases:
     with pytest.raises(ValueError, match=message):
@@ -165,14 +189,14 @@ def test_bad_inputs_are_one_clear_value_error(model, tmp_path):
 
 def test_arguments_and_weights_are_checked_as_the_binaries_do(model, params_dir, tmp_path):
   cases = [
-      (lambda: model.generate(2, seed=2**70), r"seed must be an integer in \[0, 9223372036854775807\], got 1180"),
-      (lambda: model.generate(2, seed=-1), r"seed must be an integer in \[0, "),
-      (lambda: model.generate(2, batch_size=2.5), "batch_size must be an integer >= 1, got 2.5"),
-      (lambda: model.edit(_images(1)[0], box=(8, 8, 24, 24), seed=2**64), "seed must be an integer in"),
-      (lambda: api.MAGE.load(params_dir, batch_size=2.5), "batch_size must be an integer >= 1, got 2.5"),
-      (lambda: api.MAGE.load(params_dir, devices=[]), r"devices must be a non-empty sequence of jax.Device"),
-      (lambda: api.MAGE.load(params_dir, devices="cpu"), r"devices must be a non-empty sequence"),
-      (lambda: api.MAGE.load(params_dir, devices=[0]), r"devices must be a non-empty sequence"),
+    (lambda: model.generate(2, seed=2**70), r"seed must be an integer in \[0, 9223372036854775807\], got 1180"),
+    (lambda: model.generate(2, seed=-1), r"seed must be an integer in \[0, "),
+    (lambda: model.generate(2, batch_size=2.5), "batch_size must be an integer >= 1, got 2.5"),
+    (lambda: model.edit(_images(1)[0], box=(8, 8, 24, 24), seed=2**64), "seed must be an integer in"),
+    (lambda: api.MAGE.load(params_dir, batch_size=2.5), "batch_size must be an integer >= 1, got 2.5"),
+    (lambda: api.MAGE.load(params_dir, devices=[]), r"devices must be a non-empty sequence of jax.Device"),
+    (lambda: api.MAGE.load(params_dir, devices="cpu"), r"devices must be a non-empty sequence"),
+    (lambda: api.MAGE.load(params_dir, devices=[0]), r"devices must be a non-empty sequence"),
   ]
   for call, message in cases:
     with pytest.raises(ValueError, match=message):
@@ -187,14 +211,16 @@ def test_arguments_and_weights_are_checked_as_the_binaries_do(model, params_dir,
 
 
 def test_import_is_lazy_and_top_level_reexport():
-  code = ("import sys, mage_jax; assert 'jax' not in sys.modules, 'import mage_jax started JAX'; "
-          "from mage_jax.api import MAGE; assert mage_jax.MAGE is MAGE")
+  code = (
+    "import sys, mage_jax; assert 'jax' not in sys.modules, 'import mage_jax started JAX'; "
+    "from mage_jax.api import MAGE; assert mage_jax.MAGE is MAGE"
+  )
   subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def _readme_section():
   text = README.read_text()
-  return text[text.index("## Exporting to PyTorch"):text.index("## Reproducing the paper's numbers")]
+  return text[text.index("## Exporting to PyTorch") : text.index("## Reproducing the paper's numbers")]
 
 
 def test_readme_example_runs(params_dir, capsys):
@@ -210,10 +236,13 @@ def test_readme_export_commands_parse():
   argvs = [shlex.split(line.split("#")[0]) for line in commands.strip().splitlines()]
   assert len(argvs) == 3 and all(argv[:3] == [".venv/bin/python", "-m", "mage_jax.export"] for argv in argvs)
   # One process parses them all with the binary's flags (argv[0] = the module, as under `python -m`).
-  code = ("import json, sys; from absl import flags; import mage_jax.export\n"
-          "for argv in json.loads(sys.argv[1]):\n"
-          "  flags.FLAGS.unparse_flags()\n"
-          "  assert len(flags.FLAGS(argv)) == 3, argv")
-  run = subprocess.run([sys.executable, "-c", code, json.dumps([argv[2:] for argv in argvs])],
-                       capture_output=True, text=True)
+  code = (
+    "import json, sys; from absl import flags; import mage_jax.export\n"
+    "for argv in json.loads(sys.argv[1]):\n"
+    "  flags.FLAGS.unparse_flags()\n"
+    "  assert len(flags.FLAGS(argv)) == 3, argv"
+  )
+  run = subprocess.run(
+    [sys.executable, "-c", code, json.dumps([argv[2:] for argv in argvs])], capture_output=True, text=True
+  )
   assert run.returncode == 0, run.stderr

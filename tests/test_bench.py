@@ -27,11 +27,18 @@ def _rel(a, b):
   return abs(a - b) / b
 
 
-@pytest.mark.parametrize("name, variant, expected", [
-    ("pretrain", "B", 292 * GF), ("tokenizer_forward", "B", 129 * GF), ("pretrain", "L", 535 * GF),
+@pytest.mark.parametrize(
+  "name, variant, expected",
+  [
+    ("pretrain", "B", 292 * GF),
+    ("tokenizer_forward", "B", 129 * GF),
+    ("pretrain", "L", 535 * GF),
     ("pretrain_cached", "B", 163 * GF),
-    ("generation", "B", 1751 * GF), ("mage_generation_step", "B", 78 * GF), ("tokenizer_decode", "B", 187 * GF),
-])
+    ("generation", "B", 1751 * GF),
+    ("mage_generation_step", "B", 78 * GF),
+    ("tokenizer_decode", "B", 187 * GF),
+  ],
+)
 def test_flops_match_issue_figures(name, variant, expected):
   counts = flops.flop_counts(config_for(variant), VQGANConfig(), num_steps=20)
   assert _rel(getattr(counts, name), expected) < 0.02, getattr(counts, name) / GF
@@ -43,7 +50,7 @@ def test_block_and_conv_flops_by_hand():
   c = VQGANConfig(ch=2, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, resolution=4, codebook_size=5, num_groups=2)
   conv_in = 2 * 16 * 9 * 3 * 2
   level0 = 2 * (2 * 16 * 9 * 2 * 2)
-  level1 = 2 * 4 * 9 * 2 * 4 + 2 * 4 * 9 * 4 * 4 + 2 * 4 * 4 * 4   # conv1, conv2, 1×1 shortcut on the output
+  level1 = 2 * 4 * 9 * 2 * 4 + 2 * 4 * 9 * 4 * 4 + 2 * 4 * 4 * 4  # conv1, conv2, 1×1 shortcut on the output
   mid = 4 * (2 * 4 * 9 * 4 * 4)
   conv_out = 2 * 4 * 4 * 3
   assert flops.tokenizer_encoder_flops(c) == conv_in + level0 + level1 + mid + conv_out
@@ -98,8 +105,7 @@ def test_analytic_flops_equal_the_traced_programs(scan):
   traced = lambda fn, *a: _jaxpr_flops(jax.make_jaxpr(fn)(*a).jaxpr) / b
   assert traced(lambda p: model.apply(p, ids, plan, True, targets_only=True), params) == counts.mage_train_forward
   tokens = jnp.full((b, n), cfg.mask_id, jnp.int32)
-  assert traced(lambda p: model.apply(p, tokens, method=MAGE.image_token_logits), params) == \
-      counts.mage_generation_step
+  assert traced(lambda p: model.apply(p, tokens, method=MAGE.image_token_logits), params) == counts.mage_generation_step
   assert traced(lambda p: tok.apply(p, images, method=VQGAN.encode_to_ids), tparams) == counts.tokenizer_forward
   assert traced(lambda p: tok.apply(p, ids, method=VQGAN.decode_ids), tparams) == counts.tokenizer_decode
 
@@ -167,14 +173,35 @@ def test_bad_arguments_are_named():
 @pytest.mark.heavy  # the device-suite test runs the benchmark's pretraining and input rows in CI
 def test_tiny_benchmark_runs_every_workload_and_writes_json(tmp_path):
   out = tmp_path / "bench.json"
-  benchmark.main(["--size=tiny", "--steps=2", "--warmup=1", "--gen-steps=4", "--gen-repeats=1",
-                  "--encode-repeats=1", "--input-batches=1", "--jpeg-count=16", "--json", str(out), "--strict"])
+  benchmark.main(
+    [
+      "--size=tiny",
+      "--steps=2",
+      "--warmup=1",
+      "--gen-steps=4",
+      "--gen-repeats=1",
+      "--encode-repeats=1",
+      "--input-batches=1",
+      "--jpeg-count=16",
+      "--json",
+      str(out),
+      "--strict",
+    ]
+  )
   result = json.loads(out.read_text())
   assert result["backend"] == "cpu" and result["device_kind"]
   rows = result["results"]
   kinds = [(r["workload"], r["dtype"]) for r in rows]
-  assert [k[0] for k in kinds] == ["pretrain", "pretrain_cached", "generate", "encode", "encode", "encode", "features",
-                                   "input"]
+  assert [k[0] for k in kinds] == [
+    "pretrain",
+    "pretrain_cached",
+    "generate",
+    "encode",
+    "encode",
+    "encode",
+    "features",
+    "input",
+  ]
   assert {r["dtype"] for r in rows if r["workload"] == "encode"} == set(benchmark.TOKENIZER_MODES)
   for r in rows:
     assert "error" not in r and "skipped" not in r, r
@@ -183,8 +210,8 @@ def test_tiny_benchmark_runs_every_workload_and_writes_json(tmp_path):
     if r["workload"] != "input":
       assert math.isfinite(r["gflop_per_image"]) and r["gflop_per_image"] > 0
       assert r["memory"]["total_gib"] > 0
-      assert r["hlo"]["host_transfers"] == 0, r["hlo"]   # nothing leaves the device inside a step
-      assert r["mfu"] is None                             # CPU: no peak in the table
+      assert r["hlo"]["host_transfers"] == 0, r["hlo"]  # nothing leaves the device inside a step
+      assert r["mfu"] is None  # CPU: no peak in the table
   pre = rows[0]
   assert math.isfinite(pre["loss"]) and pre["finite"] == 1.0
   # bf16 step: MAGE's matmuls take bf16 operands; float32 ones are the tokenizer (TF32-class convs, HIGH),
@@ -278,12 +305,16 @@ def test_bf16_tokenizer_flips_are_near_ties(fixture_tokenizer):
   assert np.all(gap >= 0) and np.all(gap < 0.02), gap
 
 
-@pytest.mark.xfail(strict=True, reason="bf16 convs move the latents ~1% and flip 4/256 fixture ids (near-ties "
-                   "at bf16 precision); equality needs float32 activations with TF32/bf16x3 convs ('tf32' mode)")
+@pytest.mark.xfail(
+  strict=True,
+  reason="bf16 convs move the latents ~1% and flip 4/256 fixture ids (near-ties "
+  "at bf16 precision); equality needs float32 activations with TF32/bf16x3 convs ('tf32' mode)",
+)
 def test_bf16_tokenizer_ids_equal_float32(fixture_tokenizer):
   tok_cfg, variables, images, ids32 = fixture_tokenizer
-  ids_bf16 = np.asarray(benchmark.tokenizer_module(tok_cfg, "bfloat16").apply(
-      variables, images, method=VQGAN.encode_to_ids))
+  ids_bf16 = np.asarray(
+    benchmark.tokenizer_module(tok_cfg, "bfloat16").apply(variables, images, method=VQGAN.encode_to_ids)
+  )
   assert np.array_equal(ids_bf16, ids32)
 
 

@@ -35,6 +35,7 @@ def tokenizer_dir(tmp_path_factory):
 def _cache_config(image_folder, tokenizer, **overrides):
   """96 folder images at 16 px, 2 views, batches of 20 examples on 4 devices, shards of 40 (the last padded)."""
   from configs import cache_tokens as cache_config
+
   config = cache_config.get_config(f"base=fashion_mnist_tiny,views={VIEWS},batch=20,shard_batches=2")
   config.input.name = f"folder:{image_folder}"
   config.input.image_size = 16
@@ -46,8 +47,9 @@ def _cache_config(image_folder, tokenizer, **overrides):
 def _train_config(image_folder, tokenizer, **overrides):
   """A one-block MAGE on one device (the sharded step is test_train's subject), 3 steps: compiles in seconds."""
   model = {f"model.{k}": v for k, v in TINY_MAGE.items() if k != "num_tokens"}
-  return tiny_train_config(image_folder, 3, num_devices=1, mesh="data=1,fsdp=1,model=1",
-                           **{"tokenizer.init": tokenizer, **model, **overrides})
+  return tiny_train_config(
+    image_folder, 3, num_devices=1, mesh="data=1,fsdp=1,model=1", **{"tokenizer.init": tokenizer, **model, **overrides}
+  )
 
 
 def _files(directory):
@@ -58,8 +60,10 @@ def _files(directory):
 @pytest.fixture(scope="module")
 def cache_dir(image_folder, tokenizer_dir, tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("tokens"))
-  assert cache_tokens.train_and_evaluate(_cache_config(image_folder, tokenizer_dir), directory) == {"examples": 96,
-                                                                                      "shards_written": 3}
+  assert cache_tokens.train_and_evaluate(_cache_config(image_folder, tokenizer_dir), directory) == {
+    "examples": 96,
+    "shards_written": 3,
+  }
   return directory
 
 
@@ -80,8 +84,9 @@ def test_views_alternate_flips(image_folder, tokenizer_dir):
   cfg = _cache_config(image_folder, tokenizer_dir, **{"input.scale": (1.0, 1.0)}).input
   index = np.repeat(np.arange(24), 3)
   view = np.tile(np.arange(3), 24)
-  images = next(pipeline.example_views(cfg, seed=0, index=index, view=view, batch=72))["image"].reshape(24, 3, 16,
-                                                                                                         16, 3)
+  images = next(pipeline.example_views(cfg, seed=0, index=index, view=view, batch=72))["image"].reshape(
+    24, 3, 16, 16, 3
+  )
   asymmetric = np.any(images[:, 0] != images[:, 0, :, ::-1], axis=(1, 2, 3))
   assert asymmetric.sum() > 20  # the check below can fail
   np.testing.assert_array_equal(images[:, 1], images[:, 0, :, ::-1])
@@ -96,10 +101,10 @@ def _exported(workdir):
   return params_io.load(os.path.join(workdir, "params"))[0]["model"]["params"]
 
 
-def test_cached_training_is_bitwise_in_step_tokenization(cache_dir, image_folder, tokenizer_dir, tmp_path,
-                                                         monkeypatch):
-  cached = pretrain.train_and_evaluate(_train_config(image_folder, tokenizer_dir, **{"input.tokens": cache_dir}),
-                                       str(tmp_path / "cached"))
+def test_cached_training_is_bitwise_in_step_tokenization(cache_dir, image_folder, tokenizer_dir, tmp_path, monkeypatch):
+  cached = pretrain.train_and_evaluate(
+    _train_config(image_folder, tokenizer_dir, **{"input.tokens": cache_dir}), str(tmp_path / "cached")
+  )
   # The same (example, view) pairs as images, tokenized inside the step as uncached pretraining does.
   cache_input = _cache_config(image_folder, tokenizer_dir).input
   config = _train_config(image_folder, tokenizer_dir)
@@ -107,16 +112,17 @@ def test_cached_training_is_bitwise_in_step_tokenization(cache_dir, image_folder
   def views_as_images(config):
     def data(start_step):
       for step in itertools.count(start_step):
-        index, view = cached_tokens.batch_views(step, seed=config.seed, num_examples=96, views=VIEWS,
-                                                batch_size=config.input.batch_size)
+        index, view = cached_tokens.batch_views(
+          step, seed=config.seed, num_examples=96, views=VIEWS, batch_size=config.input.batch_size
+        )
         yield next(pipeline.example_views(cache_input, seed=0, index=index, view=view, batch=len(index)))
+
     return data
 
   monkeypatch.setattr(trainer, "image_data", views_as_images)
   in_step = pretrain.train_and_evaluate(config, str(tmp_path / "in_step"))
   assert cached["loss"] == in_step["loss"] and np.isfinite(cached["loss"]), (cached, in_step)
-  jax.tree.map(np.testing.assert_array_equal, _exported(str(tmp_path / "cached")),
-               _exported(str(tmp_path / "in_step")))
+  jax.tree.map(np.testing.assert_array_equal, _exported(str(tmp_path / "cached")), _exported(str(tmp_path / "in_step")))
 
 
 def test_view_draws_are_pure_and_cover_every_example():
@@ -134,8 +140,7 @@ class _Killed(Exception):
   pass
 
 
-def test_interrupted_cache_resumes_to_identical_files(cache_dir, image_folder, tokenizer_dir, tmp_path,
-                                                      monkeypatch):
+def test_interrupted_cache_resumes_to_identical_files(cache_dir, image_folder, tokenizer_dir, tmp_path, monkeypatch):
   write_shard = cached_tokens.write_shard
   written = []
 
@@ -152,8 +157,9 @@ def test_interrupted_cache_resumes_to_identical_files(cache_dir, image_folder, t
   stale = cached_tokens.shard_path(directory, 1, 3, "ids") + ".tmp"
   open(stale, "wb").write(b"half a shard")  # a kill during a write leaves its temporary file behind
 
-  monkeypatch.setattr(cached_tokens, "write_shard", lambda d, m, shard, *a: (written.append(shard),
-                                                                              write_shard(d, m, shard, *a)))
+  monkeypatch.setattr(
+    cached_tokens, "write_shard", lambda d, m, shard, *a: (written.append(shard), write_shard(d, m, shard, *a))
+  )
   assert cache_tokens.train_and_evaluate(_cache_config(image_folder, tokenizer_dir), directory)["shards_written"] == 2
   assert written == [1, 2]
   assert _files(directory) == _files(cache_dir)
@@ -165,18 +171,24 @@ def test_refusals(cache_dir, image_folder, tokenizer_dir, tmp_path):
   with pytest.raises(ValueError, match=r"another tokenizer or config \(tokenizer.sha256 \("):
     cache_tokens.train_and_evaluate(_cache_config(image_folder, other), cache_dir)
   with pytest.raises(ValueError, match=r"another tokenizer or config \(crop.scale \(\[0.2, 1.0\] -> \[0.5, 1.0\]\)"):
-    cache_tokens.train_and_evaluate(_cache_config(image_folder, tokenizer_dir, **{"input.scale": (0.5, 1.0)}),
-                                    cache_dir)
+    cache_tokens.train_and_evaluate(
+      _cache_config(image_folder, tokenizer_dir, **{"input.scale": (0.5, 1.0)}), cache_dir
+    )
   with pytest.raises(ValueError, match="written by another tokenizer than config.tokenizer gives"):
-    pretrain.train_and_evaluate(_train_config(image_folder, other, **{"input.tokens": cache_dir}),
-                                str(tmp_path / "other_tokenizer"))
+    pretrain.train_and_evaluate(
+      _train_config(image_folder, other, **{"input.tokens": cache_dir}), str(tmp_path / "other_tokenizer")
+    )
   big = _tokenizer_dir(tmp_path / "big", codebook_size=65537)
   with pytest.raises(ValueError, match="codebook_size 65537 does not fit the cache's uint16 ids"):
     cache_tokens.train_and_evaluate(_cache_config(image_folder, big), str(tmp_path / "big_codebook"))
   assert not os.path.exists(tmp_path / "big_codebook")
   from configs import class_cond_fashion_mnist, mage_c_fashion_mnist, tokenizer_fashion_mnist
-  for job, config_module in ((mage_c, mage_c_fashion_mnist), (class_cond, class_cond_fashion_mnist),
-                             (tokenizer, tokenizer_fashion_mnist)):
+
+  for job, config_module in (
+    (mage_c, mage_c_fashion_mnist),
+    (class_cond, class_cond_fashion_mnist),
+    (tokenizer, tokenizer_fashion_mnist),
+  ):
     config = apply_overrides(config_module.get_config(), **{"input.tokens": cache_dir})
     with pytest.raises(ValueError, match=f"supported by mode 'pretrain' only, not '{config.mode}'"):
       job.train_and_evaluate(config, str(tmp_path / config.mode))
@@ -185,18 +197,21 @@ def test_refusals(cache_dir, image_folder, tokenizer_dir, tmp_path):
   damaged = tmp_path / "damaged"
   damaged.mkdir()
   for name, data in _files(cache_dir).items():
-    (damaged / name).write_bytes(data[:len(data) // 2] if name.endswith(".ids.npy") else data)
+    (damaged / name).write_bytes(data[: len(data) // 2] if name.endswith(".ids.npy") else data)
   with pytest.raises(ValueError, match="shard-00000-of-00003.ids.npy is unreadable"):
     cached_tokens.TokenCache(str(damaged))
 
 
-@pytest.mark.parametrize("claim, says", [
+@pytest.mark.parametrize(
+  "claim, says",
+  [
     ({"num_examples": 10**9, "shard_examples": 100, "num_shards": 10**7}, r"num_shards is 10000000, expected"),
     ({"num_shards": 2}, "num_shards 2 does not cover num_examples 96 in shards of 40"),
     ({"views": True}, "views is True, expected a whole number"),
     ({"shard_examples": 0}, r"shard_examples is 0, expected a whole number in \[1, "),
     ({"tokenizer": None}, "no tokenizer fingerprint"),
-])
+  ],
+)
 def test_crafted_cache_description_is_refused_before_any_work(cache_dir, tmp_path, claim, says):
   crafted = tmp_path / "crafted"
   crafted.mkdir()
@@ -218,7 +233,8 @@ def test_process_slices_make_the_global_batches(monkeypatch):
     parts = []
     for p in range(2):
       monkeypatch.setattr(jax, "process_index", lambda p=p: p)
-      parts.append([a.reshape(-1, batch // 2 * meta["views"]) for a in cache_tokens._process_examples(meta, shard,
-                                                                                                      batch)])
+      parts.append(
+        [a.reshape(-1, batch // 2 * meta["views"]) for a in cache_tokens._process_examples(meta, shard, batch)]
+      )
     for k in range(2):  # index, view
       np.testing.assert_array_equal(np.concatenate([parts[0][k], parts[1][k]], axis=1).reshape(-1), whole[shard][k])

@@ -22,8 +22,10 @@ def _state(step):
 
 def _target():
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return {"w": jax.ShapeDtypeStruct((4096,), jnp.float32, sharding=dev),
-          "b": jax.ShapeDtypeStruct((7,), jnp.int32, sharding=dev)}
+  return {
+    "w": jax.ShapeDtypeStruct((4096,), jnp.float32, sharding=dev),
+    "b": jax.ShapeDtypeStruct((7,), jnp.int32, sharding=dev),
+  }
 
 
 def _saved(tmp_path, steps=(4, 8), async_save=True):
@@ -35,8 +37,11 @@ def _saved(tmp_path, steps=(4, 8), async_save=True):
 
 
 def _biggest_file(step_dir):
-  files = [p for p in glob.glob(os.path.join(step_dir, "**", "*"), recursive=True)
-           if os.path.isfile(p) and not p.endswith(checkpointing.MANIFEST)]
+  files = [
+    p
+    for p in glob.glob(os.path.join(step_dir, "**", "*"), recursive=True)
+    if os.path.isfile(p) and not p.endswith(checkpointing.MANIFEST)
+  ]
   return max(files, key=os.path.getsize)
 
 
@@ -50,8 +55,11 @@ def test_every_finalized_step_gets_a_manifest_of_its_files(tmp_path):
     step_dir = str(tmp_path / "checkpoints" / str(step))
     with open(os.path.join(step_dir, checkpointing.MANIFEST)) as f:
       files = json.load(f)["files"]
-    on_disk = {os.path.relpath(p, step_dir) for p in glob.glob(os.path.join(step_dir, "**", "*"), recursive=True)
-               if os.path.isfile(p) and not p.endswith(checkpointing.MANIFEST)}
+    on_disk = {
+      os.path.relpath(p, step_dir)
+      for p in glob.glob(os.path.join(step_dir, "**", "*"), recursive=True)
+      if os.path.isfile(p) and not p.endswith(checkpointing.MANIFEST)
+    }
     assert set(files) == on_disk and len(on_disk) >= 3
     assert checkpointing.manifest_problem(step_dir) is None
   step, state = checkpointing.restore_newest(mngr, _target())
@@ -72,9 +80,9 @@ def _truncate(path):
 
 
 DAMAGE = {
-    "flipped": (_flip, r"changed since it was saved \(CRC-32"),
-    "truncated": (_truncate, r"is \d+ bytes, \d+ when saved"),
-    "deleted": (os.remove, r"is missing"),
+  "flipped": (_flip, r"changed since it was saved \(CRC-32"),
+  "truncated": (_truncate, r"is \d+ bytes, \d+ when saved"),
+  "deleted": (os.remove, r"is missing"),
 }
 
 
@@ -107,12 +115,15 @@ def test_unsealed_older_steps_stay_unsealed_and_restore(tmp_path):
   assert sealed == [8, 12]  # the step resumed from was restored by orbax, and is sealed with the new one; 4 never
 
 
-@pytest.mark.parametrize("manifest, says", [
+@pytest.mark.parametrize(
+  "manifest, says",
+  [
     ({"format": 1, "files": {"../../../../etc/passwd": [1, "00000000"]}}, "outside the step"),
     ({"format": 1, "files": {"/etc/passwd": [1, "00000000"]}}, "outside the step"),
     ({"format": 1, "files": [1, 2]}, r"unreadable \(AttributeError\)"),
     ("{not json", r"unreadable \(JSONDecodeError\)"),
-])
+  ],
+)
 def test_crafted_manifest_is_named_not_followed(tmp_path, manifest, says):
   mngr = _saved(tmp_path)
   with open(tmp_path / "checkpoints" / "8" / checkpointing.MANIFEST, "w") as f:
@@ -131,6 +142,7 @@ def test_oversized_manifest_is_refused_unread(tmp_path, monkeypatch):
 def test_params_export_is_sealed_and_damage_is_one_line(tmp_path):
   from conftest import run_cli, tiny_params_dir
   from mage_jax import params_io
+
   params = tiny_params_dir(tmp_path / "params", "mage")
   variables_dir = os.path.join(params, "variables")
   assert checkpointing.manifest_problem(variables_dir) is None

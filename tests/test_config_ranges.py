@@ -22,14 +22,17 @@ def test_every_shipped_training_config_is_in_range(name, config):
   config_ranges.check(config)
 
 
-@pytest.mark.parametrize("override,field", [
+@pytest.mark.parametrize(
+  "override,field",
+  [
     ("--config.optim.blr=-1", "config.optim.blr=-1"),
     ("--config.masking.min_ratio=1.5", "config.masking.min_ratio=1.5"),
     ("--config.label_smoothing=2", "config.label_smoothing=2"),
     ("--config.keep_checkpoints=0", "config.keep_checkpoints=0"),
     ("--config.checkpoint_every_steps=0", "config.checkpoint_every_steps=0"),
     ("--config.optim.b2=nan", "config.optim.b2=nan"),
-])
+  ],
+)
 def test_main_refuses_out_of_range_values_before_writing(override, field, tmp_path):
   workdir = tmp_path / "run"
   run = run_cli("mage_jax.main", "--config=configs/fashion_mnist_tiny.py", f"--workdir={workdir}", override)
@@ -39,6 +42,7 @@ def test_main_refuses_out_of_range_values_before_writing(override, field, tmp_pa
 
 def test_min_ratio_above_max_ratio():
   from configs import fashion_mnist_tiny  # pylint: disable=g-import-not-at-top
+
   config = fashion_mnist_tiny.get_config("mask_min=0.9")
   config.masking.max_ratio = 0.8
   with pytest.raises(ValueError, match="min_ratio=0.9 is above config.masking.max_ratio=0.8"):

@@ -10,12 +10,22 @@ from ml_collections import config_flags
 from conftest import REPO
 
 # Each config with the arguments its docstring documents.
-CONFIGS = [("fashion_mnist_tiny", None), ("mage_pretrain", "variant=B"),
-           ("mage_pretrain", "variant=L,runlocal"), ("mage_c_imagenet", "variant=B"), ("mage_c_fashion_mnist", None),
-           ("class_cond_fashion_mnist", "init=/x"), ("class_cond_imagenet", "variant=B,init=/x"),
-           ("tokenizer_imagenet", None), ("tokenizer_fashion_mnist", None), ("eval_imagenet", "variant=B"),
-           ("eval_fashion_mnist", "finetune"), ("finetune_imagenet", "variant=L"), ("cache_tokens", "views=10"),
-           ("cache_tokens", "base=fashion_mnist_tiny,views=8")]
+CONFIGS = [
+  ("fashion_mnist_tiny", None),
+  ("mage_pretrain", "variant=B"),
+  ("mage_pretrain", "variant=L,runlocal"),
+  ("mage_c_imagenet", "variant=B"),
+  ("mage_c_fashion_mnist", None),
+  ("class_cond_fashion_mnist", "init=/x"),
+  ("class_cond_imagenet", "variant=B,init=/x"),
+  ("tokenizer_imagenet", None),
+  ("tokenizer_fashion_mnist", None),
+  ("eval_imagenet", "variant=B"),
+  ("eval_fashion_mnist", "finetune"),
+  ("finetune_imagenet", "variant=L"),
+  ("cache_tokens", "views=10"),
+  ("cache_tokens", "base=fashion_mnist_tiny,views=8"),
+]
 
 
 def _config_path(name):
@@ -29,8 +39,11 @@ def _leaves(config, prefix=""):
     if isinstance(value, ml_collections.ConfigDict):
       yield from _leaves(value, f"{prefix}{key}.")
     else:
-      yield f"{prefix}{key}", config.get_ref(key).get_type() if isinstance(config, ml_collections.ConfigDict) \
-          else type(value), value
+      yield (
+        f"{prefix}{key}",
+        config.get_ref(key).get_type() if isinstance(config, ml_collections.ConfigDict) else type(value),
+        value,
+      )
 
 
 def _new_value(field_type, value):

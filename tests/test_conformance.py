@@ -9,9 +9,19 @@ import pytest
 from mage_jax import conformance
 
 EXPECTED = {
-    "tokenizer/z", "tokenizer/ids", "tokenizer/z_q", "tokenizer/decoded", "tokenizer/decoded_from_ids",
-    "mage/tokenizer_ids", "pretrain/encoder_out", "pretrain/logits", "pretrain/loss", "generate/encoder_out",
-    "generate/logits", "probe/features", "probe/logits",
+  "tokenizer/z",
+  "tokenizer/ids",
+  "tokenizer/z_q",
+  "tokenizer/decoded",
+  "tokenizer/decoded_from_ids",
+  "mage/tokenizer_ids",
+  "pretrain/encoder_out",
+  "pretrain/logits",
+  "pretrain/loss",
+  "generate/encoder_out",
+  "generate/logits",
+  "probe/features",
+  "probe/logits",
 }
 
 
@@ -37,14 +47,16 @@ def test_output_matches_official_code(checks, name):
 
 
 def test_verify_cli_exit_status(testdata, tmp_path):
-  ok = subprocess.run([sys.executable, "-m", "mage_jax.verify", str(testdata / "official_tiny")],
-                      capture_output=True, text=True)
+  ok = subprocess.run(
+    [sys.executable, "-m", "mage_jax.verify", str(testdata / "official_tiny")], capture_output=True, text=True
+  )
   assert ok.returncode == 0, ok.stderr
   assert "13/13 outputs within tolerance" in ok.stdout
   # A reference perturbed beyond tolerance must make the command fail.
   import shutil
 
   import numpy as np
+
   bad = tmp_path / "bad"
   shutil.copytree(testdata / "official_tiny", bad)
   ref = dict(np.load(bad / "reference.npz"))
@@ -62,6 +74,7 @@ def test_verify_names_what_is_wrong_with_a_fixture_and_what_it_skips(testdata, t
   import numpy as np
 
   from conftest import assert_one_line_error, run_cli
+
   fixture = tmp_path / "f"
   shutil.copytree(testdata / "official_tiny", fixture)
   config = json.loads((fixture / "config.json").read_text())
@@ -73,8 +86,11 @@ def test_verify_names_what_is_wrong_with_a_fixture_and_what_it_skips(testdata, t
   ref = dict(np.load(fixture / "reference.npz"))
   small = ref["images_nchw"][:, :, ::2, ::2]
   np.savez(fixture / "reference.npz", **{**ref, "images_nchw": small})
-  assert_one_line_error(run_cli("mage_jax.verify", fixture), 2,
-                        f"images_nchw is {list(small.shape)}, config.json's tokenizer takes [N, 3, 32, 32]")
+  assert_one_line_error(
+    run_cli("mage_jax.verify", fixture),
+    2,
+    f"images_nchw is {list(small.shape)}, config.json's tokenizer takes [N, 3, 32, 32]",
+  )
   np.savez(fixture / "reference.npz", **ref)
   (fixture / "vit_probe.pth").unlink()
   run = run_cli("mage_jax.verify", fixture)

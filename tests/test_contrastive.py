@@ -1,6 +1,5 @@
 """Tests for mage_jax.contrastive (MAGE-C NT-Xent, pooling, projection head)."""
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -42,8 +41,7 @@ def test_nt_xent_matches_float64_reference(t):
   assert got.dtype == jnp.float32 and got.shape == ()
   np.testing.assert_allclose(float(got), _ref_nt_xent(z1, z2, t), rtol=1e-5)
   # Symmetric in the two views.
-  np.testing.assert_allclose(
-      float(contrastive.nt_xent(z2, z1, t)), _ref_nt_xent(z1, z2, t), rtol=1e-5)
+  np.testing.assert_allclose(float(contrastive.nt_xent(z2, z1, t)), _ref_nt_xent(z1, z2, t), rtol=1e-5)
 
 
 def test_nt_xent_bf16_inputs_computed_in_float32():
@@ -80,8 +78,7 @@ def test_temperature_scaling():
   z = np.eye(n, 8, dtype=np.float32)
   temps = [1.0, 0.5, 0.2, 0.1]
   aligned = [float(contrastive.nt_xent(z, z, t)) for t in temps]
-  np.testing.assert_allclose(aligned, [_aligned_orthogonal_min(n, t) for t in temps],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(aligned, [_aligned_orthogonal_min(n, t) for t in temps], rtol=1e-5, atol=1e-6)
   assert all(a > b for a, b in zip(aligned, aligned[1:]))  # lower T, lower loss
   # Anti-aligned positives (z2 = -z1): lower T makes the loss worse, not better.
   anti = [float(contrastive.nt_xent(z, -z, t)) for t in temps]
@@ -96,13 +93,16 @@ def test_zero_embedding_is_finite():
   assert np.isfinite(float(val)) and np.all(np.isfinite(np.asarray(grad)))
 
 
-@pytest.mark.parametrize("z1_shape,z2_shape,t,match", [
+@pytest.mark.parametrize(
+  "z1_shape,z2_shape,t,match",
+  [
     ((4, 3), (5, 3), 0.1, "same shape"),
     ((4,), (4,), 0.1, r"\[n, d\]"),
     ((1, 3), (1, 3), 0.1, "at least 2 pairs"),
     ((4, 3), (4, 3), 0.0, "temperature"),
     ((4, 3), (4, 3), -1.0, "temperature"),
-])
+  ],
+)
 def test_nt_xent_bad_input(z1_shape, z2_shape, t, match):
   with pytest.raises(ValueError, match=match):
     contrastive.nt_xent(np.ones(z1_shape, np.float32), np.ones(z2_shape, np.float32), t)
@@ -116,8 +116,11 @@ def test_sharded_over_8_devices_matches_single_device():
   assert jax.device_count() == 8
   n, d, t = 16, 8, 0.1
   z1, z2 = _rand(10, n, d), _rand(11, n, d)
-  single = float(jax.jit(contrastive.nt_xent, static_argnums=2)(
-      jax.device_put(z1, jax.devices()[0]), jax.device_put(z2, jax.devices()[0]), t))
+  single = float(
+    jax.jit(contrastive.nt_xent, static_argnums=2)(
+      jax.device_put(z1, jax.devices()[0]), jax.device_put(z2, jax.devices()[0]), t
+    )
+  )
   np.testing.assert_allclose(single, _ref_nt_xent(z1, z2, t), rtol=1e-5)
 
   mesh = _mesh((8,), ("data",))
@@ -186,12 +189,10 @@ def test_projection_head_variants():
   assert y.shape == (4, 3)
   # Running mean moved towards the batch mean of hidden_0's pre-norm output.
   pre = x @ np.asarray(v["params"]["hidden_0"]["kernel"])
-  np.testing.assert_allclose(upd["batch_stats"]["norm_0"]["mean"], 0.1 * pre.mean(0),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(upd["batch_stats"]["norm_0"]["mean"], 0.1 * pre.mean(0), rtol=1e-4, atol=1e-6)
 
   ln = contrastive.ProjectionHead(hidden_dim=6, out_dim=3, norm="layer")
-  assert set(nn.unbox(ln.init(jax.random.key(0), x))["params"]) == {
-      "hidden_0", "norm_0", "out"}
+  assert set(nn.unbox(ln.init(jax.random.key(0), x))["params"]) == {"hidden_0", "norm_0", "out"}
   with pytest.raises(ValueError, match="norm"):
     contrastive.ProjectionHead(norm="group").init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="num_layers"):

@@ -27,8 +27,9 @@ def _zip_checkpoint(path, pickle_bytes, storages=None):
 def test_foreign_global_is_refused_and_nothing_runs(tmp_path, module, name):
   marker = tmp_path / "pwned"
   arg = f"open({str(marker)!r}, 'w')" if name == "eval" else f"touch {marker}"
-  payload = (b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n" +
-             pickle.dumps(arg, protocol=2)[2:-1] + b"\x85R.")
+  payload = (
+    b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n" + pickle.dumps(arg, protocol=2)[2:-1] + b"\x85R."
+  )
   if name == "call":
     payload = b"\x80\x02csubprocess\ncall\n" + pickle.dumps(["touch", str(marker)], protocol=2)[2:-1] + b"\x85R."
   # Sanity check: the payload really would run if unpickled naively.
@@ -88,11 +89,17 @@ def test_released_mage_sizes_convert(variant):
   tok_shapes = official_shapes_from_target(convert.tokenizer_target(VQGANConfig()), "vqgan.")
   assert len(tok_shapes) == 168  # spec §1.4
   expected_mage_keys = {"B": 265, "L": 409}[variant]
-  unused = {"cls_token": (1, 1, config.embed_dim), "pos_embed": (1, 257, config.embed_dim),
-            "mask_token": (1, 1, config.decoder_embed_dim), "decoder_pos_embed": (1, 257, config.decoder_embed_dim),
-            "token_emb.position_ids": (1, 257), "patch_embed.proj.weight": (config.embed_dim, 3, 16, 16),
-            "patch_embed.proj.bias": (config.embed_dim,), "decoder_pred.weight": (768, config.decoder_embed_dim),
-            "decoder_pred.bias": (768,)}
+  unused = {
+    "cls_token": (1, 1, config.embed_dim),
+    "pos_embed": (1, 257, config.embed_dim),
+    "mask_token": (1, 1, config.decoder_embed_dim),
+    "decoder_pos_embed": (1, 257, config.decoder_embed_dim),
+    "token_emb.position_ids": (1, 257),
+    "patch_embed.proj.weight": (config.embed_dim, 3, 16, 16),
+    "patch_embed.proj.bias": (config.embed_dim,),
+    "decoder_pred.weight": (768, config.decoder_embed_dim),
+    "decoder_pred.bias": (768,),
+  }
   assert len(shapes) + len(unused) == expected_mage_keys  # spec §2.10
   sd = fake_state_dict({**shapes, **unused, **tok_shapes})
   result = convert.convert_state_dict(sd)
@@ -109,8 +116,10 @@ def test_finetuned_and_linprobe_layouts():
     target = convert.vit_target(config, 1000, True, head_type)
     shapes = official_shapes_from_target(target)
     if head_type == "bn_linear":
-      shapes = {k.replace("head_bn.", "head.0.").replace("head.weight", "head.1.weight")
-                .replace("head.bias", "head.1.bias"): v for k, v in shapes.items()}
+      shapes = {
+        k.replace("head_bn.", "head.0.").replace("head.weight", "head.1.weight").replace("head.bias", "head.1.bias"): v
+        for k, v in shapes.items()
+      }
       shapes["head.0.running_mean"] = shapes["head.0.running_var"] = (768,)
     sd = fake_state_dict({**shapes, "cls_token": (1, 1, 768), "pos_embed": (1, 197, 768)})
     result = convert.convert_state_dict(sd)
@@ -140,15 +149,23 @@ def test_kind_detection_failure():
 
 def test_cli_writes_orbax_params_and_refuses_bad_input(testdata, tmp_path):
   out = tmp_path / "converted"
-  cmd = [sys.executable, "-m", "mage_jax.convert", str(testdata / "official_tiny" / "mage.pth"), str(out),
-         "--config", str(testdata / "official_tiny" / "config.json")]
+  cmd = [
+    sys.executable,
+    "-m",
+    "mage_jax.convert",
+    str(testdata / "official_tiny" / "mage.pth"),
+    str(out),
+    "--config",
+    str(testdata / "official_tiny" / "config.json"),
+  ]
   run = subprocess.run(cmd, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr
   variables, meta = params_io.load(str(out))
   assert meta["kind"] == "mage" and meta["model"]["num_heads"] == 4 and meta["tokenizer"]["resolution"] == 32
   sd = torch_pickle.flatten_state_dict(torch_pickle.load(str(testdata / "official_tiny" / "mage.pth")))
-  np.testing.assert_array_equal(variables["model"]["params"]["blocks_0"]["attn"]["qkv"]["kernel"],
-                                sd["blocks.0.attn.qkv.weight"].T)
+  np.testing.assert_array_equal(
+    variables["model"]["params"]["blocks_0"]["attn"]["qkv"]["kernel"], sd["blocks.0.attn.qkv.weight"].T
+  )
   # Existing output is not overwritten without --force.
   again = subprocess.run(cmd, capture_output=True, text=True)
   assert again.returncode == 1 and "already holds" in again.stderr
@@ -156,7 +173,8 @@ def test_cli_writes_orbax_params_and_refuses_bad_input(testdata, tmp_path):
   bad_dir = tmp_path / "bad"
   evil = tmp_path / "evil.pth"
   _zip_checkpoint(evil, b"\x80\x02cbuiltins\neval\nX\x01\x00\x00\x001\x85R.")
-  bad = subprocess.run([sys.executable, "-m", "mage_jax.convert", str(evil), str(bad_dir)],
-                       capture_output=True, text=True)
+  bad = subprocess.run(
+    [sys.executable, "-m", "mage_jax.convert", str(evil), str(bad_dir)], capture_output=True, text=True
+  )
   assert bad.returncode == 1 and "builtins.eval" in bad.stderr and not bad_dir.exists()
   assert len(bad.stderr.strip().splitlines()) == 1

@@ -38,8 +38,7 @@ def _make_folder(root, counts, corrupt=None, size=(20, 24)):
   for c, (cls, n) in enumerate(sorted(counts.items())):
     os.makedirs(root / cls, exist_ok=True)
     for k in range(n):
-      (root / cls / f"im{k}.jpg").write_bytes(
-          _jpeg_bytes(size[0], size[1], 100 * c + k, gray=(k == 0)))
+      (root / cls / f"im{k}.jpg").write_bytes(_jpeg_bytes(size[0], size[1], 100 * c + k, gray=(k == 0)))
   if corrupt:
     (root / corrupt).write_bytes(b"this is not an image")
   return root
@@ -60,8 +59,7 @@ def _make_ilsvrc_manual_dir(manual, synsets, per_class, num_val, corrupt=None):
       with tarfile.open(fileobj=inner, mode="w") as sub:
         for k in range(per_class):
           name = f"{syn}_{k}.JPEG"
-          data = (b"\xff\xd8 broken" if name == corrupt
-                  else _jpeg_bytes(30 + 3 * k, 40, 10 * s + k))
+          data = b"\xff\xd8 broken" if name == corrupt else _jpeg_bytes(30 + 3 * k, 40, 10 * s + k)
           _tar_add(sub, name, data)
       _tar_add(tar, f"{syn}.tar", inner.getvalue())
   with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as tar:
@@ -71,8 +69,7 @@ def _make_ilsvrc_manual_dir(manual, synsets, per_class, num_val, corrupt=None):
 
 def _array_source(n=50, h=8, w=8, c=1, seed=0):
   rng = np.random.default_rng(seed)
-  return sources.ArraySource(rng.integers(0, 256, (n, h, w, c), dtype=np.uint8),
-                             np.arange(n) % 7)
+  return sources.ArraySource(rng.integers(0, 256, (n, h, w, c), dtype=np.uint8), np.arange(n) % 7)
 
 
 def _take(it, k):
@@ -92,8 +89,8 @@ def _boxes(h, w, n, single_draw=False):
   out = []
   for s in range(n):
     box = augment.random_resized_crop_box(
-        tf.constant([7, s], tf.int64), tf.constant(h), tf.constant(w),
-        single_draw=single_draw)
+      tf.constant([7, s], tf.int64), tf.constant(h), tf.constant(w), single_draw=single_draw
+    )
     out.append([int(v) for v in box])
   return np.array(out)
 
@@ -142,10 +139,8 @@ def test_random_resized_crop_pixels_come_from_the_box():
   image = tf.constant(_coordinate_image(h, w))
   for s in range(5):
     seed = tf.constant([3, s], tf.int64)
-    top, left, ch, cw = (int(v) for v in augment.random_resized_crop_box(
-        seed, tf.constant(h), tf.constant(w)))
-    out = augment.random_resized_crop(image, seed, size,
-                                      interpolation="nearest").numpy()
+    top, left, ch, cw = (int(v) for v in augment.random_resized_crop_box(seed, tf.constant(h), tf.constant(w)))
+    out = augment.random_resized_crop(image, seed, size, interpolation="nearest").numpy()
     assert out.shape == (size, size, 3) and out.dtype == np.float32
     # Nearest with half-pixel centres: source = floor((dst + 0.5) * in / out).
     rows = top + np.floor((np.arange(size) + 0.5) * ch / size).astype(int)
@@ -158,8 +153,7 @@ def test_random_resized_crop_pixels_come_from_the_box():
 def test_preprocess_range_shape_and_grayscale(mode):
   rng = np.random.default_rng(1)
   gray = tf.constant(rng.integers(0, 256, (37, 53, 1), dtype=np.uint8))
-  out = augment.preprocess(gray, tf.constant([1, 2], tf.int64), size=24,
-                           mode=mode).numpy()
+  out = augment.preprocess(gray, tf.constant([1, 2], tf.int64), size=24, mode=mode).numpy()
   assert out.shape == (24, 24, 3) and out.dtype == np.float32
   assert out.min() >= 0.0 and out.max() <= 1.0
   np.testing.assert_array_equal(out[..., 0], out[..., 1])
@@ -190,8 +184,7 @@ def test_eval_resize_center_crop():
   assert augment.eval_resize_size(32) == 36
   # 40x60 -> shorter side 32 -> 32x48 -> centre 32x32 starting at column 8.
   image = tf.constant(_coordinate_image(40, 60))
-  out = augment.resize_center_crop(image, 32, crop_ratio=1.0,
-                                   interpolation="nearest").numpy()
+  out = augment.resize_center_crop(image, 32, crop_ratio=1.0, interpolation="nearest").numpy()
   rows = np.floor((np.arange(32) + 0.5) * 40 / 32)
   cols = np.floor((np.arange(8, 40) + 0.5) * 60 / 48)
   np.testing.assert_allclose(out[:, 0, 0] * 255, rows, atol=1e-3)
@@ -217,9 +210,8 @@ def test_same_seed_same_batches_and_resume_equals_tail():
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
   for k0 in (4, 7):  # inside epoch 0 and after the epoch boundary
-    resumed = _take(pipeline.train_iterator(CFG, seed=11, source=src,
-                                            start_step=k0, return_index=True), 3)
-    for x, y in zip(resumed, a[k0:k0 + 3]):
+    resumed = _take(pipeline.train_iterator(CFG, seed=11, source=src, start_step=k0, return_index=True), 3)
+    for x, y in zip(resumed, a[k0 : k0 + 3]):
       for k in x:
         np.testing.assert_array_equal(x[k], y[k])
   other = next(pipeline.train_iterator(CFG, seed=12, source=src, return_index=True))
@@ -228,8 +220,7 @@ def test_same_seed_same_batches_and_resume_equals_tail():
 
 def test_epochs_are_permutations_and_labels_match_indices():
   src = _array_source()
-  batches = _take(pipeline.train_iterator(CFG, seed=3, source=src,
-                                          return_index=True), 12)
+  batches = _take(pipeline.train_iterator(CFG, seed=3, source=src, return_index=True), 12)
   idx = np.stack([b["index"] for b in batches])
   for epoch in (idx[:6], idx[6:]):
     flat = epoch.ravel()
@@ -237,22 +228,25 @@ def test_epochs_are_permutations_and_labels_match_indices():
   assert not np.array_equal(idx[:6], idx[6:])  # a new permutation per epoch
   for b in batches:
     np.testing.assert_array_equal(b["label"], b["index"] % 7)
-  np.testing.assert_array_equal(
-      idx[7], pipeline.global_batch_indices(7, seed=3, num_examples=50, batch_size=8))
+  np.testing.assert_array_equal(idx[7], pipeline.global_batch_indices(7, seed=3, num_examples=50, batch_size=8))
 
 
 def test_process_slices_concatenate_to_global_batch():
   src = _array_source()
-  full = _take(pipeline.train_iterator(CFG, seed=5, source=src, start_step=2,
-                                       return_index=True), 3)
-  parts = [_take(pipeline.train_iterator(CFG, seed=5, source=src, start_step=2,
-                                         process_index=p, process_count=2,
-                                         return_index=True), 3) for p in (0, 1)]
+  full = _take(pipeline.train_iterator(CFG, seed=5, source=src, start_step=2, return_index=True), 3)
+  parts = [
+    _take(
+      pipeline.train_iterator(
+        CFG, seed=5, source=src, start_step=2, process_index=p, process_count=2, return_index=True
+      ),
+      3,
+    )
+    for p in (0, 1)
+  ]
   for s in range(3):
     assert parts[0][s]["image"].shape == (4, 16, 16, 3)
     for k in full[s]:
-      np.testing.assert_array_equal(
-          np.concatenate([parts[0][s][k], parts[1][s][k]]), full[s][k])
+      np.testing.assert_array_equal(np.concatenate([parts[0][s][k], parts[1][s][k]]), full[s][k])
 
 
 def test_batch_not_divisible_by_process_count():
@@ -272,8 +266,7 @@ def test_eval_iterator_covers_split_once_with_mask():
   cfg = dict(CFG, batch_size=8)
   seen = []
   for p in (0, 1):
-    it = pipeline.eval_iterator(cfg, source=src, process_index=p, process_count=2,
-                                return_index=True)
+    it = pipeline.eval_iterator(cfg, source=src, process_index=p, process_count=2, return_index=True)
     batches = list(it)
     assert len(it) == len(batches) == 3
     for g, b in enumerate(batches):
@@ -289,8 +282,7 @@ def test_eval_iterator_covers_split_once_with_mask():
 # Folder source.
 # ------------------------------------------------------------------------------
 def test_folder_source_labels_and_corrupt_file_is_skipped(tmp_path):
-  root = _make_folder(tmp_path / "imgs", {"b_cls": 3, "a_cls": 4},
-                      corrupt="b_cls/zz_bad.jpg")
+  root = _make_folder(tmp_path / "imgs", {"b_cls": 3, "a_cls": 4}, corrupt="b_cls/zz_bad.jpg")
   (tmp_path / "imgs" / "notes.txt").write_text("ignored")
   cfg = dict(name=f"folder:{root}", batch_size=4, image_size=16, num_workers=3)
   it = pipeline.eval_iterator(cfg, return_index=True)
@@ -309,8 +301,7 @@ def test_folder_source_labels_and_corrupt_file_is_skipped(tmp_path):
   # A second pass over the same source skips it again without re-reading it.
   again = list(pipeline.eval_iterator(cfg, source=src))
   np.testing.assert_array_equal(again[-1]["image"], last["image"])
-  assert src.stats.snapshot() == {"corrupt_skipped": 2,
-                                  "corrupt_files": ("b_cls/zz_bad.jpg",)}
+  assert src.stats.snapshot() == {"corrupt_skipped": 2, "corrupt_files": ("b_cls/zz_bad.jpg",)}
   images, labels = sources.load_arrays(f"folder:{root}", "train")
   assert images.shape == (7, 20, 24, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(np.bincount(labels), [4, 3])
@@ -347,8 +338,7 @@ def test_missing_paths_give_errors_naming_them(tmp_path):
   empty = tmp_path / "empty_data"
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="no_tars"):
-    sources.get_source("imagenet2012", "train", str(empty),
-                       manual_dir=str(tmp_path / "no_tars"))
+    sources.get_source("imagenet2012", "train", str(empty), manual_dir=str(tmp_path / "no_tars"))
   with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
     sources.prepare_fashion_mnist(str(empty), str(tmp_path / "no_idx"))
 
@@ -365,11 +355,9 @@ def test_load_arrays_refuses_variable_size_tfds_before_preparing(tmp_path):
 def test_imagenet2012_from_tiny_manual_dir(tmp_path):
   synsets = ["n01440764", "n01443537", "n01484850"]
   manual = tmp_path / "manual"
-  _make_ilsvrc_manual_dir(manual, synsets, per_class=3, num_val=5,
-                          corrupt="n01443537_2.JPEG")
+  _make_ilsvrc_manual_dir(manual, synsets, per_class=3, num_val=5, corrupt="n01443537_2.JPEG")
   data_dir = str(tmp_path / "tfds")
-  cfg = dict(name="imagenet2012", data_dir=data_dir, manual_dir=str(manual),
-             batch_size=4, image_size=32, num_workers=2)
+  cfg = dict(name="imagenet2012", data_dir=data_dir, manual_dir=str(manual), batch_size=4, image_size=32, num_workers=2)
   assert pipeline.num_examples(cfg) == 9
   assert pipeline.steps_per_epoch(cfg) == 2
   it = pipeline.train_iterator(cfg, seed=0, return_index=True)
@@ -387,10 +375,12 @@ def test_imagenet2012_from_tiny_manual_dir(tmp_path):
     np.testing.assert_array_equal(x["image"], y["image"])
   # Validation labels: line k of the wheel's validation_labels.txt is the synset
   # of ILSVRC2012_val_0000000{k+1}.
-  lines = open(os.path.join(os.path.dirname(tfds.__file__), "datasets",
-                            "imagenet2012", "validation_labels.txt")).read().split()
-  ev = pipeline.eval_iterator(dict(cfg, split="validation", batch_size=2),
-                              return_index=True)
+  lines = (
+    open(os.path.join(os.path.dirname(tfds.__file__), "datasets", "imagenet2012", "validation_labels.txt"))
+    .read()
+    .split()
+  )
+  ev = pipeline.eval_iterator(dict(cfg, split="validation", batch_size=2), return_index=True)
   got = {}
   for b in ev:
     for i, label, m in zip(b["index"], b["label"], b["_mask"]):
@@ -409,8 +399,7 @@ def _read_idx(stem, header, shape):
 
 @pytest.mark.slow
 def test_fashion_mnist_offline_stock_name(fashion_data_dir):
-  ds = tfds.load("fashion_mnist", split="test", data_dir=fashion_data_dir,
-                 download=False, try_gcs=False)
+  ds = tfds.load("fashion_mnist", split="test", data_dir=fashion_data_dir, download=False, try_gcs=False)
   assert ds.element_spec["image"].shape == (28, 28, 1)
   images, labels = sources.load_arrays("fashion_mnist", "test", fashion_data_dir)
   assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8
@@ -427,8 +416,7 @@ def test_fashion_mnist_offline_stock_name(fashion_data_dir):
 
 @pytest.mark.slow
 def test_fashion_mnist_iterator(fashion_data_dir):
-  cfg = dict(name="fashion_mnist", data_dir=fashion_data_dir, batch_size=64,
-             image_size=32, split="train")
+  cfg = dict(name="fashion_mnist", data_dir=fashion_data_dir, batch_size=64, image_size=32, split="train")
   assert pipeline.steps_per_epoch(cfg) == 60000 // 64
   b = next(pipeline.train_iterator(cfg, seed=0))
   assert b["image"].shape == (64, 32, 32, 3) and b["label"].dtype == np.int32
@@ -438,6 +426,7 @@ def test_fashion_mnist_iterator(fashion_data_dir):
 
 def test_eval_input_config_turns_training_augmentation_off():
   from configs import finetune_imagenet
+
   train = finetune_imagenet.get_config("variant=B").finetune.input
   assert train.rand_augment and train.augment == "pretrain"
   view = pipeline.eval_input_config(train, split="validation", batch_size=256)

@@ -21,18 +21,29 @@ def _step(name: str, out: str = "/tmp/out") -> device_suite.Step:
 
 
 def _run_blocked(args, blocked: str, tmp_path, timeout=900):
-  env = {**os.environ, "PYTHONPATH": f"{SUPPORT}{os.pathsep}{ROOT}", "MAGE_JAX_BLOCK_IMPORTS": blocked,
-         "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                        timeout=timeout, check=False)
+  env = {
+    **os.environ,
+    "PYTHONPATH": f"{SUPPORT}{os.pathsep}{ROOT}",
+    "MAGE_JAX_BLOCK_IMPORTS": blocked,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+  }
+  return subprocess.run(
+    [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout, check=False
+  )
 
 
 @pytest.mark.slow
 def test_dry_run_checks_every_step_and_launches_nothing(tmp_path):
   out = tmp_path / "out"
-  proc = subprocess.run(["bash", str(ROOT / "bench" / "device_suite.sh"), "--dry-run", f"--out={out}"],
-                        env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900,
-                        check=False)
+  proc = subprocess.run(
+    ["bash", str(ROOT / "bench" / "device_suite.sh"), "--dry-run", f"--out={out}"],
+    env={**os.environ, "PYTHON": sys.executable},
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   for step in device_suite.steps(str(out)):
     assert f"[{step.name}]" in proc.stdout
@@ -64,19 +75,20 @@ def test_verify_and_benchmark_run_without_tensorflow(tmp_path):
   """The suite's verify (forward fixtures; the trajectory replays build ml_collections configs, which the suite
   installs from its wheels) and benchmark steps with TensorFlow and TFDS unimportable."""
   code = (
-      "import sys, json\n"
-      "from mage_jax import conformance, trajectory\n"
-      "from mage_jax.fid import inception\n"
-      "from bench import benchmark\n"
-      f"checks = conformance.run({str(ROOT / 'tests' / 'testdata' / 'official_tiny')!r})\n"
-      "assert all(c.passed for c in checks), conformance.format_table(checks)\n"
-      "r = benchmark.main(['--size=tiny', '--steps=1', '--warmup=0', '--workloads=pretrain,input'])\n"
-      "rows = {row['workload']: row for row in r['results']}\n"
-      "assert 'error' not in rows['pretrain'], rows\n"
-      "assert 'TensorFlow' in rows['input']['skipped'], rows\n"
-      "banned = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')]\n"
-      "assert not banned, banned\n"
-      "print('OK', len(checks))\n")
+    "import sys, json\n"
+    "from mage_jax import conformance, trajectory\n"
+    "from mage_jax.fid import inception\n"
+    "from bench import benchmark\n"
+    f"checks = conformance.run({str(ROOT / 'tests' / 'testdata' / 'official_tiny')!r})\n"
+    "assert all(c.passed for c in checks), conformance.format_table(checks)\n"
+    "r = benchmark.main(['--size=tiny', '--steps=1', '--warmup=0', '--workloads=pretrain,input'])\n"
+    "rows = {row['workload']: row for row in r['results']}\n"
+    "assert 'error' not in rows['pretrain'], rows\n"
+    "assert 'TensorFlow' in rows['input']['skipped'], rows\n"
+    "banned = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')]\n"
+    "assert not banned, banned\n"
+    "print('OK', len(checks))\n"
+  )
   proc = _run_blocked(["-c", code], NO_TF, tmp_path)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -90,8 +102,17 @@ def test_training_resumes_on_random_data_without_tensorflow(tmp_path):
   def train(steps):
     args = _step("train").argv
     args = [a for a in args if not a.startswith(("--workdir=", "--config.total_steps=", "--config.checkpoint_"))]
-    return _run_blocked([*args, f"--workdir={workdir}", f"--config.total_steps={steps}",
-                         "--config.checkpoint_every_steps=4", "--config.input.batch_size=8"], NO_TF, ROOT)
+    return _run_blocked(
+      [
+        *args,
+        f"--workdir={workdir}",
+        f"--config.total_steps={steps}",
+        "--config.checkpoint_every_steps=4",
+        "--config.input.batch_size=8",
+      ],
+      NO_TF,
+      ROOT,
+    )
 
   first = train(4)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -112,8 +133,10 @@ def test_random_input_is_a_pure_function_of_seed_and_step():
   resumed = next(pipeline.train_iterator(_random_cfg(), seed=3, start_step=2))
   np.testing.assert_array_equal(resumed["image"], batches[2]["image"])
   np.testing.assert_array_equal(resumed["label"], batches[2]["label"])
-  halves = [next(pipeline.train_iterator(_random_cfg(), seed=3, start_step=2, process_index=p, process_count=2))
-            for p in range(2)]
+  halves = [
+    next(pipeline.train_iterator(_random_cfg(), seed=3, start_step=2, process_index=p, process_count=2))
+    for p in range(2)
+  ]
   np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), batches[2]["image"])
   other = next(pipeline.train_iterator(_random_cfg(), seed=4))
   assert not np.array_equal(other["image"], batches[0]["image"])

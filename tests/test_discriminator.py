@@ -18,7 +18,7 @@ def _np_blur_pool(x):
   out = np.zeros((b, h // 2, w // 2, c))
   for i in range(h // 2):
     for j in range(w // 2):
-      out[:, i, j] = np.einsum("bhwc,hw->bc", p[:, 2 * i:2 * i + 4, 2 * j:2 * j + 4], _FILT)
+      out[:, i, j] = np.einsum("bhwc,hw->bc", p[:, 2 * i : 2 * i + 4, 2 * j : 2 * j + 4], _FILT)
   return out
 
 
@@ -31,7 +31,7 @@ def _np_conv(x, kernel, bias=None):
   out = np.zeros(x.shape[:3] + (kernel.shape[3],))
   for a in range(k):
     for c in range(k):
-      out += np.einsum("bhwi,io->bhwo", p[:, a:a + h, c:c + w], kernel[a, c])
+      out += np.einsum("bhwi,io->bhwo", p[:, a : a + h, c : c + w], kernel[a, c])
   return out if bias is None else out + bias
 
 
@@ -58,8 +58,7 @@ def test_blur_pool_constant_image():
 
 
 def test_default_width_table():
-  assert disc.default_widths(1) == {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64,
-                                    512: 32, 1024: 16}
+  assert disc.default_widths(1) == {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}
   assert disc.default_widths(2)[256] == 128 and disc.default_widths(2)[32] == 512
 
 
@@ -115,6 +114,7 @@ def test_tiny_discriminator_output_and_params(tiny_variables):
 def _expected_param_count(res, table):
   def conv(k, i, o, bias=True):
     return k * k * i * o + (o if bias else 0)
+
   n = conv(3, 3, table[res])
   r = res
   while r > 4:
@@ -152,8 +152,9 @@ def test_bf16_compute_keeps_fp32_params_and_logits(tiny_variables):
   np.testing.assert_allclose(np.asarray(out_bf16), np.asarray(out_f32), rtol=0.1, atol=0.05)
 
 
-@pytest.mark.parametrize("shape,match", [((1, 24, 24, 3), "power-of-two"), ((1, 32, 16, 3), "square"),
-                                         ((32, 32, 3), "NHWC")])
+@pytest.mark.parametrize(
+  "shape,match", [((1, 24, 24, 3), "power-of-two"), ((1, 32, 16, 3), "square"), ((32, 32, 3), "NHWC")]
+)
 def test_bad_input_shape(shape, match):
   with pytest.raises(ValueError, match=match):
     disc.Discriminator(widths=disc.TINY_WIDTHS).init(jax.random.key(0), jnp.zeros(shape))
@@ -167,6 +168,7 @@ def test_missing_width_entry():
 def test_r1_double_backprop_through_discriminator(tiny_variables):
   # R1 needs grad-of-grad through the grouped blur convs; its penalty must also match a direct computation.
   from mage_jax import tokenizer_losses as tl  # pylint: disable=g-import-not-at-top
+
   model = disc.Discriminator(widths=disc.TINY_WIDTHS)
   x = jnp.asarray(np.random.default_rng(4).uniform(size=(2, 32, 32, 3)), jnp.float32)
 

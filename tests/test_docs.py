@@ -7,8 +7,12 @@ import pytest
 
 from conftest import REPO, run_cli
 
-DOCS = [REPO / "README.md", REPO / "launch" / "README.md", REPO / "bench" / "README.md",
-        *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [
+  REPO / "README.md",
+  REPO / "launch" / "README.md",
+  REPO / "bench" / "README.md",
+  *sorted((REPO / "docs").glob("*.md")),
+]
 # Paths the docs name inside the repository (others are outputs, user data or other projects' files).
 REPO_DIRS = ("configs", "mage_jax", "bench", "launch", "tests", "docs", ".ci")
 
@@ -42,16 +46,19 @@ def test_documented_command_parses(doc, line, tmp_path):
   shell variables (a one-letter variable is a loop index: 0)."""
   stand_in = lambda m: "0" if len(m.group(1)) == 1 else str(tmp_path / m.group(1))
   words = shlex.split(re.sub(r"\$\{?(\w+)\}?", stand_in, line))
-  env = dict(w.split("=", 1) for w in words[:words.index("-m")] if re.match(r"^\w+=", w))
+  env = dict(w.split("=", 1) for w in words[: words.index("-m")] if re.match(r"^\w+=", w))
   module = words[words.index("-m") + 1]
-  run = run_cli(module, *words[words.index("-m") + 2:], MAGE_JAX_PARSE_ONLY="1", **env)
+  run = run_cli(module, *words[words.index("-m") + 2 :], MAGE_JAX_PARSE_ONLY="1", **env)
   assert run.returncode == 0, f"{doc}: {line}\n{run.stderr[-2000:]}"
   assert run.stdout.startswith("flags parsed"), run.stdout
 
 
 def _named_paths(text: str):
-  for token in re.findall(r"`([^`\s]+)`", text) + re.findall(r"(?<![\w./-])((?:configs|mage_jax|bench|launch|"
-                                                                  r"tests|docs)/[\w./-]+\.(?:py|sh|md|json))", text):
+  for token in re.findall(r"`([^`\s]+)`", text) + re.findall(
+    r"(?<![\w./-])((?:configs|mage_jax|bench|launch|"
+    r"tests|docs)/[\w./-]+\.(?:py|sh|md|json))",
+    text,
+  ):
     token = token.split(":")[0].rstrip(".,)")
     if token.split("/")[0] in REPO_DIRS and re.match(r"^[\w./-]+$", token) and "." in token.split("/")[-1]:
       yield token
@@ -59,16 +66,20 @@ def _named_paths(text: str):
 
 @pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(REPO)) for d in DOCS])
 def test_named_paths_exist(doc):
-  missing = sorted({p for p in _named_paths(doc.read_text()) if not (REPO / p).exists()
-                    and not (doc.parent / p).exists()})
+  missing = sorted(
+    {p for p in _named_paths(doc.read_text()) if not (REPO / p).exists() and not (doc.parent / p).exists()}
+  )
   assert not missing, f"{doc.relative_to(REPO)} names files that do not exist: {missing}"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_no_template_text_reaches_a_reader(doc):
   """A placeholder left for a figure (RESULTS_PLACEHOLDER, COST_TABLE, CPU_..._AFTER) is a figure missing."""
-  leftovers = re.findall(r"\b[A-Z][A-Z0-9]*_(?:[A-Z0-9]+_)*"
-                         r"(?:PLACEHOLDER|TABLE|NOTE|AFTER|BEFORE|TODO|TBD|RESULTS|READING)\b", doc.read_text())
+  leftovers = re.findall(
+    r"\b[A-Z][A-Z0-9]*_(?:[A-Z0-9]+_)*"
+    r"(?:PLACEHOLDER|TABLE|NOTE|AFTER|BEFORE|TODO|TBD|RESULTS|READING)\b",
+    doc.read_text(),
+  )
   assert not leftovers, leftovers
 
 
@@ -80,11 +91,15 @@ USER_FACING_DIRS = ("mage_jax", "configs", "bench", "launch", "docs")
 
 def test_no_spec_citations_reach_a_user():
   files = [REPO / "README.md", REPO / "setup.py"]
-  files += [p for d in USER_FACING_DIRS for p in sorted((REPO / d).rglob("*"))
-            if p.suffix in (".py", ".md") and p.is_file()]
+  files += [
+    p for d in USER_FACING_DIRS for p in sorted((REPO / d).rglob("*")) if p.suffix in (".py", ".md") and p.is_file()
+  ]
   needles = [s.lower() for s in SPEC_CITATIONS]
-  hits = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in files
-          for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-          if any(s in line.lower() for s in needles)]
+  hits = [
+    f"{p.relative_to(REPO)}:{n}: {line.strip()}"
+    for p in files
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+    if any(s in line.lower() for s in needles)
+  ]
   assert len(files) > 50, files
   assert not hits, "\n".join(hits)

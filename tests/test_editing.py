@@ -15,7 +15,7 @@ V = 22
 def _grid(rows, cols, size=16):
   """bool[size, size] True on the inclusive row/col ranges (hand-built expectation)."""
   m = np.zeros((size, size), bool)
-  m[rows[0]:rows[1] + 1, cols[0]:cols[1] + 1] = True
+  m[rows[0] : rows[1] + 1, cols[0] : cols[1] + 1] = True
   return m
 
 
@@ -61,9 +61,11 @@ def test_token_mask_other_grid_and_errors():
   pix = np.zeros((8, 12), bool)
   pix[5, 1] = True  # 2x3 cells of 4x4 pixels: cell (1, 0)
   np.testing.assert_array_equal(
-      np.asarray(editing.token_mask_from_pixel_mask(pix, (2, 3), ring=0)), [[0, 0, 0], [1, 0, 0]])
+    np.asarray(editing.token_mask_from_pixel_mask(pix, (2, 3), ring=0)), [[0, 0, 0], [1, 0, 0]]
+  )
   np.testing.assert_array_equal(
-      np.asarray(editing.token_mask_from_pixel_mask(pix, (2, 3), ring=1)), [[1, 1, 0], [1, 1, 0]])
+    np.asarray(editing.token_mask_from_pixel_mask(pix, (2, 3), ring=1)), [[1, 1, 0], [1, 1, 0]]
+  )
   with pytest.raises(ValueError, match="not divisible"):
     editing.token_mask_from_pixel_mask(np.zeros((10, 12), bool), (3, 3))
   with pytest.raises(ValueError, match="ring"):
@@ -118,8 +120,11 @@ def test_edit_changes_exactly_the_masked_tokens():
   pixels = editing.pixel_box_to_mask(256, 256, (64, 64, 192, 192))
   token_mask = np.asarray(editing.token_mask_from_pixel_mask(pixels))  # 3..12 x 3..12
   fn, target = _shifted_target_fn(ids)
-  out = np.asarray(editing.edit_tokens(jax.random.key(0), ids, token_mask, fn, num_steps=8,
-                                       choice_temperature=4.5, mask_id=MASK, codebook_size=CB))
+  out = np.asarray(
+    editing.edit_tokens(
+      jax.random.key(0), ids, token_mask, fn, num_steps=8, choice_temperature=4.5, mask_id=MASK, codebook_size=CB
+    )
+  )
   assert out.shape == ids.shape and out.dtype == np.int32
   changed = out != ids
   np.testing.assert_array_equal(changed, np.broadcast_to(_grid((3, 12), (3, 12)), ids.shape))
@@ -131,17 +136,35 @@ def test_edit_per_row_masks_flat_ids():
   ids = rng.integers(0, CB, (3, 64)).astype(np.int32)
   token_mask = np.zeros((3, 64), bool)
   token_mask[0, 5:9] = True
-  token_mask[1, rng.permutation(64)[:50]] = True   # different count per row
+  token_mask[1, rng.permutation(64)[:50]] = True  # different count per row
   # row 2: nothing to edit -> returned unchanged
   fn, target = _shifted_target_fn(ids)
-  out = np.asarray(editing.edit_tokens(jax.random.key(1), jnp.asarray(ids), token_mask, fn, num_steps=6,
-                                       choice_temperature=4.5, mask_id=MASK, codebook_size=CB))
+  out = np.asarray(
+    editing.edit_tokens(
+      jax.random.key(1),
+      jnp.asarray(ids),
+      token_mask,
+      fn,
+      num_steps=6,
+      choice_temperature=4.5,
+      mask_id=MASK,
+      codebook_size=CB,
+    )
+  )
   np.testing.assert_array_equal(out != ids, token_mask)
   np.testing.assert_array_equal(out[token_mask], target[token_mask])
   np.testing.assert_array_equal(out[2], ids[2])
   with pytest.raises(ValueError, match="token_mask"):
-    editing.edit_tokens(jax.random.key(1), ids, np.zeros((5,), bool), fn, num_steps=6,
-                        choice_temperature=4.5, mask_id=MASK, codebook_size=CB)
+    editing.edit_tokens(
+      jax.random.key(1),
+      ids,
+      np.zeros((5,), bool),
+      fn,
+      num_steps=6,
+      choice_temperature=4.5,
+      mask_id=MASK,
+      codebook_size=CB,
+    )
 
 
 def test_edit_keeps_context_with_a_token_dependent_model():
@@ -157,7 +180,10 @@ def test_edit_keeps_context_with_a_token_dependent_model():
   pix = np.zeros((64, 64), bool)
   pix[30:34, 10:12] = True
   token_mask = np.asarray(editing.token_mask_from_pixel_mask(pix, (8, 8), ring=1))
-  out = np.asarray(editing.edit_tokens(jax.random.key(3), ids, token_mask, fn, num_steps=5,
-                                       choice_temperature=4.5, mask_id=MASK, codebook_size=CB))
+  out = np.asarray(
+    editing.edit_tokens(
+      jax.random.key(3), ids, token_mask, fn, num_steps=5, choice_temperature=4.5, mask_id=MASK, codebook_size=CB
+    )
+  )
   np.testing.assert_array_equal(out[:, ~token_mask], ids[:, ~token_mask])
   assert np.all((out >= 0) & (out < CB))

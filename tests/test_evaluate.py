@@ -29,8 +29,7 @@ def _random_variables(module, seed, *args):
 @pytest.fixture(scope="module")
 def tiny_params_dir(tmp_path_factory):
   """Random tiny MAGE + tokenizer for 8x8 images (16 tokens), exported like a pretraining run."""
-  tok = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, resolution=8,
-                          codebook_size=64))
+  tok = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, resolution=8, codebook_size=64))
   model = MAGE(config_for("tiny", num_tokens=16, max_position_embeddings=17, codebook_size=64))
   plan, _ = masking.sample_plan(jax.random.key(0), 1, 16)
   params = _random_variables(model, 2, jnp.zeros((1, 16), jnp.int32), plan)["params"]
@@ -46,10 +45,18 @@ def _finite_acc(x):
 @pytest.mark.slow
 def test_evaluate_binary_fashion_mnist_end_to_end(tiny_params_dir, fashion_data_dir, tmp_path):
   workdir = str(tmp_path / "eval")
-  cmd = [sys.executable, "-m", "mage_jax.evaluate", f"--params={tiny_params_dir}", f"--workdir={workdir}",
-         f"--config={ROOT}/configs/eval_fashion_mnist.py:train=1000,test=500,epochs=10,batch=64,finetune,ft_steps=3",
-         f"--config.input.data_dir={fashion_data_dir}", f"--config.finetune.input.data_dir={fashion_data_dir}",
-         "--config.fewshot.shots=(1,5)", "--config.fewshot.trials=2"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "mage_jax.evaluate",
+    f"--params={tiny_params_dir}",
+    f"--workdir={workdir}",
+    f"--config={ROOT}/configs/eval_fashion_mnist.py:train=1000,test=500,epochs=10,batch=64,finetune,ft_steps=3",
+    f"--config.input.data_dir={fashion_data_dir}",
+    f"--config.finetune.input.data_dir={fashion_data_dir}",
+    "--config.fewshot.shots=(1,5)",
+    "--config.fewshot.trials=2",
+  ]
   env = {**os.environ, "PYTHONPATH": ROOT}
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -81,11 +88,12 @@ def test_evaluate_binary_fashion_mnist_end_to_end(tiny_params_dir, fashion_data_
 
 def test_format_table_side_by_side():
   results = {
-      "mage": {"linear_probe": {"top1": 0.5, "top5": 0.9, "best_top1": 0.55, "completed": True,
-                                "epochs_done": 3},
-               "fewshot": {"ridge": {"10": {"mean": 0.3, "std": 0.01}, "seconds": 1.0}, "trials": 5}},
-      "pixels": {"linear_probe": {"top1": 0.25, "top5": 0.7, "best_top1": 0.25, "completed": False,
-                                  "epochs_done": 1}}}
+    "mage": {
+      "linear_probe": {"top1": 0.5, "top5": 0.9, "best_top1": 0.55, "completed": True, "epochs_done": 3},
+      "fewshot": {"ridge": {"10": {"mean": 0.3, "std": 0.01}, "seconds": 1.0}, "trials": 5},
+    },
+    "pixels": {"linear_probe": {"top1": 0.25, "top5": 0.7, "best_top1": 0.25, "completed": False, "epochs_done": 1}},
+  }
   lines = evaluate.format_table(results).splitlines()
   assert lines[0].split()[-2:] == ["mage", "pixels"]
   row = {line.split("  ")[0].strip(): line for line in lines[1:]}
@@ -106,17 +114,25 @@ def test_architecture_doc_evaluator_recipe_runs(tiny_params_dir, fashion_data_di
   """docs/architecture.md's "Adding an evaluator", as written: its module in a package of one's own, its
   command's evals; the table carries the new row and the result is the nearest class mean of the cached features."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   doc = open(os.path.join(ROOT, "docs", "architecture.md")).read()
-  section = doc[doc.index("## Adding an evaluator"):doc.index("## What a run leaves on disk")]
+  section = doc[doc.index("## Adding an evaluator") : doc.index("## What a run leaves on disk")]
   (package := tmp_path / "my_evals").mkdir()
   (package / "__init__.py").write_text("")
   (package / "nearest_mean.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
   command = re.sub(r"\\\n\s*", " ", re.search(r"```bash\n(.*?)```", section, re.S).group(1))
   evals_flag = next(w for w in shlex.split(command) if w.startswith("--config.evals="))
   workdir = tmp_path / "eval"
-  cmd = [sys.executable, "-m", "mage_jax.evaluate", f"--params={tiny_params_dir}", f"--workdir={workdir}",
-         f"--config={ROOT}/configs/eval_fashion_mnist.py:train=200,test=100,batch=50",
-         f"--config.input.data_dir={fashion_data_dir}", evals_flag]
+  cmd = [
+    sys.executable,
+    "-m",
+    "mage_jax.evaluate",
+    f"--params={tiny_params_dir}",
+    f"--workdir={workdir}",
+    f"--config={ROOT}/configs/eval_fashion_mnist.py:train=200,test=100,batch=50",
+    f"--config.input.data_dir={fashion_data_dir}",
+    evals_flag,
+  ]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, str(tmp_path)])}
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -174,17 +190,20 @@ def test_imagenet_finetune_config_is_the_paper_recipe(variant, epochs, ld, dp):
   assert (ft.optim.weight_decay, ft.optim.b1, ft.optim.b2, ft.head_init_std) == (0.05, 0.9, 0.999, 2e-5)
   m = ft.mixup
   assert (m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.label_smoothing) == (0.8, 1.0, 1.0, 0.5, 0.1)
-  assert (ft.input.rand_augment, ft.input.scale, ft.input.interpolation) == ("rand-m9-mstd0.5-inc1", (0.2, 1.0),
-                                                                            "bicubic")
+  assert (ft.input.rand_augment, ft.input.scale, ft.input.interpolation) == (
+    "rand-m9-mstd0.5-inc1",
+    (0.2, 1.0),
+    "bicubic",
+  )
 
 
-def test_controls_share_one_tokenizer_pass_and_match_standalone_features(tiny_params_dir, fashion_data_dir,
-                                                                         tmp_path):
+def test_controls_share_one_tokenizer_pass_and_match_standalone_features(tiny_params_dir, fashion_data_dir, tmp_path):
   """MAGE's features sliced from the joint (MAGE | random init) pass equal MAGE's own pass; the random-init
   encoder is not MAGE's; the random projection is pixels @ R / sqrt(P) with the documented seed."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from mage_jax import probe, sharding  # pylint: disable=g-import-not-at-top
+
   config = eval_fashion_mnist.get_config("train=64,test=64,batch=64")
   config.input.data_dir = fashion_data_dir
   config.input.image_size = 8
@@ -195,17 +214,20 @@ def test_controls_share_one_tokenizer_pass_and_match_standalone_features(tiny_pa
   assert sorted(by_name) == ["mage", "pixels", "random_init", "random_proj"]
   split = "test[:64]"
   mage, labels = by_name["mage"].features(split, config, 8, mesh, str(tmp_path))
-  alone, alone_labels = probe.extract_features(backbone.feature_fn(), by_name["mage"].variables,
-                                               by_name["mage"].shardings,
-                                               evals.input_config(config, split, 64, 8), mesh=mesh)
+  alone, alone_labels = probe.extract_features(
+    backbone.feature_fn(),
+    by_name["mage"].variables,
+    by_name["mage"].shardings,
+    evals.input_config(config, split, 64, 8),
+    mesh=mesh,
+  )
   np.testing.assert_allclose(mage, alone, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(labels, alone_labels)
   random_init, _ = by_name["random_init"].features(split, config, 8, mesh, str(tmp_path))
   assert random_init.shape == mage.shape and np.abs(random_init - mage).max() > 1e-3
   pixels, _ = by_name["pixels"].features(split, config, 8, mesh, str(tmp_path))
   projected, _ = by_name["random_proj"].features(split, config, 8, mesh, str(tmp_path))
-  rgb, _ = probe.extract_features(probe.pixel_feature_fn, {}, {}, evals.input_config(config, split, 64, 8),
-                                  mesh=mesh)
+  rgb, _ = probe.extract_features(probe.pixel_feature_fn, {}, {}, evals.input_config(config, split, 64, 8), mesh=mesh)
   assert pixels.shape[1] == 8 * 8  # Fashion-MNIST is grayscale: one of the three repeated channels, nothing lost
   np.testing.assert_array_equal(rgb.reshape(64, 64, 3), np.repeat(pixels[..., None], 3, axis=-1))
   r = np.random.default_rng(evaluate.CONTROL_SEED).standard_normal((pixels.shape[1], mage.shape[1]))

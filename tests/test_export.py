@@ -30,8 +30,7 @@ def _assert_bit_exact(got, want):
   assert set(got) == set(want), sorted(set(got) ^ set(want))
   for key, array in want.items():
     out = np.asarray(got[key])
-    assert out.dtype == array.dtype and out.shape == array.shape, (key, out.dtype, out.shape, array.dtype,
-                                                                   array.shape)
+    assert out.dtype == array.dtype and out.shape == array.shape, (key, out.dtype, out.shape, array.dtype, array.shape)
     assert np.ascontiguousarray(out).tobytes() == np.ascontiguousarray(array).tobytes(), key
 
 
@@ -43,9 +42,12 @@ def exported(testdata, tmp_path_factory):
   cfg = json.loads((testdata / "official_tiny" / "config.json").read_text())
   out = {}
   for name in FIXTURES:
-    result = convert.convert_state_dict(_fixture(testdata, name), num_heads=cfg["mage"]["num_heads"],
-                                        decoder_num_heads=cfg["mage"]["decoder_num_heads"],
-                                        resolution=cfg["tokenizer"]["resolution"])
+    result = convert.convert_state_dict(
+      _fixture(testdata, name),
+      num_heads=cfg["mage"]["num_heads"],
+      decoder_num_heads=cfg["mage"]["decoder_num_heads"],
+      resolution=cfg["tokenizer"]["resolution"],
+    )
     assert result.report.ok and not result.report.unexpected, result.report.describe()
     params_io.save(str(root / name), result.variables, result.meta)
     variables, meta = params_io.load(str(root / name))
@@ -111,15 +113,28 @@ def test_released_sizes_round_trip(variant, kinds):
   back with its shape, dtype and value, for the pretraining layout and the fine-tuned ViT."""
   config = config_for(variant)
   d, dd = config.embed_dim, config.decoder_embed_dim
-  unused = {"cls_token": (1, 1, d), "pos_embed": (1, 257, d), "mask_token": (1, 1, dd),
-            "decoder_pos_embed": (1, 257, dd), "patch_embed.proj.weight": (d, 3, 16, 16),
-            "patch_embed.proj.bias": (d,), "decoder_pred.weight": (768, dd), "decoder_pred.bias": (768,)}
+  unused = {
+    "cls_token": (1, 1, d),
+    "pos_embed": (1, 257, d),
+    "mask_token": (1, 1, dd),
+    "decoder_pos_embed": (1, 257, dd),
+    "patch_embed.proj.weight": (d, 3, 16, 16),
+    "patch_embed.proj.bias": (d,),
+    "decoder_pred.weight": (768, dd),
+    "decoder_pred.bias": (768,),
+  }
   tok_shapes = official_shapes_from_target(convert.tokenizer_target(VQGANConfig()), "vqgan.")
   layouts = {
-      "mage": lambda: {**official_shapes_from_target(convert.mage_target(config)), **unused, **tok_shapes},
-      "vit": lambda: {**official_shapes_from_target(convert.vit_target(config, 1000, True, "linear")),
-                      **tok_shapes, "cls_token": (1, 1, d), "pos_embed": (1, 197, d),
-                      "patch_embed.proj.weight": (d, 3, 16, 16), "patch_embed.proj.bias": (d,)}}
+    "mage": lambda: {**official_shapes_from_target(convert.mage_target(config)), **unused, **tok_shapes},
+    "vit": lambda: {
+      **official_shapes_from_target(convert.vit_target(config, 1000, True, "linear")),
+      **tok_shapes,
+      "cls_token": (1, 1, d),
+      "pos_embed": (1, 197, d),
+      "patch_embed.proj.weight": (d, 3, 16, 16),
+      "patch_embed.proj.bias": (d,),
+    },
+  }
   for kind in kinds:
     shapes = layouts[kind]()
     values = {key: i for i, key in enumerate(sorted(shapes))}
@@ -142,8 +157,9 @@ def test_recreated_unused_tensors_are_the_official_ones(testdata, tmp_path):
   cfg = json.loads((testdata / "official_tiny" / "config.json").read_text())
   official = {name: _fixture(testdata, name) for name in ("mage", "vit_probe")}
   for name, kind in (("mage", "mage"), ("vit_probe", "vit")):
-    meta_like = convert.convert_state_dict(official[name], kind, num_heads=4, decoder_num_heads=4,
-                                           resolution=cfg["tokenizer"]["resolution"])
+    meta_like = convert.convert_state_dict(
+      official[name], kind, num_heads=4, decoder_num_heads=4, resolution=cfg["tokenizer"]["resolution"]
+    )
     variables = {k: v for k, v in meta_like.variables.items() if k != "torch_unused"}
     sd = to_torch.state_dict(variables, meta_like.meta, kind, vit_img_size=cfg["mage"]["img_size"])
     assert {k: (v.shape, v.dtype) for k, v in sd.items()} == {k: (v.shape, v.dtype) for k, v in official[name].items()}
@@ -154,8 +170,7 @@ def test_recreated_unused_tensors_are_the_official_ones(testdata, tmp_path):
       assert np.isfinite(sd[key]).all() and 0 < sd[key].std() < 0.2, key
   # Released sizes: the shapes the spec lists (§2.10: MAGE pos tables [1, 257, D], pixel head [768, Dd];
   # fine-tuned ViT at timm's default 224 px: pos_embed [1, 197, D]).
-  meta = {"kind": "mage", "model": dataclasses.asdict(config_for("B")),
-          "tokenizer": dataclasses.asdict(VQGANConfig())}
+  meta = {"kind": "mage", "model": dataclasses.asdict(config_for("B")), "tokenizer": dataclasses.asdict(VQGANConfig())}
   mage_b = to_torch.unused_tensors("mage", meta)
   assert mage_b["pos_embed"].shape == (1, 257, 768) and mage_b["decoder_pred.weight"].shape == (768, 768)
   assert mage_b["patch_embed.proj.weight"].shape == (768, 3, 16, 16)
@@ -184,8 +199,7 @@ def test_models_trained_here_round_trip(tmp_path, kind, fmt):
   assert set(flat_back) == set(flat_orig), set(flat_back) ^ set(flat_orig)
   for path_, leaf in flat_orig.items():
     assert np.asarray(flat_back[path_]).tobytes() == np.asarray(leaf).tobytes(), path_
-  assert params_io.tokenizer_config_from_meta(result.meta) == \
-      params_io.tokenizer_config_from_meta(meta)
+  assert params_io.tokenizer_config_from_meta(result.meta) == params_io.tokenizer_config_from_meta(meta)
   if kind != "tokenizer":
     assert params_io.mage_config_from_meta(result.meta) == params_io.mage_config_from_meta(meta)
   assert result.meta.get("mage_c") == meta.get("mage_c") and result.meta.get("vit") == meta.get("vit")
@@ -196,8 +210,10 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
   variables, meta = params_io.load(directory)
   with pytest.raises(ValueError, match="holds a 'mage' model"):
     to_torch.state_dict(variables, meta, "vit")
-  broken = {**variables, "model": {"params": {k: v for k, v in variables["model"]["params"].items()
-                                               if k != "decoder_norm"}}}
+  broken = {
+    **variables,
+    "model": {"params": {k: v for k, v in variables["model"]["params"].items() if k != "decoder_norm"}},
+  }
   with pytest.raises(ValueError, match="decoder_norm"):
     to_torch.state_dict(broken, meta)
   tok_variables, tok_meta = params_io.load(tiny_params_dir(tmp_path / "tok", "tokenizer"))
@@ -224,7 +240,7 @@ def test_safetensors_reader_refuses_hostile_files(tmp_path):
   safetensors_io.save(str(good), {"a": np.arange(6, dtype=np.float32).reshape(2, 3)})
   data = good.read_bytes()
   header_len = int.from_bytes(data[:8], "little")
-  header = json.loads(data[8:8 + header_len])
+  header = json.loads(data[8 : 8 + header_len])
 
   def with_header(name, new_header, tail=b"\0" * 24):
     text = json.dumps(new_header).encode()
@@ -233,8 +249,8 @@ def test_safetensors_reader_refuses_hostile_files(tmp_path):
     return str(path)
 
   cases = {
-      "truncated": (tmp_path / "cut.safetensors", data[:10], "not a safetensors file"),
-      "huge_header": (tmp_path / "huge.safetensors", (1 << 40).to_bytes(8, "little") + b"{}", "not a safetensors"),
+    "truncated": (tmp_path / "cut.safetensors", data[:10], "not a safetensors file"),
+    "huge_header": (tmp_path / "huge.safetensors", (1 << 40).to_bytes(8, "little") + b"{}", "not a safetensors"),
   }
   for path, content, message in cases.values():
     path.write_bytes(content)
@@ -243,8 +259,11 @@ def test_safetensors_reader_refuses_hostile_files(tmp_path):
   past_end = {"a": {**header["a"], "data_offsets": [0, 1 << 40]}}
   bad_dtype = {"a": {**header["a"], "dtype": "F128"}}
   wrong_size = {"a": {**header["a"], "shape": [4, 3]}}
-  for name, hostile, message in (("past_end", past_end, "claims bytes"), ("dtype", bad_dtype, "no known dtype"),
-                                 ("size", wrong_size, "claims bytes")):
+  for name, hostile, message in (
+    ("past_end", past_end, "claims bytes"),
+    ("dtype", bad_dtype, "no known dtype"),
+    ("size", wrong_size, "claims bytes"),
+  ):
     with pytest.raises(torch_pickle.CheckpointError, match=message):
       safetensors_io.load(with_header(f"{name}.safetensors", hostile))
   tensors, _ = safetensors_io.load(str(good))
@@ -260,8 +279,9 @@ def _run(*args):
 def test_cli_export_then_convert_back(testdata, tmp_path):
   cfg = json.loads((testdata / "official_tiny" / "config.json").read_text())
   first = tmp_path / "converted"
-  result = convert.convert_state_dict(_fixture(testdata, "mage"), num_heads=cfg["mage"]["num_heads"],
-                                      decoder_num_heads=cfg["mage"]["decoder_num_heads"])
+  result = convert.convert_state_dict(
+    _fixture(testdata, "mage"), num_heads=cfg["mage"]["num_heads"], decoder_num_heads=cfg["mage"]["decoder_num_heads"]
+  )
   params_io.save(str(first), result.variables, result.meta)
   out = tmp_path / "out" / "mage.pth"
   run = _run("mage_jax.export", str(first), str(out))
@@ -282,8 +302,10 @@ def test_cli_export_then_convert_back(testdata, tmp_path):
   assert inside.returncode == 2 and "lies inside PARAMS_DIR" in inside.stderr, inside.stderr
   assert (first / "mage_jax.json").read_bytes() == record
   # A destination the system refuses is named as the user gave it, not by its temporary name.
-  for destination, says in (("/proc/mage.pth", "cannot write /proc/mage.pth: No such file or directory"),
-                            (f"{mine}/mage.pth", f"{mine} exists and is not a directory")):
+  for destination, says in (
+    ("/proc/mage.pth", "cannot write /proc/mage.pth: No such file or directory"),
+    (f"{mine}/mage.pth", f"{mine} exists and is not a directory"),
+  ):
     failed = _run("mage_jax.export", str(first), destination)
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert failed.returncode == 1 and errors == [f"error: {says}"] and ".tmp" not in failed.stderr, failed.stderr

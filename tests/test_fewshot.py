@@ -1,12 +1,12 @@
 """Tests for mage_jax.fewshot (support sampling, ridge, logreg, protocol)."""
+
 import numpy as np
 import pytest
 
 from mage_jax import fewshot
 
 
-def _clusters(num_classes=5, per_class=40, dim=16, sep=8.0, seed=0,
-              shift=3.0):
+def _clusters(num_classes=5, per_class=40, dim=16, sep=8.0, seed=0, shift=3.0):
   rng = np.random.default_rng(seed)
   # Random directions plus a common offset: row-centering and standardising
   # must not destroy the class information.
@@ -75,8 +75,7 @@ def test_fit_ridge_solves_normal_equations(n):
   lhs = (xs.T @ xs + l2 * np.eye(d + 1)) @ m["w"]
   np.testing.assert_allclose(lhs, xs.T @ yt, rtol=1e-8, atol=1e-8)
   scores = xs @ m["w"]
-  np.testing.assert_array_equal(fewshot.predict_ridge(m, x),
-                                scores.argmax(1))
+  np.testing.assert_array_equal(fewshot.predict_ridge(m, x), scores.argmax(1))
 
 
 # The logreg tests share one problem shape (n=20, d=16, C=4) so the L-BFGS
@@ -105,13 +104,11 @@ def test_fit_logreg_reaches_stationary_point():
 # Protocol.
 
 
-@pytest.mark.parametrize("classifier,shots", [("ridge", (1, 5)),
-                                              ("logreg", (5,))])
+@pytest.mark.parametrize("classifier,shots", [("ridge", (1, 5)), ("logreg", (5,))])
 def test_evaluate_fewshot_separable_clusters(classifier, shots):
   x, y = _clusters(num_classes=4, seed=1)
   xt, yt = _clusters(num_classes=4, seed=1, per_class=30)  # Same centers.
-  res = fewshot.evaluate_fewshot(x, y, xt, yt, shots=shots, trials=3,
-                                 seed=0, classifier=classifier)
+  res = fewshot.evaluate_fewshot(x, y, xt, yt, shots=shots, trials=3, seed=0, classifier=classifier)
   assert set(res) == set(shots)
   assert res[5][0] >= 0.99, res
   if 1 in res:
@@ -129,8 +126,7 @@ def test_evaluate_fewshot_random_labels_is_chance(classifier):
   xt = rng.normal(size=(2000, d)).astype(np.float32)
   yt = rng.integers(0, c, size=2000)
   shots = (2, 10) if classifier == "ridge" else (5,)
-  res = fewshot.evaluate_fewshot(x, y, xt, yt, shots=shots, trials=4,
-                                 seed=3, classifier=classifier)
+  res = fewshot.evaluate_fewshot(x, y, xt, yt, shots=shots, trials=4, seed=3, classifier=classifier)
   # Test labels are independent of everything: accuracy ~ Binomial(2000,
   # 1/4) / 2000 per trial, std ~0.01; 0.05 is > 4 sigma.
   for mean, _ in res.values():

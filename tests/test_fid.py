@@ -26,14 +26,16 @@ def torch_ref(testdata):
 # ----------------------------------------------------------------------------------------------------
 # Network parity.
 
+
 def _real_weights_path():
   try:
     return weights.default_weights_path()
   except FileNotFoundError as e:
     if os.environ.get("MAGE_JAX_REQUIRE_FID") == "1":
       pytest.fail(f"MAGE_JAX_REQUIRE_FID=1 but the FID weights are missing: {e}")
-    pytest.skip(f"FID Inception weights not set up ({weights.SETUP_COMMAND}); set MAGE_JAX_REQUIRE_FID=1 "
-                "to make this a failure")
+    pytest.skip(
+      f"FID Inception weights not set up ({weights.SETUP_COMMAND}); set MAGE_JAX_REQUIRE_FID=1 to make this a failure"
+    )
 
 
 @pytest.mark.slow  # ~10 s: one CPU compile of the full network
@@ -81,7 +83,8 @@ def test_torchvision_named_weights_and_tf1_resize_match_torch(torch_ref):
   model = inception.FIDInception(weights.load_weights(state_dict).params)
   assert model.has_logits
   images = np.random.default_rng(int(torch_ref["random_images_seed"])).integers(
-      0, 256, (4, 200, 256, 3), dtype=np.uint8)
+    0, 256, (4, 200, 256, 3), dtype=np.uint8
+  )
   feats, logits = model(images)
   assert _rel_l2(feats, torch_ref["random_features"]) < 1e-4
   assert _rel_l2(logits, torch_ref["random_logits_unbiased"]) < 1e-4
@@ -116,12 +119,11 @@ def test_conv_as_matmuls_is_the_convolution(name):
   want = np.zeros((2, out_h, out_w, spec.out_ch))
   for i in range(kh):
     for j in range(kw):
-      window = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+      window = padded[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride]
       want += window @ kernel[i, j].astype(np.float64)
   got = np.asarray(inception._conv_as_matmuls(spec, x, kernel))
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
-  np.testing.assert_allclose(np.asarray(inception._conv(spec, x, kernel)), want, rtol=0,
-                             atol=2e-5 * np.abs(want).max())
+  np.testing.assert_allclose(np.asarray(inception._conv(spec, x, kernel)), want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
 def test_preprocess_scaling_and_dtypes():
@@ -148,6 +150,7 @@ def test_network_rejects_unscaled_size():
 
 # ----------------------------------------------------------------------------------------------------
 # FID.
+
 
 def _independent_fid(mu1, s1, mu2, s2):
   """tr sqrt(s1 s2) = tr sqrt(A s2 A) with A = s1^(1/2) symmetric PSD: eigh only, float64."""
@@ -222,6 +225,7 @@ def test_fid_rejects_mismatched_shapes():
 # ----------------------------------------------------------------------------------------------------
 # Inception Score.
 
+
 def test_is_uniform_logits_is_one():
   mean, std = metrics.inception_score(np.zeros((50, 1008)), splits=10)
   assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
@@ -239,11 +243,11 @@ def test_is_confident_distinct_classes_is_number_of_classes():
 
 
 def test_is_matches_torch_fidelity(torch_ref):
-  logits = np.random.default_rng(int(torch_ref["is_logits_seed"])).standard_normal(
-      (103, 1008)).astype(np.float32) * 4
+  logits = np.random.default_rng(int(torch_ref["is_logits_seed"])).standard_normal((103, 1008)).astype(np.float32) * 4
   np.testing.assert_allclose(metrics.inception_score(logits), torch_ref["is_shuffle10"], rtol=1e-10)
-  np.testing.assert_allclose(metrics.inception_score(logits, splits=7, shuffle=False),
-                             torch_ref["is_noshuffle7"], rtol=1e-10)
+  np.testing.assert_allclose(
+    metrics.inception_score(logits, splits=7, shuffle=False), torch_ref["is_noshuffle7"], rtol=1e-10
+  )
   # And against a plain formula: exp(E KL(p || mean p)) per split.
   p = scipy.special.softmax(logits.astype(np.float64)[:14], axis=1)
   want = np.exp(np.mean(np.sum(scipy.special.rel_entr(p, p.mean(0, keepdims=True)), axis=1)))
@@ -253,11 +257,11 @@ def test_is_matches_torch_fidelity(torch_ref):
 # ----------------------------------------------------------------------------------------------------
 # Weight loading.
 
+
 def _zero_state_dict(with_fc=True):
   names = weights.torchvision_names()
   shapes = weights.expected_shapes(with_fc)
-  return {names[k]: np.zeros(s, np.float32) + (1.0 if k.endswith("var") else 0.0)
-          for k, s in shapes.items()}
+  return {names[k]: np.zeros(s, np.float32) + (1.0 if k.endswith("var") else 0.0) for k, s in shapes.items()}
 
 
 def test_state_dict_loader_names_missing_and_misshapen_tensors():
@@ -266,8 +270,7 @@ def test_state_dict_loader_names_missing_and_misshapen_tensors():
   assert w.has_logits and w.params["mixed_10.tower_2_conv"]["kernel"].shape == (1, 1, 2048, 192)
   broken = dict(sd)
   del broken["Mixed_6b.branch7x7dbl_3.bn.running_var"]
-  with pytest.raises(weights.WeightsError,
-                     match=r"1 tensor\(s\) missing.*Mixed_6b\.branch7x7dbl_3\.bn\.running_var"):
+  with pytest.raises(weights.WeightsError, match=r"1 tensor\(s\) missing.*Mixed_6b\.branch7x7dbl_3\.bn\.running_var"):
     weights.load_weights(broken)
   broken = dict(sd, **{"Mixed_5b.branch1x1.conv.weight": np.zeros((64, 192, 3, 3), np.float32)})
   with pytest.raises(weights.WeightsError, match=r"Mixed_5b\.branch1x1\.conv\.weight has shape"):
@@ -334,6 +337,7 @@ def test_default_weights_path_says_how_to_set_up(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 # Streaming statistics, evaluation and the reference cache (with a stand-in network).
 
+
 class _FakeModel:
   """Features = first 6 pixel values; logits = optional fixed projection. Records batch shapes."""
 
@@ -387,8 +391,7 @@ def test_reference_stats_are_cached_per_dataset_split(tmp_path):
     return iter(_image_batches(8, [6, 6]))
 
   model = _FakeModel(False)
-  first = metrics.load_or_compute_reference_stats("toy", "validation", images_fn, tmp_path, model=model,
-                                                  batch_size=4)
+  first = metrics.load_or_compute_reference_stats("toy", "validation", images_fn, tmp_path, model=model, batch_size=4)
   again = metrics.load_or_compute_reference_stats("toy", "validation", images_fn, tmp_path, model=model)
   assert len(calls) == 1
   assert (tmp_path / "toy-validation-fake-tf1.npz").is_file()
@@ -403,6 +406,7 @@ def test_reference_stats_are_cached_per_dataset_split(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # sFID and precision/recall.
+
 
 def _precision_recall_float64(ref, gen, k=3):
   """Kynkaenniemi et al. 2019 from the definition: balls of k-th-neighbour radius around each point."""
@@ -443,15 +447,17 @@ def test_extras_give_sfid_precision_recall_and_survive_the_cache(tmp_path):
   np.testing.assert_array_equal(ref.features, flat[:, :6].astype(np.float32))
   res = metrics.evaluate(_image_batches(7, [20]), ref, _FakeModel(False), batch_size=8)
   gen = np.concatenate(_image_batches(7, [20])).reshape(20, -1).astype(np.float64)
-  assert res.sfid == pytest.approx(metrics.frechet_distance(*metrics.statistics(gen[:, 6:10]), ref.spatial.mu,
-                                                            ref.spatial.sigma))
+  assert res.sfid == pytest.approx(
+    metrics.frechet_distance(*metrics.statistics(gen[:, 6:10]), ref.spatial.mu, ref.spatial.sigma)
+  )
   assert (res.precision, res.recall) == pytest.approx(_precision_recall_float64(flat[:, :6], gen[:, :6]))
   metrics.save_stats(ref, tmp_path / "ref.npz")
   back = metrics.load_stats(tmp_path / "ref.npz")
   np.testing.assert_array_equal(back.spatial.sigma, ref.spatial.sigma)
   np.testing.assert_array_equal(back.features, ref.features)
-  plain = metrics.evaluate(_image_batches(7, [20]), metrics.ImageStatistics(ref.mu, ref.sigma, 30),
-                           _FakeModel(False), batch_size=8)
+  plain = metrics.evaluate(
+    _image_batches(7, [20]), metrics.ImageStatistics(ref.mu, ref.sigma, 30), _FakeModel(False), batch_size=8
+  )
   assert plain.fid == pytest.approx(res.fid) and plain.sfid is None and plain.precision is None
   np.savez(tmp_path / "bad.npz", mu=ref.mu, sigma=ref.sigma, num_images=np.int64(30), features=ref.features[:5])
   with pytest.raises(ValueError, match="bad.npz: features of shape"):
@@ -465,8 +471,7 @@ def _block_input(params, x, block):
   for name in ("conv", "conv_1", "conv_2"):
     x = inception._conv_bn_relu(params, name, x)
   x = inception._max_pool(x, 2, 0)
-  x = inception._max_pool(inception._conv_bn_relu(params, "conv_4", inception._conv_bn_relu(params, "conv_3", x)),
-                          2, 0)
+  x = inception._max_pool(inception._conv_bn_relu(params, "conv_4", inception._conv_bn_relu(params, "conv_3", x)), 2, 0)
   for name, kind, _ in inception.BLOCKS:
     if name == block:
       return np.asarray(x, np.float64)

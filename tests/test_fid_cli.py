@@ -47,8 +47,7 @@ def test_cli_fid_of_a_set_with_itself_is_zero(tmp_path, have_weights):
   images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
   np.savez(tmp_path / "s.npz", images=images)
   out = tmp_path / "fid.json"
-  run = run_cli("mage_jax.fid", tmp_path / "s.npz", f"--reference={tmp_path / 's.npz'}", f"--json={out}",
-                "--extras")
+  run = run_cli("mage_jax.fid", tmp_path / "s.npz", f"--reference={tmp_path / 's.npz'}", f"--json={out}", "--extras")
   assert run.returncode == 0, run.stderr[-2000:]
   result = json.loads(out.read_text())
   assert abs(result["fid"]) < 1e-3 and result["num_images"] == 6
@@ -63,11 +62,11 @@ def test_cli_errors_name_the_problem(tmp_path, have_weights):
   metrics.save_stats(stats, tmp_path / "stats.npz")
   np.savez(tmp_path / "s.npz", images=np.zeros((3, 8, 8, 3), np.uint8))
   for args, status, needle in (
-      ([tmp_path / "missing.npz", f"--reference={tmp_path / 'stats.npz'}"], 1, "missing.npz"),
-      ([tmp_path / "s.npz", "--reference=nonsense"], 1, "neither a path nor a dataset split"),
-      ([tmp_path / "s.npz", f"--reference={tmp_path / 'stats.npz'}", "--extras"], 1, "need the reference images"),
-      ([tmp_path / "s.npz", f"--reference={tmp_path / 'stats.npz'}", "--max_images=-1"], 2, "max_images"),
-      ([tmp_path / "s.npz"], 2, "reference"),
-      (["--reference=x"], 2, "SAMPLES")):
+    ([tmp_path / "missing.npz", f"--reference={tmp_path / 'stats.npz'}"], 1, "missing.npz"),
+    ([tmp_path / "s.npz", "--reference=nonsense"], 1, "neither a path nor a dataset split"),
+    ([tmp_path / "s.npz", f"--reference={tmp_path / 'stats.npz'}", "--extras"], 1, "need the reference images"),
+    ([tmp_path / "s.npz", f"--reference={tmp_path / 'stats.npz'}", "--max_images=-1"], 2, "max_images"),
+    ([tmp_path / "s.npz"], 2, "reference"),
+    (["--reference=x"], 2, "SAMPLES"),
+  ):
     assert_one_line_error(run_cli("mage_jax.fid", *args), status, needle)
-

@@ -38,8 +38,20 @@ def loaded(params_dir):
 
 def _generate(loaded, mesh, num_images=8, batch_size=8, seed=SEED):
   model, tokenizer, variables = loaded
-  out = list(sampling.generate_images(model, tokenizer, variables, jax.random.key(seed), num_images, batch_size,
-                                      STEPS, TEMPERATURE, mesh, return_ids=True))
+  out = list(
+    sampling.generate_images(
+      model,
+      tokenizer,
+      variables,
+      jax.random.key(seed),
+      num_images,
+      batch_size,
+      STEPS,
+      TEMPERATURE,
+      mesh,
+      return_ids=True,
+    )
+  )
   return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
@@ -49,9 +61,15 @@ def _reference_batch(loaded, batch_index, batch_size=8, seed=SEED):
   c = model.config
   tokens = jnp.full((batch_size, c.num_tokens), c.mask_id, jnp.int32)
   logits_fn = lambda t: model.apply(variables["model"], t, method="image_token_logits")
-  ids = sampling.decode(jax.random.fold_in(jax.random.key(seed), batch_index), tokens, logits_fn,
-                        num_steps=STEPS, choice_temperature=TEMPERATURE, mask_id=c.mask_id,
-                        codebook_size=c.codebook_size)
+  ids = sampling.decode(
+    jax.random.fold_in(jax.random.key(seed), batch_index),
+    tokens,
+    logits_fn,
+    num_steps=STEPS,
+    choice_temperature=TEMPERATURE,
+    mask_id=c.mask_id,
+    codebook_size=c.codebook_size,
+  )
   pixels = np.asarray(tokenizer.apply(variables["tokenizer"], ids, method="decode_ids"), np.float64)
   return np.floor(np.clip(pixels * 255.0, 0, 255)).astype(np.uint8), np.asarray(ids)
 
@@ -99,6 +117,7 @@ def test_models_from_meta(params_dir):
   with pytest.raises(ValueError, match=r"unknown checkpoint meta\['model'\] keys \['bogus'\]"):
     params_io.models_from_meta({**meta, "model": {**meta["model"], "bogus": 1}})
   from mage_jax.models.class_cond import ClassCondMAGE
+
   cond, _ = params_io.models_from_meta({**meta, "model": {**meta["model"], "num_classes": 1000}})
   assert isinstance(cond, ClassCondMAGE) and cond.config.num_classes == 1000
   with pytest.raises(ValueError, match="64 tokens"):
@@ -146,8 +165,9 @@ def test_generate_deterministic_and_prefix_stable(loaded):
 def test_generate_rejects_bad_sizes(loaded):
   model, tokenizer, variables = loaded
   with pytest.raises(ValueError, match="multiple of the number of devices"):
-    sampling.generate_images(model, tokenizer, variables, jax.random.key(0), 6, 6, 2, 6.0,
-                             sharding.create_mesh((("data", -1),)))
+    sampling.generate_images(
+      model, tokenizer, variables, jax.random.key(0), 6, 6, 2, 6.0, sharding.create_mesh((("data", -1),))
+    )
   with pytest.raises(ValueError, match="unconditional"):
     sampling.generate_images(model, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0, class_id=3)
 
@@ -159,6 +179,7 @@ class _CondConfig(MAGEConfig):
 
 class _CondMAGE(MAGE):
   """Stand-in for the future class-conditional model: the label forces every sampled id to equal it."""
+
   config: _CondConfig = _CondConfig()
 
   def image_token_logits(self, image_tokens, labels=None):
@@ -169,8 +190,19 @@ class _CondMAGE(MAGE):
 def test_generate_class_hook_passes_labels(loaded):
   model, tokenizer, variables = loaded
   cond = _CondMAGE(_CondConfig(**dataclasses.asdict(model.config)))
-  (imgs, ids), = sampling.generate_images(cond, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0,
-                                          sharding.create_mesh((("data", -1),)), class_id=7, return_ids=True)
+  ((imgs, ids),) = sampling.generate_images(
+    cond,
+    tokenizer,
+    variables,
+    jax.random.key(0),
+    8,
+    8,
+    2,
+    6.0,
+    sharding.create_mesh((("data", -1),)),
+    class_id=7,
+    return_ids=True,
+  )
   assert (ids == 7).all() and imgs.shape == (8, 32, 32, 3)
   with pytest.raises(ValueError, match="outside"):
     sampling.generate_images(cond, tokenizer, variables, jax.random.key(0), 8, 8, 2, 6.0, class_id=10)
@@ -178,13 +210,22 @@ def test_generate_class_hook_passes_labels(loaded):
 
 def test_generate_cli_writes_files(params_dir, loaded, tmp_path):
   out = tmp_path / "gen"
-  args = [f"--params={params_dir}", f"--out={out}", "--num_images=10", "--batch_size=8", f"--num_steps={STEPS}",
-          f"--temperature={TEMPERATURE}", f"--seed={SEED}", "--shard_size=4"]
+  args = [
+    f"--params={params_dir}",
+    f"--out={out}",
+    "--num_images=10",
+    "--batch_size=8",
+    f"--num_steps={STEPS}",
+    f"--temperature={TEMPERATURE}",
+    f"--seed={SEED}",
+    "--shard_size=4",
+  ]
   run = run_cli("mage_jax.generate", *args)
   assert run.returncode == 0, run.stderr
   assert "images/s" in run.stdout and "done: 10 images" in run.stdout
-  files = sorted(os.path.relpath(os.path.join(d, f), out / "images")
-                 for d, _, fs in os.walk(out / "images") for f in fs)
+  files = sorted(
+    os.path.relpath(os.path.join(d, f), out / "images") for d, _, fs in os.walk(out / "images") for f in fs
+  )
   assert files == [f"{i // 4:03d}/{i:05d}.png" for i in range(10)]
   npz = np.load(out / "images.npz")["images"]
   assert npz.shape == (10, 32, 32, 3) and npz.dtype == np.uint8
@@ -205,8 +246,9 @@ def test_generate_cli_writes_files(params_dir, loaded, tmp_path):
   again = run_cli("mage_jax.generate", *args[:2], "--num_images=8", "--batch_size=8", f"--num_steps={STEPS}")
   assert_one_line_error(again, 2, "--force")
   assert len(list((out / "images").rglob("*.png"))) == 10
-  forced = run_cli("mage_jax.generate", *args[:2], "--num_images=8", "--batch_size=8", f"--num_steps={STEPS}",
-                   "--force")
+  forced = run_cli(
+    "mage_jax.generate", *args[:2], "--num_images=8", "--batch_size=8", f"--num_steps={STEPS}", "--force"
+  )
   assert forced.returncode == 0, forced.stderr
   assert len(list((out / "images").rglob("*.png"))) == 8
 
@@ -214,13 +256,13 @@ def test_generate_cli_writes_files(params_dir, loaded, tmp_path):
 def test_generate_cli_bad_inputs(params_dir, tmp_path):
   out = tmp_path / "o"
   cases = [
-      ([f"--params={tmp_path / 'nope'}"], 1, f"not found: {tmp_path / 'nope'}"),
-      ([f"--params={tmp_path}"], 1, "mage_jax.json"),
-      ([f"--params={params_dir}", "--class_id=3"], 2, "unconditional model"),
-      ([f"--params={params_dir}", "--batch_size=6", "--num_images=6"], 2, "multiple of the device count 8"),
-      ([f"--params={params_dir}", "--dtype=float16"], 2, "float16"),
-      ([f"--params={params_dir}", "--temperature=nan"], 2, "--temperature must be finite"),
-      ([f"--params={params_dir}", "--num_images=0"], 2, "num_images"),
+    ([f"--params={tmp_path / 'nope'}"], 1, f"not found: {tmp_path / 'nope'}"),
+    ([f"--params={tmp_path}"], 1, "mage_jax.json"),
+    ([f"--params={params_dir}", "--class_id=3"], 2, "unconditional model"),
+    ([f"--params={params_dir}", "--batch_size=6", "--num_images=6"], 2, "multiple of the device count 8"),
+    ([f"--params={params_dir}", "--dtype=float16"], 2, "float16"),
+    ([f"--params={params_dir}", "--temperature=nan"], 2, "--temperature must be finite"),
+    ([f"--params={params_dir}", "--num_images=0"], 2, "num_images"),
   ]
   for args, status, message in cases:
     assert_one_line_error(run_cli("mage_jax.generate", *args, f"--out={out}"), status, message)
@@ -237,11 +279,12 @@ def test_generate_cli_bad_inputs(params_dir, tmp_path):
 
 def _hand_token_mask(pixel_mask, cell=4, ring=1):
   g = pixel_mask.shape[0] // cell
-  cells = np.array([[pixel_mask[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].any() for c in range(g)]
-                    for r in range(g)])
+  cells = np.array(
+    [[pixel_mask[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell].any() for c in range(g)] for r in range(g)]
+  )
   out = np.zeros_like(cells)
   for r, c in zip(*np.nonzero(cells)):
-    out[max(r - ring, 0):r + ring + 1, max(c - ring, 0):c + ring + 1] = True
+    out[max(r - ring, 0) : r + ring + 1, max(c - ring, 0) : c + ring + 1] = True
   return out
 
 
@@ -252,8 +295,17 @@ def test_edit_image_keeps_known_tokens(loaded, mode):
   image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
   box = (9, 4, 17, 14) if mode == "inpaint" else (4, 4, 28, 28)
   pixel_mask = editing.pixel_mask_for(mode, 32, box)
-  res = editing.edit_image(model, tokenizer, variables, jax.random.key(1), image, pixel_mask, num_samples=3,
-                        num_steps=STEPS, temperature=TEMPERATURE)
+  res = editing.edit_image(
+    model,
+    tokenizer,
+    variables,
+    jax.random.key(1),
+    image,
+    pixel_mask,
+    num_samples=3,
+    num_steps=STEPS,
+    temperature=TEMPERATURE,
+  )
   want_mask = _hand_token_mask(pixel_mask)
   np.testing.assert_array_equal(res.token_mask, want_mask)
   if mode == "inpaint":  # rows 9..16 -> token rows 2..4, cols 4..13 -> 1..3; plus the ring
@@ -276,8 +328,14 @@ def test_edit_cli(params_dir, tmp_path):
   rng = np.random.default_rng(1)
   Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(src)
   out = tmp_path / "edit"
-  args = [f"--params={params_dir}", f"--image={src}", "--box=8,8,16,16", f"--out={out}", "--num_samples=2",
-          f"--num_steps={STEPS}"]
+  args = [
+    f"--params={params_dir}",
+    f"--image={src}",
+    "--box=8,8,16,16",
+    f"--out={out}",
+    "--num_samples=2",
+    f"--num_steps={STEPS}",
+  ]
   run = run_cli("mage_jax.edit", *args)
   assert run.returncode == 0, run.stderr[-2000:]
   assert "regenerated 16/64 tokens" in run.stdout  # token hole 2..3 + ring -> 1..4
@@ -291,10 +349,11 @@ def test_edit_cli(params_dir, tmp_path):
     assert np.asarray(Image.open(out / f"sample_{i}.png")).shape == (32, 32, 3)
   assert not (out / "sample_2.png").exists()
   for extra, status, needle in (
-      ([], 2, "--force"),  # the same OUT again
-      ([f"--image={tmp_path / 'x.png'}", f"--out={tmp_path / 'o2'}"], 1, "image not found"),
-      (["--box=8,8,40,16", f"--out={tmp_path / 'o3'}"], 1, "box"),
-      (["--temperature=nan", f"--out={tmp_path / 'o4'}"], 2, "finite")):
+    ([], 2, "--force"),  # the same OUT again
+    ([f"--image={tmp_path / 'x.png'}", f"--out={tmp_path / 'o2'}"], 1, "image not found"),
+    (["--box=8,8,40,16", f"--out={tmp_path / 'o3'}"], 1, "box"),
+    (["--temperature=nan", f"--out={tmp_path / 'o4'}"], 2, "finite"),
+  ):
     assert_one_line_error(run_cli("mage_jax.edit", *args, *extra), status, needle)
   assert run_cli("mage_jax.edit", *args, "--force").returncode == 0
   (out / "notes.txt").write_text("mine")
@@ -313,10 +372,16 @@ def test_force_removes_only_what_an_earlier_run_listed(tmp_path):
   too); a file or folder of the user's anywhere in OUT, a file named like generate's own, or a link, is foreign:
   refused, untouched."""
   from mage_jax import generate, outputs, runtime  # pylint: disable=g-import-not-at-top
+
   out = tmp_path / "out"
   listed = generate.planned_outputs(str(out), 3, 2, png=True, npz=True, grid=False)
-  assert listed == ["images/000/00000.png", "images/000/00001.png", "images/001/00002.png", "images.npz",
-                    "generation.json"]
+  assert listed == [
+    "images/000/00000.png",
+    "images/000/00001.png",
+    "images/001/00002.png",
+    "images.npz",
+    "generation.json",
+  ]
   outputs.write_record(str(out), listed)
   for rel in listed[:2]:  # interrupted after two images
     (out / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ MARGIN_MB = 64  # above the valid conversion's peak; the refused cases would nee
 @dataclasses.dataclass
 class View:
   """One tensor as torch pickles it: a storage (key, type, numel) and a strided view of it."""
+
   key: str
   storage_type: str
   numel: int
@@ -57,10 +58,19 @@ def _global(module: str, name: str) -> bytes:
 
 
 def _tensor_ops(v: View) -> bytes:
-  storage = (b"(" + _op("storage") + _global("torch", v.storage_type) + _op(v.key) + _op("cpu") + _op(v.numel) +
-             b"tQ")
-  return (_global("torch._utils", "_rebuild_tensor_v2") + b"(" + storage + _op(v.offset) + _op(tuple(v.size)) +
-          _op(tuple(v.stride)) + _op(False) + _global("collections", "OrderedDict") + b")R" + b"tR")
+  storage = b"(" + _op("storage") + _global("torch", v.storage_type) + _op(v.key) + _op("cpu") + _op(v.numel) + b"tQ"
+  return (
+    _global("torch._utils", "_rebuild_tensor_v2")
+    + b"("
+    + storage
+    + _op(v.offset)
+    + _op(tuple(v.size))
+    + _op(tuple(v.stride))
+    + _op(False)
+    + _global("collections", "OrderedDict")
+    + b")R"
+    + b"tR"
+  )
 
 
 def _state_dict_pickle(views: dict) -> bytes:
@@ -78,8 +88,29 @@ def _zip(path, members) -> None:
   out, central = bytearray(), bytearray()
   for name, data, method, crc, size in members:
     n = name.encode()
-    central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0x21, crc, len(data), size, len(n),
-                           0, 0, 0, 0, 0, len(out)) + n
+    central += (
+      struct.pack(
+        "<IHHHHHHIIIHHHHHII",
+        0x02014B50,
+        20,
+        20,
+        0,
+        method,
+        0,
+        0x21,
+        crc,
+        len(data),
+        size,
+        len(n),
+        0,
+        0,
+        0,
+        0,
+        0,
+        len(out),
+      )
+      + n
+    )
     out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0x21, crc, len(data), size, len(n), 0) + n + data
   eocd = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), len(out), 0)
   with open(path, "wb") as f:
@@ -91,7 +122,7 @@ def _contiguous(arrays: dict) -> tuple[dict, dict]:
   views, storages = {}, {}
   for i, (name, a) in enumerate(arrays.items()):
     a = np.array(a, order="C")  # keeps 0-d arrays 0-d
-    stride = tuple(int(np.prod(a.shape[d + 1:])) for d in range(a.ndim))
+    stride = tuple(int(np.prod(a.shape[d + 1 :])) for d in range(a.ndim))
     views[name] = View(str(i), _STORAGE_TYPES[a.dtype], a.size, 0, a.shape, stride)
     storages[str(i)] = a.tobytes()
   return views, storages
@@ -149,8 +180,9 @@ class Run:
 def _run(module: str, *args: str) -> Run:
   """`python -m module args` with this child's own peak RSS (os.wait4), not the max over every child so far."""
   with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-    proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=err, cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = subprocess.Popen(
+      [sys.executable, "-m", module, *args], stdout=out, stderr=err, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT)
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     out.seek(0)
@@ -173,26 +205,39 @@ def _snapshot(directory) -> dict:
 # ------------------------------------------------------------------------------ the cases
 
 QKV = "blocks.0.attn.qkv.weight"  # (192, 64) in the tiny model
-FC1 = "blocks.0.mlp.fc1.weight"   # sizes the MLP
+FC1 = "blocks.0.mlp.fc1.weight"  # sizes the MLP
 
 
 def _neg_stride(stride):
   def build(tmp, arrays):
-    return _with_view(tmp / "evil.pth", arrays, QKV, View("", "FloatStorage", 192 * 64, 0, (192, 64), stride),
-                      arrays[QKV].tobytes())
+    return _with_view(
+      tmp / "evil.pth", arrays, QKV, View("", "FloatStorage", 192 * 64, 0, (192, 64), stride), arrays[QKV].tobytes()
+    )
+
   return build
 
 
 def _expanded(tmp, arrays):
-  return _with_view(tmp / "evil.pth", arrays, FC1, View("", "FloatStorage", 4, 0, (30000, 30000), (0, 0)),
-                    np.ones(4, np.float32).tobytes())
+  return _with_view(
+    tmp / "evil.pth",
+    arrays,
+    FC1,
+    View("", "FloatStorage", 4, 0, (30000, 30000), (0, 0)),
+    np.ones(4, np.float32).tobytes(),
+  )
 
 
 def _deflate_bomb(tmp, arrays):
   views = {"w": View("bomb", "FloatStorage", 2**29, 0, (2**29,), (1,))}  # 2 GiB of float32
   path = tmp / "evil.pth"
-  _zip(path, [_member("archive/data.pkl", _state_dict_pickle(views)), _member("archive/byteorder", b"little"),
-              _deflate_bomb_member("archive/data/bomb", 2048)])
+  _zip(
+    path,
+    [
+      _member("archive/data.pkl", _state_dict_pickle(views)),
+      _member("archive/byteorder", b"little"),
+      _deflate_bomb_member("archive/data/bomb", 2048),
+    ],
+  )
   assert os.path.getsize(path) < 3 * 2**20
   return str(path)
 
@@ -266,44 +311,74 @@ def _src(build_file):
 
 HEADS = ("--num_heads=4", "--decoder_num_heads=4")
 CASES = {
-    "baseline": Case(lambda t, a: [_checkpoint(t / "valid.pth", a), f"{t}/out", *HEADS], 0),
-    # The loader: refused before anything large is allocated.
-    "negative_stride_small": Case(_src(_neg_stride((-64, 1))), 1, (f"'{QKV}' has a negative offset or stride",), True),
-    "negative_stride_2pow40": Case(_src(_neg_stride((-2**40, 1))), 1, (f"'{QKV}' has a negative offset or stride",),
-                                   True),
-    "stride0_expansion": Case(_src(_expanded), 1, (f"'{FC1}'", "expanded (stride-0) view"), True),
-    "deflate_bomb": Case(_src(_deflate_bomb), 1, ("'archive/data/bomb' (of tensor 'w')", "2.00 GiB", "zip bomb"),
-                         True),
-    "member_larger_than_declared": Case(_src(_larger_than_declared), 1, (
-        f"(of tensor '{QKV}') holds 49152 bytes", "FloatStorage of 4 elements is 16 bytes"), True),
-    "truncated_zip": Case(_src(_truncated), 1, ("cut.pth is not a PyTorch zip checkpoint (truncated or corrupt)",),
-                          True),
-    "pickle_memo_bomb": Case(_src(_memo_bomb), 1, ("memo index 268435456 at opcode 3 runs ahead", "2.00 GiB"), True),
-    "pickle_object_bomb": Case(_src(_object_bomb), 1, ("pickle record 'archive/data.pkl' holds more opcodes than "
-                                                       "its file can justify",), True),
-    # The converter and the command line.
-    "0d_sizing_weight": Case(lambda t, a: [_checkpoint(t / "s.pth", a, **{FC1: np.float32(1)}), f"{t}/out"], 1,
-                             (f"tensor '{FC1}' has shape ()", "2-d weight is expected")),
-    "nan_weights": Case(lambda t, a: [_checkpoint(t / "s.pth", a, **{QKV: _bad_values(a, "nan")}), f"{t}/out",
-                                      *HEADS], 1, (f"{QKV}: 3 of its 12288 values are NaN/Inf", "nothing written")),
-    "integer_weights": Case(lambda t, a: [_checkpoint(t / "s.pth", a, **{QKV: _bad_values(a, "int")}), f"{t}/out",
-                                          *HEADS], 1, (f"{QKV}: holds int64 values where a float weight belongs",)),
-    "directory_as_source": Case(lambda t, a: [str(t), f"{t}/out"], 1, ("is a directory, not a checkpoint file",)),
-    "output_under_a_file": Case(lambda t, a: [_checkpoint(t / "s.pth", a), f"{t}/s.pth/out"], 1,
-                                ("s.pth is not a directory",)),
-    "non_checkpoint_dir": Case(_non_checkpoint_dir, 1, (
-        "work is not empty and is not a mage_jax params checkpoint (it holds notes.txt, variables)", "--force")),
-    "num_heads_3": Case(lambda t, a: [_checkpoint(t / "s.pth", a), f"{t}/out", "--num_heads=3"], 1,
-                        ("num_heads=3 does not divide embed_dim=64",)),
-    "bad_config_json": Case(lambda t, a: [_checkpoint(t / "s.pth", a), f"{t}/out", f"--config={_write_json(t, '{')}"],
-                            1, ("c.json: not a readable JSON file",)),
-    "hyphenated_flag": Case(lambda t, a: [_checkpoint(t / "s.pth", a), f"{t}/out", "--num-heads=4"], 2,
-                            ("Unknown command line flag 'num-heads'",)),
-    # The other binaries on the same loader.
-    "verify_max_gb": Case(_verify_dir, 2, ("(of tensor 'vqgan.", "raise --max_gb"), module="mage_jax.verify"),
-    "fid_setup_negative_stride": Case(
-        lambda t, a: ["setup", f"--weights_file={_neg_stride((-2**40, 1))(t, a)}", f"--out={t}/w.npz"], 1,
-        (f"'{QKV}' has a negative offset or stride",), True, module="mage_jax.fid.weights"),
+  "baseline": Case(lambda t, a: [_checkpoint(t / "valid.pth", a), f"{t}/out", *HEADS], 0),
+  # The loader: refused before anything large is allocated.
+  "negative_stride_small": Case(_src(_neg_stride((-64, 1))), 1, (f"'{QKV}' has a negative offset or stride",), True),
+  "negative_stride_2pow40": Case(
+    _src(_neg_stride((-(2**40), 1))), 1, (f"'{QKV}' has a negative offset or stride",), True
+  ),
+  "stride0_expansion": Case(_src(_expanded), 1, (f"'{FC1}'", "expanded (stride-0) view"), True),
+  "deflate_bomb": Case(_src(_deflate_bomb), 1, ("'archive/data/bomb' (of tensor 'w')", "2.00 GiB", "zip bomb"), True),
+  "member_larger_than_declared": Case(
+    _src(_larger_than_declared),
+    1,
+    (f"(of tensor '{QKV}') holds 49152 bytes", "FloatStorage of 4 elements is 16 bytes"),
+    True,
+  ),
+  "truncated_zip": Case(_src(_truncated), 1, ("cut.pth is not a PyTorch zip checkpoint (truncated or corrupt)",), True),
+  "pickle_memo_bomb": Case(_src(_memo_bomb), 1, ("memo index 268435456 at opcode 3 runs ahead", "2.00 GiB"), True),
+  "pickle_object_bomb": Case(
+    _src(_object_bomb), 1, ("pickle record 'archive/data.pkl' holds more opcodes than its file can justify",), True
+  ),
+  # The converter and the command line.
+  "0d_sizing_weight": Case(
+    lambda t, a: [_checkpoint(t / "s.pth", a, **{FC1: np.float32(1)}), f"{t}/out"],
+    1,
+    (f"tensor '{FC1}' has shape ()", "2-d weight is expected"),
+  ),
+  "nan_weights": Case(
+    lambda t, a: [_checkpoint(t / "s.pth", a, **{QKV: _bad_values(a, "nan")}), f"{t}/out", *HEADS],
+    1,
+    (f"{QKV}: 3 of its 12288 values are NaN/Inf", "nothing written"),
+  ),
+  "integer_weights": Case(
+    lambda t, a: [_checkpoint(t / "s.pth", a, **{QKV: _bad_values(a, "int")}), f"{t}/out", *HEADS],
+    1,
+    (f"{QKV}: holds int64 values where a float weight belongs",),
+  ),
+  "directory_as_source": Case(lambda t, a: [str(t), f"{t}/out"], 1, ("is a directory, not a checkpoint file",)),
+  "output_under_a_file": Case(
+    lambda t, a: [_checkpoint(t / "s.pth", a), f"{t}/s.pth/out"], 1, ("s.pth is not a directory",)
+  ),
+  "non_checkpoint_dir": Case(
+    _non_checkpoint_dir,
+    1,
+    ("work is not empty and is not a mage_jax params checkpoint (it holds notes.txt, variables)", "--force"),
+  ),
+  "num_heads_3": Case(
+    lambda t, a: [_checkpoint(t / "s.pth", a), f"{t}/out", "--num_heads=3"],
+    1,
+    ("num_heads=3 does not divide embed_dim=64",),
+  ),
+  "bad_config_json": Case(
+    lambda t, a: [_checkpoint(t / "s.pth", a), f"{t}/out", f"--config={_write_json(t, '{')}"],
+    1,
+    ("c.json: not a readable JSON file",),
+  ),
+  "hyphenated_flag": Case(
+    lambda t, a: [_checkpoint(t / "s.pth", a), f"{t}/out", "--num-heads=4"],
+    2,
+    ("Unknown command line flag 'num-heads'",),
+  ),
+  # The other binaries on the same loader.
+  "verify_max_gb": Case(_verify_dir, 2, ("(of tensor 'vqgan.", "raise --max_gb"), module="mage_jax.verify"),
+  "fid_setup_negative_stride": Case(
+    lambda t, a: ["setup", f"--weights_file={_neg_stride((-(2**40), 1))(t, a)}", f"--out={t}/w.npz"],
+    1,
+    (f"'{QKV}' has a negative offset or stride",),
+    True,
+    module="mage_jax.fid.weights",
+  ),
 }
 
 
@@ -337,8 +412,13 @@ def test_bad_input_is_one_line_touches_nothing_in_bounded_memory(name, results):
 
 
 def test_view_past_storage_and_repeated_views(tiny_arrays, tmp_path):
-  past = _with_view(tmp_path / "past.pth", tiny_arrays, QKV,
-                    View("", "FloatStorage", 192 * 64, 64, (192, 64), (64, 1)), tiny_arrays[QKV].tobytes())
+  past = _with_view(
+    tmp_path / "past.pth",
+    tiny_arrays,
+    QKV,
+    View("", "FloatStorage", 192 * 64, 64, (192, 64), (64, 1)),
+    tiny_arrays[QKV].tobytes(),
+  )
   with pytest.raises(torch_pickle.CheckpointError, match=f"'{QKV}' .* reaches element 12351 of a storage of 12288"):
     torch_pickle.load(past)
   views, storages = _contiguous({"a": np.zeros(4, np.float32)})
@@ -359,13 +439,14 @@ def test_max_bytes_cap(tiny_arrays, tmp_path):
 def test_malformed_views_and_storages(tmp_path):
   def load(views, storages):
     return torch_pickle.load(_write(tmp_path / "m.pth", views, storages))
+
   four = {"0": np.arange(4, dtype=np.float32).tobytes()}
   for view, match in [
-      (View("0", "FloatStorage", 4, 4, (), ()), "reaches element 4"),        # 0-d past the end
-      (View("0", "FloatStorage", 4, -1, (), ()), "negative offset"),        # would index from the end
-      (View("0", "FloatStorage", 4, 0, (2, 2), (2,)), "malformed view"),    # rank of size != stride
-      (View("0", "FloatStorage", 4, 0, (2, -2), (1, 1)), "invalid size"),
-      (View("0", "FloatStorage", 5, 0, (4,), (1,)), "is 20 bytes"),         # numel disagrees with the member
+    (View("0", "FloatStorage", 4, 4, (), ()), "reaches element 4"),  # 0-d past the end
+    (View("0", "FloatStorage", 4, -1, (), ()), "negative offset"),  # would index from the end
+    (View("0", "FloatStorage", 4, 0, (2, 2), (2,)), "malformed view"),  # rank of size != stride
+    (View("0", "FloatStorage", 4, 0, (2, -2), (1, 1)), "invalid size"),
+    (View("0", "FloatStorage", 5, 0, (4,), (1,)), "is 20 bytes"),  # numel disagrees with the member
   ]:
     with pytest.raises(torch_pickle.CheckpointError, match=match):
       load({"t": view}, four)
@@ -381,8 +462,13 @@ def test_malformed_views_and_storages(tmp_path):
   with pytest.raises(torch_pickle.CheckpointError, match="EMPTY_SET at opcode 2 builds a set"):
     torch_pickle.load(_pickle_only(tmp_path / "set.pth", sets))
   bz2 = tmp_path / "bz2.pth"
-  _zip(bz2, [_member("archive/data.pkl", _state_dict_pickle({"t": View("0", "FloatStorage", 4, 0, (4,), (1,))})),
-             _member("archive/data/0", four["0"], method=zipfile.ZIP_BZIP2)])
+  _zip(
+    bz2,
+    [
+      _member("archive/data.pkl", _state_dict_pickle({"t": View("0", "FloatStorage", 4, 0, (4,), (1,))})),
+      _member("archive/data/0", four["0"], method=zipfile.ZIP_BZIP2),
+    ],
+  )
   with pytest.raises(torch_pickle.CheckpointError, match="compression method 12"):
     torch_pickle.load(str(bz2))
 
@@ -402,12 +488,14 @@ def test_containers_are_never_copied_twice(tmp_path):
   """A few bytes naming one large list or dict many times (OrderedDict(x), BUILD onto many objects) allocate it
   once: 400 such copies of 20k pairs would take ~800 MB."""
   import tracemalloc
+
   pairs = b"(" + b"".join(b"J" + struct.pack("<i", i) + b"N\x86" for i in range(20000)) + b"l" + b"r\x01\x00\x00\x00"
   state = b"}(" + b"".join(_op(f"k{i}") + b"N" for i in range(20000)) + b"u" + b"r\x02\x00\x00\x00"
   od = _global("collections", "OrderedDict") + b"r\x03\x00\x00\x00"
   ns = _global("argparse", "Namespace") + b"r\x04\x00\x00\x00"
-  copies = b"".join(b"j\x03\x00\x00\x00j\x01\x00\x00\x00\x85R" + b"j\x04\x00\x00\x00)Rj\x02\x00\x00\x00b"
-                    for _ in range(400))
+  copies = b"".join(
+    b"j\x03\x00\x00\x00j\x01\x00\x00\x00\x85R" + b"j\x04\x00\x00\x00)Rj\x02\x00\x00\x00b" for _ in range(400)
+  )
   path = _pickle_only(tmp_path / "copies.pth", b"\x80\x02" + pairs + state + od + ns + b"(" + copies + b"l.")
   tracemalloc.start()
   try:
@@ -427,15 +515,18 @@ def _safetensors(path, header: dict, data: bytes) -> str:
 
 def test_safetensors_overlaps_header_and_cap(tmp_path):
   from mage_jax.convert import convert, safetensors_io
+
   f32 = lambda begin, end: {"dtype": "F32", "shape": [(end - begin) // 4], "data_offsets": [begin, end]}  # noqa
   # 64 names for the same 4 MiB: 256 MiB of arrays from a 4 MiB file if each were read.
-  views = _safetensors(tmp_path / "views.safetensors", {f"t{i}": f32(0, 4 * 2**20) for i in range(64)},
-                       bytes(4 * 2**20))
+  views = _safetensors(
+    tmp_path / "views.safetensors", {f"t{i}": f32(0, 4 * 2**20) for i in range(64)}, bytes(4 * 2**20)
+  )
   with pytest.raises(torch_pickle.CheckpointError, match="tensor 't1' overlaps tensor 't0'"):
     convert.load_checkpoint(views)
   # A 4 MiB header (metadata padding) parses into up to ~40x its size in objects: more than the file justifies.
-  header = _safetensors(tmp_path / "header.safetensors", {"__metadata__": {"x": "[]," * 2**20}, "t": f32(0, 16)},
-                        bytes(16))
+  header = _safetensors(
+    tmp_path / "header.safetensors", {"__metadata__": {"x": "[]," * 2**20}, "t": f32(0, 16)}, bytes(16)
+  )
   with pytest.raises(torch_pickle.CheckpointError, match="header is more than a file of"):
     safetensors_io.load(header)
   fine = _safetensors(tmp_path / "fine.safetensors", {"a": f32(0, 2**20), "b": f32(2**20, 2**21)}, bytes(2**21))
@@ -453,14 +544,21 @@ def test_safetensors_overlaps_header_and_cap(tmp_path):
 
 def test_convert_refusals_in_process(tiny_arrays, tmp_path):
   from mage_jax.convert import convert, job
+
   nan = _bad_values(tiny_arrays, "nan")
   nan[0, 0] = np.inf
-  sd = {**tiny_arrays, QKV: np.float32(1), QKV.replace("0", "1"): nan,
-        FC1.replace("0", "1"): np.full(tiny_arrays[FC1].shape, 1e300)}  # float64 overflowing float32
+  sd = {
+    **tiny_arrays,
+    QKV: np.float32(1),
+    QKV.replace("0", "1"): nan,
+    FC1.replace("0", "1"): np.full(tiny_arrays[FC1].shape, 1e300),
+  }  # float64 overflowing float32
   report = convert.convert_state_dict(sd, num_heads=4, decoder_num_heads=4).report
   assert report.mismatched == [f"{QKV}: () -> expected (64, 192) at params/blocks_0/attn/qkv/kernel"]
-  assert report.invalid == [f"{QKV.replace('0', '1')}: 3 of its 12288 values are NaN/Inf (as float32)",
-                            f"{FC1.replace('0', '1')}: 16384 of its 16384 values are NaN/Inf (as float32)"]
+  assert report.invalid == [
+    f"{QKV.replace('0', '1')}: 3 of its 12288 values are NaN/Inf (as float32)",
+    f"{FC1.replace('0', '1')}: 16384 of its 16384 values are NaN/Inf (as float32)",
+  ]
   assert not report.ok and report.describe().startswith("2 invalid: ")
   with pytest.raises(ValueError, match="c.json: mage.num_heads must be a positive integer, got '4'"):
     job.sizes_from_config_json(_write_json(tmp_path, json.dumps({"mage": {"num_heads": "4"}})))
@@ -472,6 +570,7 @@ def test_convert_refusals_in_process(tiny_arrays, tmp_path):
 
 def test_force_replaces_only_what_save_writes(tmp_path):
   from mage_jax import params_io
+
   out = tmp_path / "work"
   (out / "variables").mkdir(parents=True)
   (out / "variables" / "x").write_text("user data")
@@ -488,6 +587,7 @@ def test_force_replaces_only_what_save_writes(tmp_path):
 
 def test_fid_setup_keeps_a_foreign_out_file(tmp_path):
   from mage_jax.fid import weights
+
   out = tmp_path / "w.npz"
   out.write_text("user data")
   with pytest.raises(FileExistsError, match="is not FID Inception weights written by setup; pass --force"):
@@ -500,6 +600,7 @@ def test_fid_setup_keeps_a_foreign_out_file(tmp_path):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
 def test_read_only_output_parent(tmp_path):
   from mage_jax import params_io
+
   locked = tmp_path / "locked"
   locked.mkdir()
   locked.chmod(0o555)

@@ -34,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---------------------------------------------------------------------------------------------------------
 # File builders.
 
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
   return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -47,7 +48,7 @@ def _png(width, height, bit_depth, color_type, rows=None, extra=b"") -> bytes:
     z = zlib.compressobj()
     idat = b"".join(z.compress(b"\x00" + rows) for _ in range(height)) + z.flush()
   ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-  return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+  return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
 def _png_rows(array: np.ndarray, color_type: int, extra=b"") -> bytes:
@@ -55,15 +56,16 @@ def _png_rows(array: np.ndarray, color_type: int, extra=b"") -> bytes:
   h, w = array.shape[:2]
   raw = b"".join(b"\x00" + array[r].astype(">u2").tobytes() for r in range(h))
   ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
-  return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", zlib.compress(raw))
-          + _chunk(b"IEND", b""))
+  return (
+    b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+  )
 
 
 def _truncated_png() -> bytes:
   """A PNG whose header is intact and whose pixel data stops half way."""
   buf = io.BytesIO()
   Image.fromarray(np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
-  return buf.getvalue()[:len(buf.getvalue()) // 2]
+  return buf.getvalue()[: len(buf.getvalue()) // 2]
 
 
 def _save(path, image: Image.Image, **kw) -> str:
@@ -157,8 +159,7 @@ def test_32_bit_and_float_modes(tmp_path):
   with pytest.raises(images.ImageError, match=r"i32.tif: 32-bit integer image with values in \[-5, 70000\]"):
     images.read_image(_save(tmp_path / "i32.tif", Image.fromarray(wide)))
   ok = np.array([[0, 256, 65535]], np.int32)
-  np.testing.assert_array_equal(images.read_image(_save(tmp_path / "i.tif", Image.fromarray(ok)))[0, :, 0],
-                                [0, 1, 255])
+  np.testing.assert_array_equal(images.read_image(_save(tmp_path / "i.tif", Image.fromarray(ok)))[0, :, 0], [0, 1, 255])
 
 
 def test_corrupt_and_missing_files_are_named_errors(tmp_path):
@@ -182,12 +183,16 @@ def test_corrupt_and_missing_files_are_named_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # The pixel budget.
 
+
 def test_pixel_budget_refuses_from_the_header(tmp_path, monkeypatch):
   path = tmp_path / "g.png"
   path.write_bytes(_png(3000, 2000, 8, 0, rows=bytes(3000)))
   assert images.read_image(str(path), max_pixels=6_000_000).shape == (2000, 3000, 3)
-  with pytest.raises(images.PixelBudgetError, match=r"g.png: 3000x2000 = 6.0 Mpx is above the pixel budget of "
-                                                    r"6.0 Mpx \(raise it with MAGE_JAX_MAX_IMAGE_PIXELS=N"):
+  with pytest.raises(
+    images.PixelBudgetError,
+    match=r"g.png: 3000x2000 = 6.0 Mpx is above the pixel budget of "
+    r"6.0 Mpx \(raise it with MAGE_JAX_MAX_IMAGE_PIXELS=N",
+  ):
     images.read_image(str(path), max_pixels=5_999_999)
   monkeypatch.setenv(images.MAX_PIXELS_ENV, "1000000")
   with pytest.raises(images.PixelBudgetError, match="budget of 1.0 Mpx"):
@@ -208,22 +213,25 @@ def _cli(module, args, env_extra=None) -> subprocess.Popen:
   """Starts `python -m module args` (runpy, as -m does) after importing its libraries, so that the growth of the
   peak RSS over the run (printed on stderr, with whether TensorFlow got imported) is what the run itself used."""
   # The libraries the binary uses are imported first (a binary's absl flags can only be defined once).
-  code = ("import importlib, resource, runpy, sys\n"
-          "for lib in ('mage_jax.runtime', 'mage_jax.editing', 'mage_jax.params_io', 'mage_jax.fid.inputs'):\n"
-          "  importlib.import_module(lib)\n"
-          "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-          f"sys.argv = [{module!r}] + {list(args)!r}\n"
-          "try:\n"
-          f"  runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
-          "  status = 0\n"
-          "except SystemExit as e:\n"
-          "  status = e.code\n"
-          "grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
-          "print('RUN', grow // 1024, 'tensorflow' in sys.modules, file=sys.stderr)\n"
-          "sys.exit(status)\n")
+  code = (
+    "import importlib, resource, runpy, sys\n"
+    "for lib in ('mage_jax.runtime', 'mage_jax.editing', 'mage_jax.params_io', 'mage_jax.fid.inputs'):\n"
+    "  importlib.import_module(lib)\n"
+    "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    f"sys.argv = [{module!r}] + {list(args)!r}\n"
+    "try:\n"
+    f"  runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+    "  status = 0\n"
+    "except SystemExit as e:\n"
+    "  status = e.code\n"
+    "grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+    "print('RUN', grow // 1024, 'tensorflow' in sys.modules, file=sys.stderr)\n"
+    "sys.exit(status)\n"
+  )
   env = dict(os.environ, PYTHONPATH=REPO, **(env_extra or {}))
-  return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+  return subprocess.Popen(
+    [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
 
 
 def _finish(proc: subprocess.Popen):
@@ -266,15 +274,20 @@ def test_hostile_images_through_the_cli_with_bounded_memory(tmp_path):
   Image.fromarray(RGB).save(tmp_path / "small.png")
   params = _edit_params(tmp_path)
   common = [f"--params={params}", "--box=0,0,8,8", f"--out={tmp_path / 'out'}"]
-  accepted = subprocess.Popen([sys.executable, "-c", _WIDE_SCRIPT, str(tmp_path / "wide.png"),
-                               str(tmp_path / "small.png")], env=dict(os.environ, PYTHONPATH=REPO),
-                              stderr=subprocess.PIPE, text=True)
+  accepted = subprocess.Popen(
+    [sys.executable, "-c", _WIDE_SCRIPT, str(tmp_path / "wide.png"), str(tmp_path / "small.png")],
+    env=dict(os.environ, PYTHONPATH=REPO),
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   runs = {
-      "bomb": _cli("mage_jax.edit", common + [f"--image={tmp_path / 'bomb.png'}"]),
-      "wide": _cli("mage_jax.edit", common + [f"--image={tmp_path / 'wide.png'}"], {images.MAX_PIXELS_ENV: "100000"}),
+    "bomb": _cli("mage_jax.edit", common + [f"--image={tmp_path / 'bomb.png'}"]),
+    "wide": _cli("mage_jax.edit", common + [f"--image={tmp_path / 'wide.png'}"], {images.MAX_PIXELS_ENV: "100000"}),
   }
-  for key, want in (("bomb", "bomb.png: 9000x9000 = 81.0 Mpx is above the pixel budget of 67.1 Mpx"),
-                    ("wide", "wide.png: 500000x1 = 0.5 Mpx is above the pixel budget of 0.1 Mpx")):
+  for key, want in (
+    ("bomb", "bomb.png: 9000x9000 = 81.0 Mpx is above the pixel budget of 67.1 Mpx"),
+    ("wide", "wide.png: 500000x1 = 0.5 Mpx is above the pixel budget of 0.1 Mpx"),
+  ):
     status, lines, grow_mib, tf_imported = result = _finish(runs[key])
     assert status == 1 and len(lines) == 1 and re.search(want, lines[0]), (key, result)
     assert not tf_imported and grow_mib < 20, (key, result)
@@ -290,6 +303,7 @@ def test_hostile_images_through_the_cli_with_bounded_memory(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # One resize/centre-crop.
 
+
 @pytest.mark.parametrize("shape", [(375, 500), (500, 333), (31, 47), (1000, 17)])
 def test_crop_first_equals_resize_then_crop(shape):
   """The eval transform computes only the crop; it matches tf.image.resize of the whole image then the crop
@@ -300,11 +314,12 @@ def test_crop_first_equals_resize_then_crop(shape):
       short = augment.eval_resize_size(size, ratio)
       h, w = shape
       nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
-      full = tf.clip_by_value(tf.image.resize(tf.cast(image, tf.float32) / 255, [nh, nw], method=method,
-                                              antialias=True), 0, 1).numpy()
+      full = tf.clip_by_value(
+        tf.image.resize(tf.cast(image, tf.float32) / 255, [nh, nw], method=method, antialias=True), 0, 1
+      ).numpy()
       top, left = round((nh - size) / 2), round((nw - size) / 2)
       got = augment.resize_center_crop(image, size, crop_ratio=ratio, interpolation=method).numpy()
-      np.testing.assert_allclose(got, full[top:top + size, left:left + size], atol=1e-4)
+      np.testing.assert_allclose(got, full[top : top + size, left : left + size], atol=1e-4)
   with pytest.raises(ValueError, match="eval interpolation 'area'"):
     augment.resize_center_crop(image, 32, interpolation="area")
   with pytest.raises(ValueError, match="Unknown interpolation 'area'"):
@@ -345,13 +360,19 @@ def test_fid_reference_protocol_matches_torchvision_resize_256(tmp_path):
     assert diff.max() <= 1 and diff.mean() < 0.25, (diff.max(), diff.mean())
     # The same filter in float ('F' mode, no intermediate rounding): ours is it, rounded once.
     pixels = np.asarray(im)
-    exact = np.stack([np.asarray(Image.fromarray(pixels[..., c].astype(np.float32), "F").resize(
-        (nw, nh), Image.BILINEAR))[crop] for c in range(3)], -1)
+    exact = np.stack(
+      [
+        np.asarray(Image.fromarray(pixels[..., c].astype(np.float32), "F").resize((nw, nh), Image.BILINEAR))[crop]
+        for c in range(3)
+      ],
+      -1,
+    )
     assert np.abs(got[i] - exact).max() <= 0.5 + 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Folders: listing, the training source, load_arrays, fid.
+
 
 def _tree(root, files):
   for rel in files:
@@ -379,8 +400,12 @@ def test_symlink_cycles_terminate_and_list_each_image_once(tmp_path):
   start = time.perf_counter()
   listing = images.list_images(str(two))
   assert time.perf_counter() - start < 2
-  assert listing.paths == [str(two / "a" / "ext" / "o.png"), str(two / "a" / "x.png"),
-                           str(two / "b" / "c" / "z.png"), str(two / "b" / "y.png")]
+  assert listing.paths == [
+    str(two / "a" / "ext" / "o.png"),
+    str(two / "a" / "x.png"),
+    str(two / "b" / "c" / "z.png"),
+    str(two / "b" / "y.png"),
+  ]
   # As class folders: each class keeps the images that really are in it.
   src = sources.FolderSource(str(two))
   assert src.class_names == ["a", "b"] and src.class_counts == {"a": 2, "b": 2}
@@ -447,8 +472,11 @@ def test_training_source_skips_and_counts_hostile_files(tmp_path):
   assert it.stats["corrupt_skipped"] == 3 + 2 + 1  # indices 4, 5, 6 each replaced by the next decodable (0)
   images_, labels = sources.load_arrays(f"folder:{root}", "train", image_size=8)
   assert images_.shape == (4, 8, 8, 3) and images_.dtype == np.uint8
-  with pytest.raises(ValueError, match=r"differ in size .*: 5x7 \(a_gray.png and 1 more\); 4x9 \(b_rgba.png\); "
-                                       r"6x6 \(c_g16.png\)\. Pass image_size"):
+  with pytest.raises(
+    ValueError,
+    match=r"differ in size .*: 5x7 \(a_gray.png and 1 more\); 4x9 \(b_rgba.png\); "
+    r"6x6 \(c_g16.png\)\. Pass image_size",
+  ):
     sources.load_arrays(f"folder:{root}", "train")
 
 
@@ -467,8 +495,11 @@ def test_fid_folders_refuse_hostile_sets_with_one_named_error(tmp_path, capsys):
 
   ok = png(RGB)
   mixed = folder("mixed", {"a.png": ok, "b.png": ok, "c.png": png(RGB[:4]), "d.png": png(np.dstack([RGB, ALPHA]))})
-  with pytest.raises(images.ImageError, match=r"mixed: images differ in size \(height x width\): 5x7 "
-                                               r"\(.*a.png and 2 more\); 4x7 \(.*c.png\)\. FID compares"):
+  with pytest.raises(
+    images.ImageError,
+    match=r"mixed: images differ in size \(height x width\): 5x7 "
+    r"\(.*a.png and 2 more\); 4x7 \(.*c.png\)\. FID compares",
+  ):
     fid_inputs.image_batches(mixed)
   corrupt = folder("corrupt", {"a.png": png(np.zeros((32, 32, 3), np.uint8)), "b.png": _truncated_png()})
   with pytest.raises(images.ImageError, match="b.png: cannot decode image"):
@@ -482,8 +513,15 @@ def test_fid_folders_refuse_hostile_sets_with_one_named_error(tmp_path, capsys):
   p.putpalette(bytes(range(12)) * 64)
   buf = io.BytesIO()
   p.save(buf, "PNG")
-  modes = folder("modes", {"a.png": png(GRAY), "b.png": png(np.dstack([RGB, ALPHA])),
-                           "c.png": png(RNG.integers(0, 65536, (5, 7), dtype=np.uint16)), "d.png": buf.getvalue()})
+  modes = folder(
+    "modes",
+    {
+      "a.png": png(GRAY),
+      "b.png": png(np.dstack([RGB, ALPHA])),
+      "c.png": png(RNG.integers(0, 65536, (5, 7), dtype=np.uint16)),
+      "d.png": buf.getvalue(),
+    },
+  )
   assert next(fid_inputs.image_batches(modes)[1]).shape == (4, 5, 7, 3)
   # Through the CLI: one line, exit 1 (the weights are only loaded after the samples pass; give it some anyway).
   shapes = fid_weights.expected_shapes(False)
@@ -493,8 +531,9 @@ def test_fid_folders_refuse_hostile_sets_with_one_named_error(tmp_path, capsys):
   stats = tmp_path / "stats.npz"
   np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
   for samples, want in ((mixed, "images differ in size"), (corrupt, "b.png: cannot decode image")):
-    assert_one_line_error(run_cli("mage_jax.fid", samples, f"--reference={stats}",
-                                  f"--weights={tmp_path / 'w.npz'}"), 1, want)
+    assert_one_line_error(
+      run_cli("mage_jax.fid", samples, f"--reference={stats}", f"--weights={tmp_path / 'w.npz'}"), 1, want
+    )
 
 
 def test_links_to_a_folder_above_the_dataset_are_skipped_and_counted(tmp_path):

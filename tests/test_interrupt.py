@@ -16,17 +16,21 @@ def _sigint_default():
 
 
 def test_an_ignored_sigint_stays_ignored():
-  code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import mage_jax.interrupt as i; "
-          "i.take_over('mage_jax.main'); print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
+  code = (
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import mage_jax.interrupt as i; "
+    "i.take_over('mage_jax.main'); print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
+  )
   run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert run.stdout.strip() == "True", run.stderr[-2000:]
 
 
 def test_library_import_keeps_the_default_handler():
-  code = ("import signal, mage_jax, mage_jax.preemption; "
-          "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
-  run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                       preexec_fn=_sigint_default)
+  code = (
+    "import signal, mage_jax, mage_jax.preemption; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+  )
+  run = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=_sigint_default
+  )
   assert run.stdout.strip() == "True", run.stderr[-2000:]
 
 
@@ -35,10 +39,14 @@ def test_ctrl_c_while_starting_ends_the_binary(tmp_path, delay):
   workdir = tmp_path / "w"
   # As from a terminal: SIGINT at its default action. pytest-xdist workers (and a shell's background jobs) start
   # their children with SIGINT ignored, and a binary keeps ignoring what its parent chose to ignore.
-  proc = subprocess.Popen([sys.executable, "-m", "mage_jax.main", "--config=configs/fashion_mnist_tiny.py",
-                           f"--workdir={workdir}"],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          preexec_fn=_sigint_default)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "mage_jax.main", "--config=configs/fashion_mnist_tiny.py", f"--workdir={workdir}"],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    preexec_fn=_sigint_default,
+  )
   try:
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)

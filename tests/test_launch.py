@@ -18,11 +18,11 @@ LAUNCH = ROOT / "launch"
 CONFIG = "configs/mage_pretrain.py:variant=B,runlocal"
 # Spaces, both quote kinds, a shell metachar, an empty value and a $ that must not expand.
 OVERRIDES = [
-    "--config.lr=0.03",
-    "--config.name=it's a \"quoted\" run; echo pwned",
-    "--config.input.pp=decode|resize(256)|value_range(0, 1)",
-    "--config.note=$HOME",
-    "--config.empty=",
+  "--config.lr=0.03",
+  '--config.name=it\'s a "quoted" run; echo pwned',
+  "--config.input.pp=decode|resize(256)|value_range(0, 1)",
+  "--config.note=$HOME",
+  "--config.empty=",
 ]
 
 
@@ -38,8 +38,7 @@ slurm = _load("slurm")
 
 
 def _expected_main(workdir, python="python"):
-  return [python, "-m", "mage_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
-          *OVERRIDES]
+  return [python, "-m", "mage_jax.main", f"--config={CONFIG}", f"--workdir={workdir}", *OVERRIDES]
 
 
 def _dry(mod, argv, capsys):
@@ -73,9 +72,18 @@ def _read_argv(path):
 
 
 def _tpu_all(accel, capsys, extra=()):
-  argv = ["all", "--name=mage-test", "--zone=us-central2-b", f"--accelerator-type={accel}",
-          f"--config={CONFIG}", "--workdir=gs://bucket/runs/b", *extra, "--dry-run",
-          "--", *OVERRIDES]
+  argv = [
+    "all",
+    "--name=mage-test",
+    "--zone=us-central2-b",
+    f"--accelerator-type={accel}",
+    f"--config={CONFIG}",
+    "--workdir=gs://bucket/runs/b",
+    *extra,
+    "--dry-run",
+    "--",
+    *OVERRIDES,
+  ]
   return [shlex.split(line) for line in _dry(tpu_vm, argv, capsys)]
 
 
@@ -138,9 +146,21 @@ def test_tpu_remote_command_runs_in_bash(tmp_path, capsys):
   """The remote line, run by a real shell in a fake home, passes argv through intact."""
   home = _fake_worker_home(tmp_path, _RECORDER)
   xla = "--xla_gpu_enable_x=true --flag='q'"
-  lines = _dry(tpu_vm, ["run", "--name=t", "--zone=z", f"--config={CONFIG}",
-                        "--workdir=gs://b/r", f"--env=XLA_FLAGS={xla}", "--dry-run",
-                        "--", *OVERRIDES], capsys)
+  lines = _dry(
+    tpu_vm,
+    [
+      "run",
+      "--name=t",
+      "--zone=z",
+      f"--config={CONFIG}",
+      "--workdir=gs://b/r",
+      f"--env=XLA_FLAGS={xla}",
+      "--dry-run",
+      "--",
+      *OVERRIDES,
+    ],
+    capsys,
+  )
   assert len(lines) == 1
   remote = _flag(shlex.split(lines[0]), "--command")
   env = dict(os.environ, REC_DIR=str(tmp_path), HOME=str(home))
@@ -151,9 +171,21 @@ def test_tpu_remote_command_runs_in_bash(tmp_path, capsys):
 
 
 def test_tpu_detach_wraps_same_command(capsys):
-  lines = _dry(tpu_vm, ["run", "--name=t", "--zone=z", f"--config={CONFIG}",
-                        "--workdir=gs://b/r", "--detach", "--dry-run", "--", *OVERRIDES],
-               capsys)
+  lines = _dry(
+    tpu_vm,
+    [
+      "run",
+      "--name=t",
+      "--zone=z",
+      f"--config={CONFIG}",
+      "--workdir=gs://b/r",
+      "--detach",
+      "--dry-run",
+      "--",
+      *OVERRIDES,
+    ],
+    capsys,
+  )
   remote = shlex.split(_flag(shlex.split(lines[0]), "--command"))
   assert remote[:3] == ["nohup", "bash", "-c"]
   assert remote[4:] == [">", "mage_run.log", "2>&1", "<", "/dev/null", "&"]
@@ -161,9 +193,19 @@ def test_tpu_detach_wraps_same_command(capsys):
 
 
 def test_tpu_setup_from_git_url(capsys):
-  lines = _dry(tpu_vm, ["setup", "--name=t", "--zone=z", "--project=my-proj",
-                        "--repo-url=https://example.com/a b.git", "--ref=v1.0",
-                        "--dry-run"], capsys)
+  lines = _dry(
+    tpu_vm,
+    [
+      "setup",
+      "--name=t",
+      "--zone=z",
+      "--project=my-proj",
+      "--repo-url=https://example.com/a b.git",
+      "--ref=v1.0",
+      "--dry-run",
+    ],
+    capsys,
+  )
   assert len(lines) == 1
   cmd = shlex.split(lines[0])
   assert _flag(cmd, "--project") == "my-proj" and "--worker=all" in cmd
@@ -183,15 +225,26 @@ if [[ "$*" == *mage_jax.main* ]]; then exit 3; fi
   _write_exe(bin_dir / "gcloud", fake)
   _write_exe(bin_dir / "git", fake)
   monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-  rc = tpu_vm.main(["all", "--name=t", "--zone=z", f"--config={CONFIG}",
-                    "--workdir=gs://b/r", f"--archive-dir={tmp_path}", "--", "--config.x=1"])
+  rc = tpu_vm.main(
+    [
+      "all",
+      "--name=t",
+      "--zone=z",
+      f"--config={CONFIG}",
+      "--workdir=gs://b/r",
+      f"--archive-dir={tmp_path}",
+      "--",
+      "--config.x=1",
+    ]
+  )
   assert rc == 3
   calls = [c.split("\0")[:-1] for c in log.read_text().split("\n") if c]
-  assert [c[0] if c[0] == "git" else c[4] for c in calls] == [
-      "create", "git", "scp", "ssh", "ssh", "delete"]
+  assert [c[0] if c[0] == "git" else c[4] for c in calls] == ["create", "git", "scp", "ssh", "ssh", "delete"]
 
 
-@pytest.mark.parametrize("argv,match", [
+@pytest.mark.parametrize(
+  "argv,match",
+  [
     (["run", "--config=c.py", "--workdir=gs://b", "--", "lr=0.1"], "not a flag"),
     (["run", "--config=c.py", "--workdir=gs://b", "--env=1X=2"], "KEY=VALUE"),
     (["run", "--config=c.py", "--workdir=gs://b", "--remote-dir=a b"], "remote-dir"),
@@ -206,7 +259,8 @@ if [[ "$*" == *mage_jax.main* ]]; then exit 3; fi
     (["setup", "--repo-url=--upload-pack=touch x"], "--repo-url"),
     (["setup", "--ref=main x"], "--ref"),
     (["all", "--config=c.py", "--workdir=gs://b", "--detach"], "would delete the TPU VM while training runs"),
-])
+  ],
+)
 def test_tpu_bad_args(argv, match, capsys):
   with pytest.raises(SystemExit) as e:
     tpu_vm.main([argv[0], "--name=t", "--zone=z", "--dry-run", *argv[1:]])
@@ -216,8 +270,11 @@ def test_tpu_bad_args(argv, match, capsys):
 
 def test_tpu_cli_subprocess():
   out = subprocess.run(
-      [sys.executable, str(LAUNCH / "tpu_vm.py"), "delete", "--name=t", "--zone=z",
-       "--dry-run"], capture_output=True, text=True, check=True).stdout
+    [sys.executable, str(LAUNCH / "tpu_vm.py"), "delete", "--name=t", "--zone=z", "--dry-run"],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
   assert out == "gcloud compute tpus tpu-vm delete t --zone=z --quiet\n"
 
 
@@ -225,15 +282,24 @@ def test_tpu_cli_subprocess():
 
 
 def _slurm(nodes, procs, capsys, extra=()):
-  argv = [f"--nodes={nodes}", "--gpus-per-node=8", f"--procs-per-node={procs}",
-          "--time=12:00:00", "--partition=gpu", f"--config={CONFIG}",
-          "--workdir=/shared/runs/my run", *extra, "--dry-run", "--", *OVERRIDES]
+  argv = [
+    f"--nodes={nodes}",
+    "--gpus-per-node=8",
+    f"--procs-per-node={procs}",
+    "--time=12:00:00",
+    "--partition=gpu",
+    f"--config={CONFIG}",
+    "--workdir=/shared/runs/my run",
+    *extra,
+    "--dry-run",
+    "--",
+    *OVERRIDES,
+  ]
   return _dry(slurm, argv, capsys)
 
 
 def _directives(lines):
-  return dict(line[len("#SBATCH "):].split("=", 1) for line in lines
-              if line.startswith("#SBATCH --") and "=" in line)
+  return dict(line[len("#SBATCH ") :].split("=", 1) for line in lines if line.startswith("#SBATCH --") and "=" in line)
 
 
 @pytest.mark.parametrize("nodes", [1, 4])
@@ -270,21 +336,32 @@ def test_slurm_submit_writes_script_that_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
   monkeypatch.setenv("REC_DIR", str(tmp_path))
   monkeypatch.chdir(tmp_path)
-  rc = slurm.main(["--nodes=4", "--procs-per-node=host", "--gpus-per-node=4",
-                   f"--config={CONFIG}", "--workdir=/w", "--env=XLA_FLAGS=--a 'b'",
-                   "--job-name=j1", "--", *OVERRIDES])
+  rc = slurm.main(
+    [
+      "--nodes=4",
+      "--procs-per-node=host",
+      "--gpus-per-node=4",
+      f"--config={CONFIG}",
+      "--workdir=/w",
+      "--env=XLA_FLAGS=--a 'b'",
+      "--job-name=j1",
+      "--",
+      *OVERRIDES,
+    ]
+  )
   assert rc == 0
   assert _read_argv(tmp_path / "sbatch.argv") == [b"runs/slurm/j1.sbatch"]
   script = tmp_path / "runs" / "slurm" / "j1.sbatch"
   assert (tmp_path / "runs" / "slurm").is_dir()
   assert f"#SBATCH --output={tmp_path}/runs/slurm/%x-%j.out" in script.read_text()
   subprocess.run(["bash", str(script)], check=True)  # its srun is the recorder
-  assert _read_argv(tmp_path / "srun.argv") == [
-      a.encode() for a in ["--kill-on-bad-exit=1", *_expected_main("/w")]]
+  assert _read_argv(tmp_path / "srun.argv") == [a.encode() for a in ["--kill-on-bad-exit=1", *_expected_main("/w")]]
   assert (tmp_path / "srun.env").read_text() == "--a 'b'|0,1,2,3"
 
 
-@pytest.mark.parametrize("argv,match", [
+@pytest.mark.parametrize(
+  "argv,match",
+  [
     (["--nodes=0"], "--nodes"),
     (["--gpus-per-node=0"], "--gpus-per-node"),
     (["--time=tomorrow"], "--time"),
@@ -296,7 +373,8 @@ def test_slurm_submit_writes_script_that_runs(tmp_path, monkeypatch):
     (["--output=/runs/my log.out"], "--output"),
     (["--chdir=--uid=0"], "--chdir"),
     (["--script=my runs/j.sbatch"], "--output"),  # the default log path sits beside the script
-])
+  ],
+)
 def test_slurm_bad_args(argv, match, capsys):
   with pytest.raises(SystemExit) as e:
     slurm.main(["--config=c.py", "--workdir=/w", "--dry-run", *argv])
@@ -308,8 +386,12 @@ def test_slurm_bad_args(argv, match, capsys):
 
 
 def _local(args, tmp_path, **env):
-  return subprocess.run(["bash", str(LAUNCH / "local.sh"), *args], capture_output=True,
-                        text=True, env=dict(os.environ, REC_DIR=str(tmp_path), **env))
+  return subprocess.run(
+    ["bash", str(LAUNCH / "local.sh"), *args],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, REC_DIR=str(tmp_path), **env),
+  )
 
 
 def test_local_dry_run(tmp_path):
@@ -326,15 +408,17 @@ def test_local_runs_command(tmp_path):
   _write_exe(fake, _RECORDER)
   r = _local([CONFIG, "runs/x", *OVERRIDES], tmp_path, PYTHON=str(fake))
   assert r.returncode == 0, r.stderr
-  assert _read_argv(tmp_path / "python.argv") == [
-      a.encode() for a in _expected_main("runs/x")[1:]]
+  assert _read_argv(tmp_path / "python.argv") == [a.encode() for a in _expected_main("runs/x")[1:]]
 
 
-@pytest.mark.parametrize("args,match", [
+@pytest.mark.parametrize(
+  "args,match",
+  [
     ([CONFIG], "usage"),
     (["", "w"], "non-empty"),
     ([CONFIG, "w", "config.lr=1"], "not a flag"),
-])
+  ],
+)
 def test_local_bad_args(args, match, tmp_path):
   r = _local(args, tmp_path, DRY_RUN="1")
   assert r.returncode == 2 and match in r.stderr
@@ -362,14 +446,21 @@ def recorded(tmp_path, monkeypatch):
   return lambda: calls.read_text().splitlines() if calls.exists() else []
 
 
-_TPU_ALL = ["all", "--name=mage-test", "--zone=z", f"--config={CONFIG}", "--workdir=gs://b/r",
-            "--archive-dir=."]
+_TPU_ALL = ["all", "--name=mage-test", "--zone=z", f"--config={CONFIG}", "--workdir=gs://b/r", "--archive-dir=."]
 _SLURM = [f"--config={CONFIG}", "--workdir=/w", "--job-name=j"]
 
 
-@pytest.mark.parametrize("where", [
-    ["--dry-run"], ["--dry_run"], ["--dry-run=yes"], ["--", "--config.x=1", "--dry-run"],
-    ["--", "--dry_run=ON"], ["env"]])
+@pytest.mark.parametrize(
+  "where",
+  [
+    ["--dry-run"],
+    ["--dry_run"],
+    ["--dry-run=yes"],
+    ["--", "--config.x=1", "--dry-run"],
+    ["--", "--dry_run=ON"],
+    ["env"],
+  ],
+)
 def test_dry_run_anywhere_launches_nothing(where, recorded, monkeypatch, capsys):
   """Before or after `--`, or in the environment: no gcloud/sbatch call, no script written."""
   if where == ["env"]:
@@ -384,8 +475,20 @@ def test_dry_run_anywhere_launches_nothing(where, recorded, monkeypatch, capsys)
   assert recorded() == [] and not os.path.exists("runs")
 
 
-@pytest.mark.parametrize("value,dry", [("1", True), ("TRUE", True), ("yes", True), ("On", True), ("0", False),
-                                       ("false", False), ("NO", False), ("off", False), ("", False)])
+@pytest.mark.parametrize(
+  "value,dry",
+  [
+    ("1", True),
+    ("TRUE", True),
+    ("yes", True),
+    ("On", True),
+    ("0", False),
+    ("false", False),
+    ("NO", False),
+    ("off", False),
+    ("", False),
+  ],
+)
 def test_dry_run_spellings(value, dry, recorded, monkeypatch, capsys):
   monkeypatch.setenv("DRY_RUN", value)
   assert tpu_vm.main(["delete", "--name=t", "--zone=z"]) == 0
@@ -395,8 +498,9 @@ def test_dry_run_spellings(value, dry, recorded, monkeypatch, capsys):
   assert calls == ([] if dry else real)
 
 
-@pytest.mark.parametrize("env,argv", [({"DRY_RUN": "maybe"}, []), ({}, ["--dry-run=2"]),
-                                      ({}, ["--", "--dry-run=sure"])])
+@pytest.mark.parametrize(
+  "env,argv", [({"DRY_RUN": "maybe"}, []), ({}, ["--dry-run=2"]), ({}, ["--", "--dry-run=sure"])]
+)
 def test_unrecognised_dry_run_value_is_an_error(env, argv, recorded, monkeypatch, capsys):
   for k, v in env.items():
     monkeypatch.setenv(k, v)
@@ -488,16 +592,19 @@ def _assert_sigterm_reaches(cmd, tmp_path, env, pid_file=None, cwd=None):
 def test_tpu_detach_keeps_sigterm(tmp_path, capsys):
   """Under --detach's nohup, SIGTERM to the started process reaches the trainer (it is the exec'd python)."""
   home = _fake_worker_home(tmp_path, _TERM_RECORDER)
-  lines = _dry(tpu_vm, ["run", "--name=t", "--zone=z", f"--config={CONFIG}", "--workdir=gs://b/r", "--detach",
-                        "--dry-run"], capsys)
+  lines = _dry(
+    tpu_vm, ["run", "--name=t", "--zone=z", f"--config={CONFIG}", "--workdir=gs://b/r", "--detach", "--dry-run"], capsys
+  )
   remote = _flag(shlex.split(lines[0]), "--command")
   pid_file = tmp_path / "pid"
-  _assert_sigterm_reaches(["bash", "-c", f"{remote} echo $! > {pid_file}"], tmp_path,
-                          dict(os.environ, HOME=str(home)), pid_file, cwd=home)
+  _assert_sigterm_reaches(
+    ["bash", "-c", f"{remote} echo $! > {pid_file}"], tmp_path, dict(os.environ, HOME=str(home)), pid_file, cwd=home
+  )
 
 
-@pytest.mark.parametrize("value,dry", [("1", True), ("true", True), ("YES", True), ("on", True), ("0", False),
-                                       ("off", False)])
+@pytest.mark.parametrize(
+  "value,dry", [("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("off", False)]
+)
 def test_local_dry_run_spellings(value, dry, tmp_path):
   fake = tmp_path / "python"
   _write_exe(fake, _RECORDER)
@@ -508,8 +615,14 @@ def test_local_dry_run_spellings(value, dry, tmp_path):
     assert shlex.split(r.stdout) == [str(fake), *_expected_main("runs/x")[1:5], "--config.a=1"]
 
 
-@pytest.mark.parametrize("args", [[CONFIG, "runs/x", "--config.a=1", "--dry-run"], ["--dry_run=on", CONFIG, "runs/x"],
-                                  [CONFIG, "--dry-run", "runs/x"]])
+@pytest.mark.parametrize(
+  "args",
+  [
+    [CONFIG, "runs/x", "--config.a=1", "--dry-run"],
+    ["--dry_run=on", CONFIG, "runs/x"],
+    [CONFIG, "--dry-run", "runs/x"],
+  ],
+)
 def test_local_dry_run_flag_anywhere(args, tmp_path):
   fake = tmp_path / "python"
   _write_exe(fake, _RECORDER)

@@ -15,7 +15,7 @@ def _blobs(n, d, classes, seed, spread=1.0):
 
 def test_fit_reaches_the_float64_optimum():
   x, y = _blobs(400, 6, 3, 0, spread=3.0)
-  xs, = logistic_probe._standardize(x)  # pylint: disable=protected-access
+  (xs,) = logistic_probe._standardize(x)  # pylint: disable=protected-access
   l2 = 1e-2
   w, iterations = logistic_probe._fit(xs, y, 3, l2, max_iter=500, tol=1e-6)  # pylint: disable=protected-access
   assert iterations < 500

@@ -9,8 +9,17 @@ import pytest
 from bench import aot_memory, benchmark, lower, memory_plan
 
 TINY_CODEBOOK = benchmark.SIZES["tiny"].tokenizer.codebook_size
-BF16_PROGRAMS = ("pretrain", "pretrain_fused", "mage_c", "class_cond", "tokenizer", "generate_bf16", "linear_probe",
-                 "probe_features", "finetune")
+BF16_PROGRAMS = (
+  "pretrain",
+  "pretrain_fused",
+  "mage_c",
+  "class_cond",
+  "tokenizer",
+  "generate_bf16",
+  "linear_probe",
+  "probe_features",
+  "finetune",
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +70,19 @@ def test_bf16_steps_keep_float32_highest_only_for_codebook_distances(tiny_loweri
 
 def test_stablehlo_census_counts_collectives_custom_calls_and_host_transfers():
   text = (
+    (
       "%0 = stablehlo.dot_general %a, %b, contracting_dims = [1] x [0], precision = [HIGHEST, HIGHEST] : "
       "(tensor<4x16xf32>, tensor<16x1024xf32>) -> tensor<4x1024xf32>\n"
       "%1 = stablehlo.dot_general %c, %d, contracting_dims = [1] x [0] : (tensor<4x8xbf16>, tensor<8x2xbf16>) -> "
-      "tensor<4x2xbf16>\n") + """
+      "tensor<4x2xbf16>\n"
+    )
+    + """
     %2 = "stablehlo.all_gather"(%1) {all_gather_dim = 0 : i64} : (tensor<4x2xbf16>) -> tensor<8x2xbf16>
     %3 = stablehlo.custom_call @__cudnn$fmhaSoftmax(%a) : (tensor<4x16xf32>) -> tensor<4x16xf32>
     %4 = stablehlo.custom_call @xla_ffi_python_gpu_callback(%a) : (tensor<4x16xf32>) -> tensor<4x16xf32>
     %5 = "stablehlo.outfeed"(%a, %t) : (tensor<4x16xf32>, !stablehlo.token) -> !stablehlo.token
   """
+  )
   c = lower.stablehlo_census(text)
   assert c["matmuls"]["f32 x f32 HIGHEST"] == {"ops": 1, "gflops": 2 * 4 * 1024 * 16 / 1e9}
   assert c["matmuls"]["bf16 x bf16"]["ops"] == 1
@@ -108,8 +121,11 @@ def test_fsdp_gathers_move_bf16_weights():
   collectives to float32, hence the partitioner's output."""
   program = lower.pretrain("tiny", 8, overrides={"mesh": "data=1,fsdp=8,model=1"})
   params = program.args[0].params
-  kernels = {tuple(x.shape) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
-             if getattr(path[-1], "key", "") == "kernel"}
+  kernels = {
+    tuple(x.shape)
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    if getattr(path[-1], "key", "") == "kernel"
+  }
   table = tuple(params["token_emb"]["word_embeddings"]["embedding"].shape)
   gathers = _all_gathers(lower.partitioned_hlo(program))
   n, d = program.args[2]["image"].shape[1] // 4, table[1]  # 32 px, 8x8 tokens
@@ -129,8 +145,11 @@ def test_memory_plan_lines_predict_a_third_compile_and_plans_follow_them():
 
 
 def test_plan_rule_prefers_least_recompute_that_keeps_a_chip_busy():
-  fits = {"none": memory_plan.Fit(10.0, 0.5), "dots_with_no_batch_dims_saveable": memory_plan.Fit(10.0, 0.2),
-          "nothing_saveable": memory_plan.Fit(10.0, 0.05)}
+  fits = {
+    "none": memory_plan.Fit(10.0, 0.5),
+    "dots_with_no_batch_dims_saveable": memory_plan.Fit(10.0, 0.2),
+    "nothing_saveable": memory_plan.Fit(10.0, 0.05),
+  }
   # 0.9 * 80 = 72 GiB: none fits 64 (42 GiB) but not 128 (74 GiB)
   t = memory_plan.plan_target(fits, 80.0, multiple=1)
   assert t["max_batch"] == {"none": 64, "dots_with_no_batch_dims_saveable": 256, "nothing_saveable": 1024}

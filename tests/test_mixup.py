@@ -1,4 +1,5 @@
 """Tests for mage_jax.mixup (timm batch-mode Mixup/CutMix semantics)."""
+
 import functools
 
 import jax
@@ -29,8 +30,7 @@ def _smooth_np(labels, nc, s):
 
 @functools.lru_cache
 def _jitted(cfg, num_groups):
-  return jax.jit(functools.partial(mixup.mix_batch, cfg=cfg,
-                                   num_groups=num_groups))
+  return jax.jit(functools.partial(mixup.mix_batch, cfg=cfg, num_groups=num_groups))
 
 
 def _run(keys, images, labels, cfg, num_groups=1):
@@ -53,8 +53,7 @@ def test_mix_batch_default_recipe():
   cfg = mixup.MixupConfig(num_classes=NC)  # alpha .8/1.0, prob 1, switch .5
   keys = jax.random.split(jax.random.key(0), 300)
   mixed, targets, aux = _run(keys, images, labels, cfg)
-  lam, use_cut, box = aux["lam"][:, 0], aux["use_cutmix"][:, 0], aux["box"][:,
-                                                                            0]
+  lam, use_cut, box = aux["lam"][:, 0], aux["use_cutmix"][:, 0], aux["box"][:, 0]
   x, y = np.asarray(images), np.asarray(labels)
   flip = x[::-1]
   assert np.all((lam >= 0) & (lam <= 1))
@@ -62,8 +61,7 @@ def test_mix_batch_default_recipe():
   # Switch probability 0.5 over 300 draws (sd ~0.03).
   assert 0.38 < use_cut.mean() < 0.62
   for i in range(len(keys)):
-    want_t = lam[i] * _smooth_np(y, NC, 0.1) + (1 - lam[i]) * _smooth_np(
-        y[::-1], NC, 0.1)
+    want_t = lam[i] * _smooth_np(y, NC, 0.1) + (1 - lam[i]) * _smooth_np(y[::-1], NC, 0.1)
     np.testing.assert_allclose(targets[i], want_t, rtol=1e-5, atol=1e-7)
     if use_cut[i]:
       from_flip = np.isclose(mixed[i], flip) & ~np.isclose(mixed[i], x)
@@ -75,8 +73,7 @@ def test_mix_batch_default_recipe():
       inside[yl:yh, xl:xh] = True
       np.testing.assert_array_equal(from_flip[0, :, :, 0], inside)
     else:
-      np.testing.assert_allclose(mixed[i], lam[i] * x + (1 - lam[i]) * flip,
-                                 rtol=1e-6)
+      np.testing.assert_allclose(mixed[i], lam[i] * x + (1 - lam[i]) * flip, rtol=1e-6)
   # Mixup lam ~ Beta(.8, .8): mean 0.5, sd 0.32 -> mean of ~150 within 0.1.
   assert abs(lam[~use_cut].mean() - 0.5) < 0.1
 
@@ -84,8 +81,7 @@ def test_mix_batch_default_recipe():
 def test_cutmix_box_geometry_matches_timm():
   lam = 0.45  # floor vs ceil of side * sqrt(1 - lam) differ here.
   cut = int(H * np.sqrt(1 - lam)), int(W * np.sqrt(1 - lam))
-  boxes = jax.vmap(lambda k: jnp.stack(mixup.rand_bbox(k, H, W, lam)))(
-      jax.random.split(jax.random.key(1), 500))
+  boxes = jax.vmap(lambda k: jnp.stack(mixup.rand_bbox(k, H, W, lam)))(jax.random.split(jax.random.key(1), 500))
   boxes = np.asarray(boxes)
   yl, yh, xl, xh = boxes.T
   # Unclipped boxes have exactly 2 * (cut // 2) rows/cols (timm's rand_bbox).
@@ -98,8 +94,7 @@ def test_cutmix_box_geometry_matches_timm():
   assert np.all(yh - yl <= 2 * (cut[0] // 2))
   # Centre uniform over [0, H): a box clipped at the top has centre yh - 3.
   top = yl == 0
-  np.testing.assert_array_equal(np.unique(yh[top] - cut[0] // 2),
-                                np.arange(0, cut[0] // 2 + 1))
+  np.testing.assert_array_equal(np.unique(yh[top] - cut[0] // 2), np.arange(0, cut[0] // 2 + 1))
 
 
 def test_cutmix_only_with_prob_half():
@@ -107,15 +102,12 @@ def test_cutmix_only_with_prob_half():
   # the identity (smoothed one-hot targets) when the prob coin says no mix.
   images, labels = _batch()
   keys = jax.random.split(jax.random.key(2), 60)
-  cfg = mixup.MixupConfig(mixup_alpha=0.0, cutmix_alpha=1.0, prob=0.5,
-                          num_classes=NC, label_smoothing=0.2)
+  cfg = mixup.MixupConfig(mixup_alpha=0.0, cutmix_alpha=1.0, prob=0.5, num_classes=NC, label_smoothing=0.2)
   mixed, targets, aux = _run(keys, images, labels, cfg)
-  use_cut, lam, box = aux["use_cutmix"][:, 0], aux["lam"][:, 0], aux["box"][:,
-                                                                            0]
+  use_cut, lam, box = aux["use_cutmix"][:, 0], aux["lam"][:, 0], aux["box"][:, 0]
   assert 0.25 < use_cut.mean() < 0.75
   area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
-  np.testing.assert_allclose(lam[use_cut], 1 - area[use_cut] / (H * W),
-                             atol=1e-6)
+  np.testing.assert_allclose(lam[use_cut], 1 - area[use_cut] / (H * W), atol=1e-6)
   x, y = np.asarray(images), np.asarray(labels)
   for i in np.flatnonzero(~use_cut):
     assert lam[i] == 1.0
@@ -125,10 +117,8 @@ def test_cutmix_only_with_prob_half():
 
 def test_num_groups_mix_within_groups():
   images, labels = _batch()
-  cfg = mixup.MixupConfig(mixup_alpha=0.8, cutmix_alpha=0.0, num_classes=NC,
-                          label_smoothing=0.0)
-  mixed, targets, aux = mixup.mix_batch(jax.random.key(4), images, labels,
-                                        cfg, num_groups=3)
+  cfg = mixup.MixupConfig(mixup_alpha=0.8, cutmix_alpha=0.0, num_classes=NC, label_smoothing=0.0)
+  mixed, targets, aux = mixup.mix_batch(jax.random.key(4), images, labels, cfg, num_groups=3)
   x, y = np.asarray(images), np.asarray(labels)
   lam = np.asarray(aux["lam"])
   assert lam.shape == (3,) and len(set(lam.tolist())) == 3
@@ -136,8 +126,7 @@ def test_num_groups_mix_within_groups():
   for g in range(3):
     sl = slice(2 * g, 2 * g + 2)
     xf = x[sl][::-1]
-    np.testing.assert_allclose(np.asarray(mixed)[sl],
-                               lam[g] * x[sl] + (1 - lam[g]) * xf, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(mixed)[sl], lam[g] * x[sl] + (1 - lam[g]) * xf, rtol=1e-6)
     want = lam[g] * np.eye(NC)[y[sl]] + (1 - lam[g]) * np.eye(NC)[y[sl][::-1]]
     np.testing.assert_allclose(np.asarray(targets)[sl], want, atol=1e-6)
 

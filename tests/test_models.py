@@ -29,9 +29,9 @@ def test_masking_invariants():
     plan, ratio = masking.sample_plan(jax.random.key(seed), 4, n)
     ratios.append(float(ratio))
     masked, dropped = np.asarray(plan.masked), np.asarray(plan.dropped)
-    assert dropped.sum(1).tolist() == [32] * 4                   # ceil(64 * 0.5) dropped
+    assert dropped.sum(1).tolist() == [32] * 4  # ceil(64 * 0.5) dropped
     assert masked.sum(1).tolist() == [int(np.ceil(n * ratio))] * 4  # ceil(N r) masked, one ratio per batch
-    assert not (dropped & ~masked).any()                          # dropped ⊆ masked
+    assert not (dropped & ~masked).any()  # dropped ⊆ masked
     keep = np.asarray(plan.keep_idx)
     assert keep.shape == (4, 33) and (keep[:, 0] == 0).all()
     for b in range(4):
@@ -46,8 +46,9 @@ def test_loss_matches_float64():
   logits = rng.normal(size=(2, 5, 30)).astype(np.float32) * 3
   ids = rng.integers(0, 20, size=(2, 4))
   masked = np.array([[1, 0, 1, 1], [0, 0, 1, 0]], bool)
-  got = losses.masked_token_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(masked), codebook_size=20,
-                                 label_smoothing=0.1)
+  got = losses.masked_token_loss(
+    jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(masked), codebook_size=20, label_smoothing=0.1
+  )
   z = logits[:, 1:, :20].astype(np.float64)
   logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
   target = 0.9 * np.eye(20)[ids] + 0.1 / 20
@@ -56,10 +57,14 @@ def test_loss_matches_float64():
 
 
 def test_every_param_has_logical_axes():
-  for model, args in [(MAGE(TINY), (jnp.zeros((1, 17), jnp.int32),)),
-                      (MAGEViT(TINY, num_classes=3), (jnp.zeros((1, 16), jnp.int32),)),
-                      (VQGAN(VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, resolution=8)),
-                       (jnp.zeros((1, 8, 8, 3)),))]:
+  for model, args in [
+    (MAGE(TINY), (jnp.zeros((1, 17), jnp.int32),)),
+    (MAGEViT(TINY, num_classes=3), (jnp.zeros((1, 16), jnp.int32),)),
+    (
+      VQGAN(VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, resolution=8)),
+      (jnp.zeros((1, 8, 8, 3)),),
+    ),
+  ]:
     method = MAGE.full_sequence if isinstance(model, MAGE) else None
     boxed = model.init(jax.random.key(0), *args, method=method)["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
@@ -108,14 +113,17 @@ def test_scanned_blocks_equal_loop():
   loop = MAGE(TINY)
   params = _init(loop, ids, plan)
   scanned = MAGE(dataclasses.replace(TINY, scan=True, remat_policy="nothing_saveable"))
-  stacked = {"params": layers.stack_block_params(
-      layers.stack_block_params(params["params"], "blocks"), "decoder_blocks")}
+  stacked = {
+    "params": layers.stack_block_params(layers.stack_block_params(params["params"], "blocks"), "decoder_blocks")
+  }
   assert jax.tree.structure(stacked) == jax.tree.structure(_init(scanned, ids, plan))
-  np.testing.assert_allclose(np.asarray(scanned.apply(stacked, ids, plan)[0]),
-                             np.asarray(loop.apply(params, ids, plan)[0]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(scanned.apply(stacked, ids, plan)[0]), np.asarray(loop.apply(params, ids, plan)[0]), rtol=1e-5, atol=1e-5
+  )
   back = layers.unstack_block_params(stacked["params"], "blocks")
-  np.testing.assert_array_equal(back["blocks_1"]["mlp"]["fc1"]["kernel"],
-                                params["params"]["blocks_1"]["mlp"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(
+    back["blocks_1"]["mlp"]["fc1"]["kernel"], params["params"]["blocks_1"]["mlp"]["fc1"]["kernel"]
+  )
 
 
 def test_bf16_compute_keeps_float32_params_and_logits():
@@ -167,34 +175,46 @@ def test_bf16_attention_logits_equal_float32_highest_on_the_same_values():
   assert dots and all("bf16" in line.split("dot_general")[1] for line in dots), dots
 
 
-@pytest.mark.parametrize("fields,message", [
-    (dict(num_heads=0), "positive integers"), (dict(num_heads=3), "num_heads=3 does not divide embed_dim=64"),
-    (dict(decoder_num_heads=5), "decoder_num_heads=5 does not divide"), (dict(depth=0), "positive integers"),
-    (dict(dropout=1.0), "dropouts in \\[0, 1\\)")])
+@pytest.mark.parametrize(
+  "fields,message",
+  [
+    (dict(num_heads=0), "positive integers"),
+    (dict(num_heads=3), "num_heads=3 does not divide embed_dim=64"),
+    (dict(decoder_num_heads=5), "decoder_num_heads=5 does not divide"),
+    (dict(depth=0), "positive integers"),
+    (dict(dropout=1.0), "dropouts in \\[0, 1\\)"),
+  ],
+)
 def test_mage_config_refuses_impossible_sizes(fields, message):
   with pytest.raises(ValueError, match=message):
     config_for("tiny", **fields)
 
 
-@pytest.mark.parametrize("fields,message", [
-    (dict(resolution=0), "positive integers"), (dict(resolution=-32), "positive integers"),
-    (dict(resolution=33), "not a multiple of its downsampling factor 4"), (dict(ch_mult=()), "positive integers"),
-    (dict(ch=24), "not divisible by num_groups 32")])
+@pytest.mark.parametrize(
+  "fields,message",
+  [
+    (dict(resolution=0), "positive integers"),
+    (dict(resolution=-32), "positive integers"),
+    (dict(resolution=33), "not a multiple of its downsampling factor 4"),
+    (dict(ch_mult=()), "positive integers"),
+    (dict(ch=24), "not divisible by num_groups 32"),
+  ],
+)
 def test_vqgan_config_refuses_impossible_sizes(fields, message):
   with pytest.raises(ValueError, match=message):
     VQGANConfig(**{"ch": 32, "ch_mult": (1, 2, 2), "resolution": 32, **fields})
 
 
-
 def test_two_pass_argmin_argmax_equal_jnp_with_ties_and_the_categorical_draw():
   x = jax.random.normal(jax.random.key(0), (40, 300))
-  x = x.at[3, 10].set(-9.0).at[3, 20].set(-9.0).at[4, 7].set(9.0).at[4, 8].set(9.0)   # ties: the first wins
+  x = x.at[3, 10].set(-9.0).at[3, 20].set(-9.0).at[4, 7].set(9.0).at[4, 8].set(9.0)  # ties: the first wins
   np.testing.assert_array_equal(reductions.argmin(x), jnp.argmin(x, axis=-1))
   np.testing.assert_array_equal(reductions.argmax(x), jnp.argmax(x, axis=-1))
   assert reductions.argmin(x).dtype == jnp.int32
-  assert int(reductions.argmin(jnp.array([[1.0, jnp.nan, 0.0]]))[0]) == 0   # NaN rows: index 0, in range
+  assert int(reductions.argmin(jnp.array([[1.0, jnp.nan, 0.0]]))[0]) == 0  # NaN rows: index 0, in range
   # the sampler's draw is jax.random.categorical's: the same Gumbel noise, the same ids
   key, logits = jax.random.key(5), jax.random.normal(jax.random.key(1), (4, 16, 256)) * 3
   np.testing.assert_array_equal(
-      reductions.argmax(jax.random.gumbel(key, logits.shape, jnp.float32) + logits / 4.5),
-      jax.random.categorical(key, logits / 4.5, axis=-1))
+    reductions.argmax(jax.random.gumbel(key, logits.shape, jnp.float32) + logits / 4.5),
+    jax.random.categorical(key, logits / 4.5, axis=-1),
+  )

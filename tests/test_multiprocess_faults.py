@@ -46,13 +46,16 @@ def setup(image_folder, tmp_path_factory):
   from configs import fashion_mnist_tiny
   from mage_jax import builders, params_io
   from mage_jax.models.vqgan import VQGAN
+
   root = tmp_path_factory.mktemp("faults")
   config = fashion_mnist_tiny.get_config("steps=4,batch=8")
   tok_config = builders.tokenizer_config(config.tokenizer, 16)
   variables = random_variables(VQGAN(tok_config), 1, jnp.zeros((1, 4, 4, 3)))
-  params_io.save(str(root / "tokenizer"), {"tokenizer": jax.tree.map(lambda a: np.asarray(a, np.float32),
-                                                                     variables)},
-                 {"kind": "tokenizer", "tokenizer": dataclasses.asdict(tok_config)})
+  params_io.save(
+    str(root / "tokenizer"),
+    {"tokenizer": jax.tree.map(lambda a: np.asarray(a, np.float32), variables)},
+    {"kind": "tokenizer", "tokenizer": dataclasses.asdict(tok_config)},
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return root, (f"--config.tokenizer.init={root / 'tokenizer'}",), env
 
@@ -73,13 +76,16 @@ class _Runs:
 
   def start(self, workdir, processes: int, *extra) -> list[subprocess.Popen]:
     # Unoptimised XLA code: compiling the step takes 35% less CPU time, and every run here uses the same code.
-    env = dict(self.env, XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // processes} "
-                                   "--xla_backend_optimization_level=0")
+    env = dict(
+      self.env, XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // processes} --xla_backend_optimization_level=0"
+    )
     cmd = _main_cmd(self.image_folder, workdir, STEPS, *self.flags, *extra)
     if processes > 1:
       port = _free_port()
-      cmds = [cmd + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
-                     f"--process_id={i}"] for i in range(processes)]
+      cmds = [
+        cmd + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"]
+        for i in range(processes)
+      ]
     else:
       cmds = [cmd]
     started = []
@@ -224,6 +230,7 @@ def fallback(reference, setup, image_folder):
 
 def test_restore_newest_sets_aside_damaged_steps_and_refuses(tmp_path):
   from mage_jax import checkpointing
+
   mngr = checkpointing.manager(str(tmp_path), keep=3, async_save=False)
   for step in (4, 8, 12):
     checkpointing.save(mngr, step, {"w": jnp.full((64,), step, jnp.float32)})
@@ -251,8 +258,9 @@ def test_restore_newest_sets_aside_damaged_steps_and_refuses(tmp_path):
 def test_damaged_newest_checkpoint_falls_back(fallback, reference):
   workdir, log, damaged = fallback
   # Truncated files are caught by the step's manifest before orbax reads them.
-  assert re.search(r"checkpoint step 12 .* is damaged: \S+ is \d+ bytes, \d+ when saved\. Resuming from step 8",
-                   log), log[-3000:]
+  assert re.search(r"checkpoint step 12 .* is damaged: \S+ is \d+ bytes, \d+ when saved\. Resuming from step 8", log), (
+    log[-3000:]
+  )
   assert "Traceback" not in log
   (aside,) = glob.glob(str(workdir / "checkpoints" / "12.corrupt-*"))
   assert aside in log and _tree(aside) == damaged  # named, and kept as it was for inspection
@@ -320,8 +328,14 @@ print("the device work finished first", flush=True)
 def test_second_ctrl_c_kills_while_waiting_on_the_device():
   # A Python handler would only run once the device work is done (never, in a hung collective); the kernel
   # restores the default action as it delivers the first Ctrl-C.
-  run = subprocess.run([sys.executable, "-c", _WAIT_ON_DEVICE], cwd=REPO, capture_output=True, text=True,
-                       timeout=240, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  run = subprocess.run(
+    [sys.executable, "-c", _WAIT_ON_DEVICE],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert run.returncode == -signal.SIGINT and not run.stdout, run.stdout + run.stderr[-3000:]
 
 
@@ -344,12 +358,21 @@ def test_dead_process_ends_the_other_naming_it(runs, setup):
 def test_documented_commands_parse():
   text = open(os.path.join(REPO, "docs", "faults.md")).read()
   blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
-  commands = [line.strip().rstrip("&").replace("$i", "0") for block in blocks
-              for line in block.replace("\\\n", " ").splitlines() if "python -m mage_jax.main" in line]
+  commands = [
+    line.strip().rstrip("&").replace("$i", "0")
+    for block in blocks
+    for line in block.replace("\\\n", " ").splitlines()
+    if "python -m mage_jax.main" in line
+  ]
   assert len(commands) == 2
   for command in commands:
-    run = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPO, capture_output=True, text=True,
-                         env=dict(os.environ, MAGE_JAX_PARSE_ONLY="1"))
+    run = subprocess.run(
+      [sys.executable, *shlex.split(command)[1:]],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, MAGE_JAX_PARSE_ONLY="1"),
+    )
     assert run.returncode == 0 and "flags parsed" in run.stdout, command + run.stderr[-2000:]
 
 
@@ -357,5 +380,6 @@ def test_bad_distributed_timeout_is_one_line(image_folder, tmp_path):
   cmd = _main_cmd(image_folder, tmp_path / "w", STEPS, "--config.distributed.heartbeat_timeout_seconds=0")
   run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert run.returncode == 2, run.stderr[-2000:]
-  assert run.stderr.strip().splitlines()[-1] == ("error: distributed heartbeat_timeout_seconds must be a positive "
-                                                 "number of seconds, got 0 (see --help)")
+  assert run.stderr.strip().splitlines()[-1] == (
+    "error: distributed heartbeat_timeout_seconds must be a positive number of seconds, got 0 (see --help)"
+  )

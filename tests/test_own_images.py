@@ -60,13 +60,17 @@ def test_hashed_slices_partition_the_folder_independently_of_order(tmp_path):
 
 def test_make_dataset_finds_the_splits(tmp_path):
   make = lambda path, holdout=-1, min_train=4: quickstart_data.make_dataset(
-      f"folder:{path}", None, holdout=holdout, image_size=16, min_train=min_train)
+    f"folder:{path}", None, holdout=holdout, image_size=16, min_train=min_train
+  )
   flat = _folder(tmp_path / "flat", {"": 50})
   d = make(flat)
   assert (d.train_split, d.heldout_split) == ("[:-5]", "[-5:]") and d.name == f"folder:{flat}"
   assert make(flat, holdout=10).heldout_split == "[-10:]"
-  with pytest.raises(ValueError, match=r"has 50 images: holding out 5 leaves 45 for training, fewer than the "
-                                       r"training batch of 64; the quickstart needs at least 69 images"):
+  with pytest.raises(
+    ValueError,
+    match=r"has 50 images: holding out 5 leaves 45 for training, fewer than the "
+    r"training batch of 64; the quickstart needs at least 69 images",
+  ):
     make(flat, min_train=64)
   with pytest.raises(ValueError, match="held-out split needs at least 2 images"):
     make(flat, holdout=1)
@@ -103,8 +107,10 @@ def test_summary_counts_bad_files_and_plans_the_probes(tmp_path):
   assert train["images"] + held["images"] == 16 and train["unreadable_skipped"] + held["unreadable_skipped"] == 1
   assert train["unreadable_examples"] == ["dog/broken.png"] and train["per_class"] == {"cat": 7, "dog": 5}
   assert "17 images; 1 non-image or hidden files ignored" == train["folder_listing"]
-  assert {train["sizes"].split(" (")[0], held["sizes"].split(" (")[0]} == {"2 sizes from 8x8 to 12x9",
-                                                                         "3 sizes from 8x8 to 20x30"}
+  assert {train["sizes"].split(" (")[0], held["sizes"].split(" (")[0]} == {
+    "2 sizes from 8x8 to 12x9",
+    "3 sizes from 8x8 to 20x30",
+  }
   evals, shots, skipped = quickstart_data.probe_plan(summary)
   assert evals == ("linear_probe", "fewshot") and shots == (1, 2, 5) and "10-shot need more" in skipped["fewshot"]
   assert quickstart_data.write_reference_images(dataset, str(tmp_path / "ref.npz")) == 4
@@ -113,17 +119,24 @@ def test_summary_counts_bad_files_and_plans_the_probes(tmp_path):
 
   one_each = _folder(tmp_path / "one_each", {f"c{i:02d}": 1 for i in range(12)})
   summary = quickstart_data.summarize(
-      quickstart_data.make_dataset(f"folder:{one_each}", None, holdout=2, image_size=8, min_train=4), 4)
+    quickstart_data.make_dataset(f"folder:{one_each}", None, holdout=2, image_size=8, min_train=4), 4
+  )
   evals, shots, skipped = quickstart_data.probe_plan(summary)
   assert evals == ("linear_probe",) and shots == () and "has 0 training images: 1, 2, 5, 10-shot" in skipped["fewshot"]
   flat = {"classes": [], "splits": {}}
-  assert quickstart_data.probe_plan(flat)[0] == () and "no class subfolders" in quickstart_data.probe_plan(flat)[2][
-      "linear_probe"]
+  assert (
+    quickstart_data.probe_plan(flat)[0] == ()
+    and "no class subfolders" in quickstart_data.probe_plan(flat)[2]["linear_probe"]
+  )
   differ = _folder(tmp_path / "differ", {"train/x": 6, "train/y": 6, "test/x": 2, "test/z": 2})
-  with pytest.raises(ValueError, match=r"class folders of .*train and .*test differ \(only in training: \['y'\]; "
-                                       r"only held out: \['z'\]\)"):
-    quickstart_data.summarize(quickstart_data.make_dataset(f"folder:{differ}", None, holdout=-1, image_size=8,
-                                                           min_train=4), 4)
+  with pytest.raises(
+    ValueError,
+    match=r"class folders of .*train and .*test differ \(only in training: \['y'\]; "
+    r"only held out: \['z'\]\)",
+  ):
+    quickstart_data.summarize(
+      quickstart_data.make_dataset(f"folder:{differ}", None, holdout=-1, image_size=8, min_train=4), 4
+    )
 
 
 @pytest.mark.parametrize("case", ["empty", "single", "prefix_flag", "freeze_without_init"])
@@ -132,12 +145,15 @@ def test_quickstart_refuses_bad_input_in_one_line(case, tmp_path):
   folder.mkdir()
   if case == "single":
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "only.png")
-  args = {"empty": ([], 1, "No image files", "images"),
-          "single": ([], 1, "has 1 image", "needs at least 66 images"),
-          "prefix_flag": (["--hold=5"], 2, "hold"),
-          "freeze_without_init": (["--freeze_codebook"], 2, "--tokenizer_init")}[case]
-  run = run_cli("mage_jax.quickstart", f"--data=folder:{folder}", f"--workdir={tmp_path / 'w'}", "--budget=ci",
-                *args[0])
+  args = {
+    "empty": ([], 1, "No image files", "images"),
+    "single": ([], 1, "has 1 image", "needs at least 66 images"),
+    "prefix_flag": (["--hold=5"], 2, "hold"),
+    "freeze_without_init": (["--freeze_codebook"], 2, "--tokenizer_init"),
+  }[case]
+  run = run_cli(
+    "mage_jax.quickstart", f"--data=folder:{folder}", f"--workdir={tmp_path / 'w'}", "--budget=ci", *args[0]
+  )
   assert_one_line_error(run, args[1], *args[2:])
   assert not (tmp_path / "w" / "tokenizer").exists()
 
@@ -158,17 +174,35 @@ def _numbers(tree, path=""):
 def test_quickstart_on_an_image_folder_fine_tunes_resumes_and_reports(fashion_png_folder, testdata, tmp_path):
   from mage_jax import params_io
   from mage_jax.convert import convert
+
   state_dict, _ = convert.load_checkpoint(str(testdata / "official_tiny" / "tokenizer.pth"))
   converted = convert.convert_state_dict(state_dict, "tokenizer", resolution=32)
   params_io.save(str(tmp_path / "vqgan"), converted.variables, converted.meta)
   workdir = tmp_path / "qs"
-  args = [f"--data=folder:{fashion_png_folder}", f"--workdir={workdir}", "--budget=ci",
-          f"--tokenizer_init={tmp_path / 'vqgan'}", "--freeze_codebook"]
+  args = [
+    f"--data=folder:{fashion_png_folder}",
+    f"--workdir={workdir}",
+    "--budget=ci",
+    f"--tokenizer_init={tmp_path / 'vqgan'}",
+    "--freeze_codebook",
+  ]
   run = run_cli("mage_jax.quickstart", *args, timeout=1800)
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-  for path in ("data.json", "heldout.npz", "tokenizer/params/mage_jax.json", "tokenizer/eval_metrics_init.json",
-               "reconstructions.png", "mage/params/mage_jax.json", "samples.npz", "samples_grid.png",
-               "eval/results.json", "fid.json", "results.md", "results.json", "stages.json"):
+  for path in (
+    "data.json",
+    "heldout.npz",
+    "tokenizer/params/mage_jax.json",
+    "tokenizer/eval_metrics_init.json",
+    "reconstructions.png",
+    "mage/params/mage_jax.json",
+    "samples.npz",
+    "samples_grid.png",
+    "eval/results.json",
+    "fid.json",
+    "results.md",
+    "results.json",
+    "stages.json",
+  ):
     assert (workdir / path).exists(), path
   for png in ("samples_grid.png", "reconstructions.png"):
     image = np.asarray(Image.open(workdir / png))
@@ -185,8 +219,9 @@ def test_quickstart_on_an_image_folder_fine_tunes_resumes_and_reports(fashion_pn
   numbers = dict(_numbers(results))
   bad = {k: v for k, v in numbers.items() if not math.isfinite(v)}
   assert not bad, bad
-  assert "/representations/mage/linear_probe/top1" in numbers and "/representations/pixels/fewshot/ridge/10/mean" \
-      in numbers
+  assert (
+    "/representations/mage/linear_probe/top1" in numbers and "/representations/pixels/fewshot/ridge/10/mean" in numbers
+  )
   if os.environ.get("MAGE_JAX_REQUIRE_FID") == "1" or results["fid"]["fid"] is not None:
     assert results["fid"]["num_reference"] == 40 and math.isfinite(results["fid"]["fid"])
   table = (workdir / "results.md").read_text()

@@ -83,8 +83,9 @@ def test_probe_separable_clusters_reach_100_percent(mesh, tmp_path):
   xtr, ytr = _clusters(2048, 10, 32, seed=0)
   xte, yte = _clusters(1000, 10, 32, seed=1)
   cfg = linear_probe.ProbeConfig(num_classes=10, epochs=8, warmup_epochs=1, batch_size=128, blr=10.0)
-  res, _ = linear_probe.train_probe(linear_probe.CachedFeatures(xtr, ytr), xte, yte, cfg, workdir=str(tmp_path),
-                                    mesh=mesh)
+  res, _ = linear_probe.train_probe(
+    linear_probe.CachedFeatures(xtr, ytr), xte, yte, cfg, workdir=str(tmp_path), mesh=mesh
+  )
   assert res["completed"] and res["epochs_done"] == 8 and len(res["history"]) == 8
   assert res["top1"] >= 0.99, res["history"]
 
@@ -94,22 +95,28 @@ def test_probe_random_labels_is_chance(mesh, tmp_path):
   xtr, xte = rng.normal(size=(2048, 32)).astype(np.float32), rng.normal(size=(2000, 32)).astype(np.float32)
   ytr, yte = rng.integers(0, 4, 2048).astype(np.int32), rng.integers(0, 4, 2000).astype(np.int32)
   cfg = linear_probe.ProbeConfig(num_classes=4, epochs=8, warmup_epochs=1, batch_size=128, blr=10.0)
-  res, _ = linear_probe.train_probe(linear_probe.CachedFeatures(xtr, ytr), xte, yte, cfg, workdir=str(tmp_path),
-                                    mesh=mesh)
+  res, _ = linear_probe.train_probe(
+    linear_probe.CachedFeatures(xtr, ytr), xte, yte, cfg, workdir=str(tmp_path), mesh=mesh
+  )
   # 2000 test labels: the std of a chance accuracy is ~0.01.
   assert abs(res["top1"] - 0.25) < 0.05, res["top1"]
 
 
 def test_probe_config_errors(mesh, tmp_path):
   with pytest.raises(ValueError, match="unknown config.linear_probe keys"):
-    config_views.from_config(linear_probe.ProbeConfig, {"epochs": 2, "lr": 1.0}, "config.linear_probe",
-                             num_classes=3)
+    config_views.from_config(linear_probe.ProbeConfig, {"epochs": 2, "lr": 1.0}, "config.linear_probe", num_classes=3)
   with pytest.raises(ValueError, match="bn_group_size"):
     linear_probe.ProbeConfig(num_classes=3, batch_size=100, bn_group_size=128)
   x, y = _clusters(64, 3, 4, seed=0)
   with pytest.raises(ValueError, match="larger than the train set"):
-    linear_probe.train_probe(linear_probe.CachedFeatures(x, y), x, y,
-                             linear_probe.ProbeConfig(num_classes=3, batch_size=128), workdir=str(tmp_path), mesh=mesh)
+    linear_probe.train_probe(
+      linear_probe.CachedFeatures(x, y),
+      x,
+      y,
+      linear_probe.ProbeConfig(num_classes=3, batch_size=128),
+      workdir=str(tmp_path),
+      mesh=mesh,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,13 +145,18 @@ def _images(n, seed=0):
 
 
 def _input(batch_size, augment="none"):
-  return dict(name="arrays", split="train", batch_size=batch_size, image_size=8, augment=augment,
-              crop_ratio=1.0)
+  return dict(name="arrays", split="train", batch_size=batch_size, image_size=8, augment=augment, crop_ratio=1.0)
 
 
 def test_backbone_params_from_mage():
-  mage = {"token_emb": {"LayerNorm": {"scale": np.ones(4), "bias": np.zeros(4)}}, "blocks_1": {"a": 1},
-          "blocks_0": {"a": 0}, "norm": {"scale": np.full(4, 2.0)}, "decoder_embed": {}, "mlm_layer": {}}
+  mage = {
+    "token_emb": {"LayerNorm": {"scale": np.ones(4), "bias": np.zeros(4)}},
+    "blocks_1": {"a": 1},
+    "blocks_0": {"a": 0},
+    "norm": {"scale": np.full(4, 2.0)},
+    "decoder_embed": {},
+    "mlm_layer": {},
+  }
   gp = probe.backbone_params_from_mage(mage, global_pool=True)
   assert sorted(gp) == ["blocks_0", "blocks_1", "fc_norm", "token_emb"]
   np.testing.assert_array_equal(gp["fc_norm"]["scale"], np.ones(4))  # fresh identity, not `norm`
@@ -167,8 +179,9 @@ def test_extracted_features_equal_model_apply(tiny_params_dir, mesh, global_pool
   images = _images(12)
   labels = np.arange(12, dtype=np.int32) % 3
   src = sources.ArraySource(images, labels)
-  feats, got_labels = probe.extract_features(backbone.feature_fn(), variables, shardings, _input(8), mesh=mesh,
-                                             source=src)
+  feats, got_labels = probe.extract_features(
+    backbone.feature_fn(), variables, shardings, _input(8), mesh=mesh, source=src
+  )
   assert feats.shape == (12, 64) and feats.dtype == np.float32  # padded tail dropped
   np.testing.assert_array_equal(got_labels, labels)
   # Reference: the same [0,1] images (crop_ratio 1 at the native size is the identity resize) through the
@@ -222,8 +235,9 @@ def test_probe_resume_equals_uninterrupted(tiny_params_dir, mesh, tmp_path, onli
     shardings = probe.backbone_shardings(backbone, mesh, sharding.DEFAULT_RULES)
     variables = sharding.place(backbone.variables, shardings)
     src = sources.ArraySource(_images(32, seed=1), rng.integers(0, 3, 32).astype(np.int32))
-    make = lambda: linear_probe.OnlineImages(_input(16, "probe"), backbone.feature_fn(), variables, shardings,
-                                      dropout=True, source=src)
+    make = lambda: linear_probe.OnlineImages(
+      _input(16, "probe"), backbone.feature_fn(), variables, shardings, dropout=True, source=src
+    )
     dim = 64
   else:
     x, y = _clusters(64, 3, 8, seed=0)
@@ -232,13 +246,16 @@ def test_probe_resume_equals_uninterrupted(tiny_params_dir, mesh, tmp_path, onli
   vx, vy = _clusters(40, 3, dim, seed=5)
   cfg = linear_probe.ProbeConfig(num_classes=3, epochs=3, warmup_epochs=1, batch_size=16, blr=5.0, bn_group_size=8)
   full, s_full = linear_probe.train_probe(make(), vx, vy, cfg, workdir=str(tmp_path / "a"), mesh=mesh, dim=dim)
-  part, _ = linear_probe.train_probe(make(), vx, vy, cfg, workdir=str(tmp_path / "b"), mesh=mesh, dim=dim,
-                              stop_after_epochs=1)
+  part, _ = linear_probe.train_probe(
+    make(), vx, vy, cfg, workdir=str(tmp_path / "b"), mesh=mesh, dim=dim, stop_after_epochs=1
+  )
   assert not part["completed"] and part["epochs_done"] == 1
   resumed, s_res = linear_probe.train_probe(make(), vx, vy, cfg, workdir=str(tmp_path / "b"), mesh=mesh, dim=dim)
   assert resumed["completed"] and resumed["history"] == full["history"]
-  for a, b in zip(jax.tree.leaves((s_full.params, s_full.batch_stats, s_full.opt_state)),
-                  jax.tree.leaves((s_res.params, s_res.batch_stats, s_res.opt_state))):
+  for a, b in zip(
+    jax.tree.leaves((s_full.params, s_full.batch_stats, s_full.opt_state)),
+    jax.tree.leaves((s_res.params, s_res.batch_stats, s_res.opt_state)),
+  ):
     np.testing.assert_array_equal(a, b)
   # The head actually moved, so the comparison is not between two untouched inits.
   assert float(jnp.abs(s_full.batch_stats["head_bn"]["mean"]).max()) > 0
@@ -250,20 +267,20 @@ def test_export_probe_is_a_bn_linear_vit(tiny_params_dir, mesh, tmp_path):
   variables = sharding.place(backbone.variables, shardings)
   images = _images(16, seed=4)
   src = sources.ArraySource(images, np.arange(16, dtype=np.int32) % 3)
-  feats, labels = probe.extract_features(backbone.feature_fn(), variables, shardings, _input(8), mesh=mesh,
-                                         source=src)
+  feats, labels = probe.extract_features(backbone.feature_fn(), variables, shardings, _input(8), mesh=mesh, source=src)
   cfg = linear_probe.ProbeConfig(num_classes=3, epochs=2, warmup_epochs=0, batch_size=8, blr=5.0)
-  _, state = linear_probe.train_probe(linear_probe.CachedFeatures(feats, labels), feats, labels, cfg,
-                               workdir=str(tmp_path / "p"), mesh=mesh)
+  _, state = linear_probe.train_probe(
+    linear_probe.CachedFeatures(feats, labels), feats, labels, cfg, workdir=str(tmp_path / "p"), mesh=mesh
+  )
   out = str(tmp_path / "export")
   linear_probe.export_probe(out, backbone, state, num_classes=3)
   saved, meta = params_io.load(out)
-  assert meta["kind"] == "vit" and meta["vit"] == {"num_classes": 3, "global_pool": True,
-                                                   "head_type": "bn_linear"}
+  assert meta["kind"] == "vit" and meta["vit"] == {"num_classes": 3, "global_pool": True, "head_type": "bn_linear"}
   ids = _ids(saved["tokenizer"], jnp.asarray(images, jnp.float32) / 255.0)
   logits, _ = jax.jit(MAGEViT(MAGE_CFG, num_classes=3, head_type="bn_linear").apply)(saved["model"], ids)
-  np.testing.assert_allclose(logits, probe.head_predict_numpy(state.params, state.batch_stats, feats),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    logits, probe.head_predict_numpy(state.params, state.batch_stats, feats), rtol=1e-4, atol=1e-4
+  )
   # And the export is itself a valid backbone source (kind 'vit').
   again = probe.load_backbone(out)
   np.testing.assert_array_equal(again.variables["vit"]["params"]["fc_norm"]["scale"], np.ones(64))
@@ -272,7 +289,8 @@ def test_export_probe_is_a_bn_linear_vit(tiny_params_dir, mesh, tmp_path):
 def test_load_backbone_errors(tmp_path):
   with pytest.raises(FileNotFoundError):
     probe.load_backbone(str(tmp_path / "missing"))
-  params_io.save(str(tmp_path / "tok"), {"tokenizer": {"params": {"w": np.zeros(2)}}},
-                 {"kind": "tokenizer", "tokenizer": {}})
+  params_io.save(
+    str(tmp_path / "tok"), {"tokenizer": {"params": {"w": np.zeros(2)}}}, {"kind": "tokenizer", "tokenizer": {}}
+  )
   with pytest.raises(ValueError, match="kind 'tokenizer'"):
     probe.load_backbone(str(tmp_path / "tok"))

@@ -23,13 +23,20 @@ def test_quickstart_ci_budget(tmp_path):
     image = np.asarray(Image.open(workdir / png))
     assert image.ndim == 3 and image.shape[-1] == 3 and image.std() > 0, png
   table = (workdir / "results.md").read_text()
-  header = "| frozen features, top-1 on the held-out images | MAGE | same encoder at random init | raw pixels | " \
-           "random projection of the pixels |"
+  header = (
+    "| frozen features, top-1 on the held-out images | MAGE | same encoder at random init | raw pixels | "
+    "random projection of the pixels |"
+  )
   assert header in table and "logistic regression probe top-1" in table and "10-shot top-1 (ridge" in table
   results = json.loads((workdir / "results.json").read_text())
   rep = results["representations"]
-  numbers = [results["tokenizer"]["psnr"], results["mage"]["loss"], results["samples"]["images_per_sec"],
-             rep["mage"]["linear_probe"]["top1"], rep["pixels"]["linear_probe"]["top1"]]
+  numbers = [
+    results["tokenizer"]["psnr"],
+    results["mage"]["loss"],
+    results["samples"]["images_per_sec"],
+    rep["mage"]["linear_probe"]["top1"],
+    rep["pixels"]["linear_probe"]["top1"],
+  ]
   numbers += [rep[name]["logistic"]["top1"] for name in ("mage", "random_init", "pixels", "random_proj")]
   # MAGE trained on the token cache of stage 3
   assert results["cache"]["views"] == 1 and (workdir / "tokens" / "cache.json").exists()
@@ -52,6 +59,7 @@ def test_quickstart_ci_budget(tmp_path):
 
 def test_stage_records_redo_changed_stages_and_refuse_foreign_outputs(tmp_path):
   from mage_jax.jobs import quickstart
+
   (tmp_path / "tokenizer").mkdir()
   (tmp_path / "tokenizer" / "mine.txt").write_text("user data")
   with pytest.raises(ValueError, match="not written by the quickstart"):
@@ -85,6 +93,7 @@ def test_recipes_reach_the_stages_they_change():
   """The crop law of the MAGE recipe draws the cached views; a tokenizer recipe is checked like the MAGE one."""
   from configs import fashion_mnist_tiny
   from mage_jax.jobs import quickstart
+
   default = list(fashion_mnist_tiny.get_config(quickstart.BUDGETS["full"]["mage_recipe"]).input.scale)
   assert quickstart.Options("w").crop_scale() == default
   assert quickstart.Options("w", mage_recipe="crop_min=0.5").crop_scale() == [0.5, 1.0]
@@ -98,6 +107,7 @@ def test_recipes_reach_the_stages_they_change():
 
 def _wait_for(predicate, proc, timeout=600):
   import time  # pylint: disable=g-import-not-at-top
+
   end = time.time() + timeout
   while time.time() < end and proc.poll() is None:
     if predicate():
@@ -111,11 +121,20 @@ def test_interrupted_training_stages_resume(tmp_path):
   """Ctrl-C in the tokenizer stage and a SIGTERM in the MAGE stage, each followed by the same command: the
   quickstart resumes the stage from its checkpoint and finishes; nothing is refused or marked done early."""
   import signal  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path / "qs"
-  cmd = [sys.executable, "-m", "mage_jax.quickstart", f"--workdir={workdir}", "--budget=ci",
-         "--tokenizer_steps=300", "--mage_steps=200"]
-  checkpoints = lambda stage: list((workdir / stage / "checkpoints").glob("*")) if (
-      workdir / stage / "checkpoints").exists() else []
+  cmd = [
+    sys.executable,
+    "-m",
+    "mage_jax.quickstart",
+    f"--workdir={workdir}",
+    "--budget=ci",
+    "--tokenizer_steps=300",
+    "--mage_steps=200",
+  ]
+  checkpoints = lambda stage: (
+    list((workdir / stage / "checkpoints").glob("*")) if (workdir / stage / "checkpoints").exists() else []
+  )
   for stage, sig, status in (("tokenizer", signal.SIGINT, 130), ("mage", signal.SIGTERM, 0)):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # into the training loop: the stage is recorded as started and its first checkpoint is written

@@ -30,14 +30,21 @@ def _pil(fn, image, *args):
   return np.asarray(fn(Image.fromarray(image), *args))
 
 
-PIXEL_OPS = [
+PIXEL_OPS = (
+  [
     ("auto_contrast", randaugment.auto_contrast, ImageOps.autocontrast, []),
     ("equalize", randaugment.equalize, ImageOps.equalize, []),
     ("invert", randaugment.invert, ImageOps.invert, []),
-] + [(f"posterize{b}", lambda x, b=b: randaugment.posterize(x, b), lambda im, b=b: ImageOps.posterize(im, b), [])
-     for b in (1, 2, 4, 8)] + [
+  ]
+  + [
+    (f"posterize{b}", lambda x, b=b: randaugment.posterize(x, b), lambda im, b=b: ImageOps.posterize(im, b), [])
+    for b in (1, 2, 4, 8)
+  ]
+  + [
     (f"solarize{t}", lambda x, t=t: randaugment.solarize(x, t), lambda im, t=t: ImageOps.solarize(im, t), [])
-    for t in (0, 26, 128, 256)]
+    for t in (0, 26, 128, 256)
+  ]
+)
 
 
 @pytest.mark.parametrize("name,ours,theirs,args", PIXEL_OPS, ids=[p[0] for p in PIXEL_OPS])
@@ -59,24 +66,32 @@ def test_enhance_ops_match_pillow_exactly(name, factor):
   ours = getattr(randaugment, name)
   theirs = getattr(ImageEnhance, name.capitalize())
   for label, image in _images().items():
-    np.testing.assert_array_equal(_ours(ours, image, factor), _pil(lambda im: theirs(im).enhance(factor), image),
-                                  err_msg=label)
+    np.testing.assert_array_equal(
+      _ours(ours, image, factor), _pil(lambda im: theirs(im).enhance(factor), image), err_msg=label
+    )
 
 
 def _pil_affine(matrix):
-  return lambda im: im.transform(im.size, Image.Transform.AFFINE, tuple(matrix), Image.Resampling.BICUBIC,
-                                 fillcolor=FILL)
+  return lambda im: im.transform(
+    im.size, Image.Transform.AFFINE, tuple(matrix), Image.Resampling.BICUBIC, fillcolor=FILL
+  )
 
 
 GEOMETRIC = [
-    ("rotate+", lambda x: randaugment.rotate(x, 27.3, FILL),
-     lambda im: im.rotate(27.3, resample=Image.Resampling.BICUBIC, fillcolor=FILL)),
-    ("rotate-", lambda x: randaugment.rotate(x, -8.0, FILL),
-     lambda im: im.rotate(-8.0, resample=Image.Resampling.BICUBIC, fillcolor=FILL)),
-    ("shear_x", lambda x: randaugment.shear_x(x, 0.27, FILL), _pil_affine((1, 0.27, 0, 0, 1, 0))),
-    ("shear_y", lambda x: randaugment.shear_y(x, -0.19, FILL), _pil_affine((1, 0, 0, -0.19, 1, 0))),
-    ("translate_x", lambda x: randaugment.translate_x(x, 13.05, FILL), _pil_affine((1, 0, 13.05, 0, 1, 0))),
-    ("translate_y", lambda x: randaugment.translate_y(x, -11.6, FILL), _pil_affine((1, 0, 0, 0, 1, -11.6))),
+  (
+    "rotate+",
+    lambda x: randaugment.rotate(x, 27.3, FILL),
+    lambda im: im.rotate(27.3, resample=Image.Resampling.BICUBIC, fillcolor=FILL),
+  ),
+  (
+    "rotate-",
+    lambda x: randaugment.rotate(x, -8.0, FILL),
+    lambda im: im.rotate(-8.0, resample=Image.Resampling.BICUBIC, fillcolor=FILL),
+  ),
+  ("shear_x", lambda x: randaugment.shear_x(x, 0.27, FILL), _pil_affine((1, 0.27, 0, 0, 1, 0))),
+  ("shear_y", lambda x: randaugment.shear_y(x, -0.19, FILL), _pil_affine((1, 0, 0, -0.19, 1, 0))),
+  ("translate_x", lambda x: randaugment.translate_x(x, 13.05, FILL), _pil_affine((1, 0, 13.05, 0, 1, 0))),
+  ("translate_y", lambda x: randaugment.translate_y(x, -11.6, FILL), _pil_affine((1, 0, 0, 0, 1, -11.6))),
 ]
 
 
@@ -99,18 +114,17 @@ def test_level_functions_follow_timm():
   x = tf.constant(image, tf.int32)
   m, no = tf.constant(9.0), tf.constant(False)
   cases = {
-      "posterize_increasing": randaugment.posterize(x, 4 - 3),          # 4 - int(0.9 * 4)
-      "solarize_increasing": randaugment.solarize(x, 256 - 230),        # 256 - int(0.9 * 256)
-      "solarize_add": randaugment.solarize_add(x, 99),                  # int(0.9 * 110)
-      "brightness_increasing": randaugment.brightness(x, 1.0 + 0.81),   # 1 + 0.9 * 0.9
-      "rotate": randaugment.rotate(x, 27.0, FILL),                      # 0.9 * 30
-      "shear_x": randaugment.shear_x(x, 0.27, FILL),                    # 0.9 * 0.3
-      "translate_x": randaugment.translate_x(x, 0.405 * 37, FILL),      # 0.9 * 0.45 * width
-      "translate_y": randaugment.translate_y(x, 0.405 * 29, FILL),      # 0.9 * 0.45 * height
+    "posterize_increasing": randaugment.posterize(x, 4 - 3),  # 4 - int(0.9 * 4)
+    "solarize_increasing": randaugment.solarize(x, 256 - 230),  # 256 - int(0.9 * 256)
+    "solarize_add": randaugment.solarize_add(x, 99),  # int(0.9 * 110)
+    "brightness_increasing": randaugment.brightness(x, 1.0 + 0.81),  # 1 + 0.9 * 0.9
+    "rotate": randaugment.rotate(x, 27.0, FILL),  # 0.9 * 30
+    "shear_x": randaugment.shear_x(x, 0.27, FILL),  # 0.9 * 0.3
+    "translate_x": randaugment.translate_x(x, 0.405 * 37, FILL),  # 0.9 * 0.45 * width
+    "translate_y": randaugment.translate_y(x, 0.405 * 29, FILL),  # 0.9 * 0.45 * height
   }
   for name, expected in cases.items():
-    np.testing.assert_array_equal(randaugment.apply_op(name, x, m, no, config).numpy(), expected.numpy(),
-                                  err_msg=name)
+    np.testing.assert_array_equal(randaugment.apply_op(name, x, m, no, config).numpy(), expected.numpy(), err_msg=name)
   negated = randaugment.apply_op("brightness_increasing", x, m, tf.constant(True), config).numpy()
   np.testing.assert_array_equal(negated, randaugment.brightness(x, 1.0 - 0.81).numpy())
 
@@ -157,21 +171,26 @@ def test_preprocess_with_rand_augment():
   assert not np.array_equal(augmented.numpy(), plain.numpy())  # RandAugment changed the pixels
   values = augmented.numpy() * 255.0
   np.testing.assert_allclose(values, np.round(values), atol=1e-3)  # uint8 grid, as PIL's images
-  np.testing.assert_array_equal(augmented.numpy(),
-                                augment.preprocess(image, seed, size=24, mode="pretrain",
-                                                   rand_augment=config).numpy())
+  np.testing.assert_array_equal(
+    augmented.numpy(), augment.preprocess(image, seed, size=24, mode="pretrain", rand_augment=config).numpy()
+  )
   # the crop and flip draws are those of the run without RandAugment: with every op skipped, the result is
   # the plain transform on the uint8 grid
   skip_all = randaugment.RandAugmentConfig(prob=0.0)
   for i in range(4):
     seed_i = tf.constant([3, i], tf.int64)
     np.testing.assert_allclose(
-        augment.preprocess(image, seed_i, size=24, mode="pretrain", rand_augment=skip_all).numpy(),
-        np.round(augment.preprocess(image, seed_i, size=24, mode="pretrain").numpy() * 255) / 255, atol=1e-6)
-  changed = [not np.allclose(
+      augment.preprocess(image, seed_i, size=24, mode="pretrain", rand_augment=skip_all).numpy(),
+      np.round(augment.preprocess(image, seed_i, size=24, mode="pretrain").numpy() * 255) / 255,
+      atol=1e-6,
+    )
+  changed = [
+    not np.allclose(
       augment.preprocess(image, tf.constant([3, i], tf.int64), size=24, mode="pretrain", rand_augment=config),
-      np.round(augment.preprocess(image, tf.constant([3, i], tf.int64), size=24, mode="pretrain") * 255) / 255)
-      for i in range(8)]
+      np.round(augment.preprocess(image, tf.constant([3, i], tf.int64), size=24, mode="pretrain") * 255) / 255,
+    )
+    for i in range(8)
+  ]
   assert sum(changed) >= 3, changed  # both ops are skipped a quarter of the time
 
 

@@ -10,9 +10,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from mage_jax import sampling
 
-CB = 16          # codebook size in these tests
-MASK = 20        # mask id, outside the codebook
-V = 22           # logits width: codebook + extra (special) slots that must never be sampled
+CB = 16  # codebook size in these tests
+MASK = 20  # mask id, outside the codebook
+V = 22  # logits width: codebook + extra (special) slots that must never be sampled
 
 # Spec §5.1: masked tokens after each step for N = 256.
 SPEC_T20 = [255, 252, 248, 243, 236, 228, 218, 207, 194, 181, 166, 150, 133, 116, 97, 79, 59, 40, 20, 1]
@@ -52,8 +52,7 @@ def _context_logits_fn(seed=0, length=None, special_boost=0.0):
 
 def test_mask_schedule_closed_forms():
   r = np.array([0.0, 0.25, 0.5, 1.0])
-  np.testing.assert_allclose(sampling.mask_schedule(r), [1.0, math.cos(math.pi / 8), math.sqrt(0.5), 0.0],
-                             atol=1e-15)
+  np.testing.assert_allclose(sampling.mask_schedule(r), [1.0, math.cos(math.pi / 8), math.sqrt(0.5), 0.0], atol=1e-15)
   np.testing.assert_allclose(sampling.mask_schedule(r, "linear"), [1.0, 0.75, 0.5, 0.0])
   np.testing.assert_allclose(sampling.mask_schedule(r, "uniform"), [1.0, 0.75, 0.5, 0.0])
   np.testing.assert_allclose(sampling.mask_schedule(r, "square"), [1.0, 0.9375, 0.75, 0.0])
@@ -83,8 +82,15 @@ def test_decode_mask_counts_follow_spec(num_steps, expected):
   assert _expected_counts(256, 256, num_steps) == expected  # the test's own closed form agrees
   tokens = jnp.full((2, 256), MASK, jnp.int32)
   out, num_masked = sampling.decode(
-      jax.random.key(0), tokens, _context_logits_fn(length=256), num_steps=num_steps,
-      choice_temperature=4.5, mask_id=MASK, codebook_size=CB, return_num_masked=True)
+    jax.random.key(0),
+    tokens,
+    _context_logits_fn(length=256),
+    num_steps=num_steps,
+    choice_temperature=4.5,
+    mask_id=MASK,
+    codebook_size=CB,
+    return_num_masked=True,
+  )
   assert num_masked.shape == (num_steps, 2)
   np.testing.assert_array_equal(np.asarray(num_masked), np.array([expected, expected]).T)
   assert not np.any(np.asarray(out) == MASK)
@@ -98,8 +104,15 @@ def test_per_row_counts_when_rows_start_differently():
   for b, u in enumerate(unknown0):
     tokens[b, rng.permutation(length)[:u]] = MASK
   _, num_masked = sampling.decode(
-      jax.random.key(3), jnp.asarray(tokens), _context_logits_fn(), num_steps=num_steps,
-      choice_temperature=3.0, mask_id=MASK, codebook_size=CB, return_num_masked=True)
+    jax.random.key(3),
+    jnp.asarray(tokens),
+    _context_logits_fn(),
+    num_steps=num_steps,
+    choice_temperature=3.0,
+    mask_id=MASK,
+    codebook_size=CB,
+    return_num_masked=True,
+  )
   for b, u in enumerate(unknown0):
     expected = _expected_counts(u, u, num_steps) if u else [0] * num_steps
     np.testing.assert_array_equal(np.asarray(num_masked[:, b]), expected, err_msg=f"row {b}")
@@ -111,8 +124,16 @@ def test_first_row_mode_uses_row0_count():
   tokens[0, :40] = MASK
   tokens[1, 10:60] = MASK
   _, num_masked = sampling.decode(
-      jax.random.key(0), jnp.asarray(tokens), _context_logits_fn(), num_steps=num_steps,
-      choice_temperature=1.0, mask_id=MASK, codebook_size=CB, count_mode="first", return_num_masked=True)
+    jax.random.key(0),
+    jnp.asarray(tokens),
+    _context_logits_fn(),
+    num_steps=num_steps,
+    choice_temperature=1.0,
+    mask_id=MASK,
+    codebook_size=CB,
+    count_mode="first",
+    return_num_masked=True,
+  )
   expected = _expected_counts(40, 40, num_steps)
   np.testing.assert_array_equal(np.asarray(num_masked[:, 0]), expected)
   np.testing.assert_array_equal(np.asarray(num_masked[:, 1]), expected)
@@ -131,16 +152,40 @@ def test_explicit_num_unknown_sets_the_schedule_base():
   # Like MAGE's hard-coded N0 = 256: a base larger than #unknown clamps to #unknown - 1 early on.
   tokens = jnp.full((2, 64), 3, jnp.int32).at[:, 10:30].set(MASK)
   _, num_masked = sampling.decode(
-      jax.random.key(0), tokens, _context_logits_fn(), num_steps=4, choice_temperature=1.0,
-      mask_id=MASK, codebook_size=CB, num_unknown=64, return_num_masked=True)
+    jax.random.key(0),
+    tokens,
+    _context_logits_fn(),
+    num_steps=4,
+    choice_temperature=1.0,
+    mask_id=MASK,
+    codebook_size=CB,
+    num_unknown=64,
+    return_num_masked=True,
+  )
   assert list(np.asarray(num_masked[:, 0])) == _expected_counts(64, 20, 4) == [19, 18, 17, 1]
   _, per_row = sampling.decode(
-      jax.random.key(0), tokens, _context_logits_fn(), num_steps=4, choice_temperature=1.0,
-      mask_id=MASK, codebook_size=CB, num_unknown=jnp.asarray([64, 20]), return_num_masked=True)
+    jax.random.key(0),
+    tokens,
+    _context_logits_fn(),
+    num_steps=4,
+    choice_temperature=1.0,
+    mask_id=MASK,
+    codebook_size=CB,
+    num_unknown=jnp.asarray([64, 20]),
+    return_num_masked=True,
+  )
   np.testing.assert_array_equal(np.asarray(per_row).T, [[19, 18, 17, 1], _expected_counts(20, 20, 4)])
   with pytest.raises(ValueError, match="num_unknown"):
-    sampling.decode(jax.random.key(0), tokens, _context_logits_fn(), num_steps=4, choice_temperature=1.0,
-                    mask_id=MASK, codebook_size=CB, num_unknown=jnp.asarray([64, 20, 3]))
+    sampling.decode(
+      jax.random.key(0),
+      tokens,
+      _context_logits_fn(),
+      num_steps=4,
+      choice_temperature=1.0,
+      mask_id=MASK,
+      codebook_size=CB,
+      num_unknown=jnp.asarray([64, 20, 3]),
+    )
 
 
 # ----------------------------------------------------------------------------- one step
@@ -152,7 +197,8 @@ def test_sample_tokens_confidence_is_prob_of_sampled_id():
   tokens = np.full((2, 64), MASK, np.int32)
   tokens[:, ::3] = rng.integers(0, CB, (2, 22))
   sampled, log_conf = sampling.sample_tokens(
-      jax.random.key(1), jnp.asarray(logits), jnp.asarray(tokens), mask_id=MASK, codebook_size=CB)
+    jax.random.key(1), jnp.asarray(logits), jnp.asarray(tokens), mask_id=MASK, codebook_size=CB
+  )
   sampled, log_conf = np.asarray(sampled), np.asarray(log_conf)
   known = tokens != MASK
   np.testing.assert_array_equal(sampled[known], tokens[known])
@@ -174,8 +220,9 @@ def test_sampling_frequencies_are_softmax_of_raw_logits():
     return jnp.broadcast_to(jnp.asarray(logits), tokens.shape + (6,))
 
   tokens = jnp.full((8, 256), 10, jnp.int32)
-  out = np.asarray(sampling.decode(jax.random.key(7), tokens, fn, num_steps=1, choice_temperature=4.5,
-                                   mask_id=10, codebook_size=4))
+  out = np.asarray(
+    sampling.decode(jax.random.key(7), tokens, fn, num_steps=1, choice_temperature=4.5, mask_id=10, codebook_size=4)
+  )
   freq = np.bincount(out.ravel(), minlength=6) / out.size
   sigma = np.sqrt(probs * (1 - probs) / out.size)
   assert freq[4] == freq[5] == 0
@@ -184,14 +231,19 @@ def test_sampling_frequencies_are_softmax_of_raw_logits():
 
 def test_mask_by_random_topk_zero_temperature_picks_lowest():
   inf = np.inf
-  log_conf = jnp.asarray([[-0.5, -3.0, inf, -0.1, -2.0, -1.0],
-                          [-4.0, inf, inf, -0.2, -0.3, -9.0],
-                          [-1.0, -1.0, -1.0, -1.0, inf, -1.0]], jnp.float32)
+  log_conf = jnp.asarray(
+    [[-0.5, -3.0, inf, -0.1, -2.0, -1.0], [-4.0, inf, inf, -0.2, -0.3, -9.0], [-1.0, -1.0, -1.0, -1.0, inf, -1.0]],
+    jnp.float32,
+  )
   n_mask = jnp.asarray([3, 5, 2])
   got = np.asarray(sampling.mask_by_random_topk(jax.random.key(0), log_conf, n_mask, 0.0))
-  expected = np.array([[False, True, False, False, True, True],
-                       [True, False, False, True, True, True],   # asked 5, only 4 unknown: known never masked
-                       [True, True, False, False, False, False]])  # exact count on ties, lowest index first
+  expected = np.array(
+    [
+      [False, True, False, False, True, True],
+      [True, False, False, True, True, True],  # asked 5, only 4 unknown: known never masked
+      [True, True, False, False, False, False],
+    ]
+  )  # exact count on ties, lowest index first
   np.testing.assert_array_equal(got, expected)
 
 
@@ -220,9 +272,17 @@ def test_known_tokens_kept_and_output_valid():
   tokens = rng.integers(0, CB, (4, 64)).astype(np.int32)
   unknown = rng.uniform(size=tokens.shape) < 0.6
   tokens[unknown] = MASK
-  out = np.asarray(sampling.decode(
-      jax.random.key(1), jnp.asarray(tokens), _context_logits_fn(special_boost=30.0), num_steps=6,
-      choice_temperature=4.5, mask_id=MASK, codebook_size=CB))
+  out = np.asarray(
+    sampling.decode(
+      jax.random.key(1),
+      jnp.asarray(tokens),
+      _context_logits_fn(special_boost=30.0),
+      num_steps=6,
+      choice_temperature=4.5,
+      mask_id=MASK,
+      codebook_size=CB,
+    )
+  )
   assert out.dtype == np.int32 and out.shape == tokens.shape
   np.testing.assert_array_equal(out[~unknown], tokens[~unknown])
   assert np.all((out >= 0) & (out < CB))
@@ -235,8 +295,15 @@ def test_peaked_logits_return_argmax():
     del tokens
     return 40.0 * jax.nn.one_hot(jnp.asarray(target), V)
 
-  out = sampling.decode(jax.random.key(2), jnp.full((3, 64), MASK, jnp.int32), fn, num_steps=5,
-                        choice_temperature=4.5, mask_id=MASK, codebook_size=CB)
+  out = sampling.decode(
+    jax.random.key(2),
+    jnp.full((3, 64), MASK, jnp.int32),
+    fn,
+    num_steps=5,
+    choice_temperature=4.5,
+    mask_id=MASK,
+    codebook_size=CB,
+  )
   np.testing.assert_array_equal(np.asarray(out), target)
 
 
@@ -278,8 +345,9 @@ def test_sharded_batch_matches_single_device(count_mode):
   fn = _context_logits_fn()
 
   def run(key, toks):
-    return sampling.decode(key, toks, fn, num_steps=6, choice_temperature=4.5, mask_id=MASK,
-                           codebook_size=CB, count_mode=count_mode)
+    return sampling.decode(
+      key, toks, fn, num_steps=6, choice_temperature=4.5, mask_id=MASK, codebook_size=CB, count_mode=count_mode
+    )
 
   single = np.asarray(jax.jit(run)(jax.random.key(42), jax.device_put(tokens, jax.devices()[0])))
   sharding = NamedSharding(mesh, P("data"))
@@ -303,8 +371,7 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="num_unknown"):
     sampling.decode(jax.random.key(0), tokens, fn, mask_id=MASK, num_unknown=65, **kw)
   with pytest.raises(ValueError, match="num_steps"):
-    sampling.decode(jax.random.key(0), tokens, fn, mask_id=MASK, num_steps=0, choice_temperature=1.0,
-                    codebook_size=CB)
+    sampling.decode(jax.random.key(0), tokens, fn, mask_id=MASK, num_steps=0, choice_temperature=1.0, codebook_size=CB)
   with pytest.raises(ValueError, match="logits_fn must return"):
     sampling.decode(jax.random.key(0), tokens, lambda t: jnp.zeros(t.shape + (CB - 1,)), mask_id=MASK, **kw)
 
@@ -323,14 +390,22 @@ def test_choice_noise_is_annealed_by_step():
     return strength_j[None, :, None] * jax.nn.one_hot(pref, V)
 
   key = jax.random.key(9)
-  out = np.asarray(sampling.decode(key, jnp.full((1, length), MASK, jnp.int32), fn, num_steps=num_steps,
-                                   choice_temperature=tau0, sample_temperature=0.0, mask_id=MASK,
-                                   codebook_size=CB))[0]
+  out = np.asarray(
+    sampling.decode(
+      key,
+      jnp.full((1, length), MASK, jnp.int32),
+      fn,
+      num_steps=num_steps,
+      choice_temperature=tau0,
+      sample_temperature=0.0,
+      mask_id=MASK,
+      codebook_size=CB,
+    )
+  )[0]
   n_mask0 = _expected_counts(length, length, num_steps)[0]
   s = strength.astype(np.float64)
   log_conf = s - np.log(np.exp(s) + CB - 1)
-  gumbel = np.asarray(jax.random.gumbel(jax.random.split(jax.random.fold_in(key, 0))[1], (1, length)),
-                      np.float64)[0]
+  gumbel = np.asarray(jax.random.gumbel(jax.random.split(jax.random.fold_in(key, 0))[1], (1, length)), np.float64)[0]
 
   def revealed_for(scale):
     revealed = np.ones(length, bool)

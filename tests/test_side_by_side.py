@@ -16,8 +16,21 @@ def test_tiny_official_config_is_the_fixture_geometry():
   fixture = json.load(open(os.path.join(ROOT, "tests", "testdata", "official_tiny", "config.json")))
   ours = side_by_side.official_config("tiny")
   assert ours["tokenizer"] == fixture["tokenizer"]
-  for key in ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
-              "mlp_ratio", "img_size", "patch_size", "num_tokens", "vocab_size", "fake_class_id", "mask_id"):
+  for key in (
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+    "mlp_ratio",
+    "img_size",
+    "patch_size",
+    "num_tokens",
+    "vocab_size",
+    "fake_class_id",
+    "mask_id",
+  ):
     assert ours["mage"][key] == fixture["mage"][key], key
 
 
@@ -30,10 +43,12 @@ def test_official_and_benchmark_sizes_agree(size):
 
 def test_summary_takes_medians_over_rounds_and_ratios_against_each_official_variant():
   rounds = {
-      "mage_jax": [dict(pretrain=0.1, pretrain_cached=0.05, encode=0.02, generate=1.0, features=0.03),
-                   dict(pretrain=0.3, pretrain_cached=0.07, encode=0.04, generate=3.0, features=0.05),
-                   dict(pretrain=0.2, pretrain_cached=0.06, encode=0.03, generate=2.0, features=0.04)],
-      "official (default)": [dict(pretrain=0.4, encode=0.03, generate=4.0, features=0.06)] * 3,
+    "mage_jax": [
+      dict(pretrain=0.1, pretrain_cached=0.05, encode=0.02, generate=1.0, features=0.03),
+      dict(pretrain=0.3, pretrain_cached=0.07, encode=0.04, generate=3.0, features=0.05),
+      dict(pretrain=0.2, pretrain_cached=0.06, encode=0.03, generate=2.0, features=0.04),
+    ],
+    "official (default)": [dict(pretrain=0.4, encode=0.03, generate=4.0, features=0.06)] * 3,
   }
   table = {r["row"]: r for r in side_by_side.summarize(rounds, batch=64)}
   assert table["pretrain"]["mage_jax_s"] == pytest.approx(0.2)
@@ -54,9 +69,14 @@ def test_refuses_bad_flags():
 @pytest.mark.slow
 def test_runs_mage_jax_alone_without_the_official_code(tmp_path):
   out = tmp_path / "sbs.json"
-  proc = subprocess.run([sys.executable, "bench/side_by_side.py", "--anchor=", "--steps=1", "--rounds=1",
-                         "--batch=8", f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                        check=False)
+  proc = subprocess.run(
+    [sys.executable, "bench/side_by_side.py", "--anchor=", "--steps=1", "--rounds=1", "--batch=8", f"--json={out}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "official code not found: mage_jax alone" in proc.stdout
   result = json.loads(out.read_text())

@@ -15,7 +15,9 @@ STEP = "jit(step)/jvp(MAGE)/MAGE.encode/blocks_0"
 BACK = "jit(step)/transpose(jvp(MAGE))/MAGE.decode/MAGE.decoder_head/decoder_blocks_1"
 
 
-@pytest.mark.parametrize("op_name, path, function, expected", [
+@pytest.mark.parametrize(
+  "op_name, path, function, expected",
+  [
     ("jit(step)/jvp(MAGE)/MAGE.decode/MAGE.decoder_head/mlm_layer/fc/dot_general", "", "", "MLM head"),
     ("jit(step)/jvp(MAGE)/MAGE.decode/MAGE.decoder_head/mlm_layer/ln/mul", "", "", "MLM head"),
     ("jit(step)/jvp(jit(log_softmax))/exp", "", "", "MLM head"),
@@ -35,13 +37,18 @@ BACK = "jit(step)/transpose(jvp(MAGE))/MAGE.decode/MAGE.decoder_head/decoder_blo
     ("jit(step)/pow", "/v/site-packages/optax/_src/transform.py", "scale_by_adam.<locals>.update_fn", "optimizer"),
     ("jit(step)/jit(_where)/select_n", "/r/mage_jax/steps.py", "commit.<locals>.<lambda>", "optimizer"),
     ("jit(step)/jit(argsort)/sort", "/r/mage_jax/masking.py", "sample_plan", None),
-    ("jit(step)/jvp(MAGE)/MAGE.encode/token_emb/word_embeddings/jit(_take)/gather", "/v/flax/linen/linear.py",
-     "Embed.__call__", None),
+    (
+      "jit(step)/jvp(MAGE)/MAGE.encode/token_emb/word_embeddings/jit(_take)/gather",
+      "/v/flax/linen/linear.py",
+      "Embed.__call__",
+      None,
+    ),
     ("jit(step)/add", "/r/mage_jax/steps.py", "pretrain_update", None),
     (f"{STEP}/add", "", "", None),
     # merged instructions: the first part named wins
     (f"{STEP}/add;{STEP}/attn/transpose", "", "", "attention"),
-])
+  ],
+)
 def test_classify(op_name, path, function, expected):
   assert step_profile.classify(op_name, path, function) == expected
 
@@ -110,19 +117,30 @@ def test_hlo_metadata_to_parts():
   assert hlo.instructions["power.8"].path.endswith("optax/_src/transform.py")
   assert hlo.instructions["multiply_erf_fusion"].calls == "fused_computation.1"
   assert hlo.users["wrapped_broadcast.2"] == ["exp_fusion"]
-  parts = {name: hlo.category(name) for name in
-           ("dot.3", "multiply_erf_fusion", "wrapped_broadcast.2", "exp_fusion", "while.6", "copy.7", "power.8",
-            "reduce.9", "not_in_the_module")}
+  parts = {
+    name: hlo.category(name)
+    for name in (
+      "dot.3",
+      "multiply_erf_fusion",
+      "wrapped_broadcast.2",
+      "exp_fusion",
+      "while.6",
+      "copy.7",
+      "power.8",
+      "reduce.9",
+      "not_in_the_module",
+    )
+  }
   assert parts == {
-      "dot.3": "dense matmuls",
-      "multiply_erf_fusion": "GELU",            # no metadata of its own: its fused instructions'
-      "wrapped_broadcast.2": "attention",       # no metadata at all: its user's
-      "exp_fusion": "attention",
-      "while.6": "other",                       # metadata naming no part
-      "copy.7": "other",                        # no metadata, no users
-      "power.8": "optimizer",                   # its stack frame's file
-      "reduce.9": "MLM head",
-      "not_in_the_module": "other",
+    "dot.3": "dense matmuls",
+    "multiply_erf_fusion": "GELU",  # no metadata of its own: its fused instructions'
+    "wrapped_broadcast.2": "attention",  # no metadata at all: its user's
+    "exp_fusion": "attention",
+    "while.6": "other",  # metadata naming no part
+    "copy.7": "other",  # no metadata, no users
+    "power.8": "optimizer",  # its stack frame's file
+    "reduce.9": "MLM head",
+    "not_in_the_module": "other",
   }
 
 
@@ -139,26 +157,26 @@ def _events():
   schedules task 8 on thread C; thread B also runs fusion.4 inside task 7; dot.1 completes at 40."""
   s, e, r = step_profile.START, step_profile.STOP, step_profile.RECORD
   return [
-      _x("python", -1, 0, r, _p=1),
-      _x("A", 0, 0, s, _c=1),
-      _op("A", 1, 2, "dot.1", "1", 100),
-      _x("A", 2, 0, r, _p=7),
-      _op("A", 50, 20, "while.2", "1", 101),
-      _op("A", 55, 5, "add.3", "1", 102),
-      _x("A", 59.9, 0.05, "end: add.3", _c=102),
-      _x("A", 69.9, 0.05, "end: while.2", _c=101),
-      _x("A", 71, 0, e),
-      _x("B", 5, 0, s, _c=7),
-      _x("B", 10, 0, r, _p=8),
-      _op("B", 20, 5, "fusion.4", "1", 103),
-      _x("B", 24.9, 0.05, "end: fusion.4", _c=103),
-      _x("B", 40, 0, "end: dot.1", _c=100),
-      _x("B", 46, 0, e),
-      _x("C", 11, 0, s, _c=8),
-      _x("C", 21, 0, e),
-      _op("A", 100, 30, "dot.1", "2", 200),
-      _x("A", 129.9, 0.05, "end: dot.1", _c=200),
-      _op("A", 200, 50, "dot.1", "9", 300, module="jit_other"),  # another executable: ignored
+    _x("python", -1, 0, r, _p=1),
+    _x("A", 0, 0, s, _c=1),
+    _op("A", 1, 2, "dot.1", "1", 100),
+    _x("A", 2, 0, r, _p=7),
+    _op("A", 50, 20, "while.2", "1", 101),
+    _op("A", 55, 5, "add.3", "1", 102),
+    _x("A", 59.9, 0.05, "end: add.3", _c=102),
+    _x("A", 69.9, 0.05, "end: while.2", _c=101),
+    _x("A", 71, 0, e),
+    _x("B", 5, 0, s, _c=7),
+    _x("B", 10, 0, r, _p=8),
+    _op("B", 20, 5, "fusion.4", "1", 103),
+    _x("B", 24.9, 0.05, "end: fusion.4", _c=103),
+    _x("B", 40, 0, "end: dot.1", _c=100),
+    _x("B", 46, 0, e),
+    _x("C", 11, 0, s, _c=8),
+    _x("C", 21, 0, e),
+    _op("A", 100, 30, "dot.1", "2", 200),
+    _x("A", 129.9, 0.05, "end: dot.1", _c=200),
+    _op("A", 200, 50, "dot.1", "9", 300, module="jit_other"),  # another executable: ignored
   ]
 
 
@@ -185,11 +203,15 @@ def test_summary_takes_each_instructions_median_over_steps_and_shares_the_wall_t
   hlo = step_profile.parse_hlo(HLO)
   ms = 1e3
   a = step_profile.Attribution(
-      op_us={"dot.3": {"1": 10 * ms, "2": 12 * ms, "3": 100 * ms},  # one step descheduled mid-thunk
-             "multiply_erf_fusion": {"1": 4 * ms, "2": 4 * ms, "3": 4 * ms},
-             "power.8": {"2": 3 * ms}},
-      own_us={"dot.3": {"1": 1 * ms, "2": 1 * ms, "3": 1 * ms}},
-      span_us={"1": 15 * ms, "2": 16 * ms, "3": 17 * ms}, linked=True)
+    op_us={
+      "dot.3": {"1": 10 * ms, "2": 12 * ms, "3": 100 * ms},  # one step descheduled mid-thunk
+      "multiply_erf_fusion": {"1": 4 * ms, "2": 4 * ms, "3": 4 * ms},
+      "power.8": {"2": 3 * ms},
+    },
+    own_us={"dot.3": {"1": 1 * ms, "2": 1 * ms, "3": 1 * ms}},
+    span_us={"1": 15 * ms, "2": 16 * ms, "3": 17 * ms},
+    linked=True,
+  )
   summary = step_profile.summarize(a, hlo, wall_ms=20.0, top=2)
   parts = {p["part"]: p for p in summary["parts"]}
   assert list(parts) == list(step_profile.CATEGORIES)
@@ -229,9 +251,22 @@ def test_runs_on_the_tiny_step(tmp_path):
   out = tmp_path / "profile.json"
   # One CPU device, as the benchmark runs (the test session fakes eight).
   env = {**os.environ, "XLA_FLAGS": ""}
-  proc = subprocess.run([sys.executable, "bench/step_profile.py", "--steps=1", "--warmup=1",
-                         f"--trace-dir={tmp_path / 'trace'}", f"--json={out}"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "bench/step_profile.py",
+      "--steps=1",
+      "--warmup=1",
+      f"--trace-dir={tmp_path / 'trace'}",
+      f"--json={out}",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   assert [p["part"] for p in result["parts"]] == list(step_profile.CATEGORIES)

@@ -49,8 +49,11 @@ def test_sizes_come_from_the_init_checkpoint(converted_tokenizer):
   config = tokenizer_fashion_mnist.get_config()
   config.tokenizer.init = converted_tokenizer
   # The Fashion-MNIST recipe's 32-d latents and 8 groups are not the checkpoint's (16, 32): a clear error.
-  with pytest.raises(ValueError, match=r"z_channels=32, num_groups=8.*--config.tokenizer.z_channels=16 "
-                                       r"--config.tokenizer.num_groups=32"):
+  with pytest.raises(
+    ValueError,
+    match=r"z_channels=32, num_groups=8.*--config.tokenizer.z_channels=16 "
+    r"--config.tokenizer.num_groups=32",
+  ):
     tokenizer_job.tokenizer_config(config)
   config.tokenizer.update(tokenizer_job.init_sizes(converted_tokenizer))
   vq_config = tokenizer_job.tokenizer_config(config)
@@ -82,8 +85,9 @@ def _independent_psnr(init_dir, folder):
 
 
 @pytest.mark.slow
-def test_fine_tuning_improves_held_out_psnr_with_a_bit_identical_frozen_codebook(converted_tokenizer,
-                                                                                  fashion_png_folder, tmp_path):
+def test_fine_tuning_improves_held_out_psnr_with_a_bit_identical_frozen_codebook(
+  converted_tokenizer, fashion_png_folder, tmp_path
+):
   workdir = tmp_path / "fine_tune"
   config = _fine_tune_config(fashion_png_folder, converted_tokenizer, steps=40, freeze=True)
   tokenizer_job.train_and_evaluate(config, str(workdir))

@@ -34,6 +34,7 @@ def test_quantizer_losses_values_and_gradient_routing():
   """The VQGAN quantizer: straight-through z_q, codebook term moves only the codes, commitment only z (MaskGIT's
   convention: beta on the commitment term)."""
   from mage_jax.models.vqgan import VectorQuantizer
+
   beta = 0.25
   vq = VectorQuantizer(codebook_size=6, embed_dim=4, commitment_cost=beta)
   z = jnp.asarray(_rng(2).standard_normal((2, 3, 5, 4)), jnp.float32)
@@ -50,8 +51,7 @@ def test_quantizer_losses_values_and_gradient_routing():
   g_st = jax.grad(lambda a: jnp.sum(vq.apply({"params": params}, a)[0] * w))(z)
   np.testing.assert_allclose(np.asarray(g_st), np.asarray(w), rtol=1e-6)  # identity gradient through z_q
   g_commit = jax.grad(lambda a: vq.apply({"params": params}, a)[2]["commitment"])(z)
-  np.testing.assert_allclose(np.asarray(g_commit), beta * 2 * (np.asarray(z) - zq_ref) / z.size, rtol=1e-4,
-                             atol=1e-7)
+  np.testing.assert_allclose(np.asarray(g_commit), beta * 2 * (np.asarray(z) - zq_ref) / z.size, rtol=1e-4, atol=1e-7)
   g_codes = jax.grad(lambda p: vq.apply({"params": p}, z)[2]["commitment"])(params)
   assert not np.any(np.asarray(g_codes["embedding"]["embedding"]))  # commitment never moves the codes
   g_codes = jax.grad(lambda p: vq.apply({"params": p}, z)[2]["codebook"])(params)
@@ -102,10 +102,12 @@ def test_non_saturating_and_hinge_losses():
   real, fake = _rng(4).standard_normal((2, 6, 1)) * 3
   assert float(tl.generator_adversarial_loss(fake)) == pytest.approx(_softplus(-fake).mean(), rel=1e-6)
   assert float(tl.discriminator_adversarial_loss(real, fake)) == pytest.approx(
-      _softplus(-real).mean() + _softplus(fake).mean(), rel=1e-6)
+    _softplus(-real).mean() + _softplus(fake).mean(), rel=1e-6
+  )
   assert float(tl.generator_adversarial_loss(fake, "hinge")) == pytest.approx(-fake.mean(), rel=1e-6)
   assert float(tl.discriminator_adversarial_loss(real, fake, "hinge")) == pytest.approx(
-      np.maximum(0, 1 - real).mean() + np.maximum(0, 1 + fake).mean(), rel=1e-6)
+    np.maximum(0, 1 - real).mean() + np.maximum(0, 1 + fake).mean(), rel=1e-6
+  )
   with pytest.raises(ValueError, match="'wgan'"):
     tl.generator_adversarial_loss(fake, "wgan")
   # Large logits: softplus must not overflow.
@@ -124,13 +126,12 @@ def test_r1_penalty():
   x = jnp.asarray(rng.standard_normal((3, 4, 4, 2)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((4, 4, 2)), jnp.float32)
   c = 0.3
-  fn = lambda params: (lambda imgs: jnp.sum(imgs * params, axis=(1, 2, 3)) + c * jnp.sum(imgs ** 2, (1, 2, 3)))
+  fn = lambda params: lambda imgs: jnp.sum(imgs * params, axis=(1, 2, 3)) + c * jnp.sum(imgs**2, (1, 2, 3))
   pen, logits = tl.r1_gradient_penalty(fn(w), x, cost=10.0)
   x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
   grad = w64[None] + 2 * c * x64  # dD(x_b)/dx_b
-  assert float(pen) == pytest.approx(10.0 * (grad ** 2).sum(axis=(1, 2, 3)).mean(), rel=1e-5)
-  np.testing.assert_allclose(np.asarray(logits), (x64 * w64).sum((1, 2, 3)) + c * (x64 ** 2).sum((1, 2, 3)),
-                             rtol=1e-5)
+  assert float(pen) == pytest.approx(10.0 * (grad**2).sum(axis=(1, 2, 3)).mean(), rel=1e-5)
+  np.testing.assert_allclose(np.asarray(logits), (x64 * w64).sum((1, 2, 3)) + c * (x64**2).sum((1, 2, 3)), rtol=1e-5)
   # Differentiable w.r.t. D's params (double backprop): d/dw mean_b |w + 2cx_b|^2 = 2 mean_b (w + 2cx_b).
   gw = jax.grad(lambda p: tl.r1_gradient_penalty(fn(p), x)[0])(w)
   np.testing.assert_allclose(np.asarray(gw), 2 * grad.mean(0), rtol=1e-4, atol=1e-6)
@@ -167,18 +168,35 @@ def test_generator_loss_terms():
   x, y = rng.uniform(size=(2, 2, 4, 4, 3))
   fake = rng.standard_normal((2, 1))
   total, terms = tl.generator_loss_terms(
-      x, y, codebook_loss=0.5, commitment_loss=0.125, entropy=-0.4, perceptual=2.0, logits_fake=fake,
-      rec_type="l2", rec_weight=2.0, entropy_weight=0.1, perceptual_weight=0.1,
-      adv_weight=tl.adversarial_weight(5, 3, 0.1))
-  want = {"rec": 2.0 * ((x - y) ** 2).mean(), "vq": 0.5, "commit": 0.125, "entropy": -0.04,
-          "perceptual": 0.2, "adv": 0.1 * _softplus(-fake).mean()}
+    x,
+    y,
+    codebook_loss=0.5,
+    commitment_loss=0.125,
+    entropy=-0.4,
+    perceptual=2.0,
+    logits_fake=fake,
+    rec_type="l2",
+    rec_weight=2.0,
+    entropy_weight=0.1,
+    perceptual_weight=0.1,
+    adv_weight=tl.adversarial_weight(5, 3, 0.1),
+  )
+  want = {
+    "rec": 2.0 * ((x - y) ** 2).mean(),
+    "vq": 0.5,
+    "commit": 0.125,
+    "entropy": -0.04,
+    "perceptual": 0.2,
+    "adv": 0.1 * _softplus(-fake).mean(),
+  }
   assert set(terms) == set(want)
   for k, v in want.items():
     assert float(terms[k]) == pytest.approx(v, rel=1e-5), k
   assert float(total) == pytest.approx(sum(want.values()), rel=1e-5)
   # Before the discriminator starts, or with no logits, the adversarial term is 0.
-  _, terms = tl.generator_loss_terms(x, y, codebook_loss=0.0, commitment_loss=0.0, logits_fake=fake,
-                                     adv_weight=tl.adversarial_weight(2, 3, 0.1))
+  _, terms = tl.generator_loss_terms(
+    x, y, codebook_loss=0.0, commitment_loss=0.0, logits_fake=fake, adv_weight=tl.adversarial_weight(2, 3, 0.1)
+  )
   assert float(terms["adv"]) == 0.0
   total, terms = tl.generator_loss_terms(x, y, codebook_loss=0.0, commitment_loss=0.0)
   assert float(terms["adv"]) == 0.0 and float(total) == pytest.approx(np.abs(x - y).mean(), rel=1e-5)
@@ -188,8 +206,9 @@ def test_discriminator_loss_terms():
   rng = _rng(8)
   real, fake = rng.standard_normal((2, 4, 1))
   state = tl.LeCamState(ema_real=jnp.float32(0.2), ema_fake=jnp.float32(-0.1))
-  total, terms, new = tl.discriminator_loss_terms(real, fake, r1_penalty=0.7, lecam_state=state,
-                                                  lecam_weight=0.01, lecam_decay=0.5)
+  total, terms, new = tl.discriminator_loss_terms(
+    real, fake, r1_penalty=0.7, lecam_state=state, lecam_weight=0.01, lecam_decay=0.5
+  )
   ema_r, ema_f = 0.5 * 0.2 + 0.5 * real.mean(), 0.5 * -0.1 + 0.5 * fake.mean()
   lecam = (np.maximum(real - ema_f, 0) ** 2).mean() + (np.maximum(ema_r - fake, 0) ** 2).mean()
   want = {"adv": _softplus(-real).mean() + _softplus(fake).mean(), "lecam": 0.01 * lecam, "r1": 0.7}
@@ -199,13 +218,13 @@ def test_discriminator_loss_terms():
   assert float(total) == pytest.approx(sum(want.values()), rel=1e-5)
   assert float(new.ema_real) == pytest.approx(ema_r, rel=1e-5)
   # Weight 0 (before the start step) zeroes every term but still tracks the EMAs.
-  total, terms, new0 = tl.discriminator_loss_terms(real, fake, weight=tl.adversarial_weight(0, 1, 1.0),
-                                                   r1_penalty=0.7, lecam_state=state, lecam_decay=0.5)
+  total, terms, new0 = tl.discriminator_loss_terms(
+    real, fake, weight=tl.adversarial_weight(0, 1, 1.0), r1_penalty=0.7, lecam_state=state, lecam_decay=0.5
+  )
   assert float(total) == 0.0 and float(new0.ema_fake) == pytest.approx(ema_f, rel=1e-5)
   total, terms, none_state = tl.discriminator_loss_terms(real, fake, gan_type="hinge")
   assert none_state is None and float(terms["lecam"]) == 0.0
-  assert float(total) == pytest.approx(np.maximum(0, 1 - real).mean() + np.maximum(0, 1 + fake).mean(),
-                                       rel=1e-5)
+  assert float(total) == pytest.approx(np.maximum(0, 1 - real).mean() + np.maximum(0, 1 + fake).mean(), rel=1e-5)
 
 
 # --- perceptual --------------------------------------------------------------------------------------------
@@ -216,7 +235,7 @@ _NARROW = (4, 6, 8, 8, 8)
 def _np_conv3(x, k, b):
   h, w = x.shape[1:3]
   p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  out = sum(np.einsum("bhwi,io->bhwo", p[:, a:a + h, c:c + w], k[a, c]) for a in range(3) for c in range(3))
+  out = sum(np.einsum("bhwi,io->bhwo", p[:, a : a + h, c : c + w], k[a, c]) for a in range(3) for c in range(3))
   return out + b
 
 
@@ -239,8 +258,8 @@ def _np_lpips(weights, x, y, use_lin):
     feats.append(taps)
   total = 0.0
   for k, (f0, f1) in enumerate(zip(*feats)):
-    f0 = f0 / (np.sqrt((f0 ** 2).sum(-1, keepdims=True)) + 1e-10)
-    f1 = f1 / (np.sqrt((f1 ** 2).sum(-1, keepdims=True)) + 1e-10)
+    f0 = f0 / (np.sqrt((f0**2).sum(-1, keepdims=True)) + 1e-10)
+    f1 = f1 / (np.sqrt((f1**2).sum(-1, keepdims=True)) + 1e-10)
     d = (f0 - f1) ** 2
     d = d @ weights[f"lin{k}.kernel"] if use_lin else d.sum(-1)
     total = total + d.mean(axis=(1, 2))
@@ -267,8 +286,9 @@ def test_perceptual_matches_numpy(narrow_file, images, use_lin):
   assert loss.enabled and loss.use_lin_heads == use_lin and str(path) in loss.status
   x, y = images
   got = np.asarray(jax.jit(lambda loss_fn, a, b: loss_fn(a, b))(loss, x, y))
-  want = _np_lpips({k: v.astype(np.float64) for k, v in weights.items()}, x.astype(np.float64),
-                   y.astype(np.float64), use_lin)
+  want = _np_lpips(
+    {k: v.astype(np.float64) for k, v in weights.items()}, x.astype(np.float64), y.astype(np.float64), use_lin
+  )
   assert got.shape == (3,)
   np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6)
 

@@ -38,8 +38,9 @@ def test_psnr_matches_numpy():
   np.testing.assert_allclose(np.asarray(im.psnr(x, y)), 10 * np.log10(1.0 / mse), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(im.psnr(2 * x, 2 * y, max_val=2.0)), 10 * np.log10(1.0 / mse), rtol=1e-5)
   # A uniform error of 0.1 is exactly 20 dB; an exact copy hits the 100 dB cap.
-  np.testing.assert_allclose(np.asarray(im.psnr(np.full((1, 4, 4, 3), 0.5), np.full((1, 4, 4, 3), 0.6))), [20.0],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(im.psnr(np.full((1, 4, 4, 3), 0.5), np.full((1, 4, 4, 3), 0.6))), [20.0], rtol=1e-5
+  )
   np.testing.assert_allclose(np.asarray(im.psnr(x, x)), 100.0, rtol=1e-6)
   with pytest.raises(ValueError, match="one shape"):
     im.psnr(x, y[:, :8])
@@ -48,7 +49,7 @@ def test_psnr_matches_numpy():
 def _ssim_float64(x, y, max_val=1.0):
   """Wang et al. with an 11x11 sigma-1.5 Gaussian, 'valid' windows, float64 (independent of the module)."""
   t = np.arange(11) - 5.0
-  g = np.exp(-t ** 2 / (2 * 1.5 ** 2))
+  g = np.exp(-(t**2) / (2 * 1.5**2))
   w = np.outer(g, g) / np.outer(g, g).sum()
   c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
   out = []
@@ -58,8 +59,8 @@ def _ssim_float64(x, y, max_val=1.0):
       a, d = x[b, ..., c], y[b, ..., c]
       f = lambda v: correlate2d(v, w, mode="valid")
       mx, my = f(a), f(d)
-      sxx, syy, sxy = f(a * a) - mx ** 2, f(d * d) - my ** 2, f(a * d) - mx * my
-      vals.append(((2 * mx * my + c1) * (2 * sxy + c2) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))).mean())
+      sxx, syy, sxy = f(a * a) - mx**2, f(d * d) - my**2, f(a * d) - mx * my
+      vals.append(((2 * mx * my + c1) * (2 * sxy + c2) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))).mean())
     out.append(np.mean(vals))
   return np.asarray(out)
 
@@ -73,7 +74,7 @@ def test_ssim_matches_float64_reference():
 def test_ssim_constant_images_by_hand():
   # Zero variance: SSIM reduces to the luminance term (2ab + c1) / (a² + b² + c1).
   a, b = 0.3, 0.7
-  c1 = 0.01 ** 2
+  c1 = 0.01**2
   got = im.ssim(np.full((1, 12, 12, 3), a), np.full((1, 12, 12, 3), b))
   # float32 E[x²] − E[x]² leaves ~1e-8 of variance, ~3e-5 relative against c2 = 9e-4 (as tf.image.ssim).
   np.testing.assert_allclose(np.asarray(got), [(2 * a * b + c1) / (a * a + b * b + c1)], rtol=1e-4)
@@ -84,7 +85,7 @@ def test_ssim_constant_images_by_hand():
 def test_gaussian_window():
   g = im.gaussian_window(11, 1.5)
   assert g.shape == (11,) and g.sum() == pytest.approx(1.0) and g[5] == g.max()
-  assert g[4] / g[5] == pytest.approx(np.exp(-1 / (2 * 1.5 ** 2)))
+  assert g[4] / g[5] == pytest.approx(np.exp(-1 / (2 * 1.5**2)))
 
 
 def test_codebook_histogram_usage_perplexity():
@@ -93,7 +94,7 @@ def test_codebook_histogram_usage_perplexity():
   np.testing.assert_array_equal(hist, [2, 1, 1, 0, 0, 0, 0, 0])
   assert im.codebook_usage(hist) == 3 / 8
   # p = (1/2, 1/4, 1/4): entropy 1.5 ln 2, perplexity 2^1.5.
-  assert im.codebook_perplexity(hist) == pytest.approx(2 ** 1.5)
+  assert im.codebook_perplexity(hist) == pytest.approx(2**1.5)
   assert im.codebook_perplexity(np.ones(16)) == pytest.approx(16.0)
   np.testing.assert_array_equal(np.asarray(im.code_histogram(ids, 8)), [2, 1, 1, 0, 0, 4, 0, 0])
   assert np.isnan(im.codebook_perplexity(np.zeros(4)))
@@ -147,8 +148,11 @@ def _init(task, mesh, rules):
 
 def _batch(folder, n=8, size=16):
   files = sorted((folder / "train").iterdir())[:n]
-  return {"image": jnp.asarray(np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size)))
-                                         for f in files]) / 255.0, jnp.float32)}
+  return {
+    "image": jnp.asarray(
+      np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in files]) / 255.0, jnp.float32
+    )
+  }
 
 
 def _f64(tree):
@@ -161,8 +165,15 @@ def gan_setup(folder, tmp_path_factory):
   initial state and jitted step; bf16 compute as in the ImageNet config."""
   tmp = tmp_path_factory.mktemp("gan")
   np.savez(tmp / "vgg.npz", **tokenizer_losses.random_perceptual_weights(seed=0, widths=(4, 4, 4, 4, 4)))
-  c = small_config(folder, gan_start=0, lecam_weight=0.1, r1_cost=1.0, entropy_weight=0.1,
-                   perceptual_weight=0.1, perceptual_weights=str(tmp / "vgg.npz"))
+  c = small_config(
+    folder,
+    gan_start=0,
+    lecam_weight=0.1,
+    r1_cost=1.0,
+    entropy_weight=0.1,
+    perceptual_weight=0.1,
+    perceptual_weights=str(tmp / "vgg.npz"),
+  )
   c.tokenizer.dtype = c.discriminator.dtype = "bfloat16"  # the ImageNet setting: bf16 convs, f32 the rest
   task, mesh, rules = tokenizer_job.build_task(c, str(tmp))
   return c, task, _init(task, mesh, rules), jax.jit(task.step)
@@ -259,6 +270,7 @@ def _restore(workdir, step):
 @pytest.mark.heavy
 def test_resume_is_bitwise_identical_and_export_is_consumable(folder, tmp_path, monkeypatch):
   monkeypatch.setattr(tokenizer_step, "train_step", chex.assert_max_traces(tokenizer_step.train_step, n=3))
+
   # R1 and the perceptual net are covered by `gan_setup`; here: D from step 1 (both branches), LeCam, entropy
   # and codebook restarts every 2 steps (so the rng and the usage EMA matter).
   def config(steps):
@@ -278,14 +290,24 @@ def test_resume_is_bitwise_identical_and_export_is_consumable(folder, tmp_path, 
   leaves_b = jax.tree_util.tree_leaves_with_path(b)
   assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
   keys = {jax.tree_util.keystr(p[:1]) for p, _ in leaves_a}
-  assert {"['params']", "['g_opt_state']", "['d_opt_state']", "['ema_params']", "['lecam']", "['rng']",
-          "['code_usage']"} <= keys
+  assert {
+    "['params']",
+    "['g_opt_state']",
+    "['d_opt_state']",
+    "['ema_params']",
+    "['lecam']",
+    "['rng']",
+    "['code_usage']",
+  } <= keys
   for (path, x), (_, y) in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
   # The run was a real GAN run: D trained from step 1 (its Adam counted 3 updates), LeCam moved.
   assert float(a["lecam"]["ema_real"]) != 0.0
-  counts = [np.asarray(v) for p, v in leaves_a if "d_opt_state" in jax.tree_util.keystr(p) and "count" in
-            jax.tree_util.keystr(p)]
+  counts = [
+    np.asarray(v)
+    for p, v in leaves_a
+    if "d_opt_state" in jax.tree_util.keystr(p) and "count" in jax.tree_util.keystr(p)
+  ]
   assert counts and all(int(cnt) == 3 for cnt in counts)
 
   # Export: params-only EMA, readable by MAGE pretraining's loader.
@@ -293,8 +315,14 @@ def test_resume_is_bitwise_identical_and_export_is_consumable(folder, tmp_path, 
   assert meta["kind"] == "tokenizer" and meta["tokenizer"]["codebook_size"] == 16
   for x, y in zip(jax.tree.leaves(variables["tokenizer"]["params"]), jax.tree.leaves(a["ema_params"])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  pre = ml_collections.ConfigDict({"tokenizer": {"init": os.path.join(straight, "params")},
-                                   "input": {"image_size": 16}, "model": {"dtype": "float32"}, "seed": 0})
+  pre = ml_collections.ConfigDict(
+    {
+      "tokenizer": {"init": os.path.join(straight, "params")},
+      "input": {"image_size": 16},
+      "model": {"dtype": "float32"},
+      "seed": 0,
+    }
+  )
   tokenizer, tok_vars = builders.load_tokenizer(pre)
   test_files = sorted((folder / "test").iterdir())
   test = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in test_files]) / 255.0
@@ -340,18 +368,26 @@ def test_config_errors_and_perceptual_status(folder, tmp_path, caplog):
 
 def test_configs_sizes():
   from configs import tokenizer_imagenet
+
   big = tokenizer_imagenet.get_config()
   cfg = builders.tokenizer_config(big.tokenizer, big.input.image_size)
   assert (cfg.ch, tuple(cfg.ch_mult), cfg.num_res_blocks, cfg.z_channels, cfg.codebook_size) == (
-      128, (1, 1, 2, 2, 4), 2, 256, 1024)
+    128,
+    (1, 1, 2, 2, 4),
+    2,
+    256,
+    1024,
+  )
   assert (big.optim.b1, big.optim.b2, big.optim.lr, big.optim.ema_decay) == (0.0, 0.99, 1e-4, 0.999)
   assert big.loss.perceptual_weights == "" and big.tokenizer.dtype == "bfloat16"
   tiny = builders.tokenizer_config(tokenizer_fashion_mnist.get_config().tokenizer, 32)
   assert tiny.resolution == 32 and tiny.token_grid == 8
 
 
-@pytest.mark.parametrize("num_examples,final_examples,want", [(100, 0, (100, None)), (100, 30, (100, 30)),
-                                                              (0, 30, (None, 30)), (0, 0, (None, None))])
+@pytest.mark.parametrize(
+  "num_examples,final_examples,want",
+  [(100, 0, (100, None)), (100, 30, (100, 30)), (0, 30, (None, 30)), (0, 0, (None, None))],
+)
 def test_eval_reads_its_configured_images(num_examples, final_examples, want):
   """Periodic evals read eval.num_examples images and the eval at the last step eval.final_examples (0: all)."""
   evaluator = object.__new__(tokenizer_job.Evaluator)

@@ -39,9 +39,18 @@ def _exported(workdir):
 
 
 def _main_cmd(image_folder, workdir, steps, *extra):
-  return [sys.executable, "-m", "mage_jax.main", f"--config={REPO}/configs/fashion_mnist_tiny.py:steps={steps},batch=8",
-          f"--workdir={workdir}", f"--config.input.name=folder:{image_folder}", "--config.input.image_size=16",
-          "--config.log_every_steps=1", "--config.checkpoint_every_steps=4", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "mage_jax.main",
+    f"--config={REPO}/configs/fashion_mnist_tiny.py:steps={steps},batch=8",
+    f"--workdir={workdir}",
+    f"--config.input.name=folder:{image_folder}",
+    "--config.input.image_size=16",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=4",
+    *extra,
+  ]
 
 
 def test_sharded_mesh_matches_single_device(image_folder, tmp_path, monkeypatch):
@@ -66,8 +75,9 @@ def test_sigkill_resume_is_bitwise_identical(image_folder, tmp_path):
   full = tmp_path / "full"
   subprocess.run(_main_cmd(image_folder, full, 16), check=True, capture_output=True, cwd=REPO)
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(_main_cmd(image_folder, killed, 16), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, cwd=REPO)
+  proc = subprocess.Popen(
+    _main_cmd(image_folder, killed, 16), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO
+  )
   deadline = time.time() + 240
   while not os.path.exists(killed / "checkpoints" / "8") and time.time() < deadline:
     time.sleep(0.05)
@@ -79,9 +89,9 @@ def test_sigkill_resume_is_bitwise_identical(image_folder, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 
-
 def test_checkpoint_restores_onto_other_meshes(tmp_path):
   from mage_jax.models.mage import MAGE, config_for
+
   model = MAGE(config_for("tiny", num_tokens=16, max_position_embeddings=17))
   ids = jnp.zeros((1, 16), jnp.int32)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, method=MAGE.encoder_features))
@@ -101,8 +111,10 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
   checkpointing.save(mngr, 1, placed)
   mngr.wait_until_finished()
   abstract = sharding.strip_boxes(boxed)
-  for spec, devices in [([("data", 1), ("fsdp", 8), ("model", 1)], jax.devices()),
-                        ([("data", 1), ("fsdp", 1), ("model", 1)], jax.devices()[:1])]:
+  for spec, devices in [
+    ([("data", 1), ("fsdp", 8), ("model", 1)], jax.devices()),
+    ([("data", 1), ("fsdp", 1), ("model", 1)], jax.devices()[:1]),
+  ]:
     _, shardings = on_mesh(spec, devices)
     restored = checkpointing.restore(mngr, 1, checkpointing.abstract_with_shardings(abstract, shardings))
     leaf = restored["params"]["blocks_0"]["mlp"]["fc1"]["kernel"]
@@ -114,23 +126,42 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
 def test_two_processes_match_single_process(image_folder, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   port = 23000 + os.getpid() % 1000
-  procs = [subprocess.Popen(_main_cmd(image_folder, tmp_path / "multi", 8, f"--coordinator_address=127.0.0.1:{port}",
-                                      "--num_processes=2", f"--process_id={i}"),
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      _main_cmd(
+        image_folder,
+        tmp_path / "multi",
+        8,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ),
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=400)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-  single = subprocess.run(_main_cmd(image_folder, tmp_path / "single", 8, "--config.num_devices=4"),
-                          cwd=REPO, capture_output=True, text=True)
+  single = subprocess.run(
+    _main_cmd(image_folder, tmp_path / "single", 8, "--config.num_devices=4"), cwd=REPO, capture_output=True, text=True
+  )
   assert single.returncode == 0, single.stderr[-3000:]
   np.testing.assert_allclose(_scalars(str(tmp_path / "multi")), _scalars(str(tmp_path / "single")), atol=1e-5)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), _exported(str(tmp_path / "multi")),
-               _exported(str(tmp_path / "single")))
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
+    _exported(str(tmp_path / "multi")),
+    _exported(str(tmp_path / "single")),
+  )
 
 
 def test_unknown_config_key_is_rejected(image_folder, tmp_path):
-  run = subprocess.run(_main_cmd(image_folder, tmp_path / "w", 4, "--config.optim.blrr=0.1"), cwd=REPO,
-                       capture_output=True, text=True)
+  run = subprocess.run(
+    _main_cmd(image_folder, tmp_path / "w", 4, "--config.optim.blrr=0.1"), cwd=REPO, capture_output=True, text=True
+  )
   assert run.returncode != 0 and "blrr" in run.stderr
 
 
@@ -171,10 +202,18 @@ def test_corrupt_checkpoint_is_named_and_others_untouched(image_folder, tmp_path
 
 def test_fewshot_monitor_scores_the_exported_encoder(image_folder, tmp_path):
   from mage_jax import fewshot, probe
+
   workdir = str(tmp_path / "w")
-  config = tiny_train_config(image_folder, steps=4, **{
-      "fewshot_monitor.train_split": "train", "fewshot_monitor.test_split": "train", "fewshot_monitor.shots": (5,),
-      "fewshot_monitor.batch_size": 16})
+  config = tiny_train_config(
+    image_folder,
+    steps=4,
+    **{
+      "fewshot_monitor.train_split": "train",
+      "fewshot_monitor.test_split": "train",
+      "fewshot_monitor.shots": (5,),
+      "fewshot_monitor.batch_size": 16,
+    },
+  )
   metrics = pretrain.train_and_evaluate(config, workdir)
   # The same protocol on the exported checkpoint, through the evaluation path (load_backbone, extract_features).
   backbone = probe.load_backbone(os.path.join(workdir, "params"))

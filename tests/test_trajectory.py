@@ -18,17 +18,22 @@ MESH = "data=2,fsdp=2,model=2"
 
 
 def _verify(*args, env=None):
-  return subprocess.run([sys.executable, "-m", "mage_jax.verify", *map(str, args)], capture_output=True, text=True,
-                        timeout=900, env={**os.environ, **(env or {})})
+  return subprocess.run(
+    [sys.executable, "-m", "mage_jax.verify", *map(str, args)],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env={**os.environ, **(env or {})},
+  )
 
 
 def _statuses(stdout: str) -> dict[str, str]:
   """Check name -> 'ok' | 'info' | 'FAIL' from the printed table (fixed-width name column)."""
   rows = {}
   for line in stdout.splitlines():
-    fields = line[trajectory.NAME_WIDTH:].split()
+    fields = line[trajectory.NAME_WIDTH :].split()
     if len(fields) >= 3 and fields[2] in ("ok", "info", "FAIL"):
-      rows[line[:trajectory.NAME_WIDTH].strip()] = fields[2]
+      rows[line[: trajectory.NAME_WIDTH].strip()] = fields[2]
   return rows
 
 
@@ -47,8 +52,9 @@ def _train_variant(testdata, tmp_path, steps: int, snapshots, edit_config=None, 
   (edit_config or (lambda c: None))(cfg)
   (dst / "config.json").write_text(json.dumps(cfg))
   with np.load(src / trajectory.PRETRAIN_FILE) as f:
-    arrays = {k: f[k][:steps] if k in ("ids", "dropped", "masked", "loss", "lr", "grad_norm") else f[k]
-              for k in f.files}
+    arrays = {
+      k: f[k][:steps] if k in ("ids", "dropped", "masked", "loss", "lr", "grad_norm") else f[k] for k in f.files
+    }
   (edit_arrays or (lambda a: None))(arrays)
   np.savez(dst / trajectory.PRETRAIN_FILE, **arrays)
   return dst
@@ -68,10 +74,14 @@ def test_pretraining_replay_matches_official_run(testdata):
   assert run.returncode == 0, run.stdout + run.stderr
   assert "12/12 checks within tolerance" in run.stdout
   assert set(_statuses(run.stdout)) == {
-      "recipe: peak lr, betas, eps, decay, clip", "loss (every step)", "lr (every step)",
-      "grad norm before clipping (every step)", "decay groups: official names <-> params",
-      "decay groups: PretrainOptim.decay_mask",
-      *(f"params after {n}: {kind}" for n in (1, 10, 100) for kind in ("median over 64 tensors", "worst tensor"))}
+    "recipe: peak lr, betas, eps, decay, clip",
+    "loss (every step)",
+    "lr (every step)",
+    "grad norm before clipping (every step)",
+    "decay groups: official names <-> params",
+    "decay groups: PretrainOptim.decay_mask",
+    *(f"params after {n}: {kind}" for n in (1, 10, 100) for kind in ("median over 64 tensors", "worst tensor")),
+  }
 
 
 @pytest.mark.slow
@@ -92,9 +102,12 @@ def test_pretraining_check_fails_naming_what_failed(testdata, tmp_path):
   run = _verify(bad, f"--mesh={MESH}", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert run.returncode == 1, run.stdout + run.stderr
   assert f"mesh {MESH}" in run.stdout
-  assert _failed(run.stdout) == {"recipe: peak lr, betas, eps, decay, clip", "loss (every step)",
-                                 "decay groups: PretrainOptim.decay_mask"}
-  lines = {line[:trajectory.NAME_WIDTH].strip(): line for line in run.stdout.splitlines()}
+  assert _failed(run.stdout) == {
+    "recipe: peak lr, betas, eps, decay, clip",
+    "loss (every step)",
+    "decay groups: PretrainOptim.decay_mask",
+  }
+  lines = {line[: trajectory.NAME_WIDTH].strip(): line for line in run.stdout.splitlines()}
   assert "step 5 of 10" in lines["loss (every step)"]
   assert "blocks.0.mlp.fc1.weight (official: not decayed)" in lines["decay groups: PretrainOptim.decay_mask"]
   assert "eps (ours 1e-08, official 1e-06)" in lines["recipe: peak lr, betas, eps, decay, clip"]
@@ -117,8 +130,9 @@ def test_variant_with_other_recipe_values_runs(testdata, tmp_path):
 
 def test_training_config_carries_the_recipe(testdata):
   fx = trajectory.load_pretrain_fixture(str(testdata / TRAIN))
-  fx = dataclasses.replace(fx, recipe={**fx.recipe, "grad_clip_norm": None, "epochs": 20, "warmup_epochs": 0.5,
-                                       "b1": 0.8})
+  fx = dataclasses.replace(
+    fx, recipe={**fx.recipe, "grad_clip_norm": None, "epochs": 20, "warmup_epochs": 0.5, "b1": 0.8}
+  )
   config = trajectory.training_config(fx, trajectory.parse_mesh(""))
   total, warmup = trainer.schedule_steps(config, 30)
   _, ocfg = builders.pretrain_optimizer(config, total, warmup)
@@ -140,7 +154,7 @@ def test_mesh_replay_equals_one_device(testdata):
     g, w = got[key], want[key]
     if key.endswith("attn/qkv/bias"):
       third = w.shape[-1] // 3
-      g, w = np.delete(g, np.s_[third:2 * third], -1), np.delete(w, np.s_[third:2 * third], -1)
+      g, w = np.delete(g, np.s_[third : 2 * third], -1), np.delete(w, np.s_[third : 2 * third], -1)
     assert conformance.relative_l2(g, w) <= 1e-5, (key, conformance.relative_l2(g, w))
 
 
@@ -162,7 +176,9 @@ def test_bfloat16_replay_stays_in_its_band(testdata, tmp_path):
 # Unusable fixtures: one line naming the file and the problem, exit status 2.
 
 
-@pytest.mark.parametrize("edit_config,edit_arrays,message", [
+@pytest.mark.parametrize(
+  "edit_config,edit_arrays,message",
+  [
     (lambda c: c["train"].update(steps=11), None, "ids is int32[10, 32, 64], config.json implies int[11, 32, 64]"),
     (lambda c: c.update(snapshots=[1, 12]), None, "snapshots must be increasing step counts in [1, 10]"),
     (lambda c: c.update(snapshots=[1, 5]), None, "lacks after_5.pth"),
@@ -170,7 +186,8 @@ def test_bfloat16_replay_stays_in_its_band(testdata, tmp_path):
     (lambda c: c["train"].update(blr="big"), None, "train.blr must be a finite number"),
     (None, lambda a: a.update(dropped=a["dropped"] | ~a["masked"]), "a dropped token is not masked"),
     (None, lambda a: a["loss"].__setitem__(3, np.nan), "loss holds non-finite values"),
-])
+  ],
+)
 def test_unusable_pretraining_fixture_is_named(testdata, tmp_path, edit_config, edit_arrays, message):
   bad = _train_variant(testdata, tmp_path, 10, [1, 10], edit_config, edit_arrays)
   with pytest.raises(trajectory.FixtureError) as e:
@@ -186,7 +203,6 @@ def test_unusable_input_exits_2(testdata, tmp_path):
   assert wrong_flag.returncode == 2 and "pretraining trajectories" in wrong_flag.stderr, wrong_flag.stderr
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Linear probe and fine-tuning groups, end to end through the command.
 
@@ -197,8 +213,13 @@ def test_probe_replay_and_finetune_groups_match_official_run(testdata):
   assert run.returncode == 0, run.stdout + run.stderr
   statuses = _statuses(run.stdout)
   assert not _failed(run.stdout), run.stdout
-  assert {"probe loss (every step)", "probe lr (every step)", "finetune groups: official names <-> params",
-          "finetune lr scale: layerwise_lr_scales", "finetune weight decay: FinetuneOptim.decay_mask",
-          "finetune_optimizer update: lr scale, decay"} <= set(statuses)
+  assert {
+    "probe loss (every step)",
+    "probe lr (every step)",
+    "finetune groups: official names <-> params",
+    "finetune lr scale: layerwise_lr_scales",
+    "finetune weight decay: FinetuneOptim.decay_mask",
+    "finetune_optimizer update: lr scale, decay",
+  } <= set(statuses)
   checks = sum(1 for s in statuses.values() if s == "ok")
   assert f"{checks}/{checks} checks within tolerance" in run.stdout

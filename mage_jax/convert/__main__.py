@@ -16,8 +16,9 @@ _KIND = flags.DEFINE_enum("kind", None, list(convert.KINDS), "Checkpoint kind (d
 _CONFIG = flags.DEFINE_string("config", None, "A config.json (fixture format) giving head counts and image size.")
 _NUM_HEADS = flags.DEFINE_integer("num_heads", None, "Encoder heads (default: embed_dim / 64).", lower_bound=1)
 _DECODER_NUM_HEADS = flags.DEFINE_integer("decoder_num_heads", None, "Decoder heads (default: 16).", lower_bound=1)
-_RESOLUTION = flags.DEFINE_integer("resolution", None, "Image size for ViT/tokenizer checkpoints (default: 256).",
-                                   lower_bound=1)
+_RESOLUTION = flags.DEFINE_integer(
+  "resolution", None, "Image size for ViT/tokenizer checkpoints (default: 256).", lower_bound=1
+)
 _STRICT = flags.DEFINE_bool("strict", False, "Fail on unexpected keys too.")
 _FORCE = flags.DEFINE_bool("force", False, "Replace the checkpoint in OUT_DIR, or write into a non-empty directory.")
 _MAX_BYTES = torch_pickle.define_max_gb_flag()
@@ -28,9 +29,18 @@ def main(argv: list[str]) -> None:
     raise runtime.UsageError(f"expected SRC and OUT_DIR, got {len(argv) - 1} positional arguments {argv[1:]}")
   src, out_dir = argv[1:]
   runtime.quiet_orbax_logs()
-  result = job.convert_file(src, out_dir, kind=_KIND.value, config_json=_CONFIG.value, num_heads=_NUM_HEADS.value,
-                            decoder_num_heads=_DECODER_NUM_HEADS.value, resolution=_RESOLUTION.value,
-                            strict=_STRICT.value, force=_FORCE.value, max_bytes=_MAX_BYTES())
+  result = job.convert_file(
+    src,
+    out_dir,
+    kind=_KIND.value,
+    config_json=_CONFIG.value,
+    num_heads=_NUM_HEADS.value,
+    decoder_num_heads=_DECODER_NUM_HEADS.value,
+    resolution=_RESOLUTION.value,
+    strict=_STRICT.value,
+    force=_FORCE.value,
+    max_bytes=_MAX_BYTES(),
+  )
   print(f"{src}: kind={result.kind}, {len(result.report.ignored)} tensors the model does not use")
   print(result.report.describe())
   print(f"wrote {out_dir}")

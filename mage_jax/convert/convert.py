@@ -38,8 +38,9 @@ from mage_jax.models.vqgan import VQGAN, VQGANConfig
 
 # Tensors of the official modules (`models_mage.py`) that no computation reads; conversion drops them silently.
 UNUSED_KEYS = re.compile(
-    r"^(cls_token|pos_embed|mask_token|decoder_pos_embed|token_emb\.position_ids|patch_embed\..*|"
-    r"decoder_pred\..*|.*num_batches_tracked)$")
+  r"^(cls_token|pos_embed|mask_token|decoder_pos_embed|token_emb\.position_ids|patch_embed\..*|"
+  r"decoder_pred\..*|.*num_batches_tracked)$"
+)
 
 KINDS = ("tokenizer", "mage", "vit")
 # mage_jax extras beside the official keys (module docstring) and the entry of an exported file that holds the
@@ -52,11 +53,12 @@ META_KEY = "mage_jax"
 @dataclasses.dataclass
 class Report:
   """What a conversion consumed and what it could not place."""
-  missing: list[str] = dataclasses.field(default_factory=list)      # flax paths nobody provided
-  unexpected: list[str] = dataclasses.field(default_factory=list)   # torch keys with no flax home
-  mismatched: list[str] = dataclasses.field(default_factory=list)   # "key: torch shape -> expected shape"
-  ignored: list[str] = dataclasses.field(default_factory=list)      # known-unused torch keys
-  invalid: list[str] = dataclasses.field(default_factory=list)      # "key: why its values are unusable"
+
+  missing: list[str] = dataclasses.field(default_factory=list)  # flax paths nobody provided
+  unexpected: list[str] = dataclasses.field(default_factory=list)  # torch keys with no flax home
+  mismatched: list[str] = dataclasses.field(default_factory=list)  # "key: torch shape -> expected shape"
+  ignored: list[str] = dataclasses.field(default_factory=list)  # known-unused torch keys
+  invalid: list[str] = dataclasses.field(default_factory=list)  # "key: why its values are unusable"
 
   def merge(self, other: "Report"):
     for f in dataclasses.fields(self):
@@ -80,8 +82,13 @@ MODULE_LISTS = frozenset({"blocks", "decoder_blocks", "down", "up", "block"})
 # ... except under the VQGAN's `mid`, whose `block_1` / `block_2` are attributes spelt the same in both.
 _ATTRIBUTE_PARENTS = frozenset({"mid"})
 # (collection, flax leaf) -> torch leaf; every other leaf keeps its name (`bias`, `decoder_pos_embed_learned`).
-TORCH_LEAVES = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "embedding"): "weight",
-                ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
+TORCH_LEAVES = {
+  ("params", "kernel"): "weight",
+  ("params", "scale"): "weight",
+  ("params", "embedding"): "weight",
+  ("batch_stats", "mean"): "running_mean",
+  ("batch_stats", "var"): "running_var",
+}
 # torch -> flax axis order of kernels by rank: Linear [out, in] -> Dense [in, out]; Conv2d [O, I, kh, kw] ->
 # Conv [kh, kw, I, O] (no spatial flip: both cross-correlate).
 _KERNEL_AXES = {2: (1, 0), 4: (2, 3, 1, 0)}
@@ -130,8 +137,9 @@ def _unusable(source: np.ndarray, value: np.ndarray) -> str | None:
   return None
 
 
-def convert_tree(state_dict: Mapping[str, np.ndarray], target: Mapping[str, Any],
-                 renames: Mapping[str, str] | None = None) -> tuple[dict, Report]:
+def convert_tree(
+  state_dict: Mapping[str, np.ndarray], target: Mapping[str, Any], renames: Mapping[str, str] | None = None
+) -> tuple[dict, Report]:
   """Maps torch arrays onto `target` ({'params': tree, optionally 'batch_stats': tree} of shapes).
 
   Args:
@@ -156,8 +164,9 @@ def convert_tree(state_dict: Mapping[str, np.ndarray], target: Mapping[str, Any]
       continue
     value = to_flax_layout(dest[-1], np.asarray(array))
     if tuple(value.shape) != tuple(expected[dest].shape):
-      report.mismatched.append(f"{key}: {tuple(array.shape)} -> expected {tuple(expected[dest].shape)} "
-                               f"at {'/'.join(dest)}")
+      report.mismatched.append(
+        f"{key}: {tuple(array.shape)} -> expected {tuple(expected[dest].shape)} at {'/'.join(dest)}"
+      )
       continue
     with np.errstate(over="ignore"):  # an overflow becomes inf, reported just below
       result[dest] = value.astype(expected[dest].dtype, copy=False)
@@ -168,11 +177,14 @@ def convert_tree(state_dict: Mapping[str, np.ndarray], target: Mapping[str, Any]
   return traverse_util.unflatten_dict(result), report
 
 
-def torch_arrays(variables: Mapping[str, Any], renames: Mapping[str, str] | None = None,
-                 prefix: str = "") -> dict[str, np.ndarray]:
+def torch_arrays(
+  variables: Mapping[str, Any], renames: Mapping[str, str] | None = None, prefix: str = ""
+) -> dict[str, np.ndarray]:
   """The inverse of `convert_tree`: a variables tree -> {prefix + torch key: array in torch layout}."""
-  return {prefix + torch_key(path, renames): to_torch_layout(path[-1], np.asarray(leaf))
-          for path, leaf in traverse_util.flatten_dict(dict(variables)).items()}
+  return {
+    prefix + torch_key(path, renames): to_torch_layout(path[-1], np.asarray(leaf))
+    for path, leaf in traverse_util.flatten_dict(dict(variables)).items()
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,10 +212,16 @@ def infer_tokenizer_config(sd: Mapping[str, np.ndarray], resolution: int = 256) 
   if not levels:
     raise CheckpointError("tokenizer checkpoint has no 'encoder.down.*' tensors")
   ch_mult = tuple(_shape(sd, f"encoder.down.{level}.block.0.conv1.weight", 4)[0] // ch for level in range(levels))
-  return VQGANConfig(ch=ch, ch_mult=ch_mult, num_res_blocks=_count(sd, r"encoder\.down\.0\.block\.(\d+)\."),
-                     z_channels=_shape(sd, "encoder.conv_out.weight", 4)[0], in_channels=in_channels,
-                     out_ch=_shape(sd, "decoder.conv_out.weight", 4)[0], resolution=resolution,
-                     codebook_size=_shape(sd, "quantize.embedding.weight", 2)[0])
+  return VQGANConfig(
+    ch=ch,
+    ch_mult=ch_mult,
+    num_res_blocks=_count(sd, r"encoder\.down\.0\.block\.(\d+)\."),
+    z_channels=_shape(sd, "encoder.conv_out.weight", 4)[0],
+    in_channels=in_channels,
+    out_ch=_shape(sd, "decoder.conv_out.weight", 4)[0],
+    resolution=resolution,
+    codebook_size=_shape(sd, "quantize.embedding.weight", 2)[0],
+  )
 
 
 def infer_mage_config(sd: Mapping[str, np.ndarray], num_heads=None, decoder_num_heads=None) -> MAGEConfig:
@@ -211,14 +229,22 @@ def infer_mage_config(sd: Mapping[str, np.ndarray], num_heads=None, decoder_num_
   64 in the encoder, 16 decoder heads); pass them for other models (e.g. from a config.json)."""
   vocab, dim = _shape(sd, "token_emb.word_embeddings.weight", 2)
   positions = _shape(sd, "token_emb.position_embeddings.weight", 2)[0]
-  kw = dict(embed_dim=dim, depth=_count(sd, r"blocks\.(\d+)\."), num_heads=num_heads or max(dim // 64, 1),
-            mlp_ratio=_shape(sd, "blocks.0.mlp.fc1.weight", 2)[0] / dim, vocab_size=vocab,
-            max_position_embeddings=positions)
+  kw = dict(
+    embed_dim=dim,
+    depth=_count(sd, r"blocks\.(\d+)\."),
+    num_heads=num_heads or max(dim // 64, 1),
+    mlp_ratio=_shape(sd, "blocks.0.mlp.fc1.weight", 2)[0] / dim,
+    vocab_size=vocab,
+    max_position_embeddings=positions,
+  )
   if "decoder_pos_embed_learned" in sd:
     dec_dim = _shape(sd, "decoder_embed.weight", 2)[0]
-    kw.update(decoder_embed_dim=dec_dim, decoder_depth=_count(sd, r"decoder_blocks\.(\d+)\."),
-              decoder_num_heads=decoder_num_heads or 16,
-              num_tokens=_shape(sd, "decoder_pos_embed_learned", 3)[1] - 1)
+    kw.update(
+      decoder_embed_dim=dec_dim,
+      decoder_depth=_count(sd, r"decoder_blocks\.(\d+)\."),
+      decoder_num_heads=decoder_num_heads or 16,
+      num_tokens=_shape(sd, "decoder_pos_embed_learned", 3)[1] - 1,
+    )
   else:
     kw.update(num_tokens=positions - 1)
   return MAGEConfig(**kw)
@@ -231,8 +257,10 @@ def detect_kind(sd: Mapping[str, np.ndarray]) -> str:
     return "mage"
   if any(k.startswith("head.") for k in sd) or "fc_norm.weight" in sd:
     return "vit"
-  raise CheckpointError("cannot tell the checkpoint kind from its keys (no tokenizer, MAGE or ViT-head keys); "
-                        f"name it with --kind {{{','.join(KINDS)}}}")
+  raise CheckpointError(
+    "cannot tell the checkpoint kind from its keys (no tokenizer, MAGE or ViT-head keys); "
+    f"name it with --kind {{{','.join(KINDS)}}}"
+  )
 
 
 # Targets are cached per config (tracing a full-size init takes seconds); callers must not mutate them.
@@ -267,55 +295,76 @@ def projection_head_target(head_sd: Mapping[str, np.ndarray], embed_dim: int):
   LayerNorm and BatchNorm hold the same params (scale, bias), so a head with `norm_<i>` is read as 'layer'."""
   hidden = _count(head_sd, r"hidden_(\d+)\.")
   head = contrastive.ProjectionHead(
-      hidden_dim=_shape(head_sd, "hidden_0.weight", 2)[0] if hidden else contrastive.DEFAULT_HIDDEN_DIM,
-      out_dim=_shape(head_sd, "out.weight", 2)[0], num_layers=hidden + 1,
-      norm="layer" if "norm_0.weight" in head_sd else "none", use_bias="out.bias" in head_sd)
+    hidden_dim=_shape(head_sd, "hidden_0.weight", 2)[0] if hidden else contrastive.DEFAULT_HIDDEN_DIM,
+    out_dim=_shape(head_sd, "out.weight", 2)[0],
+    num_layers=hidden + 1,
+    norm="layer" if "norm_0.weight" in head_sd else "none",
+    use_bias="out.bias" in head_sd,
+  )
   return _abstract(head, jax.ShapeDtypeStruct((1, embed_dim), np.float32))
 
 
 def split_prefix(sd: Mapping[str, np.ndarray], prefix: str):
-  inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+  inner = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
   rest = {k: v for k, v in sd.items() if not k.startswith(prefix)}
   return inner, rest
 
 
 def unused_tree(sd: Mapping[str, np.ndarray]) -> dict:
   """The `UNUSED_KEYS` tensors of a state_dict as a tree nested by the dots of their keys."""
-  return traverse_util.unflatten_dict({tuple(k.split(".")): np.asarray(v) for k, v in sd.items()
-                                       if UNUSED_KEYS.match(k)})
+  return traverse_util.unflatten_dict(
+    {tuple(k.split(".")): np.asarray(v) for k, v in sd.items() if UNUSED_KEYS.match(k)}
+  )
 
 
 @dataclasses.dataclass
 class Converted:
   kind: str
-  variables: dict           # {'model', 'tokenizer', 'projection_head', 'torch_unused'}: each may be absent
-  meta: dict                # JSON-able: kind and the configs needed to rebuild the modules
+  variables: dict  # {'model', 'tokenizer', 'projection_head', 'torch_unused'}: each may be absent
+  meta: dict  # JSON-able: kind and the configs needed to rebuild the modules
   report: Report
 
 
 def convert_tokenizer(sd, resolution=256, config: VQGANConfig | None = None) -> Converted:
   config = config or infer_tokenizer_config(sd, resolution)
   variables, report = convert_tree(sd, tokenizer_target(config))
-  return Converted("tokenizer", {"tokenizer": variables}, {"kind": "tokenizer",
-                                                           "tokenizer": dataclasses.asdict(config)}, report)
+  return Converted(
+    "tokenizer", {"tokenizer": variables}, {"kind": "tokenizer", "tokenizer": dataclasses.asdict(config)}, report
+  )
 
 
 def _vit_head(model_sd):
   head_type = "bn_linear" if "head.1.weight" in model_sd else ("linear" if "head.weight" in model_sd else "none")
   key = {"bn_linear": "head.1.weight", "linear": "head.weight"}.get(head_type)
-  return {"num_classes": _shape(model_sd, key, 2)[0] if key else 0,
-          "global_pool": "fc_norm.weight" in model_sd, "head_type": head_type}
+  return {
+    "num_classes": _shape(model_sd, key, 2)[0] if key else 0,
+    "global_pool": "fc_norm.weight" in model_sd,
+    "head_type": head_type,
+  }
 
 
 def _merge_prefixed(report: Report, part: Report, torch_prefix: str, flax_prefix: str) -> None:
-  report.merge(Report(**{f.name: [(flax_prefix if f.name == "missing" else torch_prefix) + k
-                                   for k in getattr(part, f.name)] for f in dataclasses.fields(Report)}))
+  report.merge(
+    Report(
+      **{
+        f.name: [(flax_prefix if f.name == "missing" else torch_prefix) + k for k in getattr(part, f.name)]
+        for f in dataclasses.fields(Report)
+      }
+    )
+  )
 
 
-def convert_state_dict(sd: Mapping[str, np.ndarray], kind: str | None = None, *, num_heads=None,
-                       decoder_num_heads=None, resolution: int | None = None,
-                       mage_config: MAGEConfig | None = None, tokenizer_config: VQGANConfig | None = None,
-                       meta_hint: Mapping[str, Any] | None = None) -> Converted:
+def convert_state_dict(
+  sd: Mapping[str, np.ndarray],
+  kind: str | None = None,
+  *,
+  num_heads=None,
+  decoder_num_heads=None,
+  resolution: int | None = None,
+  mage_config: MAGEConfig | None = None,
+  tokenizer_config: VQGANConfig | None = None,
+  meta_hint: Mapping[str, Any] | None = None,
+) -> Converted:
   """Converts a flat torch state_dict of any supported kind (detected from the keys unless given).
 
   Sizes are inferred from the shapes unless `mage_config` / `tokenizer_config` are given; head counts and the
@@ -333,9 +382,15 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], kind: str | None = None, *,
   if kind == "tokenizer":
     result = convert_tokenizer(sd, resolution or 256, tokenizer_config)
   else:
-    result = _convert_model(sd, kind, num_heads, decoder_num_heads, resolution, tokenizer_config,
-                            mage_config or (params_io.mage_config_from_meta(hint) if "model" in hint
-                                            else None))
+    result = _convert_model(
+      sd,
+      kind,
+      num_heads,
+      decoder_num_heads,
+      resolution,
+      tokenizer_config,
+      mage_config or (params_io.mage_config_from_meta(hint) if "model" in hint else None),
+    )
   if unused:
     result.variables["torch_unused"] = unused
   result.meta = {**hint, **result.meta}
@@ -354,7 +409,7 @@ def _convert_model(sd, kind, num_heads, decoder_num_heads, resolution, tokenizer
     factor = 2 ** (_count(tok_sd, r"encoder\.down\.(\d+)\.") - 1)
     if kind == "mage" or resolution is None:
       # The learned decoder positions (MAGE) or the full position table (official ViTs) fix the grid.
-      resolution = int(round(config.num_tokens ** 0.5)) * factor
+      resolution = int(round(config.num_tokens**0.5)) * factor
     elif mage_config is None:
       config = dataclasses.replace(config, num_tokens=(resolution // factor) ** 2)
   meta: dict[str, Any] = {"kind": kind, "model": dataclasses.asdict(config)}
@@ -362,8 +417,9 @@ def _convert_model(sd, kind, num_heads, decoder_num_heads, resolution, tokenizer
     variables, report = convert_tree(model_sd, mage_target(config))
   else:
     meta["vit"] = _vit_head(model_sd)
-    variables, report = convert_tree(model_sd, vit_target(config, **meta["vit"]),
-                                     renames=vit_renames(meta["vit"]["head_type"]))
+    variables, report = convert_tree(
+      model_sd, vit_target(config, **meta["vit"]), renames=vit_renames(meta["vit"]["head_type"])
+    )
   out = {"model": variables}
   if head_sd:
     out[PROJECTION_HEAD], head_report = convert_tree(head_sd, projection_head_target(head_sd, config.embed_dim))
@@ -380,8 +436,9 @@ def vit_renames(head_type: str) -> dict[str, str] | None:
   return PROBE_HEAD_RENAMES if head_type == "bn_linear" else None
 
 
-def load_checkpoint(path: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES
-                    ) -> tuple[dict[str, np.ndarray], dict | None]:
+def load_checkpoint(
+  path: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES
+) -> tuple[dict[str, np.ndarray], dict | None]:
   """A PyTorch zip checkpoint or a safetensors file -> (flat state_dict, embedded mage_jax meta or None).
 
   Never imports torch or runs code from the file (see torch_pickle). `max_bytes` caps what the file may make
@@ -394,8 +451,7 @@ def load_checkpoint(path: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES
     tensors, metadata = safetensors_io.load(path, max_bytes=max_bytes)
     return tensors, _parse_meta(metadata.get(META_KEY), path)
   obj = torch_pickle.load(path, max_bytes=max_bytes)
-  return torch_pickle.flatten_state_dict(obj), _parse_meta(obj.get(META_KEY) if isinstance(obj, dict) else None,
-                                                           path)
+  return torch_pickle.flatten_state_dict(obj), _parse_meta(obj.get(META_KEY) if isinstance(obj, dict) else None, path)
 
 
 # An exported meta is a few kB of JSON; parsing can take ~40x its length in Python objects, so bound it.
@@ -406,8 +462,10 @@ def _parse_meta(text: Any, path: str) -> dict | None:
   if text is None:
     return None
   if isinstance(text, str) and len(text) > _MAX_META_CHARS:
-    raise CheckpointError(f"{path}: the embedded '{META_KEY}' entry holds {len(text)} characters; a meta is a "
-                          f"few kB (at most {_MAX_META_CHARS})")
+    raise CheckpointError(
+      f"{path}: the embedded '{META_KEY}' entry holds {len(text)} characters; a meta is a "
+      f"few kB (at most {_MAX_META_CHARS})"
+    )
   try:
     meta = json.loads(text)
   except (TypeError, ValueError) as e:

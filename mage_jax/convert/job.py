@@ -40,16 +40,26 @@ def sizes_from_config_json(path: str) -> dict[str, int | None]:
   for name, section in sections.items():
     if not isinstance(section, dict):
       raise ValueError(f"{path}: expected a JSON object with optional '{name}' object, got {type(section).__name__}")
-  return {"num_heads": _positive_int(sections["mage"].get("num_heads"), f"{path}: mage.num_heads"),
-          "decoder_num_heads": _positive_int(sections["mage"].get("decoder_num_heads"),
-                                             f"{path}: mage.decoder_num_heads"),
-          "resolution": _positive_int(sections["tokenizer"].get("resolution"), f"{path}: tokenizer.resolution")}
+  return {
+    "num_heads": _positive_int(sections["mage"].get("num_heads"), f"{path}: mage.num_heads"),
+    "decoder_num_heads": _positive_int(sections["mage"].get("decoder_num_heads"), f"{path}: mage.decoder_num_heads"),
+    "resolution": _positive_int(sections["tokenizer"].get("resolution"), f"{path}: tokenizer.resolution"),
+  }
 
 
-def convert_file(src: str, out_dir: str, *, kind: str | None = None, config_json: str | None = None,
-                 num_heads: int | None = None, decoder_num_heads: int | None = None, resolution: int | None = None,
-                 strict: bool = False, force: bool = False,
-                 max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES) -> convert.Converted:
+def convert_file(
+  src: str,
+  out_dir: str,
+  *,
+  kind: str | None = None,
+  config_json: str | None = None,
+  num_heads: int | None = None,
+  decoder_num_heads: int | None = None,
+  resolution: int | None = None,
+  strict: bool = False,
+  force: bool = False,
+  max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES,
+) -> convert.Converted:
   """Converts `src` and writes it to `out_dir` as a params-only checkpoint (see `params_io`).
 
   Args:
@@ -71,16 +81,19 @@ def convert_file(src: str, out_dir: str, *, kind: str | None = None, config_json
   params_io.check_destination(out_dir, overwrite=force)
   sizes = sizes_from_config_json(config_json) if config_json else {}
   state_dict, embedded = convert.load_checkpoint(src, max_bytes=max_bytes)
-  sizes = {"num_heads": num_heads or sizes.get("num_heads"),
-           "decoder_num_heads": decoder_num_heads or sizes.get("decoder_num_heads"),
-           "resolution": resolution or sizes.get("resolution")}
+  sizes = {
+    "num_heads": num_heads or sizes.get("num_heads"),
+    "decoder_num_heads": decoder_num_heads or sizes.get("decoder_num_heads"),
+    "resolution": resolution or sizes.get("resolution"),
+  }
   # Sizes given by the user win over the configs an exported file embeds.
   given = any(v is not None for v in sizes.values())
   result = convert.convert_state_dict(state_dict, kind, **sizes, meta_hint=None if given else embedded)
   report = result.report
   if not report.ok or (strict and report.unexpected):
     raise torch_pickle.CheckpointError(
-        f"{src} does not match the {result.kind} model, nothing written: {'; '.join(report.describe().splitlines())}")
+      f"{src} does not match the {result.kind} model, nothing written: {'; '.join(report.describe().splitlines())}"
+    )
   with open(src, "rb") as f:
     digest = hashlib.file_digest(f, "sha256").hexdigest()
   meta = {**result.meta, "source": {"path": src, "sha256": digest}, "unexpected_keys": report.unexpected}

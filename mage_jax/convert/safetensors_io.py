@@ -20,10 +20,18 @@ import numpy as np
 from mage_jax.convert import torch_pickle
 from mage_jax.convert.torch_pickle import CheckpointError
 
-DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-          "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-          "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-          "BOOL": np.dtype(np.bool_)}
+DTYPES = {
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
+}
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 # The reference implementation refuses larger headers; so does this reader (it bounds memory, too).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -51,8 +59,7 @@ def save(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, st
     if dtype not in _CODES:
       raise ValueError(f"safetensors cannot hold {name!r} of dtype {dtype}")
     nbytes = int(np.asarray(array).nbytes)
-    header[name] = {"dtype": _CODES[dtype], "shape": list(np.shape(array)),
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {"dtype": _CODES[dtype], "shape": list(np.shape(array)), "data_offsets": [offset, offset + nbytes]}
     offset += nbytes
   if metadata:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -88,8 +95,10 @@ def _entry(name: str, entry, data_bytes: int, path: str) -> tuple[np.dtype, tupl
   dtype = DTYPES[entry["dtype"]]
   begin, end = offsets
   if not 0 <= begin <= end <= data_bytes or end - begin != math.prod(shape) * dtype.itemsize:
-    raise CheckpointError(f"{path}: tensor {name!r} ({entry['dtype']} {shape}) claims bytes [{begin}, {end}) "
-                          f"of a {data_bytes}-byte data section")
+    raise CheckpointError(
+      f"{path}: tensor {name!r} ({entry['dtype']} {shape}) claims bytes [{begin}, {end}) "
+      f"of a {data_bytes}-byte data section"
+    )
   return dtype, tuple(shape), begin, end
 
 
@@ -103,8 +112,10 @@ def _check_layout(entries: Mapping[str, tuple], path: str, max_bytes: int) -> No
     end_so_far, previous = max(end_so_far, end), name
   total = sum(end - begin for _, _, begin, end in entries.values())
   if total > max_bytes:
-    raise CheckpointError(f"{path}: its tensors hold {total} bytes, above the loader's cap of {max_bytes}; raise "
-                          "--max_gb for a larger checkpoint")
+    raise CheckpointError(
+      f"{path}: its tensors hold {total} bytes, above the loader's cap of {max_bytes}; raise "
+      "--max_gb for a larger checkpoint"
+    )
 
 
 def load(path: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -126,8 +137,10 @@ def load(path: str, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES) -> tuple[di
     if length is None or length > min(size - 8, MAX_HEADER_BYTES):
       raise CheckpointError(f"{path} is not a safetensors file (truncated, or a header length past its end)")
     if length * _JSON_COST > torch_pickle.MAX_INFLATION * size + torch_pickle.ALLOWANCE:
-      raise CheckpointError(f"{path}: a {length}-byte header is more than a file of {size} bytes can justify "
-                            f"(parsed, it could take {_JSON_COST}x its length in memory)")
+      raise CheckpointError(
+        f"{path}: a {length}-byte header is more than a file of {size} bytes can justify "
+        f"(parsed, it could take {_JSON_COST}x its length in memory)"
+      )
     try:
       header = json.loads(f.read(length))
     except (UnicodeDecodeError, ValueError) as e:

@@ -74,8 +74,9 @@ def _normal02(rng, shape):
   return (0.02 * rng.standard_normal(shape)).astype(np.float32)
 
 
-def unused_tensors(kind: str, meta: Mapping[str, Any], vit_img_size: int = DEFAULT_VIT_IMG_SIZE
-                   ) -> dict[str, np.ndarray]:
+def unused_tensors(
+  kind: str, meta: Mapping[str, Any], vit_img_size: int = DEFAULT_VIT_IMG_SIZE
+) -> dict[str, np.ndarray]:
   """The tensors of the official module that mage_jax has no use for, as its `__init__` makes them.
 
   Args:
@@ -95,28 +96,32 @@ def unused_tensors(kind: str, meta: Mapping[str, Any], vit_img_size: int = DEFAU
   if kind == "mage":
     grid = tok.token_grid
     dec = model.decoder_embed_dim
-    out.update({
+    out.update(
+      {
         "cls_token": _normal02(rng, (1, 1, dim)),
         "pos_embed": sincos_pos_embed(dim, grid)[None],
         "mask_token": _normal02(rng, (1, 1, dec)),
         "decoder_pos_embed": sincos_pos_embed(dec, grid)[None],
         # models_mage.py: xavier_uniform on the flattened patch kernel; the bias keeps Conv2d's default.
         "patch_embed.proj.weight": _uniform(rng, (6 / (fan_in + dim)) ** 0.5, (dim, tok.in_channels, patch, patch)),
-        "patch_embed.proj.bias": _uniform(rng, fan_in ** -0.5, (dim,)),
+        "patch_embed.proj.bias": _uniform(rng, fan_in**-0.5, (dim,)),
         "decoder_pred.weight": _uniform(rng, (6 / (dec + fan_in)) ** 0.5, (fan_in, dec)),
         "decoder_pred.bias": np.zeros((fan_in,), np.float32),
-    })
+      }
+    )
     return out
   if vit_img_size < patch or vit_img_size % patch:
     raise ValueError(f"vit_img_size={vit_img_size} must be a positive multiple of the patch size {patch}")
   # timm 0.3.2: trunc_normal_(std=.02) (cut at +-2, i.e. 100 sigma) for cls_token and pos_embed; Conv2d's
   # default kaiming_uniform(a=sqrt(5)) for the patch embedding, bound 1/sqrt(fan_in) for weight and bias.
-  out.update({
+  out.update(
+    {
       "cls_token": _normal02(rng, (1, 1, dim)),
       "pos_embed": _normal02(rng, (1, (vit_img_size // patch) ** 2 + 1, dim)),
-      "patch_embed.proj.weight": _uniform(rng, fan_in ** -0.5, (dim, tok.in_channels, patch, patch)),
-      "patch_embed.proj.bias": _uniform(rng, fan_in ** -0.5, (dim,)),
-  })
+      "patch_embed.proj.weight": _uniform(rng, fan_in**-0.5, (dim, tok.in_channels, patch, patch)),
+      "patch_embed.proj.bias": _uniform(rng, fan_in**-0.5, (dim,)),
+    }
+  )
   if meta.get("vit", {}).get("head_type") == "bn_linear":
     out["head.0.num_batches_tracked"] = np.zeros((), np.int64)
   return out
@@ -127,10 +132,12 @@ def _official_dtype(array: np.ndarray) -> np.ndarray:
 
 
 def _stored_unused(variables: Mapping[str, Any], kind: str, meta_kind: str) -> dict[str, np.ndarray]:
-  flat = {".".join(path): np.asarray(leaf)
-          for path, leaf in traverse_util.flatten_dict(dict(variables.get("torch_unused", {}))).items()}
+  flat = {
+    ".".join(path): np.asarray(leaf)
+    for path, leaf in traverse_util.flatten_dict(dict(variables.get("torch_unused", {}))).items()
+  }
   if kind == "tokenizer" and meta_kind != "tokenizer":
-    return {k[len("vqgan."):]: v for k, v in flat.items() if k.startswith("vqgan.")}
+    return {k[len("vqgan.") :]: v for k, v in flat.items() if k.startswith("vqgan.")}
   return flat
 
 
@@ -142,15 +149,22 @@ def _check_kind(kind: str, meta: Mapping[str, Any], variables: Mapping[str, Any]
     if "tokenizer" not in variables or "tokenizer" not in meta:
       raise ValueError(f"the params directory (kind {meta_kind!r}) holds no tokenizer")
   elif kind != meta_kind:
-    raise ValueError(f"the params directory holds a {meta_kind!r} model; it exports as kind {meta_kind!r} (or "
-                     f"'tokenizer'), not {kind!r}")
+    raise ValueError(
+      f"the params directory holds a {meta_kind!r} model; it exports as kind {meta_kind!r} (or "
+      f"'tokenizer'), not {kind!r}"
+    )
   elif "model" not in variables or "tokenizer" not in variables:
     raise ValueError(f"the params directory lacks the model or tokenizer variables (has {sorted(variables)})")
   return meta_kind
 
 
-def state_dict(variables: Mapping[str, Any], meta: Mapping[str, Any], kind: str | None = None, *,
-               vit_img_size: int = DEFAULT_VIT_IMG_SIZE) -> collections.OrderedDict:
+def state_dict(
+  variables: Mapping[str, Any],
+  meta: Mapping[str, Any],
+  kind: str | None = None,
+  *,
+  vit_img_size: int = DEFAULT_VIT_IMG_SIZE,
+) -> collections.OrderedDict:
   """The official state_dict of a params directory's variables (numpy, torch layouts, official dtypes).
 
   Args:
@@ -200,8 +214,15 @@ def embedded_meta(meta: Mapping[str, Any], kind: str) -> str:
   return json.dumps({k: v for k, v in meta.items() if k != "format_version"}, sort_keys=True)
 
 
-def write(path: str, sd: Mapping[str, np.ndarray], kind: str, meta: Mapping[str, Any], fmt: str = "pth", *,
-          overwrite: bool = False) -> None:
+def write(
+  path: str,
+  sd: Mapping[str, np.ndarray],
+  kind: str,
+  meta: Mapping[str, Any],
+  fmt: str = "pth",
+  *,
+  overwrite: bool = False,
+) -> None:
   """Writes a state_dict as a .pth (`{'model' | 'state_dict': sd, META_KEY: json}`) or .safetensors file.
 
   Raises:
@@ -219,8 +240,7 @@ def write(path: str, sd: Mapping[str, np.ndarray], kind: str, meta: Mapping[str,
   os.close(fd)
   try:
     if fmt == "pth":
-      torch_save.save(tmp, {_WRAPPERS[kind]: collections.OrderedDict(sd),
-                            convert.META_KEY: embedded_meta(meta, kind)})
+      torch_save.save(tmp, {_WRAPPERS[kind]: collections.OrderedDict(sd), convert.META_KEY: embedded_meta(meta, kind)})
     else:
       safetensors_io.save(tmp, sd, {"format": "pt", convert.META_KEY: embedded_meta(meta, kind)})
     atomic.publish(tmp, path)

@@ -57,9 +57,12 @@ _CHUNK = 16 * 2**20
 
 def define_max_gb_flag() -> Callable[[], int]:
   """Defines `--max_gb` (the cap `load` takes) for a binary that reads torch files; returns its `max_bytes`."""
-  holder = runtime.define_float("max_gb", DEFAULT_MAX_BYTES / 2**30,
-                                "Refuse torch files whose tensors (or decompressed bytes) exceed this many GiB.",
-                                lower=0)
+  holder = runtime.define_float(
+    "max_gb",
+    DEFAULT_MAX_BYTES / 2**30,
+    "Refuse torch files whose tensors (or decompressed bytes) exceed this many GiB.",
+    lower=0,
+  )
   return lambda: int(holder.value * 2**30)
 
 
@@ -73,21 +76,22 @@ class UnsafeCheckpointError(CheckpointError):
 
 # torch.<Name>Storage -> element dtype (the legacy typed-storage names torch.save still writes).
 STORAGE_DTYPES = {
-    "DoubleStorage": np.float64,
-    "FloatStorage": np.float32,
-    "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16,
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
+  "DoubleStorage": np.float64,
+  "FloatStorage": np.float32,
+  "HalfStorage": np.float16,
+  "BFloat16Storage": ml_dtypes.bfloat16,
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
 }
 
 
 class _StorageType:
   """Stands in for `torch.FloatStorage` etc.: only its dtype is needed."""
+
   # Objects the pickle can reach must not take a BUILD opcode's state into a __dict__: one large dict could be
   # copied into many of them for a few bytes each. Hence slots here and on the refs below.
   __slots__ = ("name", "dtype")
@@ -100,6 +104,7 @@ class _StorageType:
 @dataclasses.dataclass(frozen=True, eq=False, slots=True)
 class _StorageRef:
   """A storage named by the pickle, not read yet: `<prefix>/data/<key>` of `numel` elements of `type`."""
+
   type: _StorageType
   key: str
   numel: Any
@@ -108,6 +113,7 @@ class _StorageRef:
 @dataclasses.dataclass(frozen=True, eq=False, slots=True)
 class _TensorRef:
   """The arguments of `torch._utils._rebuild_tensor_v2`, unchecked until `_Reader.tensor` builds it."""
+
   storage: Any
   offset: Any
   size: Any
@@ -132,6 +138,7 @@ class ScriptModule:
   `qualified_name` (e.g. '__torch__.torch.nn.modules.conv.Conv2d') is a class attribute of the record class
   made for each name.
   """
+
   qualified_name = ""
   __setstate__ = _share_state
 
@@ -145,16 +152,17 @@ def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *unused):
 
 
 _ALLOWED = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("argparse", "Namespace"): Namespace,
+  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+  ("argparse", "Namespace"): Namespace,
 }
 
 
 class _Dict(dict):
   """What `collections.OrderedDict` builds: a dict (insertion-ordered) whose BUILD state (torch pickles a
   state_dict's `_metadata` there) is kept by reference in a slot; an OrderedDict's __dict__ would copy it."""
+
   __slots__ = ("state",)
 
   def __setstate__(self, state):
@@ -163,12 +171,12 @@ class _Dict(dict):
 
 # Container constructors: the `_SafeUnpickler` method that stands in for each.
 _CONTAINERS = {
-    ("collections", "OrderedDict"): "_dict",
-    # TorchScript archives store int/float/bool list attributes (e.g. asymmetric paddings) through these.
-    ("torch.jit._pickle", "build_intlist"): "_list",
-    ("torch.jit._pickle", "build_doublelist"): "_list",
-    ("torch.jit._pickle", "build_boollist"): "_list",
-    ("torch.jit._pickle", "build_tensorlist"): "_list",
+  ("collections", "OrderedDict"): "_dict",
+  # TorchScript archives store int/float/bool list attributes (e.g. asymmetric paddings) through these.
+  ("torch.jit._pickle", "build_intlist"): "_list",
+  ("torch.jit._pickle", "build_doublelist"): "_list",
+  ("torch.jit._pickle", "build_boollist"): "_list",
+  ("torch.jit._pickle", "build_tensorlist"): "_list",
 }
 
 
@@ -216,8 +224,9 @@ class _SafeUnpickler(pickle.Unpickler):
         self._script_classes[qualified] = type(name, (ScriptModule,), {"qualified_name": qualified})
       return self._script_classes[qualified]
     raise UnsafeCheckpointError(
-        f"refusing to load checkpoint: its pickle names the global '{module}.{name}', which is not on "
-        f"the allow-list of a state_dict (tensors, storages, OrderedDict, argparse.Namespace)")
+      f"refusing to load checkpoint: its pickle names the global '{module}.{name}', which is not on "
+      f"the allow-list of a state_dict (tensors, storages, OrderedDict, argparse.Namespace)"
+    )
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
@@ -240,11 +249,12 @@ def _size(nbytes: int) -> str:
 @dataclasses.dataclass
 class _Budget:
   """Running byte totals of one load against its caps (see the module docstring)."""
+
   max_bytes: int
   file_size: int
-  inflated: int = 0       # decompressed member bytes: the pickle and every storage read
-  objects: int = 0        # OP_COST per pickle opcode: what unpickling may allocate
-  materialised: int = 0   # bytes of the tensors built
+  inflated: int = 0  # decompressed member bytes: the pickle and every storage read
+  objects: int = 0  # OP_COST per pickle opcode: what unpickling may allocate
+  materialised: int = 0  # bytes of the tensors built
 
   def _inflation_limit(self) -> int:
     return MAX_INFLATION * self.file_size + ALLOWANCE
@@ -252,9 +262,10 @@ class _Budget:
   def inflate(self, what: str, nbytes: int) -> None:
     if self.inflated + self.objects + nbytes > self._inflation_limit():
       raise CheckpointError(
-          f"{what} decompresses to {_size(nbytes)}, which brings the file's decompressed total above "
-          f"{MAX_INFLATION}x its {_size(self.file_size)} on disk (+{_size(ALLOWANCE)}): a member inflating far "
-          "beyond its compressed size (zip bomb) is refused")
+        f"{what} decompresses to {_size(nbytes)}, which brings the file's decompressed total above "
+        f"{MAX_INFLATION}x its {_size(self.file_size)} on disk (+{_size(ALLOWANCE)}): a member inflating far "
+        "beyond its compressed size (zip bomb) is refused"
+      )
     self._check_max(what, self.inflated + nbytes, "decompressed")
     self.inflated += nbytes
 
@@ -262,24 +273,28 @@ class _Budget:
     nbytes = opcodes * OP_COST
     if self.inflated + self.objects + nbytes > self._inflation_limit():
       raise CheckpointError(
-          f"{what} holds more opcodes than its file can justify: at up to {OP_COST} bytes of Python objects "
-          f"each they would take the file's decompressed total above {MAX_INFLATION}x its "
-          f"{_size(self.file_size)} on disk (+{_size(ALLOWANCE)}); refused")
+        f"{what} holds more opcodes than its file can justify: at up to {OP_COST} bytes of Python objects "
+        f"each they would take the file's decompressed total above {MAX_INFLATION}x its "
+        f"{_size(self.file_size)} on disk (+{_size(ALLOWANCE)}); refused"
+      )
     self.objects += nbytes
 
   def materialise(self, what: str, nbytes: int) -> None:
     limit = MAX_VIEW_FACTOR * self.inflated + ALLOWANCE
     if self.materialised + nbytes > limit:
       raise CheckpointError(
-          f"{what} brings the tensors to {_size(self.materialised + nbytes)}, more than {MAX_VIEW_FACTOR}x the "
-          f"{_size(self.inflated)} stored (+{_size(ALLOWANCE)}): views repeating the same storage are refused")
+        f"{what} brings the tensors to {_size(self.materialised + nbytes)}, more than {MAX_VIEW_FACTOR}x the "
+        f"{_size(self.inflated)} stored (+{_size(ALLOWANCE)}): views repeating the same storage are refused"
+      )
     self._check_max(what, self.materialised + nbytes, "tensor")
     self.materialised += nbytes
 
   def _check_max(self, what: str, total: int, kind: str) -> None:
     if total > self.max_bytes:
-      raise CheckpointError(f"{what} brings the {kind} bytes to {total} ({_size(total)}), above the loader's cap "
-                            f"of {self.max_bytes} ({_size(self.max_bytes)}); raise --max_gb for a larger checkpoint")
+      raise CheckpointError(
+        f"{what} brings the {kind} bytes to {total} ({_size(total)}), above the loader's cap "
+        f"of {self.max_bytes} ({_size(self.max_bytes)}); raise --max_gb for a larger checkpoint"
+      )
 
 
 def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget, what: str) -> np.ndarray:
@@ -289,8 +304,9 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budge
   """
   if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
     # bzip2/lzma members decompress without an output bound in zipfile; torch only writes stored members.
-    raise CheckpointError(f"{what} uses zip compression method {info.compress_type}; only stored and deflated "
-                          "members are read")
+    raise CheckpointError(
+      f"{what} uses zip compression method {info.compress_type}; only stored and deflated members are read"
+    )
   budget.inflate(what, info.file_size)
   out = np.empty(info.file_size, np.uint8)
   pos = 0
@@ -300,7 +316,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budge
         chunk = f.read(min(_CHUNK, info.file_size - pos))
         if not chunk:
           break
-        out[pos:pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        out[pos : pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
         pos += len(chunk)
   except (zipfile.BadZipFile, EOFError, OSError, zlib.error, RuntimeError, NotImplementedError) as e:
     raise CheckpointError(f"{what} is corrupt: {e}") from None
@@ -319,11 +335,12 @@ def _walk_opcodes(data: bytes, budget: _Budget, what: str) -> None:
   for opcode, arg, _ in pickletools.genops(data):
     opcodes += 1
     if opcode.name in _SET_OPCODES:
-      raise CheckpointError(f"{what}: opcode {opcode.name} at opcode {opcodes} builds a set, which no checkpoint "
-                            "holds")
+      raise CheckpointError(f"{what}: opcode {opcode.name} at opcode {opcodes} builds a set, which no checkpoint holds")
     if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (_is_int(arg) and 0 <= arg < opcodes):
-      raise CheckpointError(f"{what}: memo index {arg!r:.30} at opcode {opcodes} runs ahead of the pickle "
-                            f"(the unpickler would allocate {_size(8 * arg) if _is_int(arg) else 'for it'})")
+      raise CheckpointError(
+        f"{what}: memo index {arg!r:.30} at opcode {opcodes} runs ahead of the pickle "
+        f"(the unpickler would allocate {_size(8 * arg) if _is_int(arg) else 'for it'})"
+      )
     if opcodes % 4096 == 0:  # charged in blocks, so a pickle bomb stops early
       budget.unpickle(what, 4096)
   budget.unpickle(what, opcodes % 4096)
@@ -342,8 +359,10 @@ class _Reader:
     if ref.key in self._storages:
       first, array = self._storages[ref.key]
       if (first.type.dtype, first.numel) != (ref.type.dtype, ref.numel):
-        raise CheckpointError(f"tensor '{tensor}': storage {ref.key} is declared as {first.numel} x "
-                              f"{first.type.name} and as {ref.numel!r:.50} x {ref.type.name}")
+        raise CheckpointError(
+          f"tensor '{tensor}': storage {ref.key} is declared as {first.numel} x "
+          f"{first.type.name} and as {ref.numel!r:.50} x {ref.type.name}"
+        )
       return array
     record = f"{self._prefix}/data/{ref.key}"
     if not _is_int(ref.numel) or ref.numel < 0:
@@ -355,8 +374,9 @@ class _Reader:
     what = f"storage record '{record}' (of tensor '{tensor}')"
     declared = ref.numel * ref.type.dtype.itemsize
     if info.file_size != declared:
-      raise CheckpointError(f"{what} holds {info.file_size} bytes, but its {ref.type.name} of {ref.numel} elements "
-                            f"is {declared} bytes")
+      raise CheckpointError(
+        f"{what} holds {info.file_size} bytes, but its {ref.type.name} of {ref.numel} elements is {declared} bytes"
+      )
     array = _read_member(self._archive, info, self._budget, what).view(ref.type.dtype)
     array.flags.writeable = False  # tensors are views of it
     self._storages[ref.key] = (ref, array)
@@ -367,14 +387,21 @@ class _Reader:
     if not isinstance(ref.storage, _StorageRef):
       raise CheckpointError(f"tensor '{name}' is built from {type(ref.storage).__name__}, not a storage")
     offset, size, stride = ref.offset, ref.size, ref.stride
-    if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list)) and len(size) == len(stride)
-            and all(map(_is_int, (offset, *size, *stride)))):
-      raise CheckpointError(f"tensor '{name}' has a malformed view (offset {offset!r:.50}, size {size!r:.80}, "
-                            f"stride {stride!r:.80})")
+    if not (
+      isinstance(size, (tuple, list))
+      and isinstance(stride, (tuple, list))
+      and len(size) == len(stride)
+      and all(map(_is_int, (offset, *size, *stride)))
+    ):
+      raise CheckpointError(
+        f"tensor '{name}' has a malformed view (offset {offset!r:.50}, size {size!r:.80}, stride {stride!r:.80})"
+      )
     size, stride = tuple(size), tuple(stride)
     if offset < 0 or min(stride, default=0) < 0:
-      raise CheckpointError(f"tensor '{name}' has a negative offset or stride (offset {offset}, stride {stride}); "
-                            "torch never writes one, refused")
+      raise CheckpointError(
+        f"tensor '{name}' has a negative offset or stride (offset {offset}, stride {stride}); "
+        "torch never writes one, refused"
+      )
     if min(size, default=0) < 0 or max(size, default=0) > _MAX_DIM:
       raise CheckpointError(f"tensor '{name}' has an invalid size {size}")
     storage = self.storage(ref.storage, name)
@@ -383,18 +410,23 @@ class _Reader:
       return np.zeros(size, storage.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))  # exact: Python ints do not overflow
     if last >= storage.size:
-      raise CheckpointError(f"tensor '{name}' of size {size} and stride {stride} at offset {offset} reaches "
-                            f"element {last} of a storage of {storage.size} elements")
+      raise CheckpointError(
+        f"tensor '{name}' of size {size} and stride {stride} at offset {offset} reaches "
+        f"element {last} of a storage of {storage.size} elements"
+      )
     if numel > storage.size:
-      raise CheckpointError(f"tensor '{name}' of size {size} and stride {stride} has {numel} elements but its "
-                            f"storage only {storage.size}: an expanded (stride-0) view, refused; save "
-                            "tensor.contiguous() instead")
+      raise CheckpointError(
+        f"tensor '{name}' of size {size} and stride {stride} has {numel} elements but its "
+        f"storage only {storage.size}: an expanded (stride-0) view, refused; save "
+        "tensor.contiguous() instead"
+      )
     self._budget.materialise(f"tensor '{name}'", numel * storage.dtype.itemsize)
     if not size:
       return np.array(storage[offset])  # 0-d (e.g. BatchNorm's num_batches_tracked)
     itemsize = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride),
-                                           writeable=False)
+    view = np.lib.stride_tricks.as_strided(
+      storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride), writeable=False
+    )
     return np.ascontiguousarray(view)
 
   def build(self, obj: Any, name: str, seen: dict[int, tuple[Any, Any]]) -> Any:
@@ -438,8 +470,10 @@ def _open(path: str) -> zipfile.ZipFile:
     with open(path, "rb") as f:
       head = f.read(8)
     if head[:2] == b"\x80\x02" or head.startswith(b"\x8a\x0a"):
-      raise CheckpointError(f"{path} uses PyTorch's legacy (pre-1.6, non-zip) format; re-save it with "
-                            "a recent torch (torch.save(torch.load(p), p)) and convert again") from None
+      raise CheckpointError(
+        f"{path} uses PyTorch's legacy (pre-1.6, non-zip) format; re-save it with "
+        "a recent torch (torch.save(torch.load(p), p)) and convert again"
+      ) from None
     raise CheckpointError(f"{path} is not a PyTorch zip checkpoint (truncated or corrupt)") from None
 
 
@@ -469,8 +503,10 @@ def load(path: str, *, torchscript: bool = False, max_bytes: int = DEFAULT_MAX_B
         raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
     info = archive.getinfo(pickles[0])
     if info.file_size > MAX_PICKLE_BYTES:
-      raise CheckpointError(f"{path}: its pickle '{info.filename}' is {_size(info.file_size)}, above the "
-                            f"{_size(MAX_PICKLE_BYTES)} a checkpoint's pickle needs")
+      raise CheckpointError(
+        f"{path}: its pickle '{info.filename}' is {_size(info.file_size)}, above the "
+        f"{_size(MAX_PICKLE_BYTES)} a checkpoint's pickle needs"
+      )
     what = f"{path}: pickle record '{info.filename}'"
     data = _read_member(archive, info, budget, what).tobytes()
     try:
@@ -481,8 +517,16 @@ def load(path: str, *, torchscript: bool = False, max_bytes: int = DEFAULT_MAX_B
       raise
     except RecursionError:
       raise CheckpointError(f"{path}: objects in the pickle are nested too deeply") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError, KeyError,
-            MemoryError) as e:
+    except (
+      pickle.UnpicklingError,
+      EOFError,
+      ValueError,
+      TypeError,
+      IndexError,
+      AttributeError,
+      KeyError,
+      MemoryError,
+    ) as e:
       raise CheckpointError(f"{path}: malformed checkpoint pickle ({type(e).__name__}: {e})") from None
 
 
@@ -501,5 +545,6 @@ def flatten_state_dict(obj: Any, wrappers=("state_dict", "model", "module")) -> 
     if inner is None:
       break
     obj = inner
-  raise CheckpointError("checkpoint holds no state_dict (looked for a dict of tensors, possibly under "
-                        f"one of {wrappers})")
+  raise CheckpointError(
+    f"checkpoint holds no state_dict (looked for a dict of tensors, possibly under one of {wrappers})"
+  )

@@ -92,7 +92,7 @@ class _Pickle:
     key = len(self.storages)
     self.storages.append(array)
     size = tuple(int(n) for n in array.shape)
-    stride = tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
+    stride = tuple(int(np.prod(size[i + 1 :])) for i in range(len(size)))
     self.out += _global("torch._utils", "_rebuild_tensor_v2") + pickle.MARK
     self.out += pickle.MARK
     self.emit("storage")
@@ -133,8 +133,11 @@ def save(path: str, obj: Any) -> None:
   pickler.out += pickle.STOP
   with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
     _write_record(archive, f"{PREFIX}/data.pkl", bytes(pickler.out))
-    for name, data in ((".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()),
-                       ("byteorder", b"little")):
+    for name, data in (
+      (".format_version", b"1"),
+      (".storage_alignment", str(ALIGNMENT).encode()),
+      ("byteorder", b"little"),
+    ):
       _write_record(archive, f"{PREFIX}/{name}", data)
     for key, array in enumerate(pickler.storages):
       raw = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))

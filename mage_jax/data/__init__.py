@@ -9,11 +9,20 @@ hosts without TensorFlow. TensorFlow only feeds tf.data here, so once loaded it 
 import importlib
 
 _EXPORTS = {
-    "DataIterator": "pipeline", "eval_iterator": "pipeline", "global_batch_indices": "pipeline",
-    "InputConfig": "pipeline", "make_source": "pipeline", "measure_throughput": "pipeline",
-    "num_eval_batches": "pipeline", "num_examples": "pipeline", "steps_per_epoch": "pipeline",
-    "train_iterator": "pipeline", "get_source": "sources", "load_arrays": "sources",
-    "prepare_fashion_mnist": "sources", "prepare_tfds": "sources",
+  "DataIterator": "pipeline",
+  "eval_iterator": "pipeline",
+  "global_batch_indices": "pipeline",
+  "InputConfig": "pipeline",
+  "make_source": "pipeline",
+  "measure_throughput": "pipeline",
+  "num_eval_batches": "pipeline",
+  "num_examples": "pipeline",
+  "steps_per_epoch": "pipeline",
+  "train_iterator": "pipeline",
+  "get_source": "sources",
+  "load_arrays": "sources",
+  "prepare_fashion_mnist": "sources",
+  "prepare_tfds": "sources",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -23,6 +32,7 @@ def tensorflow_loaded(module_name: str) -> None:
   """`epy.lazy_imports` success callback of the data modules: hides the GPUs from TensorFlow once it loads."""
   del module_name
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   try:
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:

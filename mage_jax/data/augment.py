@@ -53,8 +53,7 @@ _NUM_TRIES = 10  # torchvision RandomResizedCrop.get_params
 
 def _check_interpolation(interpolation: str) -> str:
   if interpolation not in INTERPOLATIONS:
-    raise ValueError(
-        f"Unknown interpolation {interpolation!r}; expected one of {INTERPOLATIONS}.")
+    raise ValueError(f"Unknown interpolation {interpolation!r}; expected one of {INTERPOLATIONS}.")
   return interpolation
 
 
@@ -69,8 +68,7 @@ def to_rgb(image: tf.Tensor) -> tf.Tensor:
   """
   shape = image.shape
   if shape.rank != 3 or shape[-1] not in (1, 3):
-    raise ValueError(
-        f"Expected an image of shape [H, W, 1] or [H, W, 3], got shape {shape}.")
+    raise ValueError(f"Expected an image of shape [H, W, 1] or [H, W, 3], got shape {shape}.")
   if shape[-1] == 1:
     return tf.tile(image, [1, 1, 3])
   return image
@@ -84,20 +82,19 @@ def _to_float(image: tf.Tensor) -> tf.Tensor:
 
 def _resize(image: tf.Tensor, height, width, interpolation: str) -> tf.Tensor:
   """Resizes float `[h, w, C]` to `[height, width, C]`, clipped to [0, 1]."""
-  out = tf.image.resize(image, tf.stack([height, width]),
-                        method=_check_interpolation(interpolation), antialias=True)
+  out = tf.image.resize(image, tf.stack([height, width]), method=_check_interpolation(interpolation), antialias=True)
   # Cubic/lanczos kernels overshoot; PIL clips when it writes uint8.
   return tf.clip_by_value(out, 0.0, 1.0)
 
 
 def random_resized_crop_box(
-    seed: tf.Tensor,
-    height: tf.Tensor,
-    width: tf.Tensor,
-    *,
-    scale: Sequence[float] = PRETRAIN_SCALE,
-    ratio: Sequence[float] = PRETRAIN_RATIO,
-    single_draw: bool = False,
+  seed: tf.Tensor,
+  height: tf.Tensor,
+  width: tf.Tensor,
+  *,
+  scale: Sequence[float] = PRETRAIN_SCALE,
+  ratio: Sequence[float] = PRETRAIN_RATIO,
+  single_draw: bool = False,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
   """Samples a crop box like torchvision / MAE `RandomResizedCrop.get_params`.
 
@@ -142,22 +139,20 @@ def random_resized_crop_box(
     ok = tf.reduce_any(valid)
     cw = tf.where(ok, cw[first], fb_w)
     ch = tf.where(ok, ch[first], fb_h)
-    top = tf.where(ok, tf.floor(u[2, first] * (h_f - ch + 1.0)),
-                   tf.floor((h_f - ch) / 2.0))
-    left = tf.where(ok, tf.floor(u[3, first] * (w_f - cw + 1.0)),
-                    tf.floor((w_f - cw) / 2.0))
+    top = tf.where(ok, tf.floor(u[2, first] * (h_f - ch + 1.0)), tf.floor((h_f - ch) / 2.0))
+    left = tf.where(ok, tf.floor(u[3, first] * (w_f - cw + 1.0)), tf.floor((w_f - cw) / 2.0))
   return tuple(tf.cast(v, tf.int32) for v in (top, left, ch, cw))
 
 
 def random_resized_crop(
-    image: tf.Tensor,
-    seed: tf.Tensor,
-    size: int,
-    *,
-    scale: Sequence[float] = PRETRAIN_SCALE,
-    ratio: Sequence[float] = PRETRAIN_RATIO,
-    interpolation: str = "bicubic",
-    single_draw: bool = False,
+  image: tf.Tensor,
+  seed: tf.Tensor,
+  size: int,
+  *,
+  scale: Sequence[float] = PRETRAIN_SCALE,
+  ratio: Sequence[float] = PRETRAIN_RATIO,
+  interpolation: str = "bicubic",
+  single_draw: bool = False,
 ) -> tf.Tensor:
   """Crops a random box (see `random_resized_crop_box`) and resizes it.
 
@@ -171,8 +166,9 @@ def random_resized_crop(
   """
   shape = tf.shape(image)
   top, left, ch, cw = random_resized_crop_box(
-      seed, shape[0], shape[1], scale=scale, ratio=ratio, single_draw=single_draw)
-  crop = image[top:top + ch, left:left + cw]
+    seed, shape[0], shape[1], scale=scale, ratio=ratio, single_draw=single_draw
+  )
+  crop = image[top : top + ch, left : left + cw]
   return _resize(_to_float(crop), size, size, interpolation)
 
 
@@ -222,11 +218,11 @@ def _nearest_taps(n, m, start, size: int):
 
 
 def resize_center_crop(
-    image: tf.Tensor,
-    size: int,
-    *,
-    crop_ratio: float = EVAL_CROP_RATIO,
-    interpolation: str = "bicubic",
+  image: tf.Tensor,
+  size: int,
+  *,
+  crop_ratio: float = EVAL_CROP_RATIO,
+  interpolation: str = "bicubic",
 ) -> tf.Tensor:
   """torchvision `Resize(floor(size / crop_ratio)) + CenterCrop(size)`, computed crop first.
 
@@ -271,25 +267,30 @@ def resize_center_crop(
   window = _to_float(image[y0:y1, x0:x1])
   scale = tf.cast(tf.stack([new_h, new_w]), tf.float32) / tf.cast(shape[:2], tf.float32)
   out = tf.raw_ops.ScaleAndTranslate(
-      images=window[None], size=tf.constant([size, size], tf.int32), scale=scale,
-      translation=tf.cast(tf.stack([ty, tx]), tf.float32), kernel_type=kernel, antialias=True)[0]
+    images=window[None],
+    size=tf.constant([size, size], tf.int32),
+    scale=scale,
+    translation=tf.cast(tf.stack([ty, tx]), tf.float32),
+    kernel_type=kernel,
+    antialias=True,
+  )[0]
   # Cubic/lanczos kernels overshoot; PIL clips when it writes uint8.
   return tf.clip_by_value(out, 0.0, 1.0)
 
 
 def preprocess(
-    image: tf.Tensor,
-    seed: tf.Tensor | None,
-    *,
-    size: int,
-    mode: str,
-    interpolation: str = "bicubic",
-    scale: Sequence[float] = PRETRAIN_SCALE,
-    ratio: Sequence[float] = PRETRAIN_RATIO,
-    crop_ratio: float = EVAL_CROP_RATIO,
-    eval_interpolation: str = "bicubic",
-    rand_augment: randaugment.RandAugmentConfig | None = None,
-    flip: tf.Tensor | None = None,
+  image: tf.Tensor,
+  seed: tf.Tensor | None,
+  *,
+  size: int,
+  mode: str,
+  interpolation: str = "bicubic",
+  scale: Sequence[float] = PRETRAIN_SCALE,
+  ratio: Sequence[float] = PRETRAIN_RATIO,
+  crop_ratio: float = EVAL_CROP_RATIO,
+  eval_interpolation: str = "bicubic",
+  rand_augment: randaugment.RandAugmentConfig | None = None,
+  flip: tf.Tensor | None = None,
 ) -> tf.Tensor:
   """The full per-example transform.
 
@@ -312,16 +313,14 @@ def preprocess(
     raise ValueError(f"Unknown augment mode {mode!r}; expected one of {MODES}.")
   image = to_rgb(image)
   if mode == "none":
-    out = resize_center_crop(image, size, crop_ratio=crop_ratio,
-                             interpolation=eval_interpolation)
+    out = resize_center_crop(image, size, crop_ratio=crop_ratio, interpolation=eval_interpolation)
   else:
     if seed is None:
       raise ValueError(f"mode {mode!r} needs a seed.")
-    crop_seed, flip_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, 2))
-    out = random_resized_crop(image, crop_seed, size, scale=scale, ratio=ratio,
-                              interpolation=interpolation,
-                              single_draw=(mode == "probe"))
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    out = random_resized_crop(
+      image, crop_seed, size, scale=scale, ratio=ratio, interpolation=interpolation, single_draw=(mode == "probe")
+    )
     out = random_flip(out, flip_seed, flip)
     if rand_augment is not None:
       # A seed of its own (not a third split) keeps the crop and flip draws of existing runs unchanged.

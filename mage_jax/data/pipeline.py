@@ -88,21 +88,24 @@ class InputConfig:
 
   def __post_init__(self):
     if self.views < 1 or (self.views > 1 and self.augment == "none"):
-      raise ValueError(f"views must be >= 1, and several views need a random augment mode (got views="
-                       f"{self.views}, augment={self.augment!r}).")
+      raise ValueError(
+        f"views must be >= 1, and several views need a random augment mode (got views="
+        f"{self.views}, augment={self.augment!r})."
+      )
     if self.batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {self.batch_size}.")
     if self.image_size <= 0:
       raise ValueError(f"image_size must be positive, got {self.image_size}.")
     if self.augment not in augment_lib.MODES:
-      raise ValueError(
-          f"Unknown augment {self.augment!r}; expected one of {augment_lib.MODES}.")
+      raise ValueError(f"Unknown augment {self.augment!r}; expected one of {augment_lib.MODES}.")
     if self.rand_augment:
       if self.augment == "none":
         raise ValueError(f"rand_augment={self.rand_augment!r} needs a random augment mode, not 'none'.")
       randaugment.parse(self.rand_augment)
-    for interp, known in ((self.interpolation, augment_lib.INTERPOLATIONS),
-                          (self.eval_interpolation, augment_lib.EVAL_INTERPOLATIONS)):
+    for interp, known in (
+      (self.interpolation, augment_lib.INTERPOLATIONS),
+      (self.eval_interpolation, augment_lib.EVAL_INTERPOLATIONS),
+    ):
       if interp not in known:
         raise ValueError(f"Unknown interpolation {interp!r}; expected one of {known}.")
 
@@ -138,8 +141,7 @@ def make_source(cfg: Any) -> sources.Source | synthetic.RandomSource:
   c = InputConfig.from_config(cfg)
   if synthetic.is_random(c.name):
     return synthetic.RandomSource(c.split)
-  return sources.get_source(c.name, c.split, c.data_dir, manual_dir=c.manual_dir,
-                            download=c.download)
+  return sources.get_source(c.name, c.split, c.data_dir, manual_dir=c.manual_dir, download=c.download)
 
 
 def num_examples(cfg: Any) -> int:
@@ -149,8 +151,7 @@ def num_examples(cfg: Any) -> int:
 
 def _steps_per_epoch(n: int, batch_size: int) -> int:
   if n < batch_size:
-    raise ValueError(f"Global batch_size {batch_size} is larger than the dataset "
-                     f"({n} examples).")
+    raise ValueError(f"Global batch_size {batch_size} is larger than the dataset ({n} examples).")
   return n // batch_size
 
 
@@ -162,11 +163,9 @@ def steps_per_epoch(cfg: Any) -> int:
 
 def _local_range(batch_size: int, process_index: int, process_count: int):
   if process_count <= 0 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in "
-                     f"[0, process_count={process_count}).")
+    raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count}).")
   if batch_size % process_count:
-    raise ValueError(f"Global batch_size {batch_size} is not divisible by "
-                     f"process_count {process_count}.")
+    raise ValueError(f"Global batch_size {batch_size} is not divisible by process_count {process_count}.")
   local = batch_size // process_count
   return process_index * local, local
 
@@ -179,15 +178,13 @@ def _purpose_key(seed: int, purpose: int) -> int:
   return int(state.astype(np.int64)[0])
 
 
-def global_batch_indices(step: int, *, seed: int, num_examples: int,
-                         batch_size: int) -> np.ndarray:
+def global_batch_indices(step: int, *, seed: int, num_examples: int, batch_size: int) -> np.ndarray:
   """The example indices of global batch `step`, int64 `[batch_size]` (for tests/tools)."""
   spe = _steps_per_epoch(num_examples, batch_size)
   epoch, within = divmod(step, spe)
   pos = within * batch_size + np.arange(batch_size, dtype=np.int64)
   key = tf.constant([_purpose_key(seed, _SHUFFLE_PURPOSE), epoch], tf.int64)
-  return tf.random.experimental.index_shuffle(
-      tf.constant(pos), key, tf.constant(num_examples - 1, tf.int64)).numpy()
+  return tf.random.experimental.index_shuffle(tf.constant(pos), key, tf.constant(num_examples - 1, tf.int64)).numpy()
 
 
 class DataIterator(Iterator[dict[str, np.ndarray]]):
@@ -197,8 +194,7 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
   not yet returned.
   """
 
-  def __init__(self, dataset: tf.data.Dataset, source: sources.Source,
-               num_batches: int | None = None):
+  def __init__(self, dataset: tf.data.Dataset, source: sources.Source, num_batches: int | None = None):
     self.dataset = dataset
     self.source = source
     self.num_batches = num_batches
@@ -232,12 +228,23 @@ def _transform(c: InputConfig):
   """(image, seed, flip=None) -> the configured training transform of one image (`augment.preprocess`)."""
   rand_augment = randaugment.parse(c.rand_augment) if c.rand_augment else None
   return lambda image, seed, flip=None: augment_lib.preprocess(
-      image, seed, size=c.image_size, mode=c.augment, interpolation=c.interpolation, scale=c.scale, ratio=c.ratio,
-      crop_ratio=c.crop_ratio, eval_interpolation=c.eval_interpolation, rand_augment=rand_augment, flip=flip)
+    image,
+    seed,
+    size=c.image_size,
+    mode=c.augment,
+    interpolation=c.interpolation,
+    scale=c.scale,
+    ratio=c.ratio,
+    crop_ratio=c.crop_ratio,
+    eval_interpolation=c.eval_interpolation,
+    rand_augment=rand_augment,
+    flip=flip,
+  )
 
 
-def example_views(cfg: Any, *, seed: int, index: np.ndarray, view: np.ndarray, batch: int,
-                  source: sources.Source | None = None) -> DataIterator:
+def example_views(
+  cfg: Any, *, seed: int, index: np.ndarray, view: np.ndarray, batch: int, source: sources.Source | None = None
+) -> DataIterator:
   """View `view[m]` of example `index[m]`, m = 0..M-1 in order, `batch` images at a time (cached-token views).
 
   The view is the configured training transform seeded by fold_in((seed, index), VIEW_SEED_OFFSET + view): a
@@ -263,8 +270,9 @@ def example_views(cfg: Any, *, seed: int, index: np.ndarray, view: np.ndarray, b
   if isinstance(src, synthetic.RandomSource):
     raise ValueError("input name 'random' has no images to augment; cached views need a real dataset")
   if index.shape != view.shape or index.ndim != 1 or batch <= 0 or index.size % batch:
-    raise ValueError(f"example_views: index {index.shape} and view {view.shape} must be equal 1-D shapes, a "
-                     f"multiple of batch={batch}")
+    raise ValueError(
+      f"example_views: index {index.shape} and view {view.shape} must be equal 1-D shapes, a multiple of batch={batch}"
+    )
   if index.size and (index.min() < 0 or index.max() >= src.num_examples or view.min() < 0):
     raise ValueError(f"example_views: indices must lie in [0, {src.num_examples}) and views be >= 0")
   key = tf.constant(_purpose_key(seed, _CACHED_VIEW_PURPOSE), tf.int64)
@@ -282,14 +290,14 @@ def example_views(cfg: Any, *, seed: int, index: np.ndarray, view: np.ndarray, b
 
 
 def train_iterator(
-    cfg: Any,
-    *,
-    seed: int,
-    start_step: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    return_index: bool = False,
-    source: sources.Source | None = None,
+  cfg: Any,
+  *,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  return_index: bool = False,
+  source: sources.Source | None = None,
 ) -> DataIterator:
   """Infinite iterator of this process's slice of global batches start_step, +1, ...
 
@@ -313,8 +321,17 @@ def train_iterator(
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
   if isinstance(src, synthetic.RandomSource):
-    return synthetic.RandomIterator(src, seed=seed, image_size=c.image_size, batch_size=c.batch_size, lo=lo,
-                                    local=local, start_step=start_step, views=c.views, return_index=return_index)
+    return synthetic.RandomIterator(
+      src,
+      seed=seed,
+      image_size=c.image_size,
+      batch_size=c.batch_size,
+      lo=lo,
+      local=local,
+      start_step=start_step,
+      views=c.views,
+      return_index=return_index,
+    )
   shuffle_key = tf.constant(_purpose_key(seed, _SHUFFLE_PURPOSE), tf.int64)
   augment_key = tf.constant(_purpose_key(seed, _AUGMENT_PURPOSE), tf.int64)
   batch = tf.constant(c.batch_size, tf.int64)
@@ -324,8 +341,7 @@ def train_iterator(
     j = tf.range(lo, lo + local, dtype=tf.int64)
     epoch = step // spe
     pos = (step % spe) * batch + j
-    index = tf.random.experimental.index_shuffle(
-        pos, tf.stack([shuffle_key, epoch]), max_index)
+    index = tf.random.experimental.index_shuffle(pos, tf.stack([shuffle_key, epoch]), max_index)
     return {"index": index, "sample": step * batch + j}
 
   transform = _transform(c)
@@ -352,12 +368,12 @@ def num_eval_batches(n: int, batch_size: int) -> int:
 
 
 def eval_iterator(
-    cfg: Any,
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-    return_index: bool = False,
-    source: sources.Source | None = None,
+  cfg: Any,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  return_index: bool = False,
+  source: sources.Source | None = None,
 ) -> DataIterator:
   """One pass over the split with the eval transform ('none'), padded batches.
 
@@ -373,8 +389,16 @@ def eval_iterator(
   n = src.num_examples
   steps = num_eval_batches(n, c.batch_size)
   if isinstance(src, synthetic.RandomSource):
-    return synthetic.RandomIterator(src, seed=0, image_size=c.image_size, batch_size=c.batch_size, lo=lo,
-                                    local=local, num_batches=steps, return_index=return_index)
+    return synthetic.RandomIterator(
+      src,
+      seed=0,
+      image_size=c.image_size,
+      batch_size=c.batch_size,
+      lo=lo,
+      local=local,
+      num_batches=steps,
+      return_index=return_index,
+    )
   batch = tf.constant(c.batch_size, tf.int64)
 
   def step_elements(step):
@@ -384,13 +408,12 @@ def eval_iterator(
   def load(el):
     def real():
       image, label = src.load(el["index"])
-      return augment_lib.preprocess(image, None, size=c.image_size, mode="none",
-                                crop_ratio=c.crop_ratio,
-                                eval_interpolation=c.eval_interpolation), label
+      return augment_lib.preprocess(
+        image, None, size=c.image_size, mode="none", crop_ratio=c.crop_ratio, eval_interpolation=c.eval_interpolation
+      ), label
 
     def pad():
-      return (tf.zeros([c.image_size, c.image_size, 3], tf.float32),
-              tf.constant(0, tf.int32))
+      return (tf.zeros([c.image_size, c.image_size, 3], tf.float32), tf.constant(0, tf.int32))
 
     image, label = tf.cond(el["mask"], real, pad)
     out = {"image": image, "label": label, "_mask": el["mask"]}
@@ -402,8 +425,9 @@ def eval_iterator(
   return DataIterator(_finish(ds, load, c, local), src, num_batches=steps)
 
 
-def global_eval_batches(cfg: Any, mesh, *, keys=("image", "label"), limit: int | None = None,
-                        source: sources.Source | None = None) -> Iterator[dict]:
+def global_eval_batches(
+  cfg: Any, mesh, *, keys=("image", "label"), limit: int | None = None, source: sources.Source | None = None
+) -> Iterator[dict]:
   """One pass over the split (eval transform) as global arrays sharded over `mesh`'s batch axes.
 
   Every process iterates (the batches are collective); each batch holds `keys` and '_mask' (False for padding
@@ -413,6 +437,7 @@ def global_eval_batches(cfg: Any, mesh, *, keys=("image", "label"), limit: int |
   import jax  # pylint: disable=g-import-not-at-top
 
   from mage_jax import sharding  # pylint: disable=g-import-not-at-top
+
   c = InputConfig.from_config(cfg)
   src = source or make_source(c)
   n = src.num_examples if limit is None else min(limit, src.num_examples)
@@ -424,8 +449,7 @@ def global_eval_batches(cfg: Any, mesh, *, keys=("image", "label"), limit: int |
     yield sharding.global_batch({k: batch[k] for k in (*keys, "_mask")}, mesh)
 
 
-def measure_throughput(cfg: Any, num_batches: int, *, warmup: int = 2,
-                       seed: int = 0) -> dict[str, float]:
+def measure_throughput(cfg: Any, num_batches: int, *, warmup: int = 2, seed: int = 0) -> dict[str, float]:
   """Times `num_batches` train batches after `warmup` ones.
 
   Returns:
@@ -441,6 +465,10 @@ def measure_throughput(cfg: Any, num_batches: int, *, warmup: int = 2,
   for _ in range(num_batches):
     next(it)
   dt = time.perf_counter() - t1
-  return {"images_per_s": num_batches * c.batch_size / dt, "seconds": dt,
-          "batches": float(num_batches), "batch_size": float(c.batch_size),
-          "startup_s": t1 - t0}
+  return {
+    "images_per_s": num_batches * c.batch_size / dt,
+    "seconds": dt,
+    "batches": float(num_batches),
+    "batch_size": float(c.batch_size),
+    "startup_s": t1 - t0,
+  }

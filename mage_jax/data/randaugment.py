@@ -30,11 +30,40 @@ with epy.lazy_imports(success_callback=data.tensorflow_loaded):
 
 MAX_LEVEL = 10.0
 # timm's orders; the op drawn is an index into one of these.
-INCREASING_OPS = ("auto_contrast", "equalize", "invert", "rotate", "posterize_increasing", "solarize_increasing",
-                  "solarize_add", "color_increasing", "contrast_increasing", "brightness_increasing",
-                  "sharpness_increasing", "shear_x", "shear_y", "translate_x", "translate_y")
-ORIGINAL_OPS = ("auto_contrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
-                "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
+INCREASING_OPS = (
+  "auto_contrast",
+  "equalize",
+  "invert",
+  "rotate",
+  "posterize_increasing",
+  "solarize_increasing",
+  "solarize_add",
+  "color_increasing",
+  "contrast_increasing",
+  "brightness_increasing",
+  "sharpness_increasing",
+  "shear_x",
+  "shear_y",
+  "translate_x",
+  "translate_y",
+)
+ORIGINAL_OPS = (
+  "auto_contrast",
+  "equalize",
+  "invert",
+  "rotate",
+  "posterize",
+  "solarize",
+  "solarize_add",
+  "color",
+  "contrast",
+  "brightness",
+  "sharpness",
+  "shear_x",
+  "shear_y",
+  "translate_x",
+  "translate_y",
+)
 IMAGENET_FILL = (124, 116, 104)  # timm: round(255 * ImageNet mean), the colour geometric ops fill with
 
 
@@ -77,6 +106,7 @@ def parse(spec: str, fill: tuple[int, int, int] = IMAGENET_FILL) -> RandAugmentC
 
 
 # ---- PIL's pixel operations on uint8 images (held as int32 [H, W, C]) --------------------------------------
+
 
 def _channel_bins(image: tf.Tensor) -> tf.Tensor:
   """[H*W, C] indices into per-channel 256-entry tables laid end to end (value + 256 * channel)."""
@@ -250,6 +280,7 @@ def translate_y(image, pixels, fill):
 
 # ---- timm's level functions: magnitude in [0, 10] (and a random sign) -> op argument ----------------------
 
+
 def apply_op(name: str, image, magnitude, negate, config: RandAugmentConfig):
   """One timm op at `magnitude` (float scalar tensor); `negate` (bool tensor) flips signed arguments."""
   level = tf.cast(magnitude, tf.float64) / MAX_LEVEL
@@ -292,8 +323,7 @@ def rand_augment(image: tf.Tensor, seed: tf.Tensor, config: RandAugmentConfig) -
   out = tf.cast(image, tf.int32)
   ops = config.ops
   for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, config.num_layers)):
-    op_seed, apply_seed, magnitude_seed, sign_seed = tf.unstack(
-        tf.random.experimental.stateless_split(layer_seed, 4))
+    op_seed, apply_seed, magnitude_seed, sign_seed = tf.unstack(tf.random.experimental.stateless_split(layer_seed, 4))
     index = tf.random.stateless_uniform([], op_seed, 0, len(ops), dtype=tf.int32)
     applied = tf.random.stateless_uniform([], apply_seed) < config.prob
     magnitude = config.magnitude + config.magnitude_std * tf.random.stateless_normal([], magnitude_seed)

@@ -48,10 +48,10 @@ from mage_jax.data import augment
 # Debian/Ubuntu package `dataset-fashion-mnist` installs the original IDX files here.
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
-    "train_data": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_data": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
+  "train_data": "train-images-idx3-ubyte",
+  "train_labels": "train-labels-idx1-ubyte",
+  "test_data": "t10k-images-idx3-ubyte",
+  "test_labels": "t10k-labels-idx1-ubyte",
 }
 # TFDS datasets small enough to hold in memory as uint8 arrays.
 IN_MEMORY_TFDS = frozenset({"fashion_mnist", "mnist", "cifar10", "cifar100"})
@@ -83,8 +83,7 @@ class CorruptStats:
   def snapshot(self) -> dict[str, object]:
     """{'corrupt_skipped': times an example was replaced, 'corrupt_files': names}."""
     with self._lock:
-      return {"corrupt_skipped": self._skipped,
-              "corrupt_files": tuple(sorted(self._files))}
+      return {"corrupt_skipped": self._skipped, "corrupt_files": tuple(sorted(self._files))}
 
 
 # ------------------------------------------------------------------------------
@@ -110,9 +109,7 @@ def _check_images(images: np.ndarray) -> np.ndarray:
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(
-        "Expected images of shape [N, H, W], [N, H, W, 1] or [N, H, W, 3], got "
-        f"shape {images.shape}.")
+    raise ValueError(f"Expected images of shape [N, H, W], [N, H, W, 1] or [N, H, W, 3], got shape {images.shape}.")
   if images.dtype != np.uint8:
     raise ValueError(f"Expected uint8 images, got dtype {images.dtype}.")
   return images
@@ -125,8 +122,7 @@ class ArraySource(Source):
     self.images = _check_images(images)
     self.labels = np.asarray(labels).astype(np.int32)
     if self.labels.shape != (self.images.shape[0],):
-      raise ValueError(f"labels shape {self.labels.shape} does not match "
-                       f"{self.images.shape[0]} images.")
+      raise ValueError(f"labels shape {self.labels.shape} does not match {self.images.shape[0]} images.")
     self.num_examples = int(self.images.shape[0])
     self.stats = CorruptStats()
     # Eager tensors: tf.data functions capture them as inputs, so the arrays
@@ -172,12 +168,12 @@ class EncodedSource(Source):
           self._bad[j] = name
         self.stats.add(name, f"{type(e).__name__}: {e}")
     raise RuntimeError(
-        f"No decodable image in {min(n, MAX_CONSECUTIVE_CORRUPT)} consecutive "
-        f"examples starting at index {index} of {self.description}.")
+      f"No decodable image in {min(n, MAX_CONSECUTIVE_CORRUPT)} consecutive "
+      f"examples starting at index {index} of {self.description}."
+    )
 
   def load(self, index):
-    image, label = tf.numpy_function(
-        self.load_numpy, [index], (tf.uint8, tf.int32), stateful=True)
+    image, label = tf.numpy_function(self.load_numpy, [index], (tf.uint8, tf.int32), stateful=True)
     image.set_shape([None, None, 3])
     label.set_shape([])
     return image, label
@@ -200,8 +196,7 @@ def list_image_folder(root: str) -> tuple[image_io.ImageListing, list[str]]:
   if not os.path.isdir(root):
     raise FileNotFoundError(f"Image folder {root!r} does not exist.")
   entries = sorted(os.listdir(root))
-  classes = [d for d in entries
-             if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
+  classes = [d for d in entries if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
   if classes:
     listing = image_io.list_images(*(os.path.join(root, c) for c in classes), within=root)
     loose = len(entries) - len(classes)
@@ -215,8 +210,8 @@ def list_image_folder(root: str) -> tuple[image_io.ImageListing, list[str]]:
     listing = image_io.list_images(root)
   if not listing.paths:
     raise FileNotFoundError(
-        f"No image files ({', '.join(image_io.IMAGE_EXTENSIONS)}) found under "
-        f"{root!r} ({listing.summary()}).")
+      f"No image files ({', '.join(image_io.IMAGE_EXTENSIONS)}) found under {root!r} ({listing.summary()})."
+    )
   return listing, classes
 
 
@@ -248,6 +243,7 @@ class FolderSplit:
   a held-out set of 1000 images drawn evenly from every class, the same on every machine and after images
   are added elsewhere in the order. Within a slice the files keep the listing order (grouped by class).
   """
+
   name: str
   start: str = ""
   end: str = ""
@@ -262,15 +258,18 @@ def parse_folder_split(split: str) -> FolderSplit:
   """Parses a folder split (see `FolderSplit`); a malformed one is a ValueError naming it."""
   match = _FOLDER_SPLIT.match(split)
   if not match:
-    raise ValueError(f"folder split {split!r} is malformed: expected NAME or NAME[START:END] (e.g. "
-                     "'train[:-1000]', 'train[90%:]')")
+    raise ValueError(
+      f"folder split {split!r} is malformed: expected NAME or NAME[START:END] (e.g. 'train[:-1000]', 'train[90%:]')"
+    )
   name, inside = match.group(1), match.group(2)
   if inside is None:
     return FolderSplit(name)
   parts = [p.strip() for p in inside.split(":")]
   if len(parts) != 2 or not all(p == "" or _SLICE_BOUND.match(p) for p in parts):
-    raise ValueError(f"folder split {split!r} has a malformed slice [{inside}]: expected [START:END] with "
-                     "optional integers or percents (e.g. [:-1000], [-1000:], [:90%], [90%:])")
+    raise ValueError(
+      f"folder split {split!r} has a malformed slice [{inside}]: expected [START:END] with "
+      "optional integers or percents (e.g. [:-1000], [-1000:], [:90%], [90%:])"
+    )
   for p in parts:
     if p.endswith("%") and abs(int(p[:-1])) > 100:
       raise ValueError(f"folder split {split!r}: {p} is not a percentage between -100% and 100%")
@@ -347,19 +346,19 @@ class TfdsSource(EncodedSource):
   def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
       raise ValueError(
-          f"{builder.name} in {builder.data_dir} was prepared as "
-          f"{builder.info.file_format.value}; random access needs array_record. "
-          "Convert it with `tfds convert_format --dataset_version_dir="
-          f"{builder.data_dir} --out_file_format=array_record` or prepare it again "
-          "in an empty data_dir.")
+        f"{builder.name} in {builder.data_dir} was prepared as "
+        f"{builder.info.file_format.value}; random access needs array_record. "
+        "Convert it with `tfds convert_format --dataset_version_dir="
+        f"{builder.data_dir} --out_file_format=array_record` or prepare it again "
+        "in an empty data_dir."
+      )
     keys = builder.info.supervised_keys or ("image", "label")
     self._image_key, self._label_key = keys[0], keys[1]
     features = builder.info.features
     if not isinstance(features[self._image_key], tfds.features.Image):
       raise ValueError(f"{builder.name}: feature {self._image_key!r} is not an image.")
     self._name_key = "file_name" if "file_name" in features else None
-    self._src = builder.as_data_source(
-        split=split, decoders={self._image_key: tfds.decode.SkipDecoding()})
+    self._src = builder.as_data_source(split=split, decoders={self._image_key: tfds.decode.SkipDecoding()})
     super().__init__(len(self._src), f"{builder.name} {split} in {builder.data_dir}")
 
   def read(self, index):
@@ -387,17 +386,16 @@ class FashionMnistLocal(tfds_mnist.FashionMNIST, skip_registration=True):
     super().__init__(**kwargs)
 
   def _split_generators(self, dl_manager):
-    files = dl_manager.extract(
-        {k: _fashion_file(self._source_dir, v) for k, v in FASHION_MNIST_FILES.items()})
+    files = dl_manager.extract({k: _fashion_file(self._source_dir, v) for k, v in FASHION_MNIST_FILES.items()})
     return [
-        tfds.core.SplitGenerator(
-            name=tfds.Split.TRAIN,
-            gen_kwargs=dict(num_examples=60000, data_path=files["train_data"],
-                            label_path=files["train_labels"])),
-        tfds.core.SplitGenerator(
-            name=tfds.Split.TEST,
-            gen_kwargs=dict(num_examples=10000, data_path=files["test_data"],
-                            label_path=files["test_labels"])),
+      tfds.core.SplitGenerator(
+        name=tfds.Split.TRAIN,
+        gen_kwargs=dict(num_examples=60000, data_path=files["train_data"], label_path=files["train_labels"]),
+      ),
+      tfds.core.SplitGenerator(
+        name=tfds.Split.TEST,
+        gen_kwargs=dict(num_examples=10000, data_path=files["test_data"], label_path=files["test_labels"]),
+      ),
     ]
 
 
@@ -419,11 +417,11 @@ def _builder(name, data_dir, file_format=None):
 
 
 def prepare_fashion_mnist(
-    data_dir: str | None,
-    source_dir: str | None = None,
-    *,
-    download: bool = False,
-    file_format: str | None = None,
+  data_dir: str | None,
+  source_dir: str | None = None,
+  *,
+  download: bool = False,
+  file_format: str | None = None,
 ) -> tfds.core.DatasetBuilder:
   """Makes `tfds.load("fashion_mnist", data_dir=data_dir)` work, offline if possible.
 
@@ -435,8 +433,7 @@ def prepare_fashion_mnist(
   if builder.is_prepared():
     return builder
   source_dir = source_dir or DEBIAN_FASHION_MNIST_DIR
-  missing = [s for s in FASHION_MNIST_FILES.values()
-             if _fashion_file(source_dir, s) is None]
+  missing = [s for s in FASHION_MNIST_FILES.values() if _fashion_file(source_dir, s) is None]
   if not missing:
     kwargs = {"file_format": file_format} if file_format else {}
     local = FashionMnistLocal(source_dir=source_dir, data_dir=data_dir, **kwargs)
@@ -446,20 +443,21 @@ def prepare_fashion_mnist(
     builder.download_and_prepare(download_config=_no_download_config())
     return builder
   raise FileNotFoundError(
-      f"fashion_mnist is not prepared in data_dir {builder.data_dir!r} and the IDX "
-      f"files {missing} are missing from {source_dir!r}. Either install them "
-      "(`apt-get install -y dataset-fashion-mnist`, which puts them in "
-      f"{DEBIAN_FASHION_MNIST_DIR}) or run once with internet access and "
-      "download=True.")
+    f"fashion_mnist is not prepared in data_dir {builder.data_dir!r} and the IDX "
+    f"files {missing} are missing from {source_dir!r}. Either install them "
+    "(`apt-get install -y dataset-fashion-mnist`, which puts them in "
+    f"{DEBIAN_FASHION_MNIST_DIR}) or run once with internet access and "
+    "download=True."
+  )
 
 
 def prepare_tfds(
-    name: str,
-    data_dir: str | None,
-    *,
-    manual_dir: str | None = None,
-    download: bool = False,
-    file_format: str | None = "array_record",
+  name: str,
+  data_dir: str | None,
+  *,
+  manual_dir: str | None = None,
+  download: bool = False,
+  file_format: str | None = "array_record",
 ) -> tfds.core.DatasetBuilder:
   """Returns a prepared builder; prepares from `manual_dir` when needed.
 
@@ -468,27 +466,27 @@ def prepare_tfds(
   others are downloaded only if `download=True`.
   """
   if name == "fashion_mnist":
-    return prepare_fashion_mnist(data_dir, manual_dir, download=download,
-                                 file_format=file_format)
+    return prepare_fashion_mnist(data_dir, manual_dir, download=download, file_format=file_format)
   builder = _builder(name, data_dir, file_format)
   if builder.is_prepared():
     return builder
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-    manual = manual_dir or os.path.join(
-        data_dir or tfds.core.constants.DATA_DIR, "downloads", "manual")
+    manual = manual_dir or os.path.join(data_dir or tfds.core.constants.DATA_DIR, "downloads", "manual")
     if not os.path.isdir(manual) or not os.listdir(manual):
       raise FileNotFoundError(
-          f"{name} is not prepared in data_dir {str(builder.data_dir)!r} and its "
-          f"manual_dir {manual!r} is missing or empty. "
-          f"{name} needs: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+        f"{name} is not prepared in data_dir {str(builder.data_dir)!r} and its "
+        f"manual_dir {manual!r} is missing or empty. "
+        f"{name} needs: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}"
+      )
     builder.download_and_prepare(download_config=_no_download_config(manual))
     return builder
   if download:
     builder.download_and_prepare(download_config=_no_download_config())
     return builder
   raise FileNotFoundError(
-      f"{name} is not prepared in data_dir {str(builder.data_dir)!r} (does the "
-      "path exist?). Prepare it there, or pass download=True (needs internet).")
+    f"{name} is not prepared in data_dir {str(builder.data_dir)!r} (does the "
+    "path exist?). Prepare it there, or pass download=True (needs internet)."
+  )
 
 
 # ------------------------------------------------------------------------------
@@ -499,12 +497,12 @@ def is_folder(name: str) -> bool:
 
 
 def get_source(
-    name: str,
-    split: str,
-    data_dir: str | None = None,
-    *,
-    manual_dir: str | None = None,
-    download: bool = False,
+  name: str,
+  split: str,
+  data_dir: str | None = None,
+  *,
+  manual_dir: str | None = None,
+  download: bool = False,
 ) -> Source:
   """Builds the `Source` for a dataset name.
 
@@ -521,10 +519,9 @@ def get_source(
     download: allow a network download if nothing local exists.
   """
   if is_folder(name):
-    return FolderSource(name[len(FOLDER_PREFIX):], split)
+    return FolderSource(name[len(FOLDER_PREFIX) :], split)
   if name in IN_MEMORY_TFDS:
-    return ArraySource(*load_arrays(name, split, data_dir, manual_dir=manual_dir,
-                                    download=download))
+    return ArraySource(*load_arrays(name, split, data_dir, manual_dir=manual_dir, download=download))
   if data_dir is not None and not os.path.isdir(data_dir) and manual_dir is None:
     raise FileNotFoundError(f"TFDS data_dir {data_dir!r} does not exist.")
   builder = prepare_tfds(name, data_dir, manual_dir=manual_dir, download=download)
@@ -544,20 +541,19 @@ def _tfds_arrays(name, split, data_dir, manual_dir, download):
   shape = info.features[img_key].shape
   if None in shape:
     raise ValueError(
-        f"load_arrays needs fixed-size images; {name} has image shape {shape}. "
-        "Use pipeline.train_iterator / eval_iterator instead.")
+      f"load_arrays needs fixed-size images; {name} has image shape {shape}. "
+      "Use pipeline.train_iterator / eval_iterator instead."
+    )
   # Prepared as tfrecord (the TFDS default) when missing: `as_dataset` below
   # cannot read array_record.
-  builder = prepare_tfds(name, data_dir, manual_dir=manual_dir,
-                         download=download, file_format=None)
+  builder = prepare_tfds(name, data_dir, manual_dir=manual_dir, download=download, file_format=None)
   if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
     src = builder.as_data_source(split=split)
     items = src.__getitems__(range(len(src)))
     images = np.stack([ex[img_key] for ex in items])
     labels = np.asarray([ex[label_key] for ex in items])
   else:
-    ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True,
-                            shuffle_files=False)
+    ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True, shuffle_files=False)
     images, labels = tfds.as_numpy(ds)
   images = _check_images(images)
   labels = labels.astype(np.int32)
@@ -584,23 +580,23 @@ def _folder_arrays(path, split, image_size):
     names.append(name)
   if not images:
     raise ValueError(f"No decodable image in {src.description}.")
-  image_io.require_one_size(zip(names, (im.shape[:2] for im in images)), src.description,
-                            "Pass image_size=... to resize them.")
+  image_io.require_one_size(
+    zip(names, (im.shape[:2] for im in images)), src.description, "Pass image_size=... to resize them."
+  )
   skipped = src.stats.snapshot()["corrupt_skipped"]
   if skipped:
-    logging.warning("load_arrays skipped %d undecodable images in %s.", skipped,
-                    src.root)
+    logging.warning("load_arrays skipped %d undecodable images in %s.", skipped, src.root)
   return np.stack(images), np.asarray(labels, np.int32)
 
 
 def load_arrays(
-    name: str,
-    split: str,
-    data_dir: str | None = None,
-    *,
-    manual_dir: str | None = None,
-    download: bool = False,
-    image_size: int | None = None,
+  name: str,
+  split: str,
+  data_dir: str | None = None,
+  *,
+  manual_dir: str | None = None,
+  download: bool = False,
+  image_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """A whole small dataset in memory.
 
@@ -621,7 +617,7 @@ def load_arrays(
     files are skipped (logged).
   """
   if is_folder(name):
-    return _folder_arrays(name[len(FOLDER_PREFIX):], split, image_size)
+    return _folder_arrays(name[len(FOLDER_PREFIX) :], split, image_size)
   if image_size is not None:
     raise ValueError("image_size is only supported for folder datasets.")
   return _tfds_arrays(name, split, data_dir, manual_dir, download)

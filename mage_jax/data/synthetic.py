@@ -71,8 +71,20 @@ class RandomIterator(Iterator[dict[str, np.ndarray]]):
   with label 0 and mask False.
   """
 
-  def __init__(self, source: RandomSource, *, seed: int, image_size: int, batch_size: int, lo: int, local: int,
-               start_step: int = 0, views: int = 1, num_batches: int | None = None, return_index: bool = False):
+  def __init__(
+    self,
+    source: RandomSource,
+    *,
+    seed: int,
+    image_size: int,
+    batch_size: int,
+    lo: int,
+    local: int,
+    start_step: int = 0,
+    views: int = 1,
+    num_batches: int | None = None,
+    return_index: bool = False,
+  ):
     self.source = source
     self.num_batches = num_batches
     self._seed, self._batch, self._lo, self._local = seed, batch_size, lo, local
@@ -96,8 +108,12 @@ class RandomIterator(Iterator[dict[str, np.ndarray]]):
     evaluating = self.num_batches is not None
     n = self.source.num_examples
     purpose = EVAL_PURPOSE if evaluating else TRAIN_PURPOSE
-    examples = [_example(self._seed, purpose, int(p) % n, self._shape) if not evaluating or p < n
-                else (np.zeros(self._shape, np.float32), np.int32(0)) for p in positions]
+    examples = [
+      _example(self._seed, purpose, int(p) % n, self._shape)
+      if not evaluating or p < n
+      else (np.zeros(self._shape, np.float32), np.int32(0))
+      for p in positions
+    ]
     out = {"image": np.stack([e[0] for e in examples]), "label": np.array([e[1] for e in examples], np.int32)}
     if evaluating:
       out["_mask"] = positions < n

@@ -27,16 +27,23 @@ import ml_collections
 REQUIRED = ("FEATURES", "run", "rows")
 
 
-def input_config(config: ml_collections.ConfigDict, split: str, batch_size: int, image_size: int,
-                 augment: str = "none") -> dict:
+def input_config(
+  config: ml_collections.ConfigDict, split: str, batch_size: int, image_size: int, augment: str = "none"
+) -> dict:
   """`config.input` for one split, batch and augmentation at the checkpoint's resolution."""
-  return {**config.input.to_dict(), "split": split, "batch_size": batch_size, "image_size": image_size,
-          "augment": augment}
+  return {
+    **config.input.to_dict(),
+    "split": split,
+    "batch_size": batch_size,
+    "image_size": image_size,
+    "augment": augment,
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What an evaluator may use: the eval config, the checkpoint, its workdir and the feature machinery."""
+
   config: ml_collections.ConfigDict
   params_dir: str
   workdir: str
@@ -61,16 +68,19 @@ def load(name: str) -> types.ModuleType:
   if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
     raise ValueError(f"config.evals: {name!r} is not an evaluator name; built in: {', '.join(builtin())}")
   if "." not in name and name not in builtin():
-    raise ValueError(f"config.evals: unknown evaluator {name!r}; built in: {', '.join(builtin())}, or a dotted "
-                     "module path of your own")
+    raise ValueError(
+      f"config.evals: unknown evaluator {name!r}; built in: {', '.join(builtin())}, or a dotted module path of your own"
+    )
   try:
     module = importlib.import_module(name if "." in name else f"{__name__}.{name}")
   except ImportError as e:
     raise ValueError(f"config.evals: evaluator {name!r} cannot be imported ({e})") from None
   missing = [a for a in REQUIRED if not hasattr(module, a)]
   if missing:
-    raise ValueError(f"config.evals: module {module.__name__} is not an evaluator (it lacks {', '.join(missing)}; "
-                     "see mage_jax/evals/__init__.py)")
+    raise ValueError(
+      f"config.evals: module {module.__name__} is not an evaluator (it lacks {', '.join(missing)}; "
+      "see mage_jax/evals/__init__.py)"
+    )
   return module
 
 

@@ -14,12 +14,15 @@ FEATURES = True
 def check(config) -> None:
   from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: not for --help)
   from mage_jax.evals import input_config  # pylint: disable=g-import-not-at-top
+
   split = config.fewshot.train_split or config.input.split
   n = pipeline.num_examples(input_config(config, split, 1, 32))
   need = max(config.fewshot.shots) * config.num_classes
   if n < need:
-    raise ValueError(f"few-shot: {max(config.fewshot.shots)} shots of {config.num_classes} classes need at least "
-                     f"{need} training examples, the split {split!r} has {n}")
+    raise ValueError(
+      f"few-shot: {max(config.fewshot.shots)} shots of {config.num_classes} classes need at least "
+      f"{need} training examples, the split {split!r} has {n}"
+    )
 
 
 def run(context, features) -> dict:
@@ -30,10 +33,18 @@ def run(context, features) -> dict:
   for classifier in f.classifiers:
     t0 = time.time()
     reg = f.get(f"l2_{classifier}", -1.0)
-    accs = fewshot.evaluate_fewshot(train_x, train_y, test_x, test_y, shots=tuple(f.shots), trials=f.trials,
-                                    seed=config.seed, classifier=classifier,
-                                    l2_reg=None if reg is None or reg < 0 else reg,
-                                    num_classes=config.num_classes)
+    accs = fewshot.evaluate_fewshot(
+      train_x,
+      train_y,
+      test_x,
+      test_y,
+      shots=tuple(f.shots),
+      trials=f.trials,
+      seed=config.seed,
+      classifier=classifier,
+      l2_reg=None if reg is None or reg < 0 else reg,
+      num_classes=config.num_classes,
+    )
     out[classifier] = {str(s): {"mean": m, "std": sd} for s, (m, sd) in accs.items()}
     out[classifier]["seconds"] = time.time() - t0
   out["trials"] = f.trials
@@ -41,6 +52,10 @@ def run(context, features) -> dict:
 
 
 def rows(result: dict) -> list[tuple[str, str]]:
-  return [(f"{shot}-shot {classifier}", f"{pct(v['mean'])} ± {pct(v['std'])}")
-          for classifier, per_shot in result.items() if isinstance(per_shot, dict)
-          for shot, v in per_shot.items() if isinstance(v, dict)]
+  return [
+    (f"{shot}-shot {classifier}", f"{pct(v['mean'])} ± {pct(v['std'])}")
+    for classifier, per_shot in result.items()
+    if isinstance(per_shot, dict)
+    for shot, v in per_shot.items()
+    if isinstance(v, dict)
+  ]

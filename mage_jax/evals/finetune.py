@@ -14,9 +14,11 @@ FEATURES = False
 def run(context, features) -> dict:
   del features
   from mage_jax.jobs import finetune  # pylint: disable=g-import-not-at-top
+
   workdir = os.path.join(context.workdir, "finetune")
-  checkpointing.claim(workdir, {"model": probe.params_identity(context.params_dir),
-                                "finetune": context.config.finetune.to_dict()})
+  checkpointing.claim(
+    workdir, {"model": probe.params_identity(context.params_dir), "finetune": context.config.finetune.to_dict()}
+  )
   return finetune.run(context.config.finetune, context.params_dir, workdir)
 
 

@@ -15,10 +15,13 @@ FEATURES = True
 def check(config) -> None:
   from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: not for --help)
   from mage_jax.evals import input_config  # pylint: disable=g-import-not-at-top
+
   n = pipeline.num_examples(input_config(config, config.input.split, 1, 32))
   if n < config.linear_probe.batch_size:
-    raise ValueError(f"linear probe: batch_size {config.linear_probe.batch_size} is larger than the train "
-                     f"split {config.input.split!r} ({n} examples)")
+    raise ValueError(
+      f"linear probe: batch_size {config.linear_probe.batch_size} is larger than the train "
+      f"split {config.input.split!r} ({n} examples)"
+    )
 
 
 def _workdir(context, features) -> str:
@@ -31,36 +34,66 @@ def start(context, sets) -> None:
   config = context.config
   for fs in sets:
     model = probe.params_identity(context.params_dir) if fs.name == "mage" else "raw pixels"
-    checkpointing.claim(_workdir(context, fs), {
-        "features": fs.name, "model": model, "input": context.input_config(config.input.split, 0),
-        "eval_split": config.eval_split, "linear_probe": config.linear_probe.to_dict(), "seed": config.seed})
+    checkpointing.claim(
+      _workdir(context, fs),
+      {
+        "features": fs.name,
+        "model": model,
+        "input": context.input_config(config.input.split, 0),
+        "eval_split": config.eval_split,
+        "linear_probe": config.linear_probe.to_dict(),
+        "seed": config.seed,
+      },
+    )
 
 
 def run(context, features) -> dict:
   from mage_jax.jobs import linear_probe  # pylint: disable=g-import-not-at-top
+
   config = context.config
   lp = config.linear_probe.to_dict()
   stop = lp.pop("stop_after_epochs", 0) or None
   augment = lp.pop("augment")
   dropout = lp.pop("dropout")
-  cfg = config_views.from_config(linear_probe.ProbeConfig, lp, "config.linear_probe",
-                                 num_classes=config.num_classes, seed=config.seed)
+  cfg = config_views.from_config(
+    linear_probe.ProbeConfig, lp, "config.linear_probe", num_classes=config.num_classes, seed=config.seed
+  )
   val_x, val_y = context.features(features, config.eval_split)
   if augment == "none":
     data = linear_probe.CachedFeatures(*context.features(features, config.input.split))
   else:
-    data = linear_probe.OnlineImages(context.input_config(config.input.split, cfg.batch_size, augment),
-                                     features.feature_fn, features.variables, features.shardings, dropout=dropout)
+    data = linear_probe.OnlineImages(
+      context.input_config(config.input.split, cfg.batch_size, augment),
+      features.feature_fn,
+      features.variables,
+      features.shardings,
+      dropout=dropout,
+    )
   workdir = _workdir(context, features)
-  results, _ = linear_probe.train_probe(data, val_x, val_y, cfg, workdir=workdir, mesh=context.mesh, dim=features.dim,
-                                        stop_after_epochs=stop, export_dir=os.path.join(workdir, "params"),
-                                        backbone=context.backbone if features.name == "mage" else None)
-  results["protocol"] = ("official: augmented images through the backbone every step" if augment != "none"
-                         else "cached features (eval transform, no augmentation, no dropout)")
+  results, _ = linear_probe.train_probe(
+    data,
+    val_x,
+    val_y,
+    cfg,
+    workdir=workdir,
+    mesh=context.mesh,
+    dim=features.dim,
+    stop_after_epochs=stop,
+    export_dir=os.path.join(workdir, "params"),
+    backbone=context.backbone if features.name == "mage" else None,
+  )
+  results["protocol"] = (
+    "official: augmented images through the backbone every step"
+    if augment != "none"
+    else "cached features (eval transform, no augmentation, no dropout)"
+  )
   return results
 
 
 def rows(result: dict) -> list[tuple[str, str]]:
   suffix = "" if result["completed"] else f" (stopped at epoch {result['epochs_done']})"
-  return [("linear probe top-1", pct(result["top1"]) + suffix), ("linear probe top-5", pct(result["top5"])),
-          ("linear probe best top-1", pct(result["best_top1"]))]
+  return [
+    ("linear probe top-1", pct(result["top1"]) + suffix),
+    ("linear probe top-5", pct(result["top5"])),
+    ("linear probe best top-1", pct(result["best_top1"])),
+  ]

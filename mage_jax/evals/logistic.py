@@ -16,8 +16,14 @@ def run(context, features) -> dict:
   train_x, train_y = context.features(features, config.input.split)
   test_x, test_y = context.features(features, config.eval_split)
   out = logistic_probe.evaluate(train_x, train_y, test_x, test_y, num_classes=config.num_classes, seed=config.seed)
-  logging.info("%s logistic probe: top-1 %.4f (l2 %g, %d train examples, %.1f s)", features.name, out["top1"],
-               out["l2"], out["train_examples"], out["seconds"])
+  logging.info(
+    "%s logistic probe: top-1 %.4f (l2 %g, %d train examples, %.1f s)",
+    features.name,
+    out["top1"],
+    out["l2"],
+    out["train_examples"],
+    out["seconds"],
+  )
   return out
 
 

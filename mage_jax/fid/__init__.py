@@ -14,11 +14,21 @@ Submodules are imported lazily so that `python -m mage_jax.fid.weights` runs cle
 import importlib
 
 _EXPORTS = {
-    "FIDInception": "inception", "preprocess": "inception", "resize_bilinear": "inception",
-    "FidIsResult": "metrics", "ImageStatistics": "metrics", "compute_stats_for_images": "metrics",
-    "evaluate": "metrics", "frechet_distance": "metrics", "inception_score": "metrics",
-    "load_or_compute_reference_stats": "metrics", "statistics": "metrics", "precision_recall": "metrics",
-    "default_weights_path": "weights", "load_inception": "weights", "load_weights": "weights",
+  "FIDInception": "inception",
+  "preprocess": "inception",
+  "resize_bilinear": "inception",
+  "FidIsResult": "metrics",
+  "ImageStatistics": "metrics",
+  "compute_stats_for_images": "metrics",
+  "evaluate": "metrics",
+  "frechet_distance": "metrics",
+  "inception_score": "metrics",
+  "load_or_compute_reference_stats": "metrics",
+  "statistics": "metrics",
+  "precision_recall": "metrics",
+  "default_weights_path": "weights",
+  "load_inception": "weights",
+  "load_weights": "weights",
 }
 
 __all__ = sorted(_EXPORTS)

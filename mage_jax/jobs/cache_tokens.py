@@ -40,24 +40,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cached_tokens.check_codebook(tokenizer.config.codebook_size)
   source = pipeline.make_source(config.input)
   meta = cached_tokens.describe(config, tokenizer, tokenizer_vars, source.num_examples)
-  mesh = sharding.data_mesh(devices=jax.devices()[:config.get("num_devices", 0) or None])
+  mesh = sharding.data_mesh(devices=jax.devices()[: config.get("num_devices", 0) or None])
   sharding.check_batch_size(batch_size, mesh)
   cached_tokens.prepare_directory(workdir, meta)
   atomic.record_config(config, workdir)
   todo = sorted(set(range(meta["num_shards"])) - cached_tokens.finished_shards(workdir, meta))
   views, tokens = meta["views"], meta["num_tokens"]
-  logging.info("token cache %s: %d examples x %d views, %d of %d shards to write, %d devices", workdir,
-               meta["num_examples"], views, len(todo), meta["num_shards"], mesh.size)
-  encode = jax.jit(functools.partial(steps.tokenize, tokenizer, chunks=config.tokenizer.get("chunks", 1)),
-                   in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.batch_sharding(mesh))
+  logging.info(
+    "token cache %s: %d examples x %d views, %d of %d shards to write, %d devices",
+    workdir,
+    meta["num_examples"],
+    views,
+    len(todo),
+    meta["num_shards"],
+    mesh.size,
+  )
+  encode = jax.jit(
+    functools.partial(steps.tokenize, tokenizer, chunks=config.tokenizer.get("chunks", 1)),
+    in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+    out_shardings=sharding.batch_sharding(mesh),
+  )
   variables = sharding.place(tokenizer_vars, sharding.replicated(mesh))
   left = sum(b - a for a, b in (cached_tokens.shard_range(meta, s) for s in todo))
   meter = progress.Progress(left * views, "token cache", unit="images")
   for shard in todo:
     index, view = _process_examples(meta, shard, batch_size)
-    batches = pipeline.example_views(config.input, seed=config.seed, index=index, view=view,
-                                     batch=batch_size // jax.process_count() * views, source=source)
+    batches = pipeline.example_views(
+      config.input,
+      seed=config.seed,
+      index=index,
+      view=view,
+      batch=batch_size // jax.process_count() * views,
+      source=source,
+    )
     ids, labels = [], []
     for batch in batches:
       arrays = sharding.global_batch({"image": batch["image"], "label": batch["label"]}, mesh)
@@ -67,7 +82,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       meter.update(min(batch_size * views, meter.total - meter.done))  # the padded last batch counts once
     start, stop = cached_tokens.shard_range(meta, shard)
     if jax.process_index() == 0:
-      cached_tokens.write_shard(workdir, meta, shard, np.concatenate(ids)[:stop - start],
-                                np.concatenate(labels)[:stop - start])
+      cached_tokens.write_shard(
+        workdir, meta, shard, np.concatenate(ids)[: stop - start], np.concatenate(labels)[: stop - start]
+      )
     logging.info("shard %d/%d written; %s", shard + 1, meta["num_shards"], meter.line())
   return {"examples": meta["num_examples"], "shards_written": len(todo)}

@@ -46,8 +46,18 @@ from mage_jax.models.vqgan import VQGAN
 _MASK, _DROPOUT, _LABEL_DROP = 0, 1, 3
 
 
-def class_cond_loss(params, ids, labels, rng, *, model: ClassCondMAGE, masking_cfg: dict, label_smoothing: float,
-                    label_drop_prob: float = 0.0, deterministic: bool = False):
+def class_cond_loss(
+  params,
+  ids,
+  labels,
+  rng,
+  *,
+  model: ClassCondMAGE,
+  masking_cfg: dict,
+  label_smoothing: float,
+  label_drop_prob: float = 0.0,
+  deterministic: bool = False,
+):
   """Masked-token loss of the class-conditional model.
 
   Args:
@@ -64,19 +74,42 @@ def class_cond_loss(params, ids, labels, rng, *, model: ClassCondMAGE, masking_c
   if label_drop_prob > 0:
     drop = jax.random.bernoulli(jax.random.fold_in(rng, _LABEL_DROP), label_drop_prob, labels.shape)
     labels = jnp.where(drop, model.config.null_class, labels)
-  logits, _ = model.apply({"params": params}, ids, plan, labels, deterministic, targets_only=True,
-                          rngs={"dropout": jax.random.fold_in(rng, _DROPOUT)})
-  loss = losses.masked_token_loss(logits, ids, plan.masked, codebook_size=model.config.codebook_size,
-                                  label_smoothing=label_smoothing)
+  logits, _ = model.apply(
+    {"params": params},
+    ids,
+    plan,
+    labels,
+    deterministic,
+    targets_only=True,
+    rngs={"dropout": jax.random.fold_in(rng, _DROPOUT)},
+  )
+  loss = losses.masked_token_loss(
+    logits, ids, plan.masked, codebook_size=model.config.codebook_size, label_smoothing=label_smoothing
+  )
   return loss, {"mask_ratio": ratio}
 
 
-def class_cond_update(state: steps.TrainState, ids, labels, *, model, tx, masking_cfg: dict,
-                      label_smoothing: float, label_drop_prob: float = 0.0, schedule=None):
+def class_cond_update(
+  state: steps.TrainState,
+  ids,
+  labels,
+  *,
+  model,
+  tx,
+  masking_cfg: dict,
+  label_smoothing: float,
+  label_drop_prob: float = 0.0,
+  schedule=None,
+):
   """One class-conditional update from token ids int32 [B, N] and labels int [B] (no tokenizer)."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  loss_fn = functools.partial(class_cond_loss, model=model, masking_cfg=masking_cfg,
-                              label_smoothing=label_smoothing, label_drop_prob=label_drop_prob)
+  loss_fn = functools.partial(
+    class_cond_loss,
+    model=model,
+    masking_cfg=masking_cfg,
+    label_smoothing=label_smoothing,
+    label_drop_prob=label_drop_prob,
+  )
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, ids, labels, rng)
   return steps.finish_step(state, loss, grads, tx, schedule=schedule, metrics=aux)
 
@@ -96,27 +129,62 @@ def class_cond_logits_fn(model: ClassCondMAGE, params, labels, guidance_scale=No
     labels: int [B] (or scalar) class ids; None = unconditional.
     guidance_scale: classifier-free guidance w; None = the model config's default (0: guidance-free).
   """
+
   def fn(tokens):
     return model.apply({"params": params}, tokens, labels, guidance_scale, method=ClassCondMAGE.image_token_logits)
+
   return fn
 
 
-def sample_classes(model: ClassCondMAGE, tokenizer: VQGAN, variables, classes, per_class: int, *, seed: int = 0,
-                   num_steps: int = 12, choice_temperature: float = 4.5) -> np.ndarray:
+def sample_classes(
+  model: ClassCondMAGE,
+  tokenizer: VQGAN,
+  variables,
+  classes,
+  per_class: int,
+  *,
+  seed: int = 0,
+  num_steps: int = 12,
+  choice_temperature: float = 4.5,
+) -> np.ndarray:
   """`per_class` samples of each class id in `classes` (class k draws from fold_in(key(seed), k)), grouped by
   class: uint8 [len(classes) * per_class, H, W, 3]. Guidance: the model config's `guidance_scale`."""
   if per_class < 1:
     raise ValueError(f"per_class must be >= 1, got {per_class}")
   mesh = sharding.data_mesh(per_class)
-  return np.concatenate([
-      np.concatenate(list(sampling.generate_images(
-          model, tokenizer, variables, jax.random.fold_in(jax.random.key(seed), int(k)), per_class, per_class,
-          num_steps, choice_temperature, mesh, class_id=int(k))))
-      for k in classes])
+  return np.concatenate(
+    [
+      np.concatenate(
+        list(
+          sampling.generate_images(
+            model,
+            tokenizer,
+            variables,
+            jax.random.fold_in(jax.random.key(seed), int(k)),
+            per_class,
+            per_class,
+            num_steps,
+            choice_temperature,
+            mesh,
+            class_id=int(k),
+          )
+        )
+      )
+      for k in classes
+    ]
+  )
 
 
-def write_class_grid(params_dir: str, out_path: str, *, num_classes: int | None = None, per_class: int = 8,
-                     seed: int = 0, num_steps: int = 12, choice_temperature: float = 4.5) -> str:
+def write_class_grid(
+  params_dir: str,
+  out_path: str,
+  *,
+  num_classes: int | None = None,
+  per_class: int = 8,
+  seed: int = 0,
+  num_steps: int = 12,
+  choice_temperature: float = 4.5,
+) -> str:
   """Samples a class-conditional checkpoint and writes a PNG grid, one row per class (the first `num_classes`).
 
   Every process samples (restoring is collective under multi-process orbax); process 0 writes the file.
@@ -128,8 +196,16 @@ def write_class_grid(params_dir: str, out_path: str, *, num_classes: int | None 
   model, tokenizer = params_io.models_from_meta(meta)
   variables, _ = params_io.load(params_dir)
   shown = model.config.num_classes if num_classes is None else min(num_classes, model.config.num_classes)
-  images = sample_classes(model, tokenizer, variables, range(shown), per_class, seed=seed, num_steps=num_steps,
-                          choice_temperature=choice_temperature)
+  images = sample_classes(
+    model,
+    tokenizer,
+    variables,
+    range(shown),
+    per_class,
+    seed=seed,
+    num_steps=num_steps,
+    choice_temperature=choice_temperature,
+  )
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     image_io.save_png(out_path, image_io.make_grid(images, cols=per_class, pad=2))
@@ -144,13 +220,18 @@ def check_architecture(model_config, meta: dict, source: str) -> None:
   """Raises ValueError naming every architecture field where `model_config` and the checkpoint meta differ."""
   fields = dict(meta.get("model") or {})
   if not fields:
-    raise ValueError(f"{source} has no meta['model'] (kind={meta.get('kind')!r}); an unconditional MAGE params "
-                     "checkpoint is needed")
+    raise ValueError(
+      f"{source} has no meta['model'] (kind={meta.get('kind')!r}); an unconditional MAGE params checkpoint is needed"
+    )
   ours = dataclasses.asdict(model_config)
-  diff = {k: (ours[k], v) for k, v in fields.items()
-          if k in ours and k not in _RUNTIME_FIELDS and k not in ("num_classes", "class_combine",
-                                                                  "guidance_scale")
-          and (tuple(v) if isinstance(v, list) else v) != ours[k]}
+  diff = {
+    k: (ours[k], v)
+    for k, v in fields.items()
+    if k in ours
+    and k not in _RUNTIME_FIELDS
+    and k not in ("num_classes", "class_combine", "guidance_scale")
+    and (tuple(v) if isinstance(v, list) else v) != ours[k]
+  }
   if diff:
     text = ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in sorted(diff.items()))
     raise ValueError(f"config.model does not match the init checkpoint {source}: {text}")
@@ -162,8 +243,9 @@ def _class_cond_initial_params(config, model: ClassCondMAGE, variables: dict) ->
   expected = (model.config.num_classes + 1, model.config.decoder_embed_dim)
   if table is None or tuple(table.shape) != expected:
     if table is not None:
-      logging.warning("init checkpoint's class_emb has shape %s, expected %s: re-initialising it",
-                      tuple(table.shape), expected)
+      logging.warning(
+        "init checkpoint's class_emb has shape %s, expected %s: re-initialising it", tuple(table.shape), expected
+      )
     params["class_emb"] = jax.device_get(init_class_embedding(jax.random.key(config.seed + 2), model.config))
   return layers.to_scan_layout(params, model.config.scan)
 
@@ -173,8 +255,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cached_tokens.refuse_cached_input(config)
   cc = config.class_cond
   if not config.get("model_init"):
-    raise ValueError("class-conditional training fine-tunes an unconditional MAGE: set config.model_init to its "
-                     "params directory (a pretraining export or python -m mage_jax.convert output)")
+    raise ValueError(
+      "class-conditional training fine-tunes an unconditional MAGE: set config.model_init to its "
+      "params directory (a pretraining export or python -m mage_jax.convert output)"
+    )
   init_meta = params_io.read_meta(config.model_init)
   tok_config = config
   if not config.tokenizer.init:
@@ -183,9 +267,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer, tokenizer_vars = builders.load_tokenizer(tok_config)
   base = builders.mage_model(config, tokenizer)
   check_architecture(base.config, init_meta, config.model_init)
-  model = ClassCondMAGE(class_cond_config(base.config, num_classes=cc.num_classes, class_combine=cc.combine,
-                                          guidance_scale=cc.guidance_scale),
-                        dtype=base.dtype, param_dtype=base.param_dtype)
+  model = ClassCondMAGE(
+    class_cond_config(
+      base.config, num_classes=cc.num_classes, class_combine=cc.combine, guidance_scale=cc.guidance_scale
+    ),
+    dtype=base.dtype,
+    param_dtype=base.param_dtype,
+  )
   if not 0.0 <= cc.label_drop_prob < 1.0:
     raise ValueError(f"class_cond.label_drop_prob must be in [0, 1), got {cc.label_drop_prob}")
   if cc.guidance_scale > 0 and cc.label_drop_prob == 0:
@@ -194,36 +282,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps, warmup_steps = trainer.schedule_steps(config, pipeline.steps_per_epoch(config.input))
   tx, optim_cfg = builders.pretrain_optimizer(config, total_steps, warmup_steps, frozen=ENCODER_PARAM_PATTERNS)
   num_tokens = model.config.num_tokens
-  logging.info("class-conditional: %d classes (%s), %d steps, peak lr %.3g, from %s", cc.num_classes, cc.combine,
-               total_steps, optim_cfg.lr, config.model_init)
+  logging.info(
+    "class-conditional: %d classes (%s), %d steps, peak lr %.3g, from %s",
+    cc.num_classes,
+    cc.combine,
+    total_steps,
+    optim_cfg.lr,
+    config.model_init,
+  )
 
   def init_state(rng):
     plan, _ = masking.sample_plan(jax.random.key(0), 1, num_tokens, **config.masking)
-    params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, num_tokens), jnp.int32), plan,
-                        jnp.zeros((1,), jnp.int32))["params"]
+    params = model.init(
+      jax.random.fold_in(rng, 0), jnp.zeros((1, num_tokens), jnp.int32), plan, jnp.zeros((1,), jnp.int32)
+    )["params"]
     return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
 
   variables, _ = params_io.load(config.model_init)
   initial_params = _class_cond_initial_params(config, model, variables)
   builders.check_param_shapes(
-      initial_params, sharding.strip_boxes(jax.eval_shape(init_state, jax.random.key(0)).params), config.model_init)
+    initial_params, sharding.strip_boxes(jax.eval_shape(init_state, jax.random.key(0)).params), config.model_init
+  )
   params_dir = os.path.join(workdir, "params")
   task = trainer.Task(
-      init_state=init_state,
-      step=functools.partial(class_cond_step, tokenizer=tokenizer, model=model, tx=tx,
-                             masking_cfg=dict(config.masking), label_smoothing=config.label_smoothing,
-                             label_drop_prob=cc.label_drop_prob, schedule=optim_cfg.schedule()),
-      extras=tokenizer_vars, data=trainer.image_data(config), batch_keys=("image", "label"),
-      total_steps=total_steps,
-      export=lambda state: builders.export_params(params_dir, model, state.params, tokenizer, tokenizer_vars,
-                                                  {"class_cond": True, "train_steps": total_steps,
-                                                   "init": os.path.abspath(config.model_init)}),
-      initial_params=initial_params,
-      reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)))
+    init_state=init_state,
+    step=functools.partial(
+      class_cond_step,
+      tokenizer=tokenizer,
+      model=model,
+      tx=tx,
+      masking_cfg=dict(config.masking),
+      label_smoothing=config.label_smoothing,
+      label_drop_prob=cc.label_drop_prob,
+      schedule=optim_cfg.schedule(),
+    ),
+    extras=tokenizer_vars,
+    data=trainer.image_data(config),
+    batch_keys=("image", "label"),
+    total_steps=total_steps,
+    export=lambda state: builders.export_params(
+      params_dir,
+      model,
+      state.params,
+      tokenizer,
+      tokenizer_vars,
+      {"class_cond": True, "train_steps": total_steps, "init": os.path.abspath(config.model_init)},
+    ),
+    initial_params=initial_params,
+    reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
+  )
   metrics, _ = trainer.run(config, workdir, task, mesh, rules)
   if cc.grid_per_class > 0 and os.path.exists(os.path.join(params_dir, params_io.META_FILE)):
-    path = write_class_grid(params_dir, os.path.join(workdir, "class_grid.png"), num_classes=cc.grid_num_classes,
-                            per_class=cc.grid_per_class, seed=config.seed, num_steps=cc.grid_num_steps,
-                            choice_temperature=cc.grid_temperature)
+    path = write_class_grid(
+      params_dir,
+      os.path.join(workdir, "class_grid.png"),
+      num_classes=cc.grid_num_classes,
+      per_class=cc.grid_per_class,
+      seed=config.seed,
+      num_steps=cc.grid_num_steps,
+      choice_temperature=cc.grid_temperature,
+    )
     logging.info("class-conditional grid written to %s", path)
   return metrics

@@ -48,8 +48,18 @@ class FeatureSet:
   parent's: several encoders behind one tokenizer pass (`feature_sets`).
   """
 
-  def __init__(self, name: str, feature_fn, variables, shardings, *, dim: int, cache_key: dict | None,
-               parent: "FeatureSet | None" = None, columns: slice | None = None):
+  def __init__(
+    self,
+    name: str,
+    feature_fn,
+    variables,
+    shardings,
+    *,
+    dim: int,
+    cache_key: dict | None,
+    parent: "FeatureSet | None" = None,
+    columns: slice | None = None,
+  ):
     self.name, self.feature_fn, self.variables, self.shardings = name, feature_fn, variables, shardings
     self.dim, self.cache_key, self.parent, self.columns = dim, cache_key, parent, columns
     self._memo: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -78,8 +88,12 @@ class FeatureSet:
 
 
 def feature_sets(config, params_dir: str, mesh, rules) -> tuple[list[FeatureSet], probe.Backbone]:
-  backbone = probe.load_backbone(params_dir, global_pool=config.global_pool, dtype=config_views.dtype(config.dtype),
-                                 image_size=config.input.image_size or None)
+  backbone = probe.load_backbone(
+    params_dir,
+    global_pool=config.global_pool,
+    dtype=config_views.dtype(config.dtype),
+    image_size=config.input.image_size or None,
+  )
   shardings = probe.backbone_shardings(backbone, mesh, rules)
   with jax.set_mesh(mesh):
     variables = sharding.place(backbone.variables, shardings)
@@ -97,6 +111,7 @@ def feature_sets(config, params_dir: str, mesh, rules) -> tuple[list[FeatureSet]
 
 def _pixel_channels(config) -> int:
   from mage_jax.data import sources  # pylint: disable=g-import-not-at-top  (TensorFlow: not for --help)
+
   return 1 if config.input.name in sources.GRAYSCALE_TFDS else 3
 
 
@@ -131,23 +146,40 @@ def control_sets(backbone: probe.Backbone, mage: FeatureSet, mesh, pixel_fn, cha
     feats = [vit.apply(v[name], ids, True, method=MAGEViT.features)[0] for name in ("vit", "vit_random")]
     return jax.lax.stop_gradient(jnp.concatenate(feats, axis=-1).astype(jnp.float32))
 
-  joint = FeatureSet("mage_and_random_init", both, joint_vars, {**mage.shardings, "vit_random": vit_shardings},
-                     dim=2 * dim, cache_key=None)
+  joint = FeatureSet(
+    "mage_and_random_init",
+    both,
+    joint_vars,
+    {**mage.shardings, "vit_random": vit_shardings},
+    dim=2 * dim,
+    cache_key=None,
+  )
   mage.parent, mage.columns = joint, slice(0, dim)
   random_vars = {"tokenizer": mage.variables["tokenizer"], "vit": joint_vars["vit_random"]}
-  return [FeatureSet("random_proj", projected, proj_vars, {"projection": repl}, dim=dim, cache_key=None),
-          FeatureSet("random_init", backbone.feature_fn(), random_vars,
-                     {"tokenizer": mage.shardings["tokenizer"], "vit": vit_shardings}, dim=dim, cache_key=None,
-                     parent=joint, columns=slice(dim, 2 * dim))]
+  return [
+    FeatureSet("random_proj", projected, proj_vars, {"projection": repl}, dim=dim, cache_key=None),
+    FeatureSet(
+      "random_init",
+      backbone.feature_fn(),
+      random_vars,
+      {"tokenizer": mage.shardings["tokenizer"], "vit": vit_shardings},
+      dim=dim,
+      cache_key=None,
+      parent=joint,
+      columns=slice(dim, 2 * dim),
+    ),
+  ]
 
 
 def evaluators(config: ml_collections.ConfigDict) -> list[tuple[str, object]]:
   """(name, module) of each of `config.evals`, after each one's feasibility check: refusals come before any work."""
   from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   names = tuple(config.evals)
   if not names or len(set(names)) != len(names):
-    raise ValueError(f"config.evals must name evaluators once each (built in: {', '.join(evals.builtin())}), got "
-                     f"{names}")
+    raise ValueError(
+      f"config.evals must name evaluators once each (built in: {', '.join(evals.builtin())}), got {names}"
+    )
   chosen = [(name, evals.load(name)) for name in names]
   if any(ev.FEATURES for _, ev in chosen):
     pipeline.num_examples(evals.input_config(config, config.eval_split, 1, 32))  # the split exists and can be read

@@ -43,14 +43,29 @@ def mixup_config(cfg: ml_collections.ConfigDict, num_classes: int) -> mixup.Mixu
   """MixupConfig from `config.mixup`, or None when both alphas are 0 (label smoothing only)."""
   if cfg.mixup_alpha == 0 and cfg.cutmix_alpha == 0:
     return None
-  return mixup.MixupConfig(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.prob,
-                           switch_prob=cfg.switch_prob, label_smoothing=cfg.label_smoothing,
-                           num_classes=num_classes)
+  return mixup.MixupConfig(
+    mixup_alpha=cfg.mixup_alpha,
+    cutmix_alpha=cfg.cutmix_alpha,
+    prob=cfg.prob,
+    switch_prob=cfg.switch_prob,
+    label_smoothing=cfg.label_smoothing,
+    num_classes=num_classes,
+  )
 
 
-def finetune_step(state: steps.TrainState, tokenizer_vars, batch, *, model: MAGEViT, tokenizer: VQGAN,
-                  tx: optax.GradientTransformation, mix: mixup.MixupConfig | None, mix_groups: int,
-                  label_smoothing: float, schedule):
+def finetune_step(
+  state: steps.TrainState,
+  tokenizer_vars,
+  batch,
+  *,
+  model: MAGEViT,
+  tokenizer: VQGAN,
+  tx: optax.GradientTransformation,
+  mix: mixup.MixupConfig | None,
+  mix_groups: int,
+  label_smoothing: float,
+  schedule,
+):
   """One step on a global batch {'image': [B,H,W,3] in [0,1], 'label': [B]}; pure (jitted by the trainer)."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images, labels = batch["image"], batch["label"]
@@ -116,8 +131,9 @@ def _resolved(config: ml_collections.ConfigDict, image_size: int, steps_per_epoc
 
 def initial_params(model: MAGEViT, backbone_params: dict, num_tokens: int, seed: int) -> dict:
   """A fresh MAGEViT init (head, fc_norm) overwritten by the pretrained backbone params (host numpy)."""
-  fresh = jax.device_get(nn.unbox(jax.jit(model.init)(jax.random.key(seed + 7),
-                                                      jnp.zeros((1, num_tokens), jnp.int32))["params"]))
+  fresh = jax.device_get(
+    nn.unbox(jax.jit(model.init)(jax.random.key(seed + 7), jnp.zeros((1, num_tokens), jnp.int32))["params"])
+  )
   for k, v in backbone_params.items():
     if k not in fresh:
       raise ValueError(f"pretrained param {k!r} does not exist in the fine-tune model")
@@ -145,28 +161,52 @@ def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dic
     {'top1', 'top5' (last eval), 'best_top1', 'steps', 'completed', 'history'}.
   """
   compute_dtype = config_views.dtype(config.dtype)
-  backbone = probe.load_backbone(params_dir, global_pool=config.global_pool, dtype=compute_dtype,
-                                 image_size=config.input.get("image_size") or None)
+  backbone = probe.load_backbone(
+    params_dir, global_pool=config.global_pool, dtype=compute_dtype, image_size=config.input.get("image_size") or None
+  )
   mcfg = backbone.vit.config
-  model = MAGEViT(mcfg, num_classes=config.num_classes, global_pool=config.global_pool, head_type="linear",
-                  head_init_std=config.head_init_std, drop_path=config.drop_path, dtype=compute_dtype)
+  model = MAGEViT(
+    mcfg,
+    num_classes=config.num_classes,
+    global_pool=config.global_pool,
+    head_type="linear",
+    head_init_std=config.head_init_std,
+    drop_path=config.drop_path,
+    dtype=compute_dtype,
+  )
   spe = pipeline.steps_per_epoch({**config.input.to_dict(), "image_size": backbone.image_size})
   cfg = _resolved(config, backbone.image_size, spe)
   mesh, rules = trainer.mesh_and_rules(cfg)
   total, warmup = trainer.schedule_steps(cfg, spe)
   o = cfg.optim
-  ocfg = optim.FinetuneOptim(lr=optim.scaled_lr(o.blr, cfg.input.batch_size), total_steps=total,
-                             warmup_steps=warmup, depth=mcfg.depth, layer_decay=o.layer_decay, min_lr=o.min_lr,
-                             b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+  ocfg = optim.FinetuneOptim(
+    lr=optim.scaled_lr(o.blr, cfg.input.batch_size),
+    total_steps=total,
+    warmup_steps=warmup,
+    depth=mcfg.depth,
+    layer_decay=o.layer_decay,
+    min_lr=o.min_lr,
+    b1=o.b1,
+    b2=o.b2,
+    weight_decay=o.weight_decay,
+  )
   tx = optim.finetune_optimizer(ocfg)
   mix = mixup_config(cfg.mixup, config.num_classes)
   group = cfg.mixup.get("group_size", 0)
   mix_groups = cfg.input.batch_size // group if group else 1
   if mix is not None and (cfg.input.batch_size % max(mix_groups, 1) or (cfg.input.batch_size // mix_groups) % 2):
-    raise ValueError(f"batch {cfg.input.batch_size} must split into mixup groups of mixup.group_size={group} "
-                     "(even, dividing the batch)")
-  logging.info("fine-tune: %d steps (%d per epoch), peak lr %.3g, warmup %d, layer decay %.2f", total, spe,
-               ocfg.lr, warmup, o.layer_decay)
+    raise ValueError(
+      f"batch {cfg.input.batch_size} must split into mixup groups of mixup.group_size={group} "
+      "(even, dividing the batch)"
+    )
+  logging.info(
+    "fine-tune: %d steps (%d per epoch), peak lr %.3g, warmup %d, layer decay %.2f",
+    total,
+    spe,
+    ocfg.lr,
+    warmup,
+    o.layer_decay,
+  )
 
   def init_state(rng):
     params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, mcfg.num_tokens), jnp.int32))["params"]
@@ -176,28 +216,52 @@ def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dic
   tokenizer_vars = backbone.variables["tokenizer"]
 
   def export(state):
-    meta = {"kind": "vit", "model": dataclasses.asdict(mcfg),
-            "tokenizer": dataclasses.asdict(backbone.tokenizer.config),
-            "vit": {"num_classes": config.num_classes, "global_pool": config.global_pool, "head_type": "linear"},
-            "finetune_steps": total}
-    params_io.save(os.path.join(workdir, "params"), {"model": {"params": jax.device_get(state.params)},
-                                                     "tokenizer": tokenizer_vars}, meta, overwrite=True)
+    meta = {
+      "kind": "vit",
+      "model": dataclasses.asdict(mcfg),
+      "tokenizer": dataclasses.asdict(backbone.tokenizer.config),
+      "vit": {"num_classes": config.num_classes, "global_pool": config.global_pool, "head_type": "linear"},
+      "finetune_steps": total,
+    }
+    params_io.save(
+      os.path.join(workdir, "params"),
+      {"model": {"params": jax.device_get(state.params)}, "tokenizer": tokenizer_vars},
+      meta,
+      overwrite=True,
+    )
 
   task = trainer.Task(
-      init_state=init_state,
-      step=functools.partial(finetune_step, model=model, tokenizer=backbone.tokenizer, tx=tx, mix=mix,
-                             mix_groups=mix_groups, label_smoothing=cfg.mixup.label_smoothing,
-                             schedule=ocfg.schedule()),
-      extras=tokenizer_vars, data=trainer.image_data(cfg), batch_keys=("image", "label"), total_steps=total,
-      export=export,
-      initial_params=initial_params(model, backbone.variables["vit"]["params"], mcfg.num_tokens, cfg.seed),
-      reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
-      evaluate=make_evaluator(model, backbone.tokenizer, tokenizer_vars, eval_input, mesh, workdir))
+    init_state=init_state,
+    step=functools.partial(
+      finetune_step,
+      model=model,
+      tokenizer=backbone.tokenizer,
+      tx=tx,
+      mix=mix,
+      mix_groups=mix_groups,
+      label_smoothing=cfg.mixup.label_smoothing,
+      schedule=ocfg.schedule(),
+    ),
+    extras=tokenizer_vars,
+    data=trainer.image_data(cfg),
+    batch_keys=("image", "label"),
+    total_steps=total,
+    export=export,
+    initial_params=initial_params(model, backbone.variables["vit"]["params"], mcfg.num_tokens, cfg.seed),
+    reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
+    evaluate=make_evaluator(model, backbone.tokenizer, tokenizer_vars, eval_input, mesh, workdir),
+  )
   last, _ = trainer.run(cfg, workdir, task, mesh, rules)
   history = trainer.History(os.path.join(workdir, HISTORY_FILE)).read()
   if not history:
     raise RuntimeError(f"fine-tuning in {workdir} produced no evaluation")
   done = history[-1]["step"]
-  return {"top1": history[-1]["top1"], "top5": history[-1]["top5"],
-          "best_top1": max(h["top1"] for h in history), "steps": done, "completed": done >= total,
-          "train_loss": last.get("loss"), "history": history}
+  return {
+    "top1": history[-1]["top1"],
+    "top5": history[-1]["top5"],
+    "best_top1": max(h["top1"] for h in history),
+    "steps": done,
+    "completed": done >= total,
+    "train_loss": last.get("loss"),
+    "history": history,
+  }

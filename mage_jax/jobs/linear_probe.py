@@ -43,23 +43,32 @@ HISTORY_FILE = "probe_history.json"
 @flax.struct.dataclass
 class ProbeState:
   """Head training state: arrays only (orbax-saveable, donatable)."""
+
   step: jax.Array
-  params: PyTree        # {'head': {'kernel': [D, C], 'bias': [C]}}
-  batch_stats: PyTree   # {'head_bn': {'mean': [D], 'var': [D]}}
+  params: PyTree  # {'head': {'kernel': [D, C], 'bias': [C]}}
+  batch_stats: PyTree  # {'head_bn': {'mean': [D], 'var': [D]}}
   opt_state: PyTree
-  rng: jax.Array        # raw uint32 key data
+  rng: jax.Array  # raw uint32 key data
   first_nonfinite_step: jax.Array
   skipped_steps: jax.Array
 
   @classmethod
   def create(cls, params, batch_stats, tx: optax.GradientTransformation, rng) -> "ProbeState":
-    return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params),
-               rng=rng, first_nonfinite_step=jnp.full((), -1, jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+    return cls(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+      rng=rng,
+      first_nonfinite_step=jnp.full((), -1, jnp.int32),
+      skipped_steps=jnp.zeros((), jnp.int32),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
   """Linear-probe recipe; defaults are the official ViT-B settings (LTH14/mage README command, `main_linprobe.py`)."""
+
   num_classes: int
   epochs: int = 90
   warmup_epochs: float = 10.0
@@ -81,18 +90,25 @@ class ProbeConfig:
     if self.num_classes < 2:
       raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
     if self.epochs < 1 or self.batch_size < 1 or self.eval_every_epochs < 1:
-      raise ValueError(f"epochs, batch_size and eval_every_epochs must be positive, got {self.epochs}, "
-                       f"{self.batch_size}, {self.eval_every_epochs}")
+      raise ValueError(
+        f"epochs, batch_size and eval_every_epochs must be positive, got {self.epochs}, "
+        f"{self.batch_size}, {self.eval_every_epochs}"
+      )
     if self.bn_group_size and self.batch_size % self.bn_group_size:
       raise ValueError(f"batch_size {self.batch_size} is not a multiple of bn_group_size {self.bn_group_size}")
 
   def optim(self, steps_per_epoch: int) -> optim.ProbeOptim:
     """The LARS recipe in steps: lr = blr·batch/256 over epochs × steps_per_epoch, warm-up in steps."""
     total = self.epochs * steps_per_epoch
-    return optim.ProbeOptim(lr=optim.scaled_lr(self.blr, self.batch_size), total_steps=total,
-                            warmup_steps=min(int(round(self.warmup_epochs * steps_per_epoch)), total),
-                            min_lr=self.min_lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                            trust_coefficient=self.trust_coefficient)
+    return optim.ProbeOptim(
+      lr=optim.scaled_lr(self.blr, self.batch_size),
+      total_steps=total,
+      warmup_steps=min(int(round(self.warmup_epochs * steps_per_epoch)), total),
+      min_lr=self.min_lr,
+      momentum=self.momentum,
+      weight_decay=self.weight_decay,
+      trust_coefficient=self.trust_coefficient,
+    )
 
 
 def init_state(key: jax.Array, *, tx: optax.GradientTransformation, dim: int, cfg: ProbeConfig) -> ProbeState:
@@ -100,8 +116,17 @@ def init_state(key: jax.Array, *, tx: optax.GradientTransformation, dim: int, cf
   return ProbeState.create(params, stats, tx, jax.random.key_data(jax.random.fold_in(key, 1)))
 
 
-def probe_step(state: ProbeState, extras, batch, *, tx: optax.GradientTransformation, cfg: ProbeConfig,
-               feature_fn: probe.FeatureFn | None, dropout: bool, schedule):
+def probe_step(
+  state: ProbeState,
+  extras,
+  batch,
+  *,
+  tx: optax.GradientTransformation,
+  cfg: ProbeConfig,
+  feature_fn: probe.FeatureFn | None,
+  dropout: bool,
+  schedule,
+):
   """One head update on a global batch ({'features'} or {'image'}, plus 'label'); pure."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   if feature_fn is None:
@@ -111,17 +136,24 @@ def probe_step(state: ProbeState, extras, batch, *, tx: optax.GradientTransforma
   labels = batch["label"]
 
   def loss_fn(params):
-    logits, stats = probe.bn_linear_head(params, state.batch_stats, feats, train=True,
-                                         bn_group_size=cfg.bn_group_size, momentum=cfg.bn_momentum,
-                                         eps=cfg.bn_eps)
+    logits, stats = probe.bn_linear_head(
+      params,
+      state.batch_stats,
+      feats,
+      train=True,
+      bn_group_size=cfg.bn_group_size,
+      momentum=cfg.bn_momentum,
+      eps=cfg.bn_eps,
+    )
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     return loss, (logits, stats)
 
   (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = steps.commit(state, finite, params=optax.apply_updates(state.params, updates), batch_stats=stats,
-                           opt_state=opt_state)
+  new_state = steps.commit(
+    state, finite, params=optax.apply_updates(state.params, updates), batch_stats=stats, opt_state=opt_state
+  )
   acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
   return new_state, {"loss": loss, "accuracy": acc, "lr": schedule(state.step)}
 
@@ -133,13 +165,13 @@ def probe_step(state: ProbeState, extras, batch, *, tx: optax.GradientTransforma
 @dataclasses.dataclass
 class CachedFeatures:
   """Precomputed features; the epoch-e order is `default_rng((seed, e)).permutation(N)`."""
+
   features: np.ndarray  # [N, D] float32
-  labels: np.ndarray    # [N] int32
+  labels: np.ndarray  # [N] int32
 
   def __post_init__(self):
     if self.features.ndim != 2 or self.labels.shape != (self.features.shape[0],):
-      raise ValueError(f"features must be [N, D] with labels [N]; got {self.features.shape} and "
-                       f"{self.labels.shape}")
+      raise ValueError(f"features must be [N, D] with labels [N]; got {self.features.shape} and {self.labels.shape}")
 
   @property
   def num_examples(self) -> int:
@@ -155,7 +187,7 @@ class CachedFeatures:
       epoch, within = divmod(step, spe)
       if epoch != perm_epoch:
         perm, perm_epoch = np.random.default_rng((seed, epoch)).permutation(self.num_examples), epoch
-      idx = perm[within * batch_size + lo: within * batch_size + lo + local]
+      idx = perm[within * batch_size + lo : within * batch_size + lo + local]
       yield {"features": self.features[idx], "label": self.labels[idx]}
       step += 1
 
@@ -163,15 +195,17 @@ class CachedFeatures:
 @dataclasses.dataclass
 class OnlineImages:
   """Augmented images through the frozen backbone every step (the official protocol)."""
-  input_cfg: dict                    # pipeline.InputConfig fields; augment 'probe' for the official crop
+
+  input_cfg: dict  # pipeline.InputConfig fields; augment 'probe' for the official crop
   feature_fn: probe.FeatureFn
-  variables: PyTree                  # placed backbone variables
+  variables: PyTree  # placed backbone variables
   variable_shardings: PyTree
-  dropout: bool = True               # token-embedding dropout on, as the official model.train()
+  dropout: bool = True  # token-embedding dropout on, as the official model.train()
   source: Any = None
 
   def __post_init__(self):
     from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
     if self.source is None:
       self.source = pipeline.make_source(self.input_cfg)
 
@@ -181,9 +215,16 @@ class OnlineImages:
 
   def iterator(self, *, batch_size: int, seed: int, start_step: int):
     from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
     cfg = {**dict(self.input_cfg), "batch_size": batch_size}
-    for local in pipeline.train_iterator(cfg, seed=seed, start_step=start_step, process_index=jax.process_index(),
-                                         process_count=jax.process_count(), source=self.source):
+    for local in pipeline.train_iterator(
+      cfg,
+      seed=seed,
+      start_step=start_step,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      source=self.source,
+    ):
       yield {"image": local["image"], "label": local["label"]}
 
 
@@ -191,10 +232,19 @@ class OnlineImages:
 # The job.
 
 
-def train_probe(train_data: CachedFeatures | OnlineImages, val_features: np.ndarray, val_labels: np.ndarray,
-                cfg: ProbeConfig, *, workdir: str, mesh: Mesh, dim: int | None = None,
-                stop_after_epochs: int | None = None, export_dir: str | None = None,
-                backbone: probe.Backbone | None = None) -> tuple[dict, ProbeState]:
+def train_probe(
+  train_data: CachedFeatures | OnlineImages,
+  val_features: np.ndarray,
+  val_labels: np.ndarray,
+  cfg: ProbeConfig,
+  *,
+  workdir: str,
+  mesh: Mesh,
+  dim: int | None = None,
+  stop_after_epochs: int | None = None,
+  export_dir: str | None = None,
+  backbone: probe.Backbone | None = None,
+) -> tuple[dict, ProbeState]:
   """Trains (or resumes) the BN+linear head in `workdir` on `trainer.run`; evaluates on the validation features.
 
   Args:
@@ -231,10 +281,10 @@ def train_probe(train_data: CachedFeatures | OnlineImages, val_features: np.ndar
   history = trainer.History(os.path.join(workdir, HISTORY_FILE))
 
   def evaluate(state, step):
-    acc = probe.topk_accuracy(probe.head_predict_numpy(state.params, state.batch_stats, val_features, cfg.bn_eps),
-                              val_labels)
-    logging.info("linear probe epoch %d/%d: val top1 %.4f top5 %.4f", step // spe, cfg.epochs, acc["top1"],
-                 acc["top5"])
+    acc = probe.topk_accuracy(
+      probe.head_predict_numpy(state.params, state.batch_stats, val_features, cfg.bn_eps), val_labels
+    )
+    logging.info("linear probe epoch %d/%d: val top1 %.4f top5 %.4f", step // spe, cfg.epochs, acc["top1"], acc["top5"])
     history.record(step, {"epoch": step // spe, **acc})
     return acc
 
@@ -242,28 +292,53 @@ def train_probe(train_data: CachedFeatures | OnlineImages, val_features: np.ndar
     if export_dir is not None and backbone is not None:
       export_probe(export_dir, backbone, state, cfg.num_classes)
 
-  loop = ml_collections.ConfigDict(dict(
-      seed=cfg.seed, nonfinite="stop", keep_checkpoints=cfg.keep_checkpoints, async_checkpoints=True,
-      checkpoint_every_steps=spe, log_every_steps=spe, eval_every_steps=spe * cfg.eval_every_epochs,
-      profile_steps=0, probe=dataclasses.asdict(cfg)))
+  loop = ml_collections.ConfigDict(
+    dict(
+      seed=cfg.seed,
+      nonfinite="stop",
+      keep_checkpoints=cfg.keep_checkpoints,
+      async_checkpoints=True,
+      checkpoint_every_steps=spe,
+      log_every_steps=spe,
+      eval_every_steps=spe * cfg.eval_every_epochs,
+      profile_steps=0,
+      probe=dataclasses.asdict(cfg),
+    )
+  )
   task = trainer.Task(
-      init_state=functools.partial(init_state, tx=tx, dim=dim, cfg=cfg),
-      step=functools.partial(probe_step, tx=tx, cfg=cfg, feature_fn=train_data.feature_fn if online else None,
-                             dropout=online and train_data.dropout, schedule=schedule),
-      extras=train_data.variables if online else {},
-      extras_shardings=train_data.variable_shardings if online else None,
-      data=functools.partial(_iterator, train_data, cfg.batch_size, cfg.seed),
-      batch_keys=("image" if online else "features", "label"), total_steps=total,
-      stop_step=None if stop_after_epochs is None else stop_after_epochs * spe,
-      export=export, evaluate=evaluate)
+    init_state=functools.partial(init_state, tx=tx, dim=dim, cfg=cfg),
+    step=functools.partial(
+      probe_step,
+      tx=tx,
+      cfg=cfg,
+      feature_fn=train_data.feature_fn if online else None,
+      dropout=online and train_data.dropout,
+      schedule=schedule,
+    ),
+    extras=train_data.variables if online else {},
+    extras_shardings=train_data.variable_shardings if online else None,
+    data=functools.partial(_iterator, train_data, cfg.batch_size, cfg.seed),
+    batch_keys=("image" if online else "features", "label"),
+    total_steps=total,
+    stop_step=None if stop_after_epochs is None else stop_after_epochs * spe,
+    export=export,
+    evaluate=evaluate,
+  )
   _, state = trainer.run(loop, workdir, task, mesh, ())
   done_steps = int(jax.device_get(state.step))
-  final = probe.topk_accuracy(probe.head_predict_numpy(state.params, state.batch_stats, val_features, cfg.bn_eps),
-                              val_labels)
+  final = probe.topk_accuracy(
+    probe.head_predict_numpy(state.params, state.batch_stats, val_features, cfg.bn_eps), val_labels
+  )
   records = history.read()
-  return {**final, "best_top1": max([h["top1"] for h in records] + [final["top1"]]),
-          "epochs_done": done_steps // spe, "completed": done_steps >= total, "steps_per_epoch": spe,
-          "lr": optim.scaled_lr(cfg.blr, cfg.batch_size), "history": records}, state
+  return {
+    **final,
+    "best_top1": max([h["top1"] for h in records] + [final["top1"]]),
+    "epochs_done": done_steps // spe,
+    "completed": done_steps >= total,
+    "steps_per_epoch": spe,
+    "lr": optim.scaled_lr(cfg.blr, cfg.batch_size),
+    "history": records,
+  }, state
 
 
 def _iterator(train_data, batch_size: int, seed: int, start_step: int):
@@ -274,8 +349,18 @@ def export_probe(directory: str, backbone: probe.Backbone, state: ProbeState, nu
   """The backbone with its trained head as a params-only checkpoint of kind 'vit' (head_type 'bn_linear'):
   `MAGEViT(config, num_classes, global_pool, head_type='bn_linear')` applies it directly."""
   params = {**backbone.variables["vit"]["params"], **jax.device_get(state.params)}
-  meta = {"kind": "vit", "model": dataclasses.asdict(backbone.vit.config),
-          "tokenizer": dataclasses.asdict(backbone.tokenizer.config),
-          "vit": {"num_classes": num_classes, "global_pool": backbone.vit.global_pool, "head_type": "bn_linear"}}
-  params_io.save(directory, {"model": {"params": params, "batch_stats": jax.device_get(state.batch_stats)},
-                             "tokenizer": backbone.variables["tokenizer"]}, meta, overwrite=True)
+  meta = {
+    "kind": "vit",
+    "model": dataclasses.asdict(backbone.vit.config),
+    "tokenizer": dataclasses.asdict(backbone.tokenizer.config),
+    "vit": {"num_classes": num_classes, "global_pool": backbone.vit.global_pool, "head_type": "bn_linear"},
+  }
+  params_io.save(
+    directory,
+    {
+      "model": {"params": params, "batch_stats": jax.device_get(state.batch_stats)},
+      "tokenizer": backbone.variables["tokenizer"],
+    },
+    meta,
+    overwrite=True,
+  )

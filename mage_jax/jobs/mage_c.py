@@ -61,6 +61,7 @@ class ColorAugment:
       applied in this fixed order (no hue: it needs an HSV round trip).
     grayscale_prob: probability of converting the view to grayscale (SimCLR: 0.2).
   """
+
   jitter_prob: float = 0.0
   brightness: float = 0.0
   contrast: float = 0.0
@@ -116,6 +117,7 @@ class ContrastiveConfig:
     hidden_dim, out_dim, num_layers, norm: the `contrastive.ProjectionHead` ('none' | 'layer'; 'batch' would
       need mutable batch statistics in the train state, which it does not carry).
   """
+
   lam: float = 0.1
   temperature: float = contrastive.DEFAULT_TEMPERATURE
   pool: str = "mean"
@@ -132,15 +134,25 @@ class ContrastiveConfig:
     if self.pool not in POOL_MODES:
       raise ValueError(f"contrastive.pool must be one of {POOL_MODES}, got {self.pool!r}")
     if self.norm not in ("none", "layer"):
-      raise ValueError(f"contrastive.norm must be 'none' or 'layer' (BatchNorm statistics are not part of the "
-                       f"train state), got {self.norm!r}")
+      raise ValueError(
+        f"contrastive.norm must be 'none' or 'layer' (BatchNorm statistics are not part of the "
+        f"train state), got {self.norm!r}"
+      )
     if self.num_layers < 1 or self.hidden_dim < 1 or self.out_dim < 1:
-      raise ValueError(f"contrastive head sizes must be >= 1, got num_layers={self.num_layers}, "
-                       f"hidden_dim={self.hidden_dim}, out_dim={self.out_dim}")
+      raise ValueError(
+        f"contrastive head sizes must be >= 1, got num_layers={self.num_layers}, "
+        f"hidden_dim={self.hidden_dim}, out_dim={self.out_dim}"
+      )
 
   def head(self, dtype=jnp.float32, param_dtype=jnp.float32) -> contrastive.ProjectionHead:
-    return contrastive.ProjectionHead(hidden_dim=self.hidden_dim, out_dim=self.out_dim, num_layers=self.num_layers,
-                                      norm=self.norm, dtype=dtype, param_dtype=param_dtype)
+    return contrastive.ProjectionHead(
+      hidden_dim=self.hidden_dim,
+      out_dim=self.out_dim,
+      num_layers=self.num_layers,
+      norm=self.norm,
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
 
 
 def pool_encoded(encoded: jax.Array, plan: masking.MaskPlan, mode: str) -> jax.Array:
@@ -160,8 +172,18 @@ def pool_encoded(encoded: jax.Array, plan: masking.MaskPlan, mode: str) -> jax.A
   return contrastive.pool_tokens(encoded, mode)
 
 
-def mage_c_loss(params, ids, rng, *, model: MAGE, head: nn.Module, cfg: ContrastiveConfig, masking_cfg: dict,
-                label_smoothing: float, deterministic: bool = False):
+def mage_c_loss(
+  params,
+  ids,
+  rng,
+  *,
+  model: MAGE,
+  head: nn.Module,
+  cfg: ContrastiveConfig,
+  masking_cfg: dict,
+  label_smoothing: float,
+  deterministic: bool = False,
+):
   """MAGE-C objective on the tokens of both views.
 
   Args:
@@ -174,22 +196,40 @@ def mage_c_loss(params, ids, rng, *, model: MAGE, head: nn.Module, cfg: Contrast
     (loss, aux) with loss = rec + lam * con (float32 scalar), aux {'rec_loss', 'con_loss', 'mask_ratio'}.
   """
   plan, ratio = masking.sample_plan(jax.random.fold_in(rng, _MASK), ids.shape[0], ids.shape[1], **masking_cfg)
-  logits, aux = model.apply({"params": params["model"]}, ids, plan, deterministic, targets_only=True,
-                            rngs={"dropout": jax.random.fold_in(rng, _DROPOUT)})
-  rec = losses.masked_token_loss(logits, ids, plan.masked, codebook_size=model.config.codebook_size,
-                                 label_smoothing=label_smoothing)
+  logits, aux = model.apply(
+    {"params": params["model"]},
+    ids,
+    plan,
+    deterministic,
+    targets_only=True,
+    rngs={"dropout": jax.random.fold_in(rng, _DROPOUT)},
+  )
+  rec = losses.masked_token_loss(
+    logits, ids, plan.masked, codebook_size=model.config.codebook_size, label_smoothing=label_smoothing
+  )
   z = head.apply({"params": params["projection_head"]}, pool_encoded(aux["encoded"], plan, cfg.pool))
   z1, z2 = jnp.split(z, 2, axis=0)
   con = contrastive.nt_xent(z1, z2, cfg.temperature)
   return rec + cfg.lam * con, {"rec_loss": rec, "con_loss": con, "mask_ratio": ratio}
 
 
-def mage_c_update(state: steps.TrainState, ids, *, model, head, tx, cfg: ContrastiveConfig, masking_cfg: dict,
-                  label_smoothing: float, schedule=None):
+def mage_c_update(
+  state: steps.TrainState,
+  ids,
+  *,
+  model,
+  head,
+  tx,
+  cfg: ContrastiveConfig,
+  masking_cfg: dict,
+  label_smoothing: float,
+  schedule=None,
+):
   """One MAGE-C update from the token ids of both views (int32 [2B, N], see `mage_c_loss`)."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  loss_fn = functools.partial(mage_c_loss, model=model, head=head, cfg=cfg, masking_cfg=masking_cfg,
-                              label_smoothing=label_smoothing)
+  loss_fn = functools.partial(
+    mage_c_loss, model=model, head=head, cfg=cfg, masking_cfg=masking_cfg, label_smoothing=label_smoothing
+  )
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, ids, rng)
   return steps.finish_step(state, loss, grads, tx, schedule=schedule, metrics=aux)
 
@@ -204,12 +244,19 @@ def mage_c_step(state: steps.TrainState, tokenizer_vars, batch, *, tokenizer, co
   return mage_c_update(state, steps.tokenize(tokenizer, tokenizer_vars, views), **update_kw)
 
 
-def export_mage_c(directory: str, model: MAGE, params, tokenizer, tokenizer_vars, cfg: ContrastiveConfig,
-                  extra_meta: dict | None = None) -> None:
+def export_mage_c(
+  directory: str, model: MAGE, params, tokenizer, tokenizer_vars, cfg: ContrastiveConfig, extra_meta: dict | None = None
+) -> None:
   """`builders.export_params` layout (kind 'mage') plus `variables['projection_head']` and `meta['mage_c']`."""
-  builders.export_params(directory, model, params["model"], tokenizer, tokenizer_vars,
-                         {"mage_c": dataclasses.asdict(cfg), **(extra_meta or {})},
-                         extra_variables={"projection_head": {"params": params["projection_head"]}})
+  builders.export_params(
+    directory,
+    model,
+    params["model"],
+    tokenizer,
+    tokenizer_vars,
+    {"mage_c": dataclasses.asdict(cfg), **(extra_meta or {})},
+    extra_variables={"projection_head": {"params": params["projection_head"]}},
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -218,12 +265,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cfg = config_views.from_config(ContrastiveConfig, config.contrastive, "config.contrastive")
   color = config_views.from_config(ColorAugment, config.views, "config.views")
   if config.input.batch_size < 2:
-    raise ValueError(f"MAGE-C needs a global batch of at least 2 images (for negatives), got "
-                     f"{config.input.batch_size}")
+    raise ValueError(f"MAGE-C needs a global batch of at least 2 images (for negatives), got {config.input.batch_size}")
   if config.input.get("views", 1) != 2 or config.input.get("augment", "none") == "none":
-    raise ValueError("MAGE-C needs two augmented views per image: set config.input.views=2 and a random "
-                     f"config.input.augment (got views={config.input.get('views', 1)}, "
-                     f"augment={config.input.get('augment')!r})")
+    raise ValueError(
+      "MAGE-C needs two augmented views per image: set config.input.views=2 and a random "
+      f"config.input.augment (got views={config.input.get('views', 1)}, "
+      f"augment={config.input.get('augment')!r})"
+    )
   mesh, rules = trainer.mesh_and_rules(config)
   total_steps, warmup_steps = trainer.schedule_steps(config, pipeline.steps_per_epoch(config.input))
   tx, optim_cfg = builders.pretrain_optimizer(config, total_steps, warmup_steps)
@@ -231,8 +279,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = builders.mage_model(config, tokenizer)
   head = cfg.head(model.dtype, model.param_dtype)
   num_tokens, embed_dim = model.config.num_tokens, model.config.embed_dim
-  logging.info("MAGE-C: %d steps, peak lr %.3g, lam %g, temperature %g, pool %s", total_steps, optim_cfg.lr,
-               cfg.lam, cfg.temperature, cfg.pool)
+  logging.info(
+    "MAGE-C: %d steps, peak lr %.3g, lam %g, temperature %g, pool %s",
+    total_steps,
+    optim_cfg.lr,
+    cfg.lam,
+    cfg.temperature,
+    cfg.pool,
+  )
 
   def init_head(rng):
     return head.init(jax.random.fold_in(rng, 2), jnp.zeros((1, embed_dim), jnp.float32))["params"]
@@ -251,21 +305,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if head_params is None:
       head_params = jax.device_get(sharding.strip_boxes(jax.jit(init_head)(jax.random.key(config.seed))))
     initial_params = {"model": builders.initial_model_params(config, model), "projection_head": head_params}
-    builders.check_param_shapes(initial_params, sharding.strip_boxes(
-        jax.eval_shape(init_state, jax.random.key(0)).params), config.model_init)
+    builders.check_param_shapes(
+      initial_params, sharding.strip_boxes(jax.eval_shape(init_state, jax.random.key(0)).params), config.model_init
+    )
 
   task = trainer.Task(
-      init_state=init_state,
-      step=functools.partial(mage_c_step, tokenizer=tokenizer, color=color, model=model, head=head, tx=tx,
-                             cfg=cfg, masking_cfg=dict(config.masking), label_smoothing=config.label_smoothing,
-                             schedule=optim_cfg.schedule()),
-      extras=tokenizer_vars, data=trainer.image_data(config), batch_keys=("image",), total_steps=total_steps,
-      export=lambda state: export_mage_c(os.path.join(workdir, "params"), model, state.params, tokenizer,
-                                         tokenizer_vars, cfg, {"train_steps": total_steps,
-                                                               "views": dataclasses.asdict(color)}),
-      initial_params=initial_params,
-      reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
-      evaluate=pretrain.fewshot_monitor(config, model, tokenizer, tokenizer_vars, mesh,
-                                        params_of=lambda state: state.params["model"]))
+    init_state=init_state,
+    step=functools.partial(
+      mage_c_step,
+      tokenizer=tokenizer,
+      color=color,
+      model=model,
+      head=head,
+      tx=tx,
+      cfg=cfg,
+      masking_cfg=dict(config.masking),
+      label_smoothing=config.label_smoothing,
+      schedule=optim_cfg.schedule(),
+    ),
+    extras=tokenizer_vars,
+    data=trainer.image_data(config),
+    batch_keys=("image",),
+    total_steps=total_steps,
+    export=lambda state: export_mage_c(
+      os.path.join(workdir, "params"),
+      model,
+      state.params,
+      tokenizer,
+      tokenizer_vars,
+      cfg,
+      {"train_steps": total_steps, "views": dataclasses.asdict(color)},
+    ),
+    initial_params=initial_params,
+    reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
+    evaluate=pretrain.fewshot_monitor(
+      config, model, tokenizer, tokenizer_vars, mesh, params_of=lambda state: state.params["model"]
+    ),
+  )
   metrics, _ = trainer.run(config, workdir, task, mesh, rules)
   return metrics

@@ -24,8 +24,14 @@ from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
 
 
-def fewshot_monitor(config: ml_collections.ConfigDict, model: MAGE, tokenizer: VQGAN, tokenizer_vars, mesh,
-                    params_of=lambda state: state.params):
+def fewshot_monitor(
+  config: ml_collections.ConfigDict,
+  model: MAGE,
+  tokenizer: VQGAN,
+  tokenizer_vars,
+  mesh,
+  params_of=lambda state: state.params,
+):
   """`Task.evaluate` of MAGE-like jobs, or None when `config.fewshot_monitor` names no splits.
 
   `config.fewshot_monitor`: train_split / test_split (empty: off), shots, trials, batch_size (global extraction
@@ -34,11 +40,14 @@ def fewshot_monitor(config: ml_collections.ConfigDict, model: MAGE, tokenizer: V
   m = config.get("fewshot_monitor")
   if m is None or not m.train_split or not m.test_split:
     return None
-  vit = MAGEViT(dataclasses.replace(model.config, scan=False), num_classes=0, global_pool=True,
-                head_type="none", dtype=model.dtype)
+  vit = MAGEViT(
+    dataclasses.replace(model.config, scan=False), num_classes=0, global_pool=True, head_type="none", dtype=model.dtype
+  )
   feature_fn = probe.make_feature_fn(tokenizer, vit)
-  inputs = {split: pipeline.eval_input_config(config.input, split=split, batch_size=m.batch_size)
-            for split in (m.train_split, m.test_split)}
+  inputs = {
+    split: pipeline.eval_input_config(config.input, split=split, batch_size=m.batch_size)
+    for split in (m.train_split, m.test_split)
+  }
   sources = {split: pipeline.make_source(cfg) for split, cfg in inputs.items()}
 
   def evaluate(state, step):
@@ -46,20 +55,31 @@ def fewshot_monitor(config: ml_collections.ConfigDict, model: MAGE, tokenizer: V
     backbone = probe.backbone_params_from_mage(params_of(state), global_pool=True)
     variables = {"tokenizer": tokenizer_vars, "vit": {"params": backbone}}
     # Params stay where the training state keeps them; host arrays (the tokenizer, a fresh fc_norm) replicate.
-    shardings = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else sharding.replicated(mesh),
-                             variables)
-    feats = {split: probe.extract_features(feature_fn, variables, shardings, inputs[split], mesh=mesh,
-                                           source=sources[split]) for split in inputs}
+    shardings = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else sharding.replicated(mesh), variables)
+    feats = {
+      split: probe.extract_features(feature_fn, variables, shardings, inputs[split], mesh=mesh, source=sources[split])
+      for split in inputs
+    }
     (train_x, train_y), (test_x, test_y) = feats[m.train_split], feats[m.test_split]
-    accs = fewshot.evaluate_fewshot(train_x, train_y, test_x, test_y, shots=tuple(m.shots), trials=m.trials,
-                                    seed=config.seed, classifier="ridge", num_classes=m.num_classes or None)
+    accs = fewshot.evaluate_fewshot(
+      train_x,
+      train_y,
+      test_x,
+      test_y,
+      shots=tuple(m.shots),
+      trials=m.trials,
+      seed=config.seed,
+      classifier="ridge",
+      num_classes=m.num_classes or None,
+    )
     return {f"fewshot_{s}shot": mean for s, (mean, _) in accs.items()}
 
   return evaluate
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_step: int | None = None,
-                       export_dir: str | None = None) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, stop_step: int | None = None, export_dir: str | None = None
+) -> dict:
   """Runs (or resumes) MAGE pretraining in `workdir`; returns the last logged metrics.
 
   With `config.input.tokens` (a token cache, see `cached_tokens`) the steps read cached ids instead of images.
@@ -68,24 +88,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   """
   mesh, rules = trainer.mesh_and_rules(config)
   cache = cached_tokens.TokenCache(config.input.tokens) if config.input.get("tokens") else None
-  steps_per_epoch = (cache.steps_per_epoch(config.input.batch_size) if cache
-                     else pipeline.steps_per_epoch(config.input))
+  steps_per_epoch = cache.steps_per_epoch(config.input.batch_size) if cache else pipeline.steps_per_epoch(config.input)
   total_steps, warmup_steps = trainer.schedule_steps(config, steps_per_epoch)
   tx, optim_cfg = builders.pretrain_optimizer(config, total_steps, warmup_steps)
   tokenizer, tokenizer_vars = builders.load_tokenizer(config)
   model = builders.mage_model(config, tokenizer)
-  update_kwargs = dict(model=model, tx=tx, masking_cfg=dict(config.masking), label_smoothing=config.label_smoothing,
-                       schedule=optim_cfg.schedule())
+  update_kwargs = dict(
+    model=model,
+    tx=tx,
+    masking_cfg=dict(config.masking),
+    label_smoothing=config.label_smoothing,
+    schedule=optim_cfg.schedule(),
+  )
   if cache:
     cache.check_tokenizer(cached_tokens.tokenizer_fingerprint(tokenizer, tokenizer_vars, config.tokenizer))
     step, extras, batch_keys = functools.partial(steps.pretrain_ids_step, **update_kwargs), {}, ("ids",)
     data = cached_tokens.train_data(cache, seed=config.seed, batch_size=config.input.batch_size)
   else:
-    step = functools.partial(steps.pretrain_step, tokenizer=tokenizer,
-                             tokenizer_chunks=config.tokenizer.get("chunks", 1), **update_kwargs)
+    step = functools.partial(
+      steps.pretrain_step, tokenizer=tokenizer, tokenizer_chunks=config.tokenizer.get("chunks", 1), **update_kwargs
+    )
     extras, batch_keys, data = tokenizer_vars, ("image",), trainer.image_data(config)
-  logging.info("mesh %s, %d steps (%d per epoch), peak lr %.3g, warmup %d", dict(mesh.shape), total_steps,
-               steps_per_epoch, optim_cfg.lr, warmup_steps)
+  logging.info(
+    "mesh %s, %d steps (%d per epoch), peak lr %.3g, warmup %d",
+    dict(mesh.shape),
+    total_steps,
+    steps_per_epoch,
+    optim_cfg.lr,
+    warmup_steps,
+  )
   num_tokens = model.config.num_tokens
 
   def init_state(rng):
@@ -93,15 +124,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, num_tokens), jnp.int32), plan)["params"]
     return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
 
-  export = lambda state, directory: builders.export_params(directory, model, state.params, tokenizer, tokenizer_vars,
-                                                           {"train_steps": int(jax.device_get(state.step))})
+  export = lambda state, directory: builders.export_params(
+    directory, model, state.params, tokenizer, tokenizer_vars, {"train_steps": int(jax.device_get(state.step))}
+  )
   task = trainer.Task(
-      init_state=init_state,
-      step=step, extras=extras, data=data, batch_keys=batch_keys, total_steps=total_steps, stop_step=stop_step,
-      export=lambda state: export(state, os.path.join(workdir, "params")),
-      initial_params=builders.initial_model_params(config, model),
-      reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
-      evaluate=fewshot_monitor(config, model, tokenizer, tokenizer_vars, mesh))
+    init_state=init_state,
+    step=step,
+    extras=extras,
+    data=data,
+    batch_keys=batch_keys,
+    total_steps=total_steps,
+    stop_step=stop_step,
+    export=lambda state: export(state, os.path.join(workdir, "params")),
+    initial_params=builders.initial_model_params(config, model),
+    reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
+    evaluate=fewshot_monitor(config, model, tokenizer, tokenizer_vars, mesh),
+  )
   metrics, state = trainer.run(config, workdir, task, mesh, rules)
   if export_dir and int(jax.device_get(state.step)) == min(stop_step or total_steps, total_steps):
     export(state, export_dir)

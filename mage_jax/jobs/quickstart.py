@@ -44,37 +44,73 @@ from mage_jax.jobs.quickstart_data import Dataset
 
 def _cache_format() -> int:
   from mage_jax import cached_tokens  # pylint: disable=g-import-not-at-top  (TensorFlow: not for --help)
+
   return cached_tokens.FORMAT_VERSION
 
 
 BUDGETS = {
-    # tokenizer steps, token views cached per image, MAGE steps and recipe (configs/fashion_mnist_tiny.py
-    # arguments; docs/quickstart_recipe.md has the sweep behind them), samples for FID (and for the test-split
-    # reference of Fashion-MNIST), sampling, the representation evals (`jobs/evaluate.py`) and whether the
-    # controls (raw pixels, a random projection of them, the encoder at random init) run beside MAGE, linear-probe
-    # epochs and batch, few-shot classifiers and trials, the Fashion-MNIST examples the probes use (0: all).
-    # 'sweep' is 'full' with MAGE's evals only: the recipe sweep's rows (docs/quickstart_recipe.md).
-    "full": dict(tokenizer_steps=2000, views=2, mage_steps=1850,
-                 mage_recipe="batch=128,width=64,depth=4,decoder_depth=2,heads=4,blr=0.0096,crop_min=1.0",
-                 fid_samples=1000, grid=64, sample_steps=12, evals=("logistic", "linear_probe", "fewshot"),
-                 controls=True, probe_epochs=10, probe_batch=256, fewshot_classifiers=("logreg", "ridge"),
-                 fewshot_trials=5, fashion_train=0, fashion_test=0),
-    "ci": dict(tokenizer_steps=30, views=1, mage_steps=30, mage_recipe="batch=64", fid_samples=16, grid=16,
-               sample_steps=4, evals=("logistic", "linear_probe", "fewshot"), controls=True, probe_epochs=1,
-               probe_batch=64, fewshot_classifiers=("ridge",), fewshot_trials=2, fashion_train=300,
-               fashion_test=200),
+  # tokenizer steps, token views cached per image, MAGE steps and recipe (configs/fashion_mnist_tiny.py
+  # arguments; docs/quickstart_recipe.md has the sweep behind them), samples for FID (and for the test-split
+  # reference of Fashion-MNIST), sampling, the representation evals (`jobs/evaluate.py`) and whether the
+  # controls (raw pixels, a random projection of them, the encoder at random init) run beside MAGE, linear-probe
+  # epochs and batch, few-shot classifiers and trials, the Fashion-MNIST examples the probes use (0: all).
+  # 'sweep' is 'full' with MAGE's evals only: the recipe sweep's rows (docs/quickstart_recipe.md).
+  "full": dict(
+    tokenizer_steps=2000,
+    views=2,
+    mage_steps=1850,
+    mage_recipe="batch=128,width=64,depth=4,decoder_depth=2,heads=4,blr=0.0096,crop_min=1.0",
+    fid_samples=1000,
+    grid=64,
+    sample_steps=12,
+    evals=("logistic", "linear_probe", "fewshot"),
+    controls=True,
+    probe_epochs=10,
+    probe_batch=256,
+    fewshot_classifiers=("logreg", "ridge"),
+    fewshot_trials=5,
+    fashion_train=0,
+    fashion_test=0,
+  ),
+  "ci": dict(
+    tokenizer_steps=30,
+    views=1,
+    mage_steps=30,
+    mage_recipe="batch=64",
+    fid_samples=16,
+    grid=16,
+    sample_steps=4,
+    evals=("logistic", "linear_probe", "fewshot"),
+    controls=True,
+    probe_epochs=1,
+    probe_batch=64,
+    fewshot_classifiers=("ridge",),
+    fewshot_trials=2,
+    fashion_train=300,
+    fashion_test=200,
+  ),
 }
 # The sweep's rows (docs/quickstart_recipe.md) are flags over this budget, fixed as it was when they ran.
-BUDGETS["sweep"] = dict(BUDGETS["full"], tokenizer_steps=2000, views=2, mage_steps=700,
-                        mage_recipe="batch=128,width=128,depth=4,decoder_depth=2,heads=4",
-                        evals=("logistic", "fewshot"), controls=False, fid_samples=500,
-                        fewshot_classifiers=("ridge",))
+BUDGETS["sweep"] = dict(
+  BUDGETS["full"],
+  tokenizer_steps=2000,
+  views=2,
+  mage_steps=700,
+  mage_recipe="batch=128,width=128,depth=4,decoder_depth=2,heads=4",
+  evals=("logistic", "fewshot"),
+  controls=False,
+  fid_samples=500,
+  fewshot_classifiers=("ridge",),
+)
 # Held-out images of the tokenizer's final eval: PSNR within about 0.05 dB of the whole 10,000 at a fifth of
 # their 40 s (the metrics of the tokenizer, not of MAGE).
 TOKENIZER_EVAL_IMAGES = 2000
 FID_BATCH = 50  # images per Inception call (the last is padded): fewer when fewer samples are compared
-PAPER = {"MAGE ViT-B ImageNet: FID": "11.1", "MAGE ViT-B ImageNet: linear probe": "74.7%",
-         "MAGE-C ViT-L ImageNet: 10-shot": "71.9%"}
+PAPER = {
+  "MAGE ViT-B ImageNet: FID": "11.1",
+  "MAGE ViT-B ImageNet: linear probe": "74.7%",
+  "MAGE-C ViT-L ImageNet: 10-shot": "71.9%",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +133,7 @@ class Options:
     mage_recipe: `configs/fashion_mnist_tiny.py` arguments over the budget's recipe (e.g. 'width=96,blr=0.004').
     tokenizer_recipe: `configs/tokenizer_fashion_mnist.py` arguments for the tokenizer stage (e.g. 'disc').
   """
+
   workdir: str
   budget: str = "full"
   data: str = quickstart_data.FASHION_MNIST
@@ -116,13 +153,16 @@ class Options:
   def check(self) -> None:
     """Refuses inconsistent options before any work (ValueError)."""
     from mage_jax.models.mage import VARIANTS  # pylint: disable=g-import-not-at-top
+
     if self.budget not in BUDGETS:
       raise ValueError(f"unknown budget {self.budget!r}; expected one of {sorted(BUDGETS)}")
     if self.model and self.model not in VARIANTS:
       raise ValueError(f"unknown MAGE model {self.model!r}; expected one of {sorted(VARIANTS)}")
     if (self.freeze_codebook or self.restart_dead_codes) and not self.tokenizer_init:
-      raise ValueError("--freeze_codebook and --restart_dead_codes fine-tune the codebook of --tokenizer_init; "
-                       "without it the tokenizer trains from scratch")
+      raise ValueError(
+        "--freeze_codebook and --restart_dead_codes fine-tune the codebook of --tokenizer_init; "
+        "without it the tokenizer trains from scratch"
+      )
     if self.freeze_codebook and self.restart_dead_codes:
       raise ValueError("--freeze_codebook keeps every code; --restart_dead_codes replaces unused ones: choose one")
     if min(self.tokenizer_steps, self.mage_steps, self.views, self.restart_dead_codes, self.holdout + 1) < 0:
@@ -132,26 +172,33 @@ class Options:
         raise ValueError(f"--{flag} sets no steps: use --{flag.split('_')[0]}_steps")
     from configs import fashion_mnist_tiny, tokenizer_fashion_mnist  # pylint: disable=g-import-not-at-top
     from mage_jax import config_ranges  # pylint: disable=g-import-not-at-top
+
     # unknown or mistyped recipe arguments fail here, and values out of range (blr=-1, mask_min=1.5)
     config_ranges.check(fashion_mnist_tiny.get_config(self.recipe()))
     tokenizer_fashion_mnist.get_config(self.tokenizer_recipe)
     factor = 2 ** (len(self.tokenizer_sizes()["ch_mult"]) - 1)
     if self.image_size % factor or self.image_size < 2 * factor:
-      raise ValueError(f"--image_size={self.image_size}: the tokenizer downsamples by {factor}, so the image size "
-                       f"must be a multiple of {factor} and at least {2 * factor} (2x2 tokens)")
+      raise ValueError(
+        f"--image_size={self.image_size}: the tokenizer downsamples by {factor}, so the image size "
+        f"must be a multiple of {factor} and at least {2 * factor} (2x2 tokens)"
+      )
 
   def tokenizer_sizes(self) -> dict:
     """The tokenizer's `config.tokenizer` sizes: those of `tokenizer_init`, or the quickstart's own."""
     from configs import tokenizer_fashion_mnist  # pylint: disable=g-import-not-at-top
     from mage_jax.jobs import tokenizer as tokenizer_job  # pylint: disable=g-import-not-at-top
+
     if self.tokenizer_init:
       return tokenizer_job.init_sizes(self.tokenizer_init)
     return tokenizer_fashion_mnist.get_config().tokenizer.to_dict()
 
   def steps(self) -> dict:
     budget = BUDGETS[self.budget]
-    return {"tokenizer": self.tokenizer_steps or budget["tokenizer_steps"],
-            "mage": self.mage_steps or budget["mage_steps"], "views": self.views or budget["views"]}
+    return {
+      "tokenizer": self.tokenizer_steps or budget["tokenizer_steps"],
+      "mage": self.mage_steps or budget["mage_steps"],
+      "views": self.views or budget["views"],
+    }
 
   def recipe(self) -> str:
     """The MAGE recipe: the budget's `configs/fashion_mnist_tiny.py` arguments, then `mage_recipe`'s."""
@@ -160,6 +207,7 @@ class Options:
   def crop_scale(self) -> list[float]:
     """The recipe's random-resized-crop area range: the cached views are drawn with it."""
     from configs import fashion_mnist_tiny  # pylint: disable=g-import-not-at-top
+
     return list(fashion_mnist_tiny.get_config(self.recipe()).input.scale)
 
 
@@ -180,23 +228,28 @@ def ensure_fashion_mnist(data_dir: str | None) -> None:
   """Makes `fashion_mnist` loadable offline, preferring local files over a download (an offline download
   attempt retries for minutes before failing)."""
   from mage_jax.data import sources
+
   try:
     sources.load_arrays("fashion_mnist", "test", data_dir)
     return
   except FileNotFoundError as offline_error:
     if not _network_reachable():
       raise FileNotFoundError(
-          f"Fashion-MNIST is not available offline ({offline_error}). Install Debian's copy with "
-          "`sudo apt-get install -y dataset-fashion-mnist`, or run with internet access so TFDS can download "
-          "it.") from None
+        f"Fashion-MNIST is not available offline ({offline_error}). Install Debian's copy with "
+        "`sudo apt-get install -y dataset-fashion-mnist`, or run with internet access so TFDS can download "
+        "it."
+      ) from None
   sources.load_arrays("fashion_mnist", "test", data_dir, download=True)
 
 
 def _batch_sizes(options: Options) -> dict:
   """The training batches of the tokenizer and MAGE configs (a training split must hold one of each)."""
   from configs import fashion_mnist_tiny, tokenizer_fashion_mnist
-  return {"tokenizer": tokenizer_fashion_mnist.get_config().input.batch_size,
-          "mage": fashion_mnist_tiny.get_config(options.recipe()).input.batch_size}
+
+  return {
+    "tokenizer": tokenizer_fashion_mnist.get_config().input.batch_size,
+    "mage": fashion_mnist_tiny.get_config(options.recipe()).input.batch_size,
+  }
 
 
 def _eval_batch(num_examples: int, largest: int = 512) -> int:
@@ -214,7 +267,8 @@ def prepare_data(workdir: str, dataset: Dataset, options: Options) -> dict:
     summary = quickstart_data.summarize(dataset, max(_batch_sizes(options).values()))
     if dataset.is_folder:
       summary["fid_reference_images"] = quickstart_data.write_reference_images(
-          dataset, os.path.join(workdir, "heldout.npz"))
+        dataset, os.path.join(workdir, "heldout.npz")
+      )
     atomic.write_json(path, summary)
   with open(path) as f:
     return json.load(f)
@@ -227,8 +281,10 @@ def _params_done(directory: str) -> bool:
 def _check_trained(directory: str, what: str) -> None:
   """A training loop returns early after a SIGTERM, with a checkpoint and no export: the stage is not done."""
   if not _params_done(directory):
-    raise StageInterrupted(f"{what} training stopped before its last step (its checkpoint is saved in "
-                           f"{directory}); rerun the same command to resume it")
+    raise StageInterrupted(
+      f"{what} training stopped before its last step (its checkpoint is saved in "
+      f"{directory}); rerun the same command to resume it"
+    )
 
 
 def _frequent_checkpoints(config, steps: int) -> None:
@@ -247,11 +303,20 @@ def _use_data(config, dataset: Dataset) -> None:
 def train_tokenizer(workdir: str, options: Options, dataset: Dataset, data: dict) -> dict:
   from configs import tokenizer_fashion_mnist
   from mage_jax.jobs import tokenizer as tokenizer_job
+
   tok_dir = os.path.join(workdir, "tokenizer")
   steps = options.steps()["tokenizer"]
   # Fine-tuning starts a fresh discriminator at mid-run (reconstruction only until then), with LeCam.
-  arg = ",".join(filter(None, (f"steps={steps},eval_every={max(steps // 2, 1)}",
-                               "disc" if options.tokenizer_init else "", options.tokenizer_recipe)))
+  arg = ",".join(
+    filter(
+      None,
+      (
+        f"steps={steps},eval_every={max(steps // 2, 1)}",
+        "disc" if options.tokenizer_init else "",
+        options.tokenizer_recipe,
+      ),
+    )
+  )
   config = tokenizer_fashion_mnist.get_config(arg)
   _frequent_checkpoints(config, steps)
   _use_data(config, dataset)
@@ -281,6 +346,7 @@ def cache_tokens(workdir: str, options: Options, dataset: Dataset) -> dict:
   image, in `tokens/` (`configs/cache_tokens.py`); MAGE trains on them without running the tokenizer."""
   from configs import cache_tokens as cache_config
   from mage_jax.jobs import cache_tokens as cache_job
+
   views = options.steps()["views"]
   config = cache_config.get_config(f"base=fashion_mnist_tiny,views={views}")
   _use_data(config, dataset)
@@ -295,6 +361,7 @@ def mage_config(options: Options, dataset: Dataset, workdir: str):
   """The MAGE stage's training config: the recipe on the cached tokens."""
   from configs import fashion_mnist_tiny
   from mage_jax.models.mage import VARIANTS
+
   config = fashion_mnist_tiny.get_config(f"steps={options.steps()['mage']},{options.recipe()}")
   _frequent_checkpoints(config, options.steps()["mage"])
   _use_data(config, dataset)
@@ -307,6 +374,7 @@ def mage_config(options: Options, dataset: Dataset, workdir: str):
 
 def pretrain_mage(workdir: str, options: Options, dataset: Dataset) -> dict:
   from mage_jax.jobs import pretrain
+
   mage_dir = os.path.join(workdir, "mage")
   steps = options.steps()["mage"]
   config = mage_config(options, dataset, workdir)
@@ -325,6 +393,7 @@ def pretrain_mage(workdir: str, options: Options, dataset: Dataset) -> dict:
 
 def sample(workdir: str, budget: dict) -> dict:
   from mage_jax import images, params_io, sampling
+
   out = os.path.join(workdir, "samples.npz")
   if not os.path.exists(out):
     variables, meta = params_io.load(os.path.join(workdir, "mage", "params"))
@@ -332,8 +401,16 @@ def sample(workdir: str, budget: dict) -> dict:
     num = max(budget["fid_samples"], budget["grid"])
     batch = 8 * max(1, min(64, num // 8)) if jax.device_count() <= 8 else jax.device_count()
     start, chunks = time.time(), []
-    for chunk in sampling.generate_images(model, tokenizer, variables, jax.random.key(0), num_images=num,
-                                          batch_size=batch, num_steps=budget["sample_steps"], temperature=4.5):
+    for chunk in sampling.generate_images(
+      model,
+      tokenizer,
+      variables,
+      jax.random.key(0),
+      num_images=num,
+      batch_size=batch,
+      num_steps=budget["sample_steps"],
+      temperature=4.5,
+    ):
       chunks.append(chunk)
     seconds = time.time() - start
     samples = np.concatenate(chunks)[:num]
@@ -352,9 +429,12 @@ def _probe_batch(budget_batch: int, num_train: int) -> int:
 def evaluation_config(dataset: Dataset, budget: dict, data: dict):
   """The representation evals' config, or (None, {eval: reason}) when the data allows none."""
   from configs import eval_fashion_mnist
+
   if not dataset.is_folder:
-    config = eval_fashion_mnist.get_config(f"train={budget['fashion_train']},test={budget['fashion_test']},"
-                                           f"epochs={budget['probe_epochs']},batch={budget['probe_batch']}")
+    config = eval_fashion_mnist.get_config(
+      f"train={budget['fashion_train']},test={budget['fashion_test']},"
+      f"epochs={budget['probe_epochs']},batch={budget['probe_batch']}"
+    )
     config.input.data_dir = dataset.data_dir
     skipped = {}
   else:
@@ -362,8 +442,9 @@ def evaluation_config(dataset: Dataset, budget: dict, data: dict):
     if not evals:
       return None, skipped
     num_train = data["splits"]["train"]["images"]
-    config = eval_fashion_mnist.get_config(f"epochs={budget['probe_epochs']},"
-                                           f"batch={_probe_batch(budget['probe_batch'], num_train)}")
+    config = eval_fashion_mnist.get_config(
+      f"epochs={budget['probe_epochs']},batch={_probe_batch(budget['probe_batch'], num_train)}"
+    )
     config.evals = evals
     config.input.name = dataset.name
     config.input.split = dataset.train_split
@@ -380,6 +461,7 @@ def evaluation_config(dataset: Dataset, budget: dict, data: dict):
 
 def evaluate_representations(workdir: str, budget: dict, dataset: Dataset, data: dict) -> dict:
   from mage_jax.jobs import evaluate
+
   eval_dir = os.path.join(workdir, "eval")
   path = os.path.join(eval_dir, "results.json")
   config, skipped = evaluation_config(dataset, budget, data)
@@ -396,6 +478,7 @@ def dump_features(eval_dir: str, config, out_dir: str) -> None:
   """`features/mage_train.npz` and `mage_test.npz`: the frozen features the probes scored (`features` [N, D]
   float32, `labels` [N] int64, in the dataset's order), for re-scoring with any classifier."""
   from mage_jax.jobs import evaluate  # pylint: disable=g-import-not-at-top
+
   os.makedirs(out_dir, exist_ok=True)
   for name, split in (("train", config.input.split), ("test", config.eval_split)):
     source = os.path.join(eval_dir, "features", f"mage_{evaluate._split_tag(split)}.npz")  # pylint: disable=protected-access
@@ -411,6 +494,7 @@ def dump_features(eval_dir: str, config, out_dir: str) -> None:
 def _reference_statistics(workdir: str, model, batch_size: int):
   """FID statistics of the held-out images (`heldout.npz`), computed once into `fid_reference/`."""
   from mage_jax.fid import inputs, metrics
+
   images = os.path.join(workdir, "heldout.npz")
   with open(images, "rb") as f:
     digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
@@ -418,12 +502,14 @@ def _reference_statistics(workdir: str, model, batch_size: int):
   def batches():
     return inputs.image_batches(images)[1]
 
-  return metrics.load_or_compute_reference_stats("heldout", digest, batches, os.path.join(workdir, "fid_reference"),
-                                                 model=model, batch_size=batch_size, extras=True)
+  return metrics.load_or_compute_reference_stats(
+    "heldout", digest, batches, os.path.join(workdir, "fid_reference"), model=model, batch_size=batch_size, extras=True
+  )
 
 
 def compute_fid(workdir: str, budget: dict, dataset: Dataset) -> dict:
   from mage_jax.fid import inputs, metrics, weights
+
   path = os.path.join(workdir, "fid.json")
   if not os.path.exists(path):
     try:
@@ -437,12 +523,19 @@ def compute_fid(workdir: str, budget: dict, dataset: Dataset) -> dict:
       reference = _reference_statistics(workdir, model, batch_size)
       count, batches = inputs.image_batches(samples, max_images=budget["fid_samples"])
       result = metrics.evaluate(batches, reference, model, batch_size=batch_size, total=count)
-      summary = {"fid": result.fid, "num_images": result.num_images, "num_reference": reference.num_images,
-                 "reference": "heldout.npz", "sfid": result.sfid, "precision": result.precision,
-                 "recall": result.recall}
+      summary = {
+        "fid": result.fid,
+        "num_images": result.num_images,
+        "num_reference": reference.num_images,
+        "reference": "heldout.npz",
+        "sfid": result.sfid,
+        "precision": result.precision,
+        "recall": result.recall,
+      }
     else:
-      summary = inputs.compute(samples, "fashion_mnist:test", max_images=budget["fid_samples"],
-                               data_dir=dataset.data_dir, extras=True)
+      summary = inputs.compute(
+        samples, "fashion_mnist:test", max_images=budget["fid_samples"], data_dir=dataset.data_dir, extras=True
+      )
     atomic.write_json(path, summary)
   with open(path) as f:
     return json.load(f)
@@ -453,8 +546,12 @@ def _pct(x) -> str:
 
 
 # The feature sets of the representation table: MAGE and the controls that show what pretraining adds.
-FEATURE_SETS = (("mage", "MAGE"), ("random_init", "same encoder at random init"), ("pixels", "raw pixels"),
-                ("random_proj", "random projection of the pixels"))
+FEATURE_SETS = (
+  ("mage", "MAGE"),
+  ("random_init", "same encoder at random init"),
+  ("pixels", "raw pixels"),
+  ("random_proj", "random projection of the pixels"),
+)
 
 
 CLASSIFIERS = {"logreg": "logistic regression", "ridge": "ridge"}  # `fewshot`'s protocols
@@ -476,19 +573,25 @@ def representation_table(rep: dict) -> list[str]:
     rows.append([title] + [_with_reason(v, skipped.get(eval_name)) for v in values])
 
   train = next((n for n in dims.values() if n), None)
-  row(f"logistic regression probe top-1 (converged, {train or 'all'} train images)", "logistic",
-      lambda r: r.get("top1"))
+  row(
+    f"logistic regression probe top-1 (converged, {train or 'all'} train images)", "logistic", lambda r: r.get("top1")
+  )
   row("linear probe top-1 (paper protocol: BN + linear, LARS)", "linear_probe", lambda r: r.get("top1"))
   fewshot = rep.get("mage", {}).get("fewshot", {})
   for classifier in ("logreg", "ridge"):
     per_shot = fewshot.get(classifier, {})
     for shot in sorted((int(k) for k in per_shot if k.isdigit()), reverse=True):
-      row(f"{shot}-shot top-1 ({CLASSIFIERS[classifier]}, mean of {fewshot.get('trials', '?')} draws)", "fewshot",
-          lambda r, shot=shot, c=classifier: (r.get(c, {}).get(str(shot)) or {}).get("mean"))
+      row(
+        f"{shot}-shot top-1 ({CLASSIFIERS[classifier]}, mean of {fewshot.get('trials', '?')} draws)",
+        "fewshot",
+        lambda r, shot=shot, c=classifier: (r.get(c, {}).get(str(shot)) or {}).get("mean"),
+      )
   if "fewshot" in skipped and not fewshot:
     row("few-shot top-1", "fewshot", lambda r: None)
-  lines = ["| frozen features, top-1 on the held-out images | " + " | ".join(t for _, t in sets) + " |",
-           "|---" * (len(sets) + 1) + "|"]
+  lines = [
+    "| frozen features, top-1 on the held-out images | " + " | ".join(t for _, t in sets) + " |",
+    "|---" * (len(sets) + 1) + "|",
+  ]
   return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
@@ -499,24 +602,28 @@ def results_table(results: dict) -> str:
   tok_images = f"{int(tok['num_examples']):,} {heldout} images"
   rows = [(f"tokenizer PSNR on {tok_images} (dB)", f"{tok['psnr']:.2f}")]
   if "before_fine_tuning" in tok:
-    rows.append((f"tokenizer PSNR on {tok_images} before fine-tuning (dB)",
-                 f"{tok['before_fine_tuning']['psnr']:.2f}"))
+    rows.append((f"tokenizer PSNR on {tok_images} before fine-tuning (dB)", f"{tok['before_fine_tuning']['psnr']:.2f}"))
   rows += [
-      (f"tokenizer SSIM on {tok_images}", f"{tok['ssim']:.3f}"),
-      ("tokenizer codebook usage", _pct(tok["codebook_usage"])),
-      ("tokenizer codebook perplexity", f"{tok['codebook_perplexity']:.1f}"),
-      ("MAGE final training loss", f"{mage['loss']:.3f}"),
-      ("MAGE training steps/s", f"{mage['steps'] / mage['seconds']:.2f}"),
-      ("generation images/s", f"{gen['images_per_sec']:.1f}"),
+    (f"tokenizer SSIM on {tok_images}", f"{tok['ssim']:.3f}"),
+    ("tokenizer codebook usage", _pct(tok["codebook_usage"])),
+    ("tokenizer codebook perplexity", f"{tok['codebook_perplexity']:.1f}"),
+    ("MAGE final training loss", f"{mage['loss']:.3f}"),
+    ("MAGE training steps/s", f"{mage['steps'] / mage['seconds']:.2f}"),
+    ("generation images/s", f"{gen['images_per_sec']:.1f}"),
   ]
   fid_value = fid.get("fid")
-  where = ("test split" if heldout == "test"
-           else f"{fid.get('num_reference', 0)} held-out images")
-  rows.append((f"FID vs {where} ({fid.get('num_images', 0)} samples)",
-               f"{fid_value:.2f}" if fid_value is not None else "n/a (FID weights not set up)"))
+  where = "test split" if heldout == "test" else f"{fid.get('num_reference', 0)} held-out images"
+  rows.append(
+    (
+      f"FID vs {where} ({fid.get('num_images', 0)} samples)",
+      f"{fid_value:.2f}" if fid_value is not None else "n/a (FID weights not set up)",
+    )
+  )
   if fid.get("sfid") is not None:
-    rows += [("sFID (spatial Inception features)", f"{fid['sfid']:.2f}"),
-             ("precision / recall of the samples (k = 3)", f"{_pct(fid['precision'])} / {_pct(fid['recall'])}")]
+    rows += [
+      ("sFID (spatial Inception features)", f"{fid['sfid']:.2f}"),
+      ("precision / recall of the samples (k = 3)", f"{_pct(fid['precision'])} / {_pct(fid['recall'])}"),
+    ]
   rows.append(("wall time of this invocation (min)", f"{results['seconds'] / 60:.1f}"))
   title = "Fashion-MNIST" if heldout == "test" else f"{os.path.basename(data['path'])}, {_counts(data)}"
   lines = [f"| quantity ({title}, this run) | value |", "|---|---|"]
@@ -546,14 +653,14 @@ def _counts(data: dict) -> str:
 
 # Stage name -> the paths under the workdir it writes (what a redo removes).
 STAGE_OUTPUTS = {
-    "data": ("data.json", "heldout.npz", "fid_reference"),
-    "tokenizer": ("tokenizer", "reconstructions.png"),
-    "cache": ("tokens",),
-    "mage": ("mage",),
-    "samples": ("samples.npz", "samples_grid.png"),
-    "representations": ("eval", "features"),
-    "fid": ("fid.json",),
-    "points": ("mage", "points"),  # the reference run's MAGE stage (jobs/reference.py)
+  "data": ("data.json", "heldout.npz", "fid_reference"),
+  "tokenizer": ("tokenizer", "reconstructions.png"),
+  "cache": ("tokens",),
+  "mage": ("mage",),
+  "samples": ("samples.npz", "samples_grid.png"),
+  "representations": ("eval", "features"),
+  "fid": ("fid.json",),
+  "points": ("mage", "points"),  # the reference run's MAGE stage (jobs/reference.py)
 }
 STAGES_FILE = "stages.json"
 
@@ -588,8 +695,9 @@ class StageRecords:
       return
     present = [p for p in STAGE_OUTPUTS[stage] if os.path.exists(os.path.join(self.workdir, p))]
     if present and record is None:
-      raise ValueError(f"{self.workdir} holds {', '.join(present)} not written by the quickstart; use another "
-                       "--workdir")
+      raise ValueError(
+        f"{self.workdir} holds {', '.join(present)} not written by the quickstart; use another --workdir"
+      )
     for p in present:
       logging.warning("quickstart: redoing stage %s (its inputs changed): removing %s", stage, p)
       path = os.path.join(self.workdir, p)
@@ -609,12 +717,12 @@ class StageInterrupted(Exception):
   """A training stage stopped before its end (SIGTERM: its checkpoint is saved); rerunning resumes it."""
 
 
-
 def _init_identity(path: str) -> dict:
   """A tokenizer to fine-tune, as a stage input: where it is and its metadata (written last by every export)."""
   if not path:
     return {}
   from mage_jax import params_io  # pylint: disable=g-import-not-at-top
+
   return {"path": os.path.abspath(path), "meta": params_io.read_meta(path)}
 
 
@@ -626,29 +734,41 @@ class Pipeline:
     options.check()
     self.options, self.workdir = options, options.workdir
     self.budget = budget = BUDGETS[options.budget]
-    self.dataset = quickstart_data.make_dataset(options.data, options.data_dir, holdout=options.holdout,
-                                                image_size=options.image_size,
-                                                min_train=max(_batch_sizes(options).values()))
+    self.dataset = quickstart_data.make_dataset(
+      options.data,
+      options.data_dir,
+      holdout=options.holdout,
+      image_size=options.image_size,
+      min_train=max(_batch_sizes(options).values()),
+    )
     self.stage_inputs = {
-        "data": self.dataset.identity(),
-        "tokenizer": {"steps": options.steps()["tokenizer"], "init": _init_identity(options.tokenizer_init),
-                      "freeze_codebook": options.freeze_codebook, "restart_dead_codes": options.restart_dead_codes,
-                      # Only when set: the identity of a tokenizer trained without it stays what it was.
-                      **({"recipe": options.tokenizer_recipe} if options.tokenizer_recipe else {})},
-        "cache": {"views": options.steps()["views"], "crop_scale": options.crop_scale(),
-                  "format": _cache_format()},
-        "mage": {"steps": options.steps()["mage"], "model": options.model, "recipe": options.recipe()},
-        "samples": {k: budget[k] for k in ("fid_samples", "grid", "sample_steps")},
-        "representations": {k: budget[k] for k in ("evals", "controls", "probe_epochs", "probe_batch",
-                                                    "fashion_train", "fashion_test")},
-        "fid": {"fid_samples": budget["fid_samples"]},
-        **(stage_inputs or {}),
+      "data": self.dataset.identity(),
+      "tokenizer": {
+        "steps": options.steps()["tokenizer"],
+        "init": _init_identity(options.tokenizer_init),
+        "freeze_codebook": options.freeze_codebook,
+        "restart_dead_codes": options.restart_dead_codes,
+        # Only when set: the identity of a tokenizer trained without it stays what it was.
+        **({"recipe": options.tokenizer_recipe} if options.tokenizer_recipe else {}),
+      },
+      "cache": {"views": options.steps()["views"], "crop_scale": options.crop_scale(), "format": _cache_format()},
+      "mage": {"steps": options.steps()["mage"], "model": options.model, "recipe": options.recipe()},
+      "samples": {k: budget[k] for k in ("fid_samples", "grid", "sample_steps")},
+      "representations": {
+        k: budget[k] for k in ("evals", "controls", "probe_epochs", "probe_batch", "fashion_train", "fashion_test")
+      },
+      "fid": {"fid_samples": budget["fid_samples"]},
+      **(stage_inputs or {}),
     }
     os.makedirs(self.workdir, exist_ok=True)
     self.records = StageRecords(self.workdir)
     self.start = time.time()
-    self.results = {"budget": options.budget, "options": dataclasses.asdict(options),
-                    "device": jax.devices()[0].device_kind, "stage_seconds": {}}
+    self.results = {
+      "budget": options.budget,
+      "options": dataclasses.asdict(options),
+      "device": jax.devices()[0].device_kind,
+      "stage_seconds": {},
+    }
     self._identity = hashlib.sha256()
 
   def stage(self, title: str, key: str, fn, *fn_args):
@@ -666,8 +786,15 @@ class Pipeline:
     """The data, tokenizer and token-cache stages (1-3 of 7); returns the data summary."""
     o, w, d = self.options, self.workdir, self.dataset
     data = self.stage(f"1/7 data: {d.title}", "data", prepare_data, w, d, o)
-    self.stage("2/7 tokenizer " + ("fine-tuning" if o.tokenizer_init else "training"), "tokenizer",
-               train_tokenizer, w, o, d, data)
+    self.stage(
+      "2/7 tokenizer " + ("fine-tuning" if o.tokenizer_init else "training"),
+      "tokenizer",
+      train_tokenizer,
+      w,
+      o,
+      d,
+      data,
+    )
     self.stage(f"3/7 token cache ({o.steps()['views']} views per image)", "cache", cache_tokens, w, o, d)
     return data
 
@@ -679,8 +806,15 @@ def run(options: Options) -> dict:
   data = p.prepare_tokens()
   p.stage("4/7 MAGE pretraining", "mage", pretrain_mage, workdir, options, dataset)
   p.stage("5/7 sampling", "samples", sample, workdir, budget)
-  p.stage("6/7 linear probe and few-shot vs raw pixels", "representations", evaluate_representations, workdir,
-          budget, dataset, data)
+  p.stage(
+    "6/7 linear probe and few-shot vs raw pixels",
+    "representations",
+    evaluate_representations,
+    workdir,
+    budget,
+    dataset,
+    data,
+  )
   p.stage("7/7 FID", "fid", compute_fid, workdir, budget, dataset)
   results = p.results
   results["seconds"] = time.time() - p.start

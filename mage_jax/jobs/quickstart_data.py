@@ -48,6 +48,7 @@ class Dataset:
     fingerprint: for folders, a hash of every listed file's relative path, size and modification time (a stage
       whose data changed is redone); '' for Fashion-MNIST.
   """
+
   name: str
   data_dir: str | None
   train_split: str
@@ -61,7 +62,7 @@ class Dataset:
 
   @property
   def path(self) -> str | None:
-    return self.name[len("folder:"):] if self.is_folder else None
+    return self.name[len("folder:") :] if self.is_folder else None
 
   @property
   def title(self) -> str:
@@ -93,34 +94,51 @@ def make_dataset(data: str, data_dir: str | None, *, holdout: int, image_size: i
     if holdout >= 0:
       raise ValueError("--holdout applies to image folders; Fashion-MNIST is held out by its test split")
     return Dataset(FASHION_MNIST, data_dir, "train", "test", image_size)
-  if not data.startswith("folder:") or not data[len("folder:"):]:
-    raise ValueError(f"--data={data!r}: expected {FASHION_MNIST} or folder:DIR (a folder of images, with one "
-                     "subfolder per class when there are classes)")
-  path = os.path.abspath(os.path.expanduser(data[len("folder:"):]))
+  if not data.startswith("folder:") or not data[len("folder:") :]:
+    raise ValueError(
+      f"--data={data!r}: expected {FASHION_MNIST} or folder:DIR (a folder of images, with one "
+      "subfolder per class when there are classes)"
+    )
+  path = os.path.abspath(os.path.expanduser(data[len("folder:") :]))
   from mage_jax.data import sources  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  subdirs = ({d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith(".")}
-             if os.path.isdir(path) else set())
+
+  subdirs = (
+    {d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith(".")}
+    if os.path.isdir(path)
+    else set()
+  )
   heldout_dir = next((d for d in HELDOUT_SUBFOLDERS if d in subdirs), None)
   if "train" in subdirs and heldout_dir and subdirs <= {"train", *HELDOUT_SUBFOLDERS}:
     if holdout >= 0:
-      raise ValueError(f"--holdout={holdout}: {path} has train/ and {heldout_dir}/ subfolders, which are its "
-                       "training and held-out splits; leave --holdout out")
+      raise ValueError(
+        f"--holdout={holdout}: {path} has train/ and {heldout_dir}/ subfolders, which are its "
+        "training and held-out splits; leave --holdout out"
+      )
     train_split, heldout_split = "train", heldout_dir
   else:
     base = "train" if subdirs == {"train"} else ""  # train/ alone: its images are the ones to split
     total = sources.FolderSource(path, base).num_examples  # FileNotFoundError: missing folder, or no image
     n = holdout if holdout >= 0 else max(MIN_HELDOUT, min(round(total / 10), MAX_DEFAULT_HOLDOUT))
     if n < MIN_HELDOUT:
-      raise ValueError(f"--holdout={holdout}: the held-out split needs at least {MIN_HELDOUT} images (FID and "
-                       "the held-out metrics)")
+      raise ValueError(
+        f"--holdout={holdout}: the held-out split needs at least {MIN_HELDOUT} images (FID and the held-out metrics)"
+      )
     if total - n < min_train:
-      raise ValueError(f"{path} has {total} image{'s' * (total != 1)}: holding out {n} leaves {max(total - n, 0)} "
-                       f"for training, fewer than the training batch of {min_train}; the quickstart needs at least "
-                       f"{n + min_train} images (or a smaller --holdout)")
+      raise ValueError(
+        f"{path} has {total} image{'s' * (total != 1)}: holding out {n} leaves {max(total - n, 0)} "
+        f"for training, fewer than the training batch of {min_train}; the quickstart needs at least "
+        f"{n + min_train} images (or a smaller --holdout)"
+      )
     train_split, heldout_split = f"{base}[:-{n}]", f"{base}[-{n}:]"
   listed = [sources.FolderSource(path, split) for split in (train_split, heldout_split)]
-  return Dataset(f"folder:{path}", None, train_split, heldout_split, image_size,
-                 _fingerprint([p for src in listed for p in src.paths], path))
+  return Dataset(
+    f"folder:{path}",
+    None,
+    train_split,
+    heldout_split,
+    image_size,
+    _fingerprint([p for src in listed for p in src.paths], path),
+  )
 
 
 def _fingerprint(paths: list[str], root: str) -> str:
@@ -149,13 +167,23 @@ def _split_summary(src, split: str) -> dict:
   readable[unreadable] = False
   per_class = np.bincount(src.labels[readable], minlength=max(len(src.class_names), 1)).tolist()
   areas = sorted(sizes, key=lambda s: (s[0] * s[1], s))
-  return {"split": split, "root": src.root, "images": int(readable.sum()), "unreadable_skipped": len(unreadable),
-          "unreadable_examples": [src.name(i) for i in unreadable[:5]], "folder_listing": src.listing.summary(),
-          "per_class": dict(zip(src.class_names or [""], per_class)),
-          "sizes": "none readable" if not areas else (
-              "x".join(map(str, areas[0])) if len(areas) == 1 else
-              f"{len(areas)} sizes from {'x'.join(map(str, areas[0]))} to {'x'.join(map(str, areas[-1]))} "
-              "(each resized: shorter side, centre crop)")}
+  return {
+    "split": split,
+    "root": src.root,
+    "images": int(readable.sum()),
+    "unreadable_skipped": len(unreadable),
+    "unreadable_examples": [src.name(i) for i in unreadable[:5]],
+    "folder_listing": src.listing.summary(),
+    "per_class": dict(zip(src.class_names or [""], per_class)),
+    "sizes": "none readable"
+    if not areas
+    else (
+      "x".join(map(str, areas[0]))
+      if len(areas) == 1
+      else f"{len(areas)} sizes from {'x'.join(map(str, areas[0]))} to {'x'.join(map(str, areas[-1]))} "
+      "(each resized: shorter side, centre crop)"
+    ),
+  }
 
 
 def summarize(dataset: Dataset, min_train: int) -> dict:
@@ -166,29 +194,48 @@ def summarize(dataset: Dataset, min_train: int) -> dict:
   """
   if not dataset.is_folder:
     from mage_jax.data import sources  # pylint: disable=g-import-not-at-top
+
     info = sources.prepare_fashion_mnist(dataset.data_dir).info
     classes = list(info.features["label"].names)
-    return {"source": FASHION_MNIST, "data_dir": dataset.data_dir, "image_size": dataset.image_size,
-            "classes": classes, "splits": {
-                role: {"split": split, "images": info.splits[split].num_examples}
-                for role, split in (("train", dataset.train_split), ("heldout", dataset.heldout_split))}}
+    return {
+      "source": FASHION_MNIST,
+      "data_dir": dataset.data_dir,
+      "image_size": dataset.image_size,
+      "classes": classes,
+      "splits": {
+        role: {"split": split, "images": info.splits[split].num_examples}
+        for role, split in (("train", dataset.train_split), ("heldout", dataset.heldout_split))
+      },
+    }
   from mage_jax.data import sources  # pylint: disable=g-import-not-at-top
+
   train, heldout = (sources.FolderSource(dataset.path, s) for s in (dataset.train_split, dataset.heldout_split))
   if train.class_names != heldout.class_names:
     only = lambda a, b: sorted(set(a.class_names) - set(b.class_names))
-    raise ValueError(f"{dataset.path}: the class folders of {train.root} and {heldout.root} differ (only in "
-                     f"training: {only(train, heldout) or 'none'}; only held out: {only(heldout, train) or 'none'}); "
-                     "labels are the positions of the sorted class names, so both must have the same ones")
-  splits = {"train": _split_summary(train, dataset.train_split),
-            "heldout": _split_summary(heldout, dataset.heldout_split)}
+    raise ValueError(
+      f"{dataset.path}: the class folders of {train.root} and {heldout.root} differ (only in "
+      f"training: {only(train, heldout) or 'none'}; only held out: {only(heldout, train) or 'none'}); "
+      "labels are the positions of the sorted class names, so both must have the same ones"
+    )
+  splits = {
+    "train": _split_summary(train, dataset.train_split),
+    "heldout": _split_summary(heldout, dataset.heldout_split),
+  }
   for role, need in (("train", min_train), ("heldout", MIN_HELDOUT)):
     s = splits[role]
     if s["images"] < need:
       what = f"a training batch of {need}" if role == "train" else f"the {need} that FID needs"
-      raise ValueError(f"{dataset.path}: the {role} split {s['split']!r} ({s['root']}) has {s['images']} readable "
-                       f"images ({s['unreadable_skipped']} unreadable skipped), fewer than {what}")
-  return {"source": "folder", "path": dataset.path, "image_size": dataset.image_size,
-          "classes": train.class_names, "splits": splits}
+      raise ValueError(
+        f"{dataset.path}: the {role} split {s['split']!r} ({s['root']}) has {s['images']} readable "
+        f"images ({s['unreadable_skipped']} unreadable skipped), fewer than {what}"
+      )
+  return {
+    "source": "folder",
+    "path": dataset.path,
+    "image_size": dataset.image_size,
+    "classes": train.class_names,
+    "splits": splits,
+  }
 
 
 def probe_plan(summary: dict, shots=FEWSHOT_SHOTS) -> tuple[tuple[str, ...], tuple[int, ...], dict]:
@@ -200,17 +247,22 @@ def probe_plan(summary: dict, shots=FEWSHOT_SHOTS) -> tuple[tuple[str, ...], tup
   """
   classes = summary["classes"]
   if len(classes) < 2:
-    reason = ("no class subfolders (a flat folder has no labels)" if not classes
-              else f"a single class folder ({classes[0]!r}): nothing to classify")
+    reason = (
+      "no class subfolders (a flat folder has no labels)"
+      if not classes
+      else f"a single class folder ({classes[0]!r}): nothing to classify"
+    )
     return (), (), {"linear_probe": reason, "fewshot": reason}
   per_class = summary["splits"]["train"]["per_class"]
   smallest = min(per_class, key=lambda c: (per_class[c], c))
   feasible = tuple(s for s in shots if s <= per_class[smallest])
   skipped = {}
   if len(feasible) < len(shots):
-    skipped["fewshot"] = (f"class {smallest!r} has {per_class[smallest]} training image"
-                          f"{'s' * (per_class[smallest] != 1)}: "
-                          f"{', '.join(str(s) for s in shots if s not in feasible)}-shot need more")
+    skipped["fewshot"] = (
+      f"class {smallest!r} has {per_class[smallest]} training image"
+      f"{'s' * (per_class[smallest] != 1)}: "
+      f"{', '.join(str(s) for s in shots if s not in feasible)}-shot need more"
+    )
   return ("linear_probe",) + (("fewshot",) if feasible else ()), feasible, skipped
 
 
@@ -219,6 +271,7 @@ def write_reference_images(dataset: Dataset, path: str) -> int:
   to S, bicubic, centre crop, rounded) to the npz `path`; at most `MAX_FID_REFERENCE`, evenly spaced over the
   split. Returns the number written."""
   from mage_jax.data import sources  # pylint: disable=g-import-not-at-top
+
   images, _ = sources.load_arrays(dataset.name, dataset.heldout_split, image_size=dataset.image_size)
   if len(images) > MAX_FID_REFERENCE:
     images = images[np.linspace(0, len(images) - 1, MAX_FID_REFERENCE).round().astype(int)]

@@ -24,11 +24,19 @@ from mage_jax import atomic
 from mage_jax.jobs import quickstart
 
 BUDGETS = {
-    # The quickstart's recipe for `mage_steps`, evaluated at `points` steps doubling up to it. 'full' is `make
-    # reference` (~100 min on the 2-core CPU); 'ci' runs every stage at a tiny size (tests).
-    "full": dict(quickstart.BUDGETS["full"], tokenizer_steps=3000, views=4, mage_steps=9600, points=6,
-                 fid_samples=2000, evals=("logistic", "fewshot"), controls=True),
-    "ci": dict(quickstart.BUDGETS["ci"], mage_steps=24, points=3, evals=("logistic", "fewshot"), controls=True),
+  # The quickstart's recipe for `mage_steps`, evaluated at `points` steps doubling up to it. 'full' is `make
+  # reference` (~100 min on the 2-core CPU); 'ci' runs every stage at a tiny size (tests).
+  "full": dict(
+    quickstart.BUDGETS["full"],
+    tokenizer_steps=3000,
+    views=4,
+    mage_steps=9600,
+    points=6,
+    fid_samples=2000,
+    evals=("logistic", "fewshot"),
+    controls=True,
+  ),
+  "ci": dict(quickstart.BUDGETS["ci"], mage_steps=24, points=3, evals=("logistic", "fewshot"), controls=True),
 }
 for _name, _budget in BUDGETS.items():
   quickstart.BUDGETS[f"reference_{_name}"] = _budget
@@ -50,10 +58,11 @@ def evaluate_point(pipeline: quickstart.Pipeline, data: dict, step: int, first: 
   point = _point_dir(pipeline.workdir, step)
   budget = dict(pipeline.budget, controls=pipeline.budget["controls"] and first)
   row = {"step": step}
-  for key, fn, args in (("samples", quickstart.sample, (point, budget)),
-                        ("representations", quickstart.evaluate_representations,
-                         (point, budget, pipeline.dataset, data)),
-                        ("fid", quickstart.compute_fid, (point, budget, pipeline.dataset))):
+  for key, fn, args in (
+    ("samples", quickstart.sample, (point, budget)),
+    ("representations", quickstart.evaluate_representations, (point, budget, pipeline.dataset, data)),
+    ("fid", quickstart.compute_fid, (point, budget, pipeline.dataset)),
+  ):
     start = time.time()
     row[key] = fn(*args)
     row[f"{key}_seconds"] = round(time.time() - start, 1)
@@ -63,6 +72,7 @@ def evaluate_point(pipeline: quickstart.Pipeline, data: dict, step: int, first: 
 def train_and_evaluate_points(pipeline: quickstart.Pipeline, data: dict) -> list[dict]:
   """Stage 4: the MAGE run, stopped and evaluated at each point; returns the rows (one per point)."""
   from mage_jax.jobs import pretrain  # pylint: disable=g-import-not-at-top
+
   options, workdir = pipeline.options, pipeline.workdir
   total = options.steps()["mage"]
   config = quickstart.mage_config(options, pipeline.dataset, workdir)
@@ -82,8 +92,9 @@ def train_and_evaluate_points(pipeline: quickstart.Pipeline, data: dict) -> list
     start = time.time()
     pretrain.train_and_evaluate(config, os.path.join(workdir, "mage"), stop_step=step, export_dir=params)
     if not quickstart._params_done(os.path.dirname(params)):  # pylint: disable=protected-access
-      raise quickstart.StageInterrupted(f"MAGE training stopped before step {step} with a checkpoint; rerun the "
-                                        "same command to resume it")
+      raise quickstart.StageInterrupted(
+        f"MAGE training stopped before step {step} with a checkpoint; rerun the same command to resume it"
+      )
     train_seconds += time.time() - start
     row = {**evaluate_point(pipeline, data, step, first=i == 0), "train_seconds": round(train_seconds, 1)}
     rows.append(row)
@@ -108,20 +119,26 @@ def table(results: dict) -> str:
   """Markdown: one row per point (steps, training minutes, probes, FID), then the controls."""
   rows = results["points"]
   setup = sum(results["stage_seconds"].get(k, 0) for k in ("data", "tokenizer", "cache")) / 60
-  lines = ["| MAGE steps | training minutes | logistic probe top-1 | 10-shot top-1 | FID (samples vs test images) |",
-           "|---|---|---|---|---|"]
+  lines = [
+    "| MAGE steps | training minutes | logistic probe top-1 | 10-shot top-1 | FID (samples vs test images) |",
+    "|---|---|---|---|---|",
+  ]
   for r in rows:
     mage = r["representations"].get("mage", {})
     fid = r["fid"].get("fid")
-    lines.append(f"| {r['step']} | {r['train_seconds'] / 60:.1f} | "
-                 f"{quickstart._pct(mage.get('logistic', {}).get('top1'))} | "  # pylint: disable=protected-access
-                 f"{quickstart._pct(_fewshot(mage))} | "  # pylint: disable=protected-access
-                 f"{'n/a' if fid is None else f'{fid:.1f}'} ({r['fid'].get('num_images', 0)} vs "
-                 f"{r['fid'].get('num_reference', 0)}) |")
+    lines.append(
+      f"| {r['step']} | {r['train_seconds'] / 60:.1f} | "
+      f"{quickstart._pct(mage.get('logistic', {}).get('top1'))} | "  # pylint: disable=protected-access
+      f"{quickstart._pct(_fewshot(mage))} | "  # pylint: disable=protected-access
+      f"{'n/a' if fid is None else f'{fid:.1f}'} ({r['fid'].get('num_images', 0)} vs "
+      f"{r['fid'].get('num_reference', 0)}) |"
+    )
   titles = dict(quickstart.FEATURE_SETS)
   for name, rep in _controls(rows).items():
-    lines.append(f"| {titles[name]} (control) | - | {quickstart._pct(rep.get('logistic', {}).get('top1'))} | "  # pylint: disable=protected-access
-                 f"{quickstart._pct(_fewshot(rep))} | - |")  # pylint: disable=protected-access
+    lines.append(
+      f"| {titles[name]} (control) | - | {quickstart._pct(rep.get('logistic', {}).get('top1'))} | "  # pylint: disable=protected-access
+      f"{quickstart._pct(_fewshot(rep))} | - |"
+    )  # pylint: disable=protected-access
   lines += ["", f"Before MAGE: data, tokenizer and token cache took {setup:.1f} min."]
   return "\n".join(lines)
 
@@ -139,8 +156,10 @@ def plot(workdir: str) -> str:
   """`plot.png`: logistic probe, 10-shot and FID against training minutes, from `results.json`."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   import matplotlib.ticker  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   with open(os.path.join(workdir, RESULTS_FILE)) as f:
     results = json.load(f)
   rows = results["points"]
@@ -148,10 +167,11 @@ def plot(workdir: str) -> str:
     raise ValueError(f"{workdir}/{RESULTS_FILE} has no evaluated points yet")
   minutes = [r["train_seconds"] / 60 for r in rows]
   mage = [r["representations"].get("mage", {}) for r in rows]
-  curves = [("logistic probe top-1 (%)", [100 * (m.get("logistic", {}).get("top1") or float("nan")) for m in mage],
-             "logistic"),
-            ("10-shot top-1 (%)", [100 * (_fewshot(m) or float("nan")) for m in mage], "fewshot"),
-            ("FID", [r["fid"].get("fid") or float("nan") for r in rows], None)]
+  curves = [
+    ("logistic probe top-1 (%)", [100 * (m.get("logistic", {}).get("top1") or float("nan")) for m in mage], "logistic"),
+    ("10-shot top-1 (%)", [100 * (_fewshot(m) or float("nan")) for m in mage], "fewshot"),
+    ("FID", [r["fid"].get("fid") or float("nan") for r in rows], None),
+  ]
   controls = _controls(rows)
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
   for ax, (title, values, key) in zip(axes, curves, strict=True):
@@ -159,9 +179,13 @@ def plot(workdir: str) -> str:
     for name, rep in controls.items() if key else ():
       value = rep.get("logistic", {}).get("top1") if key == "logistic" else _fewshot(rep)
       if value is not None:
-        ax.axhline(100 * value, linestyle="--", linewidth=1, color={"pixels": "C1", "random_init": "C2",
-                                                                     "random_proj": "C3"}[name],
-                   label=dict(quickstart.FEATURE_SETS)[name])
+        ax.axhline(
+          100 * value,
+          linestyle="--",
+          linewidth=1,
+          color={"pixels": "C1", "random_init": "C2", "random_proj": "C3"}[name],
+          label=dict(quickstart.FEATURE_SETS)[name],
+        )
     for m, v, r in zip(minutes, values, rows, strict=True):
       ax.annotate(str(r["step"]), (m, v), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
     ax.set_xscale("log")
@@ -184,13 +208,27 @@ def run(workdir: str, budget: str = "full", data_dir: str | None = None) -> dict
     raise ValueError(f"unknown budget {budget!r}; expected one of {sorted(BUDGETS)}")
   options = quickstart.Options(workdir=workdir, budget=f"reference_{budget}", data_dir=data_dir)
   b = BUDGETS[budget]
-  pipeline = quickstart.Pipeline(options, stage_inputs={
-      "points": {"steps": options.steps()["mage"], "recipe": options.recipe(), "points": b["points"],
-                 "evals": {k: b[k] for k in ("evals", "controls", "fid_samples", "sample_steps", "fashion_train",
-                                             "fashion_test")}}})
+  pipeline = quickstart.Pipeline(
+    options,
+    stage_inputs={
+      "points": {
+        "steps": options.steps()["mage"],
+        "recipe": options.recipe(),
+        "points": b["points"],
+        "evals": {
+          k: b[k] for k in ("evals", "controls", "fid_samples", "sample_steps", "fashion_train", "fashion_test")
+        },
+      }
+    },
+  )
   data = pipeline.prepare_tokens()
-  rows = pipeline.stage(f"4/4 MAGE, evaluated at steps {points(options.steps()['mage'], b['points'])}", "points",
-                        train_and_evaluate_points, pipeline, data)
+  rows = pipeline.stage(
+    f"4/4 MAGE, evaluated at steps {points(options.steps()['mage'], b['points'])}",
+    "points",
+    train_and_evaluate_points,
+    pipeline,
+    data,
+  )
   results = write_results(workdir, pipeline.results, rows)
   results["plot"] = plot(workdir)
   return results

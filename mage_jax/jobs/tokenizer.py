@@ -85,15 +85,20 @@ def tokenizer_config(config: ml_collections.ConfigDict) -> VQGANConfig:
     return builders.tokenizer_config(config.tokenizer, config.input.image_size)
   sizes = init_sizes(init)
   configured = {k: v for k, v in config.tokenizer.to_dict().items() if k not in builders.TOKENIZER_RUNTIME_KEYS}
-  differ = {k: v for k, v in sizes.items() if k in configured and tuple(np.atleast_1d(configured[k])) !=
-            tuple(np.atleast_1d(v))}
+  differ = {
+    k: v for k, v in sizes.items() if k in configured and tuple(np.atleast_1d(configured[k])) != tuple(np.atleast_1d(v))
+  }
   if differ:
     wrong = ", ".join(f"{k}={configured[k]}" for k in differ)
-    fix = " ".join(f"--config.tokenizer.{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
-                   for k, v in differ.items())
-    raise ValueError(f"config.tokenizer sets {wrong}, but tokenizer.init={init} holds a tokenizer with "
-                     f"{', '.join(f'{k}={v}' for k, v in differ.items())}: its sizes cannot change when fine-tuning; "
-                     f"set {fix}")
+    fix = " ".join(
+      f"--config.tokenizer.{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+      for k, v in differ.items()
+    )
+    raise ValueError(
+      f"config.tokenizer sets {wrong}, but tokenizer.init={init} holds a tokenizer with "
+      f"{', '.join(f'{k}={v}' for k, v in differ.items())}: its sizes cannot change when fine-tuning; "
+      f"set {fix}"
+    )
   return builders.tokenizer_config({**configured, **sizes}, config.input.image_size)
 
 
@@ -101,8 +106,9 @@ def initial_generator(init_dir: str, vqgan: VQGAN) -> dict:
   """The generator params of a params dir, checked against `vqgan`'s shapes."""
   variables, meta = params_io.load(init_dir)
   if "tokenizer" not in variables:
-    raise ValueError(f"tokenizer.init={init_dir} holds no tokenizer (kind {meta.get('kind')!r}, entries "
-                     f"{sorted(variables)})")
+    raise ValueError(
+      f"tokenizer.init={init_dir} holds no tokenizer (kind {meta.get('kind')!r}, entries {sorted(variables)})"
+    )
   params = variables["tokenizer"]["params"]
   res = vqgan.config.resolution
   abstract = jax.eval_shape(vqgan.init, jax.random.key(0), jnp.zeros((1, res, res, vqgan.config.in_channels)))
@@ -115,22 +121,29 @@ def make_models(config: ml_collections.ConfigDict) -> tuple[VQGAN, Discriminator
   vq = VQGAN(tokenizer_config(config), dtype=config_views.dtype(config.tokenizer.get("dtype", "float32")))
   d = config.discriminator
   widths = None if not d.get("widths") else tuple((int(r), int(w)) for r, w in d.widths)
-  disc = Discriminator(widths=widths, channel_multiplier=d.get("channel_multiplier", 1),
-                       dtype=config_views.dtype(d.get("dtype", "float32")))
+  disc = Discriminator(
+    widths=widths,
+    channel_multiplier=d.get("channel_multiplier", 1),
+    dtype=config_views.dtype(d.get("dtype", "float32")),
+  )
   return vq, disc
 
 
 def scale_codebook_updates(multiplier: float) -> optax.GradientTransformation:
   """Multiplies the updates of the quantizer's codebook (the path holding 'quantize') by `multiplier`."""
+
   def update(updates, state, params=None):
     del params
     return jax.tree_util.tree_map_with_path(
-        lambda p, u: u * multiplier if tokenizer_step.is_codebook(optim.path_str(p)) else u, updates), state
+      lambda p, u: u * multiplier if tokenizer_step.is_codebook(optim.path_str(p)) else u, updates
+    ), state
+
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(lr: float, total_steps: int, warmup_steps: int, o, codebook_lr_multiplier: float = 1.0,
-                   freeze_codebook: bool = False) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  lr: float, total_steps: int, warmup_steps: int, o, codebook_lr_multiplier: float = 1.0, freeze_codebook: bool = False
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam (β1, β2 from `config.optim`) on a warm-up + cosine schedule down to `o.min_lr` (min_lr = lr gives
   MaskGIT's constant rate), after optional global-norm clipping; codebook steps scaled by the multiplier, or
   none at all with `freeze_codebook` (`optim.with_frozen`: the codebook is outside the optimizer)."""
@@ -159,10 +172,10 @@ def eval_sums(gen_params, batch, *, vqgan: VQGAN):
   recon, aux = vqgan.apply({"params": gen_params}, images)
   recon = jnp.clip(recon, 0.0, 1.0)
   per_image = {
-      "psnr": image_metrics.psnr(images, recon),
-      "ssim": image_metrics.ssim(images, recon),
-      "l1": jnp.mean(jnp.abs(images - recon), axis=(1, 2, 3)),
-      "mse": jnp.mean(jnp.square(images - recon), axis=(1, 2, 3)),
+    "psnr": image_metrics.psnr(images, recon),
+    "ssim": image_metrics.ssim(images, recon),
+    "l1": jnp.mean(jnp.abs(images - recon), axis=(1, 2, 3)),
+    "mse": jnp.mean(jnp.square(images - recon), axis=(1, 2, 3)),
   }
   sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
   sums["count"] = jnp.sum(mask)
@@ -178,8 +191,13 @@ def _reconstruct(gen_params, images, *, vqgan: VQGAN):
 
 def comparison_grid(originals: np.ndarray, reconstructions: np.ndarray, cols: int = 4) -> np.ndarray:
   """uint8 grid of [original | reconstruction] pairs, `cols` pairs per row, 2-pixel white gaps."""
-  pairs = np.concatenate([images_lib.to_uint8(np.asarray(originals, np.float32)),
-                          images_lib.to_uint8(np.asarray(reconstructions, np.float32))], axis=2)
+  pairs = np.concatenate(
+    [
+      images_lib.to_uint8(np.asarray(originals, np.float32)),
+      images_lib.to_uint8(np.asarray(reconstructions, np.float32)),
+    ],
+    axis=2,
+  )
   return images_lib.make_grid(pairs, cols=cols, pad=2, pad_value=255)
 
 
@@ -205,16 +223,16 @@ class Evaluator:
 
   def __call__(self, state: tokenizer_step.TokenizerState, step: int) -> dict:
     limit = (self.num_examples if step < self.total_steps else self.final_examples) or None
-    return self.evaluate(state.ema_params, f"step_{step:07d}.png", METRICS_FILE, {"step": int(step), "weights": "ema"},
-                         limit)
+    return self.evaluate(
+      state.ema_params, f"step_{step:07d}.png", METRICS_FILE, {"step": int(step), "weights": "ema"}, limit
+    )
 
   def evaluate(self, params, png_name: str, metrics_file: str, header: dict, limit: int | None = None) -> dict:
     """Metrics of generator `params` on the first `limit` held-out images (None: all); writes the PNG of the
     first batch as reconstructions/`png_name` and the metrics as `metrics_file` (with `header`)."""
     totals: dict[str, float] = {}
     hist = np.zeros((self.vqgan.config.codebook_size,), np.float64)
-    batches = pipeline.global_eval_batches(self.input_cfg, self.mesh, keys=("image",), limit=limit,
-                                           source=self.source)
+    batches = pipeline.global_eval_batches(self.input_cfg, self.mesh, keys=("image",), limit=limit, source=self.source)
     for b, batch in enumerate(batches):
       sums, h = jax.device_get(self._sums(params, batch))
       for k, v in sums.items():
@@ -224,8 +242,9 @@ class Evaluator:
         n = min(self.num_images, self.input_cfg["batch_size"])
         originals, recons = jax.device_get(self._reconstruct(params, batch["image"]))
         if jax.process_index() == 0:
-          images_lib.save_png(os.path.join(self.workdir, "reconstructions", png_name),
-                              comparison_grid(originals[:n], recons[:n]))
+          images_lib.save_png(
+            os.path.join(self.workdir, "reconstructions", png_name), comparison_grid(originals[:n], recons[:n])
+          )
     count = max(totals.pop("count"), 1.0)
     metrics = {k: v / count for k, v in totals.items()}
     metrics["num_examples"] = float(count)
@@ -234,9 +253,15 @@ class Evaluator:
     if jax.process_index() == 0:
       path = os.path.join(self.workdir, metrics_file)
       atomic.write_json(path, {**header, "split": self.input_cfg["split"], **metrics})
-    logging.info("eval %s (%d images): PSNR %.2f dB, SSIM %.4f, codebook usage %.1f%%, perplexity %.1f", header,
-                 int(count), metrics["psnr"], metrics["ssim"], 100 * metrics["codebook_usage"],
-                 metrics["codebook_perplexity"])
+    logging.info(
+      "eval %s (%d images): PSNR %.2f dB, SSIM %.4f, codebook usage %.1f%%, perplexity %.1f",
+      header,
+      int(count),
+      metrics["psnr"],
+      metrics["ssim"],
+      100 * metrics["codebook_usage"],
+      metrics["codebook_perplexity"],
+    )
     return metrics
 
 
@@ -259,8 +284,9 @@ def build_task(config: ml_collections.ConfigDict, workdir: str):
   vqgan, disc = make_models(config)
   init = config.tokenizer.get("init", "")
   o = config.optim
-  cb = config_views.from_config(tokenizer_step.CodebookConfig, config.get("codebook"), "config.codebook",
-                                restart_at_start=not init)
+  cb = config_views.from_config(
+    tokenizer_step.CodebookConfig, config.get("codebook"), "config.codebook", restart_at_start=not init
+  )
   g_tx, g_schedule = make_optimizer(o.lr, total_steps, warmup_steps, o, cb.lr_multiplier, cb.freeze)
   # D's Adam only counts its own updates (none before the start step), so its schedule spans the rest.
   d_span = total_steps - max(loss.discriminator_start_step, 0)
@@ -269,17 +295,32 @@ def build_task(config: ml_collections.ConfigDict, workdir: str):
   if perceptual.enabled and loss.perceptual_weight > 0:
     logging.info("%s, weight %g", perceptual.status, loss.perceptual_weight)
   else:
-    reason = (perceptual.status if not perceptual.enabled
-              else f"weights {perceptual.path} loaded but loss.perceptual_weight is 0")
+    reason = (
+      perceptual.status
+      if not perceptual.enabled
+      else f"weights {perceptual.path} loaded but loss.perceptual_weight is 0"
+    )
     # The weights cannot be downloaded here; the offline configs are tuned to train well without them.
-    logging.warning("%s (set config.loss.perceptual_weights to a local LPIPS-VGG16 .npz to enable it): "
-                    "training WITHOUT the perceptual term (reconstruction + VQ%s%s)", reason,
-                    " + entropy" if loss.entropy_weight else "", " + adversarial" if loss.use_gan else "")
-  logging.info("tokenizer %s: %d steps (%d per epoch), %s, lr %.3g (D %.3g), warmup %d, EMA %.4g, GAN %s%s",
-               f"fine-tuning from {init}" if init else "training", total_steps, steps_per_epoch, vqgan.config,
-               o.lr, o.get("d_lr", o.lr), warmup_steps, o.ema_decay,
-               f"from step {loss.discriminator_start_step}" if loss.use_gan else "off",
-               ", codebook frozen" if cb.freeze else "")
+    logging.warning(
+      "%s (set config.loss.perceptual_weights to a local LPIPS-VGG16 .npz to enable it): "
+      "training WITHOUT the perceptual term (reconstruction + VQ%s%s)",
+      reason,
+      " + entropy" if loss.entropy_weight else "",
+      " + adversarial" if loss.use_gan else "",
+    )
+  logging.info(
+    "tokenizer %s: %d steps (%d per epoch), %s, lr %.3g (D %.3g), warmup %d, EMA %.4g, GAN %s%s",
+    f"fine-tuning from {init}" if init else "training",
+    total_steps,
+    steps_per_epoch,
+    vqgan.config,
+    o.lr,
+    o.get("d_lr", o.lr),
+    warmup_steps,
+    o.ema_decay,
+    f"from step {loss.discriminator_start_step}" if loss.use_gan else "off",
+    ", codebook frozen" if cb.freeze else "",
+  )
   initial = {"generator": initial_generator(init, vqgan)} if init else None
 
   def reinit_after_params(state):
@@ -290,14 +331,27 @@ def build_task(config: ml_collections.ConfigDict, workdir: str):
   if init:
     extra_meta.update(init=os.path.abspath(init), codebook_frozen=cb.freeze)
   task = trainer.Task(
-      init_state=functools.partial(tokenizer_step.init_state, vqgan=vqgan, disc=disc, g_tx=g_tx, d_tx=d_tx),
-      step=functools.partial(tokenizer_step.train_step, vqgan=vqgan, disc=disc, g_tx=g_tx, d_tx=d_tx, loss=loss,
-                             ema_decay=float(o.ema_decay), g_schedule=g_schedule, codebook=cb),
-      extras=perceptual, data=trainer.image_data(config), batch_keys=("image",), total_steps=total_steps,
-      export=lambda state: export_tokenizer(os.path.join(workdir, "params"), state.ema_params, vqgan.config,
-                                            extra_meta),
-      initial_params=initial, reinit_after_params=reinit_after_params if init else None,
-      evaluate=Evaluator(config, workdir, vqgan, mesh, total_steps) if config.get("eval") else None)
+    init_state=functools.partial(tokenizer_step.init_state, vqgan=vqgan, disc=disc, g_tx=g_tx, d_tx=d_tx),
+    step=functools.partial(
+      tokenizer_step.train_step,
+      vqgan=vqgan,
+      disc=disc,
+      g_tx=g_tx,
+      d_tx=d_tx,
+      loss=loss,
+      ema_decay=float(o.ema_decay),
+      g_schedule=g_schedule,
+      codebook=cb,
+    ),
+    extras=perceptual,
+    data=trainer.image_data(config),
+    batch_keys=("image",),
+    total_steps=total_steps,
+    export=lambda state: export_tokenizer(os.path.join(workdir, "params"), state.ema_params, vqgan.config, extra_meta),
+    initial_params=initial,
+    reinit_after_params=reinit_after_params if init else None,
+    evaluate=Evaluator(config, workdir, vqgan, mesh, total_steps) if config.get("eval") else None,
+  )
   return task, mesh, rules
 
 
@@ -307,9 +361,13 @@ def evaluate_initial(task: trainer.Task, mesh, workdir: str, init: str) -> None:
     return
   with jax.set_mesh(mesh):
     params = sharding.place(task.initial_params["generator"], sharding.replicated(mesh))
-    task.evaluate.evaluate(params, "init.png", INIT_METRICS_FILE, {"step": 0, "weights": "tokenizer.init",
-                                                                   "init": os.path.abspath(init)},
-                           task.evaluate.final_examples or None)
+    task.evaluate.evaluate(
+      params,
+      "init.png",
+      INIT_METRICS_FILE,
+      {"step": 0, "weights": "tokenizer.init", "init": os.path.abspath(init)},
+      task.evaluate.final_examples or None,
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -56,6 +56,7 @@ class ClassCondConfig(MAGEConfig):
     class_combine: 'token' (extra decoder token, default) or 'add' (added to every decoder position).
     guidance_scale: default classifier-free guidance w >= 0 for sampling; 0 = guidance-free.
   """
+
   num_classes: int = 1000
   class_combine: str = "token"
   guidance_scale: float = 0.0
@@ -108,6 +109,7 @@ class ClassCondMAGE(MAGE):
     `image_token_logits(image_tokens, labels=None, guidance_scale=None)`: logits [B, N, V] for sampling.
     `encoder_features(ids)`: inherited; the encoder is the unconditional one, so probing is unchanged.
   """
+
   config: ClassCondConfig = ClassCondConfig()
 
   def setup(self):
@@ -116,15 +118,18 @@ class ClassCondMAGE(MAGE):
     if not isinstance(c, ClassCondConfig):
       raise ValueError(f"ClassCondMAGE needs a ClassCondConfig, got {type(c).__name__}")
     self.class_emb = nn.Embed(
-        c.num_classes + 1, c.decoder_embed_dim, dtype=self.param_dtype, param_dtype=self.param_dtype,
-        embedding_init=nn.with_logical_partitioning(layers.normal02, ("classes", "decoder_embed")))
+      c.num_classes + 1,
+      c.decoder_embed_dim,
+      dtype=self.param_dtype,
+      param_dtype=self.param_dtype,
+      embedding_init=nn.with_logical_partitioning(layers.normal02, ("classes", "decoder_embed")),
+    )
 
   def frozen_encode(self, tokens, keep_idx):
     """The frozen encoder: no dropout, no gradient."""
     return jax.lax.stop_gradient(self.encode(tokens, keep_idx, True))
 
-  def decode_with_labels(self, encoded, keep_idx, masked_full, labels, deterministic: bool,
-                         targets_only: bool = False):
+  def decode_with_labels(self, encoded, keep_idx, masked_full, labels, deterministic: bool, targets_only: bool = False):
     """MAGE's decoder (`forward_decoder` of `models_mage.py`) with the label embedding joined to its input.
 
     Args:
@@ -143,8 +148,7 @@ class ClassCondMAGE(MAGE):
     if self.config.class_combine == "add":
       return self.decoder_head(x + label, deterministic, targets_only=targets_only)
     # The label token attends in the blocks, then is left out of the norm and head.
-    return self.decoder_head(jnp.concatenate([label, x], axis=1), deterministic, skip=1,
-                             targets_only=targets_only)
+    return self.decoder_head(jnp.concatenate([label, x], axis=1), deterministic, skip=1, targets_only=targets_only)
 
   def __call__(self, ids, plan: MaskPlan, labels, deterministic: bool = True, targets_only: bool = False):
     """Training pass. ids int32 [B, N], labels int [B]. Returns (logits [B, 1+N, V] f32, or [B, N,
@@ -190,6 +194,7 @@ class ClassCondMAGE(MAGE):
     cond = self.decode_with_labels(encoded, None, masked_full, cond_labels, True, targets_only=True)
     if labels is None or (isinstance(w, (int, float)) and w == 0):
       return cond
-    uncond = self.decode_with_labels(encoded, None, masked_full, self._labels_or_null(None, tokens.shape[0]),
-                                     True, targets_only=True)
+    uncond = self.decode_with_labels(
+      encoded, None, masked_full, self._labels_or_null(None, tokens.shape[0]), True, targets_only=True
+    )
     return uncond + (1.0 + jnp.asarray(w, jnp.float32)) * (cond - uncond)

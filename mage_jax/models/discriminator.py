@@ -59,8 +59,13 @@ def blur_pool(x: jax.Array, taps: Sequence[float] = (1.0, 3.0, 3.0, 1.0), stride
   f = jnp.asarray(blur_filter(taps), x.dtype)
   kernel = jnp.tile(f[:, :, None, None], (1, 1, 1, channels))  # HWIO with I=1: one filter per channel.
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(stride, stride), padding="SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+    x,
+    kernel,
+    window_strides=(stride, stride),
+    padding="SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=channels,
+  )
 
 
 def _lrelu(x):
@@ -69,21 +74,32 @@ def _lrelu(x):
 
 def _conv(features, kernel, *, use_bias, dtype, param_dtype, name):
   return nn.Conv(
-      features, (kernel, kernel), padding="SAME", use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      name=name,
-      kernel_init=nn.with_logical_partitioning(_xavier, _CONV_AXES),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+    features,
+    (kernel, kernel),
+    padding="SAME",
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(_xavier, _CONV_AXES),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+  )
 
 
 def _dense(features, axes, *, dtype, param_dtype, name):
   return nn.Dense(
-      features, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(_xavier, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+    features,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(_xavier, axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
+  )
 
 
 class DiscriminatorResBlock(nn.Module):
   """Halves the resolution and maps the width to `features`; output = (main + skip) / sqrt(2)."""
+
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -108,6 +124,7 @@ class Discriminator(nn.Module):
     dtype: compute dtype of convs/denses (e.g. bfloat16); logits are returned in float32.
     param_dtype: parameter dtype.
   """
+
   widths: Mapping[int, int] | tuple[tuple[int, int], ...] | None = None
   channel_multiplier: int = 1
   dtype: Dtype = jnp.float32
@@ -129,8 +146,9 @@ class Discriminator(nn.Module):
     needed = [res >> i for i in range(int(math.log2(res)) - 1)]  # res, res/2, ..., 4
     missing = [r for r in needed if r not in table]
     if missing:
-      raise ValueError(f"discriminator width table {sorted(table)} lacks resolutions {missing} "
-                       f"needed for {res}x{res} inputs")
+      raise ValueError(
+        f"discriminator width table {sorted(table)} lacks resolutions {missing} needed for {res}x{res} inputs"
+      )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = _lrelu(_conv(table[res], 3, use_bias=True, name="conv_in", **kw)(images.astype(self.dtype)))
     for r in needed[1:]:

@@ -16,17 +16,25 @@ normal02 = nn.initializers.normal(0.02)
 
 def dense(features, axes, *, dtype, param_dtype, name, kernel_init=xavier):
   return nn.Dense(
-      features, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+    features,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
+  )
 
 
 def layer_norm(eps, param_dtype, name, axis_name="embed"):
   # float32 statistics and output whatever the compute dtype.
   return nn.LayerNorm(
-      epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)))
+    epsilon=eps,
+    dtype=jnp.float32,
+    param_dtype=param_dtype,
+    name=name,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)),
+  )
 
 
 def gelu(x):
@@ -55,6 +63,7 @@ class Attention(nn.Module):
   `implementation` is one of ATTENTION_IMPLEMENTATIONS; 'fused' and 'cudnn' need no probability dropout, so
   training with `attn_dropout > 0` runs the 'xla' path.
   """
+
   num_heads: int
   attn_dropout: float = 0.0
   proj_dropout: float = 0.0
@@ -71,14 +80,15 @@ class Attention(nn.Module):
     qkv = qkv.reshape(b, seq_len, 3, self.num_heads, head_dim)
     if self.implementation != "xla" and (deterministic or self.attn_dropout == 0.0):
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-      out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5,
-                                         implementation="cudnn" if self.implementation == "cudnn" else None)
+      out = jax.nn.dot_product_attention(
+        q, k, v, scale=head_dim**-0.5, implementation="cudnn" if self.implementation == "cudnn" else None
+      )
     else:
       # Heads-major operands [B, H, L, Dh], each taken from the fused projection by its own transpose: the two
       # products become plain batched matmuls (the tiny step 10% faster than contracting [B, L, H, Dh] in
       # place on XLA:CPU, and 5% faster than one transpose of the whole [B, L, 3, H, Dh] block).
       q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))
-      logits = attention_logits(q, k) * head_dim ** -0.5
+      logits = attention_logits(q, k) * head_dim**-0.5
       probs = jax.nn.softmax(logits, axis=-1)
       probs = nn.Dropout(self.attn_dropout)(probs, deterministic=deterministic)
       out = jnp.einsum("bhqk,bhkd->bqhd", probs.astype(self.dtype), v)
@@ -112,6 +122,7 @@ def drop_path(x, rate, deterministic, module):
 
 class Block(nn.Module):
   """Pre-norm ViT block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
   num_heads: int
   mlp_ratio: float = 4.0
   dropout: float = 0.0
@@ -127,8 +138,9 @@ class Block(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "seq", "embed_act"))
     d = x.shape[-1]
     h = layer_norm(self.eps, self.param_dtype, "norm1")(x).astype(self.dtype)
-    h = Attention(self.num_heads, self.attn_dropout, self.dropout, self.attention, self.dtype,
-                  self.param_dtype, name="attn")(h, deterministic)
+    h = Attention(
+      self.num_heads, self.attn_dropout, self.dropout, self.attention, self.dtype, self.param_dtype, name="attn"
+    )(h, deterministic)
     x = x + drop_path(h, self.drop_path, deterministic, self)
     h = layer_norm(self.eps, self.param_dtype, "norm2")(x).astype(self.dtype)
     h = Mlp(int(d * self.mlp_ratio), self.dropout, self.dtype, self.param_dtype, name="mlp")(h, deterministic)
@@ -158,9 +170,14 @@ def make_block_stack(depth, *, scan, remat_policy, **block_kw):
   """
   if scan:
     cls = _remat(_ScanBlock, remat_policy, scan=True)
-    return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=(nn.broadcast,), length=depth,
-                   metadata_params={nn.PARTITION_NAME: "layers"})(**block_kw)
+    return nn.scan(
+      cls,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,),
+      length=depth,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )(**block_kw)
   cls = _remat(Block, remat_policy, scan=False)
   return [cls(**block_kw) for _ in range(depth)]
 
@@ -176,8 +193,10 @@ def run_block_stack(stack, x, deterministic: bool):
 
 def stack_block_params(params: dict, prefix: str) -> dict:
   """Loop layout (`prefix_0..prefix_{n-1}`) -> scanned layout (`prefix` with a leading layer axis)."""
-  names = sorted((k for k in params if k.rpartition("_")[0] == prefix and k.rpartition("_")[2].isdigit()),
-                 key=lambda k: int(k.rpartition("_")[2]))
+  names = sorted(
+    (k for k in params if k.rpartition("_")[0] == prefix and k.rpartition("_")[2].isdigit()),
+    key=lambda k: int(k.rpartition("_")[2]),
+  )
   if not names:
     return dict(params)
   out = {k: v for k, v in params.items() if k not in names}

