@@ -56,7 +56,7 @@ BUDGETS = {
   # epochs and batch, few-shot classifiers and trials, the Fashion-MNIST examples the probes use (0: all).
   # 'sweep' is 'full' with MAGE's evals only: the recipe sweep's rows (docs/quickstart_recipe.md).
   "full": dict(
-    tokenizer_steps=2000,
+    tokenizer_steps=1000,
     views=2,
     mage_steps=1850,
     mage_recipe="batch=128,width=64,depth=4,decoder_depth=2,heads=4,blr=0.0096,crop_min=1.0",
@@ -362,8 +362,11 @@ def mage_config(options: Options, dataset: Dataset, workdir: str):
   from configs import fashion_mnist_tiny
   from mage_jax.models.mage import VARIANTS
 
-  config = fashion_mnist_tiny.get_config(f"steps={options.steps()['mage']},{options.recipe()}")
-  _frequent_checkpoints(config, options.steps()["mage"])
+  steps = options.steps()["mage"]
+  config = fashion_mnist_tiny.get_config(f"steps={steps},{options.recipe()}")
+  _frequent_checkpoints(config, steps)
+  # The few-shot monitor at half-way and at the end (6 s each): the representation stage is the measurement.
+  config.eval_every_steps = max(steps // 2, 1)
   _use_data(config, dataset)
   if options.model:
     config.model.update(VARIANTS[options.model])
