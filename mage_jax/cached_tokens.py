@@ -234,7 +234,8 @@ class TokenCache:
     self.meta = meta = read_meta(directory)
     if meta.get("format_version") != FORMAT_VERSION:
       raise ValueError(
-        f"{directory}: token cache format {meta.get('format_version')}, this version reads {FORMAT_VERSION}"
+        f"{directory}: token cache format {meta.get('format_version')}, this version reads {FORMAT_VERSION} "
+        "(views whose flips alternate): write the cache again into a new directory"
       )
     missing = sorted(set(range(meta["num_shards"])) - finished_shards(directory, meta))
     if missing:

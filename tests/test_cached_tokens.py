@@ -221,6 +221,15 @@ def test_crafted_cache_description_is_refused_before_any_work(cache_dir, tmp_pat
     cached_tokens.TokenCache(str(crafted))
 
 
+def test_cache_of_an_older_view_law_is_refused(cache_dir, tmp_path):
+  old = tmp_path / "old"
+  old.mkdir()
+  meta = json.loads(_files(cache_dir)[cached_tokens.META_FILE])
+  (old / cached_tokens.META_FILE).write_text(json.dumps({**meta, "format_version": 1}))
+  with pytest.raises(ValueError, match="token cache format 1, this version reads 2 .* write the cache again"):
+    cached_tokens.TokenCache(str(old))
+
+
 def test_process_slices_make_the_global_batches(monkeypatch):
   """Each process encodes its contiguous slice of every global batch; in process order they are the batch."""
   meta = {"num_examples": 14, "shard_examples": 8, "views": 2}

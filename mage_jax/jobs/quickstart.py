@@ -311,7 +311,7 @@ def train_tokenizer(workdir: str, options: Options, dataset: Dataset, data: dict
     filter(
       None,
       (
-        f"steps={steps},eval_every={max(steps // 2, 1)}",
+        f"steps={steps},eval_every={steps}",  # held-out metrics once, at the end
         "disc" if options.tokenizer_init else "",
         options.tokenizer_recipe,
       ),
@@ -365,8 +365,8 @@ def mage_config(options: Options, dataset: Dataset, workdir: str):
   steps = options.steps()["mage"]
   config = fashion_mnist_tiny.get_config(f"steps={steps},{options.recipe()}")
   _frequent_checkpoints(config, steps)
-  # The few-shot monitor at half-way and at the end (6 s each): the representation stage is the measurement.
-  config.eval_every_steps = max(steps // 2, 1)
+  # No few-shot monitor (6 s per evaluation): the representation stage measures the features on all the data.
+  config.fewshot_monitor.train_split = ""
   _use_data(config, dataset)
   if options.model:
     config.model.update(VARIANTS[options.model])
@@ -381,8 +381,6 @@ def pretrain_mage(workdir: str, options: Options, dataset: Dataset) -> dict:
   mage_dir = os.path.join(workdir, "mage")
   steps = options.steps()["mage"]
   config = mage_config(options, dataset, workdir)
-  if dataset.is_folder:
-    config.fewshot_monitor.train_split = ""  # the representation stage evaluates the held-out split instead
   summary_path = os.path.join(mage_dir, "train_summary.json")
   if not _params_done(mage_dir):
     start = time.time()
