@@ -4,7 +4,7 @@ On Fashion-MNIST (the default) or on a folder of your own images (`--data=folder
 when there are classes): a tiny VQGAN tokenizer (trained, or fine-tuned from `--tokenizer_init`), tiny MAGE,
 samples, reconstructions of held-out images, linear probe and few-shot beside raw pixels, FID against the
 held-out images; prints and saves a results table (`WORKDIR/results.md`, `results.json`). Offline on a 2-core CPU
-in about 22 minutes for Fashion-MNIST. Re-running continues where it stopped; see mage_jax/jobs/quickstart.py
+in about 20 minutes for Fashion-MNIST. Re-running continues where it stopped; see mage_jax/jobs/quickstart.py
 for the stages.
 """
 

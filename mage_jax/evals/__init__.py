@@ -59,6 +59,13 @@ class Context:
     return input_config(self.config, split, batch_size, self.image_size, augment)
 
 
+def split_size(config: ml_collections.ConfigDict, split: str) -> int:
+  """Examples in `split` of the eval config's dataset (reading it: a missing split is refused here)."""
+  from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: not for --help)
+
+  return pipeline.num_examples(input_config(config, split, 1, 32))
+
+
 def builtin() -> tuple[str, ...]:
   return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)))
 

@@ -6,17 +6,14 @@ from __future__ import annotations
 import time
 
 from mage_jax import fewshot
-from mage_jax.evals import pct
+from mage_jax.evals import pct, split_size
 
 FEATURES = True
 
 
 def check(config) -> None:
-  from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: not for --help)
-  from mage_jax.evals import input_config  # pylint: disable=g-import-not-at-top
-
   split = config.fewshot.train_split or config.input.split
-  n = pipeline.num_examples(input_config(config, split, 1, 32))
+  n = split_size(config, split)
   need = max(config.fewshot.shots) * config.num_classes
   if n < need:
     raise ValueError(

@@ -7,16 +7,13 @@ from __future__ import annotations
 import os
 
 from mage_jax import checkpointing, config_views, probe
-from mage_jax.evals import pct
+from mage_jax.evals import pct, split_size
 
 FEATURES = True
 
 
 def check(config) -> None:
-  from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: not for --help)
-  from mage_jax.evals import input_config  # pylint: disable=g-import-not-at-top
-
-  n = pipeline.num_examples(input_config(config, config.input.split, 1, 32))
+  n = split_size(config, config.input.split)
   if n < config.linear_probe.batch_size:
     raise ValueError(
       f"linear probe: batch_size {config.linear_probe.batch_size} is larger than the train "

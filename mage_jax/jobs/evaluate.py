@@ -173,8 +173,6 @@ def control_sets(backbone: probe.Backbone, mage: FeatureSet, mesh, pixel_fn, cha
 
 def evaluators(config: ml_collections.ConfigDict) -> list[tuple[str, object]]:
   """(name, module) of each of `config.evals`, after each one's feasibility check: refusals come before any work."""
-  from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
   names = tuple(config.evals)
   if not names or len(set(names)) != len(names):
     raise ValueError(
@@ -182,7 +180,7 @@ def evaluators(config: ml_collections.ConfigDict) -> list[tuple[str, object]]:
     )
   chosen = [(name, evals.load(name)) for name in names]
   if any(ev.FEATURES for _, ev in chosen):
-    pipeline.num_examples(evals.input_config(config, config.eval_split, 1, 32))  # the split exists and can be read
+    evals.split_size(config, config.eval_split)  # the split exists and can be read
   for _, ev in chosen:
     if hasattr(ev, "check"):
       ev.check(config)

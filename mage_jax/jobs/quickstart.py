@@ -1,5 +1,5 @@
 """The quickstart job behind `python -m mage_jax.quickstart --workdir=W [--data=folder:DIR]` (`make quickstart`
-runs it on Fashion-MNIST). Offline, on a 2-core CPU; Fashion-MNIST in about 22 minutes (docs/quickstart_recipe.md):
+runs it on Fashion-MNIST). Offline, on a 2-core CPU; Fashion-MNIST in about 20 minutes (docs/quickstart_recipe.md):
 
   1. data: Fashion-MNIST (a prepared TFDS copy, else built from Debian's `dataset-fashion-mnist` files, else a
      TFDS download when the network answers, else a message saying how to get it), or a folder of the user's
