@@ -52,7 +52,7 @@ if __package__ in (None, ""):
   # Run as a script: make `bench` and `mage_jax` importable from the repository root.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if __name__ == "__main__":
-  from mage_jax import allocator  # noqa: E402
+  from mage_jax.system import allocator  # noqa: E402
 
   allocator.maybe_reexec(script=True)  # timed as the binaries run: under tcmalloc where the system has it
 
@@ -62,10 +62,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import flops as flops_lib  # noqa: E402
-from mage_jax import config_views, masking, optim, sampling, sharding, steps  # noqa: E402
+from mage_jax.generation import sampling
 from mage_jax.models import layers  # noqa: E402
 from mage_jax.models.mage import MAGE, config_for  # noqa: E402
 from mage_jax.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
+from mage_jax.objectives import masking
+from mage_jax.train import config_views, optim, sharding, steps  # noqa: E402
 
 WORKLOADS = ("pretrain", "pretrain_cached", "generate", "encode", "features", "input")
 EXTRA_WORKLOADS = ("checkpoint",)  # run only when named in --workloads
@@ -666,7 +668,7 @@ def run_encode(s: Setup, mode: str) -> dict:
 def run_features(s: Setup) -> dict:
   """The linear probe's frozen features (`probe.make_feature_fn`: float32 tokenizer ids, the encoder over every
   token, mean pool and fc_norm) of one batch of images, as `evaluate` extracts them."""
-  from mage_jax import probe  # pylint: disable=g-import-not-at-top
+  from mage_jax.evals import probe  # pylint: disable=g-import-not-at-top
   from mage_jax.models.vit import MAGEViT  # pylint: disable=g-import-not-at-top
 
   args = s.args
@@ -770,7 +772,7 @@ def _as_trained(state, rng):
 def run_checkpoint(s: Setup) -> dict:
   """Seconds to save the pretraining state (its floats as a trained state's), seal it (manifest), verify the
   manifest and restore it."""
-  from mage_jax import checkpointing  # noqa: PLC0415
+  from mage_jax.train import checkpointing  # noqa: PLC0415
 
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     prog = make_pretrain(s, cached=True)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from mage_jax import masking
 from mage_jax.models.mage import MAGEConfig
 from mage_jax.models.vqgan import VQGANConfig
+from mage_jax.objectives import masking
 
 
 def _conv(h: int, w: int, c_in: int, c_out: int, k: int) -> float:

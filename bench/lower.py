@@ -55,17 +55,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import benchmark  # noqa: E402
-from mage_jax import (  # noqa: E402
-  builders,
-  checkpointing,
-  config_views,
-  optim,
-  params_io,
-  sampling,
-  sharding,
-  steps,
-  trainer,
-)
+from mage_jax.generation import sampling
+from mage_jax.train import builders, checkpointing, config_views, optim, params_io, sharding, steps, trainer
 
 PLATFORMS = ("cuda", "rocm", "tpu")
 SIZES = ("tiny", "B", "L")
@@ -219,7 +210,7 @@ def _image_batch(config, **extra) -> dict:
 
 def _mage_state(model, config, tx, *extra_inputs, head=None):
   """The jobs' `init_state` of a MAGE-like model (MAGE-C's with `head`, class-conditional's with a label)."""
-  from mage_jax import masking  # pylint: disable=g-import-not-at-top
+  from mage_jax.objectives import masking  # pylint: disable=g-import-not-at-top
 
   n = model.config.num_tokens
 
@@ -324,8 +315,9 @@ def class_cond(size: str, devices: int) -> Program:
 def tokenizer(size: str, devices: int) -> Program:
   """`configs/tokenizer_imagenet.py` (jobs/tokenizer.py): VQGAN + discriminator step (GAN, R1, LeCam, LPIPS with
   abstract weights)."""
-  from mage_jax import tokenizer_losses as tl, tokenizer_step  # pylint: disable=g-import-not-at-top
   from mage_jax.jobs import tokenizer as job  # pylint: disable=g-import-not-at-top
+  from mage_jax.objectives import tokenizer_losses as tl  # pylint: disable=g-import-not-at-top
+  from mage_jax.train import tokenizer_step
 
   config = _config("tokenizer_imagenet", **({"runlocal": True} if size == "tiny" else {}))
   config.input.batch_size = _batch(size, config.input.batch_size, devices)
@@ -427,7 +419,7 @@ def fid_inception(size: str, devices: int) -> Program:
 
 def _backbone(size: str, dtype, global_pool: bool):
   """`probe.load_backbone`'s modules for a pretraining export at `size`, with abstract variables."""
-  from mage_jax import probe  # pylint: disable=g-import-not-at-top
+  from mage_jax.evals import probe  # pylint: disable=g-import-not-at-top
   from mage_jax.models.vit import MAGEViT  # pylint: disable=g-import-not-at-top
 
   meta = _checkpoint_meta(size)
@@ -448,7 +440,7 @@ def _eval_config(size: str):
 
 def _eval_setup(config, size: str, batch: int):
   """(backbone, mesh, rules, backbone shardings) of `mage_jax.evaluate` with `configs/eval_imagenet.py`."""
-  from mage_jax import probe  # pylint: disable=g-import-not-at-top
+  from mage_jax.evals import probe  # pylint: disable=g-import-not-at-top
 
   backbone = _backbone(size, config_views.dtype(config.dtype), config.global_pool)
   mesh, rules = sharding.mesh_from_config(config)
@@ -502,7 +494,7 @@ def linear_probe(size: str, devices: int) -> Program:
 
 def probe_features(size: str, devices: int) -> Program:
   """`probe.extract_features`: frozen features of a split (validation, cached probes, few-shot)."""
-  from mage_jax import probe  # pylint: disable=g-import-not-at-top
+  from mage_jax.evals import probe  # pylint: disable=g-import-not-at-top
 
   config = _eval_config(size)
   batch = _batch(size, config.input.batch_size, devices)

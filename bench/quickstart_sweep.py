@@ -99,7 +99,7 @@ def _stage_inputs(name: str) -> tuple:
 
 
 def _current_cache_format(tokens_dir: str) -> bool:
-  from mage_jax import cached_tokens  # pylint: disable=g-import-not-at-top
+  from mage_jax.data import cached_tokens  # pylint: disable=g-import-not-at-top
 
   try:
     with open(os.path.join(tokens_dir, cached_tokens.META_FILE)) as f:
@@ -186,7 +186,7 @@ def logreg_fewshot(row_dir: str) -> dict:
   if not os.path.exists(path):
     import numpy as np  # pylint: disable=g-import-not-at-top
 
-    from mage_jax import fewshot  # pylint: disable=g-import-not-at-top
+    from mage_jax.evals import fewshot  # pylint: disable=g-import-not-at-top
 
     with (
       np.load(os.path.join(row_dir, "features", "mage_train.npz")) as tr,

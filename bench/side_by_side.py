@@ -21,7 +21,7 @@ of each program's median step. Rows:
 
 The official rows need `--anchor` (default `../shared/anchor`, the official code with its `setup.sh` and
 `official_step.py`); where it is absent only mage_jax is timed. `--official-allocators=default,tcmalloc` also
-times the official code under tcmalloc, the allocator the mage_jax binaries run under (mage_jax/allocator.py).
+times the official code under tcmalloc, the allocator the mage_jax binaries run under (mage_jax/system/allocator.py).
 Nothing else should run on the machine meanwhile: a concurrent job makes both sides' threads fight and the
 figures meaningless. Prints the table (with the load average before and after) and writes `--json`.
 """
@@ -42,7 +42,7 @@ if __package__ in (None, ""):
   sys.path.insert(0, ROOT)
 
 from bench import benchmark  # noqa: E402
-from mage_jax import allocator  # noqa: E402
+from mage_jax.system import allocator  # noqa: E402
 
 SIZES = ("tiny", "mid")
 # The official code reads its sizes from a fixture-style config.json; these describe benchmark.SIZES.

@@ -51,7 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):
   sys.path.insert(0, ROOT)
 if __name__ == "__main__":
-  from mage_jax import allocator  # noqa: E402
+  from mage_jax.system import allocator  # noqa: E402
 
   allocator.maybe_reexec(script=True)  # profiled as the binaries run: under tcmalloc where the system has it
 
@@ -60,7 +60,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import benchmark, side_by_side  # noqa: E402
-from mage_jax import sharding  # noqa: E402
+from mage_jax.train import sharding  # noqa: E402
 
 CATEGORIES = ("MLM head", "attention", "GELU", "dense matmuls", "LayerNorm", "optimizer", "other")
 # `benchmark.py` flags of side_by_side's mage_jax child (`mage_jax_rows`), which times this step.

@@ -9,7 +9,7 @@ binary takes Ctrl-C over (see `interrupt`).
 import importlib
 import sys
 
-from mage_jax import allocator, interrupt
+from mage_jax.system import allocator, interrupt
 
 __version__ = "0.1.0"
 

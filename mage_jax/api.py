@@ -29,8 +29,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mage_jax import config_ranges, config_views, editing, images as image_io, params_io, sampling, sharding
+from mage_jax.data import images as image_io
+from mage_jax.generation import editing, sampling
 from mage_jax.models.vqgan import VQGAN
+from mage_jax.train import config_ranges, config_views, params_io, sharding
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -139,7 +141,7 @@ class MAGE:
     if self.meta.get("kind", "mage") == "tokenizer":
       raise ValueError(f"{self.params_dir} holds only a tokenizer; features need a MAGE encoder")
     if self._backbone is None:
-      from mage_jax import probe  # pylint: disable=g-import-not-at-top  (TensorFlow: only for features)
+      from mage_jax.evals import probe  # pylint: disable=g-import-not-at-top  (TensorFlow: only for features)
 
       backbone = probe.load_backbone(self.params_dir, dtype=self._dtype)
       self._backbone = backbone, sharding.place(backbone.variables, sharding.replicated(self.mesh))
@@ -218,7 +220,7 @@ class MAGE:
     if image.shape != (self.resolution,) * 2 + (3,):
       raise ValueError(
         f"image: expected one image [{self.resolution}, {self.resolution}, 3], got shape "
-        f"{image.shape} (read a file with mage_jax.editing.load_image(path, R))"
+        f"{image.shape} (read a file with mage_jax.generation.editing.load_image(path, R))"
       )
     image = check_images(image[None], self.resolution, "image", keep_uint8=True)[0]
     if (mask is None) == (box is None):
@@ -318,7 +320,7 @@ def _tokenizer_fn(tokenizer: VQGAN, method: str, mesh: Mesh) -> Callable:
 
 @functools.lru_cache(maxsize=16)
 def _feature_fn(tokenizer: VQGAN, vit, mesh: Mesh) -> Callable:
-  from mage_jax import probe  # pylint: disable=g-import-not-at-top
+  from mage_jax.evals import probe  # pylint: disable=g-import-not-at-top
 
   feature_fn = probe.make_feature_fn(tokenizer, vit)
   return _batch_jit(lambda variables, images: feature_fn(variables, images, None, True), mesh)

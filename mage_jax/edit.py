@@ -6,9 +6,9 @@
 The image is read and brought to the tokenizer's resolution R exactly as evaluation reads it (shorter side to
 floor(R * 292 / 256), bicubic, centre R x R crop: `editing.load_image`); `--box` is in pixels of that square,
 bottom/right exclusive. `inpaint` regenerates the box, `outpaint` everything outside it (the recipe is in
-mage_jax/editing.py). Writes OUT/input.png (the crop), OUT/masked.png (edited pixels zeroed),
+mage_jax/generation/editing.py). Writes OUT/input.png (the crop), OUT/masked.png (edited pixels zeroed),
 OUT/sample_{i}.png and OUT/overview.png (input, masked, samples side by side); OUT must be new or empty, or
-`--force` replaces what an earlier edit listed in OUT/mage_jax_outputs.json (`mage_jax/outputs.py`).
+`--force` replaces what an earlier edit listed in OUT/mage_jax_outputs.json (`mage_jax/system/outputs.py`).
 """
 
 from __future__ import annotations
@@ -19,17 +19,10 @@ import jax
 import numpy as np
 from absl import flags
 
-from mage_jax import (
-  config_ranges,
-  config_views,
-  editing,
-  images as image_io,
-  outputs,
-  params_io,
-  runtime,
-  sampling,
-  sharding,
-)
+from mage_jax.data import images as image_io
+from mage_jax.generation import editing, sampling
+from mage_jax.system import outputs, runtime
+from mage_jax.train import config_ranges, config_views, params_io, sharding
 
 _PARAMS = flags.DEFINE_string(
   "params", None, "Params-only checkpoint directory (convert output or a training export).", required=True

@@ -16,8 +16,8 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mage_jax import runtime
 from mage_jax.jobs import evaluate
+from mage_jax.system import runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",

@@ -16,8 +16,9 @@ import os
 
 from absl import flags
 
-from mage_jax import params_io, runtime
 from mage_jax.convert import convert, to_torch
+from mage_jax.system import runtime
+from mage_jax.train import params_io
 
 _FORMAT = flags.DEFINE_enum(
   "format", None, to_torch.FORMATS, "File format; default: 'safetensors' when OUT ends in .safetensors, else 'pth'."

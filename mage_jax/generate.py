@@ -24,17 +24,10 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from mage_jax import (
-  config_ranges,
-  config_views,
-  images as image_io,
-  outputs,
-  params_io,
-  progress,
-  runtime,
-  sampling,
-  sharding,
-)
+from mage_jax.data import images as image_io
+from mage_jax.generation import sampling
+from mage_jax.system import outputs, runtime
+from mage_jax.train import config_ranges, config_views, params_io, progress, sharding
 
 NPZ_AUTO_LIMIT = 10000
 

@@ -4,7 +4,7 @@
 (class-conditional MAGE from an unconditional checkpoint), 'tokenizer' (VQGAN training) or 'cache_tokens' (the
 frozen tokenizer's ids of augmented views, for `input.tokens`). Re-running the same command resumes from the
 latest checkpoint (or the last finished token shard) in the workdir. Every config field can be set on the command line;
-`--config.mesh=data=2,fsdp=4,model=1` sets the device mesh (see mage_jax/sharding.py).
+`--config.mesh=data=2,fsdp=4,model=1` sets the device mesh (see mage_jax/train/sharding.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from mage_jax import config_ranges, runtime
 from mage_jax.jobs import MODES, run_mode
+from mage_jax.system import runtime
+from mage_jax.train import config_ranges
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",

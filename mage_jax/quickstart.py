@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from mage_jax import runtime
 from mage_jax.jobs import quickstart
+from mage_jax.system import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where every stage writes (re-run to resume).")
 _BUDGET = flags.DEFINE_enum(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from mage_jax import runtime
+from mage_jax.system import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes (keep it outside the checkout; rerun to resume).")
 _BUDGET = flags.DEFINE_enum("budget", "full", ["full", "ci"], "'full': the documented run; 'ci': every stage tiny.")

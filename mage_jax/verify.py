@@ -2,11 +2,11 @@
 
 DIR is an official-code fixture; its files say which check runs (docs/verify.md):
   * `reference.npz`: the forward pass (tokenizer, MAGE, ViT probe) on the official inputs
-    (`mage_jax.conformance`), e.g. tests/testdata/official_tiny;
+    (`mage_jax.conformance.forward`), e.g. tests/testdata/official_tiny;
   * `trajectory.npz`: a recorded pretraining run replayed step by step through the training update, optimizer
-    and schedule (`mage_jax.trajectory`), e.g. tests/testdata/official_train_tiny;
+    and schedule (`mage_jax.conformance.trajectory`), e.g. tests/testdata/official_train_tiny;
   * `probe_trajectory.npz`: a recorded linear-probe run, plus the fine-tuning parameter groups
-    (`mage_jax.trajectory`), e.g. tests/testdata/official_probe_tiny.
+    (`mage_jax.conformance.trajectory`), e.g. tests/testdata/official_probe_tiny.
 One table is printed. Exit status 1 when an error is above its tolerance, 2 when DIR is unusable.
 """
 
@@ -15,8 +15,10 @@ from __future__ import annotations
 import jax
 from absl import flags
 
-from mage_jax import config_views, conformance, runtime, trajectory
+from mage_jax.conformance import forward as conformance, trajectory
 from mage_jax.convert import torch_pickle
+from mage_jax.system import runtime
+from mage_jax.train import config_views
 
 _MESH = flags.DEFINE_string(
   "mesh",

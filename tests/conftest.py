@@ -209,11 +209,12 @@ def tiny_params_dir(directory, kind="mage", seed=0):
   import jax.numpy as jnp
   import numpy as np
 
-  from mage_jax import contrastive, masking, params_io
   from mage_jax.models.class_cond import ClassCondMAGE, class_cond_config
   from mage_jax.models.mage import MAGE, MAGEConfig
   from mage_jax.models.vit import MAGEViT
   from mage_jax.models.vqgan import VQGAN, VQGANConfig
+  from mage_jax.objectives import contrastive, masking
+  from mage_jax.train import params_io
 
   tok_config = VQGANConfig(**TINY_VQGAN)
   variables = {"tokenizer": random_variables(VQGAN(tok_config), seed, jnp.zeros((1, 32, 32, 3)))}

@@ -1,4 +1,4 @@
-"""mage_jax.allocator: which processes re-execute under tcmalloc, with what command and environment."""
+"""mage_jax.system.allocator: which processes re-execute under tcmalloc, with what command and environment."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mage_jax import allocator
+from mage_jax.system import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

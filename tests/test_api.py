@@ -17,10 +17,13 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_params_dir
-from mage_jax import api, editing, images as image_io, params_io, probe, sharding
+from mage_jax import api
 from mage_jax.convert import convert, torch_pickle
-from mage_jax.data import sources
+from mage_jax.data import images as image_io, sources
+from mage_jax.evals import probe
+from mage_jax.generation import editing
 from mage_jax.models.vqgan import VQGAN
+from mage_jax.train import params_io, sharding
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
 README_PARAMS = "runs/quickstart/mage/params"

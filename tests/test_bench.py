@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from bench import benchmark, flops
-from mage_jax import masking
-from mage_jax.conformance import configs_from_json
+from mage_jax.conformance.forward import configs_from_json
 from mage_jax.convert import convert, torch_pickle
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig, squared_distances
+from mage_jax.objectives import masking
 
 GF = 1e9
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY_MAGE, TINY_VQGAN, apply_overrides, random_variables, tiny_train_config
-from mage_jax import cached_tokens, params_io, trainer
-from mage_jax.data import pipeline, sources
+from mage_jax.data import cached_tokens, pipeline, sources
 from mage_jax.jobs import cache_tokens, class_cond, mage_c, pretrain, tokenizer
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
+from mage_jax.train import params_io, trainer
 
 VIEWS = 2
 

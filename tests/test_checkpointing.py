@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mage_jax import checkpointing
+from mage_jax.train import checkpointing
 
 
 def _state(step):
@@ -141,7 +141,7 @@ def test_oversized_manifest_is_refused_unread(tmp_path, monkeypatch):
 
 def test_params_export_is_sealed_and_damage_is_one_line(tmp_path):
   from conftest import run_cli, tiny_params_dir
-  from mage_jax import params_io
+  from mage_jax.train import params_io
 
   params = tiny_params_dir(tmp_path / "params", "mage")
   variables_dir = os.path.join(params, "variables")

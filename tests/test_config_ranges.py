@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from conftest import REPO, assert_one_line_error, run_cli
-from mage_jax import config_ranges
+from mage_jax.train import config_ranges
 
 
 def _training_configs():

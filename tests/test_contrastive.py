@@ -1,4 +1,4 @@
-"""Tests for mage_jax.contrastive (MAGE-C NT-Xent, pooling, projection head)."""
+"""Tests for mage_jax.objectives.contrastive (MAGE-C NT-Xent, pooling, projection head)."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from mage_jax import contrastive
+from mage_jax.objectives import contrastive
 
 
 def _ref_nt_xent(z1, z2, t):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import fake_state_dict, official_shapes_from_target
-from mage_jax import params_io
 from mage_jax.convert import convert, torch_pickle
 from mage_jax.models.mage import config_for
 from mage_jax.models.vqgan import VQGANConfig
+from mage_jax.train import params_io
 
 
 def _zip_checkpoint(path, pickle_bytes, storages=None):

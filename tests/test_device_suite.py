@@ -76,7 +76,7 @@ def test_verify_and_benchmark_run_without_tensorflow(tmp_path):
   installs from its wheels) and benchmark steps with TensorFlow and TFDS unimportable."""
   code = (
     "import sys, json\n"
-    "from mage_jax import conformance, trajectory\n"
+    "from mage_jax.conformance import forward as conformance, trajectory\n"
     "from mage_jax.fid import inception\n"
     "from bench import benchmark\n"
     f"checks = conformance.run({str(ROOT / 'tests' / 'testdata' / 'official_tiny')!r})\n"

@@ -167,7 +167,7 @@ def test_missing_width_entry():
 
 def test_r1_double_backprop_through_discriminator(tiny_variables):
   # R1 needs grad-of-grad through the grouped blur convs; its penalty must also match a direct computation.
-  from mage_jax import tokenizer_losses as tl  # pylint: disable=g-import-not-at-top
+  from mage_jax.objectives import tokenizer_losses as tl  # pylint: disable=g-import-not-at-top
 
   model = disc.Discriminator(widths=disc.TINY_WIDTHS)
   x = jnp.asarray(np.random.default_rng(4).uniform(size=(2, 32, 32, 3)), jnp.float32)

@@ -1,11 +1,11 @@
-"""Tests for mage_jax.editing: pixel/token masks, zeroing, and token-level editing."""
+"""Tests for mage_jax.generation.editing: pixel/token masks, zeroing, and token-level editing."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mage_jax import editing
+from mage_jax.generation import editing
 
 CB = 16
 MASK = 20

@@ -14,10 +14,12 @@ import pytest
 
 from configs import eval_fashion_mnist, eval_imagenet, finetune_imagenet
 from conftest import random_variables
-from mage_jax import builders, evals, masking
+from mage_jax import evals
 from mage_jax.jobs import evaluate
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
+from mage_jax.objectives import masking
+from mage_jax.train import builders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -202,7 +204,8 @@ def test_controls_share_one_tokenizer_pass_and_match_standalone_features(tiny_pa
   encoder is not MAGE's; the random projection is pixels @ R / sqrt(P) with the documented seed."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from mage_jax import probe, sharding  # pylint: disable=g-import-not-at-top
+  from mage_jax.evals import probe  # pylint: disable=g-import-not-at-top
+  from mage_jax.train import sharding
 
   config = eval_fashion_mnist.get_config("train=64,test=64,batch=64")
   config.input.data_dir = fashion_data_dir

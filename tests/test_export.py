@@ -13,10 +13,10 @@ import pytest
 from flax import traverse_util
 
 from conftest import fake_state_dict, official_shapes_from_target, tiny_params_dir
-from mage_jax import params_io
 from mage_jax.convert import convert, safetensors_io, to_torch, torch_pickle, torch_save
 from mage_jax.models.mage import config_for
 from mage_jax.models.vqgan import VQGANConfig
+from mage_jax.train import params_io
 
 FIXTURES = ("mage", "tokenizer", "vit_probe")
 WRAPPERS = {"mage": "model", "tokenizer": "state_dict", "vit_probe": "model"}

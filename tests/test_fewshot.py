@@ -1,9 +1,9 @@
-"""Tests for mage_jax.fewshot (support sampling, ridge, logreg, protocol)."""
+"""Tests for mage_jax.evals.fewshot (support sampling, ridge, logreg, protocol)."""
 
 import numpy as np
 import pytest
 
-from mage_jax import fewshot
+from mage_jax.evals import fewshot
 
 
 def _clusters(num_classes=5, per_class=40, dim=16, sep=8.0, seed=0, shift=3.0):

@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from conftest import assert_one_line_error, run_cli
-from mage_jax import editing, images, params_io, sampling, sharding
 from mage_jax.convert import job as convert_job
+from mage_jax.data import images
+from mage_jax.generation import editing, sampling
 from mage_jax.models.mage import MAGE, MAGEConfig
+from mage_jax.train import params_io, sharding
 
 SEED = 0
 STEPS = 2
@@ -371,7 +373,8 @@ def test_force_removes_only_what_an_earlier_run_listed(tmp_path):
   """--force replaces the files an earlier run listed in its record before writing them (an interrupted run's
   too); a file or folder of the user's anywhere in OUT, a file named like generate's own, or a link, is foreign:
   refused, untouched."""
-  from mage_jax import generate, outputs, runtime  # pylint: disable=g-import-not-at-top
+  from mage_jax import generate  # pylint: disable=g-import-not-at-top
+  from mage_jax.system import outputs, runtime
 
   out = tmp_path / "out"
   listed = generate.planned_outputs(str(out), 3, 2, png=True, npz=True, grid=False)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, assert_one_line_error, random_variables, run_cli
-from mage_jax import builders, masking, params_io
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
+from mage_jax.objectives import masking
+from mage_jax.train import builders, params_io
 
 TINY = f"{REPO}/configs/fashion_mnist_tiny.py:steps=4,batch=8"
 

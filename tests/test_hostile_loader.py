@@ -569,7 +569,7 @@ def test_convert_refusals_in_process(tiny_arrays, tmp_path):
 
 
 def test_force_replaces_only_what_save_writes(tmp_path):
-  from mage_jax import params_io
+  from mage_jax.train import params_io
 
   out = tmp_path / "work"
   (out / "variables").mkdir(parents=True)
@@ -599,7 +599,7 @@ def test_fid_setup_keeps_a_foreign_out_file(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
 def test_read_only_output_parent(tmp_path):
-  from mage_jax import params_io
+  from mage_jax.train import params_io
 
   locked = tmp_path / "locked"
   locked.mkdir()

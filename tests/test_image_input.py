@@ -22,9 +22,9 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import assert_one_line_error, run_cli
-from mage_jax import editing, images
-from mage_jax.data import augment, pipeline, sources
+from mage_jax.data import augment, images, pipeline, sources
 from mage_jax.fid import inputs as fid_inputs, weights as fid_weights
+from mage_jax.generation import editing
 from mage_jax.models.mage import MAGEConfig
 from mage_jax.models.vqgan import VQGANConfig
 
@@ -215,7 +215,8 @@ def _cli(module, args, env_extra=None) -> subprocess.Popen:
   # The libraries the binary uses are imported first (a binary's absl flags can only be defined once).
   code = (
     "import importlib, resource, runpy, sys\n"
-    "for lib in ('mage_jax.runtime', 'mage_jax.editing', 'mage_jax.params_io', 'mage_jax.fid.inputs'):\n"
+    "for lib in ('mage_jax.system.runtime', 'mage_jax.generation.editing', 'mage_jax.train.params_io',\n"
+    "            'mage_jax.fid.inputs'):\n"
     "  importlib.import_module(lib)\n"
     "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
     f"sys.argv = [{module!r}] + {list(args)!r}\n"
@@ -253,7 +254,7 @@ def _edit_params(tmp_path):
 
 _WIDE_SCRIPT = """
 import resource, sys, time
-from mage_jax import editing
+from mage_jax.generation import editing
 editing.load_image(sys.argv[2], 8)  # imports TensorFlow and warms its kernels up
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()

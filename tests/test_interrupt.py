@@ -17,7 +17,7 @@ def _sigint_default():
 
 def test_an_ignored_sigint_stays_ignored():
   code = (
-    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import mage_jax.interrupt as i; "
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import mage_jax.system.interrupt as i; "
     "i.take_over('mage_jax.main'); print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
   )
   run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -26,7 +26,8 @@ def test_an_ignored_sigint_stays_ignored():
 
 def test_library_import_keeps_the_default_handler():
   code = (
-    "import signal, mage_jax, mage_jax.preemption; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    "import signal, mage_jax, mage_jax.train.preemption; "
+    "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
   )
   run = subprocess.run(
     [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=_sigint_default

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mage_jax import logistic_probe
+from mage_jax.evals import logistic as logistic_probe
 
 
 def _blobs(n, d, classes, seed, spread=1.0):

@@ -8,10 +8,12 @@ import pytest
 from PIL import Image
 
 from conftest import apply_overrides
-from mage_jax import config_views, masking, optim, params_io, sampling, steps
+from mage_jax.generation import sampling
 from mage_jax.jobs import class_cond, mage_c
 from mage_jax.models.class_cond import ClassCondMAGE, class_cond_config, config_from_meta
 from mage_jax.models.mage import MAGE, config_for
+from mage_jax.objectives import masking
+from mage_jax.train import config_views, optim, params_io, steps
 
 N_TOKENS, CODEBOOK, VOCAB, FAKE, MASK = 16, 32, 40, 33, 39
 

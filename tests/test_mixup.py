@@ -1,4 +1,4 @@
-"""Tests for mage_jax.mixup (timm batch-mode Mixup/CutMix semantics)."""
+"""Tests for mage_jax.objectives.mixup (timm batch-mode Mixup/CutMix semantics)."""
 
 import functools
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mage_jax import mixup
+from mage_jax.objectives import mixup
 
 B, H, W, C, NC = 6, 8, 10, 2, 7
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mage_jax import losses, masking
 from mage_jax.models import layers, reductions
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
+from mage_jax.objectives import losses, masking
 
 TINY = config_for("tiny", num_tokens=16, max_position_embeddings=17)
 

@@ -44,8 +44,8 @@ TIMEOUT = 300  # seconds any single run may take on a loaded 2-core machine
 def setup(image_folder, tmp_path_factory):
   """(tmp dir, base command flags, environment) shared by the module's runs."""
   from configs import fashion_mnist_tiny
-  from mage_jax import builders, params_io
   from mage_jax.models.vqgan import VQGAN
+  from mage_jax.train import builders, params_io
 
   root = tmp_path_factory.mktemp("faults")
   config = fashion_mnist_tiny.get_config("steps=4,batch=8")
@@ -229,7 +229,7 @@ def fallback(reference, setup, image_folder):
 
 
 def test_restore_newest_sets_aside_damaged_steps_and_refuses(tmp_path):
-  from mage_jax import checkpointing
+  from mage_jax.train import checkpointing
 
   mngr = checkpointing.manager(str(tmp_path), keep=3, async_save=False)
   for step in (4, 8, 12):
@@ -311,7 +311,7 @@ def test_ctrl_c_during_compilation(runs, setup):
 _WAIT_ON_DEVICE = """
 import os, signal, threading, time
 import jax, jax.numpy as jnp
-from mage_jax import preemption
+from mage_jax.train import preemption
 stop = preemption.Stop(jax.make_mesh((1,), ("data",)))
 x = jnp.ones((256,))
 work = jax.jit(lambda x: jax.lax.fori_loop(0, 10**8, lambda i, x: x * 1.0000001, x)).lower(x).compile()

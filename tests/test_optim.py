@@ -1,4 +1,4 @@
-"""Tests for mage_jax.optim against hand-written float64 numpy references."""
+"""Tests for mage_jax.train.optim against hand-written float64 numpy references."""
 
 import math
 
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mage_jax import optim
+from mage_jax.train import optim
 
 SDS = jax.ShapeDtypeStruct
 F32 = jnp.float32

@@ -172,8 +172,8 @@ def _numbers(tree, path=""):
 
 @pytest.mark.slow
 def test_quickstart_on_an_image_folder_fine_tunes_resumes_and_reports(fashion_png_folder, testdata, tmp_path):
-  from mage_jax import params_io
   from mage_jax.convert import convert
+  from mage_jax.train import params_io
 
   state_dict, _ = convert.load_checkpoint(str(testdata / "official_tiny" / "tokenizer.pth"))
   converted = convert.convert_state_dict(state_dict, "tokenizer", resolution=32)

@@ -1,4 +1,4 @@
-"""Tests for mage_jax.probe: head math, known-answer probes, backbone features, resume, export."""
+"""Tests for mage_jax.evals.probe: head math, known-answer probes, backbone features, resume, export."""
 
 import chex
 import jax
@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from conftest import random_variables
-from mage_jax import builders, config_views, masking, params_io, probe, sharding
 from mage_jax.data import sources
+from mage_jax.evals import probe
 from mage_jax.jobs import linear_probe
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
+from mage_jax.objectives import masking
+from mage_jax.train import builders, config_views, params_io, sharding
 
 TOK = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, resolution=8, codebook_size=64)
 MAGE_CFG = config_for("tiny", num_tokens=16, max_position_embeddings=17, codebook_size=64)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mage_jax import progress
+from mage_jax.train import progress
 
 
 @pytest.fixture

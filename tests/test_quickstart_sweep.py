@@ -3,7 +3,7 @@
 import json
 
 from bench import quickstart_sweep as sweep
-from mage_jax import cached_tokens
+from mage_jax.data import cached_tokens
 
 
 def _finished_row(root, name, seconds, cache_format=cached_tokens.FORMAT_VERSION):

@@ -1,4 +1,4 @@
-"""Tests for mage_jax.sampling: schedule, one-step pieces, and the full decoding loop."""
+"""Tests for mage_jax.generation.sampling: schedule, one-step pieces, and the full decoding loop."""
 
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from mage_jax import sampling
+from mage_jax.generation import sampling
 
 CB = 16  # codebook size in these tests
 MASK = 20  # mask id, outside the codebook

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from configs import tokenizer_fashion_mnist
-from mage_jax import params_io, tokenizer_step
 from mage_jax.convert import convert
 from mage_jax.data import sources
 from mage_jax.jobs import tokenizer as tokenizer_job
 from mage_jax.models.vqgan import VQGAN
+from mage_jax.train import params_io, tokenizer_step
 
 HELDOUT = "[-96:]"
 

@@ -1,4 +1,4 @@
-"""Tests for mage_jax.tokenizer_losses against hand / float64 numpy computations."""
+"""Tests for mage_jax.objectives.tokenizer_losses against hand / float64 numpy computations."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from mage_jax import tokenizer_losses as tl
+from mage_jax.objectives import tokenizer_losses as tl
 
 
 def _rng(seed=0):

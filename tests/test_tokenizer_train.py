@@ -1,4 +1,4 @@
-"""Tests for mage_jax.image_metrics and the tokenizer training loop (mage_jax.tokenizer_train)."""
+"""Tests for mage_jax.evals.image_metrics and the tokenizer training loop (mage_jax.tokenizer_train)."""
 
 import json
 import logging
@@ -18,9 +18,11 @@ from PIL import Image
 from scipy.signal import correlate2d
 
 from configs import tokenizer_fashion_mnist
-from mage_jax import builders, config_views, image_metrics as im, params_io, sharding, tokenizer_losses, tokenizer_step
+from mage_jax.evals import image_metrics as im
 from mage_jax.jobs import tokenizer as tokenizer_job
 from mage_jax.models.vqgan import VQGAN
+from mage_jax.objectives import tokenizer_losses
+from mage_jax.train import builders, config_views, params_io, sharding, tokenizer_step
 
 # --- image metrics -------------------------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ import tensorflow as tf
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_train_config
-from mage_jax import checkpointing, params_io, sharding, steps
 from mage_jax.jobs import pretrain
+from mage_jax.train import checkpointing, params_io, sharding, steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -201,7 +201,7 @@ def test_corrupt_checkpoint_is_named_and_others_untouched(image_folder, tmp_path
 
 
 def test_fewshot_monitor_scores_the_exported_encoder(image_folder, tmp_path):
-  from mage_jax import fewshot, probe
+  from mage_jax.evals import fewshot, probe
 
   workdir = str(tmp_path / "w")
   config = tiny_train_config(

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from mage_jax import builders, conformance, trainer, trajectory
+from mage_jax.conformance import forward as conformance, trajectory
+from mage_jax.train import builders, trainer
 
 TRAIN, PROBE = "official_train_tiny", "official_probe_tiny"
 MESH = "data=2,fsdp=2,model=2"

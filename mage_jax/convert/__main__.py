@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from mage_jax import runtime
 from mage_jax.convert import convert, job, torch_pickle
+from mage_jax.system import runtime
 
 _KIND = flags.DEFINE_enum("kind", None, list(convert.KINDS), "Checkpoint kind (default: detected from the keys).")
 _CONFIG = flags.DEFINE_string("config", None, "A config.json (fixture format) giving head counts and image size.")

@@ -28,13 +28,14 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from mage_jax import contrastive, params_io
 from mage_jax.convert import safetensors_io, torch_pickle
 from mage_jax.convert.torch_pickle import CheckpointError
 from mage_jax.models.class_cond import ClassCondConfig, ClassCondMAGE, class_cond_config
 from mage_jax.models.mage import MAGE, MAGEConfig
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
+from mage_jax.objectives import contrastive
+from mage_jax.train import params_io
 
 # Tensors of the official modules (`models_mage.py`) that no computation reads; conversion drops them silently.
 UNUSED_KEYS = re.compile(

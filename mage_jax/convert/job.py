@@ -11,8 +11,8 @@ import hashlib
 import json
 from typing import Any
 
-from mage_jax import params_io
 from mage_jax.convert import convert, torch_pickle
+from mage_jax.train import params_io
 
 
 def _positive_int(value: Any, where: str) -> int | None:

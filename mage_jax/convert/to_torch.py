@@ -35,9 +35,10 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from mage_jax import atomic, params_io
 from mage_jax.convert import convert, safetensors_io, torch_save
 from mage_jax.models import layers
+from mage_jax.system import atomic
+from mage_jax.train import params_io
 
 FORMATS = ("pth", "safetensors")
 DEFAULT_VIT_IMG_SIZE = 224

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from mage_jax import runtime
+from mage_jax.system import runtime
 
 DEFAULT_MAX_BYTES = 4 * 2**30  # ViT-L + tokenizer is 1.7 GB of float32 tensors
 # Decompressed members may hold this many times the file's own size, plus the allowance. torch writes

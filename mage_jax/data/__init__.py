@@ -1,4 +1,5 @@
-"""Input pipeline: TFDS / image-folder sources, augmentation, deterministic iterators; the 'random' input.
+"""Images in (`images`: the checked reader and writers), sources (TFDS, image folders, Fashion-MNIST IDX files),
+augmentation, deterministic iterators, the 'random' input, and cached token ids (`cached_tokens`).
 
 The names below load their submodule on first use, and the submodules load TensorFlow only when a tf.data
 pipeline or a TFDS source is first built: model code, benchmarks and the 'random' input (`synthetic`) run on

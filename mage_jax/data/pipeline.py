@@ -29,7 +29,7 @@ Config keys (ml_collections.ConfigDict, dict or `InputConfig`):
   crop_ratio (256/292), eval_interpolation ('bicubic'), scale ((0.2, 1.0)),
   ratio ((3/4, 4/3)), rand_augment ('' or a timm spec such as 'rand-m9-mstd0.5-inc1'), views (1: one
   augmented image per example; K: K views, for MAGE-C), prefetch (2 batches), tokens ('' or a directory of
-  cached token ids that pretraining reads instead of images; see `mage_jax/cached_tokens.py`).
+  cached token ids that pretraining reads instead of images; see `mage_jax/data/cached_tokens.py`).
   See `augment.py` and `randaugment.py` for the transforms.
 """
 
@@ -436,7 +436,7 @@ def global_eval_batches(
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  from mage_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mage_jax.train import sharding  # pylint: disable=g-import-not-at-top
 
   c = InputConfig.from_config(cfg)
   src = source or make_source(c)

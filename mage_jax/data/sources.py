@@ -42,8 +42,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
-from mage_jax import images as image_io
-from mage_jax.data import augment
+from mage_jax.data import augment, images as image_io
 
 # Debian/Ubuntu package `dataset-fashion-mnist` installs the original IDX files here.
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

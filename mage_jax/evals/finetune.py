@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from mage_jax import checkpointing, probe
-from mage_jax.evals import pct
+from mage_jax.evals import pct, probe
+from mage_jax.train import checkpointing
 
 FEATURES = False
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 
-from mage_jax import checkpointing, config_views, probe
-from mage_jax.evals import pct, split_size
+from mage_jax.evals import pct, probe, split_size
+from mage_jax.train import checkpointing, config_views
 
 FEATURES = True
 

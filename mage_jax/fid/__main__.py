@@ -13,8 +13,8 @@ import json
 
 from absl import flags
 
-from mage_jax import runtime
 from mage_jax.fid import inputs
+from mage_jax.system import runtime
 
 _REFERENCE = flags.DEFINE_string(
   "reference", None, "Dataset split (name:split), folder, image .npz or stats .npz.", required=True

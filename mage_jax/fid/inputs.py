@@ -2,7 +2,7 @@
 
 Samples: an `.npz` with uint8 images [N, H, W, 3] under `images` (what `mage_jax.generate` writes), or a folder of
 image files of one size (searched recursively, like torch-fidelity's --samples-find-deep; read by
-`mage_jax.images`: a corrupt file, mixed sizes or an image above the pixel budget is an error naming the file).
+`mage_jax.data.images`: a corrupt file, mixed sizes or an image above the pixel budget is an error naming the file).
 Reference: `fashion_mnist:test` / `imagenet2012:validation` (a dataset split: its statistics are cached per split;
 the small fixed-size sets at their stored size, any other set, e.g. ImageNet, as the paper's reference images:
 Resize(256) bilinear + CenterCrop(256), as the official `prepare_imgnet_val.py`), a folder or `.npz` of images, or a
@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from mage_jax import images as image_io
+from mage_jax.data import images as image_io
 from mage_jax.fid import metrics, weights
 
 # The official prepare_imgnet_val.py (LTH14/mage) makes the reference images Resize(256) (shorter side,

@@ -30,8 +30,8 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
-from mage_jax import progress
 from mage_jax.fid import inception, weights as weights_lib
+from mage_jax.train import progress
 
 IS_UNAVAILABLE = (
   "Inception Score unavailable: the loaded FID Inception weights have no 1008-way classifier "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from mage_jax import config_ranges
+from mage_jax.train import config_ranges
 
 MODES = {
   "pretrain": "mage_jax.jobs.pretrain",

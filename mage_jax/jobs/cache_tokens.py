@@ -1,6 +1,6 @@
 """Token caching (config.mode 'cache_tokens'): the frozen tokenizer's ids of K augmented views per example.
 
-The workdir becomes the cache (`mage_jax/cached_tokens.py` describes it); pretraining reads it with
+The workdir becomes the cache (`mage_jax/data/cached_tokens.py` describes it); pretraining reads it with
 `--config.input.tokens=DIR`. Global batches of `input.batch_size` examples (K views each, so K·B images) are
 encoded sharded over the devices of every process; process p loads examples [p·B/P, (p+1)·B/P) of each batch,
 process 0 writes. Shards are written atomically, so a rerun of the same command skips the finished ones.
@@ -15,8 +15,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import atomic, builders, cached_tokens, progress, sharding, steps
-from mage_jax.data import pipeline
+from mage_jax.data import cached_tokens, pipeline
+from mage_jax.system import atomic
+from mage_jax.train import builders, progress, sharding, steps
 
 
 def _process_examples(meta: dict, shard: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

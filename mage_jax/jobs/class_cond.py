@@ -25,22 +25,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import (
-  builders,
-  cached_tokens,
-  images as image_io,
-  losses,
-  masking,
-  params_io,
-  sampling,
-  sharding,
-  steps,
-  trainer,
-)
-from mage_jax.data import pipeline
+from mage_jax.data import cached_tokens, images as image_io, pipeline
+from mage_jax.generation import sampling
 from mage_jax.models import layers
 from mage_jax.models.class_cond import ENCODER_PARAM_PATTERNS, ClassCondMAGE, class_cond_config, init_class_embedding
 from mage_jax.models.vqgan import VQGAN
+from mage_jax.objectives import losses, masking
+from mage_jax.train import builders, params_io, sharding, steps, trainer
 
 # Constants folded into the step key, one per use (masking and dropout match steps.pretrain_step).
 _MASK, _DROPOUT, _LABEL_DROP = 0, 1, 3

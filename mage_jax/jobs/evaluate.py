@@ -30,9 +30,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import atomic, config_views, evals, probe, sharding
+from mage_jax import evals
+from mage_jax.evals import probe
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
+from mage_jax.system import atomic
+from mage_jax.train import config_views, sharding
 
 CONTROL_SEED = 1234  # the random projection and the random initialisation
 

@@ -31,10 +31,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from mage_jax import config_views, mixup, optim, params_io, probe, sharding, steps, trainer
 from mage_jax.data import pipeline
+from mage_jax.evals import probe
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
+from mage_jax.objectives import mixup
+from mage_jax.train import config_views, optim, params_io, sharding, steps, trainer
 
 HISTORY_FILE = "finetune_history.json"
 

@@ -34,7 +34,8 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from mage_jax import optim, params_io, probe, sharding, steps, trainer
+from mage_jax.evals import probe
+from mage_jax.train import optim, params_io, sharding, steps, trainer
 
 PyTree = Any
 HISTORY_FILE = "probe_history.json"

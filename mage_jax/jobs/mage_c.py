@@ -29,21 +29,11 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from mage_jax import (
-  builders,
-  cached_tokens,
-  config_views,
-  contrastive,
-  losses,
-  masking,
-  params_io,
-  sharding,
-  steps,
-  trainer,
-)
-from mage_jax.data import pipeline
+from mage_jax.data import cached_tokens, pipeline
 from mage_jax.jobs import pretrain
 from mage_jax.models.mage import MAGE
+from mage_jax.objectives import contrastive, losses, masking
+from mage_jax.train import builders, config_views, params_io, sharding, steps, trainer
 
 POOL_MODES = ("mean", "cls", "mean_visible")
 

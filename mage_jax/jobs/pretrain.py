@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from mage_jax import builders, cached_tokens, fewshot, masking, probe, sharding, steps, trainer
-from mage_jax.data import pipeline
+from mage_jax.data import cached_tokens, pipeline
+from mage_jax.evals import fewshot, probe
 from mage_jax.models.mage import MAGE
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
+from mage_jax.objectives import masking
+from mage_jax.train import builders, sharding, steps, trainer
 
 
 def fewshot_monitor(

@@ -37,13 +37,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from mage_jax import atomic
 from mage_jax.jobs import quickstart_data
 from mage_jax.jobs.quickstart_data import Dataset
+from mage_jax.system import atomic
 
 
 def _cache_format() -> int:
-  from mage_jax import cached_tokens  # pylint: disable=g-import-not-at-top  (TensorFlow: not for --help)
+  from mage_jax.data import cached_tokens  # pylint: disable=g-import-not-at-top  (TensorFlow: not for --help)
 
   return cached_tokens.FORMAT_VERSION
 
@@ -171,7 +171,7 @@ class Options:
       if "steps" in [item.partition("=")[0] for item in recipe.split(",")]:
         raise ValueError(f"--{flag} sets no steps: use --{flag.split('_')[0]}_steps")
     from configs import fashion_mnist_tiny, tokenizer_fashion_mnist  # pylint: disable=g-import-not-at-top
-    from mage_jax import config_ranges  # pylint: disable=g-import-not-at-top
+    from mage_jax.train import config_ranges  # pylint: disable=g-import-not-at-top
 
     # unknown or mistyped recipe arguments fail here, and values out of range (blr=-1, mask_min=1.5)
     config_ranges.check(fashion_mnist_tiny.get_config(self.recipe()))
@@ -393,7 +393,9 @@ def pretrain_mage(workdir: str, options: Options, dataset: Dataset) -> dict:
 
 
 def sample(workdir: str, budget: dict) -> dict:
-  from mage_jax import images, params_io, sampling
+  from mage_jax.data import images
+  from mage_jax.generation import sampling
+  from mage_jax.train import params_io
 
   out = os.path.join(workdir, "samples.npz")
   if not os.path.exists(out):
@@ -722,7 +724,7 @@ def _init_identity(path: str) -> dict:
   """A tokenizer to fine-tune, as a stage input: where it is and its metadata (written last by every export)."""
   if not path:
     return {}
-  from mage_jax import params_io  # pylint: disable=g-import-not-at-top
+  from mage_jax.train import params_io  # pylint: disable=g-import-not-at-top
 
   return {"path": os.path.abspath(path), "meta": params_io.read_meta(path)}
 

@@ -26,7 +26,7 @@ import os
 import numpy as np
 from absl import logging
 
-from mage_jax import images as image_io
+from mage_jax.data import images as image_io
 
 FASHION_MNIST = "fashion_mnist"
 HELDOUT_SUBFOLDERS = ("test", "val", "validation")

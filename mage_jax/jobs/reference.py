@@ -20,8 +20,8 @@ import time
 
 from absl import logging
 
-from mage_jax import atomic
 from mage_jax.jobs import quickstart
+from mage_jax.system import atomic
 
 BUDGETS = {
   # The quickstart's recipe for `mage_steps`, evaluated at `points` steps doubling up to it. 'full' is `make

@@ -47,23 +47,13 @@ import numpy as np
 import optax
 from absl import logging
 
-from mage_jax import (
-  atomic,
-  builders,
-  cached_tokens,
-  config_views,
-  image_metrics,
-  images as images_lib,
-  optim,
-  params_io,
-  sharding,
-  tokenizer_losses as tl,
-  tokenizer_step,
-  trainer,
-)
-from mage_jax.data import pipeline
+from mage_jax.data import cached_tokens, images as images_lib, pipeline
+from mage_jax.evals import image_metrics
 from mage_jax.models.discriminator import Discriminator
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
+from mage_jax.objectives import tokenizer_losses as tl
+from mage_jax.system import atomic
+from mage_jax.train import builders, config_views, optim, params_io, sharding, tokenizer_step, trainer
 
 METRICS_FILE = "eval_metrics.json"
 INIT_METRICS_FILE = "eval_metrics_init.json"

@@ -35,10 +35,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mage_jax import config_views
-from mage_jax.masking import MaskPlan
 from mage_jax.models import layers
 from mage_jax.models.mage import MAGE, MAGEConfig
+from mage_jax.objectives.masking import MaskPlan
+from mage_jax.train import config_views
 
 Dtype = Any
 

@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mage_jax.masking import MaskPlan
 from mage_jax.models import layers
+from mage_jax.objectives.masking import MaskPlan
 
 Dtype = Any
 

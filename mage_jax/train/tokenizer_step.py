@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mage_jax import image_metrics, steps, tokenizer_losses as tl
+from mage_jax.evals import image_metrics
 from mage_jax.models.discriminator import Discriminator
 from mage_jax.models.vqgan import VQGAN
+from mage_jax.objectives import tokenizer_losses as tl
+from mage_jax.train import steps
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,10 +16,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import config_views, optim, params_io, sharding
 from mage_jax.models import layers
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
+from mage_jax.train import config_views, optim, params_io, sharding
 
 # config.tokenizer keys that say how the frozen tokenizer runs or where it comes from, not what it is.
 TOKENIZER_RUNTIME_KEYS = ("init", "dtype", "precision", "chunks")

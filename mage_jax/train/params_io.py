@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mage_jax import atomic, checkpointing, config_views
 from mage_jax.models.mage import MAGE, MAGEConfig
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
+from mage_jax.system import atomic
+from mage_jax.train import checkpointing, config_views
 
 META_FILE = "mage_jax.json"
 FORMAT_VERSION = 1

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mage_jax import losses, masking
 from mage_jax.models.vqgan import VQGAN
+from mage_jax.objectives import losses, masking
 
 
 @flax.struct.dataclass

@@ -22,7 +22,8 @@ import ml_collections
 from absl import logging
 from clu import parameter_overview
 
-from mage_jax import atomic, checkpointing, preemption, progress, sharding
+from mage_jax.system import atomic
+from mage_jax.train import checkpointing, preemption, progress, sharding
 
 
 @dataclasses.dataclass

@@ -28,10 +28,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mage_jax import params_io, progress as progress_lib, sharding
 from mage_jax.models import layers
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
+from mage_jax.train import params_io, progress as progress_lib, sharding
 
 PyTree = Any
 # (variables, images [B,H,W,3] f32 in [0,1], dropout rng or None, deterministic) -> features [B, D] f32.

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mage_jax import atomic
+from mage_jax.system import atomic
 
 CORRUPT_POLICIES = ("fallback", "refuse")
 

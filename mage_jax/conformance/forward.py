@@ -16,11 +16,11 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from mage_jax import losses, masking
 from mage_jax.convert import convert, torch_pickle
 from mage_jax.models.mage import MAGE, MAGEConfig
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN, VQGANConfig, squared_distances
+from mage_jax.objectives import losses, masking
 
 REL_TOLERANCE = 1e-4
 # Two codes whose distances differ by less than this (relative) are a float-rounding tie.

@@ -28,9 +28,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from mage_jax import atomic, optim
 from mage_jax.data import pipeline
 from mage_jax.models.vqgan import VQGAN
+from mage_jax.system import atomic
+from mage_jax.train import optim
 
 META_FILE = "cache.json"
 FORMAT_VERSION = 2  # 2: a view's flip alternates with its parity (`pipeline.example_views`)

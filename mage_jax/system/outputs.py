@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from mage_jax import atomic, runtime
+from mage_jax.system import atomic, runtime
 
 RECORD = "mage_jax_outputs.json"
 _RECORD_MAX_BYTES = 1 << 28  # a million PNG names; a larger claim is not a record this code wrote

@@ -83,7 +83,7 @@ def initialize_distributed(
       raise UsageError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
   elif not cluster_detected():
     return
-  # The training loop agrees on a step to stop at by itself (mage_jax.preemption). JAX's preemption service
+  # The training loop agrees on a step to stop at by itself (mage_jax.train.preemption). JAX's preemption service
   # would install a C-level SIGTERM handler that only sets a flag it reads: a SIGTERM arriving before the loop
   # takes the signal over (or in a binary without a loop) would be swallowed instead of ending the process.
   jax.config.update("jax_enable_preemption_service", False)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mage_jax import config_views
+from mage_jax.train import config_views
 
 PyTree = Any
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
@@ -83,7 +83,7 @@ def warmup_cosine_schedule(base_lr: float, total_steps: int, warmup_steps: int, 
     A function of the integer step returning a float32 scalar. Not
     `optax.warmup_cosine_decay_schedule`: its float32 `1 + cos` loses 2.8e-4
     relative near the end of the decay, and the replay of the official run
-    (mage_jax/trajectory.py) needs the lr within 1e-6.
+    (mage_jax/conformance/trajectory.py) needs the lr within 1e-6.
   """
   if total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {total_steps}")

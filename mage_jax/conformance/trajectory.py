@@ -39,11 +39,14 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from mage_jax import builders, config_views, conformance, masking, optim, probe, sharding, steps, trainer
+from mage_jax.conformance import forward as conformance
 from mage_jax.convert import convert
+from mage_jax.evals import probe
 from mage_jax.jobs import linear_probe
 from mage_jax.models.mage import MAGE, MAGEConfig
 from mage_jax.models.vqgan import VQGANConfig
+from mage_jax.objectives import masking
+from mage_jax.train import builders, config_views, optim, sharding, steps, trainer
 
 PRETRAIN_FILE = "trajectory.npz"
 # Numbers of config.json's `train` section that the replay uses (besides steps and grad_clip_norm).

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mage_jax import images as image_io, sampling
+from mage_jax.data import images as image_io
+from mage_jax.generation import sampling
 
 
 def _check_box(h: int, w: int, box: Sequence[int], name: str) -> tuple[int, int, int, int]:

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mage_jax import interrupt
+from mage_jax.system import interrupt
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -40,8 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mage_jax import images as image_io, sharding
+from mage_jax.data import images as image_io
 from mage_jax.models import reductions
+from mage_jax.train import sharding
 
 # The README setting of the released ViT-B (gen_img_uncond.py's own defaults are 4.5 / 12).
 DEFAULT_NUM_STEPS = 20

@@ -1,0 +1,1 @@
+"""Images from token grids: iterative decoding (`sampling`) and editing (`editing`)."""
