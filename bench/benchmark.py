@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import importlib.util
 import json
 import math
@@ -64,10 +63,9 @@ import numpy as np  # noqa: E402
 from bench import flops as flops_lib  # noqa: E402
 from mage_jax.generation import sampling
 from mage_jax.models import layers  # noqa: E402
-from mage_jax.models.mage import MAGE, config_for  # noqa: E402
+from mage_jax.models.mage import MAGE  # noqa: E402
 from mage_jax.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
-from mage_jax.objectives import masking
-from mage_jax.train import config_views, optim, sharding, steps  # noqa: E402
+from mage_jax.train import builders, config_views, sharding, steps, trainer  # noqa: E402
 
 WORKLOADS = ("pretrain", "pretrain_cached", "generate", "encode", "features", "input")
 EXTRA_WORKLOADS = ("checkpoint",)  # run only when named in --workloads
@@ -400,30 +398,49 @@ class Setup:
   mesh: Any
   rules: Any
   flops: flops_lib.FlopCounts
+  config: Any  # the pretraining config of this size and these flags (`pretrain_config`)
+
+
+def pretrain_config(spec: Size, args: argparse.Namespace, batch: int, size: str):
+  """`configs/mage_pretrain.py` with a size's model and tokenizer and the flags' dtypes, attention, remat, batch
+  and mesh: the config a user would train this MAGE with (`python -m mage_jax.main --config=...`)."""
+  from configs import mage_pretrain  # pylint: disable=g-import-not-at-top  (ml_collections: configs only)
+
+  c = mage_pretrain.get_config(f"fsdp={args.fsdp}")
+  with c.unlocked():
+    c.seed = args.seed
+    c.model.update(
+      dict(spec.mage),
+      variant=spec.variant,
+      scan=bool(args.scan),
+      remat_policy=REMAT_AUTO[size] if args.remat == "auto" else args.remat,
+      attention=args.attention,
+      dropout=args.dropout,
+      attn_dropout=args.attn_dropout,
+      dtype=args.dtype,
+      param_dtype="float32",
+    )
+    sizes = {k: v for k, v in dataclasses.asdict(spec.tokenizer).items() if k != "resolution"}
+    c.tokenizer.update(sizes, init="", chunks=args.tokenizer_chunks)
+    c.tokenizer.update(
+      dtype="bfloat16" if args.tokenizer == "bfloat16" else "float32",
+      precision="high" if args.tokenizer == "tf32" else "highest",
+    )
+    c.input.update(image_size=spec.tokenizer.resolution, batch_size=batch)
+    c.masking.update(MASKING)
+    c.total_steps, c.optim.warmup_steps = 100_000, 1000
+  return c
 
 
 def build_setup(size: str, args: argparse.Namespace) -> Setup:
   spec = SIZES[size]
   tok_cfg = spec.tokenizer
-  n = tok_cfg.num_tokens
-  mcfg = config_for(
-    spec.variant,
-    **dict(spec.mage),
-    num_tokens=n,
-    codebook_size=tok_cfg.codebook_size,
-    max_position_embeddings=max(257, n + 1),
-    scan=bool(args.scan),
-    remat_policy=REMAT_AUTO[size] if args.remat == "auto" else args.remat,
-    attention=args.attention,
-    dropout=args.dropout,
-    attn_dropout=args.attn_dropout,
-  )
-  model = MAGE(mcfg, dtype=config_views.dtype(args.dtype), param_dtype=jnp.float32)
-  mesh = sharding.create_mesh([("data", -1), ("fsdp", args.fsdp), ("model", 1)])
   batch = args.batch or spec.batch
-  sharding.check_batch_size(batch, mesh)
-  counts = flops_lib.flop_counts(mcfg, tok_cfg, num_steps=args.gen_steps, drop_ratio=MASKING["drop_ratio"])
-  return Setup(size, spec, model, batch, args, mesh, sharding.DEFAULT_RULES, counts)
+  config = pretrain_config(spec, args, batch, size)
+  model = builders.mage_model(config, VQGAN(tok_cfg))
+  mesh, rules = trainer.mesh_and_rules(config)
+  counts = flops_lib.flop_counts(model.config, tok_cfg, num_steps=args.gen_steps, drop_ratio=MASKING["drop_ratio"])
+  return Setup(size, spec, model, batch, args, mesh, rules, counts, config)
 
 
 def _random_images(rng, batch: int, res: int, sharding_):
@@ -479,34 +496,24 @@ class PretrainProgram:
   state_sharding: Any
   replicated: Any
   batch_sharding: Any
-  tokenizer: Tokenizer
+  config: Any  # the job config it was built from
 
 
 def make_pretrain(s: Setup, cached: bool = False) -> PretrainProgram:
-  """Step exactly as jobs/pretrain.py builds it (steps.pretrain_step, or steps.pretrain_ids_step on cached ids,
-  optim.pretrain_optimizer, logical shardings, donated state), except that the tokenizer goes through
-  `Tokenizer` (mode and chunking)."""
-  args, model = s.args, s.model
-  tok = Tokenizer(tokenizer_module(s.spec.tokenizer, args.tokenizer), args.tokenizer, args.tokenizer_chunks)
-  tx = optim.pretrain_optimizer(lr=1.5e-4 * s.batch / 256, total_steps=100_000, warmup_steps=1000)
-  n = model.config.num_tokens
+  """The step as `python -m mage_jax.main` builds it: `jobs/pretrain.build_task` of `pretrain_config` (the image
+  step with the frozen tokenizer inside, or with `cached` the step on token ids), jitted as `trainer.run` jits it
+  (logical shardings, donated state)."""
+  from mage_jax.jobs import pretrain  # pylint: disable=g-import-not-at-top
 
-  def init_state(rng):
-    plan, _ = masking.sample_plan(jax.random.key(0), 1, n, **MASKING)
-    params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, n), jnp.int32), plan)["params"]
-    return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
-
-  update_kwargs = dict(model=model, tx=tx, masking_cfg=MASKING, label_smoothing=0.1)
-  step = (
-    functools.partial(steps.pretrain_ids_step, **update_kwargs)
-    if cached
-    else functools.partial(steps.pretrain_step, tokenizer=tok, **update_kwargs)
-  )
-  boxed = jax.eval_shape(init_state, jax.random.key(args.seed))
-  state_sh = sharding.logical_shardings(boxed, s.mesh, s.rules)
-  fn = sharding.jit_train_step(step, state_sh, s.mesh)
+  config = s.config.copy_and_resolve_references()
+  config.input.tokens = "cached" if cached else ""
+  with tempfile.TemporaryDirectory() as workdir:
+    task, mesh, rules = pretrain.build_task(config, workdir, abstract=True)
+  boxed = jax.eval_shape(task.init_state, jax.random.key(s.args.seed))
+  state_sh = sharding.logical_shardings(boxed, mesh, rules)
+  fn = sharding.jit_train_step(task.step, state_sh, mesh)
   return PretrainProgram(
-    fn, init_state, boxed, state_sh, sharding.replicated(s.mesh), sharding.batch_sharding(s.mesh), tok
+    fn, task.init_state, boxed, state_sh, sharding.replicated(mesh), sharding.batch_sharding(mesh), config
   )
 
 
@@ -535,7 +542,7 @@ def run_pretrain(s: Setup, cached: bool = False) -> dict:
         for i in range(2)
       ]
     else:
-      tok_vars = jax.device_put(_tokenizer_vars(s.spec.tokenizer, args.seed + 1), repl)
+      tok_vars = jax.device_put(builders.load_tokenizer(prog.config)[1], repl)
       res = s.spec.tokenizer.resolution
       batches = [{"image": _random_images(jax.random.key(100 + i), s.batch, res, batch_sh)} for i in range(2)]
     t0 = time.perf_counter()

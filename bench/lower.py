@@ -51,12 +51,11 @@ if __package__ in (None, ""):
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import benchmark  # noqa: E402
 from mage_jax.generation import sampling
-from mage_jax.train import builders, checkpointing, config_views, optim, params_io, sharding, steps, trainer
+from mage_jax.train import builders, checkpointing, config_views, params_io, sharding
 
 PLATFORMS = ("cuda", "rocm", "tpu")
 SIZES = ("tiny", "B", "L")
@@ -151,34 +150,39 @@ def _replicated(tree, mesh):
   return checkpointing.abstract_with_shardings(tree, jax.tree.map(lambda _: repl, tree))
 
 
-def _train_program(
-  config, init_state, step, extras, batch: dict, info: dict, extras_shardings=None, rules=None
-) -> Program:
-  """A (state, extras, batch) step as `trainer.run` jits it: logical state shardings, extras replicated unless
-  `extras_shardings`, traced under the config's logical rules unless `rules`.
-
-  batch: {key: (shape, dtype)} of the global batch.
-  """
-  mesh, config_rules = trainer.mesh_and_rules(config)
-  rules = config_rules if rules is None else rules
+def task_program(task, mesh, rules, info: dict) -> Program:
+  """`task`'s (state, extras, batch) step as `trainer.run` jits it, with abstract inputs: state shardings from the
+  logical axes of `task.init_state` under `rules`, extras replicated unless `task.extras_shardings`, the batch of
+  `task.batch_spec` split over the batch axes."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(init_state, jax.random.key(0))
+    boxed = jax.eval_shape(task.init_state, jax.random.key(0))
     state_sh = sharding.logical_shardings(boxed, mesh, rules)
   state = checkpointing.abstract_with_shardings(sharding.strip_boxes(boxed), state_sh)
-  extras = (
-    _replicated(extras, mesh)
-    if extras_shardings is None
-    else checkpointing.abstract_with_shardings(extras, extras_shardings)
-  )
+  if task.extras_shardings is None:
+    extras = _replicated(task.extras, mesh)
+  else:
+    extras = checkpointing.abstract_with_shardings(task.extras, task.extras_shardings)
   batch_sh = sharding.batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in batch.items()}
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in task.batch_spec.items()}
   return Program(
-    sharding.jit_train_step(step, state_sh, mesh, extras_shardings),
+    sharding.jit_train_step(task.step, state_sh, mesh, task.extras_shardings),
     (state, extras, batch),
     mesh,
     rules,
     {"mesh": dict(mesh.shape), **info},
   )
+
+
+def job_program(mode: str, config, info: dict, *inputs) -> Program:
+  """The step of `mage_jax/jobs/<mode>.py` as its `build_task(config, workdir, *inputs)` builds it (abstract: no
+  weights, no data), over schedules of `_STEPS` steps."""
+  with config.unlocked():
+    config.total_steps = _STEPS
+    config.optim.warmup_steps = _WARMUP
+  job = importlib.import_module(f"mage_jax.jobs.{mode}")
+  with tempfile.TemporaryDirectory() as workdir:
+    task, mesh, rules = job.build_task(config, workdir, *inputs, abstract=True)
+  return task_program(task, mesh, rules, info)
 
 
 def _mage_info(config) -> dict:
@@ -194,155 +198,40 @@ def _mage_info(config) -> dict:
   }
 
 
-def _frozen_tokenizer(config):
-  """(module, abstract variables) of the frozen tokenizer of a MAGE job: `builders.load_tokenizer` without
-  weights."""
-  tok = builders.tokenizer_module(config, builders.tokenizer_config(config.tokenizer, config.input.image_size))
-  side = 2 ** (len(tok.config.ch_mult) - 1)
-  return tok, _abstract_vars(tok, jnp.zeros((1, side, side, 3)))
-
-
-def _image_batch(config, **extra) -> dict:
-  res, b, views = config.input.image_size, config.input.batch_size, config.input.get("views", 1)
-  image = (b, res, res, 3) if views == 1 else (b, views, res, res, 3)
-  return {"image": (image, jnp.float32), **{k: ((b,), dtype) for k, dtype in extra.items()}}
-
-
-def _mage_state(model, config, tx, *extra_inputs, head=None):
-  """The jobs' `init_state` of a MAGE-like model (MAGE-C's with `head`, class-conditional's with a label)."""
-  from mage_jax.objectives import masking  # pylint: disable=g-import-not-at-top
-
-  n = model.config.num_tokens
-
-  def init_state(rng):
-    plan, _ = masking.sample_plan(jax.random.key(0), 1, n, **config.masking)
-    params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, n), jnp.int32), plan, *extra_inputs)["params"]
-    if head is not None:
-      params = {
-        "model": params,
-        "projection_head": head.init(jax.random.fold_in(rng, 2), jnp.zeros((1, model.config.embed_dim), jnp.float32))[
-          "params"
-        ],
-      }
-    return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
-
-  return init_state
-
-
 def pretrain(size: str, devices: int, attention: str = "xla", overrides: dict | None = None) -> Program:
   """`mage_jax.main --config=configs/mage_pretrain.py:variant=B|L` (jobs/pretrain.py's step); `overrides`: dotted
   config keys, e.g. {'model.remat_policy': 'full', 'input.batch_size': 64}."""
   # The fused kernels have no probability dropout; training uses them only without it.
   fused = {} if attention == "xla" else {"model.attn_dropout": 0.0}
   config = mage_config("mage_pretrain", size, devices, {"model.attention": attention, **fused, **(overrides or {})})
-  tok, tok_vars = _frozen_tokenizer(config)
-  model = builders.mage_model(config, tok)
-  tx, optim_cfg = builders.pretrain_optimizer(config, _STEPS, _WARMUP)
-  step = functools.partial(
-    steps.pretrain_step,
-    model=model,
-    tokenizer=tok,
-    tx=tx,
-    masking_cfg=dict(config.masking),
-    label_smoothing=config.label_smoothing,
-    schedule=optim_cfg.schedule(),
-    tokenizer_chunks=config.tokenizer.get("chunks", 1),
-  )
-  return _train_program(
-    config, _mage_state(model, config, tx), step, tok_vars, _image_batch(config), _mage_info(config)
-  )
+  return job_program("pretrain", config, _mage_info(config))
 
 
 def mage_c(size: str, devices: int) -> Program:
   """`configs/mage_c_imagenet.py` (jobs/mage_c.py): two views per image, MAGE + projection head, NT-Xent."""
-  from mage_jax.jobs import mage_c as job  # pylint: disable=g-import-not-at-top
-
   config = mage_config("mage_c_imagenet", size, devices)
-  cfg = config_views.from_config(job.ContrastiveConfig, config.contrastive, "config.contrastive")
-  color = config_views.from_config(job.ColorAugment, config.views, "config.views")
-  tok, tok_vars = _frozen_tokenizer(config)
-  model = builders.mage_model(config, tok)
-  head = cfg.head(model.dtype, model.param_dtype)
-  tx, optim_cfg = builders.pretrain_optimizer(config, _STEPS, _WARMUP)
-  step = functools.partial(
-    job.mage_c_step,
-    tokenizer=tok,
-    color=color,
-    model=model,
-    head=head,
-    tx=tx,
-    cfg=cfg,
-    masking_cfg=dict(config.masking),
-    label_smoothing=config.label_smoothing,
-    schedule=optim_cfg.schedule(),
-  )
-  return _train_program(
-    config, _mage_state(model, config, tx, head=head), step, tok_vars, _image_batch(config), _mage_info(config)
-  )
+  return job_program("mage_c", config, _mage_info(config))
 
 
 def class_cond(size: str, devices: int) -> Program:
   """`configs/class_cond_imagenet.py` (jobs/class_cond.py): label embedding + decoder on the frozen encoder."""
-  from mage_jax.jobs import class_cond as job  # pylint: disable=g-import-not-at-top
-  from mage_jax.models import class_cond as cc_model  # pylint: disable=g-import-not-at-top
-
   config = mage_config("class_cond_imagenet", size, devices)
-  cc = config.class_cond
-  tok, tok_vars = _frozen_tokenizer(config)
-  base = builders.mage_model(config, tok)
-  model = cc_model.ClassCondMAGE(
-    cc_model.class_cond_config(
-      base.config, num_classes=cc.num_classes, class_combine=cc.combine, guidance_scale=cc.guidance_scale
-    ),
-    dtype=base.dtype,
-    param_dtype=base.param_dtype,
-  )
-  tx, optim_cfg = builders.pretrain_optimizer(config, _STEPS, _WARMUP, frozen=cc_model.ENCODER_PARAM_PATTERNS)
-  step = functools.partial(
-    job.class_cond_step,
-    tokenizer=tok,
-    model=model,
-    tx=tx,
-    masking_cfg=dict(config.masking),
-    label_smoothing=config.label_smoothing,
-    label_drop_prob=cc.label_drop_prob,
-    schedule=optim_cfg.schedule(),
-  )
-  init_state = _mage_state(model, config, tx, jnp.zeros((1,), jnp.int32))
-  return _train_program(config, init_state, step, tok_vars, _image_batch(config, label=jnp.int32), _mage_info(config))
+  return job_program("class_cond", config, _mage_info(config))
 
 
 def tokenizer(size: str, devices: int) -> Program:
   """`configs/tokenizer_imagenet.py` (jobs/tokenizer.py): VQGAN + discriminator step (GAN, R1, LeCam, LPIPS with
   abstract weights)."""
-  from mage_jax.jobs import tokenizer as job  # pylint: disable=g-import-not-at-top
-  from mage_jax.objectives import tokenizer_losses as tl  # pylint: disable=g-import-not-at-top
-  from mage_jax.train import tokenizer_step
+  from mage_jax.train import (
+    config_views as views,  # pylint: disable=g-import-not-at-top
+    tokenizer_step,  # pylint: disable=g-import-not-at-top
+  )
 
   config = _config("tokenizer_imagenet", **({"runlocal": True} if size == "tiny" else {}))
   config.input.batch_size = _batch(size, config.input.batch_size, devices)
   if size == "tiny":
     _shrink_tokenizer(config.tokenizer, config.input)
-  loss = config_views.from_config(tokenizer_step.LossConfig, config.loss, "config.loss")
-  codebook = config_views.from_config(tokenizer_step.CodebookConfig, config.get("codebook"), "config.codebook")
-  vqgan, disc = job.make_models(config)
-  o = config.optim
-  g_tx, g_schedule = job.make_optimizer(o.lr, _STEPS, 0, o, codebook.lr_multiplier)
-  d_tx, _ = job.make_optimizer(o.get("d_lr", o.lr), _STEPS, 0, o)
-  # The LPIPS network as a loaded weights file gives it (the file itself is not needed to lower).
-  lpips = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in tl.random_perceptual_weights().items()}
-  step = functools.partial(
-    tokenizer_step.train_step,
-    vqgan=vqgan,
-    disc=disc,
-    g_tx=g_tx,
-    d_tx=d_tx,
-    loss=loss,
-    ema_decay=float(o.ema_decay),
-    g_schedule=g_schedule,
-    codebook=codebook,
-  )
-  init_state = functools.partial(tokenizer_step.init_state, vqgan=vqgan, disc=disc, g_tx=g_tx, d_tx=d_tx)
+  loss = views.from_config(tokenizer_step.LossConfig, config.loss, "config.loss")
   info = {
     "batch": config.input.batch_size,
     "dtype": config.tokenizer.dtype,
@@ -352,15 +241,13 @@ def tokenizer(size: str, devices: int) -> Program:
     "r1": loss.r1_cost,
     "lecam": loss.lecam_weight,
   }
-  return _train_program(
-    config, init_state, step, tl.PerceptualLoss(params=lpips, use_lin_heads=True), _image_batch(config), info
-  )
+  return job_program("tokenizer", config, info)
 
 
 def _checkpoint_meta(size: str, attention: str = "xla") -> dict:
   """The meta of a pretraining export at `size` (`builders.export_params`), which the eval binaries read."""
   config = mage_config("mage_pretrain", size, 1, {"model.attention": attention})
-  tok, _ = _frozen_tokenizer(config)
+  tok, _ = builders.frozen_tokenizer(config, abstract=True)
   model = builders.mage_model(config, tok)
   return {
     "kind": "mage",
@@ -468,28 +355,16 @@ def linear_probe(size: str, devices: int) -> Program:
     batch_size=batch,
     **({"bn_group_size": 0} if size == "tiny" else {}),
   )
-  backbone, _, _, shardings = _eval_setup(config, size, batch)
-  ocfg = dataclasses.replace(cfg.optim(steps_per_epoch=1), total_steps=_STEPS, warmup_steps=_WARMUP)
-  tx, schedule = optim.probe_optimizer(ocfg), ocfg.schedule()
-  step = functools.partial(
-    job.probe_step, tx=tx, cfg=cfg, feature_fn=backbone.feature_fn(), dropout=dropout, schedule=schedule
+  backbone, mesh, _, shardings = _eval_setup(config, size, batch)
+  images = job.OnlineImages(
+    {"image_size": backbone.image_size}, backbone.feature_fn(), backbone.variables, shardings, dropout=dropout
   )
-  init_state = functools.partial(job.init_state, tx=tx, dim=backbone.dim, cfg=cfg)
-  loop = {"mesh": config.mesh, "sharding_rules": config.sharding_rules, "input": {"batch_size": batch}}
-  res = backbone.image_size
+  with tempfile.TemporaryDirectory() as workdir:
+    task, _ = job.build_task(cfg, workdir, images, None, None, mesh=mesh, dim=backbone.dim, abstract=True)
   info = {"batch": batch, "dtype": config.dtype, "dropout": dropout, "bn_group_size": cfg.bn_group_size}
-  # train_probe runs the loop without logical rules (the head state is replicated), the backbone where
-  # `backbone_shardings` places it.
-  return _train_program(
-    ml_collections.ConfigDict(loop),
-    init_state,
-    step,
-    backbone.variables,
-    {"image": ((batch, res, res, 3), jnp.float32), "label": ((batch,), jnp.int32)},
-    info,
-    extras_shardings=shardings,
-    rules=(),
-  )
+  # The head state is replicated: the loop runs without logical rules, the backbone where `backbone_shardings`
+  # places it.
+  return task_program(task, mesh, (), info)
 
 
 def probe_features(size: str, devices: int) -> Program:
@@ -514,65 +389,21 @@ def probe_features(size: str, devices: int) -> Program:
 
 def finetune(size: str, devices: int) -> Program:
   """`configs/finetune_imagenet.py` (jobs/finetune.py: Mixup/CutMix, tokenizer, ViT, layer-decayed AdamW)."""
-  from mage_jax.jobs import finetune as job  # pylint: disable=g-import-not-at-top
-  from mage_jax.models.vit import MAGEViT  # pylint: disable=g-import-not-at-top
-
   config = _config("finetune_imagenet", variant="B" if size == "tiny" else size).finetune
-  compute_dtype = config_views.dtype(config.dtype)
-  backbone = _backbone(size, compute_dtype, config.global_pool)
-  mcfg = backbone.vit.config
-  model = MAGEViT(
-    mcfg,
-    num_classes=config.num_classes,
-    global_pool=config.global_pool,
-    head_type="linear",
-    head_init_std=config.head_init_std,
-    drop_path=config.drop_path,
-    dtype=compute_dtype,
-  )
+  backbone = _backbone(size, config_views.dtype(config.dtype), config.global_pool)
   config.input.batch_size = _batch(size, config.input.batch_size, devices)
-  config.input.image_size = backbone.image_size
   if size == "tiny":
     config.mixup.group_size = 0
-  o = config.optim
-  ocfg = optim.FinetuneOptim(
-    lr=optim.scaled_lr(o.blr, config.input.batch_size),
-    total_steps=_STEPS,
-    warmup_steps=_WARMUP,
-    depth=mcfg.depth,
-    layer_decay=o.layer_decay,
-    min_lr=o.min_lr,
-    b1=o.b1,
-    b2=o.b2,
-    weight_decay=o.weight_decay,
-  )
-  tx = optim.finetune_optimizer(ocfg)
+  with config.unlocked():
+    config.checkpoint_every_steps = config.eval_every_steps = _STEPS
   group = config.mixup.get("group_size", 0)
-  mix_groups = config.input.batch_size // group if group else 1
-  step = functools.partial(
-    job.finetune_step,
-    model=model,
-    tokenizer=backbone.tokenizer,
-    tx=tx,
-    mix=job.mixup_config(config.mixup, config.num_classes),
-    mix_groups=mix_groups,
-    label_smoothing=config.mixup.label_smoothing,
-    schedule=ocfg.schedule(),
-  )
-
-  def init_state(rng):
-    params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, mcfg.num_tokens), jnp.int32))["params"]
-    return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
-
   info = {
     "batch": config.input.batch_size,
     "dtype": config.dtype,
     "drop_path": config.drop_path,
-    "mixup_groups": mix_groups,
+    "mixup_groups": config.input.batch_size // group if group else 1,
   }
-  return _train_program(
-    config, init_state, step, backbone.variables["tokenizer"], _image_batch(config, label=jnp.int32), info
-  )
+  return job_program("finetune", config, info, backbone)
 
 
 @dataclasses.dataclass(frozen=True)

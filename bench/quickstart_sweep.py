@@ -87,10 +87,12 @@ def command(root: str, name: str) -> list[str]:
 
 def _stage_inputs(name: str) -> tuple:
   """What the shareable stages of a row depend on, stage by stage (prefixes match ⇒ those stages match)."""
-  from mage_jax.jobs import quickstart  # pylint: disable=g-import-not-at-top
+  from mage_jax.jobs import quickstart_options  # pylint: disable=g-import-not-at-top
 
   row = ROWS[name]
-  crop = quickstart.Options("", budget=row.get("budget", "sweep"), mage_recipe=row.get("mage_recipe", "")).crop_scale()
+  crop = quickstart_options.Options(
+    "", budget=row.get("budget", "sweep"), mage_recipe=row.get("mage_recipe", "")
+  ).crop_scale()
   return (
     ("data",),
     ("tokenizer", row.get("tokenizer_steps", 0), row.get("tokenizer_recipe", "")),

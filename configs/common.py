@@ -94,7 +94,11 @@ def base_pretrain_config():
       chunks=1,
     )
   )
-  c.masking = ml_collections.ConfigDict(dict(min_ratio=0.5, max_ratio=1.0, mu=0.55, std=0.25, drop_ratio=0.5))
+  # law: the masking ratio's distribution, a name in mage_jax.objectives.masking.RATIO_LAWS (MAGE's truncated
+  # Gaussian; 'uniform' and MaskGIT's 'cosine' use only the bounds).
+  c.masking = ml_collections.ConfigDict(
+    dict(law="truncated_gaussian", min_ratio=0.5, max_ratio=1.0, mu=0.55, std=0.25, drop_ratio=0.5)
+  )
   c.label_smoothing = 0.1
   c.optim = ml_collections.ConfigDict(
     dict(

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from mage_jax.jobs import quickstart
+from mage_jax.jobs import quickstart, quickstart_options, quickstart_stage_records
 from mage_jax.system import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where every stage writes (re-run to resume).")
 _BUDGET = flags.DEFINE_enum(
   "budget",
   "full",
-  sorted(quickstart.BUDGETS),
+  sorted(quickstart_options.BUDGETS),
   "'full': the recorded run (README); 'sweep': 'full' without the controls and the "
   "paper-protocol probe (the recipe sweep's rows); 'ci': every stage tiny (tests).",
 )
@@ -87,7 +87,7 @@ _MAGE_RECIPE = flags.DEFINE_string(
 def main(argv):
   runtime.no_positional_arguments(argv)
   logging.set_verbosity(logging.INFO)
-  options = quickstart.Options(
+  options = quickstart_options.Options(
     workdir=_WORKDIR.value,
     budget=_BUDGET.value,
     data=_DATA.value,
@@ -111,7 +111,7 @@ def main(argv):
   runtime.start()
   try:
     results = quickstart.run(options)
-  except quickstart.StageInterrupted as e:
+  except quickstart_stage_records.StageInterrupted as e:
     # A preemption notice (SIGTERM): the stage saved a checkpoint; status 0 as for any preempted training job.
     logging.warning("%s", e)
     print(f"\n{e}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 from absl import flags
 
-from mage_jax.conformance import forward as conformance, trajectory
+from mage_jax.conformance import fixtures, forward as conformance, trajectory
 from mage_jax.convert import torch_pickle
 from mage_jax.system import runtime
 from mage_jax.train import config_views
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
   directory = argv[1]
   try:
     mesh = trajectory.parse_mesh(_MESH.value, jax.device_count())
-    kind = trajectory.fixture_kind(directory)
+    kind = fixtures.fixture_kind(directory)
   except ValueError as e:
     raise runtime.UsageError(str(e)) from e
   if kind != "pretrain" and (_MESH.value or _DTYPE.value != "float32"):
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
       title, rows = trajectory.check_pretrain(directory, mesh=mesh, dtype=_DTYPE.value)
     else:
       title, rows = trajectory.check_probe(directory)
-  except trajectory.FixtureError as e:
+  except fixtures.FixtureError as e:
     raise runtime.UsageError(str(e)) from e
   print(trajectory.format_table(title, rows))
   return 0 if all(r.passed for r in rows) else 1

@@ -31,6 +31,7 @@ def test_every_shipped_training_config_is_in_range(name, config):
     ("--config.keep_checkpoints=0", "config.keep_checkpoints=0"),
     ("--config.checkpoint_every_steps=0", "config.checkpoint_every_steps=0"),
     ("--config.optim.b2=nan", "config.optim.b2=nan"),
+    ("--config.masking.law=linear", "config.masking.law='linear'"),
   ],
 )
 def test_main_refuses_out_of_range_values_before_writing(override, field, tmp_path):

@@ -41,6 +41,40 @@ def test_masking_invariants():
   assert abs(ratios.mean() - 0.6936) < 0.03  # spec §2.3: mean of the truncated Gaussian
 
 
+def _law_cdf(law: str, x, lo: float, hi: float, mu=0.55, std=0.25):
+  """Closed-form CDF of each masking law restricted to [lo, hi], in float64."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
+  if law == "truncated_gaussian":
+    a, b = (lo - mu) / std, (hi - mu) / std
+    return stats.truncnorm.cdf(x, a, b, loc=mu, scale=std)
+  if law == "uniform":
+    return (x - lo) / (hi - lo)
+  full = lambda r: 1 - 2 / np.pi * np.arccos(r)  # r = cos(pi/2 u), u ~ U(0, 1)
+  return (full(x) - full(lo)) / (full(hi) - full(lo))
+
+
+@pytest.mark.parametrize("law", sorted(masking.RATIO_LAWS))
+@pytest.mark.parametrize("lo,hi", [(0.5, 1.0), (0.2, 0.9)])
+def test_masking_laws_follow_their_closed_form_cdf(law, lo, hi):
+  draw = jax.jit(jax.vmap(lambda k: masking.sample_ratio(k, law=law, min_ratio=lo, max_ratio=hi)))
+  ratios = np.sort(np.asarray(draw(jax.random.split(jax.random.key(0), 20_000)), np.float64))
+  assert ratios.min() >= lo and ratios.max() <= hi
+  empirical = np.arange(1, len(ratios) + 1) / len(ratios)
+  ks = np.max(np.abs(empirical - _law_cdf(law, ratios, lo, hi)))
+  assert ks < 0.015, ks  # Kolmogorov-Smirnov: 1.36/sqrt(20000) = 0.0096 at the 5% level
+  # The other laws' CDFs are far from this one's: the test tells them apart.
+  for other in set(masking.RATIO_LAWS) - {law}:
+    assert np.max(np.abs(empirical - _law_cdf(other, ratios, lo, hi))) > 0.05
+
+
+def test_masking_law_is_chosen_by_the_config_and_unknown_laws_are_refused():
+  ratio = lambda law: float(masking.sample_plan(jax.random.key(3), 2, 16, law=law, min_ratio=0.3, max_ratio=0.9)[1])
+  assert len({ratio(law) for law in masking.RATIO_LAWS}) == len(masking.RATIO_LAWS)
+  with pytest.raises(ValueError, match="unknown masking law 'linear'"):
+    masking.sample_plan(jax.random.key(0), 2, 16, law="linear")
+
+
 def test_loss_matches_float64():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 5, 30)).astype(np.float32) * 3

@@ -58,21 +58,21 @@ def test_quickstart_ci_budget(tmp_path):
 
 
 def test_stage_records_redo_changed_stages_and_refuse_foreign_outputs(tmp_path):
-  from mage_jax.jobs import quickstart
+  from mage_jax.jobs import quickstart_stage_records
 
   (tmp_path / "tokenizer").mkdir()
   (tmp_path / "tokenizer" / "mine.txt").write_text("user data")
   with pytest.raises(ValueError, match="not written by the quickstart"):
-    quickstart.StageRecords(str(tmp_path)).prepare("tokenizer", "ci-budget")
+    quickstart_stage_records.StageRecords(str(tmp_path)).prepare("tokenizer", "ci-budget")
   assert (tmp_path / "tokenizer" / "mine.txt").read_text() == "user data"  # untouched
 
   work = tmp_path / "qs"
-  records = quickstart.StageRecords(str(work.mkdir() or work))
+  records = quickstart_stage_records.StageRecords(str(work.mkdir() or work))
   records.prepare("mage", "ci-budget")
   (work / "mage").mkdir()
   (work / "mage" / "ckpt").write_text("ci")
   records.finish("mage", "ci-budget")
-  again = quickstart.StageRecords(str(work))  # a later invocation, same inputs: the output is kept
+  again = quickstart_stage_records.StageRecords(str(work))  # a later invocation, same inputs: the output is kept
   again.prepare("mage", "ci-budget")
   assert (work / "mage" / "ckpt").read_text() == "ci"
   again.prepare("mage", "full-budget")  # other inputs: the stage's own output is removed and redone
@@ -81,28 +81,28 @@ def test_stage_records_redo_changed_stages_and_refuse_foreign_outputs(tmp_path):
   # an interrupted stage (started, never finished) resumes with the same inputs: its outputs are kept
   (work / "mage").mkdir()
   (work / "mage" / "checkpoint").write_text("step 10")
-  resumed = quickstart.StageRecords(str(work))
+  resumed = quickstart_stage_records.StageRecords(str(work))
   resumed.prepare("mage", "full-budget")
   assert (work / "mage" / "checkpoint").read_text() == "step 10"
   assert not resumed.done("mage", "full-budget")
   resumed.finish("mage", "full-budget")
-  assert quickstart.StageRecords(str(work)).done("mage", "full-budget")
+  assert quickstart_stage_records.StageRecords(str(work)).done("mage", "full-budget")
 
 
 def test_recipes_reach_the_stages_they_change():
   """The crop law of the MAGE recipe draws the cached views; a tokenizer recipe is checked like the MAGE one."""
   from configs import fashion_mnist_tiny
-  from mage_jax.jobs import quickstart
+  from mage_jax.jobs import quickstart_options
 
-  default = list(fashion_mnist_tiny.get_config(quickstart.BUDGETS["full"]["mage_recipe"]).input.scale)
-  assert quickstart.Options("w").crop_scale() == default
-  assert quickstart.Options("w", mage_recipe="crop_min=0.5").crop_scale() == [0.5, 1.0]
+  default = list(fashion_mnist_tiny.get_config(quickstart_options.BUDGETS["full"]["mage_recipe"]).input.scale)
+  assert quickstart_options.Options("w").crop_scale() == default
+  assert quickstart_options.Options("w", mage_recipe="crop_min=0.5").crop_scale() == [0.5, 1.0]
   with pytest.raises(ValueError, match="--tokenizer_recipe sets no steps: use --tokenizer_steps"):
-    quickstart.Options("w", tokenizer_recipe="disc,steps=5").check()
+    quickstart_options.Options("w", tokenizer_recipe="disc,steps=5").check()
   with pytest.raises(ValueError, match="unknown config argument 'dsic'"):
-    quickstart.Options("w", tokenizer_recipe="dsic").check()
+    quickstart_options.Options("w", tokenizer_recipe="dsic").check()
   with pytest.raises(ValueError, match="--mage_recipe sets no steps: use --mage_steps"):
-    quickstart.Options("w", mage_recipe="steps=5").check()
+    quickstart_options.Options("w", mage_recipe="steps=5").check()
 
 
 def _wait_for(predicate, proc, timeout=600):

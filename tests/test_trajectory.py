@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from mage_jax.conformance import forward as conformance, trajectory
+from mage_jax.conformance import fixtures, forward as conformance, trajectory
 from mage_jax.train import builders, trainer
 
 TRAIN, PROBE = "official_train_tiny", "official_probe_tiny"
@@ -52,16 +52,16 @@ def _train_variant(testdata, tmp_path, steps: int, snapshots, edit_config=None, 
   cfg["train"]["steps"], cfg["snapshots"] = steps, list(snapshots)
   (edit_config or (lambda c: None))(cfg)
   (dst / "config.json").write_text(json.dumps(cfg))
-  with np.load(src / trajectory.PRETRAIN_FILE) as f:
+  with np.load(src / fixtures.PRETRAIN_FILE) as f:
     arrays = {
       k: f[k][:steps] if k in ("ids", "dropped", "masked", "loss", "lr", "grad_norm") else f[k] for k in f.files
     }
   (edit_arrays or (lambda a: None))(arrays)
-  np.savez(dst / trajectory.PRETRAIN_FILE, **arrays)
+  np.savez(dst / fixtures.PRETRAIN_FILE, **arrays)
   return dst
 
 
-def _first_steps(fx: trajectory.PretrainFixture, steps: int, snapshots) -> trajectory.PretrainFixture:
+def _first_steps(fx: fixtures.PretrainFixture, steps: int, snapshots) -> fixtures.PretrainFixture:
   return dataclasses.replace(fx, arrays={k: v[:steps] for k, v in fx.arrays.items()}, snapshots=tuple(snapshots))
 
 
@@ -130,7 +130,7 @@ def test_variant_with_other_recipe_values_runs(testdata, tmp_path):
 
 
 def test_training_config_carries_the_recipe(testdata):
-  fx = trajectory.load_pretrain_fixture(str(testdata / TRAIN))
+  fx = fixtures.load_pretrain_fixture(str(testdata / TRAIN))
   fx = dataclasses.replace(
     fx, recipe={**fx.recipe, "grad_clip_norm": None, "epochs": 20, "warmup_epochs": 0.5, "b1": 0.8}
   )
@@ -145,7 +145,7 @@ def test_mesh_replay_equals_one_device(testdata):
   """data 2 x fsdp 2 x model 2 against one device: 1e-5 everywhere except the key third of the attention qkv
   biases, whose exact gradient is zero (softmax ignores a per-query constant): there Adam normalises rounding
   noise, which differs with the reduction order (measured ~4e-4)."""
-  fx = _first_steps(trajectory.load_pretrain_fixture(str(testdata / TRAIN)), 10, [10])
+  fx = _first_steps(fixtures.load_pretrain_fixture(str(testdata / TRAIN)), 10, [10])
   one, _ = trajectory.replay_pretrain(fx)
   mesh, _ = trajectory.replay_pretrain(fx, mesh=trajectory.parse_mesh(MESH, 8))
   for name in ("loss", "lr", "grad_norm"):
@@ -191,8 +191,8 @@ def test_bfloat16_replay_stays_in_its_band(testdata, tmp_path):
 )
 def test_unusable_pretraining_fixture_is_named(testdata, tmp_path, edit_config, edit_arrays, message):
   bad = _train_variant(testdata, tmp_path, 10, [1, 10], edit_config, edit_arrays)
-  with pytest.raises(trajectory.FixtureError) as e:
-    trajectory.load_pretrain_fixture(str(bad))
+  with pytest.raises(fixtures.FixtureError) as e:
+    fixtures.load_pretrain_fixture(str(bad))
   assert message in str(e.value)
 
 

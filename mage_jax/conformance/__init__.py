@@ -1,3 +1,3 @@
 """Conformance with the official PyTorch code: forward outputs (`forward`) and recorded training runs
-(`trajectory`), as `python -m mage_jax.verify` checks them.
+(`fixtures` reads them, `trajectory` replays them), as `python -m mage_jax.verify` checks them.
 """

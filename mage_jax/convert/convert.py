@@ -132,7 +132,7 @@ def _unusable(source: np.ndarray, value: np.ndarray) -> str | None:
   """Why a tensor cannot be a float weight (integer/bool source, NaN/Inf after the cast), or None."""
   if source.dtype.kind in "biu":
     return f"holds {source.dtype} values where a float weight belongs"
-  bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+  bad = params_io.nonfinite_count(value)
   if bad:
     return f"{bad} of its {value.size} values are NaN/Inf (as {value.dtype})"
   return None

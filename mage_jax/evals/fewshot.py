@@ -332,12 +332,12 @@ FEATURES = True
 
 
 def check(config) -> None:
-  split = config.train_split or config.input.split
+  split = config.fewshot.train_split or config.input.split
   n = split_size(config, split)
-  need = max(config.shots) * config.num_classes
+  need = max(config.fewshot.shots) * config.num_classes
   if n < need:
     raise ValueError(
-      f"few-shot: {max(config.shots)} shots of {config.num_classes} classes need at least "
+      f"few-shot: {max(config.fewshot.shots)} shots of {config.num_classes} classes need at least "
       f"{need} training examples, the split {split!r} has {n}"
     )
 

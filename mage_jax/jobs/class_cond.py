@@ -241,23 +241,23 @@ def _class_cond_initial_params(config, model: ClassCondMAGE, variables: dict) ->
   return layers.to_scan_layout(params, model.config.scan)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Fine-tunes a class-conditional decoder on a frozen unconditional MAGE; returns the last logged metrics."""
+def build_task(config: ml_collections.ConfigDict, workdir: str, *, abstract: bool = False):
+  """(task, mesh, rules) of the class-conditional fine-tuning in `workdir` (`trainer`'s contract)."""
   cached_tokens.refuse_cached_input(config)
   cc = config.class_cond
-  if not config.get("model_init"):
+  if not config.get("model_init") and not abstract:
     raise ValueError(
       "class-conditional training fine-tunes an unconditional MAGE: set config.model_init to its "
       "params directory (a pretraining export or python -m mage_jax.convert output)"
     )
-  init_meta = params_io.read_meta(config.model_init)
   tok_config = config
-  if not config.tokenizer.init:
+  if not config.tokenizer.init and not abstract:
     tok_config = config.copy_and_resolve_references()
     tok_config.tokenizer.init = config.model_init  # the params dir holds the tokenizer MAGE was trained with
-  tokenizer, tokenizer_vars = builders.load_tokenizer(tok_config)
+  tokenizer, tokenizer_vars = builders.frozen_tokenizer(tok_config, abstract)
   base = builders.mage_model(config, tokenizer)
-  check_architecture(base.config, init_meta, config.model_init)
+  if not abstract:
+    check_architecture(base.config, params_io.read_meta(config.model_init), config.model_init)
   model = ClassCondMAGE(
     class_cond_config(
       base.config, num_classes=cc.num_classes, class_combine=cc.combine, guidance_scale=cc.guidance_scale
@@ -270,9 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if cc.guidance_scale > 0 and cc.label_drop_prob == 0:
     logging.warning("guidance_scale > 0 but label_drop_prob = 0: the no-label embedding stays untrained")
   mesh, rules = trainer.mesh_and_rules(config)
-  total_steps, warmup_steps = trainer.schedule_steps(config, pipeline.steps_per_epoch(config.input))
+  total_steps, warmup_steps = trainer.schedule_steps(config, lambda: pipeline.steps_per_epoch(config.input))
   tx, optim_cfg = builders.pretrain_optimizer(config, total_steps, warmup_steps, frozen=ENCODER_PARAM_PATTERNS)
-  num_tokens = model.config.num_tokens
   logging.info(
     "class-conditional: %d classes (%s), %d steps, peak lr %.3g, from %s",
     cc.num_classes,
@@ -281,19 +280,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     optim_cfg.lr,
     config.model_init,
   )
-
-  def init_state(rng):
-    plan, _ = masking.sample_plan(jax.random.key(0), 1, num_tokens, **config.masking)
-    params = model.init(
-      jax.random.fold_in(rng, 0), jnp.zeros((1, num_tokens), jnp.int32), plan, jnp.zeros((1,), jnp.int32)
-    )["params"]
-    return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
-
-  variables, _ = params_io.load(config.model_init)
-  initial_params = _class_cond_initial_params(config, model, variables)
-  builders.check_param_shapes(
-    initial_params, sharding.strip_boxes(jax.eval_shape(init_state, jax.random.key(0)).params), config.model_init
-  )
+  init_state = builders.mage_init_state(model, config.masking, tx, jnp.zeros((1,), jnp.int32))
+  initial_params = None
+  if not abstract:
+    variables, _ = params_io.load(config.model_init)
+    initial_params = _class_cond_initial_params(config, model, variables)
+    builders.check_param_shapes(
+      initial_params, sharding.strip_boxes(jax.eval_shape(init_state, jax.random.key(0)).params), config.model_init
+    )
   params_dir = os.path.join(workdir, "params")
   task = trainer.Task(
     init_state=init_state,
@@ -308,10 +302,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       schedule=optim_cfg.schedule(),
     ),
     extras=tokenizer_vars,
-    data=trainer.image_data(config),
+    data=trainer.image_data(config, abstract),
     batch_keys=("image", "label"),
+    batch_spec=trainer.image_batch_spec(config, label=jnp.int32),
     total_steps=total_steps,
-    export=lambda state: builders.export_params(
+    export=None
+    if abstract
+    else lambda state: builders.export_params(
       params_dir,
       model,
       state.params,
@@ -322,7 +319,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     initial_params=initial_params,
     reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
   )
+  return task, mesh, rules
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Fine-tunes a class-conditional decoder on a frozen unconditional MAGE; returns the last logged metrics."""
+  task, mesh, rules = build_task(config, workdir)
   metrics, _ = trainer.run(config, workdir, task, mesh, rules)
+  cc, params_dir = config.class_cond, os.path.join(workdir, "params")
   if cc.grid_per_class > 0 and os.path.exists(os.path.join(params_dir, params_io.META_FILE)):
     path = write_class_grid(
       params_dir,

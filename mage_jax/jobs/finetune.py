@@ -119,15 +119,15 @@ def make_evaluator(model: MAGEViT, tokenizer: VQGAN, tokenizer_vars, eval_input:
   return evaluate
 
 
-def _resolved(config: ml_collections.ConfigDict, image_size: int, steps_per_epoch: int):
-  """A mutable copy with derived values filled: image size, per-epoch checkpoints and evals."""
+def resolved_config(config: ml_collections.ConfigDict, backbone: probe.Backbone) -> ml_collections.ConfigDict:
+  """A copy with the backbone's image size and, where not set, per-epoch checkpoints and evals (the config the
+  loop runs on); the dataset is read only for an epoch count."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
-    c.input.image_size = image_size
-    if c.get("checkpoint_every_steps", 0) <= 0:
-      c.checkpoint_every_steps = steps_per_epoch
-    if c.get("eval_every_steps", 0) <= 0:
-      c.eval_every_steps = steps_per_epoch
+    c.input.image_size = backbone.image_size
+    for key in ("checkpoint_every_steps", "eval_every_steps"):
+      if c.get(key, 0) <= 0:
+        c[key] = pipeline.steps_per_epoch(c.input)
   return c
 
 
@@ -147,25 +147,10 @@ def initial_params(model: MAGEViT, backbone_params: dict, num_tokens: int, seed:
   return fresh
 
 
-def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dict:
-  """Fine-tunes (or resumes) the MAGE encoder of `params_dir` in `workdir`.
-
-  Args:
-    config: the `finetune` section (see configs/finetune_imagenet.py): trainer keys (seed, mesh,
-      sharding_rules, input, total_epochs|total_steps, log/checkpoint/eval cadence, ...) plus num_classes,
-      global_pool, drop_path, head_init_std, dtype, optim {blr, warmup_epochs, min_lr, layer_decay,
-      weight_decay, b1, b2}, mixup {mixup_alpha, cutmix_alpha, prob, switch_prob, label_smoothing,
-      group_size}, eval_split, eval_batch_size.
-    params_dir: params-only MAGE (or ViT) checkpoint.
-    workdir: checkpoints, logs, `finetune_history.json`, and the final `params` export.
-
-  Returns:
-    {'top1', 'top5' (last eval), 'best_top1', 'steps', 'completed', 'history'}.
-  """
+def build_task(config: ml_collections.ConfigDict, workdir: str, backbone: probe.Backbone, *, abstract: bool = False):
+  """(task, mesh, rules) of fine-tuning `backbone` (`probe.load_backbone`, or abstract variables with `abstract`)
+  in `workdir` (`trainer`'s contract); the loop runs on `resolved_config(config, backbone)`."""
   compute_dtype = config_views.dtype(config.dtype)
-  backbone = probe.load_backbone(
-    params_dir, global_pool=config.global_pool, dtype=compute_dtype, image_size=config.input.get("image_size") or None
-  )
   mcfg = backbone.vit.config
   model = MAGEViT(
     mcfg,
@@ -176,10 +161,9 @@ def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dic
     drop_path=config.drop_path,
     dtype=compute_dtype,
   )
-  spe = pipeline.steps_per_epoch({**config.input.to_dict(), "image_size": backbone.image_size})
-  cfg = _resolved(config, backbone.image_size, spe)
+  cfg = resolved_config(config, backbone)
   mesh, rules = trainer.mesh_and_rules(cfg)
-  total, warmup = trainer.schedule_steps(cfg, spe)
+  total, warmup = trainer.schedule_steps(cfg, lambda: pipeline.steps_per_epoch(cfg.input))
   o = cfg.optim
   ocfg = optim.FinetuneOptim(
     lr=optim.scaled_lr(o.blr, cfg.input.batch_size),
@@ -202,9 +186,8 @@ def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dic
       "(even, dividing the batch)"
     )
   logging.info(
-    "fine-tune: %d steps (%d per epoch), peak lr %.3g, warmup %d, layer decay %.2f",
+    "fine-tune: %d steps, peak lr %.3g, warmup %d, layer decay %.2f",
     total,
-    spe,
     ocfg.lr,
     warmup,
     o.layer_decay,
@@ -214,7 +197,6 @@ def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dic
     params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, mcfg.num_tokens), jnp.int32))["params"]
     return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
 
-  eval_input = pipeline.eval_input_config(cfg.input, split=cfg.eval_split, batch_size=cfg.eval_batch_size)
   tokenizer_vars = backbone.variables["tokenizer"]
 
   def export(state):
@@ -232,6 +214,10 @@ def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dic
       overwrite=True,
     )
 
+  evaluate = None
+  if not abstract:
+    eval_input = pipeline.eval_input_config(cfg.input, split=cfg.eval_split, batch_size=cfg.eval_batch_size)
+    evaluate = make_evaluator(model, backbone.tokenizer, tokenizer_vars, eval_input, mesh, workdir)
   task = trainer.Task(
     init_state=init_state,
     step=functools.partial(
@@ -245,15 +231,44 @@ def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dic
       schedule=ocfg.schedule(),
     ),
     extras=tokenizer_vars,
-    data=trainer.image_data(cfg),
+    data=trainer.image_data(cfg, abstract),
     batch_keys=("image", "label"),
+    batch_spec=trainer.image_batch_spec(cfg, label=jnp.int32),
     total_steps=total,
-    export=export,
-    initial_params=initial_params(model, backbone.variables["vit"]["params"], mcfg.num_tokens, cfg.seed),
+    export=None if abstract else export,
+    initial_params=None
+    if abstract
+    else initial_params(model, backbone.variables["vit"]["params"], mcfg.num_tokens, cfg.seed),
     reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
-    evaluate=make_evaluator(model, backbone.tokenizer, tokenizer_vars, eval_input, mesh, workdir),
+    evaluate=evaluate,
   )
-  last, _ = trainer.run(cfg, workdir, task, mesh, rules)
+  return task, mesh, rules
+
+
+def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dict:
+  """Fine-tunes (or resumes) the MAGE encoder of `params_dir` in `workdir`.
+
+  Args:
+    config: the `finetune` section (see configs/finetune_imagenet.py): trainer keys (seed, mesh,
+      sharding_rules, input, total_epochs|total_steps, log/checkpoint/eval cadence, ...) plus num_classes,
+      global_pool, drop_path, head_init_std, dtype, optim {blr, warmup_epochs, min_lr, layer_decay,
+      weight_decay, b1, b2}, mixup {mixup_alpha, cutmix_alpha, prob, switch_prob, label_smoothing,
+      group_size}, eval_split, eval_batch_size.
+    params_dir: params-only MAGE (or ViT) checkpoint.
+    workdir: checkpoints, logs, `finetune_history.json`, and the final `params` export.
+
+  Returns:
+    {'top1', 'top5' (last eval), 'best_top1', 'steps', 'completed', 'history'}.
+  """
+  backbone = probe.load_backbone(
+    params_dir,
+    global_pool=config.global_pool,
+    dtype=config_views.dtype(config.dtype),
+    image_size=config.input.get("image_size") or None,
+  )
+  task, mesh, rules = build_task(config, workdir, backbone)
+  total = task.total_steps
+  last, _ = trainer.run(resolved_config(config, backbone), workdir, task, mesh, rules)
   history = trainer.History(os.path.join(workdir, HISTORY_FILE)).read()
   if not history:
     raise RuntimeError(f"fine-tuning in {workdir} produced no evaluation")

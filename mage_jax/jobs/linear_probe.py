@@ -28,7 +28,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -150,7 +149,7 @@ def probe_step(
     return loss, (logits, stats)
 
   (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+  finite = steps.all_finite(loss, optax.tree.norm(grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = steps.commit(
     state, finite, params=optax.apply_updates(state.params, updates), batch_stats=stats, opt_state=opt_state
@@ -202,17 +201,18 @@ class OnlineImages:
   variables: PyTree  # placed backbone variables
   variable_shardings: PyTree
   dropout: bool = True  # token-embedding dropout on, as the official model.train()
-  source: Any = None
+  source: Any = None  # made from `input_cfg` on first use
 
-  def __post_init__(self):
+  def _source(self):
     from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
     if self.source is None:
       self.source = pipeline.make_source(self.input_cfg)
+    return self.source
 
   @property
   def num_examples(self) -> int:
-    return int(self.source.num_examples)
+    return int(self._source().num_examples)
 
   def iterator(self, *, batch_size: int, seed: int, start_step: int):
     from mage_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -224,13 +224,97 @@ class OnlineImages:
       start_step=start_step,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
-      source=self.source,
+      source=self._source(),
     ):
       yield {"image": local["image"], "label": local["label"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The job.
+
+
+def build_task(
+  cfg: ProbeConfig,
+  workdir: str,
+  train_data: CachedFeatures | OnlineImages,
+  val_features: np.ndarray | None,
+  val_labels: np.ndarray | None,
+  *,
+  mesh: Mesh,
+  dim: int | None = None,
+  stop_after_epochs: int | None = None,
+  export_dir: str | None = None,
+  backbone: probe.Backbone | None = None,
+  abstract: bool = False,
+) -> tuple[trainer.Task, trainer.Loop]:
+  """(task, loop settings) of the BN+linear head in `workdir` (`trainer`'s contract: the head state is replicated,
+  so no logical rules; the arguments are `train_probe`'s). `abstract`: the step and state only (one step per
+  epoch, no data read, no evaluation or export)."""
+  online = isinstance(train_data, OnlineImages)
+  if dim is None:
+    if online:
+      raise ValueError("pass dim= for OnlineImages")
+    dim = train_data.features.shape[1]
+  if abstract:
+    spe = 1
+  else:
+    n = train_data.num_examples
+    if n < cfg.batch_size:
+      raise ValueError(f"linear-probe batch_size {cfg.batch_size} is larger than the train set ({n} examples)")
+    if val_features.shape[1] != dim:
+      raise ValueError(f"validation features have dim {val_features.shape[1]}, train features {dim}")
+    if val_labels.size and (val_labels.min() < 0 or val_labels.max() >= cfg.num_classes):
+      raise ValueError(f"validation labels outside [0, {cfg.num_classes})")
+    spe = n // cfg.batch_size
+  sharding.check_batch_size(cfg.batch_size, mesh)
+  ocfg = cfg.optim(spe)
+  total, tx, schedule = ocfg.total_steps, optim.probe_optimizer(ocfg), ocfg.schedule()
+  history = trainer.History(os.path.join(workdir, HISTORY_FILE))
+
+  def evaluate(state, step):
+    acc = probe.topk_accuracy(
+      probe.head_predict_numpy(state.params, state.batch_stats, val_features, cfg.bn_eps), val_labels
+    )
+    logging.info("linear probe epoch %d/%d: val top1 %.4f top5 %.4f", step // spe, cfg.epochs, acc["top1"], acc["top5"])
+    history.record(step, {"epoch": step // spe, **acc})
+    return acc
+
+  def export(state):
+    if export_dir is not None and backbone is not None:
+      export_probe(export_dir, backbone, state, cfg.num_classes)
+
+  loop = trainer.Loop(
+    seed=cfg.seed,
+    keep_checkpoints=cfg.keep_checkpoints,
+    checkpoint_every_steps=spe,
+    log_every_steps=spe,
+    eval_every_steps=spe * cfg.eval_every_epochs,
+    hparams={"probe": dataclasses.asdict(cfg)},
+  )
+  feature_key = "image" if online else "features"
+  res = train_data.input_cfg["image_size"] if online else 0
+  feature_shape = (cfg.batch_size, res, res, 3) if online else (cfg.batch_size, dim)
+  task = trainer.Task(
+    init_state=functools.partial(init_state, tx=tx, dim=dim, cfg=cfg),
+    step=functools.partial(
+      probe_step,
+      tx=tx,
+      cfg=cfg,
+      feature_fn=train_data.feature_fn if online else None,
+      dropout=online and train_data.dropout,
+      schedule=schedule,
+    ),
+    extras=train_data.variables if online else {},
+    extras_shardings=train_data.variable_shardings if online else None,
+    data=trainer.no_data if abstract else functools.partial(_iterator, train_data, cfg.batch_size, cfg.seed),
+    batch_keys=(feature_key, "label"),
+    batch_spec={feature_key: (feature_shape, jnp.float32), "label": ((cfg.batch_size,), jnp.int32)},
+    total_steps=total,
+    stop_step=None if stop_after_epochs is None else stop_after_epochs * spe,
+    export=None if abstract else export,
+    evaluate=None if abstract else evaluate,
+  )
+  return task, loop
 
 
 def train_probe(
@@ -263,68 +347,20 @@ def train_probe(
     (results, final state): results = {'top1', 'top5' (last state), 'best_top1', 'epochs_done',
     'completed', 'steps_per_epoch', 'lr', 'history': [{'step', 'epoch', 'top1', 'top5'}]}.
   """
-  n = train_data.num_examples
-  if n < cfg.batch_size:
-    raise ValueError(f"linear-probe batch_size {cfg.batch_size} is larger than the train set ({n} examples)")
-  sharding.check_batch_size(cfg.batch_size, mesh)
-  online = isinstance(train_data, OnlineImages)
-  if dim is None:
-    if online:
-      raise ValueError("pass dim= for OnlineImages")
-    dim = train_data.features.shape[1]
-  if val_features.shape[1] != dim:
-    raise ValueError(f"validation features have dim {val_features.shape[1]}, train features {dim}")
-  if val_labels.size and (val_labels.min() < 0 or val_labels.max() >= cfg.num_classes):
-    raise ValueError(f"validation labels outside [0, {cfg.num_classes})")
-  spe = n // cfg.batch_size
-  ocfg = cfg.optim(spe)
-  total, tx, schedule = ocfg.total_steps, optim.probe_optimizer(ocfg), ocfg.schedule()
+  task, loop = build_task(
+    cfg,
+    workdir,
+    train_data,
+    val_features,
+    val_labels,
+    mesh=mesh,
+    dim=dim,
+    stop_after_epochs=stop_after_epochs,
+    export_dir=export_dir,
+    backbone=backbone,
+  )
+  spe, total = loop.checkpoint_every_steps, task.total_steps
   history = trainer.History(os.path.join(workdir, HISTORY_FILE))
-
-  def evaluate(state, step):
-    acc = probe.topk_accuracy(
-      probe.head_predict_numpy(state.params, state.batch_stats, val_features, cfg.bn_eps), val_labels
-    )
-    logging.info("linear probe epoch %d/%d: val top1 %.4f top5 %.4f", step // spe, cfg.epochs, acc["top1"], acc["top5"])
-    history.record(step, {"epoch": step // spe, **acc})
-    return acc
-
-  def export(state):
-    if export_dir is not None and backbone is not None:
-      export_probe(export_dir, backbone, state, cfg.num_classes)
-
-  loop = ml_collections.ConfigDict(
-    dict(
-      seed=cfg.seed,
-      nonfinite="stop",
-      keep_checkpoints=cfg.keep_checkpoints,
-      async_checkpoints=True,
-      checkpoint_every_steps=spe,
-      log_every_steps=spe,
-      eval_every_steps=spe * cfg.eval_every_epochs,
-      profile_steps=0,
-      probe=dataclasses.asdict(cfg),
-    )
-  )
-  task = trainer.Task(
-    init_state=functools.partial(init_state, tx=tx, dim=dim, cfg=cfg),
-    step=functools.partial(
-      probe_step,
-      tx=tx,
-      cfg=cfg,
-      feature_fn=train_data.feature_fn if online else None,
-      dropout=online and train_data.dropout,
-      schedule=schedule,
-    ),
-    extras=train_data.variables if online else {},
-    extras_shardings=train_data.variable_shardings if online else None,
-    data=functools.partial(_iterator, train_data, cfg.batch_size, cfg.seed),
-    batch_keys=("image" if online else "features", "label"),
-    total_steps=total,
-    stop_step=None if stop_after_epochs is None else stop_after_epochs * spe,
-    export=export,
-    evaluate=evaluate,
-  )
   _, state = trainer.run(loop, workdir, task, mesh, ())
   done_steps = int(jax.device_get(state.step))
   final = probe.topk_accuracy(

@@ -249,8 +249,8 @@ def export_mage_c(
   )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) MAGE-C in `workdir`; returns the last logged metrics."""
+def build_task(config: ml_collections.ConfigDict, workdir: str, *, abstract: bool = False):
+  """(task, mesh, rules) of MAGE-C in `workdir` (`trainer`'s contract)."""
   cached_tokens.refuse_cached_input(config)
   cfg = config_views.from_config(ContrastiveConfig, config.contrastive, "config.contrastive")
   color = config_views.from_config(ColorAugment, config.views, "config.views")
@@ -263,12 +263,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"augment={config.input.get('augment')!r})"
     )
   mesh, rules = trainer.mesh_and_rules(config)
-  total_steps, warmup_steps = trainer.schedule_steps(config, pipeline.steps_per_epoch(config.input))
+  total_steps, warmup_steps = trainer.schedule_steps(config, lambda: pipeline.steps_per_epoch(config.input))
   tx, optim_cfg = builders.pretrain_optimizer(config, total_steps, warmup_steps)
-  tokenizer, tokenizer_vars = builders.load_tokenizer(config)
+  tokenizer, tokenizer_vars = builders.frozen_tokenizer(config, abstract)
   model = builders.mage_model(config, tokenizer)
   head = cfg.head(model.dtype, model.param_dtype)
-  num_tokens, embed_dim = model.config.num_tokens, model.config.embed_dim
   logging.info(
     "MAGE-C: %d steps, peak lr %.3g, lam %g, temperature %g, pool %s",
     total_steps,
@@ -277,27 +276,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg.temperature,
     cfg.pool,
   )
-
-  def init_head(rng):
-    return head.init(jax.random.fold_in(rng, 2), jnp.zeros((1, embed_dim), jnp.float32))["params"]
-
-  def init_state(rng):
-    plan, _ = masking.sample_plan(jax.random.key(0), 1, num_tokens, **config.masking)
-    # fold_in(rng, 0/1) as pretraining: the same seed gives the same initial MAGE as plain pretraining.
-    model_params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, num_tokens), jnp.int32), plan)["params"]
-    params = {"model": model_params, "projection_head": init_head(rng)}
-    return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
-
+  init_state = builders.mage_init_state(model, config.masking, tx, head=head)
   initial_params = None
-  if config.get("model_init"):
+  if config.get("model_init") and not abstract:
     variables, _ = params_io.load(config.model_init)
+    abstract_params = sharding.strip_boxes(jax.eval_shape(init_state, jax.random.key(0)).params)
     head_params = variables.get("projection_head", {}).get("params")
-    if head_params is None:
-      head_params = jax.device_get(sharding.strip_boxes(jax.jit(init_head)(jax.random.key(config.seed))))
+    if head_params is None:  # a plain MAGE export: a fresh head, as the state's own initialisation makes it
+      fresh = jax.jit(lambda rng: init_state(rng).params["projection_head"])(jax.random.key(config.seed))
+      head_params = jax.device_get(sharding.strip_boxes(fresh))
     initial_params = {"model": builders.initial_model_params(config, model), "projection_head": head_params}
-    builders.check_param_shapes(
-      initial_params, sharding.strip_boxes(jax.eval_shape(init_state, jax.random.key(0)).params), config.model_init
-    )
+    builders.check_param_shapes(initial_params, abstract_params, config.model_init)
 
   task = trainer.Task(
     init_state=init_state,
@@ -314,10 +303,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       schedule=optim_cfg.schedule(),
     ),
     extras=tokenizer_vars,
-    data=trainer.image_data(config),
+    data=trainer.image_data(config, abstract),
     batch_keys=("image",),
+    batch_spec=trainer.image_batch_spec(config),
     total_steps=total_steps,
-    export=lambda state: export_mage_c(
+    export=None
+    if abstract
+    else lambda state: export_mage_c(
       os.path.join(workdir, "params"),
       model,
       state.params,
@@ -328,9 +320,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ),
     initial_params=initial_params,
     reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
-    evaluate=pretrain.fewshot_monitor(
+    evaluate=None
+    if abstract
+    else pretrain.fewshot_monitor(
       config, model, tokenizer, tokenizer_vars, mesh, params_of=lambda state: state.params["model"]
     ),
   )
+  return task, mesh, rules
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) MAGE-C in `workdir`; returns the last logged metrics."""
+  task, mesh, rules = build_task(config, workdir)
   metrics, _ = trainer.run(config, workdir, task, mesh, rules)
   return metrics

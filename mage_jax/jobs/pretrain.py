@@ -22,7 +22,6 @@ from mage_jax.evals import fewshot, probe
 from mage_jax.models.mage import MAGE
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
-from mage_jax.objectives import masking
 from mage_jax.train import builders, sharding, steps, trainer
 
 
@@ -79,6 +78,73 @@ def fewshot_monitor(
   return evaluate
 
 
+def build_task(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  abstract: bool = False,
+  stop_step: int | None = None,
+  export_dir: str | None = None,
+):
+  """(task, mesh, rules) of MAGE pretraining in `workdir` (`trainer`'s contract; see `train_and_evaluate`)."""
+  mesh, rules = trainer.mesh_and_rules(config)
+  cache = cached_tokens.TokenCache(config.input.tokens) if config.input.get("tokens") and not abstract else None
+  steps_per_epoch = (
+    (lambda: cache.steps_per_epoch(config.input.batch_size))
+    if cache
+    else (lambda: pipeline.steps_per_epoch(config.input))
+  )
+  total_steps, warmup_steps = trainer.schedule_steps(config, steps_per_epoch)
+  tx, optim_cfg = builders.pretrain_optimizer(config, total_steps, warmup_steps)
+  tokenizer, tokenizer_vars = builders.frozen_tokenizer(config, abstract)
+  model = builders.mage_model(config, tokenizer)
+  update_kwargs = dict(
+    model=model,
+    tx=tx,
+    masking_cfg=dict(config.masking),
+    label_smoothing=config.label_smoothing,
+    schedule=optim_cfg.schedule(),
+  )
+  num_tokens = model.config.num_tokens
+  if config.input.get("tokens"):
+    if cache:
+      cache.check_tokenizer(cached_tokens.tokenizer_fingerprint(tokenizer, tokenizer_vars, config.tokenizer))
+    step, extras = functools.partial(steps.pretrain_ids_step, **update_kwargs), {}
+    batch_spec = {"ids": ((config.input.batch_size, num_tokens), jnp.int32)}
+    data = trainer.no_data
+    if cache:
+      data = cached_tokens.train_data(cache, seed=config.seed, batch_size=config.input.batch_size)
+  else:
+    step = functools.partial(
+      steps.pretrain_step, tokenizer=tokenizer, tokenizer_chunks=config.tokenizer.get("chunks", 1), **update_kwargs
+    )
+    extras, batch_spec, data = tokenizer_vars, trainer.image_batch_spec(config), trainer.image_data(config, abstract)
+  logging.info("mesh %s, %d steps, peak lr %.3g, warmup %d", dict(mesh.shape), total_steps, optim_cfg.lr, warmup_steps)
+
+  def export(state):
+    step = int(jax.device_get(state.step))
+    meta = {"train_steps": step}
+    directories = [os.path.join(workdir, "params")] if step == total_steps else []
+    for directory in directories + ([export_dir] if export_dir else []):
+      builders.export_params(directory, model, state.params, tokenizer, tokenizer_vars, meta)
+
+  task = trainer.Task(
+    init_state=builders.mage_init_state(model, config.masking, tx),
+    step=step,
+    extras=extras,
+    data=data,
+    batch_keys=tuple(batch_spec),
+    batch_spec=batch_spec,
+    total_steps=total_steps,
+    stop_step=stop_step,
+    export=None if abstract else export,
+    initial_params=None if abstract else builders.initial_model_params(config, model),
+    reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
+    evaluate=None if abstract else fewshot_monitor(config, model, tokenizer, tokenizer_vars, mesh),
+  )
+  return task, mesh, rules
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, stop_step: int | None = None, export_dir: str | None = None
 ) -> dict:
@@ -88,61 +154,6 @@ def train_and_evaluate(
   `stop_step` stops the run there with a checkpoint (the schedules still span the whole run; the next call
   resumes it), and `export_dir` then receives the params at that step (the reference run's evaluation points).
   """
-  mesh, rules = trainer.mesh_and_rules(config)
-  cache = cached_tokens.TokenCache(config.input.tokens) if config.input.get("tokens") else None
-  steps_per_epoch = cache.steps_per_epoch(config.input.batch_size) if cache else pipeline.steps_per_epoch(config.input)
-  total_steps, warmup_steps = trainer.schedule_steps(config, steps_per_epoch)
-  tx, optim_cfg = builders.pretrain_optimizer(config, total_steps, warmup_steps)
-  tokenizer, tokenizer_vars = builders.load_tokenizer(config)
-  model = builders.mage_model(config, tokenizer)
-  update_kwargs = dict(
-    model=model,
-    tx=tx,
-    masking_cfg=dict(config.masking),
-    label_smoothing=config.label_smoothing,
-    schedule=optim_cfg.schedule(),
-  )
-  if cache:
-    cache.check_tokenizer(cached_tokens.tokenizer_fingerprint(tokenizer, tokenizer_vars, config.tokenizer))
-    step, extras, batch_keys = functools.partial(steps.pretrain_ids_step, **update_kwargs), {}, ("ids",)
-    data = cached_tokens.train_data(cache, seed=config.seed, batch_size=config.input.batch_size)
-  else:
-    step = functools.partial(
-      steps.pretrain_step, tokenizer=tokenizer, tokenizer_chunks=config.tokenizer.get("chunks", 1), **update_kwargs
-    )
-    extras, batch_keys, data = tokenizer_vars, ("image",), trainer.image_data(config)
-  logging.info(
-    "mesh %s, %d steps (%d per epoch), peak lr %.3g, warmup %d",
-    dict(mesh.shape),
-    total_steps,
-    steps_per_epoch,
-    optim_cfg.lr,
-    warmup_steps,
-  )
-  num_tokens = model.config.num_tokens
-
-  def init_state(rng):
-    plan, _ = masking.sample_plan(jax.random.key(0), 1, num_tokens, **config.masking)
-    params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, num_tokens), jnp.int32), plan)["params"]
-    return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
-
-  export = lambda state, directory: builders.export_params(
-    directory, model, state.params, tokenizer, tokenizer_vars, {"train_steps": int(jax.device_get(state.step))}
-  )
-  task = trainer.Task(
-    init_state=init_state,
-    step=step,
-    extras=extras,
-    data=data,
-    batch_keys=batch_keys,
-    total_steps=total_steps,
-    stop_step=stop_step,
-    export=lambda state: export(state, os.path.join(workdir, "params")),
-    initial_params=builders.initial_model_params(config, model),
-    reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
-    evaluate=fewshot_monitor(config, model, tokenizer, tokenizer_vars, mesh),
-  )
-  metrics, state = trainer.run(config, workdir, task, mesh, rules)
-  if export_dir and int(jax.device_get(state.step)) == min(stop_step or total_steps, total_steps):
-    export(state, export_dir)
+  task, mesh, rules = build_task(config, workdir, stop_step=stop_step, export_dir=export_dir)
+  metrics, _ = trainer.run(config, workdir, task, mesh, rules)
   return metrics

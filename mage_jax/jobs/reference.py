@@ -20,14 +20,14 @@ import time
 
 from absl import logging
 
-from mage_jax.jobs import quickstart
+from mage_jax.jobs import quickstart, quickstart_options, quickstart_report, quickstart_stage_records
 from mage_jax.system import atomic
 
 BUDGETS = {
   # The quickstart's recipe for `mage_steps`, evaluated at `points` steps doubling up to it. 'full' is `make
   # reference` (~100 min on the 2-core CPU); 'ci' runs every stage at a tiny size (tests).
   "full": dict(
-    quickstart.BUDGETS["full"],
+    quickstart_options.BUDGETS["full"],
     tokenizer_steps=3000,
     views=4,
     mage_steps=9600,
@@ -36,10 +36,10 @@ BUDGETS = {
     evals=("logistic", "fewshot"),
     controls=True,
   ),
-  "ci": dict(quickstart.BUDGETS["ci"], mage_steps=24, points=3, evals=("logistic", "fewshot"), controls=True),
+  "ci": dict(quickstart_options.BUDGETS["ci"], mage_steps=24, points=3, evals=("logistic", "fewshot"), controls=True),
 }
 for _name, _budget in BUDGETS.items():
-  quickstart.BUDGETS[f"reference_{_name}"] = _budget
+  quickstart_options.BUDGETS[f"reference_{_name}"] = _budget
 RESULTS_FILE = "results.json"
 
 
@@ -92,7 +92,7 @@ def train_and_evaluate_points(pipeline: quickstart.Pipeline, data: dict) -> list
     start = time.time()
     pretrain.train_and_evaluate(config, os.path.join(workdir, "mage"), stop_step=step, export_dir=params)
     if not quickstart._params_done(os.path.dirname(params)):  # pylint: disable=protected-access
-      raise quickstart.StageInterrupted(
+      raise quickstart_stage_records.StageInterrupted(
         f"MAGE training stopped before step {step} with a checkpoint; rerun the same command to resume it"
       )
     train_seconds += time.time() - start
@@ -128,16 +128,16 @@ def table(results: dict) -> str:
     fid = r["fid"].get("fid")
     lines.append(
       f"| {r['step']} | {r['train_seconds'] / 60:.1f} | "
-      f"{quickstart._pct(mage.get('logistic', {}).get('top1'))} | "  # pylint: disable=protected-access
-      f"{quickstart._pct(_fewshot(mage))} | "  # pylint: disable=protected-access
+      f"{quickstart_report._pct(mage.get('logistic', {}).get('top1'))} | "  # pylint: disable=protected-access
+      f"{quickstart_report._pct(_fewshot(mage))} | "  # pylint: disable=protected-access
       f"{'n/a' if fid is None else f'{fid:.1f}'} ({r['fid'].get('num_images', 0)} vs "
       f"{r['fid'].get('num_reference', 0)}) |"
     )
-  titles = dict(quickstart.FEATURE_SETS)
+  titles = dict(quickstart_report.FEATURE_SETS)
   for name, rep in _controls(rows).items():
     lines.append(
-      f"| {titles[name]} (control) | - | {quickstart._pct(rep.get('logistic', {}).get('top1'))} | "  # pylint: disable=protected-access
-      f"{quickstart._pct(_fewshot(rep))} | - |"
+      f"| {titles[name]} (control) | - | {quickstart_report._pct(rep.get('logistic', {}).get('top1'))} | "  # pylint: disable=protected-access
+      f"{quickstart_report._pct(_fewshot(rep))} | - |"
     )  # pylint: disable=protected-access
   lines += ["", f"Before MAGE: data, tokenizer and token cache took {setup:.1f} min."]
   return "\n".join(lines)
@@ -184,7 +184,7 @@ def plot(workdir: str) -> str:
           linestyle="--",
           linewidth=1,
           color={"pixels": "C1", "random_init": "C2", "random_proj": "C3"}[name],
-          label=dict(quickstart.FEATURE_SETS)[name],
+          label=dict(quickstart_report.FEATURE_SETS)[name],
         )
     for m, v, r in zip(minutes, values, rows, strict=True):
       ax.annotate(str(r["step"]), (m, v), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
@@ -206,7 +206,7 @@ def run(workdir: str, budget: str = "full", data_dir: str | None = None) -> dict
   """Runs (or resumes) the reference run in `workdir`; returns the results (with the table)."""
   if budget not in BUDGETS:
     raise ValueError(f"unknown budget {budget!r}; expected one of {sorted(BUDGETS)}")
-  options = quickstart.Options(workdir=workdir, budget=f"reference_{budget}", data_dir=data_dir)
+  options = quickstart_options.Options(workdir=workdir, budget=f"reference_{budget}", data_dir=data_dir)
   b = BUDGETS[budget]
   pipeline = quickstart.Pipeline(
     options,

@@ -265,23 +265,7 @@ def export_tokenizer(directory: str, ema_params, vq_config: VQGANConfig, extra_m
   params_io.save(directory, {"tokenizer": {"params": jax.device_get(ema_params)}}, meta, overwrite=True)
 
 
-def build_task(config: ml_collections.ConfigDict, workdir: str):
-  """Returns (task, mesh, rules) for `trainer.run`; everything but the loop itself."""
-  mesh, rules = trainer.mesh_and_rules(config)
-  steps_per_epoch = pipeline.steps_per_epoch(config.input)
-  total_steps, warmup_steps = trainer.schedule_steps(config, steps_per_epoch)
-  loss = config_views.from_config(tokenizer_step.LossConfig, config.loss, "config.loss")
-  vqgan, disc = make_models(config)
-  init = config.tokenizer.get("init", "")
-  o = config.optim
-  cb = config_views.from_config(
-    tokenizer_step.CodebookConfig, config.get("codebook"), "config.codebook", restart_at_start=not init
-  )
-  g_tx, g_schedule = make_optimizer(o.lr, total_steps, warmup_steps, o, cb.lr_multiplier, cb.freeze)
-  # D's Adam only counts its own updates (none before the start step), so its schedule spans the rest.
-  d_span = total_steps - max(loss.discriminator_start_step, 0)
-  d_tx, _ = make_optimizer(o.get("d_lr", o.lr), d_span, warmup_steps, o)
-  perceptual = tl.PerceptualLoss.load(loss.perceptual_weights or None)
+def _report_perceptual(perceptual: tl.PerceptualLoss, loss) -> None:
   if perceptual.enabled and loss.perceptual_weight > 0:
     logging.info("%s, weight %g", perceptual.status, loss.perceptual_weight)
   else:
@@ -298,11 +282,34 @@ def build_task(config: ml_collections.ConfigDict, workdir: str):
       " + entropy" if loss.entropy_weight else "",
       " + adversarial" if loss.use_gan else "",
     )
+
+
+def build_task(config: ml_collections.ConfigDict, workdir: str, *, abstract: bool = False):
+  """(task, mesh, rules) of tokenizer training in `workdir` (`trainer`'s contract); abstract: LPIPS weights as
+  shapes, no init tokenizer, data or evaluator."""
+  mesh, rules = trainer.mesh_and_rules(config)
+  total_steps, warmup_steps = trainer.schedule_steps(config, lambda: pipeline.steps_per_epoch(config.input))
+  loss = config_views.from_config(tokenizer_step.LossConfig, config.loss, "config.loss")
+  vqgan, disc = make_models(config)
+  init = "" if abstract else config.tokenizer.get("init", "")
+  o = config.optim
+  cb = config_views.from_config(
+    tokenizer_step.CodebookConfig, config.get("codebook"), "config.codebook", restart_at_start=not init
+  )
+  g_tx, g_schedule = make_optimizer(o.lr, total_steps, warmup_steps, o, cb.lr_multiplier, cb.freeze)
+  # D's Adam only counts its own updates (none before the start step), so its schedule spans the rest.
+  d_span = total_steps - max(loss.discriminator_start_step, 0)
+  d_tx, _ = make_optimizer(o.get("d_lr", o.lr), d_span, warmup_steps, o)
+  if abstract:  # the LPIPS network as a weights file gives it, in shapes
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in tl.random_perceptual_weights().items()}
+    perceptual = tl.PerceptualLoss(params=shapes, use_lin_heads=True)
+  else:
+    perceptual = tl.PerceptualLoss.load(loss.perceptual_weights or None)
+    _report_perceptual(perceptual, loss)
   logging.info(
-    "tokenizer %s: %d steps (%d per epoch), %s, lr %.3g (D %.3g), warmup %d, EMA %.4g, GAN %s%s",
+    "tokenizer %s: %d steps, %s, lr %.3g (D %.3g), warmup %d, EMA %.4g, GAN %s%s",
     f"fine-tuning from {init}" if init else "training",
     total_steps,
-    steps_per_epoch,
     vqgan.config,
     o.lr,
     o.get("d_lr", o.lr),
@@ -334,13 +341,16 @@ def build_task(config: ml_collections.ConfigDict, workdir: str):
       codebook=cb,
     ),
     extras=perceptual,
-    data=trainer.image_data(config),
+    data=trainer.image_data(config, abstract),
     batch_keys=("image",),
+    batch_spec=trainer.image_batch_spec(config),
     total_steps=total_steps,
-    export=lambda state: export_tokenizer(os.path.join(workdir, "params"), state.ema_params, vqgan.config, extra_meta),
+    export=None
+    if abstract
+    else lambda state: export_tokenizer(os.path.join(workdir, "params"), state.ema_params, vqgan.config, extra_meta),
     initial_params=initial,
     reinit_after_params=reinit_after_params if init else None,
-    evaluate=Evaluator(config, workdir, vqgan, mesh, total_steps) if config.get("eval") else None,
+    evaluate=Evaluator(config, workdir, vqgan, mesh, total_steps) if config.get("eval") and not abstract else None,
   )
   return task, mesh, rules
 

@@ -19,7 +19,8 @@ from absl import logging
 from mage_jax.models import layers
 from mage_jax.models.mage import MAGE, config_for
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
-from mage_jax.train import config_views, optim, params_io, sharding
+from mage_jax.objectives import masking
+from mage_jax.train import config_views, optim, params_io, sharding, steps
 
 # config.tokenizer keys that say how the frozen tokenizer runs or where it comes from, not what it is.
 TOKENIZER_RUNTIME_KEYS = ("init", "dtype", "precision", "chunks")
@@ -59,6 +60,37 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> tuple[VQGAN, dict]:
   side = 2 ** (len(tokenizer.config.ch_mult) - 1)
   variables = jax.jit(tokenizer.init)(jax.random.key(config.seed + 1), jnp.zeros((1, side, side, 3)))
   return tokenizer, jax.device_get(nn.unbox(variables))
+
+
+def frozen_tokenizer(config: ml_collections.ConfigDict, abstract: bool = False) -> tuple[VQGAN, Any]:
+  """`load_tokenizer`, or with `abstract` the same module with its variables' shapes (no file read)."""
+  if not abstract:
+    return load_tokenizer(config)
+  tokenizer = tokenizer_module(config, tokenizer_config(config.tokenizer, config.input.image_size))
+  side = 2 ** (len(tokenizer.config.ch_mult) - 1)
+  shapes = jax.eval_shape(tokenizer.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
+  return tokenizer, sharding.strip_boxes(shapes)
+
+
+def mage_init_state(model: MAGE, masking_cfg, tx, *extra_inputs, head=None):
+  """`Task.init_state` of every MAGE-like job: rng -> TrainState of `model` (plus `extra_inputs` to its call, e.g.
+  the class-conditional model's labels), with `head` (MAGE-C's projection head) its params are {'model', and
+  'projection_head'}.
+
+  The rng is folded in as 0 for the model, 1 for the state's dropout/masking key and 2 for the head, so one seed
+  gives the same initial MAGE to plain pretraining and to MAGE-C.
+  """
+  n = model.config.num_tokens
+
+  def init_state(rng):
+    plan, _ = masking.sample_plan(jax.random.key(0), 1, n, **masking_cfg)
+    params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, n), jnp.int32), plan, *extra_inputs)["params"]
+    if head is not None:
+      head_params = head.init(jax.random.fold_in(rng, 2), jnp.zeros((1, model.config.embed_dim), jnp.float32))
+      params = {"model": params, "projection_head": head_params["params"]}
+    return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
+
+  return init_state
 
 
 def mage_model(config: ml_collections.ConfigDict, tokenizer: VQGAN) -> MAGE:

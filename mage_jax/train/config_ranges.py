@@ -61,3 +61,9 @@ def check(config) -> None:
   lo, hi = _lookup(config, "masking.min_ratio"), _lookup(config, "masking.max_ratio")
   if lo is not None and hi is not None and lo > hi:
     raise ValueError(f"config.masking.min_ratio={lo!r} is above config.masking.max_ratio={hi!r}")
+  law = _lookup(config, "masking.law")
+  if law is not None:
+    from mage_jax.objectives import masking  # pylint: disable=g-import-not-at-top  (JAX: only for masked jobs)
+
+    if law not in masking.RATIO_LAWS:
+      raise ValueError(f"config.masking.law={law!r}: must be one of {sorted(masking.RATIO_LAWS)}")

@@ -182,6 +182,11 @@ def models_from_meta(meta: dict, dtype: Any = jnp.float32) -> tuple[MAGE, VQGAN]
   return cls(model_config, dtype=dtype), VQGAN(tok_config, dtype=dtype)
 
 
+def nonfinite_count(array: np.ndarray) -> int:
+  """How many values of a host array are NaN or Inf."""
+  return int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+
+
 def check_finite(variables: Any, directory: str) -> None:
   """Raises ValueError naming the first tensors of `variables` that hold NaN/Inf or are not floating point
   (such weights would silently produce black images or constant features)."""
@@ -191,8 +196,8 @@ def check_finite(variables: Any, directory: str) -> None:
     name = "/".join(str(getattr(k, "key", k)) for k in path)
     if not np.issubdtype(array.dtype, np.floating):
       problems.append(f"{name} has dtype {array.dtype}")
-    elif not np.all(np.isfinite(array)):
-      problems.append(f"{name} has {int(np.size(array) - np.count_nonzero(np.isfinite(array)))} NaN/Inf values")
+    elif nonfinite_count(array):
+      problems.append(f"{name} has {nonfinite_count(array)} NaN/Inf values")
     if len(problems) >= 3:
       break
   if problems:

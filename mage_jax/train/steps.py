@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -60,10 +61,15 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, 
   return commit(state, finite, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
 
 
+def all_finite(*values) -> jax.Array:
+  """Whether every value (scalars or arrays) is finite: the guard `commit` takes in every training step."""
+  return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(v)) for v in values])
+
+
 def finish_step(state: TrainState, loss, grads, tx, *, schedule=None, metrics=None):
   """The common tail of every training step: gradient norm, finiteness, metrics, guarded update."""
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  finite = all_finite(loss, grad_norm)
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32), **(metrics or {})}
   if schedule is not None:
     metrics["lr"] = schedule(state.step)

@@ -309,12 +309,7 @@ def train_step(
   else:
     new_d_params, d_opt_state, lecam, d_stats = d_params, state.d_opt_state, state.lecam, _zeros_like_terms(d_keys)
 
-  finite = (
-    jnp.isfinite(g_loss)
-    & jnp.isfinite(g_grad_norm)
-    & jnp.isfinite(d_stats["d_loss"])
-    & jnp.isfinite(d_stats["d_grad_norm"])
-  )
+  finite = steps.all_finite(g_loss, g_grad_norm, d_stats["d_loss"], d_stats["d_grad_norm"])
   new_state = steps.commit(
     state,
     finite,

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from clu import parameter_overview
@@ -41,13 +42,16 @@ class Task:
     total_steps: number of steps of the run (what the schedules span).
     extras_shardings: shardings of `extras` (default: replicated).
     stop_step: stop at this step with a checkpoint, before `total_steps` (chunked jobs); None: run to the end.
-    export: called with the final state on every process (e.g. a params-only export).
+    export: called with the final state on every process when the run reaches `total_steps`, or `stop_step`
+      (e.g. a params-only export).
     initial_params: optional host params to start from (replaces the initialised params on a fresh run); a
       dict holding some of the params' top-level entries replaces those only (e.g. a trained generator beside
       a freshly initialised discriminator).
     reinit_after_params: state -> state, re-derives what depends on params (e.g. optimizer state).
-    evaluate: optional (state, step) -> dict of scalars, run every `config.eval_every_steps` steps and at the
+    evaluate: optional (state, step) -> dict of scalars, run every `Loop.eval_every_steps` steps and at the
       end (on every process); written as `eval/<name>`.
+    batch_spec: {key: (global shape, dtype)} of the batches the step receives: what `bench/lower.py`, the memory
+      plans and the benchmark feed the step without data.
   """
 
   init_state: Callable[[jax.Array], Any]
@@ -62,6 +66,39 @@ class Task:
   initial_params: Any = None
   reinit_after_params: Callable[[Any], Any] | None = None
   evaluate: Callable[[Any, int], dict] | None = None
+  batch_spec: dict | None = None
+
+
+# Every job (`mage_jax/jobs/<mode>.py`) exposes `build_task(config, workdir, *, abstract=False) -> (Task, mesh,
+# rules)`: all of the job but the loop. `abstract=True` builds the same step and state without reading a file or a
+# dataset (the frozen tokenizer and any initial params are shapes only; no data, evaluator or export), which is
+# what lowering for other platforms, memory plans and benchmarks need: what they measure is what runs.
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  """The loop's own settings: the top-level keys of a job config that `run` reads (`Loop.of`), or built directly
+  by a job without one (the linear probe)."""
+
+  seed: int
+  log_every_steps: int
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+  eval_every_steps: int = 0  # 0: evaluate only at the end
+  async_checkpoints: bool = True
+  nonfinite: str = "stop"  # 'stop' | 'skip' a step with a non-finite loss or gradient
+  corrupt_checkpoint: str = "fallback"  # newest checkpoint unreadable: resume from the newest intact one, or 'refuse'
+  profile_steps: int = 0
+  hparams: dict = dataclasses.field(default_factory=dict)  # what TensorBoard records beside the loop settings
+
+  def __post_init__(self):
+    if self.nonfinite not in ("stop", "skip"):
+      raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> "Loop":
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "hparams"]
+    return cls(**{k: config[k] for k in names if k in config}, hparams=config.to_dict())
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict):
@@ -71,8 +108,22 @@ def mesh_and_rules(config: ml_collections.ConfigDict):
   return mesh, rules
 
 
-def image_data(config: ml_collections.ConfigDict) -> Callable[[int], Iterator[dict]]:
+def image_batch_spec(config: ml_collections.ConfigDict, **extra_dtypes) -> dict:
+  """`Task.batch_spec` of an image job: `config.input.views` images of each example (one: no view axis), plus one
+  value per example for each `extra_dtypes` key (e.g. label=jnp.int32)."""
+  res, b, views = config.input.image_size, config.input.batch_size, config.input.get("views", 1)
+  image = (b, res, res, 3) if views == 1 else (b, views, res, res, 3)
+  return {"image": (image, jnp.float32), **{k: ((b,), dtype) for k, dtype in extra_dtypes.items()}}
+
+
+def no_data(start_step: int):
+  raise RuntimeError(f"an abstract task has no data (asked from step {start_step}); build it with abstract=False")
+
+
+def image_data(config: ml_collections.ConfigDict, abstract: bool = False) -> Callable[[int], Iterator[dict]]:
   """`Task.data` for the configured input pipeline (`config.input`, seeded by `config.seed`)."""
+  if abstract:
+    return no_data
   from mage_jax.data import pipeline  # TensorFlow only where an input pipeline is built
 
   source = pipeline.make_source(config.input)
@@ -90,11 +141,15 @@ def image_data(config: ml_collections.ConfigDict) -> Callable[[int], Iterator[di
   return data
 
 
-def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
+def schedule_steps(config, steps_per_epoch: int | Callable[[], int]) -> tuple[int, int]:
   """(total, warmup) steps from `total_steps|total_epochs` and `optim.warmup_steps|warmup_epochs`.
 
   `total_steps` 0 means "use total_epochs"; a negative value is an error, not a silent fallback.
+  `steps_per_epoch` may be a function, called only when an epoch count is used (it reads the dataset).
   """
+  if callable(steps_per_epoch):
+    uses_epochs = config.get("total_steps", 0) <= 0 or config.optim.get("warmup_steps", -1) < 0
+    steps_per_epoch = steps_per_epoch() if uses_epochs else 0
   if config.get("total_steps", 0) < 0 or config.get("total_epochs", 0) < 0:
     raise ValueError(
       f"total_steps ({config.get('total_steps')}) and total_epochs ({config.get('total_epochs')}) "
@@ -131,13 +186,13 @@ class History:
     return history
 
 
-def check_finite(state, config, mngr):
+def check_finite(state, loop: Loop, mngr):
   """Stops (or, with nonfinite='skip', just reports) once any step had a non-finite loss or gradient."""
   first_bad = int(jax.device_get(state.first_nonfinite_step))
   if first_bad < 0:
     return
   skipped = int(jax.device_get(state.skipped_steps))
-  if config.nonfinite == "skip":
+  if loop.nonfinite == "skip":
     logging.warning("%d steps skipped so far for non-finite loss/gradients (first at step %d)", skipped, first_bad)
     return
   raise FloatingPointError(
@@ -157,37 +212,37 @@ def _flatten(d, prefix=""):
   return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules) -> tuple[dict, Any]:
-  """Runs (or resumes) `task` in `workdir`.
+def run(config: ml_collections.ConfigDict | Loop, workdir: str, task: Task, mesh, rules) -> tuple[dict, Any]:
+  """Runs (or resumes) `task` in `workdir` with the loop settings of `config` (a job config, recorded in the
+  workdir, or a `Loop`).
 
   Returns:
     (the last logged metrics as host floats, the final state).
   """
-  if config.nonfinite not in ("stop", "skip"):
-    raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
+  loop = config if isinstance(config, Loop) else Loop.of(config)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   writer = progress.writer(workdir, is_main)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(task.init_state, jax.random.key(config.seed))
+    boxed = jax.eval_shape(task.init_state, jax.random.key(loop.seed))
     state_shardings = sharding.logical_shardings(boxed, mesh, rules)
     abstract = sharding.strip_boxes(boxed)
     repl = sharding.replicated(mesh)
     extras_shardings = repl if task.extras_shardings is None else task.extras_shardings
     extras = sharding.place(task.extras, extras_shardings)
 
-    mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+    mngr = checkpointing.manager(workdir, keep=loop.keep_checkpoints, async_save=loop.async_checkpoints)
     resumed = checkpointing.restore_newest(
       mngr,
       checkpointing.abstract_with_shardings(abstract, state_shardings),
-      corrupt=config.get("corrupt_checkpoint", "fallback"),
+      corrupt=loop.corrupt_checkpoint,
     )
     if resumed is not None:
       logging.info("resuming from checkpoint step %d", resumed[0])
       state = resumed[1]
     else:
       state = jax.jit(lambda r: sharding.strip_boxes(task.init_state(r)), out_shardings=state_shardings)(
-        jax.random.key(config.seed)
+        jax.random.key(loop.seed)
       )
       if task.initial_params is not None:
         init, params_shardings = task.initial_params, state_shardings.params
@@ -203,11 +258,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
         f"the checkpoint in {workdir} is at step {start_step}, past this run's {task.total_steps} "
         "steps: raise total_steps (or total_epochs) to continue it, or use a new workdir"
       )
-    if "mode" in config:  # a job's own config (not a loop config an evaluator made)
+    if not isinstance(config, Loop) and "mode" in config:  # a job's own config, as `main` ran it
       atomic.record_config(config, workdir)
     if is_main:
       parameter_overview.log_parameter_overview(jax.device_get(state.params))
-      writer.write_hparams(_flatten(config.to_dict()))
+      writer.write_hparams(_flatten({**dataclasses.asdict(loop), **loop.hparams}))
 
     step_fn = sharding.jit_train_step(task.step, state_shardings, mesh, extras_shardings)
     end_step = task.total_steps if task.stop_step is None else min(task.stop_step, task.total_steps)
@@ -215,9 +270,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
     hooks = progress.training_hooks(
       end_step,
       writer,
-      config.log_every_steps,
+      loop.log_every_steps,
       profile_dir=workdir if is_main else None,
-      profile_steps=config.get("profile_steps", 0),
+      profile_steps=loop.profile_steps,
       first_profile=start_step + 5,
     )
     stop = preemption.Stop(mesh)
@@ -237,13 +292,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
         # Asked once per step on every process (a collective), and read once: a signal landing between two reads
         # would skip the save but still exit.
         preempted = stop.reached()
-        save_now = done % config.checkpoint_every_steps == 0 or done == end_step or preempted
-        if done % config.log_every_steps == 0 or save_now:
-          check_finite(state, config, mngr)
+        save_now = done % loop.checkpoint_every_steps == 0 or done == end_step or preempted
+        if done % loop.log_every_steps == 0 or save_now:
+          check_finite(state, loop, mngr)
           last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           last_metrics["skipped_steps"] = int(jax.device_get(state.skipped_steps))
           writer.write_scalars(done, {f"train/{k}": v for k, v in last_metrics.items()})
-        eval_every = config.get("eval_every_steps", 0)
+        eval_every = loop.eval_every_steps
         if task.evaluate is not None and ((eval_every and done % eval_every == 0) or done == task.total_steps):
           with hooks[0].timed("eval"):
             eval_metrics = task.evaluate(state, done)
@@ -263,7 +318,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
       stop.restore()
       checkpointing.seal(mngr)
       writer.flush()
-    if int(jax.device_get(state.step)) == task.total_steps and task.export is not None:
+    if int(jax.device_get(state.step)) == end_step and task.export is not None:
       task.export(state)
     mngr.close()
   if stop.signal == signal.SIGINT:
