@@ -231,6 +231,7 @@ def tokenizer(size: str, devices: int) -> Program:
   config.input.batch_size = _batch(size, config.input.batch_size, devices)
   if size == "tiny":
     _shrink_tokenizer(config.tokenizer, config.input)
+  config.loss.perceptual_weights = "lpips_vgg16.npz"  # the recipe with its LPIPS term; the file is not read
   loss = views.from_config(tokenizer_step.LossConfig, config.loss, "config.loss")
   info = {
     "batch": config.input.batch_size,

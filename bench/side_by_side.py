@@ -42,6 +42,7 @@ if __package__ in (None, ""):
   sys.path.insert(0, ROOT)
 
 from bench import benchmark  # noqa: E402
+from mage_jax.models.mage import config_for  # noqa: E402
 from mage_jax.system import allocator  # noqa: E402
 
 SIZES = ("tiny", "mid")
@@ -91,7 +92,7 @@ def _check_sizes_agree(size: str) -> None:
   """The official config above and mage_jax's benchmark size describe the same models."""
   spec = benchmark.SIZES[size]
   mage = OFFICIAL_MAGE[size]
-  ours = dict(benchmark.config_for(spec.variant, **dict(spec.mage)).__dict__)
+  ours = dict(config_for(spec.variant, **dict(spec.mage)).__dict__)
   mismatched = {k: (v, ours[k]) for k, v in mage.items() if k in ours and ours[k] != v}
   tok = spec.tokenizer
   if (

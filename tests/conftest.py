@@ -77,18 +77,18 @@ def image_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fashion_data_dir(tmp_path_factory):
   """A TFDS data dir with fashion_mnist prepared offline from Debian's IDX files (~15-30 s, once per session)."""
-  from mage_jax.data import sources
+  from mage_jax.data import tfds_prepare
 
   if not all(
-    os.path.exists(os.path.join(sources.DEBIAN_FASHION_MNIST_DIR, f + ".gz"))
-    for f in sources.FASHION_MNIST_FILES.values()
+    os.path.exists(os.path.join(tfds_prepare.DEBIAN_FASHION_MNIST_DIR, f + ".gz"))
+    for f in tfds_prepare.FASHION_MNIST_FILES.values()
   ):
     pytest.skip(
-      f"Debian fashion-mnist files missing in {sources.DEBIAN_FASHION_MNIST_DIR} "
+      f"Debian fashion-mnist files missing in {tfds_prepare.DEBIAN_FASHION_MNIST_DIR} "
       "(apt-get install -y dataset-fashion-mnist)"
     )
   data_dir = str(tmp_path_factory.mktemp("tfds_fashion"))
-  sources.prepare_fashion_mnist(data_dir)
+  tfds_prepare.prepare_fashion_mnist(data_dir)
   return data_dir
 
 

@@ -109,7 +109,9 @@ def test_cached_training_is_bitwise_in_step_tokenization(cache_dir, image_folder
   cache_input = _cache_config(image_folder, tokenizer_dir).input
   config = _train_config(image_folder, tokenizer_dir)
 
-  def views_as_images(config):
+  def views_as_images(config, abstract=False):
+    assert not abstract
+
     def data(start_step):
       for step in itertools.count(start_step):
         index, view = cached_tokens.batch_views(

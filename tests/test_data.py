@@ -17,9 +17,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mage_jax.data import augment, pipeline, sources
+from mage_jax.data import augment, pipeline, sources, tfds_prepare
 
-DEBIAN_DIR = sources.DEBIAN_FASHION_MNIST_DIR
+DEBIAN_DIR = tfds_prepare.DEBIAN_FASHION_MNIST_DIR
 
 
 # ------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ def test_missing_paths_give_errors_naming_them(tmp_path):
   with pytest.raises(FileNotFoundError, match="no_tars"):
     sources.get_source("imagenet2012", "train", str(empty), manual_dir=str(tmp_path / "no_tars"))
   with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
-    sources.prepare_fashion_mnist(str(empty), str(tmp_path / "no_idx"))
+    tfds_prepare.prepare_fashion_mnist(str(empty), str(tmp_path / "no_idx"))
 
 
 def test_load_arrays_refuses_variable_size_tfds_before_preparing(tmp_path):

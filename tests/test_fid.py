@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 import scipy.special
 
-from mage_jax.fid import inception, metrics, weights
+from mage_jax.fid import conv, inception, metrics, weights
 
 FIX = "inception_fid"
 
@@ -121,9 +121,9 @@ def test_conv_as_matmuls_is_the_convolution(name):
     for j in range(kw):
       window = padded[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride]
       want += window @ kernel[i, j].astype(np.float64)
-  got = np.asarray(inception._conv_as_matmuls(spec, x, kernel))
+  got = np.asarray(conv.as_matmuls(spec, x, kernel))
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
-  np.testing.assert_allclose(np.asarray(inception._conv(spec, x, kernel)), want, rtol=0, atol=2e-5 * np.abs(want).max())
+  np.testing.assert_allclose(np.asarray(conv.xla(spec, x, kernel)), want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
 def test_preprocess_scaling_and_dtypes():

@@ -1,6 +1,7 @@
 """Every image that enters mage_jax: `images.read_image` (modes, bit depths, transparency, the pixel budget),
-`images.list_images` (links, cycles, non-image files), the folder source and `load_arrays`, `python -m mage_jax.edit`
-and `python -m mage_jax.fid` on hostile inputs, the one resize/centre-crop, and edit's pixels == evaluation's.
+`image_listing.list_images` (links, cycles, non-image files), the folder source and `load_arrays`,
+`python -m mage_jax.edit` and `python -m mage_jax.fid` on hostile inputs, the one resize/centre-crop, and edit's
+pixels == evaluation's.
 
 Every file is built here, in tmp_path.
 """
@@ -22,7 +23,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import assert_one_line_error, run_cli
-from mage_jax.data import augment, images, pipeline, sources
+from mage_jax.data import augment, image_listing, images, pipeline, sources
 from mage_jax.fid import inputs as fid_inputs, weights as fid_weights
 from mage_jax.generation import editing
 from mage_jax.models.mage import MAGEConfig
@@ -385,7 +386,7 @@ def test_symlink_cycles_terminate_and_list_each_image_once(tmp_path):
   one = tmp_path / "one"
   _tree(one, ["a/x.png", "a/y.png"])
   os.symlink("..", one / "a" / "up")  # a/up -> one: one cycle
-  listing = images.list_images(str(one))
+  listing = image_listing.list_images(str(one))
   assert listing.paths == [str(one / "a" / "x.png"), str(one / "a" / "y.png")]
   assert listing.repeats == 1
   two = tmp_path / "two"
@@ -399,7 +400,7 @@ def test_symlink_cycles_terminate_and_list_each_image_once(tmp_path):
   os.symlink(str(outside), two / "a" / "ext")
   os.symlink(str(outside / "o.png"), two / "b" / "o_again.png")  # the same real file twice
   start = time.perf_counter()
-  listing = images.list_images(str(two))
+  listing = image_listing.list_images(str(two))
   assert time.perf_counter() - start < 2
   assert listing.paths == [
     str(two / "a" / "ext" / "o.png"),
@@ -545,7 +546,7 @@ def test_links_to_a_folder_above_the_dataset_are_skipped_and_counted(tmp_path):
   _tree(tmp_path, ["beside.png"])
   os.symlink("../..", data / "c2" / "up")  # -> tmp_path, the dataset's parent
   os.symlink("/", data / "c1" / "root")
-  listing = images.list_images(str(data))
+  listing = image_listing.list_images(str(data))
   assert listing.paths == [str(data / "c1" / "x.png"), str(data / "c2" / "y.png")]
   assert listing.above == 2 and "2 links to a folder above the dataset skipped" in listing.summary()
   src = sources.FolderSource(str(data))

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mage_jax.train import optim
+from mage_jax.train import lars, optim
 
 SDS = jax.ShapeDtypeStruct
 F32 = jnp.float32
@@ -212,7 +212,7 @@ def test_lars_two_steps_match_numpy():
   }  # zero norm: trust ratio 1.
   grads_seq = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(2)]
   lr_fn = lambda count: 0.5 * (count + 1)  # lr 0.5 then 1.0.
-  tx = optim.lars(lr_fn, momentum=0.9, weight_decay=0.1, trust_coefficient=0.1)
+  tx = lars.lars(lr_fn, momentum=0.9, weight_decay=0.1, trust_coefficient=0.1)
   p = jax.tree.map(jnp.asarray, params)
   state = tx.init(p)
   step = jax.jit(tx.update)
@@ -228,7 +228,7 @@ def test_lars_two_steps_match_numpy():
 
 
 def test_lars_requires_params():
-  tx = optim.lars(0.1)
+  tx = lars.lars(0.1)
   state = tx.init({"w": jnp.ones((2, 2))})
   with pytest.raises(ValueError, match="params"):
     tx.update({"w": jnp.ones((2, 2))}, state)

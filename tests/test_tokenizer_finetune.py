@@ -11,6 +11,7 @@ import pytest
 from configs import tokenizer_fashion_mnist
 from mage_jax.convert import convert
 from mage_jax.data import sources
+from mage_jax.evals import reconstruction
 from mage_jax.jobs import tokenizer as tokenizer_job
 from mage_jax.models.vqgan import VQGAN
 from mage_jax.train import params_io, tokenizer_step
@@ -91,8 +92,8 @@ def test_fine_tuning_improves_held_out_psnr_with_a_bit_identical_frozen_codebook
   workdir = tmp_path / "fine_tune"
   config = _fine_tune_config(fashion_png_folder, converted_tokenizer, steps=40, freeze=True)
   tokenizer_job.train_and_evaluate(config, str(workdir))
-  before = json.loads((workdir / tokenizer_job.INIT_METRICS_FILE).read_text())
-  after = json.loads((workdir / tokenizer_job.METRICS_FILE).read_text())
+  before = json.loads((workdir / reconstruction.INIT_METRICS_FILE).read_text())
+  after = json.loads((workdir / reconstruction.METRICS_FILE).read_text())
   print(f"held-out PSNR: {before['psnr']:.2f} dB before fine-tuning, {after['psnr']:.2f} dB after 40 steps")
   assert before["num_examples"] == after["num_examples"] == 96
   # The job's "before" is the converted tokenizer's (the eval resizes in float, this check from uint8: 0.1 dB).

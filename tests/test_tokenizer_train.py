@@ -18,7 +18,7 @@ from PIL import Image
 from scipy.signal import correlate2d
 
 from configs import tokenizer_fashion_mnist
-from mage_jax.evals import image_metrics as im
+from mage_jax.evals import image_metrics as im, reconstruction
 from mage_jax.jobs import tokenizer as tokenizer_job
 from mage_jax.models.vqgan import VQGAN
 from mage_jax.objectives import tokenizer_losses
@@ -332,7 +332,7 @@ def test_resume_is_bitwise_identical_and_export_is_consumable(folder, tmp_path, 
   assert ids.shape == (len(test_files), 64) and int(ids.max()) < 16
 
   # Held-out metrics of the EMA weights, recomputed here in float64 from the exported params.
-  metrics = json.loads((tmp_path / "straight" / tokenizer_job.METRICS_FILE).read_text())
+  metrics = json.loads((tmp_path / "straight" / reconstruction.METRICS_FILE).read_text())
   recon = np.clip(np.asarray(tokenizer.apply(tok_vars, jnp.asarray(test, jnp.float32))[0], np.float64), 0, 1)
   mse = ((recon - test) ** 2).mean(axis=(1, 2, 3))
   assert metrics["step"] == 4 and metrics["num_examples"] == len(test_files)
@@ -392,7 +392,7 @@ def test_configs_sizes():
 )
 def test_eval_reads_its_configured_images(num_examples, final_examples, want):
   """Periodic evals read eval.num_examples images and the eval at the last step eval.final_examples (0: all)."""
-  evaluator = object.__new__(tokenizer_job.Evaluator)
+  evaluator = object.__new__(reconstruction.Evaluator)
   evaluator.total_steps, evaluator.num_examples, evaluator.final_examples = 10, num_examples, final_examples
   limits = []
   evaluator.evaluate = lambda params, png, metrics_file, header, limit=None: limits.append(limit)

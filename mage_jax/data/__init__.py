@@ -1,5 +1,6 @@
-"""Images in (`images`: the checked reader and writers), sources (TFDS, image folders, Fashion-MNIST IDX files),
-augmentation, deterministic iterators, the 'random' input, and cached token ids (`cached_tokens`).
+"""Images in (`images`: the checked reader and writers; `image_listing`: the folder lister), sources (TFDS, image
+folders), their offline preparation (`tfds_prepare`: Fashion-MNIST IDX files, manual_dir), augmentation,
+deterministic iterators, the 'random' input, and cached token ids (`cached_tokens`).
 
 The names below load their submodule on first use, and the submodules load TensorFlow only when a tf.data
 pipeline or a TFDS source is first built: model code, benchmarks and the 'random' input (`synthetic`) run on
@@ -22,8 +23,8 @@ _EXPORTS = {
   "train_iterator": "pipeline",
   "get_source": "sources",
   "load_arrays": "sources",
-  "prepare_fashion_mnist": "sources",
-  "prepare_tfds": "sources",
+  "prepare_fashion_mnist": "tfds_prepare",
+  "prepare_tfds": "tfds_prepare",
 }
 
 __all__ = sorted(_EXPORTS)

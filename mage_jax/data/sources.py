@@ -7,7 +7,7 @@ order a pure function of (seed, step). Three kinds:
   * `ArraySource`: uint8 arrays in memory (fashion_mnist and other small sets).
   * `FolderSource`: `folder:/path`, image files with class subfolders (labels =
     index of the sorted subfolder name, like torchvision `ImageFolder`) or a flat
-    folder (label 0). Listed by `images.list_images`: symlinks are followed but
+    folder (label 0). Listed by `image_listing.list_images`: symlinks are followed but
     each real folder and file is listed once, files without an image extension
     are ignored and counted, and the number of images per class is logged.
     Splits: a subfolder (`train`, `val`) when it exists, and TFDS-like slices
@@ -21,9 +21,8 @@ depths, transparency and the pixel budget are in its module) in a
 takes its place, so batch shapes and the order stay deterministic) and counted
 in `Source.stats`.
 
-Nothing here downloads by accident: TFDS is always called with `try_gcs=False`
-and `DownloadConfig(try_download_gcs=False)`, and a network download happens only
-when the caller passes `download=True`.
+TFDS datasets are made ready by `tfds_prepare`, which downloads nothing unless
+the caller passes `download=True`.
 """
 
 from __future__ import annotations
@@ -40,18 +39,9 @@ import threading
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
-from mage_jax.data import augment, images as image_io
+from mage_jax.data import augment, image_listing, images as image_io, tfds_prepare
 
-# Debian/Ubuntu package `dataset-fashion-mnist` installs the original IDX files here.
-DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_FILES = {
-  "train_data": "train-images-idx3-ubyte",
-  "train_labels": "train-labels-idx1-ubyte",
-  "test_data": "t10k-images-idx3-ubyte",
-  "test_labels": "t10k-labels-idx1-ubyte",
-}
 # TFDS datasets small enough to hold in memory as uint8 arrays.
 IN_MEMORY_TFDS = frozenset({"fashion_mnist", "mnist", "cifar10", "cifar100"})
 # Single-channel datasets: the pipeline repeats their one channel into RGB.
@@ -178,8 +168,8 @@ class EncodedSource(Source):
     return image, label
 
 
-def list_image_folder(root: str) -> tuple[image_io.ImageListing, list[str]]:
-  """Lists the image files under `root` (see `images.list_images`).
+def list_image_folder(root: str) -> tuple[image_listing.ImageListing, list[str]]:
+  """Lists the image files under `root` (see `image_listing.list_images`).
 
   If `root` has subfolders, each is a class (sorted names -> labels 0..K-1, files
   found recursively, loose files in `root` ignored and counted, as torchvision
@@ -197,7 +187,7 @@ def list_image_folder(root: str) -> tuple[image_io.ImageListing, list[str]]:
   entries = sorted(os.listdir(root))
   classes = [d for d in entries if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
   if classes:
-    listing = image_io.list_images(*(os.path.join(root, c) for c in classes), within=root)
+    listing = image_listing.list_images(*(os.path.join(root, c) for c in classes), within=root)
     loose = len(entries) - len(classes)
     if loose:
       listing = dataclasses.replace(listing, ignored=listing.ignored + loose)
@@ -206,10 +196,10 @@ def list_image_folder(root: str) -> tuple[image_io.ImageListing, list[str]]:
       if not group:
         logging.warning("Class folder %s has no images.", os.path.join(root, cls))
   else:
-    listing = image_io.list_images(root)
+    listing = image_listing.list_images(root)
   if not listing.paths:
     raise FileNotFoundError(
-      f"No image files ({', '.join(image_io.IMAGE_EXTENSIONS)}) found under {root!r} ({listing.summary()})."
+      f"No image files ({', '.join(image_listing.IMAGE_EXTENSIONS)}) found under {root!r} ({listing.summary()})."
     )
   return listing, classes
 
@@ -300,7 +290,7 @@ class FolderSource(EncodedSource):
     paths, labels: the files and their int32 labels.
     class_names: sorted class folder names ([] for a flat folder).
     class_counts: {class name: number of images} ({'': n} for a flat folder).
-    listing: the `images.ImageListing` (ignored, repeated, unreadable entries).
+    listing: the `image_listing.ImageListing` (ignored, repeated, unreadable entries).
   """
 
   def __init__(self, path: str, split: str | None = None):
@@ -369,126 +359,6 @@ class TfdsSource(EncodedSource):
 
 
 # ------------------------------------------------------------------------------
-# TFDS preparation (offline-safe).
-# ------------------------------------------------------------------------------
-class FashionMnistLocal(tfds_mnist.FashionMNIST, skip_registration=True):
-  """Stock `fashion_mnist` (same name, version, features) built from local IDX files.
-
-  Debian re-gzipped the files, so the stock builder's checksums do not match;
-  this subclass only replaces where the files come from.
-  """
-
-  name = "fashion_mnist"
-
-  def __init__(self, *, source_dir: str, **kwargs):
-    self._source_dir = source_dir
-    super().__init__(**kwargs)
-
-  def _split_generators(self, dl_manager):
-    files = dl_manager.extract({k: _fashion_file(self._source_dir, v) for k, v in FASHION_MNIST_FILES.items()})
-    return [
-      tfds.core.SplitGenerator(
-        name=tfds.Split.TRAIN,
-        gen_kwargs=dict(num_examples=60000, data_path=files["train_data"], label_path=files["train_labels"]),
-      ),
-      tfds.core.SplitGenerator(
-        name=tfds.Split.TEST,
-        gen_kwargs=dict(num_examples=10000, data_path=files["test_data"], label_path=files["test_labels"]),
-      ),
-    ]
-
-
-def _fashion_file(source_dir: str, stem: str) -> str | None:
-  """`stem.gz` or the already decompressed `stem` in source_dir, else None."""
-  for fn in (stem + ".gz", stem):
-    if os.path.isfile(os.path.join(source_dir, fn)):
-      return os.path.join(source_dir, fn)
-  return None
-
-
-def _no_download_config(manual_dir: str | None = None):
-  return tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
-
-
-def _builder(name, data_dir, file_format=None):
-  kwargs = {"file_format": file_format} if file_format else {}
-  return tfds.builder(name, data_dir=data_dir, try_gcs=False, **kwargs)
-
-
-def prepare_fashion_mnist(
-  data_dir: str | None,
-  source_dir: str | None = None,
-  *,
-  download: bool = False,
-  file_format: str | None = None,
-) -> tfds.core.DatasetBuilder:
-  """Makes `tfds.load("fashion_mnist", data_dir=data_dir)` work, offline if possible.
-
-  Order: already prepared -> build from the IDX files in `source_dir` (default
-  the Debian package's /usr/share/datasets/fashion-mnist) -> the stock
-  download, only if `download=True`.
-  """
-  builder = _builder("fashion_mnist", data_dir, file_format)
-  if builder.is_prepared():
-    return builder
-  source_dir = source_dir or DEBIAN_FASHION_MNIST_DIR
-  missing = [s for s in FASHION_MNIST_FILES.values() if _fashion_file(source_dir, s) is None]
-  if not missing:
-    kwargs = {"file_format": file_format} if file_format else {}
-    local = FashionMnistLocal(source_dir=source_dir, data_dir=data_dir, **kwargs)
-    local.download_and_prepare(download_config=_no_download_config())
-    return _builder("fashion_mnist", data_dir, file_format)
-  if download:
-    builder.download_and_prepare(download_config=_no_download_config())
-    return builder
-  raise FileNotFoundError(
-    f"fashion_mnist is not prepared in data_dir {builder.data_dir!r} and the IDX "
-    f"files {missing} are missing from {source_dir!r}. Either install them "
-    "(`apt-get install -y dataset-fashion-mnist`, which puts them in "
-    f"{DEBIAN_FASHION_MNIST_DIR}) or run once with internet access and "
-    "download=True."
-  )
-
-
-def prepare_tfds(
-  name: str,
-  data_dir: str | None,
-  *,
-  manual_dir: str | None = None,
-  download: bool = False,
-  file_format: str | None = "array_record",
-) -> tfds.core.DatasetBuilder:
-  """Returns a prepared builder; prepares from `manual_dir` when needed.
-
-  Datasets with manual download instructions (imagenet2012: the ILSVRC2012 tars)
-  are prepared from `manual_dir` (default `<data_dir>/downloads/manual`);
-  others are downloaded only if `download=True`.
-  """
-  if name == "fashion_mnist":
-    return prepare_fashion_mnist(data_dir, manual_dir, download=download, file_format=file_format)
-  builder = _builder(name, data_dir, file_format)
-  if builder.is_prepared():
-    return builder
-  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-    manual = manual_dir or os.path.join(data_dir or tfds.core.constants.DATA_DIR, "downloads", "manual")
-    if not os.path.isdir(manual) or not os.listdir(manual):
-      raise FileNotFoundError(
-        f"{name} is not prepared in data_dir {str(builder.data_dir)!r} and its "
-        f"manual_dir {manual!r} is missing or empty. "
-        f"{name} needs: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}"
-      )
-    builder.download_and_prepare(download_config=_no_download_config(manual))
-    return builder
-  if download:
-    builder.download_and_prepare(download_config=_no_download_config())
-    return builder
-  raise FileNotFoundError(
-    f"{name} is not prepared in data_dir {str(builder.data_dir)!r} (does the "
-    "path exist?). Prepare it there, or pass download=True (needs internet)."
-  )
-
-
-# ------------------------------------------------------------------------------
 # Public entry points.
 # ------------------------------------------------------------------------------
 def is_folder(name: str) -> bool:
@@ -523,7 +393,7 @@ def get_source(
     return ArraySource(*load_arrays(name, split, data_dir, manual_dir=manual_dir, download=download))
   if data_dir is not None and not os.path.isdir(data_dir) and manual_dir is None:
     raise FileNotFoundError(f"TFDS data_dir {data_dir!r} does not exist.")
-  builder = prepare_tfds(name, data_dir, manual_dir=manual_dir, download=download)
+  builder = tfds_prepare.prepare_tfds(name, data_dir, manual_dir=manual_dir, download=download)
   return TfdsSource(builder, split)
 
 
@@ -535,7 +405,7 @@ def _tfds_arrays(name, split, data_dir, manual_dir, download):
   key = (name, split, os.path.abspath(data_dir) if data_dir else None)
   if key in _ARRAY_CACHE:
     return _ARRAY_CACHE[key]
-  info = _builder(name, data_dir).info
+  info = tfds_prepare._builder(name, data_dir).info  # pylint: disable=protected-access
   img_key, label_key = info.supervised_keys or ("image", "label")
   shape = info.features[img_key].shape
   if None in shape:
@@ -545,7 +415,7 @@ def _tfds_arrays(name, split, data_dir, manual_dir, download):
     )
   # Prepared as tfrecord (the TFDS default) when missing: `as_dataset` below
   # cannot read array_record.
-  builder = prepare_tfds(name, data_dir, manual_dir=manual_dir, download=download, file_format=None)
+  builder = tfds_prepare.prepare_tfds(name, data_dir, manual_dir=manual_dir, download=download, file_format=None)
   if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
     src = builder.as_data_source(split=split)
     items = src.__getitems__(range(len(src)))

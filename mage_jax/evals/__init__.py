@@ -12,11 +12,16 @@ your own needs no change in this package. Its settings, when it has any, are the
   rows(result) -> [(name, text)] the lines it adds to the printed table, one column per feature set.
   check(config)                  optional: refuses settings the data cannot serve, before any work.
   start(context, sets)           optional: after the feature sets are built, before any evaluator runs.
+
+Beside the evaluators, this package holds what evaluation shares with training: frozen features (`probe`), the
+few-shot monitor of MAGE pretraining (`fewshot.monitor`), and the tokenizer's image metrics and held-out
+reconstruction evaluation (`image_metrics`, `reconstruction`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import pkgutil
 import types
@@ -66,8 +71,11 @@ def split_size(config: ml_collections.ConfigDict, split: str) -> int:
   return pipeline.num_examples(input_config(config, split, 1, 32))
 
 
+@functools.cache
 def builtin() -> tuple[str, ...]:
-  return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)))
+  """The evaluators of this package: its modules that define the contract (the others are their machinery)."""
+  modules = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)]
+  return tuple(sorted(m.__name__.rsplit(".", 1)[1] for m in modules if all(hasattr(m, a) for a in REQUIRED)))
 
 
 def load(name: str) -> types.ModuleType:

@@ -35,6 +35,7 @@ As an evaluator of the `evals` registry (`run`, `rows`): k labelled train images
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Sequence
@@ -42,10 +43,16 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from mage_jax.evals import pct, split_size
+from mage_jax.data import pipeline
+from mage_jax.evals import pct, probe, split_size
+from mage_jax.models.mage import MAGE
+from mage_jax.models.vit import MAGEViT
+from mage_jax.models.vqgan import VQGAN
+from mage_jax.train import sharding
 
 BIAS_CONSTANT = 100.0  # big_vision fewshot_lsr.
 RIDGE_L2 = 2.0**10  # big_vision configs: `config.l2_reg = 2.0 ** 10`.
@@ -324,6 +331,65 @@ def evaluate_fewshot(
       model = fit(train_feats[idx], y)
       accs[s].append(float(np.mean(predict(model, test_feats) == test_idx)))
   return {s: (float(np.mean(a)), float(np.std(a))) for s, a in accs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The monitor during training.
+
+
+def monitor(
+  config: ml_collections.ConfigDict,
+  model: MAGE,
+  tokenizer: VQGAN,
+  tokenizer_vars,
+  mesh,
+  params_of=lambda state: state.params,
+):
+  """`Task.evaluate` of MAGE-like jobs during training, or None when `config.fewshot_monitor` names no splits:
+  big_vision's cheap representation check. Frozen encoder features (global pool, as the linear probe) of a small
+  labelled train and test split, closed-form ridge few-shot on the host, written as `eval/fewshot_<k>shot`.
+
+  `config.fewshot_monitor`: train_split / test_split (empty: off), shots, trials, batch_size (global extraction
+  batch), num_classes (0: from the labels). `params_of(state)` gives the MAGE params of the job's state.
+  """
+  m = config.get("fewshot_monitor")
+  if m is None or not m.train_split or not m.test_split:
+    return None
+  vit = MAGEViT(
+    dataclasses.replace(model.config, scan=False), num_classes=0, global_pool=True, head_type="none", dtype=model.dtype
+  )
+  feature_fn = probe.make_feature_fn(tokenizer, vit)
+  inputs = {
+    split: pipeline.eval_input_config(config.input, split=split, batch_size=m.batch_size)
+    for split in (m.train_split, m.test_split)
+  }
+  sources = {split: pipeline.make_source(cfg) for split, cfg in inputs.items()}
+
+  def evaluate(state, step):
+    del step
+    backbone = probe.backbone_params_from_mage(params_of(state), global_pool=True)
+    variables = {"tokenizer": tokenizer_vars, "vit": {"params": backbone}}
+    # Params stay where the training state keeps them; host arrays (the tokenizer, a fresh fc_norm) replicate.
+    shardings = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else sharding.replicated(mesh), variables)
+    feats = {
+      split: probe.extract_features(feature_fn, variables, shardings, inputs[split], mesh=mesh, source=sources[split])
+      for split in inputs
+    }
+    (train_x, train_y), (test_x, test_y) = feats[m.train_split], feats[m.test_split]
+    accs = evaluate_fewshot(
+      train_x,
+      train_y,
+      test_x,
+      test_y,
+      shots=tuple(m.shots),
+      trials=m.trials,
+      seed=config.seed,
+      classifier="ridge",
+      num_classes=m.num_classes or None,
+    )
+    return {f"fewshot_{s}shot": mean for s, (mean, _) in accs.items()}
+
+  return evaluate
 
 
 # ---------------------------------------------------------------------------------------------------------

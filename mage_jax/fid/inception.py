@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mage_jax.fid import conv
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008
@@ -178,43 +180,11 @@ assert len(CONVS) == 94, len(CONVS)
 # Layers.
 
 
-def _conv(spec: ConvSpec, x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return jax.lax.conv_general_dilated(
-    x,
-    kernel,
-    window_strides=(spec.stride, spec.stride),
-    padding=((spec.padding[0], spec.padding[0]), (spec.padding[1], spec.padding[1])),
-    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    precision=_HIGHEST,
-  )
-
-
-def _conv_as_matmuls(spec: ConvSpec, x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """The same convolution as kh matmuls over row-shifted windows, each window's kw column shifts side by side.
-
-  XLA:CPU runs this network's convolutions at about 30 GFLOP/s on an AVX-512 core pair. As matmuls the whole
-  network (pool3 and sFID's features, batch 50) is 1.42x faster under glibc's allocator (5.9 -> 8.4 images/s) and
-  1.05x faster under tcmalloc, which the binaries use (8.7 -> 9.1). GPUs and TPUs keep the convolution.
-  """
-  (kh, kw), stride = spec.kernel, spec.stride
-  ph, pw = spec.padding
-  x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-  out_h, out_w = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
-  span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
-  # Channel j·C + c of a window is input channel c shifted j columns: kernel[i] [kw, C, O] flattened row-major.
-  windows = jnp.concatenate([x[:, :, j : j + span_w : stride] for j in range(kw)], axis=-1)
-  rows = kernel.reshape(kh, kw * spec.in_ch, spec.out_ch)
-  y = jnp.einsum("bhwc,co->bhwo", windows[:, :span_h:stride], rows[0], precision=_HIGHEST)
-  for i in range(1, kh):
-    y = y + jnp.einsum("bhwc,co->bhwo", windows[:, i : i + span_h : stride], rows[i], precision=_HIGHEST)
-  return y
-
-
 def _conv_bn_relu(params: Params, name: str, x: jax.Array) -> jax.Array:
   spec = CONV_BY_NAME[name]
   p = params[name]
   y = jax.lax.platform_dependent(
-    x, p["kernel"], cpu=functools.partial(_conv_as_matmuls, spec), default=functools.partial(_conv, spec)
+    x, p["kernel"], cpu=functools.partial(conv.as_matmuls, spec), default=functools.partial(conv.xla, spec)
   )
   scale = p["gamma"] * jax.lax.rsqrt(p["var"] + BN_EPS)
   return jax.nn.relu((y - p["mean"]) * scale + p["beta"])

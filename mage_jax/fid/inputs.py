@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from mage_jax.data import images as image_io
+from mage_jax.data import image_listing, images as image_io
 from mage_jax.fid import metrics, weights
 
 # The official prepare_imgnet_val.py (LTH14/mage) makes the reference images Resize(256) (shorter side,
@@ -28,12 +28,12 @@ def image_batches(source: str, batch_size: int = 50, max_images: int | None = No
   """(number of images, iterator of uint8 [B, H, W, 3] batches) of an npz (key 'images' or the only array) or an
   image folder.
 
-  Checked at the call, before any network runs: a folder is listed by `images.list_images` and every file's
+  Checked at the call, before any network runs: a folder is listed by `image_listing.list_images` and every file's
   header is read (one size, within the pixel budget); an npz must hold uint8 images. A corrupt file met while
   iterating is an ImageError naming it.
   """
   if os.path.isdir(source):
-    listing = image_io.list_images(source)
+    listing = image_listing.list_images(source)
     if listing.unreadable:
       raise image_io.ImageError(
         f"{listing.unreadable[0]}: not a readable image file (a broken link, a special "
@@ -42,7 +42,7 @@ def image_batches(source: str, batch_size: int = 50, max_images: int | None = No
     files = listing.paths[:max_images]
     if not files:
       raise FileNotFoundError(
-        f"no images ({', '.join(image_io.IMAGE_EXTENSIONS)}) found under {source} ({listing.summary()})"
+        f"no images ({', '.join(image_listing.IMAGE_EXTENSIONS)}) found under {source} ({listing.summary()})"
       )
     image_io.require_one_size(
       ((f, image_io.read_size(f)) for f in files), source, "FID compares images of one size: resize them first."

@@ -30,7 +30,7 @@ import ml_collections
 from absl import logging
 
 from mage_jax.data import cached_tokens, pipeline
-from mage_jax.jobs import pretrain
+from mage_jax.evals import fewshot
 from mage_jax.models.mage import MAGE
 from mage_jax.objectives import contrastive, losses, masking
 from mage_jax.train import builders, config_views, params_io, sharding, steps, trainer
@@ -322,9 +322,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, *, abstract: boo
     reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
     evaluate=None
     if abstract
-    else pretrain.fewshot_monitor(
-      config, model, tokenizer, tokenizer_vars, mesh, params_of=lambda state: state.params["model"]
-    ),
+    else fewshot.monitor(config, model, tokenizer, tokenizer_vars, mesh, params_of=lambda state: state.params["model"]),
   )
   return task, mesh, rules
 

@@ -1,14 +1,9 @@
 """MAGE pretraining (config.mode 'pretrain', recipe of the official `main_pretrain.py`) on the shared loop, with
-a few-shot monitor.
-
-The monitor (`config.fewshot_monitor`, every `config.eval_every_steps` steps and at the end) is big_vision's
-cheap representation check: frozen encoder features (global pool, as the linear probe) of a small labelled
-train and test split, closed-form ridge few-shot on the host, written as `eval/fewshot_<k>shot`.
+the few-shot monitor of `evals/fewshot.py` (`config.fewshot_monitor`) every `config.eval_every_steps` steps.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
@@ -18,64 +13,8 @@ import ml_collections
 from absl import logging
 
 from mage_jax.data import cached_tokens, pipeline
-from mage_jax.evals import fewshot, probe
-from mage_jax.models.mage import MAGE
-from mage_jax.models.vit import MAGEViT
-from mage_jax.models.vqgan import VQGAN
-from mage_jax.train import builders, sharding, steps, trainer
-
-
-def fewshot_monitor(
-  config: ml_collections.ConfigDict,
-  model: MAGE,
-  tokenizer: VQGAN,
-  tokenizer_vars,
-  mesh,
-  params_of=lambda state: state.params,
-):
-  """`Task.evaluate` of MAGE-like jobs, or None when `config.fewshot_monitor` names no splits.
-
-  `config.fewshot_monitor`: train_split / test_split (empty: off), shots, trials, batch_size (global extraction
-  batch), num_classes (0: from the labels). `params_of(state)` gives the MAGE params of the job's state.
-  """
-  m = config.get("fewshot_monitor")
-  if m is None or not m.train_split or not m.test_split:
-    return None
-  vit = MAGEViT(
-    dataclasses.replace(model.config, scan=False), num_classes=0, global_pool=True, head_type="none", dtype=model.dtype
-  )
-  feature_fn = probe.make_feature_fn(tokenizer, vit)
-  inputs = {
-    split: pipeline.eval_input_config(config.input, split=split, batch_size=m.batch_size)
-    for split in (m.train_split, m.test_split)
-  }
-  sources = {split: pipeline.make_source(cfg) for split, cfg in inputs.items()}
-
-  def evaluate(state, step):
-    del step
-    backbone = probe.backbone_params_from_mage(params_of(state), global_pool=True)
-    variables = {"tokenizer": tokenizer_vars, "vit": {"params": backbone}}
-    # Params stay where the training state keeps them; host arrays (the tokenizer, a fresh fc_norm) replicate.
-    shardings = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else sharding.replicated(mesh), variables)
-    feats = {
-      split: probe.extract_features(feature_fn, variables, shardings, inputs[split], mesh=mesh, source=sources[split])
-      for split in inputs
-    }
-    (train_x, train_y), (test_x, test_y) = feats[m.train_split], feats[m.test_split]
-    accs = fewshot.evaluate_fewshot(
-      train_x,
-      train_y,
-      test_x,
-      test_y,
-      shots=tuple(m.shots),
-      trials=m.trials,
-      seed=config.seed,
-      classifier="ridge",
-      num_classes=m.num_classes or None,
-    )
-    return {f"fewshot_{s}shot": mean for s, (mean, _) in accs.items()}
-
-  return evaluate
+from mage_jax.evals import fewshot
+from mage_jax.train import builders, steps, trainer
 
 
 def build_task(
@@ -140,7 +79,7 @@ def build_task(
     export=None if abstract else export,
     initial_params=None if abstract else builders.initial_model_params(config, model),
     reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
-    evaluate=None if abstract else fewshot_monitor(config, model, tokenizer, tokenizer_vars, mesh),
+    evaluate=None if abstract else fewshot.monitor(config, model, tokenizer, tokenizer_vars, mesh),
   )
   return task, mesh, rules
 

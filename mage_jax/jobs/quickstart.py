@@ -147,6 +147,7 @@ def _use_data(config, dataset: Dataset) -> None:
 
 def train_tokenizer(workdir: str, options: Options, dataset: Dataset, data: dict) -> dict:
   from configs import tokenizer_fashion_mnist
+  from mage_jax.evals import reconstruction
   from mage_jax.jobs import tokenizer as tokenizer_job
 
   tok_dir = os.path.join(workdir, "tokenizer")
@@ -176,10 +177,10 @@ def train_tokenizer(workdir: str, options: Options, dataset: Dataset, data: dict
   if not _params_done(tok_dir):
     tokenizer_job.train_and_evaluate(config, tok_dir)
     _check_trained(tok_dir, "tokenizer")
-  with open(os.path.join(tok_dir, tokenizer_job.METRICS_FILE)) as f:
+  with open(os.path.join(tok_dir, reconstruction.METRICS_FILE)) as f:
     metrics = json.load(f)
   if options.tokenizer_init:
-    with open(os.path.join(tok_dir, tokenizer_job.INIT_METRICS_FILE)) as f:
+    with open(os.path.join(tok_dir, reconstruction.INIT_METRICS_FILE)) as f:
       metrics["before_fine_tuning"] = json.load(f)
   pngs = sorted(p for p in os.listdir(os.path.join(tok_dir, "reconstructions")) if p.startswith("step_"))
   shutil.copy(os.path.join(tok_dir, "reconstructions", pngs[-1]), os.path.join(workdir, "reconstructions.png"))

@@ -193,9 +193,9 @@ def summarize(dataset: Dataset, min_train: int) -> dict:
     JSON-able {'source', 'path', 'data_dir', 'image_size', 'classes', 'splits': {'train': ..., 'heldout': ...}}.
   """
   if not dataset.is_folder:
-    from mage_jax.data import sources  # pylint: disable=g-import-not-at-top
+    from mage_jax.data import tfds_prepare  # pylint: disable=g-import-not-at-top
 
-    info = sources.prepare_fashion_mnist(dataset.data_dir).info
+    info = tfds_prepare.prepare_fashion_mnist(dataset.data_dir).info
     classes = list(info.features["label"].names)
     return {
       "source": FASHION_MNIST,

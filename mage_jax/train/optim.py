@@ -7,7 +7,7 @@ Matches the recipes of LTH14/mage (`main_pretrain.py`, `main_linprobe.py`,
   cosine), expressed per optimizer step instead of per fractional epoch.
 * `pretrain_optimizer`: AdamW(0.9, 0.95, wd 0.05) after global-norm clipping
   at 3.0, timm-0.3.2 `add_weight_decay` exclusions (`weight_decay_mask`).
-* `lars`: `util/lars.py` (MoCo v3) for linear probing.
+* `probe_optimizer`: LARS (`mage_jax.train.lars`: MoCo v3 `util/lars.py`) for linear probing.
 * `finetune_optimizer`: AdamW(0.9, 0.999, wd 0.05) with `util/lr_decay.py`
   layer-wise lr decay (`layerwise_lr_scales`).
 
@@ -26,17 +26,16 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mage_jax.train import config_views
+from mage_jax.train import config_views, lars
 
 PyTree = Any
-ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
 # `frozen` arguments: None (train everything), a predicate on the '/'-joined
 # path string, or regular expressions searched in that string.
 FrozenSpec = None | Callable[[str], bool] | Iterable[str]
@@ -298,71 +297,6 @@ def scale_by_layerwise_lr_decay(
 
 
 # ---------------------------------------------------------------------------
-# LARS (util/lars.py).
-
-
-class LarsState(NamedTuple):
-  count: jax.Array  # int32 scalar, number of updates done
-  mu: PyTree  # momentum buffers, like params
-
-
-def lars(
-  learning_rate: ScalarOrSchedule, momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 0.001
-) -> optax.GradientTransformation:
-  """LARS exactly as MoCo v3 / MAGE `util/lars.py` (LTH14/mage).
-
-  Not `optax.lars`: that one scales by the learning rate before the momentum
-  accumulates, while the reference keeps the momentum of unscaled steps and
-  multiplies it by the current learning rate, which differs under a schedule.
-
-  Per leaf with `ndim > 1`: `g <- g + wd * p`, then `g <- g * (trust *
-  ||p|| / ||g||)` if both norms are > 0 (else unscaled). Leaves with `ndim
-  <= 1` (biases) use the raw gradient: no decay, no trust ratio. Then
-  `mu <- momentum * mu + g` and the update is `-lr * mu`. The learning rate
-  multiplies the momentum buffer at update time (as in the reference), so a
-  schedule's change applies to the whole buffer. Norms are Frobenius norms
-  of the whole leaf, so a transposed (flax vs torch) kernel gives the same
-  result; the literal `ndim` is used (no scanned-stack handling: LARS is only
-  used for the probe head).
-
-  Args:
-    learning_rate: float or schedule of the update count.
-    momentum: momentum factor.
-    weight_decay: L2 coefficient added to >1-D gradients.
-    trust_coefficient: LARS trust coefficient.
-
-  Returns:
-    An optax transformation; `update` requires `params`.
-  """
-
-  def init_fn(params):
-    return LarsState(count=jnp.zeros((), jnp.int32), mu=jax.tree.map(jnp.zeros_like, params))
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("lars needs params in update(updates, state, params)")
-
-    def precondition(g, p):
-      if g.ndim <= 1:
-        return g
-      g = g + weight_decay * p
-      p_norm = jnp.linalg.norm(p.astype(jnp.float32))
-      g_norm = jnp.linalg.norm(g.astype(jnp.float32))
-      ok = (p_norm > 0) & (g_norm > 0)
-      q = jnp.where(ok, trust_coefficient * p_norm / jnp.where(ok, g_norm, 1.0), 1.0)
-      return (g * q).astype(g.dtype)
-
-    g = jax.tree.map(precondition, updates, params)
-    mu = jax.tree.map(lambda m, gi: momentum * m + gi, state.mu, g)
-    lr = learning_rate(state.count) if callable(learning_rate) else (learning_rate)
-    new_updates = jax.tree.map(lambda m: (-lr * m).astype(m.dtype), mu)
-    count = optax.safe_increment(state.count)
-    return new_updates, LarsState(count=count, mu=mu)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-# ---------------------------------------------------------------------------
 # Recipes.
 
 
@@ -504,5 +438,5 @@ def probe_optimizer(
   backbone (the reference freezes every non-head param).
   """
   c = config_views.from_config(ProbeOptim, cfg, "ProbeOptim", **kwargs)
-  tx = lars(c.schedule(), momentum=c.momentum, weight_decay=c.weight_decay, trust_coefficient=c.trust_coefficient)
+  tx = lars.lars(c.schedule(), momentum=c.momentum, weight_decay=c.weight_decay, trust_coefficient=c.trust_coefficient)
   return with_frozen(tx, frozen)
