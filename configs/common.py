@@ -38,7 +38,7 @@ def optional_str():
 
 
 def mesh(fsdp: int = 1) -> str:
-  """`config.mesh`: data parallel over the remaining devices, `fsdp`-way parameter sharding (see sharding.py)."""
+  """`config.mesh`: data parallel over the remaining devices, `fsdp`-way parameter sharding (`train/sharding.py`)."""
   return f"data=-1,fsdp={fsdp},model=1"
 
 

@@ -13,7 +13,7 @@ from mage_jax.system import allocator, interrupt
 
 __version__ = "0.1.0"
 
-allocator.maybe_reexec()  # `python -m mage_jax.<verb>`: under tcmalloc where the system has it (allocator.py)
+allocator.maybe_reexec()  # `python -m mage_jax.<verb>`: under tcmalloc where the system has it (system/allocator.py)
 interrupt.take_over(allocator.module_run(getattr(sys, "orig_argv", [])))  # Ctrl-C ends a binary at once
 
 

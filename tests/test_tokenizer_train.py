@@ -1,4 +1,4 @@
-"""Tests for mage_jax.evals.image_metrics and the tokenizer training loop (mage_jax.tokenizer_train)."""
+"""mage_jax.evals.image_metrics and tokenizer training (mage_jax.jobs.tokenizer, mage_jax.train.tokenizer_step)."""
 
 import json
 import logging

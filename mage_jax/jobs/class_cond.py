@@ -30,11 +30,11 @@ from mage_jax.generation import sampling
 from mage_jax.models import layers
 from mage_jax.models.class_cond import ENCODER_PARAM_PATTERNS, ClassCondMAGE, class_cond_config, init_class_embedding
 from mage_jax.models.vqgan import VQGAN
-from mage_jax.objectives import losses, masking
+from mage_jax.objectives import masked_tokens
 from mage_jax.train import builders, params_io, sharding, steps, trainer
 
 # Constants folded into the step key, one per use (masking and dropout match steps.pretrain_step).
-_MASK, _DROPOUT, _LABEL_DROP = 0, 1, 3
+_LABEL_DROP = 3  # beside masked_tokens.MASK_KEY and DROPOUT_KEY
 
 
 def class_cond_loss(
@@ -54,30 +54,27 @@ def class_cond_loss(
   Args:
     params: ClassCondMAGE params.
     ids: int32 [B, N] tokenizer ids; labels: int [B] in [0, num_classes).
-    rng: step key; masking fold_in(rng, 0), dropout fold_in(rng, 1), label dropout fold_in(rng, 3).
+    rng: step key, as `masked_tokens.objective` folds it; label dropout fold_in(rng, 3).
     label_drop_prob: probability of replacing a label by the no-label id (trains the guidance branch).
 
   Returns:
     (loss, aux {'mask_ratio'}).
   """
-  plan, ratio = masking.sample_plan(jax.random.fold_in(rng, _MASK), ids.shape[0], ids.shape[1], **masking_cfg)
   labels = labels.astype(jnp.int32)
   if label_drop_prob > 0:
     drop = jax.random.bernoulli(jax.random.fold_in(rng, _LABEL_DROP), label_drop_prob, labels.shape)
     labels = jnp.where(drop, model.config.null_class, labels)
-  logits, _ = model.apply(
-    {"params": params},
+  loss, aux = masked_tokens.objective(
+    model,
+    params,
     ids,
-    plan,
+    rng,
     labels,
-    deterministic,
-    targets_only=True,
-    rngs={"dropout": jax.random.fold_in(rng, _DROPOUT)},
+    masking_cfg=masking_cfg,
+    label_smoothing=label_smoothing,
+    deterministic=deterministic,
   )
-  loss = losses.masked_token_loss(
-    logits, ids, plan.masked, codebook_size=model.config.codebook_size, label_smoothing=label_smoothing
-  )
-  return loss, {"mask_ratio": ratio}
+  return loss, {"mask_ratio": aux["mask_ratio"]}
 
 
 def class_cond_update(

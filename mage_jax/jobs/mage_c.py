@@ -32,13 +32,13 @@ from absl import logging
 from mage_jax.data import cached_tokens, pipeline
 from mage_jax.evals import fewshot
 from mage_jax.models.mage import MAGE
-from mage_jax.objectives import contrastive, losses, masking
+from mage_jax.objectives import contrastive, masked_tokens, masking
 from mage_jax.train import builders, config_views, params_io, sharding, steps, trainer
 
 POOL_MODES = ("mean", "cls", "mean_visible")
 
 # Constants folded into the step key, one per use (masking and dropout match steps.pretrain_step).
-_MASK, _DROPOUT, _COLOR = 0, 1, 2
+_COLOR = 2  # beside masked_tokens.MASK_KEY and DROPOUT_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,27 +180,24 @@ def mage_c_loss(
     params: {'model': MAGE params, 'projection_head': head params}.
     ids: int32 [2B, N]: rows 0..B-1 are view 1 and rows B..2B-1 view 2 of the same B images (row i pairs with
       row B+i).
-    rng: step key; masking uses fold_in(rng, 0) (one ratio for the 2B rows), dropout fold_in(rng, 1).
+    rng: step key, as `masked_tokens.objective` folds it (one masking ratio for the 2B rows).
 
   Returns:
     (loss, aux) with loss = rec + lam * con (float32 scalar), aux {'rec_loss', 'con_loss', 'mask_ratio'}.
   """
-  plan, ratio = masking.sample_plan(jax.random.fold_in(rng, _MASK), ids.shape[0], ids.shape[1], **masking_cfg)
-  logits, aux = model.apply(
-    {"params": params["model"]},
+  rec, aux = masked_tokens.objective(
+    model,
+    params["model"],
     ids,
-    plan,
-    deterministic,
-    targets_only=True,
-    rngs={"dropout": jax.random.fold_in(rng, _DROPOUT)},
+    rng,
+    masking_cfg=masking_cfg,
+    label_smoothing=label_smoothing,
+    deterministic=deterministic,
   )
-  rec = losses.masked_token_loss(
-    logits, ids, plan.masked, codebook_size=model.config.codebook_size, label_smoothing=label_smoothing
-  )
-  z = head.apply({"params": params["projection_head"]}, pool_encoded(aux["encoded"], plan, cfg.pool))
+  z = head.apply({"params": params["projection_head"]}, pool_encoded(aux["encoded"], aux["plan"], cfg.pool))
   z1, z2 = jnp.split(z, 2, axis=0)
   con = contrastive.nt_xent(z1, z2, cfg.temperature)
-  return rec + cfg.lam * con, {"rec_loss": rec, "con_loss": con, "mask_ratio": ratio}
+  return rec + cfg.lam * con, {"rec_loss": rec, "con_loss": con, "mask_ratio": aux["mask_ratio"]}
 
 
 def mage_c_update(

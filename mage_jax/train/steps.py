@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from mage_jax.models.vqgan import VQGAN
-from mage_jax.objectives import losses, masking
+from mage_jax.objectives import masked_tokens, masking
 
 
 @flax.struct.dataclass
@@ -138,7 +138,8 @@ def pretrain_update(
   label_smoothing: float,
   schedule=None,
 ):
-  """One MAGE update on token ids: masked-token loss, gradient, guarded optimizer step.
+  """One MAGE update on token ids: the masked-token objective (`masked_tokens.objective`), gradient, guarded
+  optimizer step.
 
   Args:
     state: the train state.
@@ -156,18 +157,8 @@ def pretrain_update(
     fraction of masked tokens of an injected plan), lr (with a schedule).
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  if plan is None:
-    plan, ratio = masking.sample_plan(jax.random.fold_in(rng, 0), ids.shape[0], ids.shape[1], **masking_cfg)
-  else:
-    ratio = jnp.mean(plan.masked.astype(jnp.float32))
-
-  def loss_fn(params):
-    logits, _ = model.apply(
-      {"params": params}, ids, plan, False, targets_only=True, rngs={"dropout": jax.random.fold_in(rng, 1)}
-    )
-    return losses.masked_token_loss(
-      logits, ids, plan.masked, codebook_size=model.config.codebook_size, label_smoothing=label_smoothing
-    )
-
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  return finish_step(state, loss, grads, tx, schedule=schedule, metrics={"mask_ratio": ratio})
+  loss_fn = lambda params: masked_tokens.objective(
+    model, params, ids, rng, masking_cfg=masking_cfg, label_smoothing=label_smoothing, plan=plan
+  )
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return finish_step(state, loss, grads, tx, schedule=schedule, metrics={"mask_ratio": aux["mask_ratio"]})
