@@ -41,7 +41,7 @@ def test_abstract_task_is_the_task_that_trains(mode, module, arg, image_folder, 
   assert _shapes(abstract.extras) == _shapes(real.extras)
   # The batches the loop feeds are what the spec says (one process: its slice is the global batch).
   batch = next(real.data(0))
-  assert {k: (batch[k].shape, batch[k].dtype) for k in real.batch_keys} == {
+  assert {k: (batch[k].shape, batch[k].dtype) for k in real.batch_spec} == {
     k: (shape, np.dtype(dtype)) for k, (shape, dtype) in real.batch_spec.items()
   }
   # Nothing of the abstract task reads data or writes files.

@@ -300,7 +300,6 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, *, abstract: boo
     ),
     extras=tokenizer_vars,
     data=trainer.image_data(config, abstract),
-    batch_keys=("image", "label"),
     batch_spec=trainer.image_batch_spec(config, label=jnp.int32),
     total_steps=total_steps,
     export=None

@@ -120,14 +120,17 @@ def make_evaluator(model: MAGEViT, tokenizer: VQGAN, tokenizer_vars, eval_input:
 
 
 def resolved_config(config: ml_collections.ConfigDict, backbone: probe.Backbone) -> ml_collections.ConfigDict:
-  """A copy with the backbone's image size and, where not set, per-epoch checkpoints and evals (the config the
-  loop runs on); the dataset is read only for an epoch count."""
+  """A copy with what is derived filled in: the backbone's image size, the total and warmup steps, and, where not
+  set, per-epoch checkpoints and evals. The config the loop runs on; resolving it again changes nothing. The
+  dataset is read once, and only where an epoch count is used."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
     c.input.image_size = backbone.image_size
+    steps_per_epoch = functools.cache(lambda: pipeline.steps_per_epoch(c.input))
+    c.total_steps, c.optim.warmup_steps = trainer.schedule_steps(c, steps_per_epoch)
     for key in ("checkpoint_every_steps", "eval_every_steps"):
       if c.get(key, 0) <= 0:
-        c[key] = pipeline.steps_per_epoch(c.input)
+        c[key] = steps_per_epoch()
   return c
 
 
@@ -163,7 +166,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, backbone: probe.
   )
   cfg = resolved_config(config, backbone)
   mesh, rules = trainer.mesh_and_rules(cfg)
-  total, warmup = trainer.schedule_steps(cfg, lambda: pipeline.steps_per_epoch(cfg.input))
+  total, warmup = cfg.total_steps, cfg.optim.warmup_steps
   o = cfg.optim
   ocfg = optim.FinetuneOptim(
     lr=optim.scaled_lr(o.blr, cfg.input.batch_size),
@@ -232,7 +235,6 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, backbone: probe.
     ),
     extras=tokenizer_vars,
     data=trainer.image_data(cfg, abstract),
-    batch_keys=("image", "label"),
     batch_spec=trainer.image_batch_spec(cfg, label=jnp.int32),
     total_steps=total,
     export=None if abstract else export,
@@ -266,9 +268,10 @@ def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dic
     dtype=config_views.dtype(config.dtype),
     image_size=config.input.get("image_size") or None,
   )
+  config = resolved_config(config, backbone)
   task, mesh, rules = build_task(config, workdir, backbone)
   total = task.total_steps
-  last, _ = trainer.run(resolved_config(config, backbone), workdir, task, mesh, rules)
+  last, _ = trainer.run(config, workdir, task, mesh, rules)
   history = trainer.History(os.path.join(workdir, HISTORY_FILE)).read()
   if not history:
     raise RuntimeError(f"fine-tuning in {workdir} produced no evaluation")

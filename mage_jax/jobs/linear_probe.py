@@ -307,7 +307,6 @@ def build_task(
     extras=train_data.variables if online else {},
     extras_shardings=train_data.variable_shardings if online else None,
     data=trainer.no_data if abstract else functools.partial(_iterator, train_data, cfg.batch_size, cfg.seed),
-    batch_keys=(feature_key, "label"),
     batch_spec={feature_key: (feature_shape, jnp.float32), "label": ((cfg.batch_size,), jnp.int32)},
     total_steps=total,
     stop_step=None if stop_after_epochs is None else stop_after_epochs * spe,

@@ -280,7 +280,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, *, abstract: boo
     abstract_params = sharding.strip_boxes(jax.eval_shape(init_state, jax.random.key(0)).params)
     head_params = variables.get("projection_head", {}).get("params")
     if head_params is None:  # a plain MAGE export: a fresh head, as the state's own initialisation makes it
-      fresh = jax.jit(lambda rng: init_state(rng).params["projection_head"])(jax.random.key(config.seed))
+      fresh = jax.jit(functools.partial(builders.projection_head_params, head, model))(jax.random.key(config.seed))
       head_params = jax.device_get(sharding.strip_boxes(fresh))
     initial_params = {"model": builders.initial_model_params(config, model), "projection_head": head_params}
     builders.check_param_shapes(initial_params, abstract_params, config.model_init)
@@ -301,7 +301,6 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, *, abstract: boo
     ),
     extras=tokenizer_vars,
     data=trainer.image_data(config, abstract),
-    batch_keys=("image",),
     batch_spec=trainer.image_batch_spec(config),
     total_steps=total_steps,
     export=None

@@ -46,12 +46,10 @@ def build_task(
   )
   num_tokens = model.config.num_tokens
   if config.input.get("tokens"):
+    step, extras, data = functools.partial(steps.pretrain_ids_step, **update_kwargs), {}, trainer.no_data
+    batch_spec = {"ids": ((config.input.batch_size, num_tokens), jnp.int32)}
     if cache:
       cache.check_tokenizer(cached_tokens.tokenizer_fingerprint(tokenizer, tokenizer_vars, config.tokenizer))
-    step, extras = functools.partial(steps.pretrain_ids_step, **update_kwargs), {}
-    batch_spec = {"ids": ((config.input.batch_size, num_tokens), jnp.int32)}
-    data = trainer.no_data
-    if cache:
       data = cached_tokens.train_data(cache, seed=config.seed, batch_size=config.input.batch_size)
   else:
     step = functools.partial(
@@ -61,18 +59,17 @@ def build_task(
   logging.info("mesh %s, %d steps, peak lr %.3g, warmup %d", dict(mesh.shape), total_steps, optim_cfg.lr, warmup_steps)
 
   def export(state):
+    """Into `workdir/params` at the end of the run, and into `export_dir` wherever the run stops."""
     step = int(jax.device_get(state.step))
-    meta = {"train_steps": step}
     directories = [os.path.join(workdir, "params")] if step == total_steps else []
     for directory in directories + ([export_dir] if export_dir else []):
-      builders.export_params(directory, model, state.params, tokenizer, tokenizer_vars, meta)
+      builders.export_params(directory, model, state.params, tokenizer, tokenizer_vars, {"train_steps": step})
 
   task = trainer.Task(
     init_state=builders.mage_init_state(model, config.masking, tx),
     step=step,
     extras=extras,
     data=data,
-    batch_keys=tuple(batch_spec),
     batch_spec=batch_spec,
     total_steps=total_steps,
     stop_step=stop_step,
@@ -94,5 +91,8 @@ def train_and_evaluate(
   resumes it), and `export_dir` then receives the params at that step (the reference run's evaluation points).
   """
   task, mesh, rules = build_task(config, workdir, stop_step=stop_step, export_dir=export_dir)
-  metrics, _ = trainer.run(config, workdir, task, mesh, rules)
+  metrics, state = trainer.run(config, workdir, task, mesh, rules)
+  step = int(jax.device_get(state.step))
+  if export_dir and step == stop_step and step < task.total_steps:  # the loop itself exports at the end only
+    task.export(state)
   return metrics

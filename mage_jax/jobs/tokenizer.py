@@ -233,7 +233,6 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, *, abstract: boo
     ),
     extras=perceptual,
     data=trainer.image_data(config, abstract),
-    batch_keys=("image",),
     batch_spec=trainer.image_batch_spec(config),
     total_steps=total_steps,
     export=None

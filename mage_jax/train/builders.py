@@ -57,19 +57,28 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> tuple[VQGAN, dict]:
     return tokenizer_module(config, tok_config), variables["tokenizer"]
   logging.warning("tokenizer.init is empty: using a frozen RANDOM tokenizer (fine for smoke tests only)")
   tokenizer = tokenizer_module(config, tokenizer_config(tcfg, image_size))
-  side = 2 ** (len(tokenizer.config.ch_mult) - 1)
-  variables = jax.jit(tokenizer.init)(jax.random.key(config.seed + 1), jnp.zeros((1, side, side, 3)))
+  variables = jax.jit(_tokenizer_init(tokenizer))(jax.random.key(config.seed + 1))
   return tokenizer, jax.device_get(nn.unbox(variables))
 
 
+def _tokenizer_init(tokenizer: VQGAN):
+  """rng -> the tokenizer's variables (initialised on one patch of the input: the sizes do not depend on it)."""
+  side = 2 ** (len(tokenizer.config.ch_mult) - 1)
+  return lambda rng: tokenizer.init(rng, jnp.zeros((1, side, side, 3)))
+
+
 def frozen_tokenizer(config: ml_collections.ConfigDict, abstract: bool = False) -> tuple[VQGAN, Any]:
-  """`load_tokenizer`, or with `abstract` the same module with its variables' shapes (no file read)."""
+  """`load_tokenizer`, or with `abstract` the module of `config.tokenizer`'s sizes with its variables' shapes: no
+  file is read, so an init checkpoint's own sizes are not either."""
   if not abstract:
     return load_tokenizer(config)
   tokenizer = tokenizer_module(config, tokenizer_config(config.tokenizer, config.input.image_size))
-  side = 2 ** (len(tokenizer.config.ch_mult) - 1)
-  shapes = jax.eval_shape(tokenizer.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
-  return tokenizer, sharding.strip_boxes(shapes)
+  return tokenizer, sharding.strip_boxes(jax.eval_shape(_tokenizer_init(tokenizer), jax.random.key(0)))
+
+
+def projection_head_params(head, model: MAGE, rng):
+  """MAGE-C's projection head, initialised as `mage_init_state` initialises it from the same rng."""
+  return head.init(jax.random.fold_in(rng, 2), jnp.zeros((1, model.config.embed_dim), jnp.float32))["params"]
 
 
 def mage_init_state(model: MAGE, masking_cfg, tx, *extra_inputs, head=None):
@@ -86,8 +95,7 @@ def mage_init_state(model: MAGE, masking_cfg, tx, *extra_inputs, head=None):
     plan, _ = masking.sample_plan(jax.random.key(0), 1, n, **masking_cfg)
     params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, n), jnp.int32), plan, *extra_inputs)["params"]
     if head is not None:
-      head_params = head.init(jax.random.fold_in(rng, 2), jnp.zeros((1, model.config.embed_dim), jnp.float32))
-      params = {"model": params, "projection_head": head_params["params"]}
+      params = {"model": params, "projection_head": projection_head_params(head, model, rng)}
     return steps.TrainState.create(params, tx, jax.random.key_data(jax.random.fold_in(rng, 1)))
 
   return init_state

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import signal
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -38,27 +38,26 @@ class Task:
     extras: arrays the step reads but never updates (e.g. the frozen tokenizer); not donated.
     data: start step -> iterator of this process's slices of the global batches start, start+1, ... (numpy
       dicts); a pure function of the step, so a resumed run sees the batches an uninterrupted one would.
-    batch_keys: which entries of the batches the step receives.
+    batch_spec: {key: (global shape, dtype)} of the batch entries the step receives (the others are not sent):
+      also what `bench/lower.py`, the memory plans and the benchmark feed the step without data.
     total_steps: number of steps of the run (what the schedules span).
     extras_shardings: shardings of `extras` (default: replicated).
     stop_step: stop at this step with a checkpoint, before `total_steps` (chunked jobs); None: run to the end.
-    export: called with the final state on every process when the run reaches `total_steps`, or `stop_step`
-      (e.g. a params-only export).
+    export: called with the final state on every process once the run reaches `total_steps` (e.g. a params-only
+      export).
     initial_params: optional host params to start from (replaces the initialised params on a fresh run); a
       dict holding some of the params' top-level entries replaces those only (e.g. a trained generator beside
       a freshly initialised discriminator).
     reinit_after_params: state -> state, re-derives what depends on params (e.g. optimizer state).
     evaluate: optional (state, step) -> dict of scalars, run every `Loop.eval_every_steps` steps and at the
       end (on every process); written as `eval/<name>`.
-    batch_spec: {key: (global shape, dtype)} of the batches the step receives: what `bench/lower.py`, the memory
-      plans and the benchmark feed the step without data.
   """
 
   init_state: Callable[[jax.Array], Any]
   step: Callable[..., tuple[Any, dict]]
   extras: Any
   data: Callable[[int], Iterator[dict]]
-  batch_keys: Sequence[str]
+  batch_spec: dict
   total_steps: int
   extras_shardings: Any = None
   stop_step: int | None = None
@@ -66,7 +65,6 @@ class Task:
   initial_params: Any = None
   reinit_after_params: Callable[[Any], Any] | None = None
   evaluate: Callable[[Any, int], dict] | None = None
-  batch_spec: dict | None = None
 
 
 # Every job (`mage_jax/jobs/<mode>.py`) exposes `build_task(config, workdir, *, abstract=False) -> (Task, mesh,
@@ -96,9 +94,16 @@ class Loop:
       raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
 
   @classmethod
+  def settings_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name != "hparams"]
+
+  @classmethod
   def of(cls, config: ml_collections.ConfigDict) -> "Loop":
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "hparams"]
-    return cls(**{k: config[k] for k in names if k in config}, hparams=config.to_dict())
+    return cls(**{k: config[k] for k in cls.settings_names() if k in config}, hparams=config.to_dict())
+
+  def record(self) -> dict:
+    """What TensorBoard records: the loop settings, then `hparams` (a job config repeats them)."""
+    return {**{k: getattr(self, k) for k in self.settings_names()}, **self.hparams}
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict):
@@ -262,7 +267,7 @@ def run(config: ml_collections.ConfigDict | Loop, workdir: str, task: Task, mesh
       atomic.record_config(config, workdir)
     if is_main:
       parameter_overview.log_parameter_overview(jax.device_get(state.params))
-      writer.write_hparams(_flatten({**dataclasses.asdict(loop), **loop.hparams}))
+      writer.write_hparams(_flatten(loop.record()))
 
     step_fn = sharding.jit_train_step(task.step, state_shardings, mesh, extras_shardings)
     end_step = task.total_steps if task.stop_step is None else min(task.stop_step, task.total_steps)
@@ -280,7 +285,7 @@ def run(config: ml_collections.ConfigDict | Loop, workdir: str, task: Task, mesh
     try:
       for step in range(start_step, end_step):
         local = next(data)
-        batch = sharding.global_batch({k: local[k] for k in task.batch_keys}, mesh)
+        batch = sharding.global_batch({k: local[k] for k in task.batch_spec}, mesh)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, metrics = step_fn(state, extras, batch)
         if step == start_step:
@@ -318,7 +323,7 @@ def run(config: ml_collections.ConfigDict | Loop, workdir: str, task: Task, mesh
       stop.restore()
       checkpointing.seal(mngr)
       writer.flush()
-    if int(jax.device_get(state.step)) == end_step and task.export is not None:
+    if int(jax.device_get(state.step)) == task.total_steps and task.export is not None:
       task.export(state)
     mngr.close()
   if stop.signal == signal.SIGINT:
