@@ -33,7 +33,7 @@ def class_cond_config(num_classes, grid_num_classes, grid_temperature=4.5):
 
 def get_config(arg=None):
   args = common.parse_arg(arg, init="", steps=1500, batch=64)
-  c = fashion_mnist_tiny.get_config(f"steps={args.steps},batch={args.batch}")
+  c = fashion_mnist_tiny.get_config(f"steps={args.steps},batch={args.batch},monitor=False")
   c.mode = "class_cond"
   c.model_init = args.init  # required: the unconditional params dir (holds the tokenizer too)
   c.optim.blr = 1.5e-4 * 64  # 4x the tiny pretraining blr: only the decoder side trains (ASSUMED, see above)

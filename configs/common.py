@@ -131,9 +131,7 @@ def base_pretrain_config():
     dict(initialization_timeout=300, heartbeat_timeout_seconds=100, shutdown_timeout_seconds=300)
   )
   c.profile_steps = 0
-  # Few-shot ridge on frozen encoder features every eval_every_steps (and at the end); empty splits: off.
-  c.fewshot_monitor = ml_collections.ConfigDict(
-    dict(train_split="", test_split="", shots=(10,), trials=1, batch_size=256, num_classes=0)
-  )
-  c.eval_every_steps = 0
+  # What to measure during training, by name: dict(type=<mage_jax/evals module>, every_steps=N, **settings), each
+  # also at the last step (see mage_jax/evals/__init__.py). None here.
+  c.evals = ml_collections.ConfigDict()
   return c

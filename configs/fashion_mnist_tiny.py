@@ -10,7 +10,8 @@ Args (`:steps=2000,batch=64,width=64,...`), the recipe the quickstart sweeps (do
   mask_min, mask_mu, mask_std: the truncated Gaussian of the masking ratio (on [mask_min, 1]);
   smoothing: label smoothing of the masked-token loss;
   crop_min: smallest area fraction of the random-resized crop (ImageNet's 0.2 zooms a centred garment until the
-    samples imitate the zoom).
+    samples imitate the zoom);
+  monitor: the evaluators during training (`config.evals`: few-shot and a sample grid every 500 steps).
 """
 
 from configs import common
@@ -32,6 +33,7 @@ def get_config(arg=None):
     mask_std=0.25,
     smoothing=0.1,
     crop_min=0.2,
+    monitor=True,
   )
   c = common.base_pretrain_config()
   c.input.name = "fashion_mnist"
@@ -59,8 +61,11 @@ def get_config(arg=None):
   c.masking.update(dict(min_ratio=args.mask_min, mu=args.mask_mu, std=args.mask_std))
   c.label_smoothing = args.smoothing
   c.total_steps = args.steps
-  c.fewshot_monitor.update(dict(train_split="train[:2000]", test_split="test[:1000]", shots=(10,)))
-  c.eval_every_steps = 500
+  if args.monitor:  # 10-shot ridge on the encoder's features, and a grid of samples
+    c.evals.fewshot = dict(
+      type="fewshot", every_steps=500, train_split="train[:2000]", test_split="test[:1000]", shots=(10,)
+    )
+    c.evals.samples = dict(type="sample_grid", every_steps=500, num_images=32, batch_size=32, num_steps=12)
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   return c

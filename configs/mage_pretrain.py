@@ -6,6 +6,8 @@
 variant=B|L; `runlocal` shrinks everything for a quick local run.
 """
 
+import ml_collections
+
 from configs import common
 
 
@@ -15,11 +17,17 @@ def get_config(arg=None):
   c.model.variant = args.variant
   c.mesh = common.mesh(args.fsdp)
   c.tokenizer.precision = "high"
-  # ~50 training images per class for the few-shot monitor (TFDS stores the train split shuffled).
-  c.fewshot_monitor.update(
-    dict(train_split="train[:50000]", test_split="validation[:10000]", shots=(1, 5, 10), batch_size=1024)
+  # ~50 training images per class for the few-shot check (TFDS stores the train split shuffled), and a grid of
+  # samples. FID: add dict(type="fid", reference="imagenet2012:validation", num_images=10_000, every_steps=...).
+  c.evals.fewshot = dict(
+    type="fewshot",
+    every_steps=10_000,
+    train_split="train[:50000]",
+    test_split="validation[:10000]",
+    shots=(1, 5, 10),
+    batch_size=1024,
   )
-  c.eval_every_steps = 10_000
+  c.evals.samples = dict(type="sample_grid", every_steps=10_000, num_images=64, batch_size=64)
   if args.variant == "L":
     # ViT-L at batch 4096 does not fit replicated: shard params and optimizer state (~410M params).
     c.model.scan = True
@@ -30,5 +38,5 @@ def get_config(arg=None):
     c.total_steps = 5
     c.log_every_steps = 1
     c.checkpoint_every_steps = 5
-    c.fewshot_monitor.update(dict(train_split="", test_split=""))
+    c.evals = ml_collections.ConfigDict()
   return c

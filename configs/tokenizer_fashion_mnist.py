@@ -65,10 +65,8 @@ def get_config(arg=None):
   c.optim.warmup_steps = max(args.steps // 20, 1)
   c.optim.ema_decay = 0.99
   c.total_steps = args.steps
-  c.eval.split = "test"
-  c.eval.batch_size = 512  # divisible by any power-of-two device count; the split is padded
-  c.eval.num_examples = 1000
-  c.eval_every_steps = args.eval_every
+  # batch 512: divisible by any power-of-two device count; the split is padded
+  c.evals.reconstruction.update(dict(split="test", batch_size=512, num_examples=1000, every_steps=args.eval_every))
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   return c

@@ -88,11 +88,18 @@ def get_config(arg=None):
     )
   )
   c.total_steps = 1_000_000
-  # num_examples: images of each periodic eval; final_examples: of the eval at the last step (0: the whole split).
-  c.eval = ml_collections.ConfigDict(
-    dict(split="validation", batch_size=256, num_examples=10_000, final_examples=0, num_images=16)
+  # The EMA generator's held-out metrics (evals/reconstruction.py). num_examples: images of each periodic eval;
+  # final_examples: of the eval at the last step (0: the whole split).
+  c.evals = ml_collections.ConfigDict()
+  c.evals.reconstruction = dict(
+    type="reconstruction",
+    every_steps=10_000,
+    split="validation",
+    batch_size=256,
+    num_examples=10_000,
+    final_examples=0,
+    num_images=16,
   )
-  c.eval_every_steps = 10_000
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5000
   if args.runlocal:
@@ -103,9 +110,7 @@ def get_config(arg=None):
     c.discriminator.widths = ((32, 32), (16, 64), (8, 64), (4, 64))
     c.loss.discriminator_start_step = 2
     c.total_steps = 5
-    c.eval.batch_size = 8
-    c.eval.num_examples = 16
-    c.eval_every_steps = 5
+    c.evals.reconstruction.update(dict(batch_size=8, num_examples=16, every_steps=5))
     c.log_every_steps = 1
     c.checkpoint_every_steps = 5
   return c

@@ -34,7 +34,7 @@ flags.mark_flags_as_required(["config", "params", "workdir"])
 def main(argv):
   runtime.no_positional_arguments(argv)
   config = runtime.config_value(_CONFIG)
-  if "evals" not in config:
+  if "mode" in config or not isinstance(config.get("evals"), (tuple, list)):
     raise runtime.UsageError(
       f"--config={flags.FLAGS['config'].config_filename} is not an eval config (it has no "
       "'evals'); training configs run with python -m mage_jax.main"

@@ -35,7 +35,7 @@ def main(argv):
   if "mode" not in config:
     hint = (
       "it is an evaluation config: run python -m mage_jax.evaluate --params=DIR --config=... --workdir=..."
-      if "evals" in config
+      if isinstance(config.get("evals"), (tuple, list))
       else f"it sets no config.mode ({', '.join(MODES)})"
     )
     raise runtime.UsageError(f"--config={flags.FLAGS['config'].config_filename} is not a training config: {hint}")

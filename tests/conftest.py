@@ -116,13 +116,12 @@ def tiny_train_config(image_folder, steps=12, **overrides):
   """The Fashion-MNIST tiny MAGE config on the image folder at 16 px (4x4 tokens)."""
   from configs import fashion_mnist_tiny
 
-  config = fashion_mnist_tiny.get_config(f"steps={steps},batch=8")
+  config = fashion_mnist_tiny.get_config(f"steps={steps},batch=8,monitor=False")
   config.input.name = f"folder:{image_folder}"
   config.input.image_size = 16
   config.log_every_steps = 1
   config.checkpoint_every_steps = 4
   config.async_checkpoints = False
-  config.fewshot_monitor.train_split = ""  # off unless a test turns it on
   return apply_overrides(config, **overrides)
 
 

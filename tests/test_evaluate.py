@@ -118,7 +118,7 @@ def test_architecture_doc_evaluator_recipe_runs(tiny_params_dir, fashion_data_di
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   doc = open(os.path.join(ROOT, "docs", "architecture.md")).read()
-  section = doc[doc.index("## Adding an evaluator") : doc.index("## What a run leaves on disk")]
+  section = doc[doc.index("## Adding an evaluator") : doc.index("## Adding an evaluator during training")]
   (package := tmp_path / "my_evals").mkdir()
   (package / "__init__.py").write_text("")
   (package / "nearest_mean.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))

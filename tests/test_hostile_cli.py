@@ -14,7 +14,7 @@ from mage_jax.models.vqgan import VQGAN, VQGANConfig
 from mage_jax.objectives import masking
 from mage_jax.train import builders, params_io
 
-TINY = f"{REPO}/configs/fashion_mnist_tiny.py:steps=4,batch=8"
+TINY = f"{REPO}/configs/fashion_mnist_tiny.py:steps=4,batch=8,monitor=False"
 
 
 def _main(workdir, image_folder, *extra):
@@ -24,7 +24,6 @@ def _main(workdir, image_folder, *extra):
     f"--workdir={workdir}",
     f"--config.input.name=folder:{image_folder}",
     "--config.input.image_size=16",
-    "--config.fewshot_monitor.train_split=",
     *extra,
   )
 

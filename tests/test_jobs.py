@@ -45,7 +45,7 @@ def test_abstract_task_is_the_task_that_trains(mode, module, arg, image_folder, 
     k: (shape, np.dtype(dtype)) for k, (shape, dtype) in real.batch_spec.items()
   }
   # Nothing of the abstract task reads data or writes files.
-  assert abstract.export is None and abstract.evaluate is None and abstract.initial_params is None
+  assert abstract.export is None and abstract.evaluators == () and abstract.initial_params is None
   with pytest.raises(RuntimeError, match="abstract task has no data"):
     abstract.data(0)
   assert not (tmp_path / "abstract").exists()

@@ -35,8 +35,7 @@ def _fine_tune_config(folder, init, steps, **codebook):
   config = tokenizer_fashion_mnist.get_config(f"steps={steps},eval_every={steps}")
   config.input.name = f"folder:{folder}"
   config.input.split = "[:-96]"
-  config.eval.split = HELDOUT
-  config.eval.batch_size = 96
+  config.evals.reconstruction.update(dict(split=HELDOUT, batch_size=96))
   config.tokenizer.init = init
   config.tokenizer.update(tokenizer_job.init_sizes(init))
   config.codebook.update(codebook)

@@ -135,8 +135,7 @@ def small_config(folder, *, steps=4, gan_start=-1, **loss):
   c.loss.discriminator_start_step = gan_start
   c.loss.update(loss)
   c.optim.update(dict(warmup_steps=0, min_lr=c.optim.lr))  # constant lr: the schedule ignores total_steps
-  c.eval.update(dict(batch_size=8, num_examples=0, num_images=4))
-  c.eval_every_steps = 0
+  c.evals.reconstruction.update(dict(batch_size=8, num_examples=0, num_images=4, every_steps=0))
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
   c.async_checkpoints = False
@@ -228,9 +227,9 @@ def test_tiny_fashion_config_lowers_reconstruction_loss(folder, tmp_path):
   c = tokenizer_fashion_mnist.get_config("steps=200,batch=8")
   c.input.name = f"folder:{folder}"
   c.input.num_workers = 1
-  c.eval = None
+  c.evals = ml_collections.ConfigDict()
   task, mesh, rules = tokenizer_job.build_task(c, str(tmp_path))
-  assert task.evaluate is None
+  assert task.evaluators == ()
   state = _init(task, mesh, rules)
   step = jax.jit(task.step, donate_argnums=(0,))
   batch = _batch(folder, size=32)
@@ -391,11 +390,12 @@ def test_configs_sizes():
   [(100, 0, (100, None)), (100, 30, (100, 30)), (0, 30, (None, 30)), (0, 0, (None, None))],
 )
 def test_eval_reads_its_configured_images(num_examples, final_examples, want):
-  """Periodic evals read eval.num_examples images and the eval at the last step eval.final_examples (0: all)."""
+  """Periodic evals read num_examples images and the eval at the last step final_examples (0: all)."""
   evaluator = object.__new__(reconstruction.Evaluator)
   evaluator.total_steps, evaluator.num_examples, evaluator.final_examples = 10, num_examples, final_examples
   limits = []
   evaluator.evaluate = lambda params, png, metrics_file, header, limit=None: limits.append(limit)
+  evaluator.params_of = lambda state: state.ema_params
   state = types.SimpleNamespace(ema_params=None)
   evaluator(state, 5)
   evaluator(state, 10)

@@ -204,16 +204,8 @@ def test_fewshot_monitor_scores_the_exported_encoder(image_folder, tmp_path):
   from mage_jax.evals import fewshot, probe
 
   workdir = str(tmp_path / "w")
-  config = tiny_train_config(
-    image_folder,
-    steps=4,
-    **{
-      "fewshot_monitor.train_split": "train",
-      "fewshot_monitor.test_split": "train",
-      "fewshot_monitor.shots": (5,),
-      "fewshot_monitor.batch_size": 16,
-    },
-  )
+  config = tiny_train_config(image_folder, steps=4)
+  config.evals.fewshot = dict(type="fewshot", train_split="train", test_split="train", shots=(5,), batch_size=16)
   metrics = pretrain.train_and_evaluate(config, workdir)
   # The same protocol on the exported checkpoint, through the evaluation path (load_backbone, extract_features).
   backbone = probe.load_backbone(os.path.join(workdir, "params"))
@@ -222,7 +214,7 @@ def test_fewshot_monitor_scores_the_exported_encoder(image_folder, tmp_path):
   cfg = dict(name=f"folder:{image_folder}", split="train", batch_size=16, image_size=16)
   x, y = probe.extract_features(backbone.feature_fn(), backbone.variables, shardings, cfg, mesh=mesh)
   want = fewshot.evaluate_fewshot(x, y, x, y, shots=(5,), trials=1, seed=config.seed, classifier="ridge")[5][0]
-  assert metrics["eval/fewshot_5shot"] == pytest.approx(want, abs=1e-6)
+  assert metrics["eval/fewshot/5shot"] == pytest.approx(want, abs=1e-6)
   # Resuming past the checkpoint's step is refused, not a silent no-op.
   with pytest.raises(ValueError, match="past this run's 2 steps"):
     pretrain.train_and_evaluate(tiny_train_config(image_folder, steps=2), workdir)

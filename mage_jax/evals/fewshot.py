@@ -30,7 +30,8 @@ accuracy. All randomness here is host-side numpy: this is evaluation code on
 gathered features, not the device path.
 
 As an evaluator of the `evals` registry (`run`, `rows`): k labelled train images per class,
-`config.fewshot.trials` seeded draws, each of `config.fewshot.classifiers` ('ridge', 'logreg').
+`config.fewshot.trials` seeded draws, each of `config.fewshot.classifiers` ('ridge', 'logreg'). During training
+(`during_training`, type 'fewshot'): ridge few-shot of the encoder being trained on small splits.
 """
 
 from __future__ import annotations
@@ -47,11 +48,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from mage_jax import evals
 from mage_jax.data import pipeline
 from mage_jax.evals import pct, probe, split_size
-from mage_jax.models.mage import MAGE
 from mage_jax.models.vit import MAGEViT
-from mage_jax.models.vqgan import VQGAN
 from mage_jax.train import sharding
 
 BIAS_CONSTANT = 100.0  # big_vision fewshot_lsr.
@@ -334,40 +334,46 @@ def evaluate_fewshot(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The monitor during training.
+# During training.
 
 
-def monitor(
-  config: ml_collections.ConfigDict,
-  model: MAGE,
-  tokenizer: VQGAN,
-  tokenizer_vars,
-  mesh,
-  params_of=lambda state: state.params,
-):
-  """`Task.evaluate` of MAGE-like jobs during training, or None when `config.fewshot_monitor` names no splits:
-  big_vision's cheap representation check. Frozen encoder features (global pool, as the linear probe) of a small
-  labelled train and test split, closed-form ridge few-shot on the host, written as `eval/fewshot_<k>shot`.
+@dataclasses.dataclass(frozen=True)
+class TrainingSettings:
+  train_split: str
+  test_split: str
+  shots: tuple[int, ...] = (10,)
+  trials: int = 1
+  batch_size: int = 256  # global, of the feature extraction
+  num_classes: int = 0  # 0: from the labels
 
-  `config.fewshot_monitor`: train_split / test_split (empty: off), shots, trials, batch_size (global extraction
-  batch), num_classes (0: from the labels). `params_of(state)` gives the MAGE params of the job's state.
-  """
-  m = config.get("fewshot_monitor")
-  if m is None or not m.train_split or not m.test_split:
-    return None
+
+def during_training(settings: ml_collections.ConfigDict, job):
+  """big_vision's cheap representation check during training: frozen encoder features (global pool, as the linear
+  probe) of a small labelled train and test split, closed-form ridge few-shot on the host; returns `<k>shot`
+  (settings: `TrainingSettings`)."""
+  settings = evals.entry_settings(TrainingSettings, settings)
+  if job.model is None:
+    raise ValueError("few-shot during training needs a MAGE encoder; this job trains none")
+  if not settings.train_split or not settings.test_split:
+    raise ValueError("few-shot during training needs train_split and test_split")
+  if not settings.shots or min(settings.shots) < 1 or settings.trials < 1 or settings.batch_size < 1:
+    raise ValueError(
+      f"shots, trials and batch_size must be >= 1, got {settings.shots}, {settings.trials}, {settings.batch_size}"
+    )
+  model, tokenizer, tokenizer_vars, mesh = job.model, job.tokenizer, job.tokenizer_vars, job.mesh
   vit = MAGEViT(
     dataclasses.replace(model.config, scan=False), num_classes=0, global_pool=True, head_type="none", dtype=model.dtype
   )
   feature_fn = probe.make_feature_fn(tokenizer, vit)
   inputs = {
-    split: pipeline.eval_input_config(config.input, split=split, batch_size=m.batch_size)
-    for split in (m.train_split, m.test_split)
+    split: pipeline.eval_input_config(job.config.input, split=split, batch_size=settings.batch_size)
+    for split in (settings.train_split, settings.test_split)
   }
   sources = {split: pipeline.make_source(cfg) for split, cfg in inputs.items()}
 
   def evaluate(state, step):
     del step
-    backbone = probe.backbone_params_from_mage(params_of(state), global_pool=True)
+    backbone = probe.backbone_params_from_mage(job.params_of(state), global_pool=True)
     variables = {"tokenizer": tokenizer_vars, "vit": {"params": backbone}}
     # Params stay where the training state keeps them; host arrays (the tokenizer, a fresh fc_norm) replicate.
     shardings = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else sharding.replicated(mesh), variables)
@@ -375,19 +381,19 @@ def monitor(
       split: probe.extract_features(feature_fn, variables, shardings, inputs[split], mesh=mesh, source=sources[split])
       for split in inputs
     }
-    (train_x, train_y), (test_x, test_y) = feats[m.train_split], feats[m.test_split]
+    (train_x, train_y), (test_x, test_y) = feats[settings.train_split], feats[settings.test_split]
     accs = evaluate_fewshot(
       train_x,
       train_y,
       test_x,
       test_y,
-      shots=tuple(m.shots),
-      trials=m.trials,
-      seed=config.seed,
+      shots=tuple(settings.shots),
+      trials=settings.trials,
+      seed=job.config.seed,
       classifier="ridge",
-      num_classes=m.num_classes or None,
+      num_classes=settings.num_classes or None,
     )
-    return {f"fewshot_{s}shot": mean for s, (mean, _) in accs.items()}
+    return {f"{s}shot": mean for s, (mean, _) in accs.items()}
 
   return evaluate
 

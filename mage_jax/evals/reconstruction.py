@@ -1,11 +1,13 @@
 """The held-out reconstruction metrics of a tokenizer, as tokenizer training evaluates its EMA generator: PSNR,
 SSIM, L1 and MSE per image (`image_metrics`), codebook usage and perplexity over the split, and a PNG of
-originals beside reconstructions. `jobs/tokenizer.py` runs it every `config.eval_every_steps` steps, at the end,
-and once on the tokenizer a fine-tuning starts from.
+originals beside reconstructions. During tokenizer training (type 'reconstruction' in `config.evals`) it scores
+the EMA generator after every `every_steps` steps and at the end; `jobs/tokenizer.py` also runs it once on the
+tokenizer a fine-tuning starts from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -15,6 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mage_jax import evals
 from mage_jax.data import images as images_lib, pipeline
 from mage_jax.evals import image_metrics
 from mage_jax.models.vqgan import VQGAN
@@ -64,22 +67,38 @@ def comparison_grid(originals: np.ndarray, reconstructions: np.ndarray, cols: in
   return images_lib.make_grid(pairs, cols=cols, pad=2, pad_value=255)
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  split: str
+  batch_size: int
+  num_examples: int = 0  # images of each periodic eval (0: the whole split)
+  final_examples: int = 0  # images of the eval at the last step (0: the whole split)
+  num_images: int = 16  # reconstructions in the PNG
+
+
+def during_training(settings: ml_collections.ConfigDict, job) -> "Evaluator":
+  if job.model is not None or job.tokenizer is None:
+    raise ValueError("reconstruction during training scores the tokenizer a tokenizer job trains")
+  settings = evals.entry_settings(Settings, settings)
+  if settings.batch_size < 1 or min(settings.num_examples, settings.final_examples, settings.num_images) < 0:
+    raise ValueError("batch_size must be >= 1 and num_examples, final_examples and num_images >= 0")
+  return Evaluator(settings, job.config.input, job.workdir, job.tokenizer, job.mesh, job.total_steps, job.params_of)
+
+
 class Evaluator:
   """`__call__(state, step)`: metrics of the EMA generator on the held-out split (every process calls it).
 
-  Periodic evals read the first `eval.num_examples` images, the final one (step == total) the first
-  `eval.final_examples` (0 = all, for both). Process 0 writes the PNG and `eval_metrics.json`.
+  Periodic evals read the first `num_examples` images, the final one (step == total) the first `final_examples`
+  (0 = all, for both). Process 0 writes the PNG and `eval_metrics.json`.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, vqgan: VQGAN, mesh, total_steps: int):
-    e = config.eval
+  def __init__(self, e, input_config, workdir: str, vqgan: VQGAN, mesh, total_steps: int, params_of=None):
     self.workdir, self.vqgan, self.mesh, self.total_steps = workdir, vqgan, mesh, total_steps
-    self.input_cfg = pipeline.eval_input_config(config.input, split=e.split, batch_size=e.batch_size)
+    self.params_of = params_of or (lambda state: state.ema_params)
+    self.input_cfg = pipeline.eval_input_config(input_config, split=e.split, batch_size=e.batch_size)
     sharding.check_batch_size(e.batch_size, mesh)
     self.source = pipeline.make_source(self.input_cfg)
-    self.num_examples = int(e.get("num_examples", 0))
-    self.final_examples = int(e.get("final_examples", 0))
-    self.num_images = int(e.get("num_images", 16))
+    self.num_examples, self.final_examples, self.num_images = e.num_examples, e.final_examples, e.num_images
     repl = sharding.replicated(mesh)
     self._sums = jax.jit(functools.partial(eval_sums, vqgan=vqgan), out_shardings=repl)
     self._reconstruct = jax.jit(functools.partial(_reconstruct, vqgan=vqgan), out_shardings=repl)
@@ -87,7 +106,7 @@ class Evaluator:
   def __call__(self, state, step: int) -> dict:
     limit = (self.num_examples if step < self.total_steps else self.final_examples) or None
     return self.evaluate(
-      state.ema_params, f"step_{step:07d}.png", METRICS_FILE, {"step": int(step), "weights": "ema"}, limit
+      self.params_of(state), f"step_{step:07d}.png", METRICS_FILE, {"step": int(step), "weights": "ema"}, limit
     )
 
   def evaluate(self, params, png_name: str, metrics_file: str, header: dict, limit: int | None = None) -> dict:

@@ -241,6 +241,11 @@ def _class_cond_initial_params(config, model: ClassCondMAGE, variables: dict) ->
 def build_task(config: ml_collections.ConfigDict, workdir: str, *, abstract: bool = False):
   """(task, mesh, rules) of the class-conditional fine-tuning in `workdir` (`trainer`'s contract)."""
   cached_tokens.refuse_cached_input(config)
+  if config.get("evals"):
+    raise ValueError(
+      f"config.evals ({', '.join(config.evals)}): class-conditional training runs no evaluator during training "
+      "(its class grid comes at the end); empty the list"
+    )
   cc = config.class_cond
   if not config.get("model_init") and not abstract:
     raise ValueError(

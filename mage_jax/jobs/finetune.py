@@ -217,10 +217,11 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, backbone: probe.
       overwrite=True,
     )
 
-  evaluate = None
+  evaluators = ()
   if not abstract:
     eval_input = pipeline.eval_input_config(cfg.input, split=cfg.eval_split, batch_size=cfg.eval_batch_size)
-    evaluate = make_evaluator(model, backbone.tokenizer, tokenizer_vars, eval_input, mesh, workdir)
+    validation = make_evaluator(model, backbone.tokenizer, tokenizer_vars, eval_input, mesh, workdir)
+    evaluators = (trainer.Evaluator("validation", validation, cfg.eval_every_steps),)
   task = trainer.Task(
     init_state=init_state,
     step=functools.partial(
@@ -242,7 +243,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, backbone: probe.
     if abstract
     else initial_params(model, backbone.variables["vit"]["params"], mcfg.num_tokens, cfg.seed),
     reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
-    evaluate=evaluate,
+    evaluators=evaluators,
   )
   return task, mesh, rules
 

@@ -288,7 +288,6 @@ def build_task(
     keep_checkpoints=cfg.keep_checkpoints,
     checkpoint_every_steps=spe,
     log_every_steps=spe,
-    eval_every_steps=spe * cfg.eval_every_epochs,
     hparams={"probe": dataclasses.asdict(cfg)},
   )
   feature_key = "image" if online else "features"
@@ -311,7 +310,7 @@ def build_task(
     total_steps=total,
     stop_step=None if stop_after_epochs is None else stop_after_epochs * spe,
     export=None if abstract else export,
-    evaluate=None if abstract else evaluate,
+    evaluators=() if abstract else (trainer.Evaluator("validation", evaluate, spe * cfg.eval_every_epochs),),
   )
   return task, loop
 

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from mage_jax import evals
 from mage_jax.data import cached_tokens, pipeline
-from mage_jax.evals import fewshot
 from mage_jax.models.mage import MAGE
 from mage_jax.objectives import contrastive, masked_tokens, masking
 from mage_jax.train import builders, config_views, params_io, sharding, steps, trainer
@@ -316,9 +316,14 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, *, abstract: boo
     ),
     initial_params=initial_params,
     reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
-    evaluate=None
+    evaluators=()
     if abstract
-    else fewshot.monitor(config, model, tokenizer, tokenizer_vars, mesh, params_of=lambda state: state.params["model"]),
+    else evals.during_training(
+      config,
+      evals.TrainingJob(
+        config, workdir, mesh, total_steps, model, tokenizer, tokenizer_vars, params_of=lambda s: s.params["model"]
+      ),
+    ),
   )
   return task, mesh, rules
 

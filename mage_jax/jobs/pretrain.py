@@ -1,5 +1,5 @@
-"""MAGE pretraining (config.mode 'pretrain', recipe of the official `main_pretrain.py`) on the shared loop, with
-the few-shot monitor of `evals/fewshot.py` (`config.fewshot_monitor`) every `config.eval_every_steps` steps.
+"""MAGE pretraining (config.mode 'pretrain', recipe of the official `main_pretrain.py`) on the shared loop, measured
+during training by the evaluators `config.evals` lists (`mage_jax/evals`: few-shot, samples, FID, ...).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from mage_jax import evals
 from mage_jax.data import cached_tokens, pipeline
-from mage_jax.evals import fewshot
 from mage_jax.train import builders, steps, trainer
 
 
@@ -76,7 +76,11 @@ def build_task(
     export=None if abstract else export,
     initial_params=None if abstract else builders.initial_model_params(config, model),
     reinit_after_params=lambda state: state.replace(opt_state=tx.init(state.params)),
-    evaluate=None if abstract else fewshot.monitor(config, model, tokenizer, tokenizer_vars, mesh),
+    evaluators=()
+    if abstract
+    else evals.during_training(
+      config, evals.TrainingJob(config, workdir, mesh, total_steps, model, tokenizer, tokenizer_vars)
+    ),
   )
   return task, mesh, rules
 

@@ -166,9 +166,13 @@ def train_tokenizer(workdir: str, options: Options, dataset: Dataset, data: dict
   config = tokenizer_fashion_mnist.get_config(arg)
   _frequent_checkpoints(config, steps)
   _use_data(config, dataset)
-  config.eval.split = dataset.heldout_split
-  config.eval.batch_size = _eval_batch(data["splits"]["heldout"]["images"])
-  config.eval.final_examples = TOKENIZER_EVAL_IMAGES
+  config.evals.reconstruction.update(
+    dict(
+      split=dataset.heldout_split,
+      batch_size=_eval_batch(data["splits"]["heldout"]["images"]),
+      final_examples=TOKENIZER_EVAL_IMAGES,
+    )
+  )
   if options.tokenizer_init:
     config.tokenizer.init = options.tokenizer_init
     config.tokenizer.update(options.tokenizer_sizes())
@@ -209,10 +213,10 @@ def mage_config(options: Options, dataset: Dataset, workdir: str):
   from mage_jax.models.mage import VARIANTS
 
   steps = options.steps()["mage"]
-  config = fashion_mnist_tiny.get_config(f"steps={steps},{options.recipe()}")
+  # No evaluators during training (the few-shot check costs 6 s a time): the representation stage measures the
+  # features on all the data, the sampling stage draws the samples.
+  config = fashion_mnist_tiny.get_config(f"steps={steps},{options.recipe()},monitor=False")
   _frequent_checkpoints(config, steps)
-  # No few-shot monitor (6 s per evaluation): the representation stage measures the features on all the data.
-  config.fewshot_monitor.train_split = ""
   _use_data(config, dataset)
   if options.model:
     config.model.update(VARIANTS[options.model])

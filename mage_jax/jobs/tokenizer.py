@@ -47,6 +47,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from mage_jax import evals
 from mage_jax.data import cached_tokens, pipeline
 from mage_jax.evals import reconstruction
 from mage_jax.models.discriminator import Discriminator
@@ -240,25 +241,29 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, *, abstract: boo
     else lambda state: export_tokenizer(os.path.join(workdir, "params"), state.ema_params, vqgan.config, extra_meta),
     initial_params=initial,
     reinit_after_params=reinit_after_params if init else None,
-    evaluate=None
-    if abstract or not config.get("eval")
-    else reconstruction.Evaluator(config, workdir, vqgan, mesh, total_steps),
+    evaluators=()
+    if abstract
+    else evals.during_training(
+      config, evals.TrainingJob(config, workdir, mesh, total_steps, tokenizer=vqgan, params_of=lambda s: s.ema_params)
+    ),
   )
   return task, mesh, rules
 
 
 def evaluate_initial(task: trainer.Task, mesh, workdir: str, init: str) -> None:
-  """The held-out metrics of the tokenizer a fine-tuning starts from (`reconstruction.INIT_METRICS_FILE`), once."""
-  if task.evaluate is None or os.path.exists(os.path.join(workdir, reconstruction.INIT_METRICS_FILE)):
+  """The held-out metrics of the tokenizer a fine-tuning starts from (`reconstruction.INIT_METRICS_FILE`), once,
+  with the first reconstruction evaluator of `config.evals`."""
+  scorers = [e.run for e in task.evaluators if isinstance(e.run, reconstruction.Evaluator)]
+  if not scorers or os.path.exists(os.path.join(workdir, reconstruction.INIT_METRICS_FILE)):
     return
   with jax.set_mesh(mesh):
     params = sharding.place(task.initial_params["generator"], sharding.replicated(mesh))
-    task.evaluate.evaluate(
+    scorers[0].evaluate(
       params,
       "init.png",
       reconstruction.INIT_METRICS_FILE,
       {"step": 0, "weights": "tokenizer.init", "init": os.path.abspath(init)},
-      task.evaluate.final_examples or None,
+      scorers[0].final_examples or None,
     )
 
 

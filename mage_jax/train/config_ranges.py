@@ -35,8 +35,6 @@ RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
   ("checkpoint_every_steps", lambda v: v >= 1 and v == int(v), "a whole number >= 1"),
   ("keep_checkpoints", lambda v: v >= 1 and v == int(v), "a whole number >= 1"),
   ("eval_every_steps", lambda v: v >= 0 and v == int(v), "a whole number >= 0 (0: at the end only)"),
-  ("eval.num_examples", lambda v: v >= 0 and v == int(v), "a whole number >= 0 (0: the whole split)"),
-  ("eval.final_examples", lambda v: v >= 0 and v == int(v), "a whole number >= 0 (0: the whole split)"),
   ("seed", lambda v: 0 <= v <= MAX_SEED and v == int(v), "a whole number in [0, 2**63 - 1]"),
 )
 
@@ -61,9 +59,23 @@ def check(config) -> None:
   lo, hi = _lookup(config, "masking.min_ratio"), _lookup(config, "masking.max_ratio")
   if lo is not None and hi is not None and lo > hi:
     raise ValueError(f"config.masking.min_ratio={lo!r} is above config.masking.max_ratio={hi!r}")
+  _check_evals(_lookup(config, "evals"))
   law = _lookup(config, "masking.law")
   if law is not None:
     from mage_jax.objectives import masking  # pylint: disable=g-import-not-at-top  (JAX: only for masked jobs)
 
     if law not in masking.RATIO_LAWS:
       raise ValueError(f"config.masking.law={law!r}: must be one of {sorted(masking.RATIO_LAWS)}")
+
+
+def _check_evals(entries) -> None:
+  """A training config's evaluators have a type and a cadence (an eval config's `evals` is a tuple of names; the
+  entries' own settings are checked when the job builds them)."""
+  if not hasattr(entries, "items"):
+    return
+  for name, entry in entries.items():
+    if not hasattr(entry, "get") or not isinstance(entry.get("type"), str) or not entry.get("type"):
+      raise ValueError(f"config.evals.{name}: must be dict(type=<evaluator>, every_steps=N, ...), got {entry!r}")
+    every = entry.get("every_steps", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+      raise ValueError(f"config.evals.{name}.every_steps={every!r}: must be a whole number >= 0 (0: at the end only)")

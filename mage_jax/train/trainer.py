@@ -27,6 +27,19 @@ from mage_jax.system import atomic
 from mage_jax.train import checkpointing, preemption, progress, sharding
 
 
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """One measurement during training: `run(state, step) -> dict of scalars` (on every process), after every
+  `every_steps` steps (0: at the end only) and at the last step; written as `eval/<name>/<key>`."""
+
+  name: str
+  run: Callable[[Any, int], dict]
+  every_steps: int = 0
+
+  def due(self, step: int, total_steps: int) -> bool:
+    return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
+
+
 @dataclasses.dataclass
 class Task:
   """A training job.
@@ -49,8 +62,8 @@ class Task:
       dict holding some of the params' top-level entries replaces those only (e.g. a trained generator beside
       a freshly initialised discriminator).
     reinit_after_params: state -> state, re-derives what depends on params (e.g. optimizer state).
-    evaluate: optional (state, step) -> dict of scalars, run every `Loop.eval_every_steps` steps and at the
-      end (on every process); written as `eval/<name>`.
+    evaluators: what to measure during training (`Evaluator`s; `evals.during_training` builds them from a
+      config's `evals` list), each on its own cadence and at the end.
   """
 
   init_state: Callable[[jax.Array], Any]
@@ -64,7 +77,7 @@ class Task:
   export: Callable[[Any], None] | None = None
   initial_params: Any = None
   reinit_after_params: Callable[[Any], Any] | None = None
-  evaluate: Callable[[Any, int], dict] | None = None
+  evaluators: tuple[Evaluator, ...] = ()
 
 
 # Every job (`mage_jax/jobs/<mode>.py`) exposes `build_task(config, workdir, *, abstract=False) -> (Task, mesh,
@@ -82,7 +95,6 @@ class Loop:
   log_every_steps: int
   checkpoint_every_steps: int
   keep_checkpoints: int
-  eval_every_steps: int = 0  # 0: evaluate only at the end
   async_checkpoints: bool = True
   nonfinite: str = "stop"  # 'stop' | 'skip' a step with a non-finite loss or gradient
   corrupt_checkpoint: str = "fallback"  # newest checkpoint unreadable: resume from the newest intact one, or 'refuse'
@@ -303,12 +315,13 @@ def run(config: ml_collections.ConfigDict | Loop, workdir: str, task: Task, mesh
           last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           last_metrics["skipped_steps"] = int(jax.device_get(state.skipped_steps))
           writer.write_scalars(done, {f"train/{k}": v for k, v in last_metrics.items()})
-        eval_every = loop.eval_every_steps
-        if task.evaluate is not None and ((eval_every and done % eval_every == 0) or done == task.total_steps):
-          with hooks[0].timed("eval"):
-            eval_metrics = task.evaluate(state, done)
-          writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
-          last_metrics.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+        for evaluator in task.evaluators:
+          if evaluator.due(done, task.total_steps):
+            with hooks[0].timed("eval"):
+              measured = {f"eval/{evaluator.name}/{k}": v for k, v in evaluator.run(state, done).items()}
+            if measured:  # an evaluator may only write files (a sample grid)
+              writer.write_scalars(done, measured)
+            last_metrics.update(measured)
         if save_now:
           checkpointing.save(mngr, done, state, force=True)
         if preempted:
