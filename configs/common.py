@@ -135,3 +135,24 @@ def base_pretrain_config():
   # also at the last step (see mage_jax/evals/__init__.py). None here.
   c.evals = ml_collections.ConfigDict()
   return c
+
+
+def samples_section(reference: str, **overrides) -> ml_collections.ConfigDict:
+  """An eval config's `samples`: the settings of the sample evaluators ('fid', 'sfid', 'precision_recall',
+  'sample_grid' in `evals`, mage_jax/evals/samples.py); by default the official protocol, 50,000 images of 20
+  steps at temperature 6.0."""
+  return ml_collections.ConfigDict(
+    dict(
+      num_images=50_000,
+      batch_size=64,
+      num_steps=20,
+      temperature=6.0,
+      seed=0,
+      reference=reference,
+      reference_images=0,
+      weights="",
+      inception_batch=64,
+      cols=8,
+    )
+    | overrides
+  )

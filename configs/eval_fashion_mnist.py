@@ -49,6 +49,8 @@ def get_config(arg=None):
     )
   )
   c.eval_split = test_split
+  # 'fid', 'sfid', 'precision_recall', 'sample_grid' in evals: the quickstart's sampling, against the test split.
+  c.samples = common.samples_section("fashion_mnist:test", num_images=1000, num_steps=12, temperature=4.5)
   c.features = ml_collections.ConfigDict(dict(cache=True))
   c.linear_probe = ml_collections.ConfigDict(
     dict(

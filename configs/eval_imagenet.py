@@ -50,6 +50,7 @@ def get_config(arg=None):
     )
   )
   c.eval_split = "validation"
+  c.samples = common.samples_section("imagenet2012:validation")
   c.features = ml_collections.ConfigDict(dict(cache=True))
   c.linear_probe = ml_collections.ConfigDict(
     dict(

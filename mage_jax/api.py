@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mage_jax.data import images as image_io
 from mage_jax.generation import editing, sampling
+from mage_jax.models.tokenizer import Tokenizer
 from mage_jax.models.vqgan import VQGAN
 from mage_jax.train import config_ranges, config_views, params_io, sharding
 
@@ -307,7 +308,7 @@ def _batch_jit(fn: Callable, mesh: Mesh) -> Callable:
 
 
 @functools.lru_cache(maxsize=16)
-def _tokenizer_fn(tokenizer: VQGAN, method: str, mesh: Mesh) -> Callable:
+def _tokenizer_fn(tokenizer: Tokenizer, method: str, mesh: Mesh) -> Callable:
   """`encode_to_ids` (ids) or `decode_ids` (uint8 images), cached per module so that every `MAGE` of the same
   sizes shares the compilations."""
 
@@ -319,7 +320,7 @@ def _tokenizer_fn(tokenizer: VQGAN, method: str, mesh: Mesh) -> Callable:
 
 
 @functools.lru_cache(maxsize=16)
-def _feature_fn(tokenizer: VQGAN, vit, mesh: Mesh) -> Callable:
+def _feature_fn(tokenizer: Tokenizer, vit, mesh: Mesh) -> Callable:
   from mage_jax.evals import probe  # pylint: disable=g-import-not-at-top
 
   feature_fn = probe.make_feature_fn(tokenizer, vit)

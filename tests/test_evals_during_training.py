@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, assert_one_line_error, run_cli, tiny_train_config
-from mage_jax import api, evals
+from mage_jax import api
 from mage_jax.data import images as image_io
 from mage_jax.fid import inputs as fid_inputs, weights
 from mage_jax.jobs import pretrain
@@ -71,7 +71,7 @@ def test_bad_entries_are_refused_before_the_first_step(image_folder, tmp_path, t
     (dict(type="fid", reference="", num_images=8), "config.evals.x: set reference"),
     (dict(type="sample_grid", temperature=float("nan")), "temperature must be a finite number"),
     (dict(type="sample_grid", batch_size=3), "batch_size must be a positive multiple"),
-    (dict(type="sample_grid", num_steps=0), "num_images and num_steps must be >= 1"),
+    (dict(type="sample_grid", num_steps=0), "num_images, num_steps and cols must be >= 1"),
     (dict(type="sample_grid", colour=1), "unknown entry keys ['colour']"),
     (dict(type="reconstruction", split="train", batch_size=8), "scores the tokenizer a tokenizer job trains"),
   ):
@@ -136,45 +136,77 @@ def _pool_and_spatial(inception, images):
   return np.concatenate([o[0] for o in outs]), np.concatenate([o[2] for o in outs])
 
 
-def test_sample_evaluators_score_the_samples_the_trained_params_generate(image_folder, tmp_path):
+GENERATION = dict(num_images=16, batch_size=8, num_steps=4, temperature=2.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(image_folder, tmp_path_factory):
   _fid_weights()
-  reference = tmp_path / "reference"
-  reference.mkdir()
+  folder = tmp_path_factory.mktemp("reference")
   for i, path in enumerate(sorted(image_folder.rglob("*.png"))[::6][:16]):
-    Image.open(path).save(reference / f"{i:02d}.png")
-  generation = dict(num_images=16, batch_size=8, num_steps=4, temperature=2.0, seed=3)
+    Image.open(path).save(folder / f"{i:02d}.png")
+  return folder
+
+
+def _assert_scores_of(params_dir, grid_png, reference, scores):
+  """`scores` ({fid, sfid, precision, recall}) and the grid are those of the samples `params_dir` generates with
+  GENERATION, recomputed here: the library's generation, the FID Inception called directly, float64 formulas."""
+  samples = api.MAGE.load(str(params_dir), batch_size=8).generate(16, steps=4, temperature=2.0, seed=3)
+  np.testing.assert_array_equal(np.asarray(Image.open(grid_png)), image_io.make_grid(samples, cols=4, pad=2))
+  inception = weights.load_inception()
+  ref_images = np.concatenate(list(fid_inputs.image_batches(str(reference))[1]))
+  (gen_pool, gen_spatial), (ref_pool, ref_spatial) = (_pool_and_spatial(inception, x) for x in (samples, ref_images))
+  assert scores["fid"] == pytest.approx(_frechet64(gen_pool, ref_pool), rel=1e-4)
+  assert scores["sfid"] == pytest.approx(_frechet64(gen_spatial, ref_spatial), rel=1e-4)
+  assert (scores["precision"], scores["recall"]) == _precision_recall64(ref_pool, gen_pool)
+  assert scores["fid"] > 0 and scores["sfid"] > 0
+
+
+@pytest.fixture(scope="module")
+def trained(image_folder, reference, tmp_path_factory):
+  """A 2-step run with every sample evaluator: (workdir, its metrics)."""
   config = tiny_train_config(image_folder, steps=2)
   config.evals = ml_collections.ConfigDict()
-  config.evals.grid = dict(type="sample_grid", cols=4, **generation)
-  for name in ("fid", "sfid", "precision_recall"):  # Inception batches of 8: one compilation serves them and this test
-    config.evals[name] = dict(type=name, reference=str(reference), inception_batch=8, **generation)
-  workdir = tmp_path / "w"
-  metrics = pretrain.train_and_evaluate(config, str(workdir))
+  config.evals.grid = dict(type="sample_grid", cols=4, **GENERATION)
+  for name in ("fid", "sfid", "precision_recall"):  # Inception batches of 8: one compilation serves them and the tests
+    config.evals[name] = dict(type=name, reference=str(reference), inception_batch=8, **GENERATION)
+  workdir = tmp_path_factory.mktemp("trained") / "w"
+  m = pretrain.train_and_evaluate(config, str(workdir))
+  scores = {k: m[f"eval/{k}/{k}"] for k in ("fid", "sfid")}
+  scores.update({k: m[f"eval/precision_recall/{k}"] for k in ("precision", "recall")})
+  return workdir, scores
 
-  # The samples: the exported params (the state at the last step) through the library's generation.
-  model = api.MAGE.load(str(workdir / "params"), batch_size=8)
-  samples = model.generate(16, steps=4, temperature=2.0, seed=3)
-  grid = np.asarray(Image.open(workdir / "samples" / "step_0000002.png"))
-  np.testing.assert_array_equal(grid, image_io.make_grid(samples, cols=4, pad=2))
 
-  # Their features and the reference's, by the FID Inception called directly.
-  inception = weights.load_inception()
-  _, ref_batches = fid_inputs.image_batches(str(reference))
-  ref_images = np.concatenate(list(ref_batches))
-  (gen_pool, gen_spatial), (ref_pool, ref_spatial) = (_pool_and_spatial(inception, x) for x in (samples, ref_images))
-  assert metrics["eval/fid/fid"] == pytest.approx(_frechet64(gen_pool, ref_pool), rel=1e-4)
-  assert metrics["eval/sfid/sfid"] == pytest.approx(_frechet64(gen_spatial, ref_spatial), rel=1e-4)
-  precision, recall = _precision_recall64(ref_pool, gen_pool)
-  assert (metrics["eval/precision_recall/precision"], metrics["eval/precision_recall/recall"]) == (precision, recall)
-  assert 0 < metrics["eval/fid/fid"] and metrics["eval/sfid/sfid"] > 0
-  assert set(evals.builtin(evals.TRAINING_REQUIRED)) >= {
-    "fewshot",
-    "fid",
-    "precision_recall",
-    "reconstruction",
-    "sample_grid",
-    "sfid",
-  }
+def test_sample_evaluators_score_the_samples_the_trained_params_generate(trained, reference):
+  workdir, scores = trained
+  _assert_scores_of(workdir / "params", workdir / "samples" / "step_0000002.png", reference, scores)
+
+
+def test_sample_evaluators_on_a_checkpoint_run_the_same_functions(trained, reference, tmp_path):
+  """`python -m mage_jax.evaluate` with the sample evaluators: settings from `config.samples`, one generation for
+  all of them, the training run's scores and grid from its export; the table prints what they return."""
+  from configs import eval_fashion_mnist  # pylint: disable=g-import-not-at-top
+  from mage_jax.jobs import evaluate  # pylint: disable=g-import-not-at-top
+
+  trained_dir, trained_scores = trained
+  config = eval_fashion_mnist.get_config()
+  config.evals = ("fid", "sfid", "precision_recall", "sample_grid")
+  config.samples.update(dict(reference=str(reference), inception_batch=8, cols=4, **GENERATION))
+  workdir = tmp_path / "eval"
+  out = evaluate.run(config, str(trained_dir / "params"), str(workdir))
+  r = out["results"]["mage"]
+  assert {"fid": r["fid"]["fid"], "sfid": r["sfid"]["sfid"], **r["precision_recall"]} == pytest.approx(trained_scores)
+  grid = workdir / "samples" / "step_0000002.png"  # named after the step the checkpoint was trained to
+  assert r["sample_grid"]["png"] == str(grid)
+  np.testing.assert_array_equal(
+    np.asarray(Image.open(grid)), np.asarray(Image.open(trained_dir / "samples" / "step_0000002.png"))
+  )
+  table = evaluate.format_table(out["results"])
+  for row in ("FID", "sFID", "precision of the samples", "recall of the samples", "sample grid"):
+    assert any(line.startswith(row) for line in table.splitlines()), (row, table)
+  config.samples.reference = ""
+  with pytest.raises(ValueError, match="config.samples: set reference"):
+    evaluate.run(config, str(trained_dir / "params"), str(tmp_path / "eval2"))
 
 
 def test_architecture_doc_training_evaluator_recipe_runs(image_folder, tmp_path, monkeypatch):

@@ -160,7 +160,11 @@ def test_evaluator_contract_is_checked(tmp_path, monkeypatch):
   monkeypatch.syspath_prepend(str(tmp_path))
   with pytest.raises(ValueError, match="mine.half_done is not an evaluator .it lacks rows"):
     evals.load("mine.half_done")
-  with pytest.raises(ValueError, match="unknown evaluator 'knn'.*fewshot, finetune, linear_probe, logistic"):
+  with pytest.raises(
+    ValueError,
+    match="unknown evaluator 'knn'.*fewshot, fid, finetune, linear_probe, logistic, precision_recall, sample_grid, sfid"
+    ".*or a dotted module path",
+  ):
     evals.load("knn")
   with pytest.raises(ValueError, match="cannot be imported"):
     evals.load("no_such_package.evaluator")

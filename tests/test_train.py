@@ -200,7 +200,7 @@ def test_corrupt_checkpoint_is_named_and_others_untouched(image_folder, tmp_path
   assert _dir_digest(os.path.join(workdir, "checkpoints", "4")) == before
 
 
-def test_fewshot_monitor_scores_the_exported_encoder(image_folder, tmp_path):
+def test_fewshot_during_training_scores_the_exported_encoder(image_folder, tmp_path):
   from mage_jax.evals import fewshot, probe
 
   workdir = str(tmp_path / "w")

@@ -15,6 +15,10 @@ your own needs no change in this package. Its settings, when it has any, are the
   check(config)                  optional: refuses settings the data cannot serve, before any work.
   start(context, sets)           optional: after the feature sets are built, before any evaluator runs.
 
+Built in: `logistic`, `linear_probe`, `fewshot` (on features), `finetune`, and on samples of the checkpoint (the
+settings of all four in `config.samples`: one generation serves them) `fid`, `sfid`, `precision_recall`,
+`sample_grid`.
+
 During training, a training config lists what to measure by name, each with its type, its cadence and its
 settings (`every_steps` 0: at the end only; every entry also runs at the last step):
 
@@ -73,6 +77,7 @@ class Context:
   image_size: int = 0
   mesh: Any = None
   backbone: Any = None  # `probe.Backbone` of the checkpoint (None for evaluators without FEATURES)
+  shared: dict = dataclasses.field(default_factory=dict)  # what evaluators compute once for all (`samples`)
 
   def features(self, feature_set, split: str):
     """(features [N, D] float32, labels [N]) of a split, computed once per set and split (and cached on disk)."""

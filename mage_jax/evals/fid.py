@@ -1,4 +1,5 @@
-"""During training: FID of the model's samples against `reference`, and their Inception Score where the FID
+"""FID of the model's samples against `reference`, during training (a `config.evals` entry) or on a checkpoint
+(`python -m mage_jax.evaluate`, settings in `config.samples`), and their Inception Score where the FID
 Inception's weights carry the classifier (settings: `samples`' keys). Scalars `fid`, `inception_score`."""
 
 from __future__ import annotations
@@ -18,3 +19,15 @@ def during_training(settings, job):
     return out
 
   return score
+
+
+# On a checkpoint (`python -m mage_jax.evaluate`, settings in `config.samples`).
+FEATURES = False
+check, run = samples.checkpoint_entry(during_training)
+
+
+def rows(result: dict) -> list[tuple[str, str]]:
+  out = [("FID", f"{result['fid']:.2f}")]
+  if "inception_score" in result:
+    out.append(("Inception Score", f"{result['inception_score']:.2f}"))
+  return out

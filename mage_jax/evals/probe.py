@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mage_jax.models import layers
+from mage_jax.models.tokenizer import Tokenizer
 from mage_jax.models.vit import MAGEViT
 from mage_jax.models.vqgan import VQGAN
 from mage_jax.train import params_io, progress as progress_lib, sharding
@@ -83,7 +84,7 @@ def backbone_params_from_mage(mage_params: PyTree, global_pool: bool) -> dict:
 class Backbone:
   """The frozen feature extractor: tokenizer + `MAGEViT(head_type='none')` and their host variables."""
 
-  tokenizer: VQGAN
+  tokenizer: Tokenizer
   vit: MAGEViT
   variables: dict  # {'tokenizer': tokenizer variables, 'vit': {'params': backbone params}}
   image_size: int
@@ -98,13 +99,13 @@ class Backbone:
 
 
 @functools.lru_cache(maxsize=16)
-def make_feature_fn(tokenizer: VQGAN, vit: MAGEViT) -> FeatureFn:
+def make_feature_fn(tokenizer: Tokenizer, vit: MAGEViT) -> FeatureFn:
   """Frozen features of images: VQGAN ids (float32 tokenizer) -> `MAGEViT.features`; no gradient.
 
   Cached per module pair, so the jitted functions built on it are reused (no recompilation)."""
 
   def fn(variables, images, rng, deterministic):
-    ids = tokenizer.apply(variables["tokenizer"], images, method=VQGAN.encode_to_ids)
+    ids = tokenizer.apply(variables["tokenizer"], images, method="encode_to_ids")
     rngs = {} if deterministic else {"dropout": rng}
     feats, _ = vit.apply(variables["vit"], ids, deterministic, method=MAGEViT.features, rngs=rngs)
     return jax.lax.stop_gradient(feats.astype(jnp.float32))

@@ -9,6 +9,7 @@ An entry's settings (every key optional but `reference` where the reference is s
                        .npz of images, or saved statistics with features (`python -m mage_jax.fid`'s)
   reference_images     images of the reference to use (0: all)
   weights, inception_batch   the FID Inception's weights file ('': the installed ones) and batch
+  cols                 images per row of `sample_grid`'s PNG
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class SampleSettings:
   reference_images: int = 0
   weights: str = ""
   inception_batch: int = 64
+  cols: int = 8  # images per row of a grid
 
   def generation(self) -> tuple:
     return (self.num_images, self.batch_size, self.num_steps, self.temperature, self.seed)
@@ -42,14 +44,22 @@ class SampleSettings:
 def settings_of(settings, job, *, reference: bool) -> SampleSettings:
   """The checked sample settings of an entry of `job`; `reference`: the entry scores against one (and the FID
   Inception is loaded now, so missing weights stop the job before its first step)."""
-  s = evals.entry_settings(SampleSettings, settings)
   if job.model is None or job.tokenizer is None:
     raise ValueError("samples need the MAGE a job trains; this job trains none")
   if getattr(job.model.config, "num_classes", 0):
-    raise ValueError("samples during training are unconditional; this MAGE is class-conditional")
+    raise ValueError("samples are unconditional; this MAGE is class-conditional")
+  s = checked(settings, reference=reference)
+  if reference:
+    inception(job, s)
+  return s
+
+
+def checked(settings, *, reference: bool) -> SampleSettings:
+  """`SampleSettings` of an entry (or of an eval config's `samples` section), in range."""
+  s = evals.entry_settings(SampleSettings, settings)
   devices = jax.device_count()
-  if s.num_images < 1 or s.num_steps < 1:
-    raise ValueError(f"num_images and num_steps must be >= 1, got {s.num_images} and {s.num_steps}")
+  if s.num_images < 1 or s.num_steps < 1 or s.cols < 1:
+    raise ValueError(f"num_images, num_steps and cols must be >= 1, got {s.num_images}, {s.num_steps}, {s.cols}")
   if s.batch_size < 1 or s.batch_size % devices or s.inception_batch < 1:
     raise ValueError(
       f"batch_size must be a positive multiple of the {devices} devices and inception_batch >= 1, got "
@@ -59,10 +69,8 @@ def settings_of(settings, job, *, reference: bool) -> SampleSettings:
     raise ValueError(f"temperature must be a finite number >= 0, got {s.temperature}")
   if s.reference_images < 0:
     raise ValueError(f"reference_images must be >= 0 (0: all), got {s.reference_images}")
-  if reference:
-    if not s.reference:
-      raise ValueError("set reference: a dataset split such as fashion_mnist:test, or a folder or .npz of images")
-    inception(job, s)
+  if reference and not s.reference:
+    raise ValueError("set reference: a dataset split such as fashion_mnist:test, or a folder or .npz of images")
   return s
 
 
@@ -145,3 +153,57 @@ def reference(job, s: SampleSettings):
       s.reference, inception(job, s), s.reference_images or None, data_dir, extras=True
     )
   return job.shared[key]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a checkpoint: `python -m mage_jax.evaluate` with 'sample_grid', 'fid', 'sfid' or 'precision_recall' in its
+# `config.evals` runs the same functions, with the eval config's `samples` section as their settings (one
+# generation for all of them) and the params directory as the state.
+
+
+def check_section(config, *, reference: bool) -> None:
+  if "samples" not in config:
+    raise ValueError("config.samples: the sample evaluators need a samples section (see mage_jax/evals/samples.py)")
+  try:
+    checked(config.samples, reference=reference)
+  except ValueError as e:
+    raise ValueError(f"config.samples: {e}") from None
+
+
+def checkpoint_entry(during_training, *, reference: bool = True):
+  """(check, run) of the evaluator contract for a sample evaluator of training (its module adds `rows`)."""
+
+  def check(config) -> None:
+    check_section(config, reference=reference)
+
+  def run(context, features) -> dict:
+    del features
+    return on_checkpoint(during_training, context)
+
+  return check, run
+
+
+def on_checkpoint(during_training, context) -> dict:
+  """What `during_training(config.samples, job)` measures on the eval binary's params directory."""
+  from mage_jax.train import params_io, sharding  # pylint: disable=g-import-not-at-top
+
+  if "job" not in context.shared:
+    meta = params_io.read_meta(context.params_dir)
+    model, tokenizer = params_io.models_from_meta(meta)
+    variables, _ = params_io.load(context.params_dir)
+    kept = {"model": variables["model"], "tokenizer": variables["tokenizer"]}
+    params_io.check_finite(kept, context.params_dir)
+    job = evals.TrainingJob(
+      context.config,
+      context.workdir,
+      sharding.data_mesh(),
+      0,
+      model,
+      tokenizer,
+      kept["tokenizer"],
+      params_of=lambda state: kept["model"]["params"],
+    )
+    context.shared["job"] = job, int(meta.get("train_steps", 0))
+  job, step = context.shared["job"]
+  with jax.set_mesh(job.mesh):
+    return during_training(context.config.samples, job)(None, step)

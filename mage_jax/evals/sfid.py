@@ -1,6 +1,6 @@
-"""During training: sFID (Nash et al. 2021), the Frechet distance of the spatial Inception features (the first 7
-channels of mixed_6's 1x1 branch, as the ADM evaluator takes them) of the model's samples and of `reference`
-(settings: `samples`' keys). Scalar `sfid`."""
+"""sFID (Nash et al. 2021) of the model's samples against `reference`, during training or on a checkpoint as
+`fid`: the Frechet distance of the spatial Inception features (the first 7 channels of mixed_6's 1x1 branch, as
+the ADM evaluator takes them). Settings: `samples`' keys. Scalar `sfid`."""
 
 from __future__ import annotations
 
@@ -16,3 +16,12 @@ def during_training(settings, job):
     return {"sfid": metrics.frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)}
 
   return score
+
+
+# On a checkpoint (`python -m mage_jax.evaluate`, settings in `config.samples`).
+FEATURES = False
+check, run = samples.checkpoint_entry(during_training)
+
+
+def rows(result: dict) -> list[tuple[str, str]]:
+  return [("sFID", f"{result['sfid']:.2f}")]

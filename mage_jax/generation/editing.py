@@ -303,7 +303,7 @@ def edit_image(
   """Regenerates the masked region of one image `num_samples` times (one jitted call).
 
   Args:
-    model: `MAGE`; tokenizer: `VQGAN`; variables: {'model': ..., 'tokenizer': ...}.
+    model: `MAGE`; tokenizer: a `models.tokenizer.Tokenizer` (`VQGAN`); variables: {'model': ..., 'tokenizer': ...}.
     rng: PRNG key.
     image: uint8 [R, R, 3] or float [R, R, 3] in [0, 1], R = the tokenizer's resolution.
     pixel_mask: bool [R, R], True = regenerate.

@@ -394,7 +394,7 @@ def generate_images(
 
   Args:
     model: `MAGE` (or a module with the same `image_token_logits` method and `config`).
-    tokenizer: `VQGAN` (method `decode_ids`).
+    tokenizer: a `models.tokenizer.Tokenizer` (method `decode_ids`; the shipped one is `VQGAN`).
     variables: {'model': {'params': ...}, 'tokenizer': {'params': ...}} (numpy or jax leaves).
     rng: base key (`jax.random.key(seed)`); batch i uses `fold_in(rng, i)`.
     num_images: total images; the last batch is computed in full and truncated.

@@ -29,7 +29,7 @@ from mage_jax.data import cached_tokens, images as image_io, pipeline
 from mage_jax.generation import sampling
 from mage_jax.models import layers
 from mage_jax.models.class_cond import ENCODER_PARAM_PATTERNS, ClassCondMAGE, class_cond_config, init_class_embedding
-from mage_jax.models.vqgan import VQGAN
+from mage_jax.models.tokenizer import Tokenizer
 from mage_jax.objectives import masked_tokens
 from mage_jax.train import builders, params_io, sharding, steps, trainer
 
@@ -102,7 +102,7 @@ def class_cond_update(
   return steps.finish_step(state, loss, grads, tx, schedule=schedule, metrics=aux)
 
 
-def class_cond_step(state: steps.TrainState, tokenizer_vars, batch, *, tokenizer: VQGAN, **update_kw):
+def class_cond_step(state: steps.TrainState, tokenizer_vars, batch, *, tokenizer: Tokenizer, **update_kw):
   """One step on a global batch {'image': float [B, H, W, 3] in [0, 1], 'label': int [B]}."""
   ids = steps.tokenize(tokenizer, tokenizer_vars, batch["image"])
   return class_cond_update(state, ids, batch["label"], **update_kw)
@@ -126,7 +126,7 @@ def class_cond_logits_fn(model: ClassCondMAGE, params, labels, guidance_scale=No
 
 def sample_classes(
   model: ClassCondMAGE,
-  tokenizer: VQGAN,
+  tokenizer: Tokenizer,
   variables,
   classes,
   per_class: int,

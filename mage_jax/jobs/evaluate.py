@@ -33,7 +33,6 @@ from absl import logging
 from mage_jax import evals
 from mage_jax.evals import probe
 from mage_jax.models.vit import MAGEViT
-from mage_jax.models.vqgan import VQGAN
 from mage_jax.system import atomic
 from mage_jax.train import config_views, sharding
 
@@ -145,7 +144,7 @@ def control_sets(backbone: probe.Backbone, mage: FeatureSet, mesh, pixel_fn, cha
   tokenizer, vit = backbone.tokenizer, backbone.vit
 
   def both(v, images, rng, deterministic):
-    ids = tokenizer.apply(v["tokenizer"], images, method=VQGAN.encode_to_ids)
+    ids = tokenizer.apply(v["tokenizer"], images, method="encode_to_ids")
     feats = [vit.apply(v[name], ids, True, method=MAGEViT.features)[0] for name in ("vit", "vit_random")]
     return jax.lax.stop_gradient(jnp.concatenate(feats, axis=-1).astype(jnp.float32))
 
@@ -222,9 +221,10 @@ def run(config: ml_collections.ConfigDict, params_dir: str, workdir: str) -> dic
     for fs in sets:
       for name, ev in on_features:
         record(fs.name, name, ev, context, fs)
+  on_params = evals.Context(config, params_dir, workdir)
   for name, ev in chosen:
     if not ev.FEATURES:
-      record("mage", name, ev, evals.Context(config, params_dir, workdir), None)
+      record("mage", name, ev, on_params, None)
   seconds["total"] = time.time() - t_start
   _write(workdir, out)
   return out
@@ -242,12 +242,13 @@ def table_rows(results: dict) -> list[tuple[str, dict[str, str]]]:
 
 
 def format_table(results: dict) -> str:
-  """Accuracies in %, one column per feature set (e.g. mage | pixels)."""
+  """Each evaluator's rows (accuracies in %), one column per feature set (e.g. mage | pixels)."""
   sets = list(results)
   rows = table_rows(results)
-  width = max([len(r) for r, _ in rows] + [10])
+  header = "metric (accuracies in %)"
+  width = max([len(r) for r, _ in rows] + [len(header)])
   col = max([len(v) for _, vals in rows for v in vals.values()] + [len(s) for s in sets] + [8])
-  lines = [f"{'accuracy (%)':{width}s}  " + "  ".join(f"{s:>{col}s}" for s in sets)]
+  lines = [f"{header:{width}s}  " + "  ".join(f"{s:>{col}s}" for s in sets)]
   for name, vals in rows:
     lines.append(f"{name:{width}s}  " + "  ".join(f"{vals.get(s, '-'):>{col}s}" for s in sets))
   return "\n".join(lines)

@@ -33,8 +33,8 @@ from absl import logging
 
 from mage_jax.data import pipeline
 from mage_jax.evals import probe
+from mage_jax.models.tokenizer import Tokenizer
 from mage_jax.models.vit import MAGEViT
-from mage_jax.models.vqgan import VQGAN
 from mage_jax.objectives import mixup
 from mage_jax.train import config_views, optim, params_io, sharding, steps, trainer
 
@@ -61,7 +61,7 @@ def finetune_step(
   batch,
   *,
   model: MAGEViT,
-  tokenizer: VQGAN,
+  tokenizer: Tokenizer,
   tx: optax.GradientTransformation,
   mix: mixup.MixupConfig | None,
   mix_groups: int,
@@ -96,7 +96,7 @@ def _counts(params, tokenizer_vars, images, labels, mask, *, model, tokenizer, k
   return jnp.sum(hit1), jnp.sum(hitk), jnp.sum(mask)
 
 
-def make_evaluator(model: MAGEViT, tokenizer: VQGAN, tokenizer_vars, eval_input: dict, mesh, workdir: str):
+def make_evaluator(model: MAGEViT, tokenizer: Tokenizer, tokenizer_vars, eval_input: dict, mesh, workdir: str):
   """(state, step) -> {'top1', 'top5'} on the whole eval split (exact counts over the padded batches).
 
   Each result is also recorded in `<workdir>/finetune_history.json`, kept across resumes.

@@ -18,6 +18,7 @@ from absl import logging
 
 from mage_jax.models import layers
 from mage_jax.models.mage import MAGE, config_for
+from mage_jax.models.tokenizer import Tokenizer
 from mage_jax.models.vqgan import VQGAN, VQGANConfig
 from mage_jax.objectives import masking
 from mage_jax.train import config_views, optim, params_io, sharding, steps
@@ -101,7 +102,7 @@ def mage_init_state(model: MAGE, masking_cfg, tx, *extra_inputs, head=None):
   return init_state
 
 
-def mage_model(config: ml_collections.ConfigDict, tokenizer: VQGAN) -> MAGE:
+def mage_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> MAGE:
   """MAGE of `config.model` (variant + overrides) for the tokenizer's token grid and codebook."""
   m = config.model
   num_tokens = tokenizer.config.num_tokens

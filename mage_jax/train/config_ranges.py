@@ -34,7 +34,6 @@ RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
   ("log_every_steps", lambda v: v >= 1 and v == int(v), "a whole number >= 1"),
   ("checkpoint_every_steps", lambda v: v >= 1 and v == int(v), "a whole number >= 1"),
   ("keep_checkpoints", lambda v: v >= 1 and v == int(v), "a whole number >= 1"),
-  ("eval_every_steps", lambda v: v >= 0 and v == int(v), "a whole number >= 0 (0: at the end only)"),
   ("seed", lambda v: 0 <= v <= MAX_SEED and v == int(v), "a whole number in [0, 2**63 - 1]"),
 )
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mage_jax.models.vqgan import VQGAN
+from mage_jax.models.tokenizer import Tokenizer
 from mage_jax.objectives import masked_tokens, masking
 
 
@@ -92,9 +92,9 @@ def map_in_chunks(fn, x, chunks: int):
   return jnp.swapaxes(ys, 0, 1).reshape((b,) + ys.shape[2:])
 
 
-def tokenize(tokenizer: VQGAN, tokenizer_vars, images, chunks: int = 1):
+def tokenize(tokenizer: Tokenizer, tokenizer_vars, images, chunks: int = 1):
   """Frozen tokenizer inside the step: ids carry no gradient."""
-  encode = lambda x: tokenizer.apply(tokenizer_vars, x, method=VQGAN.encode_to_ids)
+  encode = lambda x: tokenizer.apply(tokenizer_vars, x, method="encode_to_ids")
   return jax.lax.stop_gradient(map_in_chunks(encode, images, chunks))
 
 
