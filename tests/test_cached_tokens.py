@@ -45,7 +45,7 @@ def _cache_config(image_folder, tokenizer, **overrides):
 
 
 def _train_config(image_folder, tokenizer, **overrides):
-  """A one-block MAGE on one device (the sharded step is test_train's subject), 3 steps: compiles in seconds."""
+  """A one-block MAGE on one device (the sharded step is test_trainer's subject), 3 steps: compiles in seconds."""
   model = {f"model.{k}": v for k, v in TINY_MAGE.items() if k != "num_tokens"}
   return tiny_train_config(
     image_folder, 3, num_devices=1, mesh="data=1,fsdp=1,model=1", **{"tokenizer.init": tokenizer, **model, **overrides}

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import REPO, _main_cmd, _scalars
+from test_trainer import REPO, _main_cmd, _scalars
 
 from conftest import random_variables
 
