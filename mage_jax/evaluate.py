@@ -36,8 +36,8 @@ def main(argv):
   config = runtime.config_value(_CONFIG)
   if "mode" in config or not isinstance(config.get("evals"), (tuple, list)):
     raise runtime.UsageError(
-      f"--config={flags.FLAGS['config'].config_filename} is not an eval config (it has no "
-      "'evals'); training configs run with python -m mage_jax.main"
+      f"--config={flags.FLAGS['config'].config_filename} is not an eval config (it sets config.mode, or names no "
+      "evaluators in a tuple 'evals'); training configs run with python -m mage_jax.main"
     )
   runtime.start(_DISTRIBUTED)
   out = evaluate.run(config, _PARAMS.value, _WORKDIR.value)

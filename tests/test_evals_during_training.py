@@ -4,7 +4,6 @@ step, and the sample evaluators score exactly the samples the trained params gen
 recall recomputed here in float64 from their definitions)."""
 
 import json
-import os
 import sys
 import textwrap
 
@@ -13,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from test_fid import _independent_fid, _precision_recall_float64, _real_weights_path
 
 from conftest import REPO, assert_one_line_error, run_cli, tiny_train_config
 from mage_jax import api
@@ -94,41 +94,12 @@ def test_main_refuses_a_malformed_entry_in_one_line(tmp_path):
     assert not workdir.exists()
 
 
-def _fid_weights():
-  try:
-    weights.default_weights_path()
-  except FileNotFoundError as e:
-    if os.environ.get("MAGE_JAX_REQUIRE_FID") == "1":
-      pytest.fail(f"MAGE_JAX_REQUIRE_FID=1 but the FID weights are missing: {e}")
-    pytest.skip(f"FID Inception weights not set up ({weights.SETUP_COMMAND})")
-
-
-def _moments64(x):
-  x = np.asarray(x, np.float64)
-  return x.mean(0), np.cov(x, rowvar=False)
-
-
 def _frechet64(a, b):
-  """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), with symmetric eigendecompositions only."""
-  (mu1, s1), (mu2, s2) = _moments64(a), _moments64(b)
-  w, v = np.linalg.eigh(s1)
-  root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-  cross = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(root @ s2 @ root), 0, None)))
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * cross)
-
-
-def _precision_recall64(ref, gen, k=3):
-  """Kynkaenniemi et al. 2019: a sample counts when it lies in the ball of some reference point's k-th-neighbour
-  radius (precision), and the other way round (recall)."""
-  ref, gen = np.asarray(ref, np.float64), np.asarray(gen, np.float64)
-
-  def sq(a, b):
-    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
-
-  radius_ref, radius_gen = np.sort(sq(ref, ref), axis=1)[:, k], np.sort(sq(gen, gen), axis=1)[:, k]
-  return float(np.mean((sq(gen, ref) <= radius_ref[None]).any(1))), float(
-    np.mean((sq(ref, gen) <= radius_gen[None]).any(1))
+  """The Frechet distance of two feature sets, by test_fid's float64 eigh-only formula."""
+  (mu1, s1), (mu2, s2) = (
+    (x.mean(0), np.cov(x, rowvar=False)) for x in (np.asarray(a, np.float64), np.asarray(b, np.float64))
   )
+  return _independent_fid(mu1, s1, mu2, s2)
 
 
 def _pool_and_spatial(inception, images):
@@ -141,7 +112,7 @@ GENERATION = dict(num_images=16, batch_size=8, num_steps=4, temperature=2.0, see
 
 @pytest.fixture(scope="module")
 def reference(image_folder, tmp_path_factory):
-  _fid_weights()
+  _real_weights_path()  # skips (or, with MAGE_JAX_REQUIRE_FID=1, fails) without the FID weights
   folder = tmp_path_factory.mktemp("reference")
   for i, path in enumerate(sorted(image_folder.rglob("*.png"))[::6][:16]):
     Image.open(path).save(folder / f"{i:02d}.png")
@@ -158,7 +129,7 @@ def _assert_scores_of(params_dir, grid_png, reference, scores):
   (gen_pool, gen_spatial), (ref_pool, ref_spatial) = (_pool_and_spatial(inception, x) for x in (samples, ref_images))
   assert scores["fid"] == pytest.approx(_frechet64(gen_pool, ref_pool), rel=1e-4)
   assert scores["sfid"] == pytest.approx(_frechet64(gen_spatial, ref_spatial), rel=1e-4)
-  assert (scores["precision"], scores["recall"]) == _precision_recall64(ref_pool, gen_pool)
+  assert (scores["precision"], scores["recall"]) == _precision_recall_float64(ref_pool, gen_pool)
   assert scores["fid"] > 0 and scores["sfid"] > 0
 
 

@@ -92,9 +92,8 @@ class Evaluator:
   (0 = all, for both). Process 0 writes the PNG and `eval_metrics.json`.
   """
 
-  def __init__(self, e, input_config, workdir: str, vqgan: VQGAN, mesh, total_steps: int, params_of=None):
-    self.workdir, self.vqgan, self.mesh, self.total_steps = workdir, vqgan, mesh, total_steps
-    self.params_of = params_of or (lambda state: state.ema_params)
+  def __init__(self, e, input_config, workdir: str, vqgan: VQGAN, mesh, total_steps: int, params_of):
+    self.workdir, self.vqgan, self.mesh, self.total_steps, self.params_of = workdir, vqgan, mesh, total_steps, params_of
     self.input_cfg = pipeline.eval_input_config(input_config, split=e.split, batch_size=e.batch_size)
     sharding.check_batch_size(e.batch_size, mesh)
     self.source = pipeline.make_source(self.input_cfg)

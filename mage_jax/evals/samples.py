@@ -114,16 +114,17 @@ class _DataParallel:
 
   def __init__(self, model, mesh):
     self.model, self.batch_sharding, self.parts = model, NamedSharding(mesh, P("data")), mesh.shape["data"]
+    self.cache_tag = model.cache_tag  # what the reference statistics of a dataset split are cached under
 
   def __call__(self, images, spatial: bool = False):
+    from mage_jax.train import sharding  # pylint: disable=g-import-not-at-top
+
     images = np.asarray(images)
     n = len(images)
     padded = np.concatenate([images, np.zeros((-n % self.parts,) + images.shape[1:], images.dtype)])
     out = self.model(jax.device_put(padded, self.batch_sharding), spatial=spatial)
-    return tuple(None if x is None else x[:n] for x in out)
-
-  def __getattr__(self, name):
-    return getattr(self.model, name)
+    # Gathered on every process: with several, the outputs are not all addressable from one.
+    return tuple(None if x is None else sharding.to_host(x)[:n] for x in out)
 
 
 def statistics(job, state, step: int, s: SampleSettings):
